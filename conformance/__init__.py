@@ -1,0 +1,1 @@
+"""conformance: the same model, weights and data through both backends, per policy."""

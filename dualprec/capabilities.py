@@ -1,0 +1,159 @@
+"""Can a device run a policy, and what is the fallback?  Backends describe the device; the
+spec decides, so torch and JAX give the same answer for the same hardware."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import PolicyError
+from .policy import LossScale, Policy
+
+__all__ = ["DeviceCaps", "Finding", "CheckReport", "check_policy", "resolve_fp8_engine"]
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+@dataclass(frozen=True)
+class DeviceCaps:
+    """What a backend found on the device.  ``compute_capability`` is CUDA's (major, minor)."""
+
+    platform: str
+    name: str = ""
+    compute_capability: tuple[int, int] | None = None
+    backend: str = ""  # "torch" | "jax" | "" (any)
+    bitsandbytes: bool = False
+    transformer_engine: bool = False
+    fp16_autocast: bool = True  # torch CPU autocast takes float16 since 2.3
+
+    def __post_init__(self):
+        if self.platform not in PLATFORMS:
+            raise PolicyError(f"DeviceCaps.platform {self.platform!r} must be one of {', '.join(PLATFORMS)}")
+        if self.platform == "cuda" and self.compute_capability is None:
+            raise PolicyError("DeviceCaps: a cuda device needs its compute_capability, e.g. (9, 0)")
+
+    def cc_at_least(self, major: int, minor: int) -> bool:
+        return self.compute_capability is not None and tuple(self.compute_capability) >= (major, minor)
+
+
+@dataclass(frozen=True)
+class Finding:
+    field: str
+    message: str
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """``ok``: the policy runs as written.  ``problems`` stop it; ``notes`` do not (emulation,
+    slow paths, engine choice).  ``fallback``: the nearest policy the device runs, or None
+    when there is none to offer."""
+
+    policy: Policy
+    ok: bool
+    problems: tuple[Finding, ...] = ()
+    notes: tuple[Finding, ...] = ()
+    fallback: Policy | None = None
+
+    def raise_if_unrunnable(self) -> None:
+        if not self.ok:
+            lines = "; ".join(f"{f.field}: {f.message}" for f in self.problems)
+            hint = f' Fallback: "{self.fallback}".' if self.fallback is not None else ""
+            raise PolicyError(f'"{self.policy}" cannot run here: {lines}.{hint}')
+
+    def to_dict(self) -> dict:
+        return {"policy": str(self.policy), "ok": self.ok,
+                "problems": [dataclasses.asdict(f) for f in self.problems],
+                "notes": [dataclasses.asdict(f) for f in self.notes],
+                "fallback": None if self.fallback is None else str(self.fallback)}
+
+
+def resolve_fp8_engine(policy: Policy, caps: DeviceCaps) -> str | None:
+    """The engine an ``auto`` FP8 recipe uses on this device ("transformer-engine"/"native")."""
+    if policy.fp8 is None:
+        return None
+    if policy.fp8.engine != "auto":
+        return policy.fp8.engine
+    return "transformer-engine" if caps.transformer_engine and caps.platform == "cuda" else "native"
+
+
+def _swap_dtype(p: Policy, old: str, new: str) -> Policy:
+    def sw(x):
+        return new if x == old else x
+
+    changes = {f: sw(getattr(p, f)) for f in ("param_dtype", "compute_dtype", "output_dtype", "reduce_dtype")}
+    out = dataclasses.replace(p, overrides=(), **changes)
+    if out.compute_dtype == "float16" and out.param_dtype == "float32" and not out.loss_scale.enabled:
+        out = dataclasses.replace(out, loss_scale=LossScale("dynamic"))  # bf16-mixed -> 16-mixed
+    subs = tuple((pat, _swap_dtype(sub, old, new)) for pat, sub in p.overrides)
+    return dataclasses.replace(out, overrides=subs)
+
+
+def check_policy(policy: Policy, caps: DeviceCaps) -> CheckReport:
+    if not isinstance(caps, DeviceCaps):
+        raise PolicyError(f"check() needs a DeviceCaps, got {type(caps).__name__}; backends provide "
+                          "dualprec_torch.device_caps() / dualprec_jax.device_caps()")
+    problems: list[Finding] = []
+    notes: list[Finding] = []
+    fallback: Policy | None = policy
+    dtypes = policy.dtypes()
+
+    def fail(fieldname, message, fix):
+        nonlocal fallback
+        problems.append(Finding(fieldname, message))
+        fallback = None if (fix is None or fallback is None) else fix(fallback)
+
+    if "bfloat16" in dtypes and caps.platform == "cuda" and not caps.cc_at_least(8, 0):
+        fail("dtype", f"bfloat16 needs compute capability >= 8.0 (Ampere); {caps.name or 'this GPU'} has "
+             f"{_cc(caps)}", lambda p: _swap_dtype(p, "bfloat16", "float16"))
+    if "float16" in dtypes and caps.platform == "cpu":
+        if caps.backend == "torch" and not caps.fp16_autocast:
+            fail("dtype", "this torch has no float16 autocast on CPU (needs torch >= 2.3)",
+                 lambda p: _swap_dtype(p, "float16", "bfloat16"))
+        else:
+            notes.append(Finding("dtype", "float16 on CPU is computed without half-precision units: "
+                                 "same numbers, no speed-up"))
+    if "float64" in dtypes:
+        if caps.platform == "tpu":
+            fail("dtype", "TPUs have no float64", lambda p: _swap_dtype(p, "float64", "float32"))
+        elif caps.backend == "jax":
+            notes.append(Finding("dtype", "the JAX backend turns on jax_enable_x64 for this policy"))
+    if policy.fp8 is not None:
+        engine = resolve_fp8_engine(policy, caps)
+        if caps.platform == "cuda" and not caps.cc_at_least(8, 9):
+            fail("fp8", f"FP8 matmuls need compute capability >= 8.9 (Ada) or 9.0 (Hopper); "
+                 f"{caps.name or 'this GPU'} has {_cc(caps)}", lambda p: _drop_fp8(p))
+        elif caps.platform in ("cpu", "tpu"):
+            notes.append(Finding("fp8", f"FP8 is emulated on {caps.platform} (fp8 casts, wide matmul): the "
+                                 "numbers of the recipe, not its speed"))
+        if engine == "transformer-engine" and not (caps.transformer_engine and caps.platform == "cuda"):
+            why = "is not installed" if not caps.transformer_engine else f"needs a CUDA GPU, not {caps.platform}"
+            fail("fp8.engine", f"Transformer Engine {why} (install dualprec[te] on a GPU machine)",
+                 lambda p: _set_engine(p, "native"))
+        elif policy.fp8.engine == "auto":
+            notes.append(Finding("fp8.engine", f"auto resolves to {engine} here"))
+    if _any_quant(policy) and caps.backend == "torch" and not caps.bitsandbytes:
+        fail("quantization", "bitsandbytes is not installed: pip install 'dualprec[bnb]'", None)
+    return CheckReport(policy, not problems, tuple(problems), tuple(notes),
+                       fallback if problems else policy)
+
+
+def _cc(caps: DeviceCaps) -> str:
+    return "unknown" if caps.compute_capability is None else ".".join(map(str, caps.compute_capability))
+
+
+def _any_quant(p: Policy) -> bool:
+    return p.quantization is not None or any(s.quantization is not None for _, s in p.overrides)
+
+
+def _map_all(p: Policy, fn) -> Policy:
+    top = fn(dataclasses.replace(p, overrides=()))
+    return dataclasses.replace(top, overrides=tuple((pat, fn(s)) for pat, s in p.overrides))
+
+
+def _drop_fp8(p: Policy) -> Policy:
+    return _map_all(p, lambda q: dataclasses.replace(q, fp8=None))
+
+
+def _set_engine(p: Policy, engine: str) -> Policy:
+    return _map_all(p, lambda q: q if q.fp8 is None else dataclasses.replace(
+        q, fp8=dataclasses.replace(q.fp8, engine=engine)))

@@ -1,0 +1,124 @@
+"""The `dualprec` command line.  Subcommands live in their own modules and are imported
+only when run, so `dualprec explain` starts without torch or JAX."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from .errors import PolicyError
+
+#: name -> (module, help).  Each module has add_arguments(parser) and run(args) -> int.
+SUBCOMMANDS = {
+    "explain": ("dualprec.cli", "what each backend does under a policy"),
+    "presets": ("dualprec.cli", "list the named policies"),
+    "conformance": ("conformance.cli", "run the cross-framework conformance suite"),
+    "bench": ("bench.cli", "benchmark policies in both backends"),
+}
+
+
+def _explain_args(p):
+    p.add_argument("policy", help='a policy string, e.g. "bf16-mixed" or "p=f32,c=bf16,quant=nf4"')
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _explain(args) -> int:
+    from .explain import explain
+    from .policy import Policy
+
+    policy = Policy.parse(_maybe_int(args.policy))
+    info = explain(policy)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    head = f"[bold]{info['policy']}[/bold]"
+    if info["preset"]:
+        head += f"  ({info['preset']['source']}: {info['preset']['description']})"
+    console.print(head)
+    d = info["dtypes"]
+    console.print(f"params {d['params']} | compute {d['compute']} | output {d['output']} | reduce {d['reduce']}")
+    table = Table(show_lines=True)
+    table.add_column("")
+    table.add_column("torch")
+    table.add_column("jax")
+    for key in info["backends"]["torch"]:
+        table.add_row(key, info["backends"]["torch"][key], info["backends"]["jax"][key])
+    console.print(table)
+    for o in info["overrides"]:
+        console.print(f"override [bold]{o['pattern']}[/bold]: {o['policy']}")
+    return 0
+
+
+def _presets_args(p):
+    p.add_argument("--json", action="store_true")
+
+
+def _presets(args) -> int:
+    from .presets import PRESET_TABLE
+
+    rows = [{"name": r.name, "aliases": list(r.aliases), "source": r.source, "description": r.description,
+             "explicit": _explicit(r.policy)} for r in PRESET_TABLE]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for col in ("name", "aliases", "source", "description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["aliases"]), r["source"], r["description"])
+    Console().print(table)
+    return 0
+
+
+def _explicit(policy) -> str:
+    from .grammar import _diff_items
+    from .policy import Policy
+
+    items = [f"params={policy.param_dtype}", f"compute={policy.compute_dtype}", f"output={policy.output_dtype}"]
+    return ",".join(items + _diff_items(Policy(policy.param_dtype, policy.compute_dtype, policy.output_dtype), policy))
+
+
+def _maybe_int(text: str):
+    return int(text) if text.strip().isdigit() else text
+
+
+add_arguments = {"explain": _explain_args, "presets": _presets_args}
+run = {"explain": _explain, "presets": _presets}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dualprec", description="One precision policy for PyTorch and JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text)
+        if module == "dualprec.cli":
+            add_arguments[name](sp)
+        else:
+            sp.set_defaults(_lazy=module)
+            sp.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "_lazy", None):
+            try:
+                mod = importlib.import_module(args._lazy)
+            except ModuleNotFoundError as e:
+                print(f"dualprec {args.command}: not available ({e})", file=sys.stderr)
+                return 2
+            return int(mod.main(args.rest) or 0)
+        return run[args.command](args)
+    except PolicyError as e:
+        print(f"dualprec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Exports of a Policy to the spellings of jmp, Keras and Lightning Fabric.
+
+Each export refuses, with a PolicyError naming the field, to drop anything the target
+cannot express; ``ignore=("loss_scale", ...)`` drops the named fields knowingly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .dtypes import short_dtype
+from .errors import PolicyError
+from .policy import FP8Recipe, LossScale, Policy
+
+__all__ = ["to_jmp_string", "to_keras_name", "to_fabric_precision"]
+
+_FIELDS = ("output_dtype", "reduce_dtype", "loss_scale", "quantization", "fp8", "master_weights", "overrides")
+
+
+def _without(p: Policy, ignore) -> Policy:
+    unknown = set(ignore) - set(_FIELDS)
+    if unknown:
+        raise PolicyError(f"ignore: unknown field(s) {sorted(unknown)}; choose from {', '.join(_FIELDS)}")
+    changes = {}
+    for name in ignore:
+        if name == "reduce_dtype":
+            changes[name] = p.param_dtype
+        elif name == "output_dtype":
+            changes[name] = p.compute_dtype
+        else:
+            changes[name] = getattr(Policy(), name)
+    return dataclasses.replace(p, **changes) if changes else p
+
+
+def _refuse(p: Policy, target: str, lost: list[str]) -> None:
+    if lost:
+        raise PolicyError(f"{p} has no {target} equivalent: {target} cannot express {', '.join(lost)}; "
+                          f"pass ignore=({', '.join(repr(x.split('=')[0]) for x in lost)},) to drop "
+                          f"{'it' if len(lost) == 1 else 'them'} knowingly")
+
+
+def to_jmp_string(p: Policy, *, ignore=()) -> str:
+    """jmp.get_policy() string, e.g. "p=f32,c=bf16,o=f32".  jmp keeps loss scaling in a
+    separate object (see dualprec_jax), so a policy with loss scaling needs
+    ignore=("loss_scale",)."""
+    q = _without(p, ignore)
+    lost = []
+    if q.reduce_dtype != q.param_dtype:
+        lost.append("reduce_dtype")
+    if q.loss_scale.enabled:
+        lost.append("loss_scale")
+    for name in ("quantization", "fp8", "overrides"):
+        if getattr(q, name):
+            lost.append(name)
+    if q.master_weights:
+        lost.append("master_weights")
+    _refuse(p, "jmp", lost)
+    return f"p={short_dtype(q.param_dtype)},c={short_dtype(q.compute_dtype)},o={short_dtype(q.output_dtype)}"
+
+
+_KERAS_MIXED = {("float32", "bfloat16"): "mixed_bfloat16", ("float32", "float16"): "mixed_float16"}
+
+
+def to_keras_name(p: Policy, *, ignore=()) -> str:
+    """Keras 3 dtype policy name ("mixed_bfloat16", "int8_from_float32", ...)."""
+    from .presets import presets
+
+    q = _without(p, ignore)
+    lost = []
+    if q.output_dtype != q.compute_dtype:
+        lost.append("output_dtype (Keras layers output their compute dtype)")
+    if q.reduce_dtype != q.param_dtype:
+        lost.append("reduce_dtype")
+    if q.master_weights:
+        lost.append("master_weights")
+    if q.overrides:
+        lost.append("overrides")
+    prefix = ""
+    if q.quantization is not None:
+        if q.quantization.mode == "int8" and q.quantization.threshold == 0.0 and not q.quantization.skip:
+            prefix = "int8_from_"
+        else:
+            lost.append(f"quantization ({q.quantization.mode}; Keras has only per-channel int8)")
+    if q.fp8 is not None:
+        if q.fp8 == FP8Recipe("delayed"):
+            prefix = "float8_from_" if not prefix else prefix
+            if q.quantization is not None:
+                lost.append("fp8 together with quantization")
+        else:
+            lost.append("fp8 (Keras float8 is delayed scaling with default settings)")
+    if q.param_dtype == q.compute_dtype:
+        base = q.param_dtype
+        if q.loss_scale.enabled:
+            lost.append("loss_scale (Keras scales the loss only for mixed_float16)")
+    elif (q.param_dtype, q.compute_dtype) in _KERAS_MIXED:
+        base = _KERAS_MIXED[(q.param_dtype, q.compute_dtype)]
+        expected = presets()["mixed_float16"].loss_scale if base == "mixed_float16" else LossScale()
+        if q.loss_scale != expected:
+            lost.append(f"loss_scale (Keras {base} implies {str(expected.kind)}"
+                        + (" scaling from 2**15, growing every 1000 steps)" if expected.enabled else ")"))
+    else:
+        base = None
+        lost.append(f"params={q.param_dtype} with compute={q.compute_dtype}")
+    _refuse(p, "Keras", lost)
+    return prefix + base
+
+
+def to_fabric_precision(p: Policy, *, ignore=()) -> str:
+    """Lightning Fabric's ``precision=`` string.  bitsandbytes modes come back as the mode
+    name, which Fabric takes as ``BitsandbytesPrecision(mode=..., dtype=...)``."""
+    from .presets import PRESET_TABLE
+
+    q = _without(p, ignore)
+    for row in PRESET_TABLE:
+        if row.source in ("Lightning Fabric", "bitsandbytes") and row.policy == q:
+            return row.name
+    raise PolicyError(f"{p} has no Lightning Fabric precision string; Fabric offers "
+                      + ", ".join(r.name for r in PRESET_TABLE if r.source == "Lightning Fabric")
+                      + " (and the bitsandbytes modes via BitsandbytesPrecision)")

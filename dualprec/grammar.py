@@ -1,0 +1,382 @@
+"""The policy string grammar: one parser for every dialect, one formatter for canonical names.
+
+Accepted, in the order they are tried:
+
+* an int 16 / 32 / 64 (Fabric) or a preset name or alias from the preset table;
+* a Keras quantized name ``int8_from_<policy>`` or ``float8_from_<policy>``;
+* the explicit form: comma-separated ``key=value`` items (jmp's grammar, extended).  The
+  first item may be a bare preset name, which the items after it modify; without one the
+  jmp cascade fills unspecified dtypes (params float32, compute = params, output = compute,
+  reduce = params).  ``@pattern=VALUE`` adds a per-module override whose VALUE is a preset
+  or a parenthesised list of changes to the surrounding policy.
+
+Names, keys and modes are case-insensitive and whitespace around tokens is ignored; module
+path patterns keep their case.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from .dtypes import canonical_dtype
+from .errors import PolicyError, did_you_mean
+from .policy import FP8Recipe, LossScale, Policy, Quantization, QUANT_MODES, _replace
+
+__all__ = ["parse_policy", "format_policy", "parse_component", "KEYS"]
+
+#: canonical key -> accepted spellings
+KEYS = {
+    "params": ("params", "p", "param", "param_dtype"),
+    "compute": ("compute", "c", "compute_dtype"),
+    "output": ("output", "o", "output_dtype"),
+    "reduce": ("reduce", "r", "reduce_dtype"),
+    "loss_scale": ("loss_scale", "ls", "loss"),
+    "quant": ("quant", "q", "quantization"),
+    "fp8": ("fp8",),
+    "master": ("master", "master_weights"),
+}
+_KEY_OF = {alias: key for key, aliases in KEYS.items() for alias in aliases}
+_FIELD_OF_KEY = {"params": "param_dtype", "compute": "compute_dtype", "output": "output_dtype",
+                 "reduce": "reduce_dtype", "loss_scale": "loss_scale", "quant": "quantization",
+                 "fp8": "fp8", "master": "master_weights"}
+
+_LOSS_ARGS = {"init": "init_scale", "init_scale": "init_scale", "scale": "init_scale",
+              "growth": "growth_factor", "growth_factor": "growth_factor",
+              "backoff": "backoff_factor", "backoff_factor": "backoff_factor",
+              "interval": "growth_interval", "growth_interval": "growth_interval",
+              "min": "min_scale", "min_scale": "min_scale", "max": "max_scale", "max_scale": "max_scale"}
+_QUANT_ARGS = {"blocksize": "blocksize", "block_size": "blocksize", "bs": "blocksize",
+               "threshold": "threshold", "skip": "skip"}
+_FP8_ARGS = {"history": "history_len", "history_len": "history_len", "amax_history_len": "history_len",
+             "margin": "margin", "algo": "amax_algo", "amax_algo": "amax_algo",
+             "amax_compute_algo": "amax_algo", "format": "format", "fp8_format": "format", "engine": "engine"}
+_INT_ARGS = {"growth_interval", "blocksize", "history_len", "margin"}
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_POWER = re.compile(r"(\d+)\s*(\*\*|\^)\s*([+-]?\d+)")
+_CALL = re.compile(r"([A-Za-z0-9_\-]+)\s*(\((.*)\))?", re.S)
+
+
+# ----------------------------------------------------------------------------- parsing
+def parse_policy(value: Any) -> Policy:
+    if isinstance(value, Policy):
+        return value
+    if isinstance(value, bool):
+        raise PolicyError(f"precision {value!r} is a bool; use a string such as 'bf16-mixed'")
+    if isinstance(value, int):
+        if value in (16, 32, 64):
+            return _preset(str(value))
+        raise PolicyError(f"precision {value} is not a Fabric precision; use 16, 32 or 64 "
+                          "(or a string such as 'bf16-mixed')")
+    if isinstance(value, float):
+        hint = f" (did you mean {int(value)}?)" if value in (16.0, 32.0, 64.0) else ""
+        raise PolicyError(f"precision {value!r} is a float; give an int or a string{hint}")
+    if isinstance(value, dict):
+        return Policy.from_dict(value)
+    if not isinstance(value, str):
+        raise PolicyError(f"cannot make a policy from {type(value).__name__} {value!r}; "
+                          "pass a string, an int, a dict or a Policy")
+    text = value.strip()
+    if not text:
+        raise PolicyError("empty policy string; try 'bf16-mixed' or see `dualprec presets`")
+    if "=" not in text and "," not in text:
+        return _parse_name(text)
+    return _parse_explicit(text)
+
+
+def _preset(name: str) -> Policy:
+    from .presets import lookup_preset
+
+    row = lookup_preset(name)
+    assert row is not None
+    return row.policy
+
+
+def _parse_name(text: str) -> Policy:
+    from .presets import AMBIGUOUS, lookup_preset, preset_names
+
+    name = text.lower()
+    row = lookup_preset(name)
+    if row is not None:
+        return row.policy
+    if name in AMBIGUOUS:
+        raise PolicyError(f'"{text}": {AMBIGUOUS[name]}')
+    for prefix, extra in (("int8_from_", {"quantization": Quantization("int8", threshold=0.0)}),
+                          ("float8_from_", {"fp8": FP8Recipe("delayed")})):
+        if name.startswith(prefix):
+            base = _parse_name(text[len(prefix):])
+            return _replace(base, **extra)
+    if name.startswith("int4_from_"):
+        raise PolicyError(f'"{text}": Keras int4 is per-channel int4, which dualprec does not implement; '
+                          f'the nearest is "{name[len("int4_from_"):]},quant=nf4"')
+    if _NUMBER.fullmatch(name):
+        raise PolicyError(f'"{text}" is not a precision; numbers must be the ints 16, 32 or 64 '
+                          '("16" means 16-mixed)')
+    raise PolicyError(f'unknown policy "{text}"{did_you_mean(name, preset_names())}; '
+                      "`dualprec presets` lists the names, or write params=...,compute=...")
+
+
+def _split_top(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside parentheses; unbalanced parentheses are an error."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise PolicyError(f"unbalanced ')' at position {i} in {text!r}")
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise PolicyError(f"unbalanced '(' in {text!r}")
+    parts.append(text[start:])
+    return [p.strip() for p in parts]
+
+
+def _split_item(item: str, whole: str) -> tuple[str, str]:
+    if not item:
+        raise PolicyError(f"empty item (two commas in a row, or a trailing comma) in {whole!r}")
+    depth = 0
+    for i, ch in enumerate(item):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "=" and depth == 0:
+            key, value = item[:i].strip(), item[i + 1:].strip()
+            if not key or not value:
+                raise PolicyError(f"item {item!r} in {whole!r} needs the form key=value")
+            return key, value
+    raise PolicyError(f"item {item!r} in {whole!r} is not key=value; a bare name may only come first "
+                      "(a preset to modify, e.g. 'bf16-mixed,quant=nf4')")
+
+
+def _parse_explicit(text: str) -> Policy:
+    items = _split_top(text)
+    base = None
+    if items and "=" not in items[0]:
+        base = _parse_name(items[0])
+        if base.overrides:
+            raise PolicyError(f"{items[0]!r} has overrides and cannot be a base")
+        items = items[1:]
+    fields, overrides, seen = {}, [], {}
+    for item in items:
+        key, value = _split_item(item, text)
+        if key.startswith("@"):
+            pattern = key[1:].strip()
+            overrides.append((pattern, value))
+            continue
+        canon = _KEY_OF.get(key.lower())
+        if canon is None:
+            raise PolicyError(f'unknown key "{key}" in {text!r}{did_you_mean(key, _KEY_OF)}; '
+                              f"keys are {', '.join(KEYS)} and @pattern")
+        if canon in seen:
+            raise PolicyError(f'key "{key}" repeats "{seen[canon]}" in {text!r}; give each setting once')
+        seen[canon] = key
+        fields[_FIELD_OF_KEY[canon]] = _parse_value(canon, value)
+    if base is None:
+        parent = Policy(**fields)
+    else:
+        parent = _replace(base, **fields)
+    if not overrides:
+        return parent
+    resolved = []
+    for pattern, value in overrides:
+        if value.startswith("(") and value.endswith(")"):
+            inner = value[1:-1].strip()
+            sub = _parse_relative(parent, inner, f"@{pattern}")
+        else:
+            sub = parse_policy(value)
+        resolved.append((pattern, sub))
+    return _replace(parent, overrides=tuple(resolved))
+
+
+def _parse_relative(parent: Policy, text: str, where: str) -> Policy:
+    fields, seen = {}, {}
+    for item in _split_top(text) if text else ():
+        key, value = _split_item(item, text)
+        canon = _KEY_OF.get(key.lower())
+        if canon is None or key.startswith("@"):
+            raise PolicyError(f'unknown key "{key}" in {where}{did_you_mean(key, _KEY_OF)}')
+        if canon in seen:
+            raise PolicyError(f'key "{key}" repeats "{seen[canon]}" in {where}')
+        seen[canon] = key
+        fields[_FIELD_OF_KEY[canon]] = _parse_value(canon, value)
+    return _replace(parent, overrides=(), **fields)
+
+
+def _parse_value(key: str, value: str) -> Any:
+    if key in ("params", "compute", "output", "reduce"):
+        return canonical_dtype(value, what=key)
+    if key == "master":
+        v = value.lower()
+        if v in _TRUE:
+            return True
+        if v in _FALSE:
+            return False
+        raise PolicyError(f'master="{value}": use true or false')
+    if key == "loss_scale":
+        return parse_component(LossScale, value, "loss_scale")
+    if key == "quant":
+        return parse_component(Quantization, value, "quant")
+    return parse_component(FP8Recipe, value, "fp8")
+
+
+def parse_component(cls, value: str, what: str):
+    """Parse ``name`` or ``name(k=v, ...)`` into a LossScale, Quantization or FP8Recipe."""
+    value = value.strip()
+    if cls is LossScale and (_NUMBER.fullmatch(value) or _POWER.fullmatch(value)):
+        return LossScale("static", init_scale=_parse_number(value, "loss_scale"))
+    m = _CALL.fullmatch(value)
+    if not m:
+        raise PolicyError(f'{what}="{value}" is not NAME or NAME(key=value, ...)')
+    name, args = m.group(1).lower(), m.group(3)
+    if name in ("none", "off"):
+        if args is not None:
+            raise PolicyError(f"{what}=none takes no arguments")
+        return LossScale() if cls is LossScale else None
+    if cls is LossScale:
+        table, kinds = _LOSS_ARGS, ("static", "dynamic")
+    elif cls is Quantization:
+        table, kinds = _QUANT_ARGS, QUANT_MODES
+    else:
+        table, kinds = _FP8_ARGS, ("delayed", "current")
+    if name not in kinds:
+        raise PolicyError(f'{what}: unknown "{name}"{did_you_mean(name, kinds + ("none",))}; '
+                          f"use one of {', '.join(kinds + ('none',))}")
+    kwargs: dict[str, Any] = {}
+    if args is not None and args.strip():
+        positional = []
+        for item in _split_top(args):
+            if "=" not in item:
+                positional.append(item)
+                continue
+            k, v = (s.strip() for s in item.split("=", 1))
+            field = table.get(k.lower())
+            if field is None:
+                raise PolicyError(f'{what}: unknown argument "{k}"{did_you_mean(k, table)}; '
+                                  f"arguments are {', '.join(sorted(set(table)))}")
+            if field in kwargs:
+                raise PolicyError(f'{what}: argument "{k}" is given twice')
+            kwargs[field] = _parse_arg(field, v, what)
+        if positional:
+            if cls is LossScale and name == "static" and len(positional) == 1 and "init_scale" not in kwargs:
+                kwargs["init_scale"] = _parse_number(positional[0], what)
+            else:
+                raise PolicyError(f"{what}: {positional[0]!r} needs a name, e.g. {name}(key=value)")
+    if cls is LossScale:
+        if name == "static" and "init_scale" not in kwargs:
+            raise PolicyError(f"{what}=static needs its scale, e.g. static(1024)")
+        return LossScale(name, **kwargs)
+    if cls is Quantization:
+        return Quantization(name, **kwargs)
+    return FP8Recipe(name, **kwargs)
+
+
+def _parse_arg(field: str, value: str, what: str) -> Any:
+    if field == "skip":
+        patterns = tuple(p.strip() for p in value.split("|"))
+        return patterns
+    if field in ("amax_algo", "format", "engine"):
+        return value.lower()
+    number = _parse_number(value, f"{what}.{field}")
+    if field in _INT_ARGS:
+        if not float(number).is_integer():
+            raise PolicyError(f"{what}.{field} must be an integer, got {value!r}")
+        return int(number)
+    return number
+
+
+def _parse_number(text: str, what: str) -> float:
+    text = text.strip()
+    if _NUMBER.fullmatch(text):
+        return float(text)
+    m = _POWER.fullmatch(text)
+    if m:
+        return float(int(m.group(1))) ** int(m.group(3))
+    raise PolicyError(f"{what}: malformed number {text!r}; write e.g. 65536, 6.5e4 or 2**16")
+
+
+# -------------------------------------------------------------------------- formatting
+def format_policy(p: Policy) -> str:
+    """The canonical string: a preset name where one matches, the explicit form otherwise."""
+    from .presets import preset_name_of
+
+    name = preset_name_of(p)
+    if name is not None:
+        return name
+    base = _replace(p, overrides=())
+    items = [f"params={p.param_dtype}", f"compute={p.compute_dtype}", f"output={p.output_dtype}"]
+    items += _diff_items(Policy(p.param_dtype, p.compute_dtype, p.output_dtype), base)
+    for pattern, sub in p.overrides:
+        sub_name = preset_name_of(sub)
+        if sub_name is None:
+            sub_name = "(" + ",".join(_diff_items(base, sub)) + ")"
+        items.append(f"@{pattern}={sub_name}")
+    return ",".join(items)
+
+
+def _diff_items(old: Policy, new: Policy) -> list[str]:
+    """key=value items that turn ``old`` into ``new``, in the grammar's fixed key order."""
+    items = []
+    for key in ("params", "compute", "output", "reduce", "loss_scale", "quant", "fp8", "master"):
+        field = _FIELD_OF_KEY[key]
+        if getattr(old, field) != getattr(new, field):
+            items.append(f"{key}={_format_value(getattr(new, field))}")
+    return items
+
+
+def _format_value(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, LossScale):
+        if v.kind == "none":
+            return "none"
+        if v.kind == "static":
+            return f"static({_format_number(v.init_scale)})"
+        return _format_call("dynamic", v, LossScale("dynamic"), (
+            ("init", "init_scale"), ("growth", "growth_factor"), ("backoff", "backoff_factor"),
+            ("interval", "growth_interval"), ("min", "min_scale"), ("max", "max_scale")))
+    if isinstance(v, Quantization):
+        return _format_call(v.mode, v, Quantization(v.mode), (
+            ("blocksize", "blocksize"), ("threshold", "threshold"), ("skip", "skip")))
+    if isinstance(v, FP8Recipe):
+        return _format_call(v.scaling, v, FP8Recipe(v.scaling), (
+            ("history", "history_len"), ("margin", "margin"), ("algo", "amax_algo"),
+            ("format", "format"), ("engine", "engine")))
+    raise TypeError(v)
+
+
+def _format_call(name: str, value, default, args) -> str:
+    parts = []
+    for short, field in args:
+        x, d = getattr(value, field), getattr(default, field)
+        if x != d:
+            if isinstance(x, tuple):
+                text = "|".join(x)
+            elif isinstance(x, (int, float)) and not isinstance(x, bool):
+                text = _format_number(x)
+            else:
+                text = str(x)
+            parts.append(f"{short}={text}")
+    return f"{name}({','.join(parts)})" if parts else name
+
+
+def _format_number(x: float) -> str:
+    if isinstance(x, int):
+        return str(x)
+    if x > 0 and math.isfinite(x):
+        exp = math.frexp(x)
+        k = exp[1] - 1
+        if exp[0] == 0.5 and abs(k) >= 8:
+            return f"2**{k}"
+    if x.is_integer() and abs(x) < 2**53:
+        return str(int(x))
+    return repr(x)

@@ -1,0 +1,471 @@
+"""The Policy value: what precision every part of a training step uses, as pure data.
+
+A Policy never imports torch or JAX.  It is frozen and hashable, validated once when it is
+built (``__post_init__`` calls :func:`validate`), and every other representation (strings,
+dicts, JSON, TOML, the dialects of jmp, Keras and Lightning Fabric) converts to and from it.
+
+Example::
+
+    >>> p = Policy.parse("bf16-mixed")
+    >>> p.param_dtype, p.compute_dtype, p.output_dtype, p.reduce_dtype
+    ('float32', 'bfloat16', 'float32', 'float32')
+    >>> q = Policy.parse("params=f32,compute=bf16,quant=nf4-dq,@lm_head=(quant=none)")
+    >>> q.for_module("lm_head").quantization is None
+    True
+    >>> Policy.parse(str(q)) == q
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .dtypes import FLOAT_DTYPES, HALF_DTYPES, canonical_dtype
+from .errors import PolicyError
+
+__all__ = [
+    "LossScale", "Quantization", "FP8Recipe", "Policy",
+    "LOSS_SCALE_KINDS", "QUANT_MODES", "FOUR_BIT_MODES", "INT8_MODES", "BLOCKSIZES",
+    "FP8_SCALINGS", "FP8_FORMATS", "FP8_ENGINES", "AMAX_ALGOS", "SCHEMA_VERSION",
+]
+
+SCHEMA_VERSION = 1
+
+LOSS_SCALE_KINDS = ("none", "static", "dynamic")
+FOUR_BIT_MODES = ("nf4", "nf4-dq", "fp4", "fp4-dq")
+INT8_MODES = ("int8", "int8-training")
+QUANT_MODES = FOUR_BIT_MODES + INT8_MODES
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FP8_SCALINGS = ("delayed", "current")
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_ENGINES = ("auto", "transformer-engine", "native")
+AMAX_ALGOS = ("max", "most_recent")
+
+
+def _replace(obj, **changes):
+    return dataclasses.replace(obj, **changes)
+
+
+def _number(value: Any, what: str, *, integer: bool = False) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PolicyError(f"{what} must be a number, got {value!r}")
+    if integer:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise PolicyError(f"{what} must be an integer, got {value!r}")
+            value = int(value)
+        return int(value)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class LossScale:
+    """Loss scaling: ``none``, ``static`` (``init_scale`` is the scale) or ``dynamic``.
+
+    Dynamic follows DESIGN.md's one rule (torch.amp.GradScaler's, plus optional clamps):
+    a step whose scaled gradients are all finite increments a counter and, every
+    ``growth_interval`` finite steps, multiplies the scale by ``growth_factor`` (if the
+    product is finite); a non-finite step is skipped, multiplies the scale by
+    ``backoff_factor`` and resets the counter.  ``min_scale`` / ``max_scale`` clamp it.
+    """
+
+    kind: str = "none"
+    init_scale: float = 2.0**16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    min_scale: float | None = None
+    max_scale: float | None = None
+
+    def __post_init__(self):
+        kind = str(self.kind).strip().lower()
+        if kind not in LOSS_SCALE_KINDS:
+            raise PolicyError(f'loss_scale: unknown kind "{self.kind}"; use none, static or dynamic')
+        object.__setattr__(self, "kind", kind)
+        for name in ("init_scale", "growth_factor", "backoff_factor"):
+            object.__setattr__(self, name, _number(getattr(self, name), f"loss_scale.{name}"))
+        object.__setattr__(self, "growth_interval",
+                           _number(self.growth_interval, "loss_scale.growth_interval", integer=True))
+        for name in ("min_scale", "max_scale"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _number(getattr(self, name), f"loss_scale.{name}"))
+        _validate_loss_scale(self)
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    @classmethod
+    def none(cls) -> LossScale:
+        return cls("none")
+
+    @classmethod
+    def static(cls, scale: float) -> LossScale:
+        return cls("static", init_scale=scale)
+
+    @classmethod
+    def dynamic(cls, **kwargs) -> LossScale:
+        return cls("dynamic", **kwargs)
+
+    def to_dict(self) -> dict:
+        if self.kind == "none":
+            return {"kind": "none"}
+        if self.kind == "static":
+            return {"kind": "static", "init_scale": self.init_scale}
+        return dataclasses.asdict(self)
+
+
+def _validate_loss_scale(ls: LossScale) -> None:
+    defaults = LossScale.__dataclass_fields__
+    if ls.kind == "none":
+        if any(getattr(ls, f) != defaults[f].default for f in defaults if f != "kind"):
+            raise PolicyError("loss_scale: settings were given but kind is none; use kind='dynamic' or 'static'")
+        return
+    if not (math.isfinite(ls.init_scale) and ls.init_scale > 0):
+        raise PolicyError(f"loss_scale: the scale must be a finite number > 0, got {ls.init_scale!r}")
+    if ls.kind == "static":
+        if any(getattr(ls, f) != defaults[f].default for f in defaults if f not in ("kind", "init_scale")):
+            raise PolicyError("loss_scale: growth/backoff/interval/min/max apply to dynamic scaling, not static")
+        return
+    if not (math.isfinite(ls.growth_factor) and ls.growth_factor > 1.0):
+        raise PolicyError(f"loss_scale: growth_factor must be > 1, got {ls.growth_factor!r}")
+    if not (0.0 < ls.backoff_factor < 1.0):
+        raise PolicyError(f"loss_scale: backoff_factor must be in (0, 1), got {ls.backoff_factor!r}")
+    if ls.growth_interval < 1:
+        raise PolicyError(f"loss_scale: growth_interval must be >= 1, got {ls.growth_interval!r}")
+    if ls.min_scale is not None and not (math.isfinite(ls.min_scale) and 0 < ls.min_scale <= ls.init_scale):
+        raise PolicyError(f"loss_scale: min_scale must be in (0, init_scale={ls.init_scale!r}], got {ls.min_scale!r}")
+    if ls.max_scale is not None and not (math.isfinite(ls.max_scale) and ls.max_scale >= ls.init_scale):
+        raise PolicyError(f"loss_scale: max_scale must be finite and >= init_scale={ls.init_scale!r}, got {ls.max_scale!r}")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """bitsandbytes-compatible weight quantization of linear layers.
+
+    ``mode``: nf4 / fp4 (4-bit blockwise, ``-dq`` adds double quantization of the absmax),
+    int8 (LLM.int8 inference) or int8-training (LLM.int8 with trainable fp16 weights).
+    ``blocksize`` applies to the 4-bit modes, ``threshold`` (outlier threshold) to int8.
+    ``skip`` lists module-path patterns (fnmatch, dotted paths) left unquantized.
+    """
+
+    mode: str
+    blocksize: int = 64
+    threshold: float = 6.0
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        mode = str(self.mode).strip().lower()
+        if mode not in QUANT_MODES:
+            from .errors import did_you_mean
+            raise PolicyError(f'quant: unknown mode "{self.mode}"{did_you_mean(mode, QUANT_MODES)}; '
+                              f"use one of {', '.join(QUANT_MODES)} or none")
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "blocksize", _number(self.blocksize, "quant.blocksize", integer=True))
+        object.__setattr__(self, "threshold", _number(self.threshold, "quant.threshold"))
+        skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        for pattern in skip:
+            _check_pattern(pattern, "quant.skip")
+        object.__setattr__(self, "skip", skip)
+        if self.blocksize not in BLOCKSIZES:
+            raise PolicyError(f"quant: blocksize {self.blocksize} is not supported by bitsandbytes; "
+                              f"use one of {', '.join(map(str, BLOCKSIZES))}")
+        if self.is_4bit and self.threshold != 6.0:
+            raise PolicyError(f"quant: threshold is the LLM.int8 outlier threshold; {mode} has none")
+        if not self.is_4bit and self.blocksize != 64:
+            raise PolicyError(f"quant: blocksize applies to 4-bit modes; {mode} quantizes per row")
+        if not (math.isfinite(self.threshold) and self.threshold >= 0):
+            raise PolicyError(f"quant: threshold must be a finite number >= 0, got {self.threshold!r}")
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.mode in FOUR_BIT_MODES
+
+    @property
+    def quant_type(self) -> str:
+        """bitsandbytes' ``quant_type``: "nf4", "fp4" or "int8"."""
+        return self.mode.split("-")[0]
+
+    @property
+    def double_quant(self) -> bool:
+        return self.mode.endswith("-dq")
+
+    def skips(self, module_path: str) -> bool:
+        return any(_path_matches(module_path, p) for p in self.skip)
+
+    def to_dict(self) -> dict:
+        d = {"mode": self.mode, "skip": list(self.skip)}
+        if self.is_4bit:
+            d["blocksize"] = self.blocksize
+        else:
+            d["threshold"] = self.threshold
+        return d
+
+
+@dataclass(frozen=True)
+class FP8Recipe:
+    """FP8 matmuls.  ``delayed``: Transformer Engine's DelayedScaling (scale from the amax
+    history of previous steps); ``current``: scale from the tensor's own amax.  ``format``
+    hybrid = E4M3 forward, E5M2 gradients; e4m3 = E4M3 everywhere.  ``engine``: auto picks
+    Transformer Engine where installed and on a GPU, the native path (torch._scaled_mm, XLA
+    fp8 dot_general) otherwise."""
+
+    scaling: str = "delayed"
+    history_len: int = 1024
+    margin: int = 0
+    amax_algo: str = "max"
+    format: str = "hybrid"
+    engine: str = "auto"
+
+    def __post_init__(self):
+        for name, allowed in (("scaling", FP8_SCALINGS), ("amax_algo", AMAX_ALGOS),
+                              ("format", FP8_FORMATS), ("engine", FP8_ENGINES)):
+            value = str(getattr(self, name)).strip().lower()
+            if name == "engine" and value in ("te", "transformer_engine"):
+                value = "transformer-engine"
+            if value not in allowed:
+                from .errors import did_you_mean
+                raise PolicyError(f'fp8: unknown {name} "{getattr(self, name)}"'
+                                  f"{did_you_mean(value, allowed)}; use one of {', '.join(allowed)}")
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "history_len", _number(self.history_len, "fp8.history_len", integer=True))
+        object.__setattr__(self, "margin", _number(self.margin, "fp8.margin", integer=True))
+        if self.history_len < 1:
+            raise PolicyError(f"fp8: history_len must be >= 1, got {self.history_len}")
+        if self.margin < 0:
+            raise PolicyError(f"fp8: margin must be >= 0, got {self.margin}")
+        if self.scaling == "current" and (self.history_len != 1024 or self.amax_algo != "max" or self.margin != 0):
+            raise PolicyError("fp8: history_len, margin and amax_algo belong to delayed scaling; "
+                              "current scaling uses each tensor's own amax")
+
+    def to_dict(self) -> dict:
+        if self.scaling == "current":
+            return {"scaling": "current", "format": self.format, "engine": self.engine}
+        return dataclasses.asdict(self)
+
+
+def _check_pattern(pattern: Any, what: str) -> None:
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise PolicyError(f"{what}: a module-path pattern must be a non-empty string, got {pattern!r}")
+    bad = set(pattern) & set(",=()@ \t|")
+    if bad:
+        raise PolicyError(f"{what}: pattern {pattern!r} contains {''.join(sorted(bad))!r}; "
+                          "patterns are dotted module paths with fnmatch wildcards (*, ?, [..])")
+
+
+def _path_matches(path: str, pattern: str) -> bool:
+    """A pattern matches a module and everything inside it ("head" matches "head.proj")."""
+    parts = path.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One precision policy, for both backends.
+
+    Dtypes are canonical names ("float32", "bfloat16", "float16", "float64"); aliases and
+    dtype objects are accepted and normalised.  Like jmp, ``compute_dtype`` defaults to
+    ``param_dtype`` and ``output_dtype`` to ``compute_dtype``; ``reduce_dtype`` (gradient
+    reduction in sharded training, FSDP2's) defaults to ``param_dtype``.
+
+    ``master_weights`` keeps fp32 copies of half-precision parameters for the optimizer.
+    ``overrides`` maps module-path patterns (fnmatch over dotted paths; a pattern covers
+    the module's children; the first matching pattern wins) to the policy those modules
+    use.  Loss scaling and master weights are global: an override inherits them.
+    """
+
+    param_dtype: str = "float32"
+    compute_dtype: str | None = None
+    output_dtype: str | None = None
+    reduce_dtype: str | None = None
+    loss_scale: LossScale = field(default_factory=LossScale)
+    quantization: Quantization | None = None
+    fp8: FP8Recipe | None = None
+    master_weights: bool = False
+    overrides: tuple[tuple[str, Policy], ...] = ()
+
+    def __post_init__(self):
+        param = canonical_dtype(self.param_dtype, what="param_dtype")
+        compute = param if self.compute_dtype is None else canonical_dtype(self.compute_dtype, what="compute_dtype")
+        output = compute if self.output_dtype is None else canonical_dtype(self.output_dtype, what="output_dtype")
+        reduce = param if self.reduce_dtype is None else canonical_dtype(self.reduce_dtype, what="reduce_dtype")
+        for name, value in (("param_dtype", param), ("compute_dtype", compute),
+                            ("output_dtype", output), ("reduce_dtype", reduce)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "loss_scale", _coerce(self.loss_scale, LossScale, "loss_scale"))
+        object.__setattr__(self, "quantization", _coerce(self.quantization, Quantization, "quantization"))
+        object.__setattr__(self, "fp8", _coerce(self.fp8, FP8Recipe, "fp8"))
+        if not isinstance(self.master_weights, bool):
+            raise PolicyError(f"master_weights must be true or false, got {self.master_weights!r}")
+        object.__setattr__(self, "overrides", self._normalise_overrides(self.overrides))
+        _validate(self)
+
+    def _normalise_overrides(self, overrides) -> tuple:
+        items = overrides.items() if isinstance(overrides, Mapping) else overrides
+        out, seen = [], set()
+        for item in items:
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise PolicyError(f"overrides: expected (pattern, policy) pairs, got {item!r}")
+            pattern, sub = item
+            _check_pattern(pattern, "overrides")
+            if pattern in seen:
+                raise PolicyError(f"overrides: pattern {pattern!r} is given twice")
+            seen.add(pattern)
+            sub = sub if isinstance(sub, Policy) else Policy.parse(sub)
+            if sub.overrides:
+                raise PolicyError(f"overrides: the policy for {pattern!r} has overrides of its own; "
+                                  "list every pattern at the top level")
+            if sub.loss_scale.enabled and sub.loss_scale != self.loss_scale:
+                raise PolicyError(f"overrides: {pattern!r} sets loss_scale={sub.loss_scale.kind}, but loss "
+                                  "scaling is global (one scale for the whole loss); set it on the top-level policy")
+            sub = _replace(sub, loss_scale=self.loss_scale, master_weights=self.master_weights)
+            out.append((pattern, sub))
+        return tuple(out)
+
+    # ----- construction from every spelling -------------------------------------------
+    @classmethod
+    def parse(cls, value: Any) -> Policy:
+        """A Policy from a string (any dialect), an int (Fabric), a dict or a Policy."""
+        from .grammar import parse_policy
+
+        return parse_policy(value)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Policy:
+        from .serialize import policy_from_dict
+
+        return policy_from_dict(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Policy:
+        from .serialize import policy_from_json
+
+        return policy_from_json(text)
+
+    @classmethod
+    def load(cls, path) -> Policy:
+        """Load a policy from a .json or .toml file (no code is executed)."""
+        from .serialize import load_policy
+
+        return load_policy(path)
+
+    def to_dict(self) -> dict:
+        from .serialize import policy_to_dict
+
+        return policy_to_dict(self)
+
+    def to_json(self, **kwargs) -> str:
+        from .serialize import policy_to_json
+
+        return policy_to_json(self, **kwargs)
+
+    def save(self, path) -> None:
+        from .serialize import save_policy
+
+        save_policy(self, path)
+
+    def __str__(self) -> str:
+        from .grammar import format_policy
+
+        return format_policy(self)
+
+    @property
+    def name(self) -> str:
+        """The canonical string (a preset name where one matches)."""
+        return str(self)
+
+    # ----- exports to other dialects --------------------------------------------------
+    def to_jmp(self, *, ignore: tuple[str, ...] = ()) -> str:
+        from .dialects import to_jmp_string
+
+        return to_jmp_string(self, ignore=ignore)
+
+    def to_keras(self, *, ignore: tuple[str, ...] = ()) -> str:
+        from .dialects import to_keras_name
+
+        return to_keras_name(self, ignore=ignore)
+
+    def to_fabric(self, *, ignore: tuple[str, ...] = ()) -> str:
+        from .dialects import to_fabric_precision
+
+        return to_fabric_precision(self, ignore=ignore)
+
+    # ----- queries the backends use ---------------------------------------------------
+    @property
+    def is_mixed(self) -> bool:
+        """Parameters stored wider than the compute dtype (autocast-style)."""
+        return self.param_dtype != self.compute_dtype
+
+    @property
+    def needs_x64(self) -> bool:
+        return "float64" in self.dtypes()
+
+    def dtypes(self) -> set[str]:
+        found = {self.param_dtype, self.compute_dtype, self.output_dtype, self.reduce_dtype}
+        for _, sub in self.overrides:
+            found |= sub.dtypes()
+        return found
+
+    def for_module(self, path: str) -> Policy:
+        """The policy that applies to the module at ``path`` (dotted, e.g. "blocks.0.attn")."""
+        for pattern, sub in self.overrides:
+            if _path_matches(path, pattern):
+                return sub
+        return self if not self.overrides else _replace(self, overrides=())
+
+    def quantizes(self, path: str) -> bool:
+        q = self.for_module(path).quantization
+        return q is not None and not q.skips(path)
+
+    def replace(self, **changes) -> Policy:
+        return _replace(self, **changes)
+
+    def check(self, caps) -> Any:
+        """Can a device with capabilities ``caps`` run this policy? See dualprec.capabilities."""
+        from .capabilities import check_policy
+
+        return check_policy(self, caps)
+
+
+def _coerce(value, cls, what):
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        from .serialize import component_from_dict
+
+        return component_from_dict(cls, value, what)
+    if isinstance(value, str):
+        from .grammar import parse_component
+
+        return parse_component(cls, value, what)
+    raise PolicyError(f"{what}: expected {cls.__name__}, a dict or a string, got {value!r}")
+
+
+def _validate(p: Policy) -> None:
+    """Contradictions between fields (each field validated itself on construction)."""
+    q = p.quantization
+    if q is not None:
+        if q.is_4bit and p.compute_dtype == "float64":
+            raise PolicyError(f"quant={q.mode} computes in the dequantized compute dtype; bitsandbytes "
+                              "has no float64 kernels. Use compute=float32, bfloat16 or float16")
+        if not q.is_4bit and p.compute_dtype not in HALF_DTYPES:
+            raise PolicyError(f"quant={q.mode} (LLM.int8) runs on float16/bfloat16 activations, but "
+                              f"compute={p.compute_dtype}; use compute=float16 (bitsandbytes' default) or bfloat16")
+        if p.param_dtype == "float64":
+            raise PolicyError(f"quant={q.mode}: the unquantized parameters cannot be float64; bitsandbytes has "
+                              "no float64 kernels")
+    if p.fp8 is not None and "float64" in (p.compute_dtype, p.param_dtype):
+        raise PolicyError("fp8 with float64 params/compute: FP8 GEMMs take float32/bfloat16/float16 "
+                          "high-precision inputs; use compute=bfloat16 or float32")
+    if p.master_weights and p.param_dtype not in HALF_DTYPES:
+        raise PolicyError(f"master=true keeps float32 copies of half-precision params, but params are "
+                          f"{p.param_dtype} already; drop master or use params=bfloat16/float16")
+    if p.loss_scale.enabled and p.param_dtype == "float16" and not p.master_weights:
+        raise PolicyError("loss scaling with float16 params gives float16 gradients, which cannot be unscaled "
+                          "safely (torch.amp.GradScaler refuses them); use 16-mixed (float32 params) or master=true")
+    assert p.param_dtype in FLOAT_DTYPES

@@ -1,0 +1,1 @@
+"""dualprec_jax: carries a dualprec Policy out in JAX and Flax."""

@@ -1,0 +1,1 @@
+"""dualprec_torch: carries a dualprec Policy out in PyTorch."""
