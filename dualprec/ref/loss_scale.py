@@ -1,0 +1,115 @@
+"""The one loss-scaling rule (none, static, dynamic) as a pure state machine.
+
+Example, with `dualprec.LossScale` or any object carrying the same attributes::
+
+    state = loss_scale_init(config)            # scale 2**16, counter 0
+    for grads in scaled_grad_stream:
+        finite = all_finite(grads)
+        if finite:
+            apply(unscale(grads, state))       # otherwise skip the optimizer step
+        state = loss_scale_update(state, finite, config)
+
+Arithmetic follows torch.amp.GradScaler's CPU kernel exactly: the product of the float32
+scale and the (Python float) factor is formed in float64 and rounded once to float32.
+For factors exact in float32 (2.0, 0.5) this equals jmp's float32 product; for others
+(1.1, say) jmp's float32 product can differ in the last bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+import numpy as np
+
+KINDS = ("none", "static", "dynamic")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossScaleState:
+    """Current scale (float32) and the count of finite steps since the last change."""
+
+    scale: np.float32
+    counter: int
+
+    def to_dict(self) -> dict:
+        return {"scale": float(self.scale), "counter": int(self.counter)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LossScaleState":
+        try:
+            return cls(scale=np.float32(d["scale"]), counter=int(d["counter"]))
+        except KeyError as e:
+            raise ValueError(f"loss-scale state dict is missing {e.args[0]!r}") from None
+
+
+def _kind(config: Any) -> str:
+    kind = getattr(config, "kind", None)
+    if kind not in KINDS:
+        raise ValueError(f"config.kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def _times(scale: np.float32, factor: float) -> np.float32:
+    return np.float32(np.float64(scale) * np.float64(factor))
+
+
+def loss_scale_init(config: Any) -> LossScaleState:
+    """Initial state: `init_scale` for static and dynamic, 1.0 for none."""
+    kind = _kind(config)
+    scale = 1.0 if kind == "none" else config.init_scale
+    return LossScaleState(scale=np.float32(scale), counter=0)
+
+
+def loss_scale_update(state: LossScaleState, finite: bool, config: Any) -> LossScaleState:
+    """The state after a step whose scaled gradients were `finite` (or not).
+
+    Dynamic: non-finite -> scale * backoff (floored at `min_scale` if set), counter 0;
+    finite -> counter + 1, and at `growth_interval` scale * growth if that is finite
+    (capped at `max_scale` if set), counter 0. Static and none never change.
+    """
+    if _kind(config) != "dynamic":
+        return state
+    if not finite:
+        scale = _times(state.scale, config.backoff_factor)
+        if config.min_scale is not None:
+            scale = max(scale, np.float32(config.min_scale))
+        return LossScaleState(scale=np.float32(scale), counter=0)
+    counter = state.counter + 1
+    if counter < config.growth_interval:
+        return LossScaleState(scale=state.scale, counter=counter)
+    grown = _times(state.scale, config.growth_factor)
+    scale = grown if np.isfinite(grown) else state.scale
+    if config.max_scale is not None:
+        scale = min(scale, np.float32(config.max_scale))
+    return LossScaleState(scale=np.float32(scale), counter=0)
+
+
+def _leaves(grads) -> Iterable[np.ndarray]:
+    if isinstance(grads, dict):
+        for v in grads.values():
+            yield from _leaves(v)
+    elif isinstance(grads, (list, tuple)):
+        for v in grads:
+            yield from _leaves(v)
+    elif grads is not None:
+        yield np.asarray(grads)
+
+
+def all_finite(grads) -> bool:
+    """True when every scaled gradient (nested dict/list/tuple of arrays), upcast to float32, is finite."""
+    return all(bool(np.isfinite(g.astype(np.float32)).all()) for g in _leaves(grads))
+
+
+def unscale(grads, state: LossScaleState):
+    """Gradients times float32(1/scale), in float32, with the same nesting as `grads`."""
+    inv = np.float32(np.float32(1.0) / state.scale)
+
+    def go(g):
+        if isinstance(g, dict):
+            return {k: go(v) for k, v in g.items()}
+        if isinstance(g, (list, tuple)):
+            return type(g)(go(v) for v in g)
+        return np.asarray(g).astype(np.float32) * inv
+
+    return go(grads)
