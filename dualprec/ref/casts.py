@@ -53,7 +53,8 @@ def cast(x, dtype_name: str) -> np.ndarray:
         # so the only rounding is the final cast.
         work = np.float64 if arr.dtype == np.float64 else np.float32
         arr = np.clip(arr.astype(work), -limit, limit)
-    return arr.astype(target)
+    with np.errstate(over="ignore"):  # overflow to inf is the defined result of a half cast
+        return arr.astype(target)
 
 
 def nan_equal(a, b) -> bool:

@@ -51,7 +51,8 @@ def _kind(config: Any) -> str:
 
 
 def _times(scale: np.float32, factor: float) -> np.float32:
-    return np.float32(np.float64(scale) * np.float64(factor))
+    with np.errstate(over="ignore"):  # an inf product is detected by the caller
+        return np.float32(np.float64(scale) * np.float64(factor))
 
 
 def loss_scale_init(config: Any) -> LossScaleState:
@@ -98,7 +99,8 @@ def _leaves(grads) -> Iterable[np.ndarray]:
 
 def all_finite(grads) -> bool:
     """True when every scaled gradient (nested dict/list/tuple of arrays), upcast to float32, is finite."""
-    return all(bool(np.isfinite(g.astype(np.float32)).all()) for g in _leaves(grads))
+    with np.errstate(over="ignore"):  # float64 values beyond float32 become inf: not finite
+        return all(bool(np.isfinite(g.astype(np.float32)).all()) for g in _leaves(grads))
 
 
 def unscale(grads, state: LossScaleState):
