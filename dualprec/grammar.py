@@ -228,7 +228,7 @@ def _parse_value(key: str, value: str) -> Any:
 def parse_component(cls, value: str, what: str):
     """Parse ``name`` or ``name(k=v, ...)`` into a LossScale, Quantization or FP8Recipe."""
     value = value.strip()
-    if cls is LossScale and (_NUMBER.fullmatch(value) or _POWER.fullmatch(value)):
+    if cls is LossScale and value[:1] in set("0123456789+-."):
         return LossScale("static", init_scale=_parse_number(value, "loss_scale"))
     m = _CALL.fullmatch(value)
     if not m:
@@ -267,6 +267,14 @@ def parse_component(cls, value: str, what: str):
                 kwargs["init_scale"] = _parse_number(positional[0], what)
             else:
                 raise PolicyError(f"{what}: {positional[0]!r} needs a name, e.g. {name}(key=value)")
+    not_for = {"static": set(_LOSS_ARGS.values()) - {"init_scale"},
+               "current": {"history_len", "margin", "amax_algo"},
+               "int8": {"blocksize"}, "int8-training": {"blocksize"}}.get(name, set())
+    if cls is Quantization and name not in ("int8", "int8-training"):
+        not_for = {"threshold"}
+    misplaced = sorted(set(kwargs) & not_for)
+    if misplaced:
+        raise PolicyError(f"{what}: {', '.join(misplaced)} does not apply to {name}")
     if cls is LossScale:
         if name == "static" and "init_scale" not in kwargs:
             raise PolicyError(f"{what}=static needs its scale, e.g. static(1024)")
