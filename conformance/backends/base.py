@@ -1,0 +1,88 @@
+"""The interface the suite drives: one Backend per framework, one Session per model run.
+
+Everything crossing this interface is NumPy in the canonical layout (torch's: flat
+``{"fc1.weight": [out, in]}`` weights, NCHW activations), so the suite never imports a
+framework and a third backend only has to implement these two classes.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from dualprec import Policy
+
+from ..weights import WeightMap
+from ..zoo import ModelSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    """The optimizer both sides use: "sgd" (plain, lr) or "adam" (lr, default betas/eps)."""
+
+    kind: str = "sgd"
+    lr: float = 0.05
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """What one training step did.  ``scale``/``counter`` are the loss-scale state *after*
+    the step (scale 1.0, counter 0 without loss scaling); ``skipped`` whether the optimizer
+    step was skipped for non-finite gradients; ``opt_steps`` the optimizer's own step count
+    (Adam's ``step`` / optax's ``count``), None when the optimizer keeps none."""
+
+    loss: float
+    scale: float
+    counter: int
+    skipped: bool
+    opt_steps: int | None = None
+
+
+class Session(abc.ABC):
+    """One model with one policy, weights loaded, optimizer built, in one framework."""
+
+    @abc.abstractmethod
+    def param_dtypes(self) -> dict[str, str]:
+        """Canonical name -> dtype name of the parameter the model computes with."""
+
+    @abc.abstractmethod
+    def params(self) -> dict[str, np.ndarray]:
+        """Canonical name -> parameter values (torch layout, stored dtype)."""
+
+    @abc.abstractmethod
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Model output after convert_output, and each named submodule's output (torch
+        layout) for localising a divergence."""
+
+    @abc.abstractmethod
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """The float32 loss and the *unscaled* gradients (canonical names and layout)."""
+
+    @abc.abstractmethod
+    def train_step(self, x: np.ndarray, y: np.ndarray, loss_multiplier: float = 1.0) -> StepInfo:
+        """One optimizer step through the backend's loss scaling.  ``loss_multiplier=inf``
+        injects an overflow: the scaled gradients become non-finite."""
+
+
+class Backend(abc.ABC):
+    name: str = "?"
+
+    @abc.abstractmethod
+    def unsupported(self, policy: Policy) -> str | None:
+        """Why this backend cannot run ``policy`` here (None when it can)."""
+
+    @abc.abstractmethod
+    def convert_input(self, policy: Policy, x: np.ndarray) -> np.ndarray:
+        """What the backend's Precision does to a floating input."""
+
+    @abc.abstractmethod
+    def convert_output(self, policy: Policy, x: np.ndarray) -> np.ndarray:
+        """What the backend's Precision does to a floating model output."""
+
+    @abc.abstractmethod
+    def session(self, spec: ModelSpec, policy: Policy, weights: Mapping[str, np.ndarray],
+                weight_map: WeightMap, optim: Optim) -> Session:
+        """Build the model under ``policy`` with ``weights`` (canonical, float32)."""

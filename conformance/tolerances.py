@@ -1,0 +1,73 @@
+"""Tolerances of the tolerance tier, derived from the policy's compute dtype.
+
+Both backends accumulate matmul-like ops in float32 (float64 for float64 policies) and round
+once to the compute dtype, so they can disagree in two ways only:
+
+* a rounding to the compute dtype that lands on different sides of a tie boundary because
+  the float32 sums were formed in a different order: at most 1 ULP (= eps_c relative) per
+  rounding stage on the model's longest path, ``n_round`` stages;
+* the float32 accumulation order itself: about sqrt(n) * eps_acc for a reduction of length n
+  (the statistical bound for round-to-nearest), per layer.
+
+So a forward output may differ, elementwise and relative to its magnitude, by
+
+    tol_forward = SAFETY * (eps_c * n_round + eps_acc * sqrt(n_reduce) * n_layers)
+
+Gradients run the chain twice (forward and backward), ``tol_grad = 2 * tol_forward``.  A
+training trajectory adds one forward's worth of error per step through the parameters:
+the loss at step t is checked against ``tol_forward * (1 + t)`` and the parameters after N
+steps against ``tol_grad * (1 + N)`` (SGD moves them by lr * grad, so this is loose for
+small lr and tight enough to catch a wrong cast).  ``SAFETY`` is 4: two from the 1-ULP
+rounding being relative to the smaller neighbour, two for transcendental functions (erf,
+exp, rsqrt) whose float32 libm implementations differ by up to ~1 ULP between the frameworks.
+
+The relative error is measured as |a - b| / (|b| + mean|b|) (see numerics.diff), so values
+that cancel to ~0 are judged against the tensor's scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from dualprec import Policy
+
+from .numerics import eps
+
+SAFETY = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """What the tolerance formula needs to know about a model."""
+
+    n_round: int     # rounding stages on the longest forward path (matmuls, activations, norms)
+    n_reduce: int    # longest reduction (dot-product length, norm width, pooled count)
+    n_layers: int    # matmul-like layers on the longest path
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    compute_dtype: str
+    accumulate_dtype: str
+    forward: float
+    grad: float
+
+    def loss_at(self, step: int) -> float:
+        return self.forward * (1 + step)
+
+    def params_after(self, steps: int) -> float:
+        return self.grad * (1 + steps)
+
+
+def narrowest_compute(policy: Policy) -> str:
+    """The compute dtype with the fewest mantissa bits among the policy and its overrides."""
+    dts = [policy.compute_dtype] + [sub.compute_dtype for _, sub in policy.overrides]
+    return max(dts, key=eps)
+
+
+def tolerance(policy: Policy, shape: ModelShape) -> Tolerance:
+    c = narrowest_compute(policy)
+    acc = "float64" if c == "float64" else "float32"
+    fwd = SAFETY * (eps(c) * shape.n_round + eps(acc) * math.sqrt(shape.n_reduce) * shape.n_layers)
+    return Tolerance(c, acc, fwd, 2 * fwd)
