@@ -38,16 +38,17 @@ NF4_CODE = np.array(
     dtype=np.float32,
 )
 # FP4 (1 sign, 2 exponent, 1 mantissa bit) in bit-pattern order, normalised by its max 12
-# in float32. Index 0 is +0 and index 8 is -0.
+# in float32. Index 8 is the "negative zero" pattern, but its value is +0.0 in
+# bitsandbytes' table and kernels, so it is here too.
 FP4_CODE = (
-    np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3], np.float32)
+    np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, 0.0, -0.0625, -8, -12, -4, -6, -2, -3], np.float32)
     / np.float32(12.0)
 )
 CODEBOOKS = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 
 # Codebook indices in ascending value order. For FP4 the two zeros tie; bitsandbytes puts
-# +0 (index 0) before -0 (index 8), so values in (-step/2, 0] get +0 and values in
-# (0, step/2] get -0 (they dequantize to -0.0). Codes are stored, so the order is kept.
+# index 0 before index 8, so values in (-step/2, 0] get code 0 and values in (0, step/2]
+# get code 8 (both dequantize to +0.0). Codes are stored, so this order is kept.
 _SORT_ORDER = {
     "nf4": np.arange(16, dtype=np.uint8),
     "fp4": np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3], dtype=np.uint8),
