@@ -192,24 +192,46 @@ def _check_input(x) -> np.ndarray:
     return x
 
 
-def _blockwise_absmax_scaled(flat: np.ndarray, blocksize: int):
-    """Per-block absmax and the values divided by it, as bitsandbytes' CPU path does."""
+# Values per chunk: keeps the temporaries of one chunk in cache (a ~2x speed-up over
+# whole-array passes on large tensors) while the loop stays one iteration per chunk.
+_CHUNK = 1 << 16
+
+
+def _codes_full_blocks(body: np.ndarray, quant_type: str):
+    """absmax and sorted-code indices of whole blocks (rows of `body`), chunk by chunk."""
+    nblocks, blocksize = body.shape
+    absmax = np.empty(nblocks, np.float32)
+    idx = np.empty(body.size, np.uint8)
+    rows = max(1, _CHUNK // blocksize)
+    mids = _MIDPOINTS[quant_type]
+    for r0 in range(0, nblocks, rows):
+        chunk = body[r0 : r0 + rows]
+        am = np.abs(chunk).max(axis=1)
+        absmax[r0 : r0 + rows] = am
+        # Full blocks multiply by the float32 reciprocal (of the absmax clamped to 1e-38),
+        # exactly as bitsandbytes does; the partial last block divides instead.
+        scaled = chunk * (np.float32(1.0) / np.maximum(am, _TINY))[:, None]
+        np.clip(scaled, -1.0, 1.0, out=scaled)
+        # side="left" counts midpoints strictly below the value: an exact tie goes lower.
+        # NaN sorts after every midpoint, giving the top code, as in bitsandbytes.
+        idx[r0 * blocksize : (r0 + chunk.shape[0]) * blocksize] = np.searchsorted(mids, scaled.reshape(-1))
+    return absmax, idx
+
+
+def _codes(flat: np.ndarray, quant_type: str, blocksize: int):
+    """Per-block absmax and codebook indices (padded to an even count with the code of 0)."""
     n = flat.size
     full = n - n % blocksize
-    body = flat[:full].reshape(-1, blocksize)
-    absmax = np.abs(body).max(axis=1) if full else np.zeros(0, np.float32)
-    # Full blocks multiply by the float32 reciprocal; the partial last block divides.
-    # The two can differ in the last bit, so both are reproduced as they are.
-    inv = np.float32(1.0) / np.maximum(absmax, _TINY)
-    scaled = np.empty(n, np.float32)
-    np.multiply(body, inv[:, None], out=scaled[:full].reshape(-1, blocksize))
+    absmax, idx = _codes_full_blocks(flat[:full].reshape(-1, blocksize), quant_type)
     if full < n:
         # bitsandbytes stores the clamped absmax of a partial block: 1e-38 when all zero.
-        tail = max(np.abs(flat[full:]).max(), _TINY)
-        np.divide(flat[full:], tail, out=scaled[full:])
-        absmax = np.append(absmax, np.float32(tail))
-    np.clip(scaled, -1.0, 1.0, out=scaled)
-    return absmax.astype(np.float32), scaled
+        tail_absmax = np.float32(max(np.abs(flat[full:]).max(), _TINY))
+        scaled = np.clip(flat[full:] / tail_absmax, -1.0, 1.0)
+        absmax = np.append(absmax, tail_absmax)
+        idx = np.concatenate([idx, np.searchsorted(_MIDPOINTS[quant_type], scaled).astype(np.uint8)])
+    if n % 2:
+        idx = np.append(idx, np.uint8(np.searchsorted(_MIDPOINTS[quant_type], np.float32(0))))
+    return absmax.astype(np.float32), _SORT_ORDER[quant_type][idx]
 
 
 def _pack(codes: np.ndarray) -> np.ndarray:
@@ -242,9 +264,8 @@ def quantize_4bit(
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if nonfinite == "raise" and not np.isfinite(flat).all():
         raise ValueError("x contains NaN or inf; pass nonfinite='propagate' to quantize it anyway")
-    absmax, scaled = _blockwise_absmax_scaled(flat, blocksize)
-    idx = _nearest_sorted_index(scaled, quant_type, pad=scaled.size % 2 == 1)
-    packed = _pack(_SORT_ORDER[quant_type][idx])
+    absmax, codes = _codes(flat, quant_type, blocksize)
+    packed = _pack(codes)
     common = dict(quant_type=quant_type, blocksize=blocksize, shape=tuple(x.shape), dtype=_dtype_name(x.dtype))
     if not double_quant:
         return packed, QuantState4bit(absmax=absmax, **common)
@@ -254,15 +275,6 @@ def quantize_4bit(
         absmax=codes, nested_absmax=nested_absmax, offset=offset, nested_code=DYNAMIC_MAP.copy(), **common
     )
     return packed, state
-
-
-def _nearest_sorted_index(scaled: np.ndarray, quant_type: str, pad: bool) -> np.ndarray:
-    # side="left" counts midpoints strictly below the value: an exact tie goes lower.
-    # NaN sorts after every midpoint, giving the top code, as in bitsandbytes.
-    idx = np.searchsorted(_MIDPOINTS[quant_type], scaled, side="left").astype(np.uint8)
-    if pad:
-        idx = np.append(idx, np.searchsorted(_MIDPOINTS[quant_type], np.float32(0)).astype(np.uint8))
-    return idx
 
 
 def _mean_float32(values: np.ndarray) -> np.float32:
