@@ -1,1 +1,20 @@
-"""conformance: the same model, weights and data through both backends, per policy."""
+"""conformance: the same model, weights and data through both backends, per policy.
+
+``dualprec conformance`` runs the default matrix (cli.py); ``compare`` runs the checks on a
+user's own torch/Flax pair; ``golden`` records numerics once and checks later runs; the
+``golden`` pytest fixture lives in ``conformance.pytest_plugin``.
+"""
+
+from .compare import Comparison, compare
+from .records import Record
+from .weights import WeightMap
+
+__all__ = ["compare", "Comparison", "Record", "WeightMap", "run"]
+
+
+def run(policies=None, models=None, steps: int = 5, backends=None):
+    """The default matrix (or the given policies/models) as a list of Records."""
+    from . import matrix
+    from .zoo import MODELS
+
+    return matrix.run(policies, models or MODELS, steps=steps, backends=backends)

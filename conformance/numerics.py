@@ -77,7 +77,7 @@ def diff(got, ref, ulp_dtype: str = "float32", tol: float | None = None) -> Diff
     fin = ~(nan_g | nan_r)
     if not fin.any():
         return Diff(0.0, 0.0, 0.0, (), mismatch, True, tol)
-    err = np.where(fin, np.abs(g - r), 0.0)
+    err = np.abs(np.where(fin, g, 0.0) - np.where(fin, r, 0.0))
     scale = float(np.mean(np.abs(r[fin]))) or 2.0 ** _MIN_EXP.get(ulp_dtype, -126)
     rel = err / (np.abs(np.where(fin, r, 0.0)) + scale)
     ulps = err / ulp(np.maximum(np.abs(np.where(fin, r, 0.0)), scale), ulp_dtype)

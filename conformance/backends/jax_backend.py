@@ -1,0 +1,153 @@
+"""The JAX side of the suite: drives ``dualprec_jax.Precision`` through the Backend interface
+(pytree casts, the Flax linen model run under the policy, the loss-scaled optax wrapper)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Mapping
+
+import numpy as np
+
+from dualprec import Policy
+
+from ..numerics import dtype_name
+from ..weights import WeightMap, flatten_flax
+from ..zoo import ModelSpec
+from .base import Backend, Optim, Session, StepInfo
+
+
+def _load_precision_cls():
+    return importlib.import_module("dualprec_jax").Precision
+
+
+def to_numpy(a) -> np.ndarray:
+    return np.array(a)  # jax arrays (bfloat16 included) convert exactly via ml_dtypes
+
+
+def _tx(optim: Optim):
+    import optax
+
+    return optax.adam(optim.lr) if optim.kind == "adam" else optax.sgd(optim.lr)
+
+
+def _count(opt_state) -> int | None:
+    """Adam's step count from an optax state pytree (the first ``count`` field found)."""
+    import jax
+
+    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        if any(getattr(k, "name", None) == "count" for k in path):
+            return int(leaf)
+    return None
+
+
+class JaxBackend(Backend):
+    """``precision_cls`` defaults to dualprec_jax.Precision; tests pass a stand-in."""
+
+    name = "jax"
+
+    def __init__(self, precision_cls=None):
+        self._cls = precision_cls
+
+    def precision(self, policy: Policy):
+        cls = self._cls or _load_precision_cls()
+        return cls(policy)
+
+    def unsupported(self, policy: Policy) -> str | None:
+        try:
+            self.precision(policy)
+        except (ImportError, AttributeError) as e:
+            return f"dualprec_jax.Precision is not available ({e})"
+        except (ValueError, NotImplementedError, TypeError, RuntimeError) as e:
+            return f"dualprec_jax does not run this policy: {e}"
+        return None
+
+    def convert_input(self, policy, x):
+        import jax.numpy as jnp
+
+        return to_numpy(self.precision(policy).convert_input(jnp.asarray(x)))
+
+    def convert_output(self, policy, x):
+        import jax.numpy as jnp
+
+        return to_numpy(self.precision(policy).convert_output(jnp.asarray(x)))
+
+    def session(self, spec, policy, weights, weight_map, optim):
+        return JaxSession(self.precision(policy), spec, weights, weight_map, optim)
+
+
+class JaxSession(Session):
+    def __init__(self, prec, spec: ModelSpec, weights: Mapping[str, np.ndarray], weight_map: WeightMap,
+                 optim: Optim):
+        import jax
+
+        self.prec, self.spec, self.wm = prec, spec, weight_map
+        self.module = prec.module(spec.flax_module())
+        params = jax.tree_util.tree_map(np.asarray, weight_map.to_flax(weights))
+        self._params = prec.cast_to_param(params)
+        self.tx = prec.optimizer(_tx(optim))
+        self.opt_state = self.tx.init(self._params)
+        self._grad_fn = jax.jit(jax.value_and_grad(self._scaled_loss, has_aux=True))
+        self._fwd = jax.jit(self._forward)
+        self._apply_updates = jax.jit(self._update)
+
+    # -- pure functions (jitted once per session) --------------------------------------
+    def _logits(self, params, x, capture=False):
+        x = self.prec.convert_input(x)
+        if capture:
+            out, state = self.module.apply({"params": params}, x, capture_intermediates=True,
+                                           mutable=["intermediates"])
+            return self.prec.convert_output(out), state["intermediates"]
+        return self.prec.convert_output(self.module.apply({"params": params}, x))
+
+    def _forward(self, params, x):
+        return self._logits(params, x, capture=True)
+
+    def _scaled_loss(self, params, x, y, opt_state, mult):
+        import jax.numpy as jnp
+        import optax
+
+        logits = self._logits(params, x)
+        # The loss runs in float32 on every policy (DESIGN.md), whatever the output dtype.
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+        return self.prec.scale_loss(loss * mult, opt_state), loss
+
+    def _update(self, grads, opt_state, params):
+        import optax
+
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    # -- Session interface ----------------------------------------------------------------
+    def param_dtypes(self):
+        return {n: dtype_name(a) for n, a in self.wm.to_torch(self._params).items()}
+
+    def params(self):
+        import jax
+
+        return self.wm.to_torch(jax.tree_util.tree_map(to_numpy, self._params))
+
+    def forward(self, x):
+        out, inter = self._fwd(self._params, self.spec.to_jax_layout(x))
+        named = {}
+        for path, leaf in flatten_flax(inter).items():
+            if path[-1] == "__call__":
+                named[".".join(path[:-1])] = self.spec.from_jax_layout(to_numpy(leaf[0]))
+        return to_numpy(out), named
+
+    def _grads(self, x, y, mult):
+        (scaled, loss), grads = self._grad_fn(self._params, self.spec.to_jax_layout(x), y, self.opt_state, mult)
+        return loss, grads
+
+    def loss_and_grads(self, x, y):
+        import jax
+
+        loss, grads = self._grads(x, y, 1.0)
+        grads = self.prec.unscale(grads, self.opt_state)
+        return float(loss), self.wm.to_torch(jax.tree_util.tree_map(to_numpy, grads))
+
+    def train_step(self, x, y, loss_multiplier=1.0):
+        loss, grads = self._grads(x, y, loss_multiplier)
+        self._params, self.opt_state = self._apply_updates(grads, self.opt_state, self._params)
+        ls = self.prec.loss_scale_state(self.opt_state)
+        return StepInfo(float(loss), float(ls["scale"]), int(ls["counter"]), skipped=not bool(ls["last_finite"]),
+                        opt_steps=_count(self.opt_state))

@@ -1,0 +1,155 @@
+"""The PyTorch side of the suite: drives ``dualprec_torch.Precision`` through the Backend
+interface (init_module, setup, autocast, convert_input/convert_output, backward, unscale_,
+step, state_dict)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+
+from dualprec import Policy
+
+from ..weights import WeightMap
+from ..zoo import ModelSpec
+from .base import Backend, Optim, Session, StepInfo
+
+
+def to_numpy(t) -> np.ndarray:
+    """A tensor's exact bits as NumPy (bfloat16 via ml_dtypes; numpy cannot take it directly)."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return t.numpy().copy()
+
+
+def from_numpy(a: np.ndarray):
+    import torch
+
+    a = np.ascontiguousarray(a)
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
+
+
+def _dtype_str(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _load_precision_cls():
+    return importlib.import_module("dualprec_torch").Precision
+
+
+class TorchBackend(Backend):
+    """``precision_cls`` defaults to dualprec_torch.Precision; tests pass a stand-in."""
+
+    name = "torch"
+
+    def __init__(self, precision_cls=None):
+        self._cls = precision_cls
+
+    def precision(self, policy: Policy):
+        cls = self._cls or _load_precision_cls()
+        return cls(policy)
+
+    def unsupported(self, policy: Policy) -> str | None:
+        try:
+            self.precision(policy)
+        except (ImportError, AttributeError) as e:
+            return f"dualprec_torch.Precision is not available ({e})"
+        except (ValueError, NotImplementedError, TypeError) as e:  # PolicyError is a ValueError
+            return f"dualprec_torch does not run this policy: {e}"
+        return None
+
+    def convert_input(self, policy, x):
+        return to_numpy(self.precision(policy).convert_input(from_numpy(x)))
+
+    def convert_output(self, policy, x):
+        return to_numpy(self.precision(policy).convert_output(from_numpy(x)))
+
+    def session(self, spec, policy, weights, weight_map, optim):
+        return TorchSession(self.precision(policy), spec, weights, optim)
+
+
+class TorchSession(Session):
+    def __init__(self, prec, spec: ModelSpec, weights: Mapping[str, np.ndarray], optim: Optim):
+        import torch
+
+        self.prec, self.spec = prec, spec
+        with prec.init_module():
+            model = spec.torch_module()
+        with torch.no_grad():
+            for name, p in model.state_dict().items():
+                # copy_ rounds the float32 canonical weights to the param dtype (RNE).
+                p.copy_(torch.from_numpy(np.asarray(weights[name], np.float32)))
+        if optim.kind == "adam":
+            opt = torch.optim.Adam(model.parameters(), lr=optim.lr)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=optim.lr)
+        self.model, self.opt = prec.setup(model, opt)
+
+    def _module(self):
+        m = self.model
+        return getattr(m, "module", m)
+
+    def param_dtypes(self):
+        return {n: _dtype_str(p.dtype) for n, p in self._module().named_parameters()}
+
+    def params(self):
+        return {n: to_numpy(p) for n, p in self._module().named_parameters()}
+
+    def _run(self, x):
+        with self.prec.autocast():
+            out = self.model(self.prec.convert_input(from_numpy(x)))
+        return self.prec.convert_output(out)
+
+    def forward(self, x):
+        import torch
+
+        seen = {}
+        hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, to_numpy(out)))
+                 for n, m in self._module().named_modules() if n]
+        try:
+            with torch.no_grad():
+                out = self._run(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return to_numpy(out), seen
+
+    def _loss(self, x, y, mult=1.0):
+        import torch
+        import torch.nn.functional as F
+
+        logits = self._run(x)
+        # The loss runs in float32 on every policy (DESIGN.md), whatever the output dtype.
+        loss = F.cross_entropy(logits.float(), torch.from_numpy(y))
+        return loss, loss * mult if mult != 1.0 else loss
+
+    def loss_and_grads(self, x, y):
+        self.opt.zero_grad(set_to_none=True)
+        loss, _ = self._loss(x, y)
+        self.prec.backward(loss)
+        self.prec.unscale_(self.opt)
+        grads = {n: to_numpy(p.grad) for n, p in self._module().named_parameters()}
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach()), grads
+
+    def train_step(self, x, y, loss_multiplier=1.0):
+        self.opt.zero_grad(set_to_none=True)
+        loss, scaled = self._loss(x, y, loss_multiplier)
+        self.prec.backward(scaled)
+        stepped = self.prec.step(self.opt)
+        state = self.prec.state_dict() or {}
+        ls = state.get("loss_scale", state)
+        scale, counter = float(ls.get("scale", 1.0)), int(ls.get("counter", 0))
+        return StepInfo(float(loss.detach()), scale, counter, skipped=not bool(stepped),
+                        opt_steps=self._opt_steps())
+
+    def _opt_steps(self):
+        steps = [int(s["step"]) for s in self.opt.state.values() if "step" in s]
+        return max(steps) if steps else (0 if isinstance(self.opt, __import__("torch").optim.Adam) else None)

@@ -1,0 +1,78 @@
+"""``dualprec conformance``: run the matrix, print a table, write a report, exit 1 on failure."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .records import dumps
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dualprec conformance",
+                                description="Run the same models under a policy in PyTorch and JAX and "
+                                            "check they compute the same numbers.")
+    p.add_argument("--policy", action="append", default=None,
+                   help="a policy (preset, grammar string or combination label); repeatable; default: the matrix")
+    p.add_argument("--model", action="append", default=None, help="mlp, transformer or cnn; repeatable")
+    p.add_argument("--steps", type=int, default=5, help="training steps per trajectory (default 5)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--report", metavar="DIR", help="write records.json, report.md and plots to DIR")
+    p.add_argument("--failures-only", action="store_true", help="table: show only failed records")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    from dualprec import PolicyError
+
+    from . import matrix
+    from .zoo import MODELS
+
+    try:
+        policies = (matrix.default_policies() if not args.policy
+                    else dict(matrix.resolve_policy(p) for p in args.policy))
+        models = args.model or list(MODELS)
+        unknown = [m for m in models if m not in MODELS]
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; the zoo has {', '.join(MODELS)}")
+        if args.steps < 1:
+            raise ValueError("--steps must be >= 1")
+    except (PolicyError, ValueError) as e:
+        print(f"dualprec conformance: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    t0 = time.perf_counter()
+    records = _run(matrix, policies, models, args)
+    seconds = time.perf_counter() - t0
+    from .report import rich_table, summary_line, write_report
+
+    if args.format == "json":
+        print(dumps(records))
+    else:
+        from rich.console import Console
+
+        shown = [r for r in records if r.status == "fail"] if args.failures_only else records
+        Console().print(rich_table(shown))
+        Console().print(summary_line(records, seconds))
+    if args.report:
+        path = write_report(records, args.report, seconds, argv)
+        print(f"report: {path}", file=sys.stderr)
+    return EXIT_FAIL if any(r.status == "fail" for r in records) else EXIT_OK
+
+
+def _run(matrix, policies, models, args):
+    if args.format == "json" or not sys.stderr.isatty():
+        return matrix.run(policies, models, steps=args.steps)
+    from rich.progress import Progress
+
+    total = len(policies) * len(models)
+    with Progress(transient=True) as bar:
+        task = bar.add_task("conformance", total=total)
+        return matrix.run(policies, models, steps=args.steps,
+                          progress=lambda job: bar.update(task, advance=1,
+                                                          description=f"{job.label} / {job.model}"))

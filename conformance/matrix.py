@@ -1,0 +1,93 @@
+"""The default matrix (policies x models) and the runner that turns it into Records.
+
+The matrix is every preset plus combinations the presets do not cover: a per-module
+override (head kept in float32), fast loss-scale growth (so growth is exercised within a
+few steps), master weights, mixed + quantized and mixed + FP8.  Policies that need float64
+run last because a JAX backend may have to switch ``jax_enable_x64`` on for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+from dualprec import LossScale, Policy, presets
+
+from .backends.base import Backend
+from .checks import Context, run_checks
+from .records import Record
+from .weights import WeightMap
+from .zoo import MODELS, canonical_weights, get
+
+#: label -> policy string of the combinations beyond the preset table.
+COMBINATIONS = {
+    "bf16-mixed+head-f32": "bf16-mixed,@head=(params=float32,compute=float32,output=float32)",
+    "16-mixed+growth2": None,  # built below: dynamic scaling with growth_interval=2
+    "bf16-true+master": "params=bfloat16,compute=bfloat16,output=float32,master=true",
+    "bf16-mixed+nf4": "bf16-mixed,quant=nf4",
+    "bf16-mixed+fp8": "bf16-mixed,fp8=delayed",
+}
+
+
+def combination(label: str) -> Policy:
+    if label == "16-mixed+growth2":
+        return presets()["16-mixed"].replace(loss_scale=LossScale.dynamic(init_scale=2.0**10, growth_interval=2))
+    return Policy.parse(COMBINATIONS[label])
+
+
+def default_policies() -> dict[str, Policy]:
+    """label -> Policy, float64 policies last."""
+    table = dict(presets())
+    for label in COMBINATIONS:
+        try:
+            table[label] = combination(label)
+        except ValueError as e:  # a grammar that cannot spell it yet is a visible gap, not a crash
+            table[label] = e
+    return dict(sorted(table.items(), key=lambda kv: isinstance(kv[1], Policy) and kv[1].needs_x64))
+
+
+def resolve_policy(text: str) -> tuple[str, Policy]:
+    if text in COMBINATIONS:
+        return text, combination(text)
+    p = Policy.parse(int(text) if text.strip().isdigit() else text)
+    return text, p
+
+
+@dataclasses.dataclass
+class Job:
+    label: str
+    policy: Policy | Exception
+    model: str
+
+
+def jobs(policies: dict[str, Policy], models: Iterable[str]) -> list[Job]:
+    return [Job(label, p, m) for label, p in policies.items() for m in models]
+
+
+def run(policies: dict | None = None, models: Iterable[str] = MODELS, *, steps: int = 5,
+        backends: tuple[Backend, Backend] | None = None,
+        progress: Callable[[Job], None] | None = None) -> list[Record]:
+    """Run every check of every (policy, model) and return the records."""
+    if backends is None:
+        from .backends import default_backends
+
+        backends = default_backends()
+    a, b = backends
+    policies = default_policies() if policies is None else policies
+    out: list[Record] = []
+    weights_cache = {}
+    for job in jobs(policies, models):
+        if isinstance(job.policy, Exception):
+            out.append(Record(job.label, job.model, "policy", "bit-exact", "skip",
+                              reason=f"the spec cannot express this combination yet: {job.policy}"))
+        else:
+            spec = get(job.model)
+            if job.model not in weights_cache:
+                w = canonical_weights(spec)
+                weights_cache[job.model] = (w, WeightMap.auto({k: v.shape for k, v in w.items()}))
+            w, wm = weights_cache[job.model]
+            ctx = Context(a, b, spec, job.policy, job.label, w, wm, steps=steps)
+            out.extend(run_checks(ctx))
+        if progress:
+            progress(job)
+    return out
