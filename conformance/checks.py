@@ -125,7 +125,7 @@ def check_loss_scale(ctx: Context) -> list[Record]:
     ls = ctx.policy.loss_scale
     inject = set(ctx.overflow_steps) if ls.kind == "dynamic" else set()
     sa, sb = ctx.sessions(Optim("adam", 1e-3))
-    problems, traj = [], {ctx.a.name: [], ctx.b.name: [], "ref": []}
+    problems, traj = [], {"a": [], "b": [], "ref": [], "names": [ctx.a.name, ctx.b.name]}
     state = ref_ls.loss_scale_init(ls)
     where_step = None
     for t in range(ctx.steps):
@@ -136,8 +136,8 @@ def check_loss_scale(ctx: Context) -> list[Record]:
         state = ref_ls.loss_scale_update(state, not infos[0].skipped, ls)
         traj["ref"].append([float(state.scale), state.counter])
         step_problems = []
-        for be, s, info, prev in zip((ctx.a, ctx.b), (sa, sb), infos, before):
-            traj[be.name].append([info.scale, info.counter, info.skipped, info.opt_steps])
+        for key, be, s, info, prev in zip("ab", (ctx.a, ctx.b), (sa, sb), infos, before):
+            traj[key].append([info.scale, info.counter, info.skipped, info.opt_steps])
             if t in inject and not info.skipped:
                 step_problems.append(f"{be.name} stepped through an injected overflow")
             if np.float32(info.scale).tobytes() != np.float32(state.scale).tobytes() or info.counter != state.counter:
@@ -156,9 +156,9 @@ def check_loss_scale(ctx: Context) -> list[Record]:
         if step_problems and where_step is None:
             where_step = t
         problems += [f"step {t}: {p}" for p in step_problems]
-    n_skipped = sum(1 for row in traj[ctx.a.name] if row[2])
+    n_skipped = sum(1 for row in traj["a"] if row[2])
     expected_steps = ctx.steps - n_skipped
-    for be, row in ((ctx.a, traj[ctx.a.name]), (ctx.b, traj[ctx.b.name])):
+    for be, row in ((ctx.a, traj["a"]), (ctx.b, traj["b"])):
         if row[-1][3] is not None and row[-1][3] != expected_steps:
             problems.append(f"{be.name}: Adam step count {row[-1][3]} after {ctx.steps} steps with "
                             f"{n_skipped} skipped (expected {expected_steps})")

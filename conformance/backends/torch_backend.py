@@ -107,6 +107,13 @@ class TorchSession(Session):
             out = self.model(self.prec.convert_input(from_numpy(x)))
         return self.prec.convert_output(out)
 
+    def _grad_tensors(self):
+        """Gradients by canonical name, read from the optimizer's parameters: with master
+        weights those are the float32 copies the gradients were moved onto."""
+        names = [n for n, _ in self._module().named_parameters()]
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        return dict(zip(names, (p.grad for p in params)))
+
     def forward(self, x):
         import torch
 
@@ -127,7 +134,8 @@ class TorchSession(Session):
 
         logits = self._run(x)
         # The loss runs in float32 on every policy (DESIGN.md), whatever the output dtype.
-        loss = F.cross_entropy(logits.float(), torch.from_numpy(y))
+        with self.prec.autocast():
+            loss = F.cross_entropy(logits.float(), torch.from_numpy(y))
         return loss, loss * mult if mult != 1.0 else loss
 
     def loss_and_grads(self, x, y):
@@ -135,8 +143,10 @@ class TorchSession(Session):
         loss, _ = self._loss(x, y)
         self.prec.backward(loss)
         self.prec.unscale_(self.opt)
-        grads = {n: to_numpy(p.grad) for n, p in self._module().named_parameters()}
+        grads = {n: to_numpy(g) for n, g in self._grad_tensors().items()}
         self.opt.zero_grad(set_to_none=True)
+        # Unscaled but not stepped: restoring the state ends the iteration without a step.
+        self.prec.load_state_dict(self.prec.state_dict())
         return float(loss.detach()), grads
 
     def train_step(self, x, y, loss_multiplier=1.0):
