@@ -1,1 +1,11 @@
-"""dualprec_torch: carries a dualprec Policy out in PyTorch."""
+"""dualprec_torch: carry a dualprec Policy out in PyTorch training.
+
+`Precision` is the one object a training script needs; `device_caps` describes the device
+to the spec's capability checks; `FP32_OPS` lists what the op policy keeps in float32.
+"""
+
+from .caps import device_caps
+from .ops import FP32_OPS
+from .precision import Precision, UnsupportedPolicyError
+
+__all__ = ["Precision", "device_caps", "FP32_OPS", "UnsupportedPolicyError"]

@@ -1,0 +1,93 @@
+"""Loss scaling in torch: DESIGN.md's one rule, bit for bit torch.amp.GradScaler's.
+
+`LossScaler` holds the state (a float32 scale and an int32 counter, as tensors on the loss's
+device, so nothing syncs until a step is decided) and runs the same kernels GradScaler runs
+(`_amp_foreach_non_finite_check_and_unscale_`, `_amp_update_scale_`), then applies the
+optional min/max clamps GradScaler lacks.  It knows nothing of optimizers: `Precision`
+decides which gradients to unscale and when to update, the way GradScaler's step/update do.
+
+Kinds: ``dynamic`` follows the rule; ``static`` keeps its scale but still finds non-finite
+gradients (the step is skipped, never applied with NaNs); ``none`` scales by 1 and checks
+nothing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+__all__ = ["LossScaler"]
+
+
+class LossScaler:
+    def __init__(self, config):
+        self.config = config
+        init = config.init_scale if config.enabled else 1.0
+        self._scale = torch.full((), init, dtype=torch.float32)
+        self._counter = torch.full((), 0, dtype=torch.int32)
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    def _to(self, device: torch.device) -> None:
+        if self._scale.device != device:
+            self._scale = self._scale.to(device)
+            self._counter = self._counter.to(device)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss * scale`` exactly as GradScaler.scale forms it (a 0-dim float32 factor)."""
+        self._to(loss.device)
+        return loss * self._scale
+
+    def unscale_(self, grads: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+        """Multiply ``grads`` in place by fp32(1/scale); per device, a float32 flag > 0 when
+        some gradient was not finite (GradScaler's ``found_inf_per_device``)."""
+        # the reciprocal is formed in float64 and rounded once, as GradScaler does
+        inv_scale = self._scale.double().reciprocal().float()
+        groups: dict[torch.device, dict[torch.dtype, list]] = defaultdict(lambda: defaultdict(list))
+        for g in grads:
+            groups[g.device][g.dtype].append(g)
+        found: dict[torch.device, torch.Tensor] = {}
+        with torch.no_grad():
+            for device, by_dtype in groups.items():
+                found[device] = torch.zeros((), dtype=torch.float32, device=device)
+                inv = inv_scale.to(device)
+                for same_dtype in by_dtype.values():
+                    torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, found[device], inv)
+        return found
+
+    def update(self, found_infs: list[torch.Tensor]) -> None:
+        """Advance the state after a step; ``found_infs`` are the flags of every optimizer
+        unscaled since the last update (any > 0 means the step was skipped)."""
+        if self.config.kind != "dynamic" or not found_infs:
+            return
+        combined = found_infs[0].to(self._scale.device)
+        for f in found_infs[1:]:
+            combined = combined + f.to(self._scale.device)
+        c = self.config
+        torch._amp_update_scale_(self._scale, self._counter, combined,
+                                 c.growth_factor, c.backoff_factor, c.growth_interval)
+        if c.min_scale is not None or c.max_scale is not None:
+            self._scale.clamp_(min=c.min_scale, max=c.max_scale)
+
+    # ----- state ----------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        return float(self._scale.item())
+
+    @property
+    def counter(self) -> int:
+        return int(self._counter.item())
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "counter": self.counter}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            scale, counter = state["scale"], state["counter"]
+        except (KeyError, TypeError):
+            raise ValueError(f"a loss-scale state needs 'scale' and 'counter', got {state!r}") from None
+        self._scale.fill_(float(scale))
+        self._counter.fill_(int(counter))
