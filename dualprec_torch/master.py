@@ -5,6 +5,9 @@ their place, so its state (Adam's moments) is float32 too.  Each step moves the 
 gradients onto the copies (upcast to float32; the model's ``.grad`` becomes None, so
 gradient accumulation and ``optimizer.zero_grad()`` keep working), the optimizer updates the
 copies, and the copies are rounded back into the model (round-to-nearest-even).
+
+Weights loaded into the model after setup (a pretrained checkpoint) reach the copies: at
+the first step, a copy that no longer rounds to its model parameter is taken from the model.
 """
 
 from __future__ import annotations
@@ -35,8 +38,18 @@ class MasterWeights:
                 else:
                     params.append(p)
             group["params"] = params
+        self._checked = False
+
+    @torch.no_grad()
+    def _refresh_from_model(self) -> None:
+        for p, master in self.pairs:
+            if not torch.equal(master.to(p.dtype), p):
+                master.copy_(p)
+        self._checked = True
 
     def move_grads(self) -> None:
+        if not self._checked:
+            self._refresh_from_model()
         for p, master in self.pairs:
             if p.grad is not None:
                 master.grad = p.grad.to(torch.float32)
@@ -61,3 +74,4 @@ class MasterWeights:
                                   f"{tuple(master.shape)} here")
             master.copy_(saved)
         self.copy_to_model()
+        self._checked = True
