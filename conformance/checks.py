@@ -206,7 +206,7 @@ def check_forward(ctx: Context, sa: Session, sb: Session) -> list[Record]:
     dtype_problem = "" if dtype_name(oa) == dtype_name(ob) else f"output dtype {dtype_name(oa)} vs {dtype_name(ob)}"
     if dtype_problem:
         d_out.tol = -1.0  # force a failure: a different output dtype is a conformance bug
-    rec = _tolerance_record(ctx, "forward", d_out, first_bad if not d_out.ok else None, worst or "output",
+    rec = _tolerance_record(ctx, "forward", d_out, first_bad, worst or "output",
                             diffs or {"output": d_out}, tol, extra=f"; {dtype_problem}" if dtype_problem else "")
     if dtype_problem and not rec.reason.startswith("first"):
         rec.reason = dtype_problem

@@ -130,8 +130,8 @@ class JaxSession(Session):
         out, inter = self._fwd(self._params, self.spec.to_jax_layout(x))
         named = {}
         for path, leaf in flatten_flax(inter).items():
-            if path[-1] == "__call__":
-                named[".".join(path[:-1])] = self.spec.from_jax_layout(to_numpy(leaf[0]))
+            if path[-1] == "__call__" and len(path) > 1:
+                named[".".join(path[:-1])] = self.spec.from_jax_layout(to_numpy(leaf[-1]))  # the outermost call returns last
         return to_numpy(out), named
 
     def _grads(self, x, y, mult):

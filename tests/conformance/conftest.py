@@ -49,6 +49,9 @@ class Fp32TorchPrecision:
     def state_dict(self):
         return {}
 
+    def load_state_dict(self, state):
+        pass
+
 
 class Fp32JaxPrecision:
     def __init__(self, policy):
