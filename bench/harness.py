@@ -223,7 +223,7 @@ def add_baseline_ratios(records: list[Record]) -> list[Record]:
     hand = {(r.workload, r.backend, r.policy, r.mode): r for r in records if r.impl == "hand" and r.ok}
     for r in records:
         base = hand.get((r.workload, r.backend, r.policy, r.mode))
-        if not r.ok or base is None or r.impl == "ceiling":
+        if not r.ok or base is None or r.impl == "ceiling" or not r.step_time or not base.step_time:
             continue
         r.baseline_ratio = r.step_time["median"] / base.step_time["median"]
         r.baseline = base.key

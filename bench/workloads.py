@@ -333,7 +333,7 @@ def _torch_dualprec_case(cfg, label, x, dev, compiled, compile_backend) -> Case:
     import torch
     from dualprec_torch import Precision
 
-    prec = Precision(policy_row(label).spec)
+    prec = Precision(policy_row(label).spec, device=dev)
     with dev, prec.init_module():
         model = _torch_mlp(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -670,8 +670,53 @@ def build_jax_case(cfg: MLPConfig, label: str, *, impl: str = "hand", seed: int 
                 peak_memory=lambda: peak, extra=extra)
 
 
-def _jax_dualprec_case(cfg, label, seed) -> Case:  # pragma: no cover - waits for dualprec_jax
-    raise NotImplementedError("dualprec_jax.Precision adapter pending")
+def _jax_dualprec_case(cfg, label, seed) -> Case:
+    """The same MLP as stock linen layers (no dtype knobs) run through dualprec_jax:
+    `Precision.init/apply` for the op policy, `wrap_optimizer` for loss scaling."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from dualprec_jax import Precision
+
+    prec = Precision(policy_row(label).spec)
+    # 32-true asks for true fp32 matmuls (no TF32) in both implementations
+    precision = jax.lax.Precision.HIGHEST if label == "32-true" else None
+    model = _flax_mlp(cfg, dtype=None, param_dtype=jnp.float32, norm_dtype=None, precision=precision)
+    x = jax.random.normal(jax.random.PRNGKey(seed), (cfg.tokens, cfg.d_model), jnp.float32)
+    params = jax.jit(lambda r, xb: prec.init(model, r, xb))(jax.random.PRNGKey(seed + 1), x)["params"]
+    tx = prec.wrap_optimizer(optax.adamw(1e-4))
+    opt_state = tx.init(params)
+
+    def grads_of(p, s, xb):
+        def scaled_loss(q):
+            y = prec.apply(model, {"params": q}, prec.convert_input(xb))
+            return prec.scale_loss(jnp.mean(jnp.square(y.astype(jnp.float32))), s)
+        return jax.grad(scaled_loss)(p)
+
+    def train_step(p, s, xb):
+        updates, s2 = tx.update(grads_of(p, s, xb), s, p)
+        return optax.apply_updates(p, updates), s2
+
+    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, x).compile()
+    state = {"p": params, "s": opt_state}
+    del params, opt_state
+
+    def step():
+        state["p"], state["s"] = compiled(state["p"], state["s"], x)
+        return state["p"]
+
+    jgrad = jax.jit(grads_of)
+    held: dict[str, Any] = {}
+
+    def forward_backward():
+        held["g"] = jgrad(state["p"], state["s"], x)
+        return held["g"]
+
+    peak = _jax_static_peak(compiled)
+    return Case("jax", label, "dualprec", cfg.train_flops(), step, _jax_sync, forward_backward=forward_backward,
+                weights=lambda: _tree_leaves(state["p"]), grads=lambda: _tree_leaves(held.get("g")),
+                optimizer_state=lambda: _tree_leaves(state["s"]), peak_memory=lambda: peak,
+                extra={"peak_source": "XLA memory_analysis of the compiled step"})
 
 
 def jax_gemm(n: int, kind: str, inner: int = 4) -> Case:
