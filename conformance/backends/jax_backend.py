@@ -76,28 +76,38 @@ class JaxBackend(Backend):
 
 
 class JaxSession(Session):
+    """A linen model through ``Precision.init`` / ``apply`` / ``wrap_optimizer`` / ``scale_loss``."""
+
     def __init__(self, prec, spec: ModelSpec, weights: Mapping[str, np.ndarray], weight_map: WeightMap,
                  optim: Optim):
         import jax
 
         self.prec, self.spec, self.wm = prec, spec, weight_map
-        self.module = prec.module(spec.flax_module())
-        params = jax.tree_util.tree_map(np.asarray, weight_map.to_flax(weights))
-        self._params = prec.cast_to_param(params)
-        self.tx = prec.optimizer(_tx(optim))
+        self.module = spec.flax_module()
+        x0 = spec.to_jax_layout(spec.batch(0)[0]) if spec.n_classes else None
+        shapes = weight_map.to_flax(weights)
+        if x0 is None:
+            x0 = np.zeros(spec.input_shape, np.float32)
+            x0 = spec.to_jax_layout(x0)
+        # init decides each parameter's dtype (per-module overrides included); the values
+        # are the canonical float32 weights rounded to that dtype.
+        init = prec.init(self.module, jax.random.PRNGKey(0), x0)["params"]
+        self._params = jax.tree_util.tree_map(lambda w, ref: jax.numpy.asarray(w).astype(ref.dtype),
+                                              jax.tree_util.tree_map(np.asarray, shapes), init)
+        self.tx = prec.wrap_optimizer(_tx(optim))
         self.opt_state = self.tx.init(self._params)
+        self.scaling = prec.policy.loss_scale.enabled
         self._grad_fn = jax.jit(jax.value_and_grad(self._scaled_loss, has_aux=True))
         self._fwd = jax.jit(self._forward)
         self._apply_updates = jax.jit(self._update)
 
-    # -- pure functions (jitted once per session) --------------------------------------
     def _logits(self, params, x, capture=False):
         x = self.prec.convert_input(x)
         if capture:
-            out, state = self.module.apply({"params": params}, x, capture_intermediates=True,
-                                           mutable=["intermediates"])
-            return self.prec.convert_output(out), state["intermediates"]
-        return self.prec.convert_output(self.module.apply({"params": params}, x))
+            out, state = self.prec.apply(self.module, {"params": params}, x, capture_intermediates=True,
+                                         mutable=["intermediates"])
+            return out, state["intermediates"]
+        return self.prec.apply(self.module, {"params": params}, x)
 
     def _forward(self, params, x):
         return self._logits(params, x, capture=True)
@@ -131,7 +141,7 @@ class JaxSession(Session):
         named = {}
         for path, leaf in flatten_flax(inter).items():
             if path[-1] == "__call__" and len(path) > 1:
-                named[".".join(path[:-1])] = self.spec.from_jax_layout(to_numpy(leaf[-1]))  # the outermost call returns last
+                named[".".join(path[:-1])] = self.spec.from_jax_layout(to_numpy(leaf[-1]))  # outermost call
         return to_numpy(out), named
 
     def _grads(self, x, y, mult):
@@ -140,14 +150,19 @@ class JaxSession(Session):
 
     def loss_and_grads(self, x, y):
         import jax
+        import dualprec_jax
 
         loss, grads = self._grads(x, y, 1.0)
-        grads = self.prec.unscale(grads, self.opt_state)
+        if self.scaling:
+            grads = dualprec_jax.unscale(grads, self.opt_state.loss_scale)
         return float(loss), self.wm.to_torch(jax.tree_util.tree_map(to_numpy, grads))
 
     def train_step(self, x, y, loss_multiplier=1.0):
+        import dualprec_jax
+
         loss, grads = self._grads(x, y, loss_multiplier)
+        skipped = self.scaling and not bool(dualprec_jax.all_finite(grads))
         self._params, self.opt_state = self._apply_updates(grads, self.opt_state, self._params)
-        ls = self.prec.loss_scale_state(self.opt_state)
-        return StepInfo(float(loss), float(ls["scale"]), int(ls["counter"]), skipped=not bool(ls["last_finite"]),
-                        opt_steps=_count(self.opt_state))
+        ls = self.opt_state.loss_scale
+        return StepInfo(float(loss), float(ls.scale), int(ls.counter), skipped=skipped,
+                        opt_steps=_count(self.opt_state.inner))
