@@ -1,0 +1,62 @@
+"""Pytree casts of the JAX backend: policy dtype names to JAX dtypes, and jmp-style casts
+that touch floating leaves only (integer, bool and complex leaves pass through)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["jax_dtype", "cast_floating", "accumulation_dtype", "wider_than_f32"]
+
+_DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16}
+
+
+def jax_dtype(name: str) -> jnp.dtype:
+    """The JAX dtype of a canonical policy dtype name; fails rather than give float32 for
+    float64 when jax_enable_x64 is off (JAX would silently truncate)."""
+    dtype = jnp.dtype(_DTYPES[name])
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise RuntimeError("this policy computes in float64, but jax_enable_x64 is off, so JAX would "
+                           "silently use float32; build the Precision with enable_x64=True (the default) "
+                           "or call jax.config.update('jax_enable_x64', True) first")
+    return dtype
+
+
+def accumulation_dtype(compute: str) -> jnp.dtype:
+    """Matmuls accumulate in float32, or in float64 when they compute in float64."""
+    return jax_dtype("float64" if compute == "float64" else "float32")
+
+
+def wider_than_f32(name: str) -> jnp.dtype:
+    """Normalisations, softmax and losses run in float32 (float64 under a float64 policy)."""
+    return accumulation_dtype(name)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def _cast_leaf(x: Any, dtype, path, what: str):
+    if _is_array(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return jnp.asarray(x).astype(dtype)
+    if isinstance(x, (bool, int, float, complex)):
+        # Python scalars are weakly typed: they already follow the arrays they meet.
+        return x
+    where = jax.tree_util.keystr(path) or "<root>"
+    raise TypeError(f"{what}: leaf {where} is a {type(x).__module__}.{type(x).__qualname__}, not an array; "
+                    "casts take pytrees (dicts, lists, tuples, registered nodes) of JAX/NumPy arrays and "
+                    "Python numbers. Register custom containers with jax.tree_util.register_pytree_node")
+
+
+def cast_floating(tree: Any, dtype, what: str = "cast") -> Any:
+    """Cast every floating leaf of ``tree`` to ``dtype``; leave other leaves alone."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree_util.tree_map_with_path(lambda p, x: _cast_leaf(x, dtype, p, what), tree)

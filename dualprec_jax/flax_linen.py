@@ -1,0 +1,90 @@
+"""Flax linen under a policy, without editing the model: a method interceptor
+(`flax.linen.intercept_methods`) that gives each stock layer the op policy of its module path.
+
+For the duration of one ``__call__`` the interceptor sets the layer's own knobs (``dtype``,
+``param_dtype``, ``dot_general``, ``precision``, ``attention_fn``...) and restores them
+afterwards, so parameters are created in the param dtype and every other interceptor in the
+chain still runs.  A knob the user set (a custom ``dot_general``) is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import flax.linen as nn
+
+from dualprec import Policy
+
+from .ops import accumulating_conv, accumulating_dot_general, dot_product_attention, op_dtypes
+
+__all__ = ["autocast", "module_path", "MATMUL_MODULES", "NORM_MODULES", "ATTENTION_MODULES"]
+
+MATMUL_MODULES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
+NORM_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm)
+ATTENTION_MODULES = (nn.MultiHeadDotProductAttention,)
+
+
+def module_path(module: nn.Module) -> str:
+    """The dotted path ``policy.for_module`` matches ("block.attn.query"); "" for the root."""
+    return ".".join(str(p) for p in module.path)
+
+
+@contextlib.contextmanager
+def _knobs(module, changes: dict):
+    """Set dataclass fields of a bound (frozen) module for one call, then restore them."""
+    changes = {k: v for k, v in changes.items() if hasattr(module, k)}
+    saved = {k: getattr(module, k) for k in changes}
+    for k, v in changes.items():
+        object.__setattr__(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            object.__setattr__(module, k, v)
+
+
+def _matmul_knobs(module, d) -> dict:
+    knobs = {"dtype": d.compute, "param_dtype": d.param}
+    if getattr(module, "precision", None) is None and d.precision is not None:
+        knobs["precision"] = d.precision
+    if isinstance(module, nn.Einsum):
+        knobs["preferred_element_type"] = d.accumulate
+    elif isinstance(module, nn.Conv):
+        if module.conv_general_dilated is None and module.conv_general_dilated_cls is None:
+            knobs["conv_general_dilated"] = accumulating_conv(d.accumulate)
+    elif module.dot_general is None and module.dot_general_cls is None:
+        knobs["dot_general"] = accumulating_dot_general(d.accumulate)
+    return knobs
+
+
+def _intercept(policy: Policy, next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+    d = op_dtypes(policy.for_module(module_path(module)))
+    if isinstance(module, MATMUL_MODULES):
+        with _knobs(module, _matmul_knobs(module, d)):
+            # The layer adds its bias to the float32 product; this is the one rounding.
+            return next_fun(*args, **kwargs).astype(d.compute)
+    if isinstance(module, NORM_MODULES):
+        with _knobs(module, {"dtype": d.norm, "param_dtype": d.param}):
+            x, *rest = args
+            return next_fun(x.astype(d.norm), *rest, **kwargs).astype(d.norm_output)
+    if isinstance(module, ATTENTION_MODULES):
+        knobs = {"dtype": d.compute, "param_dtype": d.param}
+        if module.precision is None and d.precision is not None:
+            knobs["precision"] = d.precision
+        if module.attention_fn is nn.dot_product_attention:
+            knobs["attention_fn"] = functools.partial(dot_product_attention, compute=d.compute,
+                                                      accumulate=d.accumulate)
+        with _knobs(module, knobs):
+            return next_fun(*args, **kwargs)
+    # Any other module (Embed, user modules): create its parameters in the param dtype.
+    with _knobs(module, {"param_dtype": d.param}):
+        return next_fun(*args, **kwargs)
+
+
+def autocast(policy: Policy):
+    """Context manager: every linen module called inside follows ``policy``."""
+    return nn.intercept_methods(functools.partial(_intercept, policy))

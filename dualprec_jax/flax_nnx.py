@@ -1,0 +1,81 @@
+"""Flax nnx under a policy, without editing the model: `setup(model, policy)` walks the
+module graph once, casts parameters to the param dtype of their module path, sets each stock
+layer's own knobs (dtype, preferred_element_type, precision, attention_fn) and gives matmul
+and norm layers a policy subclass whose ``__call__`` rounds the result once.
+
+The subclass (``PolicyLinear`` for ``nnx.Linear`` ...) keeps the parameter names and the
+graph structure, so nnx.split/merge/state, checkpoints and optimizers see the same tree.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+from flax import nnx
+
+from dualprec import Policy
+
+from .casts import cast_floating
+from .ops import dot_product_attention, op_dtypes
+
+__all__ = ["setup", "MATMUL_MODULES", "NORM_MODULES", "ATTENTION_MODULES"]
+
+MATMUL_MODULES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
+NORM_MODULES = (nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.BatchNorm)
+ATTENTION_MODULES = (nnx.MultiHeadAttention,)
+
+
+class _RoundsOutput:
+    """Mixin: the layer's float32 result (bias included) rounded once to ``_dualprec_out``."""
+
+    def __call__(self, x, *args, **kwargs):
+        x = x.astype(self.dtype)  # norms take float32 inputs; matmuls their compute dtype
+        return super().__call__(x, *args, **kwargs).astype(self._dualprec_out)
+
+
+@functools.lru_cache(maxsize=None)
+def _policy_class(cls: type) -> type:
+    return type(f"Policy{cls.__name__}", (_RoundsOutput, cls), {"__module__": __name__})
+
+
+def _path(keys) -> str:
+    return ".".join(str(k) for k in keys)
+
+
+def _configure(module, policy: Policy) -> None:
+    d = op_dtypes(policy)
+    if isinstance(module, MATMUL_MODULES):
+        module.dtype, module.param_dtype = d.compute, d.param
+        module.preferred_element_type = d.accumulate
+        if module.precision is None:
+            module.precision = d.precision
+        module._dualprec_out = d.compute
+    elif isinstance(module, NORM_MODULES):
+        module.dtype, module.param_dtype = d.norm, d.param
+        module._dualprec_out = d.norm_output
+    elif isinstance(module, ATTENTION_MODULES):
+        module.dtype, module.param_dtype = d.compute, d.param
+        if module.precision is None:
+            module.precision = d.precision
+        module.attention_fn = functools.partial(dot_product_attention, compute=d.compute,
+                                                accumulate=d.accumulate)
+        return
+    else:
+        return
+    if not isinstance(module, _RoundsOutput):
+        module.__class__ = _policy_class(type(module))
+
+
+def setup(model: nnx.Module, policy: Policy) -> nnx.Module:
+    """Put ``model`` (in place) under ``policy`` and return it."""
+    for keys, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module):
+            _configure(node, policy.for_module(_path(keys)))
+        elif isinstance(node, nnx.Param):
+            owner = _path(keys[:-1])
+            dtype = op_dtypes(policy.for_module(owner)).param
+            node.value = cast_floating(node.value, dtype, what=f"param {_path(keys)}")
+    return model
+
+

@@ -1,0 +1,119 @@
+"""Loss scaling as an explicit pytree state, with DESIGN.md's one rule (torch.amp.GradScaler's,
+plus the optional min/max clamps), exact under jit.
+
+The configuration (a `dualprec.LossScale`) is static Python data and never lives in the
+state, so no setting can be lost by a pytree flatten (jmp's `DynamicLossScale` drops its
+`min_loss_scale` that way).  Only ``scale`` and ``counter`` are state::
+
+    cfg = Policy.parse("16-mixed").loss_scale
+    state = loss_scale_init(cfg)                        # scale 2**16, counter 0
+    grads = jax.grad(lambda p: scale_loss(loss(p), state))(params)
+    finite = all_finite(grads)                          # on the *scaled* gradients
+    grads = unscale(grads, state)                       # times float32(1/scale)
+    state = loss_scale_update(state, finite, cfg)       # backoff or (periodically) growth
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dualprec import LossScale
+
+__all__ = ["LossScaleState", "loss_scale_init", "loss_scale_update", "all_finite", "unscale",
+           "scale_loss"]
+
+
+class LossScaleState(NamedTuple):
+    """Current scale (float32 scalar) and finite steps since the last change (int32 scalar)."""
+
+    scale: jax.Array
+    counter: jax.Array
+
+
+def _config(config: Any) -> LossScale:
+    if not isinstance(config, LossScale):
+        raise TypeError(f"expected a dualprec.LossScale (policy.loss_scale), got {type(config).__name__}")
+    return config
+
+
+def loss_scale_init(config: LossScale) -> LossScaleState:
+    """Initial state: ``init_scale`` for static and dynamic scaling, 1.0 for none."""
+    config = _config(config)
+    scale = config.init_scale if config.enabled else 1.0
+    return LossScaleState(jnp.asarray(scale, jnp.float32), jnp.asarray(0, jnp.int32))
+
+
+def _times(scale: jax.Array, factor: float) -> jax.Array:
+    """float32(float64(scale) * factor), as GradScaler's CPU kernel forms it.  A factor exact
+    in float32 (2.0, 0.5) makes the float32 product the same number; other factors (1.1)
+    take the float64 product, traced with x64 switched on for these few ops only (the
+    global jax_enable_x64 setting is left alone; TPUs emulate float64 here)."""
+    f32 = np.float32(factor)
+    if float(f32) == factor:
+        return scale * f32
+    with jax.enable_x64(True):
+        return (scale.astype(jnp.float64) * np.float64(factor)).astype(jnp.float32)
+
+
+def loss_scale_update(state: LossScaleState, finite, config: LossScale) -> LossScaleState:
+    """The state after a step whose scaled gradients were ``finite`` (a bool scalar).
+
+    Dynamic: non-finite -> scale * backoff (floored at min_scale), counter 0; finite ->
+    counter + 1, and on reaching growth_interval scale * growth if that is finite (capped
+    at max_scale), counter 0.  Static and none never change.  Jit-friendly: no Python
+    branching on traced values.
+    """
+    config = _config(config)
+    if config.kind != "dynamic":
+        return state
+    finite = jnp.asarray(finite, bool)
+    backed_off = _times(state.scale, config.backoff_factor)
+    if config.min_scale is not None:
+        backed_off = jnp.maximum(backed_off, jnp.float32(config.min_scale))
+    counter = state.counter + 1
+    grows = counter >= config.growth_interval
+    grown = _times(state.scale, config.growth_factor)
+    grown = jnp.where(jnp.isfinite(grown), grown, state.scale)
+    if config.max_scale is not None:
+        grown = jnp.minimum(grown, jnp.float32(config.max_scale))
+    scale = jnp.where(finite, jnp.where(grows, grown, state.scale), backed_off)
+    counter = jnp.where(finite & ~grows, counter, 0)
+    return LossScaleState(scale.astype(jnp.float32), counter.astype(jnp.int32))
+
+
+def _floating_leaves(tree) -> list:
+    return [x for x in jax.tree_util.tree_leaves(tree)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+
+
+def all_finite(grads) -> jax.Array:
+    """True when every floating leaf, upcast to float32, is finite (a float64 value beyond the
+    float32 range counts as an overflow, as in torch)."""
+    leaves = _floating_leaves(grads)
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.stack([jnp.isfinite(x.astype(jnp.float32)).all() for x in leaves]).all()
+
+
+def unscale(grads, state: LossScaleState):
+    """Gradients times float32(1/scale), in float32 (float64 leaves stay float64)."""
+    inv = jnp.float32(1.0) / state.scale
+
+    def go(g):
+        if not (hasattr(g, "dtype") and jnp.issubdtype(g.dtype, jnp.floating)):
+            return g
+        wide = jnp.promote_types(g.dtype, jnp.float32)
+        return g.astype(wide) * inv.astype(wide)
+
+    return jax.tree_util.tree_map(go, grads)
+
+
+def scale_loss(loss, state: LossScaleState):
+    """``loss * scale`` formed in float32 at least (a half-precision loss times 2**16 overflows)."""
+    loss = jnp.asarray(loss)
+    wide = jnp.promote_types(loss.dtype, jnp.float32)
+    return loss.astype(wide) * state.scale.astype(wide)

@@ -1,0 +1,101 @@
+"""A loss-scaled optax optimizer: a wrapper around any `optax.GradientTransformation` that
+unscales the gradients, skips non-finite steps and adjusts the loss scale, with all of its
+state in one checkpointable pytree (`LossScaledState`).
+
+    tx = loss_scaled(optax.adamw(1e-3), policy)
+    opt_state = tx.init(params)
+    grads = jax.grad(lambda p: scale_loss(loss_fn(p), opt_state.loss_scale))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)   # grads still scaled
+    params = optax.apply_updates(params, updates)
+
+A skipped step returns updates of -0.0: ``p + (-0.0)`` is ``p`` bit for bit for every p
+(+0.0 would turn -0.0 into +0.0), and the wrapped optimizer's state is kept as it was,
+Adam's step count included.  With ``master_weights`` the state also holds float32 copies
+of the (half-precision) parameters; the wrapped optimizer updates those, and the returned
+updates move each parameter to its rounded master copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dualprec import Policy
+
+from .casts import cast_floating
+from .loss_scale import LossScaleState, all_finite, loss_scale_init, loss_scale_update, unscale
+
+__all__ = ["LossScaledState", "loss_scaled"]
+
+
+class LossScaledState(NamedTuple):
+    inner: Any  # the wrapped optimizer's state
+    loss_scale: LossScaleState
+    master: Any = None  # float32 master weights, or None
+
+
+def _select(keep_new, new, old):
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+
+
+def _skip_updates(finite, updates):
+    return jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.asarray(-0.0, u.dtype)), updates)
+
+
+def _move_to(params, targets):
+    """Updates u with ``optax.apply_updates(params, u) == targets`` (exact where the float32
+    difference is, i.e. whenever target and param are within a factor 2: Sterbenz)."""
+    return jax.tree_util.tree_map(
+        lambda p, t: t.astype(jnp.float32) - p.astype(jnp.float32), params, targets)
+
+
+def _check_state(state) -> LossScaledState:
+    if not isinstance(state, LossScaledState):
+        raise TypeError(f"the loss-scaled optimizer got a {type(state).__name__} as its state, not the "
+                        "LossScaledState its init() returns; call tx.init(params) on the wrapped "
+                        "optimizer and pass that state (a restored checkpoint must be restored into "
+                        "the same structure, e.g. with flax.serialization.from_state_dict)")
+    return state
+
+
+def loss_scaled(tx: optax.GradientTransformation, policy: Policy) -> optax.GradientTransformationExtraArgs:
+    """Wrap ``tx`` with the loss scaling (and master weights) of ``policy``.
+
+    ``update`` takes the gradients of the *scaled* loss.  Non-finite steps are skipped when
+    the policy scales the loss (static or dynamic); with ``loss_scale=none`` every step is
+    applied, as in torch without a GradScaler.
+    """
+    config = policy.loss_scale
+    skips = config.enabled
+    master = policy.master_weights
+
+    def init(params):
+        masters = cast_floating(params, jnp.float32) if master else None
+        return LossScaledState(tx.init(masters if master else params), loss_scale_init(config), masters)
+
+    def update(grads, state, params=None, **extra):
+        state = _check_state(state)
+        finite = all_finite(grads) if skips else jnp.asarray(True)
+        grads = unscale(grads, state.loss_scale) if config.enabled else grads
+        if master:
+            if params is None:
+                raise ValueError("master weights need the parameters: call tx.update(grads, state, params)")
+            new_updates, new_inner = tx.update(cast_floating(grads, jnp.float32), state.inner,
+                                               state.master, **extra)
+            new_master = optax.apply_updates(state.master, new_updates)
+            targets = jax.tree_util.tree_map(lambda m, p: m.astype(p.dtype), new_master, params)
+            updates = _move_to(params, targets)
+            new_master = _select(finite, new_master, state.master)
+        else:
+            updates, new_inner = tx.update(grads, state.inner, params, **extra)
+            new_master = None
+        if skips:
+            updates = _skip_updates(finite, updates)
+            new_inner = _select(finite, new_inner, state.inner)
+        return updates, LossScaledState(new_inner, loss_scale_update(state.loss_scale, finite, config),
+                                        new_master)
+
+    return optax.GradientTransformationExtraArgs(init, update)
