@@ -25,7 +25,7 @@ from typing import Any
 __all__ = [
     "SCHEMA_VERSION", "STATUS_OK", "STATUS_NOT_IMPLEMENTED", "STATUS_SKIPPED_BUDGET",
     "Stats", "summarize", "Record", "time_interleaved", "time_steps", "tflops",
-    "environment", "results_path", "ResultsFile", "add_baseline_ratios", "rich_table",
+    "environment", "results_path", "ResultsFile", "add_baseline_ratios", "rich_table", "reasons",
     "BudgetGuard", "Row", "run_rows", "DEFAULT_RESULTS_DIR",
 ]
 
@@ -367,11 +367,20 @@ def rich_table(records: Iterable[Record], title: str | None = None):
         median = st.get("median")
         iqr = (100 * st["iqr"] / median) if median else None
         peak = r.peak_memory_bytes / 2**20 if r.peak_memory_bytes else None
-        status = r.status if r.ok or not r.reason else f"{r.status}: {r.reason}"
-        table.add_row(r.workload, r.backend, r.policy, r.impl, r.mode, _fmt(median and median * 1e3, ".2f"),
-                      _fmt(iqr, ".1f"), _fmt(r.compile_s, ".1f"), _fmt(r.tflops, ".2f"), _fmt(peak, ".0f"),
-                      _fmt(r.baseline_ratio, ".3f"), status)
+        table.add_row(r.workload, r.backend, r.policy, r.impl, r.mode, _fmt(median and median * 1e3, ".3g"),
+                      _fmt(iqr, ".1f"), _fmt(r.compile_s, ".2f"), _fmt(r.tflops, ".3g"), _fmt(peak, ".0f"),
+                      _fmt(r.baseline_ratio, ".3f"), r.status)
     return table
+
+
+def reasons(records: Iterable[Record]) -> list[str]:
+    """The distinct reasons behind rows that hold no measurement (printed under the table)."""
+    seen: list[str] = []
+    for r in records:
+        line = f"{r.status}: {r.reason}"
+        if not r.ok and r.reason and line not in seen:
+            seen.append(line)
+    return seen
 
 
 # --------------------------------------------------------------------------- budget guard

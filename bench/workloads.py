@@ -767,3 +767,63 @@ def jax_nf4_gemv(d_in: int, d_out: int, inner: int = 10) -> Case:
             out = gemv(packed, absmax, x)
         return out
     return Case("jax", "nf4", "hand", 2.0 * d_in * d_out * inner, step, _jax_sync, extra={"calls_per_step": inner})
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def policy_records(cfg: MLPConfig, backend: str, label: str, *, impls=("hand", "dualprec"), device: str = "cpu",
+                   compiled: bool = False, compile_backend: str | None = None, warmup: int = 2, rounds: int = 3,
+                   steps_per_round: int = 3, peak: bool = True) -> list:
+    """Time the hand-written step and its dualprec twin for one policy, interleaved, and
+    return one Record per impl; an impl dualprec cannot run yet gets a "not implemented"
+    record with the reason instead of a number."""
+    from .harness import STATUS_NOT_IMPLEMENTED, Record, time_interleaved
+
+    row = policy_row(label)
+    mode = "compiled" if compiled else ("jit" if backend == "jax" else "eager")
+    common = dict(workload=cfg.name, backend=backend, policy=label, mode=mode, policy_spec=row.canonical(),
+                  device=device if backend == "torch" else _jax_device())
+    records, cases = [], {}
+    for impl in impls:
+        reason = dualprec_status(backend, label) if impl == "dualprec" else None
+        if reason:
+            records.append(Record.not_run(STATUS_NOT_IMPLEMENTED, reason, impl=impl, **common))
+            continue
+        if backend == "torch":
+            cases[impl] = build_torch_case(cfg, label, impl=impl, device=device, compiled=compiled,
+                                           compile_backend=compile_backend)
+        else:
+            cases[impl] = build_jax_case(cfg, label, impl=impl)
+    if cases:
+        sync = next(iter(cases.values())).sync
+        timings = time_interleaved({k: c.step for k, c in cases.items()}, warmup=warmup, rounds=rounds,
+                                   steps_per_round=steps_per_round, sync=sync)
+        for impl, case in cases.items():
+            rec = Record.measured(timing=timings[impl], flops_per_step=case.flops_per_step, impl=impl,
+                                  extra=dict(case.extra), **common)
+            rec.peak_memory_bytes = case.peak_memory() if peak else None
+            records.append(rec)
+    order = {impl: i for i, impl in enumerate(impls)}
+    return sorted(records, key=lambda r: order[r.impl])
+
+
+def micro_record(case: Case, *, workload: str, policy: str, device: str, warmup: int = 2, rounds: int = 3,
+                 steps_per_round: int = 3, **fields):
+    """A Record for a GEMM ceiling or a GEMV: one step function, timed alone."""
+    from .harness import Record, time_steps
+
+    timing = time_steps(case.step, warmup=warmup, rounds=rounds, steps_per_round=steps_per_round, sync=case.sync)
+    return Record.measured(timing=timing, flops_per_step=case.flops_per_step, workload=workload,
+                           backend=case.backend, policy=policy, impl=case.impl,
+                           mode="jit" if case.backend == "jax" else "eager", device=device,
+                           extra=dict(case.extra), **fields)
+
+
+def _jax_device() -> str | None:
+    try:
+        import jax
+        d = jax.devices()[0]
+        return f"{d.platform}:{getattr(d, 'device_kind', '')}"
+    except Exception:
+        return None
