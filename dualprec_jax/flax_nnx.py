@@ -29,6 +29,7 @@ ATTENTION_MODULES = (nnx.MultiHeadAttention,)
 class _RoundsOutput:
     """Mixin: the layer's float32 result (bias included) rounded once to ``_dualprec_out``."""
 
+
     def __call__(self, x, *args, **kwargs):
         x = x.astype(self.dtype)  # norms take float32 inputs; matmuls their compute dtype
         return super().__call__(x, *args, **kwargs).astype(self._dualprec_out)
@@ -43,7 +44,8 @@ def _path(keys) -> str:
     return ".".join(str(k) for k in keys)
 
 
-def _configure(module, policy: Policy) -> None:
+def _configure(module, policy: Policy):
+    """Set the layer's knobs; return the policy-class copy that replaces it, or None."""
     d = op_dtypes(policy)
     if isinstance(module, MATMUL_MODULES):
         module.dtype, module.param_dtype = d.compute, d.param
@@ -60,22 +62,40 @@ def _configure(module, policy: Policy) -> None:
             module.precision = d.precision
         module.attention_fn = functools.partial(dot_product_attention, compute=d.compute,
                                                 accumulate=d.accumulate)
-        return
+        return None
     else:
-        return
-    if not isinstance(module, _RoundsOutput):
-        module.__class__ = _policy_class(type(module))
+        return None
+    if isinstance(module, _RoundsOutput):
+        return None
+    # Python refuses __class__ assignment across nnx's managed-dict layout; copy instead.
+    twin = object.__new__(_policy_class(type(module)))
+    twin.__dict__.update(module.__dict__)
+    return twin
 
 
 def setup(model: nnx.Module, policy: Policy) -> nnx.Module:
     """Put ``model`` (in place) under ``policy`` and return it."""
+    replaced = []
     for keys, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Module):
-            _configure(node, policy.for_module(_path(keys)))
+            twin = _configure(node, policy.for_module(_path(keys)))
+            if twin is not None:
+                if not keys:
+                    raise TypeError("setup() takes a model that contains layers, not a single "
+                                    f"{type(node).__name__}; wrap it in an nnx.Module")
+                replaced.append((keys, twin))
         elif isinstance(node, nnx.Param):
             owner = _path(keys[:-1])
             dtype = op_dtypes(policy.for_module(owner)).param
-            node.value = cast_floating(node.value, dtype, what=f"param {_path(keys)}")
+            node.set_value(cast_floating(node.get_value(), dtype, what=f"param {_path(keys)}"))
+    for keys, twin in replaced:
+        parent = model
+        for k in keys[:-1]:
+            parent = parent[k] if isinstance(k, int) or not hasattr(parent, str(k)) else getattr(parent, str(k))
+        if isinstance(keys[-1], int) or not hasattr(parent, str(keys[-1])):
+            parent[keys[-1]] = twin
+        else:
+            setattr(parent, str(keys[-1]), twin)
     return model
 
 

@@ -171,7 +171,7 @@ def test_nnx_steps_equal_hand_written(policy, kind, data):
     assert_bitwise_equal(nnx.to_pure_dict(p_ours), p_hand)
     # Parameters went to the param dtype; the model still runs eagerly after setup.
     assert {a.dtype for a in jax.tree.leaves(p_hand)} == {prec.param_dtype}
-    assert model(data).dtype == (prec.compute_dtype)
+    assert model(prec.convert_input(data)).dtype == prec.compute_dtype
 
 
 def test_stock_flax_bf16_layers_are_further_from_the_policy(data):
