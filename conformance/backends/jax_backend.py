@@ -47,6 +47,7 @@ class JaxBackend(Backend):
 
     def __init__(self, precision_cls=None):
         self._cls = precision_cls
+        self._compiled = {}  # (spec, policy, optim) -> _Compiled: jit once, reuse per session
 
     def precision(self, policy: Policy):
         cls = self._cls or _load_precision_cls()
@@ -72,34 +73,24 @@ class JaxBackend(Backend):
         return to_numpy(self.precision(policy).convert_output(jnp.asarray(x)))
 
     def session(self, spec, policy, weights, weight_map, optim):
-        return JaxSession(self.precision(policy), spec, weights, weight_map, optim)
+        key = (spec, policy, optim)
+        if key not in self._compiled:
+            self._compiled[key] = _Compiled(self.precision(policy), spec, optim)
+        return JaxSession(self._compiled[key], weights, weight_map)
 
 
-class JaxSession(Session):
-    """A linen model through ``Precision.init`` / ``apply`` / ``wrap_optimizer`` / ``scale_loss``."""
+class _Compiled:
+    """The jitted pure functions of one (model, policy, optimizer); sessions share them."""
 
-    def __init__(self, prec, spec: ModelSpec, weights: Mapping[str, np.ndarray], weight_map: WeightMap,
-                 optim: Optim):
+    def __init__(self, prec, spec: ModelSpec, optim: Optim):
         import jax
 
-        self.prec, self.spec, self.wm = prec, spec, weight_map
+        self.prec, self.spec = prec, spec
         self.module = spec.flax_module()
-        x0 = spec.to_jax_layout(spec.batch(0)[0]) if spec.n_classes else None
-        shapes = weight_map.to_flax(weights)
-        if x0 is None:
-            x0 = np.zeros(spec.input_shape, np.float32)
-            x0 = spec.to_jax_layout(x0)
-        # init decides each parameter's dtype (per-module overrides included); the values
-        # are the canonical float32 weights rounded to that dtype.
-        init = prec.init(self.module, jax.random.PRNGKey(0), x0)["params"]
-        self._params = jax.tree_util.tree_map(lambda w, ref: jax.numpy.asarray(w).astype(ref.dtype),
-                                              jax.tree_util.tree_map(np.asarray, shapes), init)
         self.tx = prec.wrap_optimizer(_tx(optim))
-        self.opt_state = self.tx.init(self._params)
-        self.scaling = prec.policy.loss_scale.enabled
-        self._grad_fn = jax.jit(jax.value_and_grad(self._scaled_loss, has_aux=True))
-        self._fwd = jax.jit(self._forward)
-        self._apply_updates = jax.jit(self._update)
+        self.grad_fn = jax.jit(jax.value_and_grad(self._scaled_loss, has_aux=True))
+        self.fwd = jax.jit(self._forward)
+        self.update = jax.jit(self._update)
 
     def _logits(self, params, x, capture=False):
         x = self.prec.convert_input(x)
@@ -127,6 +118,24 @@ class JaxSession(Session):
         updates, opt_state = self.tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
+
+class JaxSession(Session):
+    """A linen model through ``Precision.init`` / ``apply`` / ``wrap_optimizer`` / ``scale_loss``."""
+
+    def __init__(self, compiled: _Compiled, weights: Mapping[str, np.ndarray], weight_map: WeightMap):
+        import jax
+
+        self.c, self.prec, self.spec, self.wm = compiled, compiled.prec, compiled.spec, weight_map
+        x0 = self.spec.to_jax_layout(np.zeros(self.spec.input_shape, np.float32))
+        # init decides each parameter's dtype (per-module overrides included); the values
+        # are the canonical float32 weights rounded to that dtype.
+        init = self.prec.init(compiled.module, jax.random.PRNGKey(0), x0)["params"]
+        self._params = jax.tree_util.tree_map(lambda w, ref: jax.numpy.asarray(w).astype(ref.dtype),
+                                              jax.tree_util.tree_map(np.asarray, weight_map.to_flax(weights)),
+                                              init)
+        self.opt_state = compiled.tx.init(self._params)
+        self.scaling = self.prec.policy.loss_scale.enabled
+
     # -- Session interface ----------------------------------------------------------------
     def param_dtypes(self):
         return {n: dtype_name(a) for n, a in self.wm.to_torch(self._params).items()}
@@ -137,7 +146,7 @@ class JaxSession(Session):
         return self.wm.to_torch(jax.tree_util.tree_map(to_numpy, self._params))
 
     def forward(self, x):
-        out, inter = self._fwd(self._params, self.spec.to_jax_layout(x))
+        out, inter = self.c.fwd(self._params, self.spec.to_jax_layout(x))
         named = {}
         for path, leaf in flatten_flax(inter).items():
             if path[-1] == "__call__" and len(path) > 1:
@@ -145,7 +154,7 @@ class JaxSession(Session):
         return to_numpy(out), named
 
     def _grads(self, x, y, mult):
-        (scaled, loss), grads = self._grad_fn(self._params, self.spec.to_jax_layout(x), y, self.opt_state, mult)
+        (scaled, loss), grads = self.c.grad_fn(self._params, self.spec.to_jax_layout(x), y, self.opt_state, mult)
         return loss, grads
 
     def loss_and_grads(self, x, y):
@@ -162,7 +171,7 @@ class JaxSession(Session):
 
         loss, grads = self._grads(x, y, loss_multiplier)
         skipped = self.scaling and not bool(dualprec_jax.all_finite(grads))
-        self._params, self.opt_state = self._apply_updates(grads, self.opt_state, self._params)
+        self._params, self.opt_state = self.c.update(grads, self.opt_state, self._params)
         ls = self.opt_state.loss_scale
         return StepInfo(float(loss), float(ls.scale), int(ls.counter), skipped=skipped,
                         opt_steps=_count(self.opt_state.inner))

@@ -56,9 +56,11 @@ def test_broken_layer_is_localised(fp32_backends):
 def test_wrong_optimizer_is_caught_at_the_step_it_diverges(fp32_backends):
     torch_be, jax_be = fp32_backends
 
-    class LrTooHigh(jax_be._cls):
-        def optimizer(self, tx):
-            return optax.sgd(0.05 * 2)
+    import dualprec_jax
+
+    class LrTooHigh(dualprec_jax.Precision):
+        def wrap_optimizer(self, tx):
+            return super().wrap_optimizer(optax.sgd(0.05 * 2))
 
     ctx = _ctx((torch_be, type(jax_be)(LrTooHigh)), steps=3)
     loss, params = check_training(ctx)
