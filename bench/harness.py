@@ -365,7 +365,7 @@ def rich_table(records: Iterable[Record], title: str | None = None):
     for r in records:
         st = r.step_time or {}
         median = st.get("median")
-        iqr = (100 * st["iqr"] / median) if median else None
+        iqr = (100 * st["iqr"] / median) if median and st.get("iqr") is not None else None
         peak = r.peak_memory_bytes / 2**20 if r.peak_memory_bytes else None
         table.add_row(r.workload, r.backend, r.policy, r.impl, r.mode, _fmt(median and median * 1e3, ".3g"),
                       _fmt(iqr, ".1f"), _fmt(r.compile_s, ".2f"), _fmt(r.tflops, ".3g"), _fmt(peak, ".0f"),
