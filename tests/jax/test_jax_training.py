@@ -21,8 +21,8 @@ STEPS = 3
 MASTER = "params=bf16,compute=bf16,output=f32,master=true"
 slow = pytest.mark.slow
 # Every in-scope preset; the fast set covers each code path (mixed, loss-scaled, pure, master).
-POLICIES_32 = ["32-true", "bf16-mixed", "16-mixed", "bf16-true", MASTER] + [
-    pytest.param(p, marks=slow) for p in ("16-true", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")]
+POLICIES_32 = ["bf16-mixed", "16-mixed", MASTER] + [pytest.param(p, marks=slow) for p in (
+    "32-true", "bf16-true", "16-true", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")]
 POLICIES_64 = ["64-true", pytest.param("float64", marks=slow)]
 
 
@@ -143,7 +143,7 @@ def _nnx_params(model):
 
 @pytest.mark.parametrize("policy", ["bf16-mixed"] + [pytest.param(p, marks=slow) for p in (
     "16-mixed", "bf16-true", "float16")])
-@pytest.mark.parametrize("kind", ["mlp", "block"])
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("block", marks=slow)])
 def test_nnx_steps_equal_hand_written(policy, kind, data):
     prec = Precision(policy)
     ctor = NnxMLP if kind == "mlp" else NnxBlock
