@@ -17,7 +17,6 @@ import warnings
 from typing import Any
 
 import jax
-import jmp
 
 from dualprec import CheckReport, DeviceCaps, Policy, PolicyError
 
@@ -107,8 +106,10 @@ class Precision:
     convert_input = cast_to_compute  # dualprec_torch / Lightning Fabric names
     convert_output = cast_to_output
 
-    def to_jmp(self) -> jmp.Policy:
+    def to_jmp(self):
         """The top-level policy as a ``jmp.Policy`` (jmp has no per-module overrides)."""
+        import jmp  # optional at run time: the GPU machines have no jmp
+
         if self.policy.overrides:
             warnings.warn("to_jmp(): jmp has no per-module overrides; they are dropped", stacklevel=2)
         return jmp.Policy(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype,
