@@ -21,7 +21,7 @@ import torch
 # the repository root first: an editable install made before dualprec_torch/__init__.py
 # existed maps it as a namespace package
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from gpu_torch import measure_pair  # noqa: E402
+from gpu_torch import measure_pair_stats  # noqa: E402
 
 SIZES = dict(d=256, hidden=1024, blocks=4, tokens=512)
 # a model so small that Python overhead is most of its step: the wrapper's cost in microseconds
@@ -37,10 +37,10 @@ def main(argv=None) -> dict:
     rounds, steps = (3, 2) if args.quick else (31, 3)
     rows = {}
     for policy in ("bf16-mixed", "16-mixed"):
-        m = measure_pair(policy, steps=steps, warmup=3, rounds=rounds, device="cpu", **SIZES)
+        m = measure_pair_stats(policy, steps=steps, warmup=3, rounds=rounds, device="cpu", **SIZES)
         rows[policy] = {"hand_ms": m["hand_s"] * 1e3, "precision_ms": m["precision_s"] * 1e3,
                         "ratio": m["ratio"], "ratio_of_min_times": m["ratio_min_times"]}
-        tiny = measure_pair(policy, steps=50, warmup=5, rounds=rounds, device="cpu", **TINY)
+        tiny = measure_pair_stats(policy, steps=50, warmup=5, rounds=rounds, device="cpu", **TINY)
         rows[policy]["wrapper_overhead_us"] = (tiny["precision_s"] - tiny["hand_s"]) * 1e6
     machine = platform.node().split(".")[0] or "cpu"
     result = {"benchmark": "torch-precision-cpu", "date": datetime.date.today().isoformat(),

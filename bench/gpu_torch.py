@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["MLPBlocks", "hand_step", "precision_step", "measure_pair", "run_gpu_torch"]
+__all__ = ["MLPBlocks", "hand_step", "precision_step", "measure_pair", "measure_pair_stats", "run_gpu_torch"]
 
 
 class MLPBlocks(nn.Module):
@@ -66,15 +66,22 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure_pair(policy: str, *, d, hidden, blocks, tokens, steps, warmup, rounds, device,
-                 compile_model=False) -> dict:
+def measure_pair(policy: str, **kwargs) -> tuple[float, float]:
+    """(hand-written, Precision) median seconds per step; arguments as `measure_pair_stats`."""
+    m = measure_pair_stats(policy, **kwargs)
+    return m["hand_s"], m["precision_s"]
+
+
+def measure_pair_stats(policy: str, *, d, hidden, blocks, tokens, steps, warmup, rounds, device,
+                       compile_model=False) -> dict:
     """Seconds per step of the hand-written loop and of Precision, in alternating rounds in
     one process, so drift and neighbours' load hit both alike.
 
     On CPU the clock is this process's CPU time (time spent descheduled by other processes on
     a shared machine does not count); on CUDA it is wall time between synchronisations.
-    Returns the median per-step time of each side and the median of the per-round ratios
-    (Precision / hand-written, each round's pair measured back to back).
+    Returns the median per-step time of each side, the median of the per-round ratios
+    (Precision / hand-written, each round's pair measured back to back) and every round's
+    per-step times.
     """
     from dualprec import Policy
     from dualprec_torch import Precision
@@ -118,7 +125,8 @@ def measure_pair(policy: str, *, d, hidden, blocks, tokens, steps, warmup, round
     ratios = [p / h for p, h in zip(times[through_precision], times[hand])]
     return {"hand_s": median(times[hand]), "precision_s": median(times[through_precision]),
             "ratio": median(ratios), "ratio_min_times": min(times[through_precision]) / min(times[hand]),
-            "clock": "process_time" if clock is time.process_time else "wall"}
+            "clock": "process_time" if clock is time.process_time else "wall",
+            "hand_rounds_s": times[hand], "precision_rounds_s": times[through_precision]}
 
 
 def run_gpu_torch(*, d=4096, hidden=16384, blocks=4, tokens=16384, steps=10, warmup=3, rounds=3,
@@ -137,7 +145,7 @@ def run_gpu_torch(*, d=4096, hidden=16384, blocks=4, tokens=16384, steps=10, war
     for policy in policies:
         out[policy] = {}
         for compiled in compile_modes:
-            m = measure_pair(policy, d=d, hidden=hidden, blocks=blocks, tokens=tokens, steps=steps,
+            m = measure_pair_stats(policy, d=d, hidden=hidden, blocks=blocks, tokens=tokens, steps=steps,
                              warmup=warmup, rounds=rounds, device=device, compile_model=compiled)
             out[policy]["compiled" if compiled else "eager"] = {
                 "hand_tflops": flops / m["hand_s"] / 1e12, "precision_tflops": flops / m["precision_s"] / 1e12,

@@ -134,10 +134,10 @@ class Precision:
         """Convert ``model`` and adopt ``optimizers``; returns the model, or (model, *optimizers)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"setup(model, *optimizers): model must be an nn.Module, got {type(model).__name__}")
-        convert_module_ids = {id(p) for p in model.parameters()}
+        model_params = {id(p) for p in model.parameters()}
         self.convert_module(model)
         for opt in optimizers:
-            self._adopt(opt, convert_module_ids)
+            self._adopt(opt, model_params)
         return model if not optimizers else (model, *optimizers)
 
     def _adopt(self, opt, model_params: set[int]) -> None:
@@ -190,11 +190,13 @@ class Precision:
         """Unscale ``optimizer``'s gradients in place (for clipping) and note whether they are
         finite.  With master weights the gradients move onto the float32 copies first."""
         record = self._record(optimizer)
+        if record.stage == "stepped":
+            self._auto_update()  # a new iteration when every optimizer has stepped
         if record.stage == "unscaled":
             raise RuntimeError("unscale_() was already called for this optimizer in this iteration")
         if record.stage == "stepped":
-            raise RuntimeError("unscale_() after step() for this optimizer: unscale before stepping; "
-                               "call backward() to start the next iteration")
+            raise RuntimeError("unscale_() after step() for this optimizer while other optimizers have not "
+                               "stepped: call precision.update() at the end of each iteration")
         if self._scaler.enabled and not self._scaled_backward:
             raise RuntimeError("step()/unscale_() before backward(): call precision.backward(loss) first "
                                "(with loss scaling on, loss.backward() alone leaves the gradients scaled "
@@ -229,6 +231,8 @@ class Precision:
         """Unscale (unless done) and step ``optimizer``; skip the step when a gradient is not
         finite.  Returns whether the step was taken."""
         record = self._record(optimizer)
+        if record.stage == "stepped":
+            self._auto_update()  # a new iteration when every optimizer has stepped
         if record.stage == "stepped":
             raise RuntimeError("step() was already called for this optimizer since the last update; call "
                                "precision.update() at the end of each iteration (needed when several "

@@ -38,3 +38,10 @@ def test_precision_step_equals_hand_step():
             gpu_torch.precision_step(prec, model_p, opt_p, x)
         for a, b in zip(model_h.parameters(), model_p.parameters()):
             assert torch.equal(a, b)
+
+
+def test_measure_pair_returns_the_two_median_step_times():
+    """bench/gpu_run.py unpacks measure_pair as (hand_s, precision_s)."""
+    hand_s, prec_s = gpu_torch.measure_pair("bf16-mixed", d=8, hidden=16, blocks=1, tokens=4, steps=1,
+                                            warmup=1, rounds=1, device="cpu")
+    assert hand_s > 0 and prec_s > 0

@@ -55,10 +55,35 @@ def test_step_twice_and_unscale_twice():
     with pytest.raises(RuntimeError, match="already"):
         prec.unscale_(opt)
     prec.step(opt)
-    with pytest.raises(RuntimeError, match="already.*update"):
+    # a second step without a new backward would reuse gradients scaled by the old scale
+    with pytest.raises(RuntimeError, match="before backward"):
         prec.step(opt)
-    with pytest.raises(RuntimeError, match="after step"):
+    with pytest.raises(RuntimeError, match="before backward"):
         prec.unscale_(opt)
+
+
+def test_partial_iteration_with_several_optimizers():
+    prec = Precision("16-mixed")
+    model = make_model("mlp")
+    a, b = make_optimizer(model.fc1.parameters()), make_optimizer(model.head.parameters())
+    model, a, b = prec.setup(model, a, b)
+    prec.backward(_loss(prec, model))
+    prec.step(a)
+    with pytest.raises(RuntimeError, match="already.*update"):
+        prec.step(a)
+    with pytest.raises(RuntimeError, match="update"):
+        prec.unscale_(a)
+
+
+def test_plain_backward_is_fine_without_loss_scaling():
+    prec, model, opt = _setup("bf16-mixed")
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        opt.zero_grad()
+        _loss(prec, model).backward()
+        assert prec.step(opt)
+    assert opt.state[next(model.parameters())]["step"] == 3
+    assert not torch.equal(before[0], next(model.parameters()))
 
 
 def test_optimizer_over_other_parameters():
