@@ -93,10 +93,11 @@ def _run_linen(policy, model, ref_method, data, exact=True):
     for _ in range(STEPS):
         p_hand, s_hand, ls = hand(p_hand, s_hand, ls, data)
     if not exact:
-        # float32 attention backward: XLA sums the bias gradients of the two graphs in a
-        # different order, so they agree to rounding, not to the bit (see test below).
+        # float32 attention backward: XLA orders the two graphs' reductions differently, so
+        # they agree to rounding, not to the bit.  The key bias has a true gradient of 0
+        # (softmax is shift invariant): its values are rounding noise that Adam amplifies.
         for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_hand)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
         return p_ours
     if master:
         assert_bitwise_equal(s_ours.master, p_hand)
