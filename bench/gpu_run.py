@@ -141,23 +141,28 @@ def _external_torch_pair(plan: Plan, label: str, compiled: bool):
         from bench import gpu_torch
     except ImportError:
         return None
+    from bench.harness import summarize
     cfg = plan.mlp
+    kwargs = dict(d=cfg.d_model, hidden=cfg.d_hidden, blocks=cfg.n_blocks, tokens=cfg.tokens,
+                  steps=plan.timing["steps_per_round"], warmup=plan.timing["warmup"], rounds=plan.timing["rounds"],
+                  device=plan.device, compile_model=compiled)
     t0 = time.perf_counter()
-    hand_s, prec_s = gpu_torch.measure_pair(
-        label, d=cfg.d_model, hidden=cfg.d_hidden, blocks=cfg.n_blocks, tokens=cfg.tokens,
-        steps=plan.timing["steps_per_round"], warmup=plan.timing["warmup"], rounds=plan.timing["rounds"],
-        device=plan.device, compile_model=compiled)
+    if hasattr(gpu_torch, "measure_pair_stats"):
+        m = gpu_torch.measure_pair_stats(label, **kwargs)
+        rounds = {"hand": m["hand_rounds_s"], "dualprec": m["precision_rounds_s"]}
+    else:
+        hand_s, prec_s = gpu_torch.measure_pair(label, **kwargs)
+        rounds = {"hand": [hand_s], "dualprec": [prec_s]}
     wall = time.perf_counter() - t0
     out = []
-    for impl, s in (("hand", hand_s), ("dualprec", prec_s)):
+    for impl, samples in rounds.items():
+        stats = summarize(samples)  # per-round means of gpu_torch's timed steps
         out.append(Record(
             workload=cfg.name, backend="torch", policy=label, impl=impl, mode="compiled" if compiled else "eager",
-            policy_spec=policy_row(label).canonical(), device=plan.device,
-            # gpu_torch reports the median of per-round means only: no spread, no compile time
-            step_time={"median": s, "q1": None, "q3": None, "min": None, "max": None,
-                       "n": plan.timing["rounds"], "iqr": None},
-            flops_per_step=cfg.train_flops(), tflops=cfg.train_flops() / s / 1e12,
-            extra={"source": "bench.gpu_torch.measure_pair", "pair_wall_s": wall}))
+            policy_spec=policy_row(label).canonical(), device=plan.device, step_time=stats.to_dict(),
+            flops_per_step=cfg.train_flops(), tflops=cfg.train_flops() / stats.median / 1e12,
+            # gpu_torch folds compilation into its warm-up: the pair's wall time is all there is
+            extra={"source": "bench.gpu_torch", "spread_of": "per-round means", "pair_wall_s": wall}))
     return out
 
 
@@ -169,7 +174,7 @@ def _torch_pair_row(plan: Plan, label: str, *, compiled=False, optional=False, e
     backend = "aot_eager" if (compiled and plan.smoke) else None
 
     def run():
-        if not plan.smoke and label in ("bf16-mixed", "16-mixed"):
+        if not (plan.smoke and compiled) and label in ("bf16-mixed", "16-mixed"):
             ext = _external_torch_pair(plan, label, compiled)
             if ext is not None:
                 return ext
@@ -182,6 +187,29 @@ def _torch_pair_row(plan: Plan, label: str, *, compiled=False, optional=False, e
                placeholders=_placeholders(plan.mlp.name, "torch", label, mode=mode))
 
 
+def _external_jax_pair(plan: Plan, label: str):
+    """The hand vs Precision pair from bench/gpu_jax.py (its owner's workload; needs no jmp),
+    as records; None when that module is absent."""
+    try:
+        from bench import gpu_jax
+    except ImportError:
+        return None
+    from bench.harness import summarize
+    cfg, t = plan.mlp, plan.timing
+    res = gpu_jax.measure(d_model=cfg.d_model, d_hidden=cfg.d_hidden, blocks=cfg.n_blocks, tokens=cfg.tokens,
+                          steps=t["steps_per_round"], warmup=t["warmup"], repeats=t["rounds"], policy=label)
+    out = []
+    for impl, key in (("hand", "hand"), ("dualprec", "precision")):
+        stats = summarize(res[key]["step_s_all"])  # per-round means
+        out.append(Record(
+            workload=cfg.name, backend="jax", policy=label, impl=impl, mode="jit",
+            policy_spec=policy_row(label).canonical(), device=res.get("device"), step_time=stats.to_dict(),
+            compile_s=res[key]["compile_s"], flops_per_step=cfg.train_flops(),
+            tflops=cfg.train_flops() / stats.median / 1e12,
+            extra={"source": "bench.gpu_jax.measure", "spread_of": "per-round means"}))
+    return out
+
+
 def _jax_pair_row(plan: Plan, label: str, *, optional=False, estimate=30.0) -> Row:
     from bench.workloads import policy_records
 
@@ -189,6 +217,10 @@ def _jax_pair_row(plan: Plan, label: str, *, optional=False, estimate=30.0) -> R
 
     def run():
         _free()
+        if label == "bf16-mixed":
+            ext = _external_jax_pair(plan, label)
+            if ext is not None:
+                return ext
         return policy_records(plan.mlp, "jax", label, **timing)
     return Row(f"jax {label} hand vs dualprec",
                _guarded(run, "jax", label, plan, plan.mlp.name, ("hand", "dualprec"), mode="jit"),
