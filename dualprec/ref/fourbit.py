@@ -5,10 +5,13 @@ Layout (bitsandbytes' own): the tensor is flattened row-major and cut into block
 the nearest of 16 codebook values after dividing by the absmax (an exact tie goes to the
 lower code); two indices share a byte, the even element in the high nibble, and an odd
 count is padded with the code of 0.0. Double quantization stores the absmax vector as
-(absmax - mean) quantized with the signed 8-bit dynamic map in blocks of 256.
+(absmax - mean) quantized with the signed 8-bit dynamic map in blocks of 256; the mean is
+torch's float32 CPU mean and the 8-bit codes are those of bitsandbytes' CPU 8-bit kernel
+(a 65536-point grid lookup, not always the nearest code), both replayed bit for bit, since
+both end up in checkpoints.
 
-Where bitsandbytes 0.50.2's CPU kernels deviate from this math, the reference keeps the
-math and tests/ref/test_ref_fourbit_bnb.py shows the deviation.
+Where bitsandbytes 0.50.2's CPU 4-bit dequantize deviates from the math, the reference
+keeps the math and tests/ref/test_ref_fourbit_bnb.py shows the deviation.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ class QuantState4bit:
 
     `absmax` is the float32 absmax per block, or, when double-quantized, the uint8 codes
     of (absmax - offset) under `nested_code`, with `nested_absmax` (float32, one per 256
-    blocks) and `offset` (float32 mean of the absmax vector).
+    blocks) and `offset` (torch's float32 mean of the absmax vector).
     """
 
     quant_type: str
@@ -277,31 +280,139 @@ def quantize_4bit(
     return packed, state
 
 
-def _mean_float32(values: np.ndarray) -> np.float32:
-    # Summed in float64 and rounded once, so the result does not depend on a reduction
-    # order. torch's float32 mean (which bitsandbytes uses) depends on its SIMD width and
-    # thread count and can differ from this by an ulp.
-    return np.float32(np.mean(values, dtype=np.float64))
+# torch's CPU float32 sum (which bitsandbytes' offset `absmax.mean()` uses) is a cascade
+# sum; its order is replicated below. Measured on torch 2.13 x86 (AVX2 and AVX512 builds
+# alike) the sum kernel runs on 8-lane float vectors; 1-D inputs of at least 32768 values
+# are split across the OpenMP threads, so the result then depends on the thread count.
+TORCH_SUM_LANES = 8
+_TORCH_GRAIN_SIZE = 32768
+
+
+def _seq_sum(a: np.ndarray) -> np.ndarray:
+    """Left-to-right float32 sum over axis 0, starting from 0 (as a C loop adds)."""
+    acc = np.zeros(a.shape[1:], np.float32)
+    for row in a:
+        acc = acc + row
+    return acc
+
+
+def _grouped_seq_sums(a: np.ndarray, step: int):
+    """Sequential sums of whole groups of `step` rows, and of the leftover rows."""
+    groups = a.shape[0] // step
+    whole = a[: groups * step].reshape((groups, step) + a.shape[1:])
+    totals = _seq_sum(np.moveaxis(whole, 1, 0)) if groups else np.zeros((0,) + a.shape[1:], np.float32)
+    return totals, _seq_sum(a[groups * step :])
+
+
+def _cascade_rows(a: np.ndarray) -> np.ndarray:
+    """torch's multi_row_sum: 4 accumulator levels, each flushed every 2**p additions."""
+    size = a.shape[0]
+    ceil_log2 = 1 if size <= 2 else int(size - 1).bit_length()
+    step = 1 << max(4, ceil_log2 // 4)
+    chunks, acc0 = _grouped_seq_sums(a, step)
+    level1, acc1 = _grouped_seq_sums(chunks, step)
+    level2, acc2 = _grouped_seq_sums(level1, step)
+    acc3 = _seq_sum(level2)
+    return ((acc0 + acc1) + acc2) + acc3
+
+
+def _row_sum(a: np.ndarray) -> np.ndarray:
+    """torch's row_sum: 4 interleaved cascades, leftovers into the first, then combined."""
+    n4 = a.shape[0] // 4
+    parts = _cascade_rows(a[: n4 * 4].reshape((n4, 4) + a.shape[1:]))
+    acc = parts[0]
+    for row in a[n4 * 4 :]:
+        acc = acc + row
+    for k in range(1, 4):
+        acc = acc + parts[k]
+    return acc
+
+
+def _torch_inner_sum(x: np.ndarray, lanes: int) -> np.float32:
+    if x.size < lanes:
+        return np.float32(_row_sum(x))
+    nvec = x.size // lanes
+    vec = _row_sum(x[: nvec * lanes].reshape(nvec, lanes))
+    acc = np.float32(0)
+    for v in x[nvec * lanes :]:  # scalar tail first, then the vector lanes in order
+        acc = np.float32(acc + v)
+    for v in vec:
+        acc = np.float32(acc + v)
+    return acc
+
+
+def _mean_float32(values: np.ndarray, threads: int = 1, lanes: int = TORCH_SUM_LANES) -> np.float32:
+    """torch.mean of a 1-D float32 CPU tensor, bit for bit: cascade sum / n in float32.
+
+    From 32768 values on torch splits the sum over `threads` OpenMP threads (contiguous
+    chunks of ceil(n/threads)), each into its own partial, and then sums the partials;
+    pass the thread count bitsandbytes ran with. Below 32768 values the thread count does
+    not matter.
+    """
+    x = np.ascontiguousarray(values, np.float32).reshape(-1)
+    n = x.size
+    with np.errstate(over="ignore", invalid="ignore"):
+        if n < _TORCH_GRAIN_SIZE or threads <= 1:
+            total = np.float32(0) + _torch_inner_sum(x, lanes)
+        else:
+            used = min(threads, -(-n // _TORCH_GRAIN_SIZE))
+            chunk = -(-n // used)
+            partials = np.zeros(threads, np.float32)
+            for t in range(used):
+                partials[t] = np.float32(0) + _torch_inner_sum(x[t * chunk : (t + 1) * chunk], lanes)
+            total = np.float32(0) + _torch_inner_sum(partials, lanes)
+        return np.float32(total / np.float32(n))
+
+
+# bitsandbytes' CPU 8-bit blockwise quantizer does not search the codebook: it maps the
+# normalised value to one of 65536 grid points and reads the code from a table built once
+# per codebook. Grid point i stands for the float32 value -1 + (2*i)/65535, and its code is
+# the number of float32 midpoints 0.5*(code[j] + code[j+1]) strictly below that value.
+_LUT_SIZE = 65536
+_LUTS: dict = {}
+
+
+def _lookup_table(code: np.ndarray) -> np.ndarray:
+    code = np.ascontiguousarray(code, np.float32)
+    key = code.tobytes()
+    lut = _LUTS.get(key)
+    if lut is None:
+        mids = (np.float32(0.5) * (code[:-1] + code[1:])).astype(np.float32)
+        grid = np.float32(-1.0) + (np.float32(2.0) * np.arange(_LUT_SIZE, dtype=np.float32)) / np.float32(_LUT_SIZE - 1)
+        lut = np.searchsorted(mids, grid, side="left").astype(np.uint8)
+        _LUTS[key] = lut
+    return lut
 
 
 def _quantize_8bit(values: np.ndarray, code: np.ndarray = DYNAMIC_MAP, blocksize: int = NESTED_BLOCKSIZE):
-    """Blockwise 8-bit quantization: per-block float32 absmax, nearest code of value/absmax."""
-    values = np.asarray(values, np.float32)
+    """Blockwise 8-bit quantization exactly as bitsandbytes 0.50.2 does it on CPU.
+
+    Per block: absmax = max |x| in float32 (NaN ignored); an all-zero block gets absmax 0
+    and codes 0. Otherwise v = clamp(x * float32(1/absmax), -1, 1) and the code is
+    table[trunc(((v + 1) * 0.5) * 65535 + 0.5)] (float32 steps) with the 65536-entry table
+    of `_lookup_table`. This is not always the nearest code: the grid step is ~2**-15, far
+    coarser than the dynamic map near 0 (0.0 gets code 131 = 2.1e-5, not the exact 0).
+    NaN values get code 0, as bitsandbytes' AVX2 and scalar paths give.
+    """
+    values = np.asarray(values, np.float32).reshape(-1)
     n = values.size
     nblocks = -(-n // blocksize)
     padded = np.zeros(nblocks * blocksize, np.float32)
     padded[:n] = values
     blocks = padded.reshape(nblocks, blocksize)
-    absmax = np.abs(blocks).max(axis=1).astype(np.float32)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        normed = (blocks / absmax[:, None]).reshape(-1)[:n]
-    # An all-zero block has nothing to scale: its values are exactly 0.
-    normed = np.where(np.repeat(absmax == 0, blocksize)[:n], np.float32(0), normed)
-    # Exact (float64) midpoints between neighbouring float32 codes; ties go lower.
-    c64 = code.astype(np.float64)
-    mid = (c64[:-1] + c64[1:]) / 2
-    idx = np.searchsorted(mid, normed.astype(np.float64), side="left")
-    return idx.astype(np.uint8), absmax
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        mag = np.abs(blocks)
+        absmax = np.where(np.isnan(mag), np.float32(0), mag).max(axis=1).astype(np.float32)
+        inv = np.float32(1.0) / absmax
+        v = blocks * inv[:, None]
+        np.clip(v, np.float32(-1.0), np.float32(1.0), out=v)
+        t = (v + np.float32(1.0)) * np.float32(0.5)
+        t *= np.float32(_LUT_SIZE - 1)
+        t += np.float32(0.5)
+        t[np.isnan(t)] = 0
+        codes = _lookup_table(code)[t.astype(np.int32)]
+    codes[absmax == 0] = 0
+    return codes.reshape(-1)[:n], absmax
 
 
 def _dequantize_8bit(codes, absmax, code, blocksize: int = NESTED_BLOCKSIZE) -> np.ndarray:

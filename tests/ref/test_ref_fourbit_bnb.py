@@ -1,4 +1,9 @@
-"""NF4/FP4 reference against bitsandbytes 0.50.2 on CPU, its quirks, and bad input."""
+"""NF4/FP4 reference against bitsandbytes 0.50.2 on CPU, its quirks, and bad input.
+
+Double quantization is bit-identical too: the offset replays torch's float32 CPU mean
+(one thread; see test_offset_is_torch_float32_mean for k threads) and the nested 8-bit
+codes replay bitsandbytes' CPU grid-lookup kernel, which is not always the nearest code
+(test_bnb_8bit_cpu_kernel_is_not_nearest)."""
 
 import ml_dtypes
 import numpy as np
@@ -11,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
 from dualprec.ref import QuantState4bit, dequantize_4bit, quantize_4bit  # noqa: E402
-from dualprec.ref.fourbit import BLOCKSIZES, CODEBOOKS, DYNAMIC_MAP, _quantize_8bit  # noqa: E402
+from dualprec.ref.fourbit import BLOCKSIZES, CODEBOOKS, DYNAMIC_MAP, _mean_float32, _quantize_8bit  # noqa: E402
 
 TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NUMPY = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -57,48 +62,127 @@ def test_codes_and_absmax_bit_identical(qt, bs, dtype):
     assert np.array_equal(_bits(ours.astype(np.float32)), _bits(theirs))
 
 
-@pytest.mark.parametrize("qt", ["nf4", "fp4"])
-@pytest.mark.parametrize("shape", [(4, 96), (7, 33), (2, 4096 + 64)])
-def test_double_quant_against_bitsandbytes(qt, shape):
-    x = _data(shape, "float32", seed=1)
-    q, s = _bnb(x, qt, 64, dq=True)
-    packed, state = quantize_4bit(x, qt, 64, double_quant=True)
+def _dq_data(bs, dtype, seed):
+    """A tensor whose absmax vector spans two nested blocks (the second partial): odd
+    count, a partial last 4-bit block, runs of all-zero 4-bit blocks, tiny and huge
+    values, and one magnitude scale per 4-bit block so (absmax - mean) covers the map."""
+    rng = np.random.default_rng(seed)
+    nblocks = 256 + int(rng.integers(1, 256))
+    n = nblocks * bs - int(rng.integers(1, bs)) | 1  # odd, last block partial
+    span = 6 if dtype == "float16" else 12  # float16 tops out at 65504
+    scale = np.repeat(np.exp(rng.uniform(-span, span, nblocks)), bs)[:n]
+    x = (rng.standard_normal(n) * scale).astype(np.float32)
+    z = int(rng.integers(0, nblocks - 10))
+    x[z * bs: (z + 3) * bs] = 0  # three all-zero 4-bit blocks
+    x[:4] = [1e-30, -3e-30, 6e4, -6e4]
+    return x.astype(NUMPY[dtype])
+
+
+def _assert_dq_state_is_bnb(x, qt, bs):
+    q, s = _bnb(x, qt, bs, dq=True)
+    packed, state = quantize_4bit(x, qt, bs, double_quant=True)
     assert np.array_equal(packed, q.numpy())
-    # Offset: torch's float32 mean (SIMD/thread-dependent order) vs the reference's
-    # float64 sum rounded once: equal to within one ulp.
-    assert abs(int(_bits(state.offset)) - int(_bits(s.offset.item()))) <= 1
-    # Given bitsandbytes' own offset, nested absmax is bit-identical...
-    plain = quantize_4bit(x, qt, 64)[1].absmax
-    codes, nested = _quantize_8bit(plain - np.float32(s.offset.item()))
-    assert np.array_equal(_bits(nested), _bits(s.state2.absmax.numpy()))
-    # ...and our 8-bit codes are never farther from the value than bitsandbytes' codes
-    # (see test_bnb_8bit_cpu_kernel_is_not_nearest for where they differ).
-    normed = (plain - np.float32(s.offset.item())) / np.repeat(nested, 256)[: plain.size]
-    ours_err = np.abs(DYNAMIC_MAP[codes].astype(np.float64) - normed)
-    bnb_err = np.abs(DYNAMIC_MAP[s.absmax.numpy()].astype(np.float64) - normed)
-    assert np.all(ours_err <= bnb_err)
-    # The dequantize math is bit-identical on bitsandbytes' own state.
-    theirs = QuantState4bit(quant_type=qt, blocksize=64, shape=shape, dtype="float32",
-                            absmax=s.absmax.numpy(), nested_absmax=s.state2.absmax.numpy(),
-                            offset=np.float32(s.offset.item()), nested_code=s.state2.code.numpy())
-    ref_deq = dequantize_4bit(q.numpy(), theirs)
-    # bitsandbytes' fused kernel may be wrong for this shape (see the AVX512 test), so
-    # compare against its generic path via a 1-D shape state.
-    s.shape = torch.Size([int(np.prod(shape))])
-    bnb_deq = bnbF.dequantize_4bit(q, s).float().numpy().reshape(-1)
-    assert np.array_equal(_bits(ref_deq.reshape(-1)), _bits(bnb_deq))
+    assert _bits(state.offset) == _bits(s.offset.item())
+    assert np.array_equal(state.absmax, s.absmax.numpy())
+    assert np.array_equal(_bits(state.nested_absmax), _bits(s.state2.absmax.numpy()))
+    assert np.array_equal(_bits(state.nested_code), _bits(s.state2.code.numpy()))
+    # Same state, so the same dequantized bits (bnb's generic path via a 1-D shape).
+    s.shape = torch.Size([x.size])
+    theirs = bnbF.dequantize_4bit(q, s).float().numpy().reshape(-1)
+    assert np.array_equal(_bits(dequantize_4bit(packed, state).astype(np.float32).reshape(-1)), _bits(theirs))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("bs", BLOCKSIZES)
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_double_quant_state_bit_identical(qt, bs, dtype, seed):
+    """Offset (torch's float32 mean), nested 8-bit codes and nested absmax all equal
+    bitsandbytes' bit for bit. (Fewer than 32768 blocks: torch's mean is thread-free.)"""
+    _assert_dq_state_is_bnb(_dq_data(bs, dtype, seed * 1000 + bs), qt, bs)
+
+
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+@pytest.mark.parametrize("x", [
+    np.zeros(1000, np.float32),                                      # absmax all 0: nested block all zero
+    np.ones(64 * 300, np.float32),                                   # absmax constant: absmax - mean all 0
+    np.tile(np.float32([1e-38, -1e-38]), 64 * 5),                    # tiny
+    np.float32([3e35, -1.0, 1e-45] * 700),                           # huge and subnormal
+    np.arange(1, 64 * 513, dtype=np.float32),                        # smooth ramp, 3 nested blocks
+], ids=["zeros", "constant", "tiny", "huge", "ramp"])
+def test_double_quant_edge_tensors_bit_identical(qt, x):
+    _assert_dq_state_is_bnb(x, qt, 64)
+
+
+def test_double_quant_many_blocks_single_thread():
+    """40000 blocks: torch's mean splits the sum across threads from 32768 values; with
+    one torch thread the default reference offset is bitsandbytes' exactly."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _assert_dq_state_is_bnb(_data((40000 * 32 + 7,), "float32", seed=9), "nf4", 32)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 64, 65, 1023, 4097, 32767, 32768, 32769, 65537, 300001])
+def test_offset_is_torch_float32_mean(n, threads):
+    """The offset replicates torch's CPU cascade sum (8 float lanes, 4-way ILP, 4 levels)
+    and, from 32768 values, its split into one partial sum per OpenMP thread."""
+    rng = np.random.default_rng(n)
+    v = (np.abs(rng.standard_normal(n)) * np.exp(rng.uniform(-8, 8, n))).astype(np.float32)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        theirs = torch.from_numpy(v).mean().item()
+    finally:
+        torch.set_num_threads(old)
+    assert _bits(_mean_float32(v, threads=threads)) == _bits(theirs)
+    # Differently threaded, the result may differ, but by at most a few ulps.
+    assert abs(int(_bits(_mean_float32(v))) - int(_bits(theirs))) <= 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(np.float32, st.integers(1, 1200),
+               elements=st.floats(-3.0000000054977558e38, 3.0000000054977558e38, width=32) | st.sampled_from([0.0, -0.0, 1e-45, 1.0])),
+)
+def test_8bit_blockwise_is_bnb_cpu_kernel(x):
+    """Nested quantizer vs bitsandbytes' CPU quantize_blockwise (blocks of 256), incl. NaN/inf."""
+    q, s = bnbF.quantize_blockwise(torch.from_numpy(x.copy()), blocksize=256)
+    codes, absmax = _quantize_8bit(x)
+    assert np.array_equal(codes, q.numpy())
+    assert np.array_equal(_bits(absmax), _bits(s.absmax.numpy()))
+
+
+def test_8bit_grid_boundaries_are_bnb_cpu_kernel():
+    """Every grid cell edge: values just below, at and above ((k - 0.5) / 65535) * 2 - 1,
+    scaled by several absmax values, in full and partial blocks."""
+    k = np.arange(1, 65536)
+    v0 = (2 * (k - 0.5) / 65535 - 1).astype(np.float32)
+    vals = np.concatenate([np.nextafter(v0, np.float32(-2)), v0, np.nextafter(v0, np.float32(2))])
+    vals = vals[np.abs(vals) <= 1]
+    np.random.default_rng(0).shuffle(vals)
+    for am in [1.0, 3.0, 0.7, 1e-30, 12345.678]:
+        body = (vals[: vals.size - vals.size % 255] * np.float32(am)).astype(np.float32).reshape(-1, 255)
+        x = np.concatenate([np.full((body.shape[0], 1), am, np.float32), body], 1).reshape(-1)
+        x = np.concatenate([x, x[:1003]])
+        q, s = bnbF.quantize_blockwise(torch.from_numpy(x), blocksize=256)
+        codes, absmax = _quantize_8bit(x)
+        assert np.array_equal(codes, q.numpy())
+        assert np.array_equal(_bits(absmax), _bits(s.absmax.numpy()))
 
 
 def test_bnb_8bit_cpu_kernel_is_not_nearest():
-    """Quirk: bitsandbytes 0.50.2's CPU 8-bit blockwise kernel (used for the nested absmax)
-    looks codes up on a 2**-15 grid, so 0.0 becomes code 131 (2.125e-5), not the exact 0.
-    The reference picks the nearest code; the dequantized absmax differs by < 3e-5*absmax2."""
+    """Quirk kept for bit-identity: bitsandbytes' CPU 8-bit kernel reads codes from a
+    65536-point grid (step 2/65535), so 0.0 gets code 131 (2.125e-5), not the exact 0."""
     x = np.zeros(256, np.float32)
     x[0] = 1.0
-    q, _ = bnbF.quantize_blockwise(torch.from_numpy(x), blocksize=256)
     codes, _ = _quantize_8bit(x)
-    assert DYNAMIC_MAP[codes[1]] == 0.0
-    assert DYNAMIC_MAP[q[1].item()] == pytest.approx(2.125e-5)
+    q, _ = bnbF.quantize_blockwise(torch.from_numpy(x), blocksize=256)
+    assert codes[1] == q[1].item() == 131
+    assert DYNAMIC_MAP[codes[1]] == pytest.approx(2.125e-5)
 
 
 def test_fp4_signed_zero_order_quirk():
