@@ -108,8 +108,9 @@ class _Compiled:
         import optax
 
         logits = self._logits(params, x)
-        # The loss runs in float32 on every policy (DESIGN.md), whatever the output dtype.
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+        # The loss runs in float32 at least (DESIGN.md): half outputs are upcast, float64 kept.
+        wide = logits if logits.dtype in (jnp.float32, jnp.float64) else logits.astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(wide, y).mean()
         return self.prec.scale_loss(loss * mult, opt_state), loss
 
     def _update(self, grads, opt_state, params):
