@@ -63,8 +63,10 @@ class Tolerance:
 
 
 def narrowest_compute(policy: Policy) -> str:
-    """The compute dtype with the fewest mantissa bits among the policy and its overrides."""
-    dts = [policy.compute_dtype] + [sub.compute_dtype for _, sub in policy.overrides]
+    """The compute or output dtype with the fewest mantissa bits among the policy and its
+    overrides: 64-true computes in float64 but rounds its outputs (and so the loss and every
+    gradient) to float32, so float32 bounds what the two sides can agree on."""
+    dts = [d for p in (policy, *(sub for _, sub in policy.overrides)) for d in (p.compute_dtype, p.output_dtype)]
     return max(dts, key=eps)
 
 

@@ -11,7 +11,7 @@ from conformance.zoo import ZOO, canonical_weights
 
 def _torch_out(spec, weights, x):
     m = spec.torch_module()
-    m.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
     with torch.no_grad():
         return m(torch.from_numpy(x)).numpy()
 
