@@ -30,7 +30,6 @@ iteration, call `update()` at the end of each iteration.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +38,7 @@ from torch import nn
 from dualprec import Policy, PolicyError
 
 from .caps import device_caps
-from .casts import HALF_TORCH_DTYPES, cast_floating, torch_dtype
+from .casts import cast_floating, torch_dtype
 from .init import init_context
 from .loss_scale import LossScaler
 from .master import MasterWeights

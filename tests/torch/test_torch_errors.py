@@ -5,15 +5,7 @@ import torch
 
 from dualprec import PolicyError
 from dualprec_torch import Precision, UnsupportedPolicyError
-from torch_support import make_batches, make_model, make_optimizer, loss_fn
-
-
-def _setup(policy="16-mixed"):
-    prec = Precision(policy)
-    model = make_model("mlp")
-    opt = make_optimizer(model.parameters())
-    model, opt = prec.setup(model, opt)
-    return prec, model, opt
+from torch_support import loss_fn, make_batches, make_model, make_optimizer, setup_mlp
 
 
 def _loss(prec, model):
@@ -36,20 +28,20 @@ def test_optimizer_not_passed_to_setup(policy):
 
 @pytest.mark.parametrize("policy", ["16-mixed", "bf16-mixed", "bf16-true,master=true"])
 def test_step_before_backward(policy):
-    prec, model, opt = _setup(policy)
+    prec, model, opt = setup_mlp(policy)
     with pytest.raises(RuntimeError, match=r"before backward\(\).*precision.backward\(loss\)"):
         prec.step(opt)
 
 
 def test_plain_loss_backward_under_loss_scaling_is_caught():
-    prec, model, opt = _setup("16-mixed")
+    prec, model, opt = setup_mlp("16-mixed")
     _loss(prec, model).backward()  # forgot precision.backward: gradients are not scaled
     with pytest.raises(RuntimeError, match="precision.backward"):
         prec.step(opt)
 
 
 def test_step_twice_and_unscale_twice():
-    prec, model, opt = _setup("16-mixed")
+    prec, model, opt = setup_mlp("16-mixed")
     prec.backward(_loss(prec, model))
     prec.unscale_(opt)
     with pytest.raises(RuntimeError, match="already"):
@@ -76,7 +68,7 @@ def test_partial_iteration_with_several_optimizers():
 
 
 def test_plain_backward_is_fine_without_loss_scaling():
-    prec, model, opt = _setup("bf16-mixed")
+    prec, model, opt = setup_mlp("bf16-mixed")
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(3):
         opt.zero_grad()

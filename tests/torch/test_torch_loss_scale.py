@@ -10,8 +10,8 @@ import torch
 from dualprec import Policy
 from dualprec.ref.loss_scale import loss_scale_init, loss_scale_update
 from dualprec_torch import Precision
-from torch_support import assert_same_state, make_batches, make_model, make_optimizer, run_by_hand, \
-    run_precision, loss_fn
+from torch_support import assert_same_state, loss_fn, make_batches, make_model, run_by_hand, \
+    run_precision, setup_mlp
 
 INF, NAN = float("inf"), float("nan")
 # overflow at 1 and 2 (two backoffs), recovery, growth every 3 finite steps, NaN at 8
@@ -46,10 +46,7 @@ def test_injected_overflow_matches_grad_scaler_and_reference(policy, kind):
 
 
 def test_skipped_step_changes_nothing():
-    prec = Precision("16-mixed")
-    model = make_model("mlp")
-    opt = make_optimizer(model.parameters())
-    model, opt = prec.setup(model, opt)
+    prec, model, opt = setup_mlp("16-mixed")
     (x, y), = make_batches("mlp", 1)
 
     def one_step(bad):
@@ -76,10 +73,7 @@ def test_skipped_step_changes_nothing():
 def test_min_max_clamps_follow_reference():
     # backoff floors at min, growth caps at max; GradScaler has no clamp, the reference does
     policy = "16-mixed,loss_scale=dynamic(init=8,interval=1,min=4,max=32)"
-    prec = Precision(policy)
-    model = make_model("mlp")
-    opt = make_optimizer(model.parameters())
-    model, opt = prec.setup(model, opt)
+    prec, model, opt = setup_mlp(policy)
     flags = [False, False, False, True, True, True, True, False, True]
     seen = []
     for i, (x, y) in enumerate(make_batches("mlp", len(flags))):
@@ -114,10 +108,7 @@ def test_growth_that_overflows_float32_keeps_the_scale():
 
 
 def test_static_scale_skips_nonfinite_and_never_changes():
-    prec = Precision("bf16-mixed,loss_scale=static(128)")
-    model = make_model("mlp")
-    opt = make_optimizer(model.parameters())
-    model, opt = prec.setup(model, opt)
+    prec, model, opt = setup_mlp("bf16-mixed,loss_scale=static(128)")
     grads = []
     for i, (x, y) in enumerate(make_batches("mlp", 3)):
         opt.zero_grad()
@@ -187,25 +178,8 @@ def test_several_optimizers_match_grad_scaler(explicit_update):
     assert_same_state(model_p, b_p, model_h, b_h)
 
 
-def test_several_optimizers_not_stepping_every_iteration_need_update():
-    prec = Precision("16-mixed")
-    model, opt_a, opt_b = _two_optimizer_setup(prec)
-    batches = make_batches("block", 2)
-    for x, y in batches:
-        with prec.autocast():
-            loss = loss_fn(model(prec.convert_input(x)), y)
-        prec.backward(loss)
-        if x is batches[0][0]:
-            prec.step(opt_a)
-    with pytest.raises(RuntimeError, match="update"):
-        prec.step(opt_a)
-
-
 def test_fp16_gradients_are_refused_with_the_fix():
-    prec = Precision("16-mixed")
-    model = make_model("mlp")
-    opt = make_optimizer(model.parameters())
-    model, opt = prec.setup(model, opt)
+    prec, model, opt = setup_mlp("16-mixed")
     model.half()  # the user undid the float32 params
     x, y = make_batches("mlp", 1)[0]
     with prec.autocast():

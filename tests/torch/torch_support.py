@@ -91,6 +91,14 @@ def make_optimizer(params):
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, eps=1e-4)
 
 
+def setup_mlp(policy):
+    """A Precision with the MLP and its AdamW set up: (precision, model, optimizer)."""
+    precision = Precision(policy)
+    model = make_model("mlp")
+    model, optimizer = precision.setup(model, make_optimizer(model.parameters()))
+    return precision, model, optimizer
+
+
 def inject(model_or_params, step: int, bad_steps: dict[int, float]):
     """Write inf or NaN into one gradient at the steps listed (same place in both runs)."""
     if step in bad_steps:
