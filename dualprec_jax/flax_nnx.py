@@ -13,11 +13,12 @@ import functools
 
 
 from flax import nnx
+from jax import lax
 
 from dualprec import Policy
 
 from .casts import cast_floating
-from .ops import dot_product_attention, op_dtypes
+from .ops import accumulating_dot_general, dot_product_attention, op_dtypes
 
 __all__ = ["setup", "MATMUL_MODULES", "NORM_MODULES", "ATTENTION_MODULES"]
 
@@ -50,6 +51,9 @@ def _configure(module, policy: Policy):
     if isinstance(module, MATMUL_MODULES):
         module.dtype, module.param_dtype = d.compute, d.param
         module.preferred_element_type = d.accumulate
+        if getattr(module, "dot_general", None) in (None, lax.dot_general) and \
+                getattr(module, "dot_general_cls", None) is None:
+            module.dot_general = accumulating_dot_general(d.accumulate)
         if module.precision is None:
             module.precision = d.precision
         module._dualprec_out = d.compute

@@ -8,6 +8,8 @@ in float32.  Tests compare Flax models run through Precision against it bit for 
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -62,6 +64,34 @@ class NnxBlock(nnx.Module):
 
 
 # ----- the same math by hand ------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _autocast_dot(x, k, contract, prec, acc):
+    """x @ k over x's last ``contract`` axes, accumulated in ``acc``.  Backward as torch
+    autocast computes it: half-precision cotangent, each gradient a half-precision GEMM
+    accumulated in ``acc`` and rounded once (plain autodiff would promote to float32 GEMMs)."""
+    dims = ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ()))
+    return lax.dot_general(x, k, dims, precision=prec, preferred_element_type=acc)
+
+
+def _autocast_dot_fwd(x, k, contract, prec, acc):
+    return _autocast_dot(x, k, contract, prec, acc), (x, k)
+
+
+def _autocast_dot_bwd(contract, prec, acc, res, g):
+    x, k = res
+    dtypes = x.dtype, k.dtype
+    # g holds compute-dtype values; half products are exact in acc, so computing in acc is the
+    # half GEMM accumulated in acc (and XLA's CPU runtime lacks some BF16 x BF16 = F32 dots).
+    g, x, k = (t.astype(dtypes[0]).astype(acc) for t in (g, x, k))
+    n_out, n_batch = k.ndim - contract, x.ndim - contract
+    gx = jnp.tensordot(g, k, axes=(tuple(range(g.ndim - n_out, g.ndim)), tuple(range(contract, k.ndim))),
+                       precision=prec, preferred_element_type=acc)
+    gk = jnp.tensordot(x, g, axes=(tuple(range(n_batch)), tuple(range(n_batch))), precision=prec,
+                       preferred_element_type=acc)
+    return gx.astype(dtypes[0]), gk.astype(dtypes[1])
+
+
+_autocast_dot.defvjp(_autocast_dot_fwd, _autocast_dot_bwd)
 class Ref:
     """Hand-written forward passes under dtypes (param, compute, output, mixed)."""
 
@@ -74,8 +104,11 @@ class Ref:
 
     def dense(self, x, p, contract=1):
         k = p["kernel"].astype(self.c)
-        dims = ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ()))
-        y = lax.dot_general(x.astype(self.c), k, dims, precision=self.prec, preferred_element_type=self.acc)
+        if self.c in (jnp.bfloat16, jnp.float16):
+            y = _autocast_dot(x.astype(self.c), k, contract, self.prec, self.acc)
+        else:
+            dims = ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ()))
+            y = lax.dot_general(x.astype(self.c), k, dims, precision=self.prec, preferred_element_type=self.acc)
         return (y + p["bias"].astype(self.c).astype(self.acc)).astype(self.c)
 
     def layer_norm(self, x, p, eps=1e-6):
