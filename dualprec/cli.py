@@ -108,10 +108,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if getattr(args, "_lazy", None):
+            if args._lazy == "bench.cli":
+                # bench/ lives in the source checkout, not in the installed package.
+                from pathlib import Path
+
+                if (Path.cwd() / "bench" / "cli.py").is_file() and str(Path.cwd()) not in sys.path:
+                    sys.path.insert(0, str(Path.cwd()))
             try:
                 mod = importlib.import_module(args._lazy)
             except ModuleNotFoundError as e:
-                print(f"dualprec {args.command}: not available ({e})", file=sys.stderr)
+                hint = (" (run it from a dualprec source checkout: bench/ is not installed)"
+                        if args._lazy == "bench.cli" else "")
+                print(f"dualprec {args.command}: not available ({e}){hint}", file=sys.stderr)
                 return 2
             return int(mod.main(args.rest) or 0)
         return run[args.command](args)
