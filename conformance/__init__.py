@@ -12,7 +12,7 @@ from .weights import WeightMap
 __all__ = ["compare", "Comparison", "Record", "WeightMap", "run"]
 
 
-def run(policies=None, models=None, steps: int = 5, backends=None):
+def run(policies=None, models=None, steps: int = 3, backends=None):
     """The default matrix (or the given policies/models) as a list of Records."""
     from . import matrix
     from .zoo import MODELS

@@ -235,8 +235,11 @@ def check_grads(ctx: Context, sa: Session, sb: Session) -> list[Record]:
     return [rec]
 
 
-def check_training(ctx: Context) -> list[Record]:
-    sa, sb = ctx.sessions(Optim("sgd", ctx.lr))
+def check_training(ctx: Context, sa: Session | None = None, sb: Session | None = None) -> list[Record]:
+    """SGD for ``ctx.steps`` steps.  ``sa``/``sb`` may be fresh SGD sessions already used by
+    the forward/gradient checks (neither changes parameters or optimizer state)."""
+    if sa is None or sb is None:
+        sa, sb = ctx.sessions(Optim("sgd", ctx.lr))
     tol = ctx.tol
     series = {"loss_a": [], "loss_b": [], "loss_rel": [], "param_rel": [], "tol": []}
     first_bad_step, problem = None, ""
@@ -307,15 +310,22 @@ def run_checks(ctx: Context) -> list[Record]:
         return [ctx.record(n, TIER_OF[n], "skip", reason="; ".join(reasons)) for n in CHECK_NAMES + extra]
     recs = _guard(ctx, ("cast-input", "cast-output"), check_casts, ctx)
 
+    # One SGD session pair serves the parameter, forward, gradient and training checks:
+    # forward and loss_and_grads leave parameters, optimizer and loss-scale state as they
+    # were.  Should any of them raise, training gets a fresh pair instead.
+    shared: list = []
+
     def session_checks():
         sa, sb = ctx.sessions(Optim("sgd", ctx.lr))
         out = check_params(ctx, sa, sb)
         out += _guard(ctx, ("forward",), check_forward, ctx, sa, sb)
         out += _guard(ctx, ("gradients",), check_grads, ctx, sa, sb)
+        if not any(r.reason.startswith("raised ") for r in out if r.status == "fail"):
+            shared.extend((sa, sb))
         return out
 
     recs += _guard(ctx, ("param-dtypes", "param-values", "forward", "gradients"), session_checks)
-    recs += _guard(ctx, ("train-loss", "train-params"), check_training, ctx)
+    recs += _guard(ctx, ("train-loss", "train-params"), check_training, ctx, *shared)
     recs += _guard(ctx, ("loss-scale",), check_loss_scale, ctx)
     for n in extra:
         recs.append(ctx.record(n, TIER_OF[n], "skip",

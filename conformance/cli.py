@@ -18,7 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", action="append", default=None,
                    help="a policy (preset, grammar string or combination label); repeatable; default: the matrix")
     p.add_argument("--model", action="append", default=None, help="mlp, transformer or cnn; repeatable")
-    p.add_argument("--steps", type=int, default=5, help="training steps per trajectory (default 5)")
+    p.add_argument("--steps", type=int, default=3, help="training steps per trajectory (default 3)")
+    p.add_argument("--full", action="store_true",
+                   help="every policy on every model (the default matrix runs the transformer and CNN "
+                        "under a few representative policies and float64 on the MLP only)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--report", metavar="DIR", help="write records.json, report.md and plots to DIR")
     p.add_argument("--failures-only", action="store_true", help="table: show only failed records")
@@ -46,8 +49,9 @@ def main(argv=None) -> int:
         print(f"dualprec conformance: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 
+    full = bool(args.full or args.policy or args.model)
     t0 = time.perf_counter()
-    records = _run(matrix, policies, models, args)
+    records = _run(matrix, policies, models, args, full)
     seconds = time.perf_counter() - t0
     from .report import rich_table, summary_line, write_report
 
@@ -65,14 +69,17 @@ def main(argv=None) -> int:
     return EXIT_FAIL if any(r.status == "fail" for r in records) else EXIT_OK
 
 
-def _run(matrix, policies, models, args):
+def _run(matrix, policies, models, args, full):
     if args.format == "json" or not sys.stderr.isatty():
-        return matrix.run(policies, models, steps=args.steps)
+        return matrix.run(policies, models, steps=args.steps, full=full)
     from rich.progress import Progress
 
-    total = len(policies) * len(models)
+    from .backends import default_backends
+
+    backends = default_backends()
+    total = len(matrix.selected_jobs(policies, models, full, backends))
     with Progress(transient=True) as bar:
         task = bar.add_task("conformance", total=total)
-        return matrix.run(policies, models, steps=args.steps,
+        return matrix.run(policies, models, steps=args.steps, full=full, backends=backends,
                           progress=lambda job: bar.update(task, advance=1,
                                                           description=f"{job.label} / {job.model}"))

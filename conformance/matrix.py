@@ -4,6 +4,13 @@ The matrix is every preset plus combinations the presets do not cover: a per-mod
 override (head kept in float32), fast loss-scale growth (so growth is exercised within a
 few steps), master weights, mixed + quantized and mixed + FP8.  Policies that need float64
 run last because a JAX backend may have to switch ``jax_enable_x64`` on for them.
+
+The *default* matrix is lean so that it finishes in about two minutes on a 2-core CPU:
+every policy runs on the MLP, the transformer and the CNN run under a few representative
+policies (:data:`REPRESENTATIVE`), float64 policies run on the MLP only.  Policies that
+cannot run here are skip records on every model (they cost nothing).  ``full=True``
+(``dualprec conformance --full``) and any explicit ``--policy``/``--model`` selection run
+the whole cross product.
 """
 
 from __future__ import annotations
@@ -27,6 +34,22 @@ COMBINATIONS = {
     "bf16-mixed+nf4": "bf16-mixed,quant=nf4",
     "bf16-mixed+fp8": "bf16-mixed,fp8=delayed",
 }
+
+
+#: model -> the policies it runs under in the lean default matrix (the MLP runs under all).
+#: One float32 reference, one float16 with dynamic loss scaling, one bfloat16 (mixed for the
+#: transformer's attention/norm autocast paths, true half for the CNN's conv backward).
+REPRESENTATIVE: dict[str, tuple[str, ...]] = {
+    "transformer": ("32-true", "16-mixed", "bf16-mixed"),
+    "cnn": ("32-true", "16-mixed", "bf16-true"),
+}
+
+
+def in_lean_matrix(label: str, policy, model: str) -> bool:
+    """Whether the lean default matrix runs ``policy`` on ``model``."""
+    if model == "mlp" or model not in REPRESENTATIVE:
+        return True
+    return label in REPRESENTATIVE[model] and not (isinstance(policy, Policy) and policy.needs_x64)
 
 
 def combination(label: str) -> Policy:
@@ -64,19 +87,37 @@ def jobs(policies: dict[str, Policy], models: Iterable[str]) -> list[Job]:
     return [Job(label, p, m) for label, p in policies.items() for m in models]
 
 
-def run(policies: dict | None = None, models: Iterable[str] = MODELS, *, steps: int = 5,
+def selected_jobs(policies: dict, models: Iterable[str], full: bool, backends) -> list[Job]:
+    """The jobs to run: all of them when ``full``, else the lean default matrix (a policy a
+    backend cannot run stays on every model: its skip records cost nothing)."""
+    every = jobs(policies, models)
+    if full:
+        return every
+
+    def runnable(p):
+        return isinstance(p, Policy) and not any(be.unsupported(p) for be in backends)
+
+    return [j for j in every if not runnable(j.policy) or in_lean_matrix(j.label, j.policy, j.model)]
+
+
+def run(policies: dict | None = None, models: Iterable[str] = MODELS, *, steps: int = 3,
         backends: tuple[Backend, Backend] | None = None,
-        progress: Callable[[Job], None] | None = None) -> list[Record]:
-    """Run every check of every (policy, model) and return the records."""
+        progress: Callable[[Job], None] | None = None, full: bool | None = None) -> list[Record]:
+    """Run every check of every (policy, model) and return the records.
+
+    ``full=None`` means lean for the default matrix (``policies`` None) and full for an
+    explicit selection; a lean run keeps skip records of unrunnable policies on every model."""
     if backends is None:
         from .backends import default_backends
 
         backends = default_backends()
     a, b = backends
+    if full is None:
+        full = policies is not None
     policies = default_policies() if policies is None else policies
     out: list[Record] = []
     weights_cache = {}
-    for job in jobs(policies, models):
+    for job in selected_jobs(policies, models, full, (a, b)):
         if isinstance(job.policy, Exception):
             out.append(Record(job.label, job.model, "policy", "bit-exact", "skip",
                               reason=f"the spec cannot express this combination yet: {job.policy}"))

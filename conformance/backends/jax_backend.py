@@ -47,7 +47,9 @@ class JaxBackend(Backend):
 
     def __init__(self, precision_cls=None):
         self._cls = precision_cls
-        self._compiled = {}  # (spec, policy, optim) -> _Compiled: jit once, reuse per session
+        # (spec, policy) -> _Compiled: jit once per model and policy, reused by every session
+        # of that pair whatever its optimizer (the optimizer update is jitted per Optim).
+        self._compiled = {}
 
     def precision(self, policy: Policy):
         cls = self._cls or _load_precision_cls()
@@ -73,24 +75,53 @@ class JaxBackend(Backend):
         return to_numpy(self.precision(policy).convert_output(jnp.asarray(x)))
 
     def session(self, spec, policy, weights, weight_map, optim):
-        key = (spec, policy, optim)
+        key = (spec, policy)
         if key not in self._compiled:
-            self._compiled[key] = _Compiled(self.precision(policy), spec, optim)
-        return JaxSession(self._compiled[key], weights, weight_map)
+            self._compiled[key] = _Compiled(self.precision(policy), spec)
+        return JaxSession(self._compiled[key], self._compiled[key].optimizer(optim), weights, weight_map)
 
 
 class _Compiled:
-    """The jitted pure functions of one (model, policy, optimizer); sessions share them."""
+    """The jitted pure functions of one (model, policy); sessions share them.  The loss and
+    its gradient take only the loss-scale state, so SGD and Adam sessions share one compiled
+    gradient; each optimizer gets its own jitted update (``optimizer``)."""
 
-    def __init__(self, prec, spec: ModelSpec, optim: Optim):
+    def __init__(self, prec, spec: ModelSpec):
         import jax
 
         self.prec, self.spec = prec, spec
         self.module = spec.flax_module()
-        self.tx = prec.wrap_optimizer(_tx(optim))
         self.grad_fn = jax.jit(jax.value_and_grad(self._scaled_loss, has_aux=True))
         self.fwd = jax.jit(self._forward)
-        self.update = jax.jit(self._update)
+        self._optimizers = {}
+        self._param_structs = None
+
+    def param_structs(self):
+        """The parameter tree ``Precision.init`` builds (shapes and per-module dtypes), traced
+        abstractly once: init decides the dtypes, the canonical weights supply the values."""
+        import jax
+
+        if self._param_structs is None:
+            x0 = self.spec.to_jax_layout(np.zeros(self.spec.input_shape, np.float32))
+            self._param_structs = jax.eval_shape(
+                lambda: self.prec.init(self.module, jax.random.PRNGKey(0), x0))["params"]
+        return self._param_structs
+
+    def optimizer(self, optim: Optim):
+        """(wrapped optax transform, jitted update) for ``optim``, built once."""
+        import jax
+
+        if optim not in self._optimizers:
+            tx = self.prec.wrap_optimizer(_tx(optim))
+
+            def update(grads, opt_state, params):
+                import optax
+
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state
+
+            self._optimizers[optim] = (tx, jax.jit(update))
+        return self._optimizers[optim]
 
     def _logits(self, params, x, capture=False):
         x = self.prec.convert_input(x)
@@ -103,7 +134,7 @@ class _Compiled:
     def _forward(self, params, x):
         return self._logits(params, x, capture=True)
 
-    def _scaled_loss(self, params, x, y, opt_state, mult):
+    def _scaled_loss(self, params, x, y, loss_scale, mult):
         import jax.numpy as jnp
         import optax
 
@@ -111,30 +142,23 @@ class _Compiled:
         # The loss runs in float32 at least (DESIGN.md): half outputs are upcast, float64 kept.
         wide = logits if logits.dtype in (jnp.float32, jnp.float64) else logits.astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(wide, y).mean()
-        return self.prec.scale_loss(loss * mult, opt_state), loss
-
-    def _update(self, grads, opt_state, params):
-        import optax
-
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return self.prec.scale_loss(loss * mult, loss_scale), loss
 
 
 class JaxSession(Session):
     """A linen model through ``Precision.init`` / ``apply`` / ``wrap_optimizer`` / ``scale_loss``."""
 
-    def __init__(self, compiled: _Compiled, weights: Mapping[str, np.ndarray], weight_map: WeightMap):
+    def __init__(self, compiled: _Compiled, optimizer, weights: Mapping[str, np.ndarray], weight_map: WeightMap):
         import jax
 
         self.c, self.prec, self.spec, self.wm = compiled, compiled.prec, compiled.spec, weight_map
-        x0 = self.spec.to_jax_layout(np.zeros(self.spec.input_shape, np.float32))
+        self.tx, self.update = optimizer
         # init decides each parameter's dtype (per-module overrides included); the values
         # are the canonical float32 weights rounded to that dtype.
-        init = self.prec.init(compiled.module, jax.random.PRNGKey(0), x0)["params"]
         self._params = jax.tree_util.tree_map(lambda w, ref: jax.numpy.asarray(w).astype(ref.dtype),
                                               jax.tree_util.tree_map(np.asarray, weight_map.to_flax(weights)),
-                                              init)
-        self.opt_state = compiled.tx.init(self._params)
+                                              compiled.param_structs())
+        self.opt_state = self.tx.init(self._params)
         self.scaling = self.prec.policy.loss_scale.enabled
 
     # -- Session interface ----------------------------------------------------------------
@@ -155,7 +179,8 @@ class JaxSession(Session):
         return to_numpy(out), named
 
     def _grads(self, x, y, mult):
-        (scaled, loss), grads = self.c.grad_fn(self._params, self.spec.to_jax_layout(x), y, self.opt_state, mult)
+        (scaled, loss), grads = self.c.grad_fn(self._params, self.spec.to_jax_layout(x), y,
+                                              self.opt_state.loss_scale, mult)
         return loss, grads
 
     def loss_and_grads(self, x, y):
@@ -172,7 +197,7 @@ class JaxSession(Session):
 
         loss, grads = self._grads(x, y, loss_multiplier)
         skipped = self.scaling and not bool(dualprec_jax.all_finite(grads))
-        self._params, self.opt_state = self.c.update(grads, self.opt_state, self._params)
+        self._params, self.opt_state = self.update(grads, self.opt_state, self._params)
         ls = self.opt_state.loss_scale
         return StepInfo(float(loss), float(ls.scale), int(ls.counter), skipped=skipped,
                         opt_steps=_count(self.opt_state.inner))
