@@ -96,6 +96,11 @@ run = {"explain": _explain, "presets": _presets}
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS and SUBCOMMANDS[argv[0]][0] != "dualprec.cli":
+        # Subcommands in other modules parse their own options (argparse's REMAINDER would
+        # refuse a first argument such as --policy).
+        return _run_lazy(argv[0], SUBCOMMANDS[argv[0]][0], argv[1:])
     parser = argparse.ArgumentParser(prog="dualprec", description="One precision policy for PyTorch and JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
@@ -106,27 +111,33 @@ def main(argv=None) -> int:
             sp.set_defaults(_lazy=module)
             sp.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if getattr(args, "_lazy", None):
+        return _run_lazy(args.command, args._lazy, args.rest)
     try:
-        if getattr(args, "_lazy", None):
-            if args._lazy == "bench.cli":
-                # bench/ lives in the source checkout, not in the installed package.
-                from pathlib import Path
-
-                if (Path.cwd() / "bench" / "cli.py").is_file() and str(Path.cwd()) not in sys.path:
-                    sys.path.insert(0, str(Path.cwd()))
-            try:
-                mod = importlib.import_module(args._lazy)
-            except ModuleNotFoundError as e:
-                hint = (" (run it from a dualprec source checkout: bench/ is not installed)"
-                        if args._lazy == "bench.cli" else "")
-                print(f"dualprec {args.command}: not available ({e}){hint}", file=sys.stderr)
-                return 2
-            return int(mod.main(args.rest) or 0)
         return run[args.command](args)
     except PolicyError as e:
         print(f"dualprec: error: {e}", file=sys.stderr)
         return 2
 
+
+def _run_lazy(command: str, module: str, rest: list[str]) -> int:
+    if module == "bench.cli":
+        # bench/ lives in the source checkout, not in the installed package.
+        from pathlib import Path
+
+        if (Path.cwd() / "bench" / "cli.py").is_file() and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        hint = " (run it from a dualprec source checkout: bench/ is not installed)" if module == "bench.cli" else ""
+        print(f"dualprec {command}: not available ({e}){hint}", file=sys.stderr)
+        return 2
+    try:
+        return int(mod.main(rest) or 0)
+    except PolicyError as e:
+        print(f"dualprec: error: {e}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -71,3 +71,14 @@ def test_spec_imports_no_backend():
            "print(any(m in sys.modules for m in ('torch', 'jax', 'flax', 'bitsandbytes')))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_lazy_subcommands_get_their_options(monkeypatch):
+    """`dualprec conformance --policy X` reaches conformance.cli.main with its options intact."""
+    import types
+
+    seen = {}
+    fake = types.SimpleNamespace(main=lambda argv: seen.setdefault("argv", argv) and 3)
+    monkeypatch.setitem(sys.modules, "conformance.cli", fake)
+    assert main(["conformance", "--policy", "bf16-mixed", "--format", "json"]) == 3
+    assert seen["argv"] == ["--policy", "bf16-mixed", "--format", "json"]
