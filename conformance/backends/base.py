@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import importlib
 from typing import Mapping
 
 import numpy as np
@@ -68,11 +69,30 @@ class Session(abc.ABC):
 
 
 class Backend(abc.ABC):
-    name: str = "?"
+    """``package`` names the dualprec backend whose ``Precision`` this drives;
+    ``precision_cls`` replaces that class (tests pass a stand-in)."""
 
-    @abc.abstractmethod
+    name: str = "?"
+    package: str = "?"
+
+    def __init__(self, precision_cls=None):
+        self._cls = precision_cls
+
+    def precision(self, policy: Policy):
+        cls = self._cls or importlib.import_module(self.package).Precision
+        return cls(policy)
+
     def unsupported(self, policy: Policy) -> str | None:
-        """Why this backend cannot run ``policy`` here (None when it can)."""
+        """Why this backend cannot run ``policy`` here (None when it can): the reason its
+        Precision gives when built (PolicyError is a ValueError; JAX refuses float64 without
+        x64 with a RuntimeError)."""
+        try:
+            self.precision(policy)
+        except (ImportError, AttributeError) as e:
+            return f"{self.package}.Precision is not available ({e})"
+        except (ValueError, NotImplementedError, TypeError, RuntimeError) as e:
+            return f"{self.package} does not run this policy: {e}"
+        return None
 
     @abc.abstractmethod
     def convert_input(self, policy: Policy, x: np.ndarray) -> np.ndarray:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Mapping
 
 import numpy as np
@@ -15,9 +14,6 @@ from ..weights import WeightMap, flatten_flax
 from ..zoo import ModelSpec
 from .base import Backend, Optim, Session, StepInfo
 
-
-def _load_precision_cls():
-    return importlib.import_module("dualprec_jax").Precision
 
 
 def to_numpy(a) -> np.ndarray:
@@ -44,25 +40,14 @@ class JaxBackend(Backend):
     """``precision_cls`` defaults to dualprec_jax.Precision; tests pass a stand-in."""
 
     name = "jax"
+    package = "dualprec_jax"
 
     def __init__(self, precision_cls=None):
-        self._cls = precision_cls
+        super().__init__(precision_cls)
         # (spec, policy) -> _Compiled: jit once per model and policy, reused by every session
         # of that pair whatever its optimizer (the optimizer update is jitted per Optim).
         self._compiled = {}
 
-    def precision(self, policy: Policy):
-        cls = self._cls or _load_precision_cls()
-        return cls(policy)
-
-    def unsupported(self, policy: Policy) -> str | None:
-        try:
-            self.precision(policy)
-        except (ImportError, AttributeError) as e:
-            return f"dualprec_jax.Precision is not available ({e})"
-        except (ValueError, NotImplementedError, TypeError, RuntimeError) as e:
-            return f"dualprec_jax does not run this policy: {e}"
-        return None
 
     def convert_input(self, policy, x):
         import jax.numpy as jnp

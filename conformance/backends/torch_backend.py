@@ -4,7 +4,6 @@ step, state_dict)."""
 
 from __future__ import annotations
 
-import importlib
 from typing import Mapping
 
 import ml_dtypes
@@ -40,30 +39,11 @@ def _dtype_str(dt) -> str:
     return str(dt).replace("torch.", "")
 
 
-def _load_precision_cls():
-    return importlib.import_module("dualprec_torch").Precision
-
-
 class TorchBackend(Backend):
     """``precision_cls`` defaults to dualprec_torch.Precision; tests pass a stand-in."""
 
     name = "torch"
-
-    def __init__(self, precision_cls=None):
-        self._cls = precision_cls
-
-    def precision(self, policy: Policy):
-        cls = self._cls or _load_precision_cls()
-        return cls(policy)
-
-    def unsupported(self, policy: Policy) -> str | None:
-        try:
-            self.precision(policy)
-        except (ImportError, AttributeError) as e:
-            return f"dualprec_torch.Precision is not available ({e})"
-        except (ValueError, NotImplementedError, TypeError) as e:  # PolicyError is a ValueError
-            return f"dualprec_torch does not run this policy: {e}"
-        return None
+    package = "dualprec_torch"
 
     def convert_input(self, policy, x):
         return to_numpy(self.precision(policy).convert_input(from_numpy(x)))
