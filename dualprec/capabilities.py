@@ -77,15 +77,15 @@ def resolve_fp8_engine(policy: Policy, caps: DeviceCaps) -> str | None:
 
 
 def _swap_dtype(p: Policy, old: str, new: str) -> Policy:
-    def sw(x):
-        return new if x == old else x
+    def swap(q: Policy) -> Policy:
+        changes = {f: new if getattr(q, f) == old else getattr(q, f)
+                   for f in ("param_dtype", "compute_dtype", "output_dtype", "reduce_dtype")}
+        out = dataclasses.replace(q, **changes)
+        if out.compute_dtype == "float16" and out.param_dtype == "float32" and not out.loss_scale.enabled:
+            out = dataclasses.replace(out, loss_scale=LossScale("dynamic"))  # bf16-mixed -> 16-mixed
+        return out
 
-    changes = {f: sw(getattr(p, f)) for f in ("param_dtype", "compute_dtype", "output_dtype", "reduce_dtype")}
-    out = dataclasses.replace(p, overrides=(), **changes)
-    if out.compute_dtype == "float16" and out.param_dtype == "float32" and not out.loss_scale.enabled:
-        out = dataclasses.replace(out, loss_scale=LossScale("dynamic"))  # bf16-mixed -> 16-mixed
-    subs = tuple((pat, _swap_dtype(sub, old, new)) for pat, sub in p.overrides)
-    return dataclasses.replace(out, overrides=subs)
+    return _map_all(p, swap)
 
 
 def check_policy(policy: Policy, caps: DeviceCaps) -> CheckReport:

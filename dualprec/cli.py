@@ -60,10 +60,11 @@ def _presets_args(p):
 
 
 def _presets(args) -> int:
+    from .grammar import explicit_form
     from .presets import PRESET_TABLE
 
     rows = [{"name": r.name, "aliases": list(r.aliases), "source": r.source, "description": r.description,
-             "explicit": _explicit(r.policy)} for r in PRESET_TABLE]
+             "explicit": explicit_form(r.policy)} for r in PRESET_TABLE]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -77,14 +78,6 @@ def _presets(args) -> int:
         table.add_row(r["name"], ", ".join(r["aliases"]), r["source"], r["description"])
     Console().print(table)
     return 0
-
-
-def _explicit(policy) -> str:
-    from .grammar import _diff_items
-    from .policy import Policy
-
-    items = [f"params={policy.param_dtype}", f"compute={policy.compute_dtype}", f"output={policy.output_dtype}"]
-    return ",".join(items + _diff_items(Policy(policy.param_dtype, policy.compute_dtype, policy.output_dtype), policy))
 
 
 def _maybe_int(text: str):

@@ -24,7 +24,7 @@ from .dtypes import canonical_dtype
 from .errors import PolicyError, did_you_mean
 from .policy import FP8Recipe, LossScale, Policy, Quantization, QUANT_MODES, _replace
 
-__all__ = ["parse_policy", "format_policy", "parse_component", "KEYS"]
+__all__ = ["parse_policy", "format_policy", "explicit_form", "parse_component", "KEYS"]
 
 #: canonical key -> accepted spellings
 KEYS = {
@@ -314,8 +314,14 @@ def format_policy(p: Policy) -> str:
     from .presets import preset_name_of
 
     name = preset_name_of(p)
-    if name is not None:
-        return name
+    return name if name is not None else explicit_form(p)
+
+
+def explicit_form(p: Policy) -> str:
+    """The explicit key=value form, also for presets: params, compute and output always,
+    other keys where they differ from the default, overrides last."""
+    from .presets import preset_name_of
+
     base = _replace(p, overrides=())
     items = [f"params={p.param_dtype}", f"compute={p.compute_dtype}", f"output={p.output_dtype}"]
     items += _diff_items(Policy(p.param_dtype, p.compute_dtype, p.output_dtype), base)
