@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["jax_dtype", "cast_floating", "accumulation_dtype", "wider_than_f32"]
+__all__ = ["jax_dtype", "cast_floating", "accumulation_dtype"]
 
 _DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16,
            "float16": jnp.float16}
@@ -27,13 +27,9 @@ def jax_dtype(name: str) -> jnp.dtype:
 
 
 def accumulation_dtype(compute: str) -> jnp.dtype:
-    """Matmuls accumulate in float32, or in float64 when they compute in float64."""
+    """Matmuls accumulate, and normalisations, softmax and losses run, in float32 (float64
+    under a float64 policy)."""
     return jax_dtype("float64" if compute == "float64" else "float32")
-
-
-def wider_than_f32(name: str) -> jnp.dtype:
-    """Normalisations, softmax and losses run in float32 (float64 under a float64 policy)."""
-    return accumulation_dtype(name)
 
 
 def _is_array(x: Any) -> bool:

@@ -17,7 +17,7 @@ from jax import lax
 
 from dualprec import Policy
 
-from .casts import accumulation_dtype, jax_dtype, wider_than_f32
+from .casts import accumulation_dtype, jax_dtype
 
 __all__ = ["OpDtypes", "op_dtypes", "accumulating_dot_general", "accumulating_conv",
            "dot_product_attention", "softmax", "log_softmax"]
@@ -31,7 +31,7 @@ class OpDtypes:
         self.compute = jax_dtype(policy.compute_dtype)
         self.output = jax_dtype(policy.output_dtype)
         self.accumulate = accumulation_dtype(policy.compute_dtype)
-        self.norm = wider_than_f32(policy.compute_dtype)
+        self.norm = self.accumulate  # norms, softmax and losses: float32 (float64 under float64)
         # Mixed policies follow autocast's fp32 list (norm outputs stay float32, the next
         # matmul casts); pure ones round the norm output to the compute dtype, as a torch
         # module converted with .to(dtype) does.
