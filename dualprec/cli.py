@@ -8,6 +8,7 @@ import importlib
 import json
 import sys
 
+from . import __version__
 from .errors import PolicyError
 
 #: name -> (module, help).  Each module has add_arguments(parser) and run(args) -> int.
@@ -90,12 +91,17 @@ run = {"explain": _explain, "presets": _presets}
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
     if argv and argv[0] in SUBCOMMANDS and SUBCOMMANDS[argv[0]][0] != "dualprec.cli":
         # Subcommands in other modules parse their own options (argparse's REMAINDER would
         # refuse a first argument such as --policy).
-        return _run_lazy(argv[0], SUBCOMMANDS[argv[0]][0], argv[1:])
-    parser = argparse.ArgumentParser(prog="dualprec", description="One precision policy for PyTorch and JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
+        return _guarded(lambda: _run_lazy(argv[0], SUBCOMMANDS[argv[0]][0], argv[1:]), debug)
+    parser = argparse.ArgumentParser(prog="dualprec", description="One precision policy for PyTorch and JAX.",
+                                     epilog="--debug (anywhere): show the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"dualprec {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text)
         if module == "dualprec.cli":
@@ -105,32 +111,49 @@ def main(argv=None) -> int:
             sp.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if getattr(args, "_lazy", None):
-        return _run_lazy(args.command, args._lazy, args.rest)
+        return _guarded(lambda: _run_lazy(args.command, args._lazy, args.rest), debug)
+    return _guarded(lambda: run[args.command](args), debug)
+
+
+def _guarded(call, debug: bool) -> int:
+    """Run a subcommand: an error is one line on stderr (exit 2 for a bad policy, 1 for
+    anything else) unless --debug asks for the traceback."""
     try:
-        return run[args.command](args)
+        return call()
     except PolicyError as e:
+        if debug:
+            raise
         print(f"dualprec: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dualprec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's promise: one line, no traceback
+        if debug:
+            raise
+        print(f"dualprec: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _run_lazy(command: str, module: str, rest: list[str]) -> int:
     if module == "bench.cli":
-        # bench/ lives in the source checkout, not in the installed package.
+        # bench/ lives in the source checkout next to the package (an editable install or a
+        # checkout on sys.path), not in a wheel: find it from the package, then the cwd.
         from pathlib import Path
 
-        if (Path.cwd() / "bench" / "cli.py").is_file() and str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))
+        for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+            if (root / "bench" / "cli.py").is_file():
+                if str(root) not in sys.path:
+                    sys.path.insert(0, str(root))
+                break
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        hint = " (run it from a dualprec source checkout: bench/ is not installed)" if module == "bench.cli" else ""
+        hint = (" (bench/ ships with the source checkout, not the wheel: pip install -e . from a "
+                "checkout, or run it there)") if module == "bench.cli" else ""
         print(f"dualprec {command}: not available ({e}){hint}", file=sys.stderr)
         return 2
-    try:
-        return int(mod.main(rest) or 0)
-    except PolicyError as e:
-        print(f"dualprec: error: {e}", file=sys.stderr)
-        return 2
+    return int(mod.main(rest) or 0)
 
 if __name__ == "__main__":
     sys.exit(main())
