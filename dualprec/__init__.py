@@ -6,11 +6,11 @@ carry a Policy out, `dualprec.ref` holds the reference numerics in NumPy.
 """
 
 from .capabilities import CheckReport, DeviceCaps, check_policy
-from .errors import PolicyError
+from .errors import PolicyError, UnsupportedPolicyError
 from .explain import explain
 from .policy import FP8Recipe, LossScale, Policy, Quantization
 from .presets import presets
 
-__all__ = ["Policy", "LossScale", "Quantization", "FP8Recipe", "PolicyError", "presets",
+__all__ = ["Policy", "LossScale", "Quantization", "FP8Recipe", "PolicyError", "UnsupportedPolicyError", "presets",
            "DeviceCaps", "CheckReport", "check_policy", "explain", "__version__"]
 __version__ = "0.1.0"

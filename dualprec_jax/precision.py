@@ -19,6 +19,7 @@ from typing import Any
 import jax
 
 from dualprec import CheckReport, DeviceCaps, Policy, PolicyError
+from dualprec.errors import UnsupportedPolicyError
 
 from . import flax_linen, flax_nnx
 from .caps import device_caps
@@ -29,10 +30,6 @@ from .optim import LossScaledState, loss_scaled
 __all__ = ["Precision", "UnsupportedPolicyError"]
 
 log = logging.getLogger("dualprec_jax")
-
-
-class UnsupportedPolicyError(PolicyError, NotImplementedError):
-    """A valid policy that this backend does not carry out (yet)."""
 
 
 def _unsupported_features(policy: Policy) -> list[str]:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from dualprec import Policy, PolicyError
+from dualprec.errors import UnsupportedPolicyError
 
 from .caps import device_caps
 from .casts import cast_floating, torch_dtype
@@ -49,10 +50,6 @@ __all__ = ["Precision", "UnsupportedPolicyError"]
 
 STATE_FORMAT = "dualprec_torch.Precision"
 STATE_VERSION = 1
-
-
-class UnsupportedPolicyError(PolicyError, NotImplementedError):
-    """A valid policy that needs a feature this backend does not have yet."""
 
 
 def _check_supported(policy: Policy) -> None:
