@@ -36,11 +36,12 @@ KEYS = {
     "quant": ("quant", "q", "quantization"),
     "fp8": ("fp8",),
     "master": ("master", "master_weights"),
+    "nonfinite": ("nonfinite", "non_finite", "nan"),
 }
 _KEY_OF = {alias: key for key, aliases in KEYS.items() for alias in aliases}
 _FIELD_OF_KEY = {"params": "param_dtype", "compute": "compute_dtype", "output": "output_dtype",
                  "reduce": "reduce_dtype", "loss_scale": "loss_scale", "quant": "quantization",
-                 "fp8": "fp8", "master": "master_weights"}
+                 "fp8": "fp8", "master": "master_weights", "nonfinite": "nonfinite"}
 
 _LOSS_ARGS = {"init": "init_scale", "init_scale": "init_scale", "scale": "init_scale",
               "growth": "growth_factor", "growth_factor": "growth_factor",
@@ -218,6 +219,8 @@ def _parse_value(key: str, value: str) -> Any:
         if v in _FALSE:
             return False
         raise PolicyError(f'master="{value}": use true or false')
+    if key == "nonfinite":
+        return value.lower()
     if key == "loss_scale":
         return parse_component(LossScale, value, "loss_scale")
     if key == "quant":
@@ -336,7 +339,7 @@ def explicit_form(p: Policy) -> str:
 def _diff_items(old: Policy, new: Policy) -> list[str]:
     """key=value items that turn ``old`` into ``new``, in the grammar's fixed key order."""
     items = []
-    for key in ("params", "compute", "output", "reduce", "loss_scale", "quant", "fp8", "master"):
+    for key in ("params", "compute", "output", "reduce", "loss_scale", "quant", "fp8", "master", "nonfinite"):
         field = _FIELD_OF_KEY[key]
         if getattr(old, field) != getattr(new, field):
             items.append(f"{key}={_format_value(getattr(new, field))}")

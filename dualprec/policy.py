@@ -31,7 +31,7 @@ from .errors import PolicyError
 __all__ = [
     "LossScale", "Quantization", "FP8Recipe", "Policy",
     "LOSS_SCALE_KINDS", "QUANT_MODES", "FOUR_BIT_MODES", "INT8_MODES", "BLOCKSIZES",
-    "FP8_SCALINGS", "FP8_FORMATS", "FP8_ENGINES", "AMAX_ALGOS", "SCHEMA_VERSION",
+    "FP8_SCALINGS", "FP8_FORMATS", "FP8_ENGINES", "AMAX_ALGOS", "SCHEMA_VERSION", "NONFINITE_RULES",
 ]
 
 SCHEMA_VERSION = 1
@@ -45,6 +45,8 @@ FP8_SCALINGS = ("delayed", "current")
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_ENGINES = ("auto", "transformer-engine", "native")
 AMAX_ALGOS = ("max", "most_recent")
+#: what an optimizer step does with non-finite gradients (see Policy.nonfinite_rule)
+NONFINITE_RULES = ("apply", "skip", "raise")
 
 
 def _replace(obj, **changes):
@@ -276,7 +278,13 @@ class Policy:
     ``master_weights`` keeps fp32 copies of half-precision parameters for the optimizer.
     ``overrides`` maps module-path patterns (fnmatch over dotted paths; a pattern covers
     the module's children; the first matching pattern wins) to the policy those modules
-    use.  Loss scaling and master weights are global: an override inherits them.
+    use.  Loss scaling, master weights and the non-finite rule are global: an override
+    inherits them.
+
+    ``nonfinite``: what a step does when a gradient is inf/NaN: "apply" it (torch without a
+    GradScaler), "skip" it, or "raise" naming the first such parameter.  None (the default)
+    means the policy's own rule: skip with loss scaling (backing off needs a skipped step),
+    apply without.  The default rule is stored as None, so spelling it out changes nothing.
     """
 
     param_dtype: str = "float32"
@@ -287,6 +295,7 @@ class Policy:
     quantization: Quantization | None = None
     fp8: FP8Recipe | None = None
     master_weights: bool = False
+    nonfinite: str | None = None
     overrides: tuple[tuple[str, Policy], ...] = ()
 
     def __post_init__(self):
@@ -302,6 +311,7 @@ class Policy:
         object.__setattr__(self, "fp8", _coerce(self.fp8, FP8Recipe, "fp8"))
         if not isinstance(self.master_weights, bool):
             raise PolicyError(f"master_weights must be true or false, got {self.master_weights!r}")
+        object.__setattr__(self, "nonfinite", _nonfinite(self.nonfinite, self.loss_scale))
         object.__setattr__(self, "overrides", self._normalise_overrides(self.overrides))
         _validate(self)
 
@@ -323,7 +333,11 @@ class Policy:
             if sub.loss_scale.enabled and sub.loss_scale != self.loss_scale:
                 raise PolicyError(f"overrides: {pattern!r} sets loss_scale={sub.loss_scale.kind}, but loss "
                                   "scaling is global (one scale for the whole loss); set it on the top-level policy")
-            sub = _replace(sub, loss_scale=self.loss_scale, master_weights=self.master_weights)
+            if sub.nonfinite is not None and sub.nonfinite != self.nonfinite:
+                raise PolicyError(f"overrides: {pattern!r} sets nonfinite={sub.nonfinite}, but the non-finite "
+                                  "rule is global (one decision per step); set it on the top-level policy")
+            sub = _replace(sub, loss_scale=self.loss_scale, master_weights=self.master_weights,
+                           nonfinite=self.nonfinite)
             out.append((pattern, sub))
         return tuple(out)
 
@@ -402,6 +416,18 @@ class Policy:
         return self.param_dtype != self.compute_dtype
 
     @property
+    def nonfinite_rule(self) -> str:
+        """"apply", "skip" or "raise": ``nonfinite`` with the default filled in."""
+        if self.nonfinite is not None:
+            return self.nonfinite
+        return "skip" if self.loss_scale.enabled else "apply"
+
+    def policies(self) -> tuple[tuple[str, Policy], ...]:
+        """("", the top-level policy without overrides) then (pattern, policy) per override:
+        every policy some module may run under."""
+        return (("", _replace(self, overrides=())),) + self.overrides
+
+    @property
     def needs_x64(self) -> bool:
         return "float64" in self.dtypes()
 
@@ -430,6 +456,22 @@ class Policy:
         from .capabilities import check_policy
 
         return check_policy(self, caps)
+
+
+def _nonfinite(value, loss_scale: LossScale) -> str | None:
+    if value is None:
+        return None
+    rule = str(value).strip().lower()
+    if rule not in NONFINITE_RULES:
+        from .errors import did_you_mean
+        raise PolicyError(f'nonfinite: unknown rule "{value}"{did_you_mean(rule, NONFINITE_RULES)}; '
+                          f"use one of {', '.join(NONFINITE_RULES)}")
+    default = "skip" if loss_scale.enabled else "apply"
+    if loss_scale.enabled and rule == "apply":
+        raise PolicyError("nonfinite=apply with loss scaling: an overflow under loss scaling must skip the "
+                          "step (the scale backs off and the step is retried at the lower scale); use skip "
+                          "or raise, or loss_scale=none")
+    return None if rule == default else rule
 
 
 def _coerce(value, cls, what):

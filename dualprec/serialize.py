@@ -14,7 +14,7 @@ __all__ = ["policy_to_dict", "policy_from_dict", "policy_to_json", "policy_from_
            "load_policy", "save_policy", "component_from_dict"]
 
 _TOP_KEYS = ("schema_version", "param_dtype", "compute_dtype", "output_dtype", "reduce_dtype",
-             "loss_scale", "quantization", "fp8", "master_weights", "overrides")
+             "loss_scale", "quantization", "fp8", "master_weights", "nonfinite", "overrides")
 
 
 def policy_to_dict(p: Policy, *, _nested: bool = False) -> dict:
@@ -23,6 +23,7 @@ def policy_to_dict(p: Policy, *, _nested: bool = False) -> dict:
              reduce_dtype=p.reduce_dtype, loss_scale=p.loss_scale.to_dict(),
              quantization=None if p.quantization is None else p.quantization.to_dict(),
              fp8=None if p.fp8 is None else p.fp8.to_dict(), master_weights=p.master_weights,
+             nonfinite=p.nonfinite,
              overrides=[{"pattern": pat, "policy": policy_to_dict(sub, _nested=True)}
                         for pat, sub in p.overrides])
     return d
@@ -40,7 +41,7 @@ def policy_from_dict(data: Mapping, *, _nested: bool = False) -> Policy:
                               f"<= {SCHEMA_VERSION}); upgrade dualprec")
     _check_keys(data, _TOP_KEYS, "policy")
     kwargs: dict[str, Any] = {}
-    for key in ("param_dtype", "compute_dtype", "output_dtype", "reduce_dtype", "master_weights"):
+    for key in ("param_dtype", "compute_dtype", "output_dtype", "reduce_dtype", "master_weights", "nonfinite"):
         if key in data:
             kwargs[key] = data[key]
     if data.get("loss_scale") is not None:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dualprec import FP8Recipe, LossScale, Policy, PolicyError, Quantization, presets
-from dualprec.policy import BLOCKSIZES, FP8_ENGINES, FP8_FORMATS, QUANT_MODES
+from dualprec.policy import BLOCKSIZES, FP8_ENGINES, FP8_FORMATS, NONFINITE_RULES, QUANT_MODES
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 patterns = st.from_regex(r"[a-z][a-z0-9_]{0,6}(\.(\*|[0-9]|[a-z]{1,4})){0,2}", fullmatch=True)
@@ -57,12 +57,14 @@ def policies(draw, allow_overrides=True):
                           output_dtype=draw(st.sampled_from(DTYPES)),
                           reduce_dtype=draw(st.sampled_from(DTYPES)), loss_scale=draw(loss_scales()),
                           quantization=draw(st.none() | quants()), fp8=draw(st.none() | fp8s()),
-                          master_weights=draw(st.booleans()) if param in ("bfloat16", "float16") else False)
+                          master_weights=draw(st.booleans()) if param in ("bfloat16", "float16") else False,
+                          nonfinite=draw(st.sampled_from((None,) + NONFINITE_RULES)))
             p = Policy(**kwargs)
             if allow_overrides:
                 subs = draw(st.lists(st.tuples(patterns, policies(allow_overrides=False)), max_size=2,
                                      unique_by=lambda t: t[0]))
-                p = p.replace(overrides=tuple((pat, sub.replace(loss_scale=LossScale())) for pat, sub in subs))
+                p = p.replace(overrides=tuple((pat, sub.replace(loss_scale=LossScale(), nonfinite=None))
+                                               for pat, sub in subs))
             return p
         except PolicyError:
             continue
@@ -132,3 +134,24 @@ def test_load_rejects_bad_documents(tmp_path):
             Policy.load(tmp_path / name)
     with pytest.raises(PolicyError, match="no such file"):
         Policy.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("text, rule, stored", [
+    ("bf16-mixed", "apply", None), ("16-mixed", "skip", None), ("bf16-mixed,nonfinite=apply", "apply", None),
+    ("16-mixed,nonfinite=skip", "skip", None), ("bf16-mixed,nonfinite=skip", "skip", "skip"),
+    ("16-mixed,nonfinite=raise", "raise", "raise"), ("32-true,nan=RAISE", "raise", "raise")])
+def test_nonfinite_rule_defaults_and_spellings(text, rule, stored):
+    p = Policy.parse(text)
+    assert (p.nonfinite_rule, p.nonfinite) == (rule, stored)
+    assert Policy.parse(str(p)) == p and Policy.from_dict(p.to_dict()) == p
+
+
+def test_nonfinite_is_global_and_checked():
+    p = Policy.parse("bf16-mixed,nonfinite=raise,@head=32-true")
+    assert p.for_module("head.proj").nonfinite_rule == "raise"
+    with pytest.raises(PolicyError, match="must skip the step"):
+        Policy.parse("16-mixed,nonfinite=apply")
+    with pytest.raises(PolicyError, match='did you mean "skip"'):
+        Policy.parse("bf16-mixed,nonfinite=skp")
+    with pytest.raises(PolicyError, match="global"):
+        Policy.parse("bf16-mixed,@head=(nonfinite=raise)")
