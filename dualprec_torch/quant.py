@@ -1,0 +1,632 @@
+"""Weight quantization of a torch model's linear layers with bitsandbytes, as a Policy says.
+
+`quantize_module(model, policy)` replaces every ``nn.Linear`` whose path the policy quantizes
+(``policy.quantizes(path)``) by a bitsandbytes ``Linear4bit`` (nf4, fp4, with ``-dq`` double
+quantization) or ``Linear8bitLt`` (int8, int8-training) and quantizes its weight right away,
+on ``device`` or where the weight is.  The layers are bitsandbytes' own classes (subclassed),
+so their state dicts use bitsandbytes' key layout and a plain bitsandbytes model loads them.
+
+What the subclasses add to bitsandbytes 0.50:
+
+- ``load_state_dict`` reads back what ``state_dict`` writes: a full-precision weight is
+  quantized; a quantized one (``weight`` + ``weight.absmax``, ``weight.quant_map``,
+  ``weight.nested_*``, ``weight.quant_state.bitsandbytes__<type>``; ``weight`` + ``SCB`` for
+  int8) replaces the layer's state, with ``strict=True``.  bitsandbytes' ``Linear4bit``
+  writes those keys but does not read them (strict loading fails, non-strict loading keeps
+  the old absmax under the new codes) and ``Linear8bitLt`` drops ``SCB`` under
+  ``strict=False``.  A checkpoint quantized differently (type, block size, double
+  quantization) or with other shapes is an error naming the key and both sides.
+- The forward neither rewrites the weight nor casts the bias in place (bitsandbytes does
+  both: its CPU inference path repacks the weight for AVX512-BF16 kernels, and it casts the
+  bias parameter to the compute dtype), so the quantized bytes stay bitsandbytes' layout on
+  every device and the results are those of dequantize-then-matmul.
+- Device moves keep the quantized state: the codes move, the quantization state follows the
+  weight, nothing is quantized again.
+
+Everything bitsandbytes-specific is imported lazily: without it, quantizing raises an
+ImportError naming ``pip install "dualprec[bnb]"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import weakref
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules import module as module_mod
+
+from .casts import torch_dtype
+
+try:  # the spec's error types (the backend's copy until the spec has them)
+    from dualprec.errors import UnsupportedPolicyError
+except ImportError:  # pragma: no cover
+    from .precision import UnsupportedPolicyError  # noqa: F401
+from dualprec.errors import PolicyError
+
+__all__ = [
+    "quantize_module", "quantized_layers", "is_quantized", "rebind_optimizer", "uses_quantization",
+    "module_init_context",
+    "state_tensors", "load_state_tensors", "deferred_init", "require_bitsandbytes",
+    "QuantizationError",
+]
+
+INSTALL_HINT = 'pip install "dualprec[bnb]"'
+_SKIP_INIT = "_dualprec_skip_init"
+
+
+class QuantizationError(RuntimeError):
+    """A model or checkpoint that cannot be quantized or loaded as asked."""
+
+
+@functools.lru_cache(maxsize=1)
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError as e:  # ModuleNotFoundError, or a broken native library
+        raise ImportError(f"quantization needs bitsandbytes, which could not be imported ({e}); "
+                          f"install it with {INSTALL_HINT}") from e
+    return bitsandbytes
+
+
+def require_bitsandbytes():
+    """The bitsandbytes module, or an ImportError that says how to install it."""
+    return _bnb()
+
+
+# ----- the layer classes (built once bitsandbytes is imported) ---------------------------
+
+
+def _device_of(layer: nn.Module) -> torch.device:
+    w = layer.weight
+    if w.device.type == "meta" and getattr(layer, "_dualprec_device", None) is not None:
+        return layer._dualprec_device
+    return w.device
+
+
+def _full_weight(layer, tensor: torch.Tensor, key: str) -> torch.Tensor:
+    shape = (layer.out_features, layer.in_features)
+    if tuple(tensor.shape) != shape:
+        raise QuantizationError(
+            f"size mismatch for {key}: the checkpoint has a {_dtype_str(tensor)} tensor of shape "
+            f"{tuple(tensor.shape)}, this model's layer has shape {shape} ({layer.quant_mode})")
+    return tensor
+
+
+def _dtype_str(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _base_load(layer, state_dict, prefix, own: set, *args):
+    """nn.Module's loading for everything but ``own`` keys (the bias), not bitsandbytes'."""
+    local_metadata, strict, missing, unexpected, errors = args
+    rest = {k: v for k, v in state_dict.items() if k not in own}
+    nn.Module._load_from_state_dict(layer, rest, prefix, local_metadata, strict, missing, unexpected, errors)
+    key = prefix + "weight"
+    if key in state_dict and key in missing:
+        missing.remove(key)
+
+
+@functools.lru_cache(maxsize=1)
+def _classes():
+    bnb = _bnb()
+    F = bnb.functional
+
+    class QuantLinear4bit(bnb.nn.Linear4bit):
+        """bitsandbytes' Linear4bit with loading, device moves and a forward that keep its state."""
+
+        @classmethod
+        def empty(cls, in_features, out_features, bias, q, compute_dtype, param_dtype, device):
+            layer = cls(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
+                        compress_statistics=q.double_quant, quant_type=q.quant_type,
+                        quant_storage=torch.uint8, device="meta")
+            layer.weight.blocksize = q.blocksize
+            layer.support_avx512bf16_for_cpu = False  # the in-place repacking path, see the module doc
+            layer.quant_mode, layer.blocksize = q.mode, q.blocksize
+            layer.param_dtype = param_dtype
+            layer._dualprec_device = torch.device(device)
+            return layer
+
+        def quantize_(self, weight: torch.Tensor, device=None) -> None:
+            """Quantize the full-precision ``weight`` (out, in) into this layer, on ``device``."""
+            device = torch.device(device) if device is not None else _device_of(self)
+            w = weight.detach().to(device=device, dtype=self.param_dtype).contiguous()
+            if w.is_floating_point() and not torch.isfinite(w).all():
+                raise QuantizationError("the weight holds NaN or inf, which would poison its whole "
+                                        "quantization block; fix the weights before quantizing")
+            packed, state = F.quantize_4bit(w, blocksize=self.blocksize, compress_statistics=self.weight.compress_statistics,
+                                            quant_type=self.weight.quant_type, quant_storage=torch.uint8)
+            self._set_state(packed, state)
+
+        def _set_state(self, packed, state) -> None:
+            self.weight = bnb.nn.Params4bit(
+                packed, requires_grad=False, quant_state=state, blocksize=self.blocksize,
+                compress_statistics=state.nested, quant_type=state.quant_type,
+                quant_storage=packed.dtype, module=self, bnb_quantized=True)
+            self.quant_state = state
+
+        @property
+        def quantized(self) -> bool:
+            return getattr(self.weight, "quant_state", None) is not None
+
+        def dequantize(self) -> torch.Tensor:
+            """The weight as the forward uses it: (out, in) in the quantization state's dtype."""
+            return F.dequantize_4bit(self.weight.data, self.weight.quant_state)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            state = getattr(self.weight, "quant_state", None)
+            if state is None:
+                raise QuantizationError("this Linear4bit has no quantized weight yet (created under "
+                                        "init_module and not set up): call precision.setup(model) or "
+                                        "load a state dict first")
+            out_dtype = self.compute_dtype if torch.is_autocast_enabled(x.device.type) else x.dtype
+            x = x.to(self.compute_dtype)
+            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+            return bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=state).to(out_dtype)
+
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            if not self.quantized:
+                raise QuantizationError(f"{prefix}weight is not quantized yet (deferred under init_module); "
+                                        "set the model up or load a checkpoint before saving it")
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+
+        def _load_from_state_dict(self, state_dict, prefix, *args):
+            key = prefix + "weight"
+            extra = {k[len(key) + 1:]: v for k, v in state_dict.items() if k.startswith(key + ".")}
+            _base_load(self, state_dict, prefix, {key, *(key + "." + k for k in extra)}, *args)
+            errors = args[-1]
+            if key not in state_dict:
+                if extra:
+                    errors.append(f"{key}: the checkpoint has its quantization state ({', '.join(sorted(extra))}) "
+                                  "but not the packed weight")
+                return
+            try:
+                self._load_weight(state_dict[key], extra, key)
+            except QuantizationError as e:
+                errors.append(str(e))
+
+        def _load_weight(self, tensor, extra: dict, key: str) -> None:
+            if tensor.is_floating_point():
+                if extra:
+                    raise QuantizationError(f"{key}: a full-precision weight ({_dtype_str(tensor)}) with "
+                                            f"quantization state keys ({', '.join(sorted(extra))}); a checkpoint "
+                                            "holds one or the other")
+                self.quantize_(_full_weight(self, tensor, key))
+                return
+            self._set_state(*self._prequantized(tensor, extra, key))
+
+        def _prequantized(self, tensor, extra: dict, key: str):
+            qs_keys = [k for k in extra if k.startswith("quant_state.")]
+            expected_qs = f"quant_state.bitsandbytes__{self.weight.quant_type}"
+            if qs_keys != [expected_qs]:
+                found = ", ".join(f"{key}.{k}" for k in qs_keys) or "none"
+                raise QuantizationError(
+                    f"{key}: a {_dtype_str(tensor)} (quantized) weight needs {key}.{expected_qs} and the other "
+                    f"quantization keys; found {found}. Save the checkpoint from a quantized model's "
+                    "state_dict(), or load full-precision weights")
+            try:
+                state = F.QuantState.from_dict(dict(extra), device=_device_of(self))
+            except (ValueError, KeyError, AssertionError, TypeError) as e:
+                raise QuantizationError(f"{key}: unreadable bitsandbytes quantization state ({e!r})") from None
+            shape = (self.out_features, self.in_features)
+            if tuple(state.shape) != shape:
+                raise QuantizationError(f"size mismatch for {key}: the checkpoint was quantized from shape "
+                                        f"{tuple(state.shape)}, this model's layer has shape {shape}")
+            mine = (self.weight.quant_type, self.blocksize, bool(self.weight.compress_statistics))
+            theirs = (state.quant_type, int(state.blocksize), bool(state.nested))
+            if mine != theirs:
+                raise QuantizationError(
+                    f"{key}: the checkpoint is {_describe(*theirs)}, this layer is {_describe(*mine)} "
+                    f"({self.quant_mode}); load full-precision weights to re-quantize, or use the policy the "
+                    "checkpoint was written under")
+            n = shape[0] * shape[1]
+            packed_shape = ((n + 1) // 2, 1)
+            if tensor.dtype != torch.uint8 or tuple(tensor.shape) != packed_shape:
+                raise QuantizationError(f"size mismatch for {key}: the checkpoint has a {_dtype_str(tensor)} tensor "
+                                        f"of shape {tuple(tensor.shape)}, a {shape} layer packs into uint8 of "
+                                        f"shape {packed_shape}")
+            blocks = -(-n // state.blocksize)
+            if state.absmax.numel() != blocks or (state.nested and state.state2.absmax.numel() != -(-blocks // state.state2.blocksize)):
+                raise QuantizationError(f"size mismatch for {key}.absmax: {state.absmax.numel()} blocks in the "
+                                        f"checkpoint, {blocks} for shape {shape} and blocksize {state.blocksize}")
+            return tensor.to(_device_of(self)), state
+
+        def _apply(self, fn, recurse=True):
+            super()._apply(fn, recurse)
+            state = getattr(self.weight, "quant_state", None)
+            if state is not None and state.absmax.device != self.weight.device:
+                state.to(self.weight.device)
+            if self.weight.device.type != "meta":
+                self._dualprec_device = self.weight.device
+            return self
+
+        def extra_repr(self) -> str:
+            return f"{super().extra_repr()}, mode={self.quant_mode}, blocksize={self.blocksize}"
+
+    class QuantLinear8bit(bnb.nn.Linear8bitLt):
+        """bitsandbytes' Linear8bitLt with loading and device moves that keep SCB."""
+
+        @classmethod
+        def empty(cls, in_features, out_features, bias, q, compute_dtype, param_dtype, device):
+            training = q.mode == "int8-training"
+            layer = cls(in_features, out_features, bias=bias, has_fp16_weights=training,
+                        threshold=q.threshold, device="meta")
+            layer.quant_mode, layer.compute_dtype, layer.param_dtype = q.mode, compute_dtype, param_dtype
+            layer._dualprec_device = torch.device(device)
+            return layer
+
+        def quantize_(self, weight: torch.Tensor, device=None) -> None:
+            device = torch.device(device) if device is not None else _device_of(self)
+            w = weight.detach().to(device=device, dtype=self.param_dtype)
+            if not torch.isfinite(w.to(torch.float16)).all():
+                raise QuantizationError("the weight holds NaN or inf (after rounding to float16), which "
+                                        "would poison its row's scale; fix the weights before quantizing")
+            if self.state.has_fp16_weights:
+                # int8-training keeps trainable weights and quantizes them in every forward
+                self.weight = bnb.nn.Int8Params(w.contiguous(), requires_grad=True,
+                                                has_fp16_weights=True)
+            else:
+                codes, scb, _ = F.int8_vectorwise_quant(w.to(torch.float16).contiguous())
+                self._set_state(codes, scb)
+            self.state.CB = self.state.SCB = None
+
+        def _set_state(self, codes, scb) -> None:
+            self.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scb)
+            self.state.CB = self.state.SCB = None
+
+        @property
+        def quantized(self) -> bool:
+            return self.weight.device.type != "meta"
+
+        def dequantize(self) -> torch.Tensor:
+            """The int8 weight times SCB / 127 (float32), or the trainable weight (int8-training)."""
+            if self.state.has_fp16_weights:
+                return self.weight.data
+            codes = self.weight.data
+            scb = self.weight.SCB if self.weight.SCB is not None else self.state.SCB
+            return codes.float() * (scb.float()[:, None] / 127.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.quantized:
+                raise QuantizationError("this Linear8bitLt has no weight yet (created under init_module and "
+                                        "not set up): call precision.setup(model) or load a state dict first")
+            out_dtype = self.compute_dtype if torch.is_autocast_enabled(x.device.type) else x.dtype
+            x = x.to(self.compute_dtype)
+            self.state.is_training = self.training
+            if self.state.has_fp16_weights and x.device.type == "cpu":
+                # bitsandbytes' CPU backend has no int8_double_quant kernel, which its eval path needs;
+                # its training path (dequantize-then-matmul of the same int8 codes) runs everywhere.
+                self.state.is_training = True
+            if self.weight.CB is not None:
+                self.init_8bit_state()
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            out = bnb.matmul(x, self.weight, bias=bias, state=self.state)
+            if not self.state.has_fp16_weights and self.state.CB is not None:
+                self.weight.data = self.state.CB
+            return out.to(out_dtype)
+
+        def _load_from_state_dict(self, state_dict, prefix, *args):
+            key, scb_key, fmt_key = prefix + "weight", prefix + "SCB", prefix + "weight_format"
+            own = {key, scb_key, fmt_key}
+            _base_load(self, state_dict, prefix, own, *args)
+            errors = args[-1]
+            if key not in state_dict:
+                if scb_key in state_dict:
+                    errors.append(f"{scb_key}: the checkpoint has the int8 scales but not {key}")
+                return
+            try:
+                self._load_weight(state_dict[key], state_dict.get(scb_key), state_dict.get(fmt_key), key)
+            except QuantizationError as e:
+                errors.append(str(e))
+
+        def _load_weight(self, tensor, scb, fmt, key: str) -> None:
+            _full_weight(self, tensor, key)
+            if tensor.is_floating_point():
+                if scb is not None:
+                    raise QuantizationError(f"{key}: a full-precision weight with {key[:-6]}SCB; a checkpoint "
+                                            "holds one or the other")
+                self.quantize_(tensor)
+                return
+            if self.state.has_fp16_weights:
+                raise QuantizationError(f"{key}: an int8 (inference) checkpoint cannot resume int8-training, "
+                                        "which trains the full-precision weights; load those instead")
+            if tensor.dtype != torch.int8 or scb is None:
+                raise QuantizationError(f"{key}: a {_dtype_str(tensor)} weight needs int8 codes with "
+                                        f"{key[:-6]}SCB (one float32 scale per row); found "
+                                        f"{'no SCB' if scb is None else 'codes of dtype ' + _dtype_str(tensor)}")
+            if tuple(scb.shape) != (self.out_features,):
+                raise QuantizationError(f"size mismatch for {key[:-6]}SCB: the checkpoint has shape "
+                                        f"{tuple(scb.shape)}, this layer has {self.out_features} rows")
+            if fmt is not None and int(fmt) != 0:
+                raise QuantizationError(f"{key[:-6]}weight_format: only bitsandbytes' row-major format (0) is "
+                                        f"supported, got {int(fmt)}")
+            device = _device_of(self)
+            self._set_state(tensor.to(device), scb.to(device=device, dtype=torch.float32))
+
+        def _apply(self, fn, recurse=True):
+            super()._apply(fn, recurse)
+            w = self.weight
+            if getattr(w, "SCB", None) is not None and w.SCB.device != w.device:
+                w.SCB = w.SCB.to(w.device)
+            if self.state.has_fp16_weights:
+                self.state.CB = self.state.SCB = None  # re-quantized from the weights in the next forward
+            else:
+                if getattr(w, "CB", None) is not None:
+                    w.CB = w.data
+                if self.state.CB is not None:
+                    self.state.CB = w.data
+                if self.state.SCB is not None and self.state.SCB.device != w.device:
+                    self.state.SCB = self.state.SCB.to(w.device)
+            if w.device.type != "meta":
+                self._dualprec_device = w.device
+            return self
+
+        def extra_repr(self) -> str:
+            return f"{super().extra_repr()}, mode={self.quant_mode}, threshold={self.state.threshold}"
+
+    return QuantLinear4bit, QuantLinear8bit
+
+
+def _describe(quant_type: str, blocksize: int, nested: bool) -> str:
+    return f"{quant_type}{'-dq' if nested else ''} with blocksize {blocksize}"
+
+
+# ----- quantizing a model -----------------------------------------------------------------
+
+
+def _bnb_linear_types():
+    bnb = _bnb()
+    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, layer) for every bitsandbytes linear layer in ``model``."""
+    types = _bnb_linear_types()
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, types)]
+
+
+def is_quantized(model: nn.Module) -> bool:
+    try:
+        types = _bnb_linear_types()
+    except ImportError:
+        return False
+    return any(isinstance(m, types) for m in model.modules())
+
+
+def _check_blocksize(q, device: torch.device) -> None:
+    if q.is_4bit and device.type == "cuda" and torch.version.hip and q.blocksize < 64:
+        raise UnsupportedPolicyError(f"quant={q.mode}(blocksize={q.blocksize}): bitsandbytes' ROCm kernels "
+                                     "start at blocksize 64; use blocksize=64 or larger")
+
+
+def _replacement(path: str, linear: nn.Linear, policy, device) -> nn.Module:
+    sub = policy.for_module(path)
+    q = sub.quantization
+    target = torch.device(device) if device is not None else (
+        linear.weight.device if linear.weight.device.type != "meta" else torch.device("cpu"))
+    _check_blocksize(q, target)
+    Q4, Q8 = _classes()
+    cls = Q4 if q.is_4bit else Q8
+    layer = cls.empty(linear.in_features, linear.out_features, linear.bias is not None, q,
+                      torch_dtype(sub.compute_dtype), torch_dtype(sub.param_dtype), target)
+    layer.train(linear.training)
+    if linear.bias is not None:
+        bias = linear.bias
+        if bias.device.type == "meta":
+            bias = nn.Parameter(torch.empty_like(bias, device=target), requires_grad=bias.requires_grad)
+            if not getattr(linear, _SKIP_INIT, False):
+                _init_bias(bias, linear.in_features)
+        elif bias.device != target:
+            bias.data = bias.data.to(target)
+        layer.bias = bias  # the same Parameter: optimizers built on the model keep it
+    if linear.weight.device.type == "meta":
+        # created under init_module(): materialise one layer at a time, then quantize
+        if not getattr(linear, _SKIP_INIT, False):
+            layer.quantize_(_init_weight(linear, target, layer.param_dtype))
+    else:
+        layer.quantize_(linear.weight)
+    return layer
+
+
+def _init_weight(linear: nn.Linear, device, dtype) -> torch.Tensor:
+    w = torch.empty(linear.out_features, linear.in_features, device=device, dtype=dtype)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Linear.reset_parameters
+    return w
+
+
+def _init_bias(bias: torch.Tensor, fan_in: int) -> None:
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+    with torch.no_grad():
+        nn.init.uniform_(bias, -bound, bound)
+
+
+def _materialise(linear: nn.Linear, device) -> None:
+    """A skipped Linear created on the meta device: the full-precision layer, initialised."""
+    target = torch.device(device) if device is not None else getattr(linear, "_dualprec_device", torch.device("cpu"))
+    skip_init = getattr(linear, _SKIP_INIT, False)
+    linear.to_empty(device=target)
+    if not skip_init:
+        linear.reset_parameters()
+
+
+def quantize_module(model: nn.Module, policy, device=None) -> nn.Module:
+    """Replace ``model``'s quantized ``nn.Linear`` layers by bitsandbytes layers, in place.
+
+    ``policy``: a dualprec Policy (or anything ``Policy.parse`` takes); each Linear at a path
+    ``policy.quantizes(path)`` accepts becomes a ``Linear4bit`` (nf4 / fp4, double
+    quantization for ``-dq``, the policy's block size, compute dtype = the module's compute
+    dtype, uint8 storage) or a ``Linear8bitLt`` (threshold from the policy, 6.0 by default;
+    int8-training keeps trainable weights).  Weights are quantized from their value in the
+    module's param dtype, on ``device`` (default: where each weight is).  Skipped layers stay
+    ``nn.Linear``.  The biases stay the same Parameter objects.  Returns ``model``.
+    """
+    from dualprec import Policy
+
+    policy = Policy.parse(policy)
+    _bnb()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_module(model, policy): model must be an nn.Module, got {type(model).__name__}")
+    if type(model) is nn.Linear:
+        raise QuantizationError("quantize_module: the model itself is an nn.Linear; wrap it in a container "
+                                "(nn.Sequential(layer)) so the quantized layer can replace it")
+    done = quantized_layers(model)
+    if done:
+        path, layer = done[0]
+        raise QuantizationError(
+            f"the model is already quantized ({path or 'the model'}: {type(layer).__name__}); quantize a "
+            "model once, from its full-precision nn.Linear layers (Precision.setup does it), or set up "
+            "a fresh model")
+    # exactly nn.Linear: subclasses may not call Linear.forward (MultiheadAttention reads its
+    # out_proj's weight directly), so a quantized weight there would be read as raw bytes
+    linears = [(p, m) for p, m in model.named_modules() if type(m) is nn.Linear]
+    if not linears:
+        raise QuantizationError(
+            f'"{policy}" quantizes nn.Linear layers, but this {type(model).__name__} has none (nn.Linear '
+            "subclasses such as MultiheadAttention's out_proj are left alone); drop quant=... from the policy")
+    chosen = [(p, m) for p, m in linears if policy.quantizes(p)]
+    for path, linear in linears:
+        if not policy.quantizes(path) and linear.weight.device.type == "meta":
+            _materialise(linear, device)
+    for path, linear in chosen:
+        layer = _replacement(path, linear, policy, device)
+        layer._dualprec_source = weakref.ref(linear.weight)
+        _set_submodule(model, path, layer)
+    return model
+
+
+def _set_submodule(model: nn.Module, path: str, layer: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, layer)
+
+
+def rebind_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Point ``optimizer`` (built before quantization) at the quantized model's parameters.
+
+    Weights that became frozen quantized codes leave the optimizer (so their full-precision
+    copy is freed); int8-training's trainable weights replace their originals.
+    """
+    replaced = {}
+    for _, layer in quantized_layers(model):
+        ref = layer.__dict__.pop("_dualprec_source", None)
+        source = ref() if ref is not None else None
+        if source is not None:
+            replaced[id(source)] = (source, layer.weight if layer.weight.requires_grad else None)
+    if not replaced:
+        return
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            if id(p) not in replaced or replaced[id(p)][0] is not p:
+                params.append(p)
+                continue
+            if optimizer.state.get(p):
+                raise QuantizationError("the optimizer has already stepped on weights that quantization replaces; "
+                                        "set the model up (quantize it) before the first optimizer step")
+            new = replaced[id(p)][1]
+            if new is not None:
+                params.append(new)
+        group["params"] = params
+
+
+# ----- creating a model under init_module --------------------------------------------------
+
+
+def uses_quantization(policy) -> bool:
+    """Does ``policy`` (or one of its overrides) quantize anything?"""
+    return policy.quantization is not None or any(sub.quantization is not None for _, sub in policy.overrides)
+
+
+def module_init_context(policy, device, device_type: str, empty_init: bool = False):
+    """`Precision.init_module`'s context: the policy's dtype and device and, under a quantized
+    policy on a GPU, `deferred_init` (on a CPU the layers are created in full precision and
+    quantized at setup)."""
+    from .init import init_context
+
+    base = init_context(policy, device, empty_init)
+    if not (uses_quantization(policy) and device_type == "cuda"):
+        return base
+    stack = contextlib.ExitStack()
+    stack.enter_context(base)
+    stack.enter_context(deferred_init(device if device is not None else "cuda", empty_init))
+    return stack
+
+
+@contextlib.contextmanager
+def deferred_init(device=None, empty_init: bool = False):
+    """Context: ``nn.Linear`` layers created inside keep their weight (and bias) on the meta
+    device, so no full-precision copy of them is ever allocated; `quantize_module` then
+    creates and quantizes them one layer at a time on ``device`` (skipped layers are
+    materialised in full precision there).  Without ``empty_init`` they are initialised as
+    ``nn.Linear.reset_parameters`` does, just before quantization; with it, a checkpoint is
+    expected to fill them (``load_state_dict`` quantizes full-precision weights as it loads).
+    """
+    target = torch.device(device) if device is not None else None
+
+    def hook(module, name, param):
+        if type(module) is nn.Linear and name in ("weight", "bias") and param is not None and param.device.type != "meta":
+            if target is not None:
+                module._dualprec_device = target
+            setattr(module, _SKIP_INIT, empty_init)
+            return nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        return None
+
+    handle = module_mod.register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ----- state as flat arrays (checkpoints) --------------------------------------------------
+
+
+def state_tensors(model: nn.Module) -> dict[str, np.ndarray]:
+    """Every quantized layer's state under bitsandbytes' key names, prefixed by its path
+    (``fc1.weight``, ``fc1.weight.absmax``, ``fc1.weight.quant_state.bitsandbytes__nf4``,
+    ``fc1.bias``, ``fc2.SCB`` ...), as NumPy arrays (bfloat16 via ml_dtypes)."""
+    out = {}
+    for path, layer in quantized_layers(model):
+        prefix = f"{path}." if path else ""
+        for k, v in layer.state_dict().items():
+            out[prefix + k] = _to_numpy(v)
+    return out
+
+
+def load_state_tensors(model: nn.Module, tensors: dict) -> None:
+    """Load `state_tensors` output (NumPy or torch values) into ``model``'s quantized layers.
+    Every quantized layer must find its keys (strict); keys of no quantized layer are an error."""
+    layers = quantized_layers(model)
+    used = set()
+    for path, layer in layers:
+        prefix = f"{path}." if path else ""
+        sub = {k[len(prefix):]: _to_torch(v) for k, v in tensors.items()
+               if k.startswith(prefix) and not any(k.startswith(f"{p}.") for p, _ in layers if len(p) > len(path) and p.startswith(prefix))}
+        used.update(prefix + k for k in sub)
+        layer.load_state_dict(sub, strict=True)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise QuantizationError(f"load_state_tensors: {len(extra)} key(s) belong to no quantized layer: "
+                                f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _to_torch(a) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    a = np.asarray(a)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))
