@@ -54,12 +54,18 @@ def test_cli_usage_errors(capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_unrunnable_policies_are_skips_with_reasons(standins):
+def test_unrunnable_policies_are_skips_with_reasons():
     from conformance import matrix
+    from conformance.backends.jax_backend import JaxBackend
+    from conformance.backends.torch_backend import TorchBackend
+    from dualprec.errors import UnsupportedPolicyError
+
+    def refuse(policy):
+        raise UnsupportedPolicyError(f"{policy} needs a feature this build lacks")
 
     recs = matrix.run({"nf4": matrix.resolve_policy("nf4")[1], "bf16-mixed+fp8": matrix.combination("bf16-mixed+fp8")},
-                      models=["mlp"], steps=1)
-    assert recs and all(r.status == "skip" and r.reason for r in recs)
+                      models=["mlp"], steps=1, backends=(TorchBackend(refuse), JaxBackend(refuse)))
+    assert recs and all(r.status == "skip" and "lacks" in r.reason for r in recs)
     assert {"quant-codes", "fp8-scales"} <= {r.check for r in recs}
 
 
