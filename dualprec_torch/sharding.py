@@ -1,0 +1,170 @@
+"""Sharded training with torch FSDP2: the Policy as FSDP2's `MixedPrecisionPolicy`, applied
+per block with `fully_shard`, and one loss-scale decision for all ranks.
+
+    precision = Precision("bf16-mixed")
+    model = shard(model, precision.policy, mesh=mesh)      # fully_shard per block, then the root
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = precision.setup(model, optimizer)   # the usual loop from here on
+
+FSDP2 gathers parameters in their stored dtype (``param_dtype=None``), so the forward under
+`Precision.autocast` computes exactly what the unsharded model computes; gradients are
+reduce-scattered in the policy's ``reduce_dtype``.  ``gather="compute"`` gathers in the
+compute dtype instead (half the all-gather traffic under a mixed policy; norms then see
+rounded weights, unlike unsharded autocast).
+
+Loss scaling: each rank only sees its own gradient shards, so a non-finite value lands on
+one rank.  `reduce_found_inf` all-reduces the per-rank flags (MAX, waited for before
+anything reads them) so every rank skips the same steps and keeps the same scale.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dualprec import Policy
+from dualprec.errors import PolicyError, UnsupportedPolicyError
+
+from .casts import torch_dtype
+
+__all__ = ["mixed_precision_policy", "shard", "default_blocks", "reduce_found_inf", "is_sharded",
+           "local_tensor", "SUPPORTED_COMBINATIONS"]
+
+#: What runs under FSDP2 here, and what is refused (with the reason given to the user).
+SUPPORTED_COMBINATIONS = {
+    "float policies (32-true, bf16-mixed, 16-mixed, bf16-true, ...)": "supported",
+    "per-module overrides": "supported: each block gets the MixedPrecisionPolicy of its own path",
+    "dynamic / static loss scaling": "supported: one all-reduced overflow decision for every rank",
+    "master=true": "refused: FSDP2 keeps sharded parameters in their stored dtype; use float32 "
+                   "params with a half compute dtype (bf16-mixed, 16-mixed) instead",
+    "quantization": "refused: bitsandbytes layers are not sharded by this backend yet",
+    "fp8": "refused: the FP8 amax is not reduced over the data-parallel group yet",
+}
+
+_GLOO_REDUCE_DTYPES = (torch.float32, torch.float64, torch.float16)  # gloo has no bfloat16 reduce
+
+
+def mixed_precision_policy(policy: Policy, *, root: bool = False, gather: str = "param"):
+    """FSDP2's ``MixedPrecisionPolicy`` for one module's policy.
+
+    ``param_dtype`` stays None (gather the stored dtype; autocast casts per op) unless
+    ``gather="compute"``; ``reduce_dtype`` is the policy's; ``output_dtype`` is set on the
+    root module only (blocks pass their outputs on in the compute dtype, as unsharded)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if gather not in ("param", "compute"):
+        raise ValueError(f'gather must be "param" or "compute", got {gather!r}')
+    param = torch_dtype(policy.compute_dtype) if gather == "compute" and policy.is_mixed else None
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=torch_dtype(policy.reduce_dtype),
+                                output_dtype=torch_dtype(policy.output_dtype) if root else None,
+                                cast_forward_inputs=param is not None)
+
+
+def _refuse_combinations(policy: Policy) -> None:
+    for path, p in policy.policies():
+        where = f" (override @{path})" if path else ""
+        if p.quantization is not None:
+            raise UnsupportedPolicyError(f'"{policy}"{where}: quantization + FSDP2: '
+                                         f"{SUPPORTED_COMBINATIONS['quantization']}")
+        if p.fp8 is not None:
+            raise UnsupportedPolicyError(f'"{policy}"{where}: fp8 + FSDP2: {SUPPORTED_COMBINATIONS["fp8"]}')
+    if policy.master_weights:
+        raise UnsupportedPolicyError(f'"{policy}": master=true + FSDP2: {SUPPORTED_COMBINATIONS["master=true"]}')
+
+
+def _check_reduce_dtypes(policy: Policy, backend: str | None) -> None:
+    if backend != "gloo":
+        return
+    for path, p in policy.policies():
+        if torch_dtype(p.reduce_dtype) not in _GLOO_REDUCE_DTYPES:
+            where = f" (override @{path})" if path else ""
+            raise PolicyError(f'"{policy}"{where}: reduce={p.reduce_dtype} cannot be all-reduced by the gloo '
+                              "backend (it has no bfloat16 reduction); use reduce=float32, or NCCL on GPUs")
+
+
+def default_blocks(model: nn.Module) -> list[str]:
+    """The paths FSDP2 shards separately by default: each entry of every ModuleList /
+    Sequential that holds parameters, or else each direct child that holds parameters."""
+    found = [name for name, m in model.named_modules() if name and isinstance(m, (nn.ModuleList, nn.Sequential))]
+    blocks = [f"{c}.{i}" for c in found for i, sub in enumerate(model.get_submodule(c))
+              if any(True for _ in sub.parameters())]
+    if not blocks:
+        blocks = [name for name, sub in model.named_children() if any(True for _ in sub.parameters())]
+    return blocks
+
+
+def _select(model: nn.Module, blocks) -> list[str]:
+    if blocks is None:
+        return default_blocks(model)
+    if callable(blocks):
+        return [name for name, m in model.named_modules() if name and blocks(m, name)]
+    names = [name for name, _ in model.named_modules() if name]
+    chosen = []
+    for pattern in ([blocks] if isinstance(blocks, str) else list(blocks)):
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            from dualprec.errors import did_you_mean
+
+            raise PolicyError(f"shard(blocks=...): {pattern!r} matches no module{did_you_mean(pattern, names)}")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
+
+
+def shard(model: nn.Module, policy, *, mesh=None, blocks: Iterable[str] | Callable | None = None,
+          gather: str = "param", reshard_after_forward: bool | None = None) -> nn.Module:
+    """``fully_shard`` each block (see `default_blocks`; ``blocks`` takes path patterns or a
+    ``(module, path) -> bool``), then the root, each with the MixedPrecisionPolicy of its
+    path's policy.  Needs an initialised process group (or ``mesh``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    policy = Policy.parse(policy)
+    _refuse_combinations(policy)
+    if mesh is None and not dist.is_initialized():
+        raise RuntimeError("shard(): no process group; call torch.distributed.init_process_group "
+                           "(torchrun sets it up) or pass mesh=init_device_mesh(...)")
+    _check_reduce_dtypes(policy, dist.get_backend() if dist.is_initialized() else None)
+    kwargs = {"mesh": mesh} if mesh is not None else {}
+    if reshard_after_forward is not None:
+        kwargs["reshard_after_forward"] = reshard_after_forward
+    paths = _select(model, blocks)
+    for path in sorted(paths, key=lambda p: -p.count(".")):  # children before their parents
+        fully_shard(model.get_submodule(path), mp_policy=mixed_precision_policy(policy.for_module(path),
+                                                                                 gather=gather), **kwargs)
+    fully_shard(model, mp_policy=mixed_precision_policy(policy, root=True, gather=gather), **kwargs)
+    return model
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage); a plain tensor as it is."""
+    return t._local_tensor if is_sharded(t) else t
+
+
+def _group_of(grads: list[torch.Tensor]):
+    for g in grads:
+        if is_sharded(g):
+            return g.device_mesh.get_group()
+    return None
+
+
+def reduce_found_inf(found: dict, grads: list[torch.Tensor]) -> dict:
+    """All-reduce the per-device non-finite flags over the group the gradients are sharded
+    on (MAX; synchronous, so no rank reads a flag before every rank's is in).  Without
+    sharded gradients the flags are returned as they are."""
+    group = _group_of(grads)
+    if group is None:
+        return found
+    devices = list(found)
+    flags = torch.stack([found[d].to(devices[0]) for d in devices]) if devices else torch.zeros(1)
+    total = flags.max().reshape(1)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
+    return {d: total[0].to(d).clone() for d in devices} if devices else {total.device: total[0]}
