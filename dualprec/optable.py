@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "OpEntry", "ENTRIES", "BANNED", "LOWER", "FP32", "PROMOTE", "LISTS", "CUDA_BUILD_ONLY",
-    "entry", "op_list", "dtype_of", "aten_lists", "table_rows", "render_table",
+    "entry", "op_list", "dtype_of", "aten_lists", "torch_cast_policy", "table_rows", "render_table",
 ]
 
 LISTS = ("lower", "fp32", "promote")
@@ -143,8 +143,8 @@ _LOWER = [
              "flax.nnx.GRUCell", "flax.nnx.SimpleCell")),
     OpEntry("cudnn_rnn", "lower", ("_cudnn_rnn",), (NN + "LSTM", NN + "GRU", NN + "RNN"),
             ("flax.linen.RNN", "flax.nnx.RNN"),
-            note="registered by CUDA builds with cuDNN only (nn.LSTM/GRU/RNN on a GPU); a CPU build "
-                 "runs full RNN layers unlisted"),
+            note="registered by CUDA builds with cuDNN only (nn.LSTM/GRU/RNN on a GPU); CPU "
+                 "autocast's mkldnn_rnn_layer does the same on CPU"),
     OpEntry("scaled_dot_product_attention", "lower",
             ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention"),
             (F + "scaled_dot_product_attention",),
@@ -290,6 +290,14 @@ LOWER = tuple(e for e in ENTRIES if e.list == "lower")
 FP32 = tuple(e for e in ENTRIES if e.list == "fp32")
 PROMOTE = tuple(e for e in ENTRIES if e.list == "promote")
 
+#: fp32-list aten ops with a ``dtype=`` argument: torch runs them with dtype=float32 (an
+#: explicit dtype is kept) instead of casting their inputs (its "fp32_set_opt_dtype").
+FP32_SET_OPT_DTYPE = frozenset({
+    "prod", "prod.dim_int", "softmax.int", "log_softmax.int", "cumprod", "cumsum", "linalg_vector_norm",
+    "linalg_matrix_norm", "linalg_matrix_norm.str_ord", "sum", "sum.dim_IntList"})
+#: fp32-list aten ops torch redispatches to their ``dtype=float32`` overload ("fp32_append_dtype").
+FP32_APPEND_DTYPE = frozenset({"norm.Scalar", "norm.ScalarOpt_dim"})
+
 #: aten ops whose AutocastCUDA kernel only a CUDA (cuDNN) build registers.
 CUDA_BUILD_ONLY = frozenset({"_cudnn_rnn"})
 
@@ -327,6 +335,22 @@ def op_list(name: str) -> str | None:
 def aten_lists() -> dict[str, str]:
     """``{"aten::exp": "fp32", ...}`` for every aten op of the table (banned included)."""
     return {q: e.list for e in ENTRIES + BANNED for q in e.aten_qualified}
+
+
+def torch_cast_policy(aten: str) -> str:
+    """torch's cast policy for an aten op of the table: "lower_precision_fp", "fp32",
+    "fp32_set_opt_dtype", "fp32_append_dtype", "promote" or "banned"."""
+    aten = aten.removeprefix("aten::")
+    e = _INDEX.get(aten)
+    if e is None or aten not in e.aten:
+        raise KeyError(f"{aten} is not an aten op of the table")
+    if e.list == "lower":
+        return "lower_precision_fp"
+    if aten in FP32_SET_OPT_DTYPE:
+        return "fp32_set_opt_dtype"
+    if aten in FP32_APPEND_DTYPE:
+        return "fp32_append_dtype"
+    return e.list
 
 
 def _policy_dtypes(policy) -> tuple[str | None, bool]:
@@ -380,7 +404,16 @@ def dtype_of(op, policy, input_dtypes) -> str | None:
         return _promote([compute] + [d for d in dtypes if d == "float64"])
     if e.list == "fp32":
         return _promote(["float32"] + [d for d in dtypes if d == "float64"])
-    return natural  # promote: the widest input
+    # promote: torch starts from the compute dtype and widens to float32 when a float32
+    # operand joins in; another half dtype (bfloat16 under float16) is an error in torch too
+    if "float32" in eligible:
+        widest = "float32"
+    elif all(d == compute for d in eligible):
+        widest = compute
+    else:
+        raise ValueError(f"{e.name}: torch's autocast refuses to promote {sorted(set(eligible))} under a "
+                         f"{compute} autocast")
+    return _promote([widest] + [d for d in dtypes if d == "float64"])
 
 
 _RULE = {

@@ -1,114 +1,293 @@
-"""The mixed-precision op policy in torch: matmul-like ops in the compute dtype (torch.autocast),
-normalisation, softmax, reductions and losses in float32 on every device.
+"""The mixed-precision op policy in torch: torch's CUDA autocast table, on every device.
 
-torch's CUDA autocast lists run most of these in float32 already; its CPU lists leave
-layer_norm, group_norm, softmax, log_softmax and the reductions in bfloat16/float16.  The
-backend closes that gap with a torch function mode, active only inside a mixed policy's
-compute context: it sees every torch call made there, module or functional (`nn.LayerNorm`
-and a bare `F.softmax` in user code alike), and upcasts the half-precision tensor arguments
-of the functions in `FP32_OPS` to float32.  Those functions then return float32, as torch's
-CUDA autocast "fp32" list makes them do.  Everything else passes through unchanged.
+On CUDA a mixed policy's compute context is plain ``torch.autocast``: nothing is added per
+op, so a training loop through `Precision` is the hand-written autocast loop.
+
+On CPU, ``torch.autocast("cpu")`` has its own lists, which differ from CUDA's: it leaves
+exp, pow, rsqrt, softmax, layer_norm, sum, cumsum, ... in bfloat16/float16, and it runs some
+ops CUDA leaves alone (reflection/replication padding, 3-D pooling, linear algebra, fft) in
+float32.  So that a CPU run predicts a GPU's dtypes, the backend registers kernels for the
+``AutocastCPU`` dispatch key (``torch.library``, ``aten`` IMPL), once, the first time a
+mixed policy's context is entered on CPU:
+
+- for every aten op of the CUDA table (`dualprec.optable`) that CPU autocast does not
+  already treat the CUDA way: cast the operands as CUDA autocast does, then redispatch
+  below autocast (an exclude guard for the key, as torch's own kernels do);
+- for the ops CPU autocast lists and CUDA does not: redispatch unchanged.
+
+Each kernel applies the CUDA rule only while a `Precision` context is active in this
+thread; outside one, under a plain ``torch.autocast("cpu")``, it does what torch's CPU
+autocast does for that op (nothing for ops CPU autocast does not list, its own cast for
+the ones it does), so installing the table changes nothing for code that does not use
+dualprec.  Ops on no list have no kernel and cost nothing; gradients flow through the
+casts as through torch's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import warnings
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from .casts import HALF_TORCH_DTYPES, default_dtype, torch_dtype
+from dualprec import optable
 
-__all__ = ["FP32_OPS", "Fp32Ops", "compute_context"]
+from .casts import default_dtype, torch_dtype
 
-#: Every function the op policy runs in float32, by the name users call it with.
-FP32_OPS = (
-    # normalisation
-    "torch.nn.functional.layer_norm", "torch.layer_norm",
-    "torch.nn.functional.rms_norm", "torch.rms_norm",
-    "torch.nn.functional.group_norm", "torch.group_norm",
-    "torch.nn.functional.batch_norm", "torch.batch_norm",
-    "torch.nn.functional.instance_norm", "torch.instance_norm",
-    # softmax
-    "torch.nn.functional.softmax", "torch.softmax", "torch.Tensor.softmax", "torch.special.softmax",
-    "torch.nn.functional.log_softmax", "torch.log_softmax", "torch.Tensor.log_softmax",
-    "torch.special.log_softmax",
-    # reductions
-    "torch.sum", "torch.Tensor.sum", "torch.mean", "torch.Tensor.mean",
-    "torch.prod", "torch.Tensor.prod", "torch.cumsum", "torch.Tensor.cumsum",
-    "torch.cumprod", "torch.Tensor.cumprod", "torch.logsumexp", "torch.Tensor.logsumexp",
-    "torch.var", "torch.Tensor.var", "torch.std", "torch.Tensor.std",
-    "torch.norm", "torch.Tensor.norm", "torch.linalg.vector_norm",
-    # losses
-    "torch.nn.functional.cross_entropy", "torch.nn.functional.nll_loss",
-    "torch.nn.functional.mse_loss", "torch.nn.functional.l1_loss",
-    "torch.nn.functional.smooth_l1_loss", "torch.nn.functional.huber_loss",
-    "torch.nn.functional.kl_div", "torch.nn.functional.binary_cross_entropy",
-    "torch.nn.functional.binary_cross_entropy_with_logits", "torch.nn.functional.poisson_nll_loss",
-    "torch.nn.functional.gaussian_nll_loss", "torch.nn.functional.cosine_embedding_loss",
-    "torch.nn.functional.margin_ranking_loss", "torch.nn.functional.hinge_embedding_loss",
-    "torch.nn.functional.soft_margin_loss", "torch.nn.functional.multilabel_soft_margin_loss",
-    "torch.nn.functional.multilabel_margin_loss", "torch.nn.functional.multi_margin_loss",
-    "torch.nn.functional.triplet_margin_loss",
-)
+__all__ = ["OP_TABLE", "FP32_OPS", "compute_context", "cpu_table", "install_cpu_table",
+           "uninstall_cpu_table", "cpu_table_installed", "cpu_kernels"]
 
-# batch_norm / instance_norm update their running statistics in place: upcasting those
-# arguments would update a temporary copy, so only input, weight and bias are upcast.
-_RUNNING_STATS = {"running_mean", "running_var"}
-_RUNNING_STAT_POSITIONS = {1, 2}
+#: The op table the torch backend applies (torch's CUDA autocast lists).
+OP_TABLE = optable.ENTRIES
+
+#: The torch callables the op table runs in float32 under a mixed policy (its "fp32" list),
+#: by the name users call them with.  mean, var, std, batch_norm and gelu are not here:
+#: CUDA autocast leaves them in the compute dtype.
+FP32_OPS = tuple(dict.fromkeys(name for e in optable.FP32 for name in e.torch))
+
+_KEY = "AutocastCPU"
+_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+_AFTER = torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.AutocastCPU)
+_f32, _f64 = torch.float32, torch.float64
+
+# AutocastCPU kernels torch has for ops CUDA's table also lists, whose CPU rule differs from
+# CUDA's: aten name -> CPU autocast's own rule (what the kernel does outside Precision).
+_CPU_DIFFERS = {"binary_cross_entropy": "fp32", "grid_sampler": "fp32", "prod": "fp32", "prod.dim_int": "fp32"}
+# AutocastCPU kernels torch has for ops on no CUDA list that we leave in place: cat/stack
+# promote as CUDA's native type promotion does; conv*.padding reach CUDA's convolution kernel;
+# cross_entropy_loss reaches log_softmax + nll_loss, float32 on CUDA too; mkldnn_rnn_layer is
+# CPU's twin of CUDA's _cudnn_rnn; the fast paths below never run under autocast in training.
+_CPU_KEEP = frozenset({"cat", "stack", "conv1d.padding", "conv2d.padding", "conv3d.padding", "cross_entropy_loss",
+                       "mkldnn_rnn_layer", "_addmm_activation", "_native_multi_head_attention"})
+# CPU autocast's rule for the other CPU-only ops it lists (float32 unless named here).
+_CPU_ONLY_RULE = {"index_copy": "promote"}
+
+_BANNED_MESSAGE = (
+    "torch.nn.functional.binary_cross_entropy and torch.nn.BCELoss are unsafe to autocast.\n"
+    "Many models use a sigmoid layer right before the binary cross entropy layer.\n"
+    "In this case, combine the two layers using torch.nn.functional.binary_cross_entropy_with_logits\n"
+    "or torch.nn.BCEWithLogitsLoss.  binary_cross_entropy_with_logits and BCEWithLogits are\n"
+    "safe to autocast.  (dualprec applies CUDA autocast's table on CPU too.)")
 
 
-def _resolve(name: str):
-    obj = torch
-    for part in name.split(".")[1:]:
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+class _State(threading.local):
+    depth = 0
 
 
-_FUNCS = {f for f in map(_resolve, FP32_OPS) if f is not None}
-_STATEFUL = {f for f in (F.batch_norm, torch.batch_norm, F.instance_norm, torch.instance_norm)}
+_STATE = _State()
+_installed: dict = {}  # "lib" -> torch.library.Library, "kernels" -> {aten name: (active, inactive)}
 
 
-def _up(x):
-    return x.float() if isinstance(x, torch.Tensor) and x.dtype in HALF_TORCH_DTYPES else x
+# ----- the casts, as torch's autocast kernels do them ------------------------------------
+def _eligible(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype is not _f64 and t.device.type == "cpu"
 
 
-class Fp32Ops(TorchFunctionMode):
-    """Upcast the half-precision tensor arguments of `FP32_OPS` to float32.
+def _cast(x, dtype):
+    if isinstance(x, torch.Tensor):
+        if x.dtype is not dtype and x.is_floating_point() and x.dtype is not _f64 and x.device.type == "cpu":
+            return x.to(dtype)
+        return x
+    if isinstance(x, (list, tuple)) and x and isinstance(x[0], (torch.Tensor, type(None))):
+        return type(x)(_cast(t, dtype) for t in x)
+    return x
 
-    A call that names its own ``dtype`` (``x.sum(dtype=torch.bfloat16)``) is left alone:
-    the user asked for that dtype, as torch's autocast respects it too.
+
+def _tensors(args, kwargs):
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, torch.Tensor))
+
+
+def _widest(args, kwargs):
+    lower = torch.get_autocast_dtype("cpu")
+    current = lower
+    for t in _tensors(args, kwargs):
+        if not _eligible(t):
+            continue
+        if t.dtype is _f32 or current is _f32:
+            current = _f32
+        elif t.dtype is not lower:
+            raise RuntimeError("Unexpected floating ScalarType in at::autocast::prioritize")
+    return current
+
+
+def _cast_back(out, dtype):
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype) if out.is_floating_point() and out.dtype is _f32 else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_cast_back(o, dtype) for o in out)
+    return out
+
+
+def _make_kernel(name: str, op, rule: str):
+    """The kernel body of one cast rule for one aten overload: ``kernel(keyset, *args, **kwargs)``.
+
+    The cast rules exclude the autocast key while the op runs (the ops it calls are not
+    autocast again), as torch's own autocast kernels do.  "passthrough" redispatches below
+    this kernel only, so an op that decomposes into listed ops has those autocast, as when
+    autocast has no kernel for it.  "unlisted" is "passthrough" for ops CPU autocast lists and
+    CUDA does not; where the CPU kernel has no half-precision implementation (CPU autocast
+    upcasts them for that reason) it computes in float32 and returns the input dtype.
     """
+    if rule in ("passthrough", "unlisted"):
+        upcast = _make_kernel(name, op, "fp32") if rule == "unlisted" else None
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _FUNCS and kwargs.get("dtype") is None:
-            if func in _STATEFUL:
-                args = tuple(a if i in _RUNNING_STAT_POSITIONS else _up(a) for i, a in enumerate(args))
-                kwargs = {k: v if k in _RUNNING_STATS else _up(v) for k, v in kwargs.items()}
-            else:
-                args = tuple(map(_up, args))
-                kwargs = {k: _up(v) for k, v in kwargs.items()}
-        return func(*args, **kwargs)
+        def kernel(keyset, *args, **kwargs):
+            try:
+                return op.redispatch(keyset & _AFTER, *args, **kwargs)
+            except RuntimeError as err:
+                if upcast is None or "not implemented for" not in str(err):
+                    raise
+                half = [t.dtype for t in _tensors(args, kwargs) if _eligible(t) and t.dtype is not _f32]
+                if not half:
+                    raise
+                return _cast_back(upcast(keyset, *args, **kwargs), half[0])
+    elif rule in ("lower_precision_fp", "fp32"):
+        fixed = _f32 if rule == "fp32" else None
+
+        def kernel(keyset, *args, **kwargs):
+            dtype = fixed or torch.get_autocast_dtype("cpu")
+            with torch._C._ExcludeDispatchKeyGuard(_KEYSET):
+                return op(*[_cast(a, dtype) for a in args], **{k: _cast(v, dtype) for k, v in kwargs.items()})
+    elif rule == "fp32_set_opt_dtype":
+        arg = next(a for a in op._schema.arguments if a.name == "dtype")
+        pos = None if arg.kwarg_only else [a.name for a in op._schema.arguments].index("dtype")
+
+        def kernel(keyset, *args, **kwargs):
+            with torch._C._ExcludeDispatchKeyGuard(_KEYSET):
+                if not _eligible(args[0]):
+                    return op(*args, **kwargs)
+                if pos is not None and len(args) > pos:
+                    if args[pos] is None:
+                        args = (*args[:pos], _f32, *args[pos + 1:])
+                elif kwargs.get("dtype") is None:
+                    kwargs["dtype"] = _f32
+                return op(*args, **kwargs)
+    elif rule == "fp32_append_dtype":
+        with_dtype = {"norm.Scalar": torch.ops.aten.norm.ScalarOpt_dtype,
+                      "norm.ScalarOpt_dim": torch.ops.aten.norm.ScalarOpt_dim_dtype}[name]
+        names = [a.name for a in op._schema.arguments]
+        defaults = [a.default_value if a.has_default_value() else None for a in op._schema.arguments]
+
+        def kernel(keyset, *args, **kwargs):
+            with torch._C._ExcludeDispatchKeyGuard(_KEYSET):
+                if not _eligible(args[0]):
+                    return op(*args, **kwargs)
+                full = [args[i] if i < len(args) else kwargs.get(n, defaults[i]) for i, n in enumerate(names)]
+                return with_dtype(*full, dtype=_f32)
+    elif rule == "promote":
+        def kernel(keyset, *args, **kwargs):
+            dtype = _widest(args, kwargs)
+            with torch._C._ExcludeDispatchKeyGuard(_KEYSET):
+                return op(*[_cast(a, dtype) for a in args], **{k: _cast(v, dtype) for k, v in kwargs.items()})
+    elif rule == "banned":
+        def kernel(keyset, *args, **kwargs):
+            raise RuntimeError(_BANNED_MESSAGE)
+    else:
+        raise ValueError(f"unknown cast rule {rule!r}")
+    return kernel
+
+
+def _overload(name: str):
+    base, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.aten, base), overload or "default")
+
+
+def _has_cpu_kernel(name: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", _KEY)
+
+
+def _plan() -> dict[str, tuple[str, str]]:
+    """aten name -> (rule inside Precision, rule outside it), for every op that gets a kernel."""
+    plan = {}
+    known = set(torch._C._dispatch_get_all_op_names())
+    for e in optable.ENTRIES + optable.BANNED:
+        for name in e.aten:
+            if name in optable.CUDA_BUILD_ONLY or f"aten::{name}" not in known:
+                continue
+            if not _has_cpu_kernel(name):
+                plan[name] = (optable.torch_cast_policy(name), "passthrough")
+            elif name in _CPU_DIFFERS:
+                plan[name] = (optable.torch_cast_policy(name), _CPU_DIFFERS[name])
+    table = {a for e in optable.ENTRIES + optable.BANNED for a in e.aten}
+    for q in sorted(known):
+        name = q.removeprefix("aten::")
+        if (q.startswith("aten::") and name not in table and name not in _CPU_KEEP
+                and _has_cpu_kernel(name)):
+            plan[name] = ("unlisted", _CPU_ONLY_RULE.get(name, "fp32"))
+    return plan
+
+
+def install_cpu_table() -> None:
+    """Register the CPU emulation of the CUDA table (idempotent; `compute_context` calls it)."""
+    if _installed:
+        return
+    plan = _plan()
+    lib = torch.library.Library("aten", "IMPL")
+    kernels = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
+        warnings.filterwarnings("ignore", message=".*Warning only once for all operators.*")
+        for name, (active_rule, inactive_rule) in plan.items():
+            op = _overload(name)
+            active = _make_kernel(name, op, active_rule)
+            inactive = _make_kernel(name, op, inactive_rule)
+
+            def kernel(keyset, *args, _active=active, _inactive=inactive, **kwargs):
+                return (_active if _STATE.depth else _inactive)(keyset, *args, **kwargs)
+
+            lib.impl(name, kernel, _KEY, with_keyset=True)
+            kernels[name] = (active_rule, inactive_rule)
+    _installed.update(lib=lib, kernels=kernels)
+
+
+def uninstall_cpu_table() -> None:
+    """Drop the registered kernels (torch's own AutocastCPU kernels come back)."""
+    lib = _installed.pop("lib", None)
+    _installed.clear()
+    if lib is not None:
+        lib._destroy()
+
+
+def cpu_table_installed() -> bool:
+    return bool(_installed)
+
+
+def cpu_kernels() -> dict[str, tuple[str, str]]:
+    """aten name -> (rule inside Precision, rule outside it) of the registered kernels."""
+    return dict(_installed.get("kernels", {}))
+
+
+@contextlib.contextmanager
+def cpu_table():
+    """CUDA's table for ``torch.autocast("cpu")`` inside this context (this thread)."""
+    install_cpu_table()
+    _STATE.depth += 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
 
 
 @contextlib.contextmanager
 def compute_context(policy, device_type: str, *, nested: bool = False):
     """The context a policy's forward (and loss) runs in.
 
-    Mixed (params wider than compute): torch.autocast to the compute dtype plus `Fp32Ops`.
-    Otherwise ("-true"): no autocast (turned off when ``nested`` inside a mixed parent, for
-    a per-module override) and, as Fabric does, the compute dtype as torch's default dtype so
-    tensors created in forward get it.
+    Mixed (params wider than compute): ``torch.autocast`` to the compute dtype; on CPU with
+    CUDA's op table (`cpu_table`).  Otherwise ("-true"): no autocast (turned off when
+    ``nested`` inside a mixed parent, for a per-module override) and, as Fabric does, the
+    compute dtype as torch's default dtype so tensors created in forward get it.
     """
     compute = torch_dtype(policy.compute_dtype)
     with contextlib.ExitStack() as stack:
         if policy.is_mixed:
             stack.enter_context(torch.autocast(device_type, dtype=compute))
-            stack.enter_context(Fp32Ops())
+            if device_type == "cpu":
+                stack.enter_context(cpu_table())
         else:
             if nested:
                 stack.enter_context(torch.autocast(device_type, enabled=False))

@@ -1,12 +1,13 @@
-"""The float32 op policy inside autocast(), module and functional forms, on CPU."""
+"""The op policy inside autocast() (torch's CUDA autocast table), module and functional
+forms, on CPU.  Per-entry dtypes against CUDA autocast: test_torch_ops_table.py."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dualprec import optable
 from dualprec_torch import FP32_OPS, Precision
-from dualprec_torch.ops import _FUNCS
 
 bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -20,16 +21,17 @@ def _calls(x, y):
         "F.layer_norm": F.layer_norm(x, (d,), w, None),
         "nn.RMSNorm": nn.RMSNorm(d)(x),
         "nn.GroupNorm": nn.GroupNorm(2, d)(x),
-        "nn.BatchNorm1d": nn.BatchNorm1d(d)(x),
         "F.softmax": F.softmax(x, dim=-1),
         "torch.softmax": torch.softmax(x, -1),
         "Tensor.softmax": x.softmax(-1),
         "F.log_softmax": F.log_softmax(x, dim=-1),
         "Tensor.log_softmax": x.log_softmax(-1),
         "Tensor.sum": x.sum(),
-        "torch.mean": torch.mean(x, dim=0),
         "Tensor.logsumexp": x.logsumexp(-1),
-        "Tensor.var": x.var(0),
+        "Tensor.exp": x.exp(),
+        "pow": x.pow(2),
+        "rsqrt": (x * x + 1).rsqrt(),
+        "Tensor.norm": x.norm(dim=-1),
         "F.cross_entropy": F.cross_entropy(x, y),
         "nn.CrossEntropyLoss": nn.CrossEntropyLoss()(x, y),
         "F.mse_loss": F.mse_loss(x, x * 0.5),
@@ -38,7 +40,7 @@ def _calls(x, y):
 
 
 @pytest.mark.parametrize("policy,compute", [("bf16-mixed", bf16), ("16-mixed", f16)])
-def test_fp32_functions_return_float32_under_autocast(policy, compute):
+def test_fp32_list_returns_float32_under_autocast(policy, compute):
     prec = Precision(policy)
     x = torch.randn(8, 6)
     y = torch.randint(0, 6, (8,))
@@ -57,7 +59,7 @@ def test_plain_cpu_autocast_does_not_do_this():
     with torch.autocast("cpu", dtype=bf16):
         low = nn.Linear(6, 6)(x)
         plain = {k: v.dtype for k, v in _calls(low, torch.zeros(8, dtype=torch.long)).items()}
-    assert plain["nn.LayerNorm"] == plain["F.softmax"] == plain["Tensor.sum"] == bf16
+    assert plain["nn.LayerNorm"] == plain["F.softmax"] == plain["Tensor.sum"] == plain["Tensor.exp"] == bf16
 
 
 def test_values_equal_explicit_float32():
@@ -78,17 +80,21 @@ def test_explicit_dtype_is_respected_and_other_ops_pass_through():
         assert F.gelu(x).dtype == bf16
         assert (x + x).dtype == bf16
         assert torch.matmul(x, x).dtype == bf16
+        # on no CUDA autocast list: they stay in the compute dtype
+        assert x.mean().dtype == x.var().dtype == x.std().dtype == bf16
+        assert nn.BatchNorm1d(4).to(bf16)(x).dtype == bf16
 
 
 def test_batch_norm_running_stats_are_updated_in_place():
     prec = Precision("bf16-mixed")
     bn = nn.BatchNorm1d(4)
     with prec.autocast():
-        bn(torch.randn(8, 4).to(bf16) + 3.0)
+        out = bn(torch.randn(8, 4) + 3.0)
+    assert out.dtype == f32  # batch_norm is on no list: float32 input, float32 output
     assert bn.running_mean.dtype == f32 and float(bn.running_mean.mean()) > 0.1
 
 
-def test_the_mode_is_gone_after_the_context():
+def test_the_table_is_off_after_the_context():
     prec = Precision("bf16-mixed")
     x = torch.randn(4, 4).to(bf16)
     with pytest.raises(ZeroDivisionError):
@@ -96,10 +102,40 @@ def test_the_mode_is_gone_after_the_context():
             raise ZeroDivisionError
     assert torch.softmax(x, -1).dtype == bf16
     assert not torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", dtype=bf16):  # plain CPU autocast keeps its own lists
+        assert torch.softmax(x, -1).dtype == x.exp().dtype == bf16
 
 
-def test_every_listed_name_resolves_in_this_torch():
-    assert len(_FUNCS) == len(set(FP32_OPS))
+def _resolve(name):
+    obj = torch
+    for part in name.split(".")[1:]:
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_fp32_ops_is_the_tables_fp32_list_and_resolves():
+    assert set(FP32_OPS) == {n for e in optable.FP32 for n in e.torch}
+    assert "torch.mean" not in FP32_OPS and "torch.exp" in FP32_OPS
+    for name in FP32_OPS:
+        _resolve(name)
+
+
+def test_gradients_flow_through_the_casts():
+    prec = Precision("bf16-mixed")
+    x = torch.randn(4, 6, dtype=bf16, requires_grad=True)
+    w = torch.randn(6, requires_grad=True)
+    with prec.autocast():
+        y = F.layer_norm(x, (6,), w) + x.exp() + x.pow(2).mean(-1, keepdim=True).rsqrt()
+        assert y.dtype == f32
+        y.sum().backward()
+    assert x.grad.dtype == bf16 and w.grad.dtype == f32
+    # the same casts written by hand: each listed op upcasts its own operands
+    want_x = x.detach().clone().requires_grad_()
+    want_w = w.detach().clone().requires_grad_()
+    up = want_x.float
+    (F.layer_norm(up(), (6,), want_w) + up().exp() + up().pow(2).mean(-1, keepdim=True).rsqrt()).sum().backward()
+    assert torch.equal(w.grad, want_w.grad)
+    assert torch.equal(x.grad, want_x.grad)
 
 
 def test_true_policies_keep_their_dtype_and_set_the_default():
