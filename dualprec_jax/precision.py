@@ -19,12 +19,13 @@ from typing import Any
 import jax
 
 from dualprec import CheckReport, DeviceCaps, Policy, PolicyError
-from dualprec.errors import UnsupportedPolicyError
+from dualprec import checkpoint, contract
+from dualprec.errors import CheckpointError, NonFiniteGradientError, UnsupportedPolicyError
 
-from . import flax_linen, flax_nnx
+from . import flax_linen, flax_nnx, fp8
 from .caps import device_caps
 from .casts import cast_floating, jax_dtype
-from .loss_scale import LossScaleState, scale_loss
+from .loss_scale import LossScaleState, floating_paths, scale_loss
 from .optim import LossScaledState, loss_scaled
 
 __all__ = ["Precision", "UnsupportedPolicyError"]
@@ -39,8 +40,6 @@ def _unsupported_features(policy: Policy) -> list[str]:
         if p.quantization is not None:
             found.append(f"quantization {p.quantization.mode}{where}: the JAX NF4/FP4/int8 layers are "
                          "a later issue")
-        if p.fp8 is not None:
-            found.append(f"fp8 {p.fp8.scaling} scaling{where}: the JAX FP8 recipes are a later issue")
     return found
 
 
@@ -57,23 +56,51 @@ def _ensure_x64(policy: Policy, enable_x64: bool) -> None:
     jax.config.update("jax_enable_x64", True)
 
 
-class Precision:
+def _caps_of(device) -> DeviceCaps:
+    if device is None:
+        return device_caps()
+    if isinstance(device, DeviceCaps):
+        return device
+    if isinstance(device, str):
+        try:
+            return device_caps(jax.devices(device)[0])
+        except RuntimeError as e:
+            raise ValueError(f"Precision(policy, device={device!r}): JAX has no such platform here ({e}); use "
+                             'e.g. "cpu", "gpu", "tpu", a jax.Device or a dualprec.DeviceCaps') from None
+    if hasattr(device, "platform"):
+        return device_caps(device)
+    raise TypeError(f"Precision(policy, device=...): expected a jax.Device, a platform name or a "
+                    f"dualprec.DeviceCaps, got {type(device).__name__}")
+
+
+class Precision(contract.Precision):
     """A Policy carried out in JAX: jmp-style pytree casts, Flax linen/nnx op policy,
     loss-scaled optax optimizers, device checks.
 
+    ``device``: a jax.Device, a platform name ("cpu", "gpu", "tpu") or a `dualprec.DeviceCaps`
+    to check against (default: JAX's first device); ``caps=`` is the older spelling of the
+    same.  A policy the device cannot run raises PolicyError naming the fallback.
     ``enable_x64``: a float64 policy turns jax_enable_x64 on (with a warning) when True,
-    raises PolicyError when False.  ``caps``: the device to check against (default: JAX's
-    first device); a policy the device cannot run raises PolicyError naming the fallback.
+    raises PolicyError when False.
     """
 
-    def __init__(self, policy: Any = "32-true", *, enable_x64: bool = True, caps: DeviceCaps | None = None):
-        self.policy = Policy.parse(policy)
+    def __init__(self, policy: Any = "32-true", device=None, *, enable_x64: bool = True,
+                 caps: DeviceCaps | None = None):
+        self._policy = Policy.parse(policy)
         problems = _unsupported_features(self.policy)
         if problems:
             raise UnsupportedPolicyError(f'dualprec_jax cannot run "{self.policy}" yet: ' + "; ".join(problems))
-        self.caps = device_caps() if caps is None else caps
-        self.check(self.caps).raise_if_unrunnable()
+        self._caps = _caps_of(caps if caps is not None else device)
+        self.check(self._caps).raise_if_unrunnable()
         _ensure_x64(self.policy, enable_x64)
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def caps(self) -> DeviceCaps:
+        return self._caps
 
     def __repr__(self) -> str:
         return f'Precision("{self.policy}")'
@@ -115,7 +142,7 @@ class Precision:
     # ----- Flax -----------------------------------------------------------------------
     def autocast(self):
         """Context manager: linen modules called inside follow the op policy."""
-        return flax_linen.autocast(self.policy)
+        return fp8.autocast(self.policy, flax_linen.autocast(self.policy))  # FP8 Dense, then the op policy
 
     @contextlib.contextmanager
     def init_module(self):
@@ -133,7 +160,7 @@ class Precision:
         """``model.apply`` under the op policy, outputs in the output dtype.  Inputs are passed
         as given (autocast semantics); call ``convert_input`` for jmp-style input casts."""
         with self.autocast():
-            out = model.apply(variables, *args, **kwargs)
+            out = model.apply(fp8.max_accumulating(variables), *args, **kwargs)
         if kwargs.get("mutable"):
             y, state = out
             return self.convert_output(y), state
@@ -146,7 +173,7 @@ class Precision:
         if not isinstance(model, nnx.Module):
             raise TypeError(f"setup() takes a flax.nnx Module, got {type(model).__name__}; for linen "
                             "use prec.init(model, rng, x) and prec.apply(model, variables, x)")
-        return flax_nnx.setup(model, self.policy)
+        return flax_nnx.setup(fp8.setup_nnx(model, self.policy), self.policy)
 
     def _params_to_policy(self, variables):
         """User modules may call self.param without a dtype: the param collection is cast per path."""
@@ -159,8 +186,123 @@ class Precision:
 
     # ----- loss scaling and the optimizer ----------------------------------------------
     def wrap_optimizer(self, tx):
-        """``tx`` with this policy's loss scaling (and master weights): see `loss_scaled`."""
+        """``tx`` with this policy's loss scaling, non-finite rule and master weights: see
+        `loss_scaled`."""
         return loss_scaled(tx, self.policy)
+
+    def step(self, tx, grads, opt_state, params):
+        """``tx.update`` (the wrapped optimizer) then ``optax.apply_updates``: returns
+        ``(params, opt_state)``.  ``grads`` are those of the scaled loss.  Under
+        ``nonfinite=raise`` a skipped step raises NonFiniteGradientError naming the first
+        parameter whose gradient is not finite (outside jit; inside jit read `last_step`)."""
+        import optax
+
+        if not isinstance(opt_state, LossScaledState):
+            raise TypeError(f"step(tx, grads, opt_state, params): opt_state must be the wrapped optimizer's "
+                            f"state (tx.init(params) of prec.wrap_optimizer(...)), got {type(opt_state).__name__}")
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if self.policy.nonfinite_rule == "raise" and not isinstance(opt_state.skipped, jax.core.Tracer):
+            report = self.last_step(opt_state, grads)
+            if not report.taken:
+                raise NonFiniteGradientError(f"nonfinite=raise: the gradient of {report.nonfinite_parameter} is "
+                                             "not finite (inf/NaN); the step was skipped",
+                                             parameter=report.nonfinite_parameter)
+        return params, opt_state
+
+    def last_step(self, opt_state, params=None) -> contract.StepReport:
+        """What the last update recorded in ``opt_state`` did; ``params`` (or the gradients:
+        any tree of the parameters' structure) names the first non-finite parameter."""
+        if not isinstance(opt_state, LossScaledState):
+            raise TypeError(f"last_step(opt_state): expected the wrapped optimizer's state, got "
+                            f"{type(opt_state).__name__}")
+        scale = float(opt_state.loss_scale.scale)
+        if opt_state.skipped is None:
+            return contract.StepReport("none", scale)
+        leaf = int(opt_state.nonfinite_leaf)
+        name = None
+        if leaf >= 0:
+            paths = floating_paths(params) if params is not None else []
+            name = paths[leaf] if leaf < len(paths) else f"gradient leaf #{leaf}"
+        return contract.StepReport("skipped" if bool(opt_state.skipped) else "applied", scale, name)
+
+    # ----- checkpoints ----------------------------------------------------------------
+    def state_dict(self, opt_state, variables=None) -> dict:
+        """The precision state of ``opt_state`` (and of ``variables``, for registered
+        extensions such as FP8 scales), in the form both backends read: see
+        `dualprec.checkpoint`."""
+        import numpy as np
+
+        if not isinstance(opt_state, LossScaledState):
+            raise TypeError(f"state_dict(opt_state): expected the wrapped optimizer's state, got "
+                            f"{type(opt_state).__name__}")
+        masters = {}
+        if opt_state.master is not None:
+            leaves = [x for x in jax.tree_util.tree_leaves(opt_state.master) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
+            masters = {n: np.asarray(x) for n, x in zip(floating_paths(opt_state.master), leaves)}
+        extensions = {}
+        if variables is not None:
+            for name, ext in checkpoint.state_extensions("jax").items():
+                tensors = ext.state_tensors(variables)
+                if tensors:
+                    extensions[name] = tensors
+        ls = opt_state.loss_scale
+        return checkpoint.new_state(self.policy, float(ls.scale), int(ls.counter), masters, extensions)
+
+    def load_state_dict(self, state: dict, opt_state, variables=None, *, strict: bool = True):
+        """``opt_state`` with the loss scale (and master weights) of ``state``; with
+        ``variables``, returns ``(opt_state, variables)`` with registered extensions' state
+        restored.  Another policy's state is refused unless ``strict=False``, which takes only
+        what both policies share (a 16-mixed scale does not go into a bf16-mixed run)."""
+        import jax.numpy as jnp
+
+        if not isinstance(opt_state, LossScaledState):
+            raise TypeError(f"load_state_dict(state, opt_state): opt_state must be the wrapped optimizer's state "
+                            f"(tx.init(params)), got {type(opt_state).__name__}")
+        saved = checkpoint.check_state(state, self.policy, strict)
+        if self.policy.loss_scale.enabled and saved.loss_scale.enabled:
+            ls = state["loss_scale"]
+            opt_state = opt_state._replace(loss_scale=LossScaleState(jnp.asarray(ls["scale"], jnp.float32),
+                                                                     jnp.asarray(ls["counter"], jnp.int32)))
+        if opt_state.master is not None and saved.master_weights:
+            opt_state = opt_state._replace(master=self._load_masters(opt_state.master, state["master_weights"], strict))
+        opt_state = opt_state._replace(skipped=jnp.asarray(False), nonfinite_leaf=jnp.asarray(-1, jnp.int32))
+        exts = state.get("extensions", {})
+        known = checkpoint.state_extensions("jax")
+        for name, tensors in exts.items():
+            if name not in known:
+                if strict:
+                    raise CheckpointError(f"the checkpoint carries {name!r} state, which dualprec_jax has no "
+                                          "module registered for; pass strict=False to drop it")
+                continue
+            if variables is None:
+                raise CheckpointError(f"the checkpoint carries {name!r} state: pass the model variables, "
+                                      "load_state_dict(state, opt_state, variables)")
+            variables = known[name].load_state_tensors(variables, tensors)
+        return opt_state if variables is None else (opt_state, variables)
+
+    @staticmethod
+    def _load_masters(master, saved: dict, strict: bool):
+        import jax.numpy as jnp
+
+        paths = floating_paths(master)
+        missing, unexpected = sorted(set(paths) - set(saved)), sorted(set(saved) - set(paths))
+        if strict and (missing or unexpected):
+            raise CheckpointError(f"master weights: missing in the checkpoint: {missing or 'none'}; not in this "
+                                  f"optimizer state: {unexpected or 'none'}")
+        leaves, treedef = jax.tree_util.tree_flatten(master)
+        names = iter(paths)
+        out = []
+        for x in leaves:
+            if jnp.issubdtype(x.dtype, jnp.floating):
+                name = next(names)
+                if name in saved:
+                    if tuple(saved[name].shape) != tuple(x.shape):
+                        raise CheckpointError(f"master weight {name}: shape {tuple(saved[name].shape)} in the "
+                                              f"checkpoint, {tuple(x.shape)} here")
+                    x = jnp.asarray(saved[name], jnp.float32)
+            out.append(x)
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     def scale_loss(self, loss, opt_state: LossScaledState | LossScaleState):
         """The loss times the current scale (the gradient of this is what the wrapper unscales)."""
