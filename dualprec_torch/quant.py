@@ -202,7 +202,7 @@ def _classes():
         def _prequantized(self, tensor, extra: dict, key: str):
             qs_keys = [k for k in extra if k.startswith("quant_state.")]
             expected_qs = f"quant_state.bitsandbytes__{self.weight.quant_type}"
-            if qs_keys != [expected_qs]:
+            if len(qs_keys) != 1 or qs_keys[0] not in ("quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4"):
                 found = ", ".join(f"{key}.{k}" for k in qs_keys) or "none"
                 raise QuantizationError(
                     f"{key}: a {_dtype_str(tensor)} (quantized) weight needs {key}.{expected_qs} and the other "

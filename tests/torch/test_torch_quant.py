@@ -1,0 +1,283 @@
+"""dualprec_torch.quant: layers per mode, bits against dualprec.ref, forward, training.
+
+Which bitsandbytes 0.50.2 CPU path is exact: with the quantized layers of this backend every
+4-bit forward equals dequantize-then-matmul bit for bit (grad enabled: bitsandbytes'
+MatMul4Bit, a dequantize and F.linear; no grad: its gemm_4bit CPU kernel), in train and in
+eval mode.  bitsandbytes' own Linear4bit, in eval mode without grad on an AVX512-BF16 CPU,
+repacks the weight in place and runs another kernel whose bf16 results differ (and which
+asserts on shapes whose out_features is not a multiple of 32):
+test_bnb_eval_path_differs_and_is_off_here.  int8: train mode runs dequantize-then-matmul
+(exact against the float16 dequantized weight), eval mode LLM.int8 with outlier columns
+(within float16 tolerance of dualprec.ref.int8_matmul).
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from dualprec import Policy  # noqa: E402
+from dualprec.ref import dequantize_4bit, int8_dequantize_weight, int8_matmul, int8_quantize_weight, quantize_4bit  # noqa: E402
+from dualprec_torch import Precision  # noqa: E402
+from dualprec_torch.quant import QuantizationError, quantize_module, quantized_layers  # noqa: E402
+
+MODES = ["nf4", "nf4-dq", "fp4", "fp4-dq", "int8", "int8-training"]
+TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NUMPY = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class Net(nn.Module):
+    def __init__(self, d_in=64, hidden=32, out=8):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, hidden, bias=False)
+        self.lm_head = nn.Linear(hidden, out)
+
+    def forward(self, x):
+        h = self.norm(F.gelu(self.fc1(x)))
+        return self.lm_head(h + F.gelu(self.fc2(h)))
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _bits(a):
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_makes_the_right_layer(mode):
+    model = quantize_module(Net(), mode)
+    q = Policy.parse(mode).quantization
+    layers = dict(quantized_layers(model))
+    assert set(layers) == {"fc1", "fc2", "lm_head"}
+    for layer in layers.values():
+        if q.is_4bit:
+            assert isinstance(layer, bnb.nn.Linear4bit)
+            assert layer.weight.quant_type == q.quant_type
+            assert layer.weight.compress_statistics == q.double_quant
+            assert layer.weight.quant_state.nested == q.double_quant
+            assert layer.weight.quant_state.blocksize == 64 == layer.weight.blocksize
+            assert layer.weight.dtype == torch.uint8 and layer.quant_storage == torch.uint8
+            assert layer.compute_dtype == torch.bfloat16  # the preset's compute dtype
+            assert not layer.weight.requires_grad
+        else:
+            assert isinstance(layer, bnb.nn.Linear8bitLt)
+            assert layer.state.threshold == 6.0
+            training = mode == "int8-training"
+            assert layer.state.has_fp16_weights == training
+            assert layer.weight.requires_grad == training
+            assert layer.weight.dtype == (torch.float16 if training else torch.int8)
+            assert layer.compute_dtype == torch.float16
+
+
+def test_compute_policy_with_skip_and_overrides():
+    model = quantize_module(Net(), "bf16-mixed,quant=nf4-dq(skip=lm_head)")
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert model.fc1.compute_dtype == torch.bfloat16 and model.fc1.weight.quant_state.dtype == torch.float32
+    model = quantize_module(Net(), "params=bf16,compute=bf16,quant=fp4(blocksize=128),@fc2=(quant=none)")
+    assert type(model.fc2) is nn.Linear
+    assert model.fc1.weight.quant_state.blocksize == 128 and model.lm_head.weight.quant_type == "fp4"
+    model = quantize_module(Net(), "bf16-true,quant=int8(threshold=4.5)")
+    assert model.fc1.state.threshold == 4.5
+
+
+def test_biases_stay_the_same_parameters():
+    net = Net()
+    bias = net.fc1.bias
+    quantize_module(net, "nf4")
+    assert net.fc1.bias is bias
+
+
+def test_model_without_linear_is_an_error():
+    with pytest.raises(QuantizationError, match="has none"):
+        quantize_module(nn.Sequential(nn.Conv1d(2, 2, 3), nn.ReLU()), "nf4")
+    # MultiheadAttention's out_proj is an nn.Linear subclass read directly: left alone
+    with pytest.raises(QuantizationError, match="out_proj"):
+        quantize_module(nn.MultiheadAttention(8, 2), "nf4")
+
+
+# ----- bits against the reference ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,blocksize,shape,params", [
+    ("nf4", 64, (32, 64), "bfloat16"),
+    ("nf4-dq", 128, (24, 128), "float32"),
+    ("fp4", 32, (7, 45), "float16"),       # odd element count, partial last block
+    ("fp4-dq", 64, (5, 63), "bfloat16"),
+])
+def test_4bit_codes_and_absmax_equal_reference(mode, blocksize, shape, params):
+    net = nn.Sequential(nn.Linear(shape[1], shape[0]))
+    w = net[0].weight.detach().clone()
+    quantize_module(net, f"params={params},quant={mode}(blocksize={blocksize})")
+    layer = net[0]
+    packed, st = quantize_4bit(_np(w.to(TORCH[params])), mode[:3], blocksize, mode.endswith("-dq"))
+    qs = layer.weight.quant_state
+    assert np.array_equal(packed, layer.weight.data.numpy())
+    assert np.array_equal(np.asarray(st.absmax), qs.absmax.numpy())
+    assert qs.dtype == TORCH[params] and tuple(qs.shape) == shape
+    if st.double_quant:
+        assert np.array_equal(_bits(st.nested_absmax), _bits(qs.state2.absmax.numpy()))
+        assert _bits(st.offset) == _bits(qs.offset.item())
+    deq = layer.dequantize()
+    assert np.array_equal(_bits(_np(deq.float())), _bits(dequantize_4bit(packed, st).astype(np.float32)))
+
+
+def test_int8_codes_and_scb_equal_reference():
+    net = nn.Sequential(nn.Linear(40, 12))
+    w = net[0].weight.detach().clone()
+    quantize_module(net, "int8")
+    codes, scb = int8_quantize_weight(w.numpy())
+    assert np.array_equal(codes, net[0].weight.data.numpy())
+    assert np.array_equal(_bits(scb), _bits(net[0].weight.SCB.numpy()))
+
+
+# ----- forward ----------------------------------------------------------------------------
+
+
+def _reference_4bit(layer, x, compute):
+    w = layer.dequantize().to(compute)
+    return F.linear(x.to(compute), w, None if layer.bias is None else layer.bias.to(compute))
+
+
+@pytest.mark.parametrize("mode,compute", [("nf4", "bfloat16"), ("fp4-dq", "float16"), ("nf4-dq", "float32")])
+def test_4bit_forward_is_dequantize_then_matmul(mode, compute):
+    net = quantize_module(nn.Sequential(nn.Linear(64, 48)), f"params={compute},quant={mode}")
+    layer = net[0]
+    x = torch.randn(6, 64, dtype=TORCH[compute])
+    ref = _reference_4bit(layer, x, TORCH[compute])
+    for training in (True, False):
+        layer.train(training)
+        with torch.no_grad():
+            assert torch.equal(layer(x), ref)
+        xg = x.clone().requires_grad_()
+        out = layer(xg)
+        assert torch.equal(out, ref)
+        out.sum().backward()  # gradients reach the input through the frozen codes
+        assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    assert bytes(layer.weight.data.numpy()) == bytes(layer.weight.data.numpy())
+
+
+def test_4bit_forward_under_autocast_returns_compute_dtype():
+    net = Precision("bf16-mixed,quant=nf4").setup(nn.Sequential(nn.Linear(64, 32)))
+    prec = Precision("bf16-mixed,quant=nf4")
+    x = torch.randn(3, 64)
+    with prec.autocast():
+        out = net(x)
+    assert out.dtype == torch.bfloat16  # as nn.Linear under autocast
+    assert net(x).dtype == torch.float32  # outside: the input's dtype, as bitsandbytes does
+    assert torch.equal(out, _reference_4bit(net[0], x, torch.bfloat16))
+
+
+@pytest.mark.skipif(not bnb.nn.modules.has_avx512bf16(), reason="bitsandbytes' repacked path needs AVX512-BF16")
+def test_bnb_eval_path_differs_and_is_off_here():
+    lin = nn.Linear(128, 64)
+    plain = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=False)
+    plain.load_state_dict(lin.state_dict())
+    plain = plain.to("cpu").eval()
+    ours = quantize_module(nn.Sequential(lin), "nf4")[0].eval()
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    ref = _reference_4bit(ours, x, torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref)
+        theirs = plain(x)
+    assert plain.weight.quant_state.packing_format_for_cpu  # it rewrote its weight in place
+    assert not torch.equal(theirs, ref), "bitsandbytes' eval path became exact? then update the module doc"
+
+
+def test_int8_forward_train_mode_exact_eval_mode_llm_int8():
+    net = quantize_module(nn.Sequential(nn.Linear(32, 16)), "int8")
+    layer = net[0]
+    codes, scb = layer.weight.data.numpy().copy(), layer.weight.SCB.numpy().copy()
+    x = torch.randn(4, 32, dtype=torch.float16)
+    x[0, 3] = 8.0  # an outlier column (|x| >= 6)
+    bias16 = layer.bias.detach().half()
+    layer.train()
+    w16 = torch.from_numpy(int8_dequantize_weight(codes, scb)).half()
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, w16, bias16))
+    layer.eval()
+    with torch.no_grad():
+        out = layer(x).float().numpy()
+    ref = int8_matmul(x.numpy(), codes, scb, 6.0) + bias16.float().numpy()
+    np.testing.assert_allclose(out, ref, rtol=2e-3, atol=2e-3)
+    assert np.array_equal(layer.weight.data.numpy(), codes)  # the forward left the codes as they were
+
+
+def test_int8_training_eval_mode_runs_on_cpu():
+    net = quantize_module(nn.Sequential(nn.Linear(32, 16)), "int8-training").eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 32, dtype=torch.float16))
+    assert out.shape == (2, 16) and torch.isfinite(out).all()
+
+
+# ----- training under Precision -------------------------------------------------------------
+
+
+def _train(policy, steps=4):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    prec = Precision(policy)
+    model, opt = prec.setup(model, opt)
+    x, y = torch.randn(16, 64), torch.randint(0, 8, (16,))
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        with prec.autocast():
+            loss = F.cross_entropy(model(prec.convert_input(x)), y)
+        prec.backward(loss)
+        prec.step(opt)
+        losses.append(loss.item())
+    return model, opt, losses
+
+
+def test_nf4_frozen_base_trains_under_precision():
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    prec = Precision("bf16-mixed,quant=nf4-dq(skip=lm_head)")
+    model, opt = prec.setup(model, opt)
+    frozen = model.fc1.weight.data.clone()
+    head, bias = model.lm_head.weight.detach().clone(), model.fc1.bias.detach().clone()
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(model.fc1.weight) not in held and id(model.fc2.weight) not in held  # no full-precision copy kept
+    assert id(model.fc1.bias) in held and id(model.lm_head.weight) in held
+    x, y = torch.randn(16, 64), torch.randint(0, 8, (16,))
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        with prec.autocast():
+            loss = F.cross_entropy(model(x), y)
+        prec.backward(loss)
+        assert prec.step(opt)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(model.fc1.weight.data, frozen) and model.fc1.weight.grad is None
+    assert not torch.equal(model.lm_head.weight, head) and not torch.equal(model.fc1.bias, bias)
+
+
+def test_int8_training_trains_its_weights():
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    prec = Precision("int8-training")
+    model, opt = prec.setup(model, opt)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(model.fc1.weight) in held  # the new trainable weight replaced the original
+    before = model.fc1.weight.detach().clone()
+    x, y = torch.randn(16, 64, dtype=torch.float16), torch.randint(0, 8, (16,))
+    for _ in range(2):
+        opt.zero_grad()
+        with prec.autocast():
+            loss = F.cross_entropy(model(x).float(), y)
+        prec.backward(loss)
+        prec.step(opt)
+    assert model.fc1.weight.dtype == torch.float16 and not torch.equal(model.fc1.weight, before)
