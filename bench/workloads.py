@@ -164,43 +164,17 @@ def _torch_mlp(cfg: MLPConfig, linear: Callable[[int, int], Any] | None = None):
 
 
 def _torch_fp8_linear_cls():
-    """A Linear whose three GEMMs run in FP8 through `torch._scaled_mm` with current
-    (per-tensor, just-in-time) scaling: e4m3 activations and weights, e5m2 gradients
-    (DESIGN's HYBRID format), fp32 master weights, bf16 outputs."""
+    """The library's FP8 linear (`dualprec_torch.fp8.FP8Linear`): its three GEMMs run in FP8
+    through `torch._scaled_mm` with current (per-tensor, just-in-time) scaling, e4m3
+    activations and weights, e5m2 gradients (HYBRID), fp32 master weights, bf16 outputs."""
+    import functools
+
     import torch
-    from torch import nn
 
-    def quantize(t, dtype, fmax):
-        amax = t.detach().abs().max().float()
-        scale = torch.where(amax > 0, fmax / amax, torch.ones_like(amax))
-        q = (t.float() * scale).clamp(-fmax, fmax).to(dtype)
-        return q, scale.reciprocal()
+    from dualprec import FP8Recipe
+    from dualprec_torch.fp8 import FP8Linear
 
-    class Fp8Matmul(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x2d, weight):
-            xq, xs = quantize(x2d, torch.float8_e4m3fn, E4M3_MAX)
-            wq, ws = quantize(weight, torch.float8_e4m3fn, E4M3_MAX)
-            ctx.save_for_backward(xq, xs, wq, ws)
-            # _scaled_mm wants its second operand column-major: wq.t() of a row-major wq is
-            return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16)
-
-        @staticmethod
-        def backward(ctx, grad):
-            xq, xs, wq, ws = ctx.saved_tensors
-            gq, gs = quantize(grad, torch.float8_e5m2, E5M2_MAX)
-            dx = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=gs, scale_b=ws, out_dtype=torch.bfloat16)
-            dw = torch._scaled_mm(gq.t().contiguous(), xq.t().contiguous().t(), scale_a=gs, scale_b=xs,
-                                  out_dtype=torch.float32)
-            return dx, dw
-
-    class Fp8Linear(nn.Linear):
-        def forward(self, x):
-            x2d = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-            y = Fp8Matmul.apply(x2d, self.weight) + self.bias.to(torch.bfloat16)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
-
-    return Fp8Linear
+    return functools.partial(FP8Linear, recipe=FP8Recipe("current"), out_dtype=torch.bfloat16)
 
 
 def _torch_device_helpers(device: str):

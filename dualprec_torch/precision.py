@@ -43,6 +43,7 @@ from .casts import cast_floating, torch_dtype
 from .init import init_context
 from .loss_scale import LossScaler
 from .master import MasterWeights
+from . import fp8
 from .modules import convert_module
 from .ops import compute_context
 
@@ -59,11 +60,6 @@ def _check_supported(policy: Policy) -> None:
                 f'"{policy}"{where}: quantization ({p.quantization.mode}) is not implemented in '
                 "dualprec_torch yet (bitsandbytes Linear4bit/Linear8bitLt adapters come with the "
                 "quantization issue); drop quant=... to train the unquantized model")
-        if p.fp8 is not None:
-            raise UnsupportedPolicyError(
-                f'"{policy}"{where}: FP8 ({p.fp8.scaling} scaling) is not implemented in dualprec_torch '
-                "yet (Transformer Engine / torch._scaled_mm come with the FP8 issue); drop fp8=... "
-                "or use bf16-mixed")
         if p.is_mixed and p.compute_dtype not in ("bfloat16", "float16"):
             raise UnsupportedPolicyError(
                 f'"{policy}"{where}: params={p.param_dtype} with compute={p.compute_dtype} needs an '
@@ -124,6 +120,7 @@ class Precision:
                 self._device_type = first.device.type
         for name, p in model.named_parameters():
             self._names.setdefault(id(p), name)
+        fp8.convert_module(model, self._policy)  # first: its int32 state buffers ignore the casts
         return convert_module(model, self._policy, self.device_type)
 
     def setup(self, model: nn.Module, *optimizers: torch.optim.Optimizer):

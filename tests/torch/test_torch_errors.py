@@ -99,7 +99,6 @@ def test_state_dict_of_something_else():
 
 
 @pytest.mark.parametrize("policy,feature", [("nf4", "quantization"), ("int8-training", "quantization"),
-                                            ("transformer-engine", "FP8"),
                                             ("bf16-mixed,@head=(quant=nf4)", "quantization"),
                                             ("params=f64,compute=f32", "autocast")])
 def test_unsupported_policies_name_the_missing_feature(policy, feature):

@@ -1,0 +1,405 @@
+"""FP8 linear layers in torch: the native engine (`torch._scaled_mm`) and engine selection.
+
+`convert_module(model, policy)` turns each `nn.Linear` whose policy has an FP8 recipe into
+an `FP8Linear` (in place: same module object, same Parameters, hooks kept), or hands the
+model to the Transformer Engine adapter (`dualprec_torch.te`) when the engine resolves to it.
+
+An `FP8Linear` runs its three GEMMs on FP8 operands: input and weight in E4M3, the output
+gradient in E5M2 under the "hybrid" format (E4M3 under "e4m3"). Every cast is saturating
+(clip to +-fp8_max, then cast) and the numbers are those of `dualprec.ref.fp8`:
+
+* delayed scaling (Transformer Engine's DelayedScaling): a training forward quantizes the
+  input and weight with the scales held in the layer's state, then records their amaxes and
+  computes the next scales; the backward does the same for the output gradient. Each call
+  of the layer is one step of the recipe (a layer called twice per iteration, or once per
+  micro-batch, advances its history each time). Eval-mode calls quantize without recording.
+* current scaling: every tensor is scaled by fp8_max / its own amax (amax 0 -> scale 1).
+
+The state of a delayed-scaling layer (per role: a float32 scale and an amax history, newest
+first) lives in two int32 buffers holding the float32 bit patterns. Being integer, they are
+left alone by every dtype cast (`model.to(bfloat16)`, `.half()`, the policy's parameter
+casts), so a scale is never rounded through bfloat16; `state_tensors` gives them back as
+float32. Outputs come out in the compute dtype: the autocast dtype inside an autocast,
+the input's dtype otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+from torch import nn
+
+from dualprec.errors import PolicyError, UnsupportedPolicyError
+from dualprec.policy import FP8Recipe
+from dualprec.ref.casts import FP8_MAX
+from dualprec.ref.fp8 import ROLES, role_format
+
+__all__ = [
+    "FP8Linear", "convert_module", "select_engine", "fp8_layers", "state_tensors", "load_state_tensors",
+    "check_device", "FP8_MIN_CAPABILITY",
+]
+
+#: FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards.
+FP8_MIN_CAPABILITY = (8, 9)
+
+_TORCH_FP8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+_INPUT, _WEIGHT, _GRAD = (ROLES.index(r) for r in ("input", "weight", "grad_output"))
+
+
+# --------------------------------------------------------------------------- recipe numerics
+
+def _amax(t: torch.Tensor) -> torch.Tensor:
+    """max |t| as a float32 scalar tensor (NaN when t holds one; max propagates NaN)."""
+    return t.detach().abs().amax().to(torch.float32)
+
+
+def _scale_from_amax(amax: torch.Tensor, previous: torch.Tensor, fp8_max: float, margin: int) -> torch.Tensor:
+    """(fp8_max / amax) / 2**margin in float32; the previous scale when amax is 0 or not finite.
+
+    A tensor numerator on purpose: ``448.0 / t`` is ``t.reciprocal() * 448`` in torch (two
+    roundings), while tensor / tensor is one IEEE division, as in the reference.
+    """
+    scale = torch.full_like(amax, fp8_max) / amax
+    if margin:
+        scale = scale / (2.0 ** margin)
+    return torch.where(torch.isfinite(amax) & (amax > 0), scale, previous)
+
+
+def _quantize(t: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Saturating cast of float32(t) * scale to ``fmt``."""
+    fp8_max = FP8_MAX[fmt]
+    return (t.detach().to(torch.float32) * scale).clamp(-fp8_max, fp8_max).to(_TORCH_FP8[fmt])
+
+
+def _record(scale_bits: torch.Tensor, history_bits: torch.Tensor, role: int, amax: torch.Tensor,
+            recipe: FP8Recipe, fmt: str) -> None:
+    """Roll ``role``'s history (newest at 0), write ``amax``, store the next scale (in place)."""
+    history = torch.roll(history_bits[role].view(torch.float32), -1)
+    history = torch.cat([amax.reshape(1), history[1:]])
+    reduced = history.amax() if recipe.amax_algo == "max" else history[0]
+    previous = scale_bits[role].view(torch.float32)
+    scale = _scale_from_amax(reduced, previous, FP8_MAX[fmt], recipe.margin)
+    history_bits[role].copy_(history.view(torch.int32))
+    scale_bits[role].copy_(scale.view(torch.int32))
+
+
+def _scale_for(t: torch.Tensor, role: int, recipe: FP8Recipe, scale_bits, history_bits, fmt: str,
+               record: bool) -> torch.Tensor:
+    """The scale ``t`` is quantized with (recording its amax under delayed scaling)."""
+    if recipe.scaling == "current":
+        one = torch.ones((), dtype=torch.float32, device=t.device)
+        return _scale_from_amax(_amax(t), one, FP8_MAX[fmt], 0)
+    scale = scale_bits[role].view(torch.float32).clone()
+    if record:
+        _record(scale_bits, history_bits, role, _amax(t), recipe, fmt)
+    return scale
+
+
+# --------------------------------------------------------------------------- GEMM
+
+def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if t.shape == (rows, cols):
+        return t
+    out = torch.zeros((rows, cols), dtype=t.dtype, device=t.device)
+    out[: t.shape[0], : t.shape[1]] = t
+    return out
+
+
+def _round16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def fp8_gemm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor,
+             out_dtype: torch.dtype, *, pad: bool | None = None, emulate: bool = False) -> torch.Tensor:
+    """(a @ b_t.T) * inv_a * inv_b on FP8 operands, in ``out_dtype``.
+
+    ``a`` is (M, K) and ``b_t`` is (N, K), both FP8. `torch._scaled_mm` wants its first
+    operand row-major and its second column-major, and on CUDA every dimension a multiple
+    of 16: operands are zero-padded to that (``pad``: default on CUDA only; zeros add
+    nothing to a dot product) and the result sliced back. ``emulate`` computes the same
+    product with a float32 matmul (for GPUs without FP8 tensor cores).
+    """
+    m, n = a.shape[0], b_t.shape[0]
+    if emulate:
+        out = (a.to(torch.float32) @ b_t.to(torch.float32).t()) * (inv_a * inv_b)
+        return out.to(out_dtype)
+    if pad is None:
+        pad = a.is_cuda
+    if pad:
+        k = _round16(a.shape[1])
+        a, b_t = _pad_to(a, _round16(m), k), _pad_to(b_t, _round16(n), k)
+    out = torch._scaled_mm(a.contiguous(), b_t.contiguous().t(), scale_a=inv_a, scale_b=inv_b,
+                           out_dtype=out_dtype)
+    return out[:m, :n] if pad else out
+
+
+class _FP8Matmul(torch.autograd.Function):
+    """y = x @ w.T from FP8 operands quantized by the caller; the backward quantizes the output
+    gradient itself (recording its amax under delayed scaling) and runs both gradient GEMMs
+    in FP8."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, xq, x_inv, wq, w_inv, scale_bits, history_bits, layer):
+        ctx.save_for_backward(xq, x_inv, wq, w_inv, scale_bits, history_bits)
+        ctx.layer = layer
+        ctx.x_dtype, ctx.w_dtype = x2d.dtype, weight.dtype
+        return fp8_gemm(xq, wq, x_inv, w_inv, layer.out_dtype, pad=layer.pad, emulate=layer.emulate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xq, x_inv, wq, w_inv, scale_bits, history_bits = ctx.saved_tensors
+        layer = ctx.layer
+        fmt = role_format("grad_output", layer.recipe)
+        g_scale = _scale_for(grad, _GRAD, layer.recipe, scale_bits, history_bits, fmt, record=layer.record)
+        gq, g_inv = _quantize(grad, g_scale, fmt), g_scale.reciprocal()
+        opts = dict(pad=layer.pad, emulate=layer.emulate)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = fp8_gemm(gq, wq.t(), g_inv, w_inv, ctx.x_dtype, **opts)
+        if ctx.needs_input_grad[1]:
+            dw = fp8_gemm(gq.t(), xq.t(), g_inv, x_inv, ctx.w_dtype, **opts)
+        return dx, dw, None, None, None, None, None, None, None
+
+
+class _CallInfo:
+    """What one call of an FP8Linear hands its backward (static data only)."""
+
+    __slots__ = ("recipe", "out_dtype", "pad", "emulate", "record")
+
+    def __init__(self, recipe, out_dtype, pad, emulate, record):
+        self.recipe, self.out_dtype, self.pad, self.emulate, self.record = recipe, out_dtype, pad, emulate, record
+
+
+# --------------------------------------------------------------------------- the layer
+
+class FP8Linear(nn.Linear):
+    """`nn.Linear` whose GEMMs run in FP8 (see the module docstring).
+
+    ``recipe``: a `dualprec.FP8Recipe` (default: delayed scaling, HYBRID, history 1024,
+    max, margin 0). ``emulate``: float32 GEMMs on the FP8 operands instead of
+    `torch._scaled_mm` (same quantization, for GPUs without FP8 tensor cores). ``pad``:
+    zero-pad GEMM operands to multiples of 16 (None: on CUDA, where `_scaled_mm` needs it).
+    ``out_dtype``: the output dtype (None: the autocast dtype inside an autocast, else the
+    input's).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 recipe: FP8Recipe | None = None, emulate: bool = False, pad: bool | None = None,
+                 out_dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_fp8(recipe, emulate, pad, out_dtype)
+
+    @classmethod
+    def convert(cls, linear: nn.Linear, recipe: FP8Recipe | None = None, *, emulate: bool = False,
+                pad: bool | None = None) -> "FP8Linear":
+        """Turn ``linear`` into an FP8Linear in place (its class changes; Parameters, hooks and
+        any forward wrapper stay) and return it."""
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"FP8Linear.convert takes a plain nn.Linear, got {type(linear).__name__}")
+        linear.__class__ = cls
+        linear._init_fp8(recipe, emulate, pad)
+        return linear
+
+    def _init_fp8(self, recipe, emulate, pad, out_dtype=None) -> None:
+        recipe = FP8Recipe() if recipe is None else recipe
+        if not isinstance(recipe, FP8Recipe):
+            raise TypeError(f"recipe must be a dualprec FP8Recipe, got {type(recipe).__name__}")
+        self.recipe, self.emulate, self.pad, self.out_dtype = recipe, bool(emulate), pad, out_dtype
+        device = self.weight.device
+        if recipe.scaling == "delayed":
+            ones = torch.ones(len(ROLES), dtype=torch.float32, device=device)
+            zeros = torch.zeros(len(ROLES), recipe.history_len, dtype=torch.float32, device=device)
+            self.register_buffer("fp8_scale_bits", ones.view(torch.int32).clone())
+            self.register_buffer("fp8_amax_history_bits", zeros.view(torch.int32).clone())
+        else:
+            self.fp8_scale_bits = self.fp8_amax_history_bits = None
+        if device.type == "cuda":
+            check_device(device, emulate=self.emulate)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        if self.weight.device.type == "cuda":
+            check_device(self.weight.device, emulate=self.emulate)
+        return result
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2d = x.reshape(-1, k)
+        if self.out_dtype is not None:
+            out_dtype = self.out_dtype
+        elif torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        else:
+            out_dtype = x.dtype if x.is_floating_point() else torch.float32
+        record = self.training and self.recipe.scaling == "delayed"
+        info = _CallInfo(self.recipe, out_dtype, self.pad, self.emulate, record and torch.is_grad_enabled())
+        fmt = role_format("input", self.recipe)  # the forward roles share E4M3
+        x_scale = _scale_for(x2d, _INPUT, self.recipe, self.fp8_scale_bits, self.fp8_amax_history_bits,
+                             fmt, record)
+        w_scale = _scale_for(self.weight, _WEIGHT, self.recipe, self.fp8_scale_bits,
+                             self.fp8_amax_history_bits, fmt, record)
+        xq, wq = _quantize(x2d, x_scale, fmt), _quantize(self.weight, w_scale, fmt)
+        state = (self.fp8_scale_bits, self.fp8_amax_history_bits)
+        if state[0] is None:  # current scaling: no state (placeholders keep apply's arity)
+            state = (x_scale, x_scale)
+        y = _FP8Matmul.apply(x2d, self.weight, xq, x_scale.reciprocal(), wq, w_scale.reciprocal(),
+                             *state, info)
+        if self.bias is not None:
+            y = y + self.bias.to(out_dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        r = self.recipe
+        recipe = (f"delayed(history_len={r.history_len}, margin={r.margin}, amax_algo={r.amax_algo})"
+                  if r.scaling == "delayed" else "current")
+        return f"{super().extra_repr()}, fp8={recipe}, format={r.format}" + (", emulate" if self.emulate else "")
+
+
+# --------------------------------------------------------------------------- device and engine
+
+def check_device(device, *, emulate: bool = False) -> None:
+    """FP8 GEMMs on a CUDA device need compute capability >= 8.9; a clear error otherwise."""
+    device = torch.device(device)
+    if device.type != "cuda" or emulate:
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cc = tuple(torch.cuda.get_device_capability(index))
+    if cc < FP8_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(index)
+        raise UnsupportedPolicyError(
+            f"FP8 GEMMs need compute capability >= 8.9 (Ada) or 9.0 (Hopper); {name} has "
+            f"{cc[0]}.{cc[1]}. Drop fp8=... from the policy (bf16-mixed), or convert with "
+            "emulate=True for the FP8 numerics through float32 GEMMs (no speed-up)")
+
+
+def _cuda_capability():
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(torch.cuda.current_device()))
+
+
+def select_engine(recipe: FP8Recipe) -> str:
+    """"native" or "transformer-engine" for ``recipe.engine``.
+
+    auto: Transformer Engine when it imports and the current GPU has compute capability
+    >= 8.9, the native engine otherwise. "transformer-engine" fails clearly when TE does
+    not import.
+    """
+    from . import te
+
+    if recipe.engine == "native":
+        return "native"
+    if recipe.engine == "transformer-engine":
+        te.import_te()  # raises with the install hint
+        return "transformer-engine"
+    cc = _cuda_capability()
+    if cc is not None and cc >= FP8_MIN_CAPABILITY and te.available():
+        return "transformer-engine"
+    return "native"
+
+
+# --------------------------------------------------------------------------- conversion
+
+def fp8_layers(model: nn.Module, policy, module_filter_fn=None, types=(nn.Linear,)):
+    """(path, module, recipe) for each module of exactly one of ``types`` whose policy
+    (``policy.for_module(path)``) has an FP8 recipe, and that ``module_filter_fn(module,
+    path)`` (torchao's filter signature) accepts. Subclasses (bitsandbytes' quantized
+    Linears among them) are not selected: their forward is not a plain GEMM."""
+    for path, module in model.named_modules():
+        if type(module) not in types:
+            continue
+        recipe = policy.for_module(path).fp8
+        if recipe is None:
+            continue
+        if module_filter_fn is not None and not module_filter_fn(module, path):
+            continue
+        yield path, module, recipe
+
+
+def convert_module(model: nn.Module, policy, *, engine: str | None = None, emulate: bool = False,
+                   module_filter_fn=None) -> nn.Module:
+    """Apply the policy's FP8 recipes to ``model`` in place and return it.
+
+    ``engine``: overrides the recipe's ("auto" | "native" | "transformer-engine").
+    ``emulate``: native engine only, float32 GEMMs on FP8 operands (for pre-Ada GPUs).
+    """
+    recipes = [sub.fp8 for sub in [policy] + [s for _, s in policy.overrides] if sub.fp8 is not None]
+    if not recipes:
+        return model
+    top = recipes[0] if engine is None else dataclasses.replace(recipes[0], engine=engine)
+    if select_engine(top) == "transformer-engine":
+        from . import te
+
+        return te.convert_module(model, policy, module_filter_fn=module_filter_fn)
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None:
+        check_device(device, emulate=emulate)
+    for path, module, recipe in list(fp8_layers(model, policy, module_filter_fn)):
+        FP8Linear.convert(module, recipe, emulate=emulate)
+    if not any(isinstance(m, FP8Linear) for m in model.modules()):
+        warnings.warn(f'policy "{policy}" asks for FP8 but the model has no nn.Linear under an FP8 '
+                      "recipe; nothing was converted", stacklevel=2)
+    return model
+
+
+# --------------------------------------------------------------------------- state
+
+def _fp8_modules(model: nn.Module):
+    """(name prefix, layer) for each delayed-scaling FP8Linear ("fp8.fc1", "fp8" for the root)."""
+    for path, module in model.named_modules():
+        if isinstance(module, FP8Linear) and module.fp8_scale_bits is not None:
+            yield (f"fp8.{path}" if path else "fp8"), module
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The delayed-scaling state as float32 tensors named
+    ``fp8.<layer path>.<input|weight|grad_output>.<scale|amax_history>`` (copies, on CPU)."""
+    out = {}
+    for prefix, module in _fp8_modules(model):
+        scales = module.fp8_scale_bits.detach().cpu().view(torch.float32)
+        histories = module.fp8_amax_history_bits.detach().cpu().view(torch.float32)
+        for i, role in enumerate(ROLES):
+            out[f"{prefix}.{role}.scale"] = scales[i].clone()
+            out[f"{prefix}.{role}.amax_history"] = histories[i].clone()
+    return out
+
+
+def load_state_tensors(model: nn.Module, tensors, *, strict: bool = True) -> None:
+    """Restore `state_tensors` output (torch tensors or numpy arrays, any float32 source).
+
+    Every ``fp8.*`` name must belong to an FP8 layer of ``model`` and every FP8 layer must
+    find its state: FP8 state for a model without FP8 layers, or a model with FP8 layers
+    and no state for them, is a `PolicyError` (never a silent run on fresh or stale scales).
+    ``strict=False`` takes what matches and leaves the other layers at their initial state.
+    """
+    import numpy as np
+
+    given = {k: v for k, v in tensors.items() if k.startswith("fp8.")}
+    expected = state_tensors(model)
+    unknown = sorted(set(given) - set(expected))
+    missing = sorted(set(expected) - set(given))
+    if strict and (unknown or missing):
+        if not expected:
+            why = "this model has no FP8 (delayed-scaling) layers: the checkpoint was written by an FP8 run"
+        elif not given:
+            why = "the checkpoint has no FP8 state: it was written by a run without FP8 (or current scaling)"
+        else:
+            why = f"unknown names {unknown[:4]}, missing names {missing[:4]}"
+        raise PolicyError(f"load_state_tensors: {why}. Resume under the policy that wrote the checkpoint, "
+                          "or pass strict=False to start the unmatched layers from fresh scales")
+    for prefix, module in _fp8_modules(model):
+        for i, role in enumerate(ROLES):
+            key = f"{prefix}.{role}"
+            if f"{key}.scale" not in given:
+                continue
+            scale = torch.as_tensor(np.asarray(given[f"{key}.scale"], dtype=np.float32)).reshape(())
+            history = torch.as_tensor(np.asarray(given[f"{key}.amax_history"], dtype=np.float32))
+            if history.shape != module.fp8_amax_history_bits[i].shape:
+                raise PolicyError(f"load_state_tensors: {key}.amax_history has {tuple(history.shape)[0]} "
+                                  f"entries, this layer's recipe keeps {module.recipe.history_len}")
+            device = module.fp8_scale_bits.device
+            with torch.no_grad():
+                module.fp8_scale_bits[i].copy_(scale.view(torch.int32).to(device))
+                module.fp8_amax_history_bits[i].copy_(history.contiguous().view(torch.int32).to(device))
