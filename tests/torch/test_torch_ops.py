@@ -1,6 +1,8 @@
 """The op policy inside autocast() (torch's CUDA autocast table), module and functional
 forms, on CPU.  Per-entry dtypes against CUDA autocast: test_torch_ops_table.py."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,3 +157,144 @@ def test_works_under_torch_compile():
         out = compiled(x)
         ref = model(x)
     assert out.dtype == f32 and torch.equal(out, ref)
+
+
+# ----- training against the hand-written loop ------------------------------------------------
+class ConvMLP(nn.Module):
+    """Conv1d + MLP + residual, ending in a mean over time: every op either on a list both CPU
+    and CUDA autocast agree on (conv, linear, mse) or on none (gelu, add, mean)."""
+
+    def __init__(self, c=8, hidden=16):
+        super().__init__()
+        self.conv = nn.Conv1d(c, c, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(c, hidden), nn.Linear(hidden, c)
+        self.head = nn.Linear(c, 1)
+
+    def forward(self, x):  # x: (batch, channels, time)
+        h = self.conv(x).transpose(1, 2)
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.head(h.mean(1))
+
+
+class RMSNormMLP(ConvMLP):
+    """ConvMLP with a hand-written RMSNorm (pow, mean, rsqrt) and an exp: ops CPU autocast
+    leaves in bfloat16 and CUDA autocast (hence Precision) runs in float32.  ``up`` is where
+    a hand-written model puts the CUDA table's float32 casts itself."""
+
+    up = staticmethod(lambda t: t)
+
+    def forward(self, x):
+        h = self.conv(x).transpose(1, 2)
+        up = self.up
+        h = h * up(up(h).pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt()
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.head(h.mean(1)) + up(h[:, :1, :1]).exp().mean(1)
+
+
+def _train(model, step, steps=8, device="cpu"):
+    torch.manual_seed(1)
+    data = [(torch.randn(4, 8, 12, device=device), torch.randn(4, 1, device=device)) for _ in range(steps)]
+    means = []
+    for x, y in data:
+        means.append(step(x, y))
+    return [p.detach().clone() for p in model.parameters()], means
+
+
+def _hand(model, compute, scaled, device="cpu"):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler(device) if scaled else None
+
+    def step(x, y):
+        opt.zero_grad()
+        with torch.autocast(device, dtype=compute):
+            loss = F.mse_loss(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return loss.dtype
+    return step
+
+
+def _through_precision(model, policy, device="cpu"):
+    prec = Precision(policy, device=device)
+    model, opt = prec.setup(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+
+    def step(x, y):
+        opt.zero_grad()
+        with prec.autocast():
+            loss = F.mse_loss(model(x), y)
+        prec.backward(loss)
+        prec.step(opt)
+        prec.update()
+        return loss.dtype
+    return step
+
+
+@pytest.mark.parametrize("policy,compute", [("bf16-mixed", bf16), ("16-mixed", f16)])
+def test_training_bit_identical_to_hand_written_autocast(policy, compute):
+    """Where CPU autocast already agrees with the CUDA table, Precision is torch.autocast (+
+    GradScaler) exactly: the mean over time stays in the compute dtype (it was float32)."""
+    torch.manual_seed(0)
+    hand_model = ConvMLP()
+    prec_model = ConvMLP()
+    prec_model.load_state_dict(hand_model.state_dict())
+    hand, _ = _train(hand_model, _hand(hand_model, compute, policy == "16-mixed"))
+    ours, _ = _train(prec_model, _through_precision(prec_model, policy))
+    for a, b in zip(hand, ours):
+        assert torch.equal(a, b)
+    with Precision(policy, device="cpu").autocast():
+        h = prec_model.conv(torch.randn(2, 8, 5)).transpose(1, 2)
+        assert h.mean(1).dtype == compute
+
+
+@pytest.mark.parametrize("policy,compute", [("bf16-mixed", bf16), ("16-mixed", f16)])
+def test_cuda_table_ops_match_hand_written_float32_casts(policy, compute):
+    """pow/rsqrt/exp in float32, mean left alone: Precision on CPU equals a hand-written
+    autocast loop that writes CUDA's float32 casts itself, bit for bit, and differs from
+    plain CPU autocast."""
+    torch.manual_seed(0)
+    hand_model, prec_model, plain_model = RMSNormMLP(), RMSNormMLP(), RMSNormMLP()
+    prec_model.load_state_dict(hand_model.state_dict())
+    plain_model.load_state_dict(hand_model.state_dict())
+    hand_model.up = lambda t: t.float()
+    hand, _ = _train(hand_model, _hand(hand_model, compute, policy == "16-mixed"))
+    ours, _ = _train(prec_model, _through_precision(prec_model, policy))
+    plain, _ = _train(plain_model, _hand(plain_model, compute, policy == "16-mixed"))
+    for a, b in zip(hand, ours):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(plain, ours))
+    x = torch.randn(3, 5).to(compute)
+    with Precision(policy, device="cpu").autocast():
+        assert x.pow(2).dtype == x.rsqrt().dtype == x.exp().dtype == f32
+        assert x.mean(-1).dtype == compute
+
+
+def test_cuda_context_is_plain_autocast():
+    """On CUDA nothing is added per op: the CPU table is not switched on."""
+    from dualprec import Policy
+    from dualprec_torch import ops
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: torch.autocast("cuda") warns and turns off
+        with ops.compute_context(Policy.parse("bf16-mixed"), "cuda"):
+            assert ops._STATE.depth == 0
+    with ops.compute_context(Policy.parse("bf16-mixed"), "cpu"):
+        assert ops._STATE.depth == 1
+    assert ops._STATE.depth == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("policy,compute", [("bf16-mixed", bf16), ("16-mixed", f16)])
+def test_cuda_training_bit_identical_to_hand_written_autocast(policy, compute):
+    torch.manual_seed(0)
+    models = [RMSNormMLP().cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    hand, _ = _train(models[0], _hand(models[0], compute, policy == "16-mixed", "cuda"), device="cuda")
+    ours, _ = _train(models[1], _through_precision(models[1], policy, "cuda"), device="cuda")
+    for a, b in zip(hand, ours):
+        assert torch.equal(a, b)
