@@ -166,5 +166,11 @@ def reduce_found_inf(found: dict, grads: list[torch.Tensor]) -> dict:
     devices = list(found)
     flags = torch.stack([found[d].to(devices[0]) for d in devices]) if devices else torch.zeros(1)
     total = flags.max().reshape(1)
-    dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
+    try:
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
+    except RuntimeError as e:  # a peer died or hung: say who we are and what was (not) done
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        raise RuntimeError(f"rank {rank} of {world}: the loss-scale overflow all-reduce failed, so another rank "
+                           "died or stopped answering before this step was decided; no optimizer step was "
+                           f"taken on rank {rank}, and checkpoints written before are intact ({e})") from e
     return {d: total[0].to(d).clone() for d in devices} if devices else {total.device: total[0]}

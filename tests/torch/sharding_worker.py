@@ -113,3 +113,40 @@ def run_policy(rank: int, world: int, policy: str, out_dir: str) -> None:
 
 if __name__ == "__main__":  # pragma: no cover - manual runs
     worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+
+
+def dying_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Checkpoint after one step; at the second, rank 1 dies after backward.  Rank 0 records
+    the error it gets and the parameters it holds."""
+    import datetime
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from dualprec_torch import Precision
+    from dualprec_torch.sharding import shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    model, x, y = model_and_data()
+    precision = Precision("16-mixed", device="cpu")
+    model = shard(model, precision.policy)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = precision.setup(model, optimizer)
+    train(precision, model, optimizer, x, y, 1, None)
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=os.path.join(out_dir, "dcp"))
+    saved = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    optimizer.zero_grad()
+    with precision.autocast():
+        loss = nn.functional.mse_loss(model(x).float(), y)
+    precision.backward(loss)
+    if rank == 1:
+        os._exit(3)
+    try:
+        precision.step(optimizer)
+        message = "no error"
+    except RuntimeError as e:
+        message = str(e)
+    local = {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+    torch.save({"message": message, "saved": saved, "local": local}, os.path.join(out_dir, "rank0.pt"))
+    os._exit(0)  # the group cannot be torn down cleanly without its peer

@@ -121,3 +121,29 @@ def test_block_pattern_that_matches_nothing():
             shard(w.model_and_data()[0], "bf16-mixed,reduce=bf16")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_rank_that_dies_mid_step_is_named_and_the_checkpoint_survives(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=w.dying_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0, 3]
+    result = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert "rank 0 of 2" in result["message"] and "no optimizer step was taken" in result["message"]
+    # the surviving rank did not step: its shard still holds the checkpointed values
+    for name, local in result["local"].items():
+        assert torch.equal(local, result["saved"][name][: local.shape[0]]), name
+    # and the checkpoint written before the failure loads, with the values it was written with
+    model, _, _ = w.model_and_data()
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    for name, saved in result["saved"].items():
+        assert torch.equal(state["model"][name], saved), name
