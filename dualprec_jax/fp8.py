@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dualprec.errors import PolicyError
 from dualprec.policy import FP8Recipe, Policy
 from dualprec.ref.casts import FP8_MAX
 from dualprec.ref.fp8 import ROLES, role_format
@@ -438,8 +439,8 @@ def state_tensors(variables, recipe: Any = None) -> dict[str, np.ndarray]:
         for role in ROLES:
             if f"{role}_scale" not in fields:
                 continue
-            hist = np.asarray(jax.device_get(_to_f32(fields[f"{role}_amax_history"])), np.float32)
-            scale = np.asarray(jax.device_get(next_scale(fields[f"{role}_scale"], hist, role, r)), np.float32)
+            hist = np.array(jax.device_get(_to_f32(fields[f"{role}_amax_history"])), np.float32)
+            scale = np.array(jax.device_get(next_scale(fields[f"{role}_scale"], hist, role, r)), np.float32)
             out[f"fp8.{layer}.{role}.scale"] = scale.reshape(())
             out[f"fp8.{layer}.{role}.amax_history"] = hist
     return out
@@ -472,21 +473,21 @@ def load_state_tensors(variables, tensors: dict, recipe: Any = None):
     expected = {f"fp8.{layer}.{role}.{f}" for layer, fields in layers.items() for role in ROLES
                 if f"{role}_scale" in fields for f in _FIELDS}
     if given and not expected:
-        raise ValueError(f"the checkpoint holds FP8 state ({len(given)} tensors, e.g. {sorted(given)[0]}), "
+        raise PolicyError(f"the checkpoint holds FP8 state ({len(given)} tensors, e.g. {sorted(given)[0]}), "
                          "but this run has no delayed-scaling FP8 layers; load it into a run under the "
                          "same FP8 policy, or drop the fp8.* tensors on purpose")
     if expected and not given:
-        raise ValueError("this run has delayed-scaling FP8 layers, but the checkpoint holds no FP8 state "
+        raise PolicyError("this run has delayed-scaling FP8 layers, but the checkpoint holds no FP8 state "
                          f"(no fp8.* tensors; expected e.g. {sorted(expected)[0]}): its scales would "
                          "restart from 1.0; resume from an FP8 checkpoint or start the FP8 run fresh")
     if set(given) != expected:
         missing, extra = sorted(expected - set(given)), sorted(set(given) - expected)
-        raise ValueError(f"FP8 state does not match this model: missing {missing[:4]}, unexpected {extra[:4]}")
+        raise PolicyError(f"FP8 state does not match this model: missing {missing[:4]}, unexpected {extra[:4]}")
     for name, value in given.items():
         layer, role, field = name[4:].rsplit(".", 2)
         cur = _to_f32(layers[layer][f"{role}_{field}"])
         if np.shape(value) != tuple(cur.shape) and not (field == "scale" and np.size(value) == 1):
-            raise ValueError(f"{name} has shape {np.shape(value)}, this run's has {tuple(cur.shape)} "
+            raise PolicyError(f"{name} has shape {np.shape(value)}, this run's has {tuple(cur.shape)} "
                              "(another history_len?)")
 
     def new_value(path):
