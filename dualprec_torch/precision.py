@@ -44,6 +44,7 @@ from .init import init_context
 from .loss_scale import LossScaler
 from .master import MasterWeights
 from . import fp8
+from . import quant
 from .modules import convert_module
 from .ops import compute_context
 
@@ -55,11 +56,6 @@ STATE_VERSION = 1
 
 def _check_supported(policy: Policy) -> None:
     for where, p in [("", policy)] + [(f" (override @{pat})", sub) for pat, sub in policy.overrides]:
-        if p.quantization is not None:
-            raise UnsupportedPolicyError(
-                f'"{policy}"{where}: quantization ({p.quantization.mode}) is not implemented in '
-                "dualprec_torch yet (bitsandbytes Linear4bit/Linear8bitLt adapters come with the "
-                "quantization issue); drop quant=... to train the unquantized model")
         if p.is_mixed and p.compute_dtype not in ("bfloat16", "float16"):
             raise UnsupportedPolicyError(
                 f'"{policy}"{where}: params={p.param_dtype} with compute={p.compute_dtype} needs an '
@@ -110,7 +106,7 @@ class Precision:
     # ----- modules ----------------------------------------------------------------------
     def init_module(self, empty_init: bool = False):
         """Context: modules created inside get the param dtype (and device) directly."""
-        return init_context(self._policy, self._device, empty_init)
+        return quant.module_init_context(self._policy, self._device, self.device_type, empty_init)
 
     def convert_module(self, model: nn.Module) -> nn.Module:
         """Cast ``model`` to the policy in place (per-module overrides included)."""
@@ -120,6 +116,8 @@ class Precision:
                 self._device_type = first.device.type
         for name, p in model.named_parameters():
             self._names.setdefault(id(p), name)
+        if quant.uses_quantization(self._policy):  # Linear -> bitsandbytes layers, quantized
+            quant.quantize_module(model, self._policy, self._device)
         fp8.convert_module(model, self._policy)  # first: its int32 state buffers ignore the casts
         return convert_module(model, self._policy, self.device_type)
 
@@ -129,6 +127,9 @@ class Precision:
             raise TypeError(f"setup(model, *optimizers): model must be an nn.Module, got {type(model).__name__}")
         model_params = {id(p) for p in model.parameters()}
         self.convert_module(model)
+        for opt in optimizers:  # quantization replaced Linear weights: point the optimizers at the new ones
+            quant.rebind_optimizer(opt, model)
+        model_params |= {id(p) for p in model.parameters()}
         for opt in optimizers:
             self._adopt(opt, model_params)
         return model if not optimizers else (model, *optimizers)

@@ -407,7 +407,7 @@ def _replacement(path: str, linear: nn.Linear, policy, device) -> nn.Module:
     sub = policy.for_module(path)
     q = sub.quantization
     target = torch.device(device) if device is not None else (
-        linear.weight.device if linear.weight.device.type != "meta" else torch.device("cpu"))
+        linear.weight.device if linear.weight.device.type != "meta" else _deferred_device(linear))
     _check_blocksize(q, target)
     Q4, Q8 = _classes()
     cls = Q4 if q.is_4bit else Q8
@@ -444,9 +444,13 @@ def _init_bias(bias: torch.Tensor, fan_in: int) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _deferred_device(linear: nn.Linear) -> torch.device:
+    return getattr(linear, "_dualprec_device", None) or torch.device("cpu")
+
+
 def _materialise(linear: nn.Linear, device) -> None:
     """A skipped Linear created on the meta device: the full-precision layer, initialised."""
-    target = torch.device(device) if device is not None else getattr(linear, "_dualprec_device", torch.device("cpu"))
+    target = torch.device(device) if device is not None else _deferred_device(linear)
     skip_init = getattr(linear, _SKIP_INIT, False)
     linear.to_empty(device=target)
     if not skip_init:
@@ -552,25 +556,26 @@ def module_init_context(policy, device, device_type: str, empty_init: bool = Fal
         return base
     stack = contextlib.ExitStack()
     stack.enter_context(base)
-    stack.enter_context(deferred_init(device if device is not None else "cuda", empty_init))
+    stack.enter_context(deferred_init(empty_init))
     return stack
 
 
 @contextlib.contextmanager
-def deferred_init(device=None, empty_init: bool = False):
+def deferred_init(empty_init: bool = False):
     """Context: ``nn.Linear`` layers created inside keep their weight (and bias) on the meta
-    device, so no full-precision copy of them is ever allocated; `quantize_module` then
-    creates and quantizes them one layer at a time on ``device`` (skipped layers are
-    materialised in full precision there).  Without ``empty_init`` they are initialised as
-    ``nn.Linear.reset_parameters`` does, just before quantization; with it, a checkpoint is
-    expected to fill them (``load_state_dict`` quantizes full-precision weights as it loads).
+    device, so no full-precision copy of the model is ever held (each layer's weight exists
+    for a moment, as torch.empty, before it is swapped out); `quantize_module` then creates
+    and quantizes them one layer at a time on the device they were created on (skipped
+    layers are materialised there in full precision).  Without ``empty_init`` they are
+    initialised as ``nn.Linear.reset_parameters`` does, just before quantization (custom
+    initialisers run inside the context act on meta tensors and are lost); with it, a
+    checkpoint is expected to fill them (``load_state_dict`` quantizes full-precision
+    weights as it loads).
     """
-    target = torch.device(device) if device is not None else None
 
     def hook(module, name, param):
         if type(module) is nn.Linear and name in ("weight", "bias") and param is not None and param.device.type != "meta":
-            if target is not None:
-                module._dualprec_device = target
+            module._dualprec_device = param.device
             setattr(module, _SKIP_INIT, empty_init)
             return nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
         return None

@@ -98,9 +98,7 @@ def test_state_dict_of_something_else():
         Precision("16-mixed").load_state_dict({"scale": 1.0})
 
 
-@pytest.mark.parametrize("policy,feature", [("nf4", "quantization"), ("int8-training", "quantization"),
-                                            ("bf16-mixed,@head=(quant=nf4)", "quantization"),
-                                            ("params=f64,compute=f32", "autocast")])
+@pytest.mark.parametrize("policy,feature", [("params=f64,compute=f32", "autocast")])
 def test_unsupported_policies_name_the_missing_feature(policy, feature):
     with pytest.raises(UnsupportedPolicyError, match=feature) as info:
         Precision(policy)
