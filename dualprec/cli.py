@@ -53,6 +53,8 @@ def _explain(args) -> int:
     console.print(table)
     for o in info["overrides"]:
         console.print(f"override [bold]{o['pattern']}[/bold]: {o['policy']}")
+    if info.get("op_table_text"):
+        print(info["op_table_text"])
     return 0
 
 

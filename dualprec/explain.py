@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .optable import render_table, table_rows
 from .policy import Policy
 from .presets import lookup_preset, preset_name_of
 
@@ -18,7 +19,10 @@ def op_dtypes(p: Policy) -> dict[str, str]:
              f"{p.param_dtype} tensor (a residual stream, a parameter) joins in" if p.is_mixed
              else f"{c}")
     return {"matmul-like (linear, matmul, bmm, conv, einsum, attention)": matmul,
-            "normalization / softmax / loss": f"{wide} (upcast inputs, output cast back where the op policy says)",
+            "normalization / softmax / loss": (f"{wide}: the op table's float32 list (exp, log, pow, rsqrt, softmax, "
+                                               f"layer/rms/group norm, sum, cumsum, losses); mean, var, std, "
+                                               f"batch_norm are on no list and stay {c}" if p.is_mixed else
+                                               f"{wide} (upcast inputs, output cast back where the op policy says)"),
             "everything else (elementwise, residuals)": other}
 
 
@@ -92,7 +96,8 @@ def _fp8(p: Policy, backend: str) -> str:
 def _mechanism(p: Policy, backend: str) -> str:
     if backend == "torch":
         if p.is_mixed:
-            return f"torch.autocast(dtype={p.compute_dtype}) around forward and loss; norms/softmax/loss forced to float32"
+            return (f"torch.autocast(dtype={p.compute_dtype}) around forward and loss: plain on CUDA; on CPU with "
+                    "CUDA autocast's op table (AutocastCPU kernels for the listed ops)")
         return f"module converted to {p.param_dtype}; default dtype {p.param_dtype} while building the model"
     text = ("Flax modules intercepted: dot_general with preferred_element_type=float32, fp32 bias, one rounding"
             if p.compute_dtype in ("bfloat16", "float16") else f"Flax modules run in {p.compute_dtype}")
@@ -112,6 +117,8 @@ def explain(p: Policy) -> dict:
                    "reduce": p.reduce_dtype},
         "backends": {},
         "overrides": [{"pattern": pat, "policy": str(sub)} for pat, sub in p.overrides],
+        "op_table": table_rows(p),
+        "op_table_text": render_table(p),
     }
     for backend in ("torch", "jax"):
         out["backends"][backend] = {

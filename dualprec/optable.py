@@ -442,25 +442,25 @@ def table_rows(policy=None) -> list[dict]:
 
 
 def render_table(policy=None, width: int = 100) -> str:
-    """Plain-text op table for ``dualprec explain``: per list, its rule and output dtype
-    under ``policy``, then the entries with their torch aten names and JAX counterparts."""
+    """Plain-text op table for ``dualprec explain``: per list, its rule under ``policy``, then
+    each entry with its aten ops (torch) and its JAX counterparts."""
+    import textwrap
+
     compute, on = _policy_dtypes(policy) if policy is not None else ("bfloat16", True)
-    lines = []
     if not on:
-        lines.append(f"op table: off (no autocast under this policy; every op runs in its inputs' dtype, "
-                     f"{compute} here)")
-        return "\n".join(lines)
-    lines.append(f"op table (torch CUDA autocast, compute {compute}; torch on CPU emulates it, "
-                 "JAX autocast applies it):")
+        return (f"op table: not applied (no autocast under this policy): every op runs in its inputs' "
+                f"dtype, {compute} here")
+    lines = [f"op table: torch's CUDA autocast lists, compute dtype {compute}",
+             "  torch: plain torch.autocast on CUDA; the same lists emulated under torch.autocast on CPU",
+             "  jax: the same lists applied by dualprec_jax's autocast"]
     for kind in LISTS + ("banned",):
-        es = [e for e in ENTRIES + BANNED if e.list == kind]
-        lines.append(f"  [{kind}] {_RULE[kind].format(c=compute)}")
-        for e in es:
-            jax = ", ".join(e.jax_primitives or e.jax[:2]) or "-"
-            text = f"    {e.name:<34} aten: {', '.join(e.aten)}"
-            if len(text) > width - 20:
-                text = text[: width - 23] + "..."
-            lines.append(f"{text}  | jax: {jax}")
-    lines.append("  [none] everything else (mean, var, std, batch_norm, gelu, silu, add, ...): "
-                 "inputs' dtype, type promotion")
+        lines.append(f"[{kind}] {_RULE[kind].format(c=compute)}")
+        for e in ENTRIES + BANNED:
+            if e.list != kind:
+                continue
+            jax = ", ".join(e.jax_primitives) if e.jax_primitives else ", ".join(e.jax[:2])
+            text = f"{e.name}: aten {', '.join(e.aten)}" + (f"; jax {jax}" if jax else "")
+            lines += textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="      ")
+    lines.append("[none] every other op (mean, var, std, batch_norm, gelu, silu, add, cat, ...): its inputs' "
+                 "dtype, by type promotion")
     return "\n".join(lines)
