@@ -9,6 +9,8 @@ float64 policy).
 from __future__ import annotations
 
 import functools
+import inspect
+import math
 import string
 
 import jax
@@ -20,7 +22,7 @@ from dualprec import Policy
 from .casts import accumulation_dtype, jax_dtype
 
 __all__ = ["OpDtypes", "op_dtypes", "accumulating_dot_general", "accumulating_conv",
-           "dot_product_attention", "softmax", "log_softmax"]
+           "dot_product_attention", "softmax", "log_softmax", "torch_activation"]
 
 
 class OpDtypes:
@@ -173,3 +175,74 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
     out = jnp.einsum("...hqk,...khd->...qhd", weights.astype(compute), v, precision=precision,
                      preferred_element_type=accumulate)
     return out.astype(compute)
+
+
+# ----- torch's activation formulas (its CPU/CUDA kernels, in float32) -----------------------
+def _erf(x):
+    """torch's CPU float erf (ATen's vectorized kernel: Abramowitz-Stegun 7.1.26)."""
+    f = jnp.float32
+    a = jnp.abs(x)
+    t = 1 / (f(0.3275911) * a + 1)
+    r = (((f(1.061405429) * t + f(-1.453152027)) * t + f(1.421413741)) * t + f(-0.284496736)) * t + f(0.254829592)
+    return jnp.sign(x) * ((-jnp.exp(-(x * x)) * t) * r + 1)
+
+
+def _tanh(z):
+    """tanh close to correctly rounded where ``1 + tanh`` cancels (Sleef's tanhf_u10 is; XLA's
+    tanh is a few ulp off, which gelu-tanh's ``1 + tanh`` amplifies for negative inputs)."""
+    a = jnp.abs(z)
+    return jnp.where(a >= 0.5, jnp.sign(z) * (1 - 2 / (jnp.exp(2 * a) + 1)), jnp.tanh(z))
+
+
+def _gelu(x, approximate=False):
+    f = jnp.float32
+    if approximate:  # torch: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))
+        inner = f(math.sqrt(2.0) * (2.0 / math.sqrt(math.pi)) * 0.5) * (x + f(0.044715) * (x * x * x))
+        return f(0.5) * x * (1 + _tanh(inner))
+    return x * f(0.5) * (1 + _erf(x * f(math.sqrt(0.5))))
+
+
+def _softplus(x, beta=1.0, threshold=20.0):
+    bx = x * jnp.float32(beta)
+    return jnp.where(bx > threshold, x, jnp.log1p(jnp.exp(bx)) / jnp.float32(beta))
+
+
+def _elu(x, alpha=1.0):
+    return jnp.where(x > 0, x, jnp.expm1(x) * jnp.float32(alpha))
+
+
+def _leaky_relu(x, negative_slope=0.01):
+    return jnp.where(x > 0, x, x * jnp.float32(negative_slope))
+
+
+def _hardswish(x):
+    return x * jnp.clip(x + 3, 0, 6) / 6
+
+
+_TORCH_ACTIVATIONS = {
+    "gelu": _gelu,
+    "silu": lambda x: x / (1 + jnp.exp(-x)),
+    "swish": lambda x: x / (1 + jnp.exp(-x)),
+    "sigmoid": lambda x: 1 / (1 + jnp.exp(-x)),
+    "tanh": jnp.tanh,
+    "softplus": _softplus,
+    "elu": _elu,
+    "leaky_relu": _leaky_relu,
+    "mish": lambda x: x * jnp.tanh(jnp.log1p(jnp.exp(x))),
+    "hard_silu": _hardswish,
+    "hard_swish": _hardswish,
+}
+
+
+def torch_activation(name, jax_fn, x, args=(), kwargs=None):
+    """Activation ``name`` of float32 ``x`` by torch's formula, the arguments of the JAX call
+    ``jax_fn(x, *args, **kwargs)`` mapped onto it (gelu's ``approximate``, elu's ``alpha``,
+    leaky_relu's ``negative_slope``); JAX's own function when torch has no counterpart."""
+    formula = _TORCH_ACTIVATIONS.get(name)
+    if formula is None:
+        return jax_fn(x, *args, **(kwargs or {}))
+    bound = inspect.signature(jax_fn).bind(x, *args, **(kwargs or {}))
+    bound.apply_defaults()
+    params = dict(list(bound.arguments.items())[1:])
+    accepted = inspect.signature(formula).parameters
+    return formula(x, **{k: v for k, v in params.items() if k in accepted})

@@ -1,0 +1,617 @@
+"""`autocast(fun, policy)`: any JAX function run under torch's CUDA autocast op table.
+
+JAX has no autocast, so this module provides one as a function transformation: ``fun`` is
+traced to a jaxpr at the dtypes of its inputs and the jaxpr is evaluated again, equation by
+equation, with the table's rule for each op:
+
+- matmul-likes (``dot_general``, ``conv_general_dilated``): operands cast to the compute
+  dtype, float32 accumulation, one rounding to the compute dtype (an explicit wider
+  ``preferred_element_type`` is kept: that is how a Flax Dense adds its bias before rounding);
+  backward GEMMs take the compute-dtype cotangent and accumulate in float32;
+- float32-list ops (exp, log, pow, rsqrt, sum, cumsum, softmax, logsumexp, norms...): half
+  inputs are upcast and the result is float32;
+- promote ops and everything downstream of a changed dtype: the widest input (type promotion);
+- unlisted activations on half inputs (gelu, silu, sigmoid, tanh, softplus, elu, ...): computed
+  in float32 with torch's formula and rounded once, as torch's kernels do (opmath);
+- everything else runs in its input dtype.
+
+The evaluator recurses into sub-jaxprs (jit, custom_jvp/custom_vjp, scan, while, cond, remat,
+shard_map) and calls JAX's public API to rebuild them, so the result composes with jit, grad,
+vmap and the control-flow primitives.  What it cannot see into (pure_callback, custom
+primitives) keeps its dtypes, with a warning naming it; pallas_call kernels are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import sys
+import threading
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core
+
+from dualprec import Policy
+
+from .casts import accumulation_dtype, jax_dtype
+from .ops import _freeze, _rounding_dot, torch_activation
+
+__all__ = ["autocast", "AutocastWarning"]
+
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+# The table by JAX name.  Primitives: what a single primitive does.  Composites: jax.nn/jnp
+# functions that JAX jits under their name (seen as a named jit in the jaxpr) or that
+# autocast marks while tracing (MARKED_COMPOSITES: JAX inlines them).
+FP32_PRIMITIVES = frozenset({
+    "exp", "exp2", "expm1", "log", "log1p", "pow", "integer_pow", "square", "rsqrt", "sinh", "cosh",
+    "tan", "acos", "asin", "erf_inv", "reduce_sum", "reduce_prod", "cumsum", "cumprod",
+    "cumlogsumexp"})
+OPMATH_PRIMITIVES = frozenset({"tanh", "logistic", "erf", "erfc"})
+FP32_COMPOSITES = frozenset({"softmax", "log_softmax", "logsumexp", "norm", "_softmax", "_log_softmax",
+                             "sum", "prod", "cumsum", "cumprod"})
+OPMATH_COMPOSITES = frozenset({
+    "gelu", "silu", "swish", "sigmoid", "softplus", "elu", "leaky_relu", "mish", "hard_silu",
+    "hard_swish", "hard_sigmoid", "celu", "selu", "log_sigmoid", "relu6", "hard_tanh", "glu",
+    # unlisted reductions: jnp computes them in float32 for half inputs and rounds once
+    "mean", "var", "std", "_var", "_std", "_mean", "nanmean", "nanvar", "nanstd", "average"})
+MARKED_COMPOSITES = {
+    "softmax": "fp32", "log_softmax": "fp32", "logsumexp": "fp32", "sum": "fp32",
+    "gelu": "opmath", "silu": "opmath", "swish": "opmath", "sigmoid": "opmath", "softplus": "opmath",
+    "elu": "opmath", "leaky_relu": "opmath", "mish": "opmath", "hard_silu": "opmath",
+    "hard_swish": "opmath", "mean": "opmath", "var": "opmath", "std": "opmath"}
+
+
+class AutocastWarning(UserWarning):
+    """autocast met something it cannot see into; its dtypes were left as they were."""
+
+
+class _Ctx:
+    """The dtypes one autocast call applies (from the top-level policy)."""
+
+    def __init__(self, policy: Policy):
+        self.compute = jax_dtype(policy.compute_dtype)
+        self.accumulate = accumulation_dtype(policy.compute_dtype)
+        self.upcast = 0  # > 0 inside a float32 composite evaluated from its half-precision trace
+
+
+def _dtype(x):
+    return jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
+
+
+def _is_float(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+def _is_half(dtype) -> bool:
+    return jnp.dtype(dtype) in _HALF
+
+
+def _cast(x, dtype):
+    if not _is_float(_dtype(x)) or not _is_float(dtype) or _dtype(x) == dtype:
+        return x
+    return lax.convert_element_type(x, dtype)
+
+
+# ----- the evaluator ------------------------------------------------------------------------
+def _literal(v):
+    val = v.val
+    if isinstance(val, (int, float, bool, complex)) and hasattr(v.aval, "dtype"):
+        return np.asarray(val, v.aval.dtype)
+    return val
+
+
+def _patterns(jaxpr):
+    """Two jnp reductions at torch's granularity, found in a flat jaxpr:
+
+    - sums: ids of the converts closing ``convert(half->f32) -> reduce_sum/prod -> convert(->half)``,
+      ``jnp.sum``/``prod`` of a half input, which the table runs and returns in float32;
+    - means: reduce_sum id -> id of the ``div`` that makes it ``jnp.mean`` (mean is on no list:
+      a half input is summed in float32 and the mean rounded once, as jnp does for half inputs).
+    """
+    producer, uses = {}, {}
+    for e in jaxpr.eqns:
+        for v in e.invars:
+            if isinstance(v, core.Var):
+                uses.setdefault(v, []).append(e)
+        for v in e.outvars:
+            producer[v] = e
+    for v in jaxpr.outvars:
+        if isinstance(v, core.Var):
+            uses.setdefault(v, []).append(None)
+    sums, means = set(), {}
+    for e in jaxpr.eqns:
+        if e.primitive.name not in ("reduce_sum", "reduce_prod"):
+            continue
+        out_uses = uses.get(e.outvars[0], [])
+        if len(out_uses) != 1 or out_uses[0] is None:
+            continue
+        nxt, src = out_uses[0], producer.get(e.invars[0])
+        if nxt.primitive.name == "div" and nxt.invars[0] is e.outvars[0] and not nxt.invars[1].aval.ndim:
+            means[id(e)] = id(nxt)
+        elif src is not None and src.primitive.name == "convert_element_type":
+            half = src.invars[0].aval.dtype
+            if _is_half(half) and nxt.primitive.name == "convert_element_type" and nxt.params["new_dtype"] == half:
+                sums.add(id(nxt))
+    return sums, means
+
+
+def _eval(jaxpr, consts, args, ctx):
+    """Evaluate an open jaxpr under the table; values may have other dtypes than its avals."""
+    env = {}
+
+    def read(v):
+        return _literal(v) if isinstance(v, core.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args):
+        env[v] = x
+    sums, means = _patterns(jaxpr)
+    round_after = {}
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if ctx.upcast:
+            outs = _eval_eqn(eqn, invals, ctx)
+        elif id(eqn) in sums and _dtype(invals[0]) == ctx.accumulate:
+            outs = invals[0]  # the float32 sum stays float32
+        elif id(eqn) in means and _is_half(_dtype(invals[0])):
+            round_after[means[id(eqn)]] = _dtype(invals[0])
+            outs = _bind_flexible(eqn, [_cast(invals[0], ctx.accumulate)])
+        else:
+            outs = _eval_eqn(eqn, invals, ctx)
+        if id(eqn) in round_after:
+            outs = _cast(outs, round_after.pop(id(eqn)))
+        if not eqn.primitive.multiple_results:
+            outs = [outs]
+        for v, x in zip(eqn.outvars, outs):
+            env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_closed(closed, args, ctx):
+    return _eval(closed.jaxpr, closed.consts, args, ctx)
+
+
+def _bind(eqn, invals):
+    return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+
+
+def _bind_original(eqn, invals):
+    """The equation as traced: inputs back in their traced dtypes (opaque ops, fallbacks)."""
+    return _bind(eqn, [_cast(x, v.aval.dtype) for x, v in zip(invals, eqn.invars)])
+
+
+def _changed(eqn, invals) -> bool:
+    return any(_dtype(x) != jnp.dtype(v.aval.dtype) for x, v in zip(invals, eqn.invars)
+               if hasattr(v.aval, "dtype"))
+
+
+def _promoted(eqn, invals):
+    """Inputs of an op whose float operands were traced with one dtype, cast to the widest of
+    their dtypes now (0-d operands and Python scalars follow the others)."""
+    floats = [i for i, v in enumerate(eqn.invars) if hasattr(v.aval, "dtype") and _is_float(v.aval.dtype)]
+    if len({jnp.dtype(eqn.invars[i].aval.dtype) for i in floats}) != 1:
+        return invals
+    # torch's rule: dimensioned tensors win over 0-d tensors and Python scalars
+    strong = [i for i in floats if eqn.invars[i].aval.ndim and not eqn.invars[i].aval.weak_type] or floats
+    target = functools.reduce(jnp.promote_types, (_dtype(invals[i]) for i in strong))
+    return [_cast(x, target) if i in floats else x for i, x in enumerate(invals)]
+
+
+def _bind_flexible(eqn, invals):
+    if not _changed(eqn, invals):
+        return _bind(eqn, invals)
+    try:
+        return _bind(eqn, _promoted(eqn, invals))
+    except (TypeError, ValueError):
+        return _bind_original(eqn, invals)
+
+
+def _eval_eqn(eqn, invals, ctx):
+    name = eqn.primitive.name
+    rule = _RULES.get(name)
+    if rule is not None:
+        return rule(eqn, invals, ctx)
+    if name in FP32_PRIMITIVES and not ctx.upcast:
+        return _fp32(eqn, invals, ctx)
+    if name in OPMATH_PRIMITIVES:
+        return _opmath_primitive(eqn, invals, ctx)
+    if name in _OPAQUE_SILENT:
+        return _bind_original(eqn, invals)
+    if name in _CALLBACKS or not _is_jax_primitive(eqn.primitive) or _has_subjaxpr(eqn):
+        _warn_opaque(name)
+        return _bind_original(eqn, invals)
+    return _bind_flexible(eqn, invals)
+
+
+# ----- rules ----------------------------------------------------------------------------
+def _fp32(eqn, invals, ctx):
+    """A float32-list op: half inputs upcast, float32 out."""
+    if not any(_is_half(_dtype(x)) for x in invals):
+        return _bind_flexible(eqn, invals)
+    up = [_cast(x, ctx.accumulate) if _is_half(_dtype(x)) else x for x in invals]
+    return _bind_flexible(eqn, up)
+
+
+def _opmath_primitive(eqn, invals, ctx):
+    """An unlisted elementwise op on a half input: float32 inside, one rounding (torch's opmath)."""
+    dtypes = {_dtype(x) for x in invals if _is_float(_dtype(x))}
+    if len(dtypes) != 1 or not _is_half(next(iter(dtypes))):
+        return _bind_flexible(eqn, invals)
+    half = next(iter(dtypes))
+    out = _bind_flexible(eqn, [_cast(x, ctx.accumulate) for x in invals])
+    return [_cast(o, half) for o in out] if eqn.primitive.multiple_results else _cast(out, half)
+
+
+def _eligible(dtype) -> bool:
+    # torch autocast casts float16/bfloat16/float32 operands; float64 ones are left alone.
+    return _is_float(dtype) and jnp.finfo(dtype).bits <= 32
+
+
+def _matmul_out_dtype(eqn, ctx):
+    """The compute dtype, unless the trace asked for a wider accumulation explicitly."""
+    traced = jnp.promote_types(*(v.aval.dtype for v in eqn.invars[:2]))
+    pet = eqn.params.get("preferred_element_type")
+    if pet is not None and jnp.dtype(pet) != traced and _is_float(pet) \
+            and jnp.finfo(pet).bits > jnp.finfo(ctx.compute).bits:
+        return jnp.dtype(pet), True
+    return ctx.compute, False
+
+
+def _dot_general(eqn, invals, ctx):
+    lhs, rhs = invals[:2]
+    if ctx.upcast or not (_eligible(_dtype(lhs)) and _eligible(_dtype(rhs))):
+        return _bind_flexible(eqn, invals)
+    out, explicit = _matmul_out_dtype(eqn, ctx)
+    lhs, rhs = _cast(lhs, ctx.compute), _cast(rhs, ctx.compute)
+    p = eqn.params
+    if explicit and not _changed(eqn, [lhs, rhs]):
+        return _bind(eqn, [lhs, rhs])  # a dot already in the table's form (Flax layers, ours)
+    precision = p.get("precision")
+    if p.get("out_sharding") is not None or explicit or not _is_half(ctx.compute):
+        kw = {"out_sharding": p["out_sharding"]} if p.get("out_sharding") is not None else {}
+        y = lax.dot_general(lhs, rhs, p["dimension_numbers"], precision=precision,
+                            preferred_element_type=ctx.accumulate, **kw)
+    else:
+        # Custom VJP: backward GEMMs on the compute-dtype cotangent, float32 accumulation
+        # (autodiff of the forward alone would run them in float32).
+        y = _rounding_dot(_freeze(p["dimension_numbers"]), precision, jnp.dtype(ctx.accumulate))(lhs, rhs)
+    return _cast(y, out)
+
+
+def _conv(eqn, invals, ctx):
+    lhs, rhs = invals[:2]
+    if ctx.upcast or not (_eligible(_dtype(lhs)) and _eligible(_dtype(rhs))):
+        return _bind_flexible(eqn, invals)
+    out, explicit = _matmul_out_dtype(eqn, ctx)
+    lhs, rhs = _cast(lhs, ctx.compute), _cast(rhs, ctx.compute)
+    if explicit and not _changed(eqn, [lhs, rhs]):
+        return _bind(eqn, [lhs, rhs])
+    params = dict(eqn.params, preferred_element_type=ctx.accumulate)
+    return _cast(eqn.primitive.bind(lhs, rhs, **params), out)
+
+
+def _convert(eqn, invals, ctx):
+    (x,) = invals
+    if ctx.upcast and _is_half(eqn.params["new_dtype"]) and _is_float(_dtype(x)):
+        return x  # a rounding JAX's half-precision trace put inside a float32 composite
+    return _bind(eqn, [x])
+
+
+def _jit(eqn, invals, ctx):
+    name = eqn.params.get("name", "")
+    closed = eqn.params["jaxpr"]
+    if not ctx.upcast and any(_is_half(_dtype(x)) for x in invals):
+        if name in FP32_COMPOSITES:
+            return _upcast_region(closed, invals, ctx, None)
+        if name in OPMATH_COMPOSITES:
+            half = next(_dtype(x) for x in invals if _is_half(_dtype(x)))
+            return _upcast_region(closed, invals, ctx, half)
+    return _eval_closed(closed, invals, ctx)
+
+
+def _upcast_region(closed, invals, ctx, round_to):
+    """A composite JAX traced in half precision, evaluated as if traced in float32."""
+    up = [_cast(x, ctx.accumulate) if _is_half(_dtype(x)) else x for x in invals]
+    ctx.upcast += 1
+    try:
+        outs = _eval_closed(closed, up, ctx)
+    finally:
+        ctx.upcast -= 1
+    return outs if round_to is None else [_cast(o, round_to) for o in outs]
+
+
+def _rewrites(closed, invals, ctx) -> bool:
+    """Whether the table changes anything in ``closed`` for these inputs."""
+    try:
+        jaxpr = jax.make_jaxpr(lambda *a: _eval_closed(closed, a, ctx))(*invals)
+    except Exception:  # noqa: BLE001 - judged on its own below
+        return True
+    return [str(e) for e in jaxpr.jaxpr.eqns] != [str(e) for e in closed.jaxpr.eqns] or \
+        [a.dtype for a in jaxpr.out_avals] != [a.dtype for a in closed.out_avals]
+
+
+def _custom_jvp(eqn, invals, ctx):
+    closed = eqn.params["call_jaxpr"]
+    if not _changed(eqn, invals) and not _rewrites(closed, invals, ctx):
+        return _bind(eqn, invals)  # nothing to do inside: keep the call, rule and all
+    n_consts = eqn.params["num_consts"]
+
+    def primal(*args):
+        return _eval_closed(closed, args, ctx)
+
+    out_avals = jax.eval_shape(primal, *invals)
+    fun = jax.custom_jvp(primal)
+
+    def jvp(primals, tangents):
+        n = len(primals) - n_consts
+        rule, rule_consts, out_zeros = eqn.params["jvp_jaxpr_fun"].call_wrapped(*([False] * n))
+        outs = _eval(rule, rule_consts, [*primals[n_consts:], *tangents[n_consts:]], ctx)
+        p_out, t_out = outs[:len(out_zeros)], iter(outs[len(out_zeros):])
+        p_out = [_cast(p, a.dtype) for p, a in zip(p_out, out_avals)]
+        t_out = [jnp.zeros(p.shape, p.dtype) if z else _cast(next(t_out), p.dtype)
+                 for p, z in zip(p_out, out_zeros)]
+        return p_out, t_out
+
+    fun.defjvp(jvp)
+    return fun(*invals)
+
+
+def _custom_vjp(eqn, invals, ctx):
+    closed = eqn.params["call_jaxpr"]
+    if not _changed(eqn, invals) and not _rewrites(closed, invals, ctx):
+        return _bind(eqn, invals)
+
+    def primal(*args):
+        return _eval_closed(closed, args, ctx)
+
+    fun = jax.custom_vjp(primal)
+
+    def fwd(*args):
+        return primal(*args), args
+
+    def bwd(args, cts):
+        # The user's backward rule, on the dtypes it was written for (torch runs a custom
+        # autograd Function's backward outside autocast too); the forward is recomputed.
+        traced = [_cast(a, v.aval.dtype) for a, v in zip(args, eqn.invars)]
+        _, vjp = jax.vjp(lambda *a: _bind(eqn, a), *traced)
+        grads = vjp([_cast(c, v.aval.dtype) for c, v in zip(cts, eqn.outvars)])
+        return tuple(_cast(g, _dtype(a)) for g, a in zip(grads, args))
+
+    fun.defvjp(fwd, bwd)
+    return fun(*invals)
+
+
+def _scan(eqn, invals, ctx):
+    p = eqn.params
+    nc, ncarry = p["num_consts"], p["num_carry"]
+    consts, init, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
+    carry_dtypes = [v.aval.dtype for v in eqn.invars[nc:nc + ncarry]]
+    body = p["jaxpr"]
+
+    def step(carry, x):
+        outs = _eval_closed(body, [*consts, *carry, *x], ctx)
+        return [_cast(c, d) for c, d in zip(outs[:ncarry], carry_dtypes)], outs[ncarry:]
+
+    carry, ys = lax.scan(step, [_cast(c, d) for c, d in zip(init, carry_dtypes)], xs,
+                         length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    return [*carry, *ys]
+
+
+def _while(eqn, invals, ctx):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
+    carry_dtypes = [v.aval.dtype for v in eqn.invars[cn + bn:]]
+
+    def cond(carry):
+        return _eval_closed(p["cond_jaxpr"], [*cconsts, *carry], ctx)[0]
+
+    def body(carry):
+        outs = _eval_closed(p["body_jaxpr"], [*bconsts, *carry], ctx)
+        return [_cast(c, d) for c, d in zip(outs, carry_dtypes)]
+
+    return lax.while_loop(cond, body, [_cast(c, d) for c, d in zip(init, carry_dtypes)])
+
+
+def _cond(eqn, invals, ctx):
+    index, *ops = invals
+    out_dtypes = [v.aval.dtype for v in eqn.outvars]
+
+    def branch(closed):
+        return lambda *o: [_cast(x, d) for x, d in zip(_eval_closed(closed, o, ctx), out_dtypes)]
+
+    return lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops)
+
+
+def _remat(eqn, invals, ctx):
+    p = eqn.params
+    fun = jax.checkpoint(lambda *a: _eval(p["jaxpr"], (), a, ctx), prevent_cse=p["prevent_cse"],
+                         policy=p["policy"])
+    return fun(*invals)
+
+
+def _shard_map(eqn, invals, ctx):
+    p = eqn.params
+    fun = jax.shard_map(lambda *a: tuple(_eval(p["jaxpr"], (), a, ctx)), mesh=p["mesh"],
+                        in_specs=tuple(p["in_specs"]), out_specs=tuple(p["out_specs"]),
+                        check_vma=p.get("check_vma", True), axis_names=set(p["newly_manual_axes"]))
+    return list(fun(*invals))
+
+
+def _closed_call(eqn, invals, ctx):
+    return _eval_closed(eqn.params["call_jaxpr"], invals, ctx)
+
+
+_RULES = {
+    "dot_general": _dot_general,
+    "conv_general_dilated": _conv,
+    "convert_element_type": _convert,
+    "jit": _jit, "pjit": _jit,
+    "custom_jvp_call": _custom_jvp,
+    "custom_vjp_call": _custom_vjp,
+    "scan": _scan,
+    "while": _while,
+    "cond": _cond,
+    "remat2": _remat, "checkpoint": _remat,
+    "shard_map": _shard_map,
+    "closed_call": _closed_call, "core_call": _closed_call,
+}
+_OPAQUE_SILENT = {"pallas_call", "mosaic_gpu_call", "triton_kernel_call"}
+_CALLBACKS = {"pure_callback", "io_callback", "callback", "debug_callback", "ffi_call"}
+
+
+def _warn_opaque(name: str) -> None:
+    warnings.warn(f"dualprec_jax.autocast cannot see into '{name}'; it runs with the dtypes it "
+                  "was traced with (no op policy inside it)", AutocastWarning, stacklevel=4)
+
+
+def _has_subjaxpr(eqn) -> bool:
+    return any(isinstance(v, (core.Jaxpr, core.ClosedJaxpr)) for v in eqn.params.values())
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_primitive_ids() -> frozenset:
+    """Every primitive JAX itself defines (anything else is a user's custom primitive)."""
+    found = set()
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not (mod_name.startswith("jax.") or mod_name.startswith("jaxlib.")) \
+                or mod_name.startswith("jax.experimental.pallas"):
+            continue
+        for value in list(vars(mod).values()):
+            if isinstance(value, core.Primitive):
+                found.add(id(value))
+    return frozenset(found)
+
+
+def _is_jax_primitive(prim) -> bool:
+    if id(prim) in _jax_primitive_ids():
+        return True
+    _jax_primitive_ids.cache_clear()  # a jax module imported since: look again once
+    return id(prim) in _jax_primitive_ids()
+
+
+# ----- composites JAX inlines: marked during tracing --------------------------------------
+def _marked(name, fn, kind):
+    """``fn`` behind a jit named ``name``, so the evaluator sees the composite whatever dtype
+    reaches it at run time.  Inside: float32 composites upcast half inputs; activations use
+    torch's formula in float32 and round once to their input dtype (a no-op for float32)."""
+
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        if not (hasattr(x, "dtype") and hasattr(x, "shape") and _is_float(jnp.dtype(x.dtype))):
+            return fn(x, *args, **kwargs)
+
+        def body(x):
+            up = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            if kind == "fp32":
+                return fn(up, *args, **kwargs)
+            return lax.convert_element_type(torch_activation(name, fn, up, args, kwargs), x.dtype)
+
+        body.__name__ = body.__qualname__ = name
+        return jax.jit(body)(x)
+
+    return wrapper
+
+
+_PATCH_LOCK = threading.RLock()
+_PATCH_DEPTH = [0]
+_SAVED: list = []
+
+
+def _patch_targets():
+    modules = [jax.nn, jax.scipy.special, jax.numpy]
+    for extra in ("flax.linen", "flax.nnx", "flax.linen.activation", "flax.nnx.nn.activations"):
+        mod = sys.modules.get(extra)
+        if mod is not None:
+            modules.append(mod)
+    return modules
+
+
+@contextlib.contextmanager
+def _composites_marked():
+    """While tracing: jax.nn's composites (and their Flax re-exports) carry the table's
+    boundary.  Process-wide while it lasts, restored afterwards, re-entrant."""
+    with _PATCH_LOCK:
+        if _PATCH_DEPTH[0] == 0:
+            for mod in _patch_targets():
+                for attr, kind in MARKED_COMPOSITES.items():
+                    orig = getattr(mod, attr, None)
+                    if orig is None or getattr(orig, "__wrapped_by_dualprec__", False):
+                        continue
+                    wrapper = _marked(attr, orig, kind)
+                    wrapper.__wrapped_by_dualprec__ = True
+                    _SAVED.append((mod, attr, orig, wrapper))
+                    setattr(mod, attr, wrapper)
+        _PATCH_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        with _PATCH_LOCK:
+            _PATCH_DEPTH[0] -= 1
+            if _PATCH_DEPTH[0] == 0:
+                while _SAVED:
+                    mod, attr, orig, _ = _SAVED.pop()
+                    setattr(mod, attr, orig)
+
+
+def _marked_version(fun):
+    """``autocast(jax.nn.softmax, ...)``: the function object itself, not looked up by name."""
+    return next((w for _, _, orig, w in _SAVED if orig is fun), fun)
+
+
+def _flax_context(policy: Policy):
+    if "flax.linen" not in sys.modules:
+        return contextlib.nullcontext()
+    from . import flax_linen  # stock linen layers: param dtypes, the bias before the rounding
+
+    return flax_linen.autocast(policy)
+
+
+# ----- the transformation --------------------------------------------------------------------
+def _is_traced_leaf(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or \
+        (hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, type))
+
+
+def autocast(fun, policy):
+    """``fun`` run under the op table of ``policy`` (a Policy or a policy string).
+
+    Array leaves of the arguments are traced; other leaves (Python numbers, strings, flags)
+    are passed as they are.  Under a policy that is not mixed the table is not applied
+    (as ``torch.autocast`` is off for "32-true" and "bf16-true"): ``fun`` runs as written,
+    stock Flax linen layers still get the policy's parameter dtypes.
+
+        step = jax.jit(jax.grad(dualprec_jax.autocast(loss_fn, "bf16-mixed")))
+    """
+    policy = Policy.parse(policy)
+
+    @functools.wraps(fun)
+    def wrapped(*args, **kwargs):
+        if not policy.is_mixed:
+            with _flax_context(policy):
+                return fun(*args, **kwargs)
+        ctx = _Ctx(policy)
+        leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+        traced = [i for i, x in enumerate(leaves) if _is_traced_leaf(x)]
+
+        def flat(*arrays):
+            filled = list(leaves)
+            for i, a in zip(traced, arrays):
+                filled[i] = a
+            a, k = jax.tree_util.tree_unflatten(tree, filled)
+            return _marked_version(fun)(*a, **k)
+
+        with _flax_context(policy), _composites_marked():
+            closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*(leaves[i] for i in traced))
+        outs = _eval_closed(closed, [leaves[i] for i in traced], ctx)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    return wrapped
