@@ -23,8 +23,8 @@ import numpy as np
 
 from dualprec import LossScale
 
-__all__ = ["LossScaleState", "loss_scale_init", "loss_scale_update", "all_finite", "unscale",
-           "scale_loss"]
+__all__ = ["LossScaleState", "loss_scale_init", "loss_scale_update", "all_finite", "leaves_finite",
+           "unscale", "scale_loss", "floating_paths"]
 
 
 class LossScaleState(NamedTuple):
@@ -90,13 +90,27 @@ def _floating_leaves(tree) -> list:
             if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
 
 
+def floating_paths(tree) -> list[str]:
+    """Dotted paths of the floating leaves, in the order `leaves_finite` reports them."""
+    out = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+            out.append(".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path))
+    return out
+
+
+def leaves_finite(grads) -> jax.Array:
+    """One bool per floating leaf (in tree order): every element, upcast to float32, finite."""
+    leaves = _floating_leaves(grads)
+    if not leaves:
+        return jnp.ones((0,), bool)
+    return jnp.stack([jnp.isfinite(x.astype(jnp.float32)).all() for x in leaves])
+
+
 def all_finite(grads) -> jax.Array:
     """True when every floating leaf, upcast to float32, is finite (a float64 value beyond the
     float32 range counts as an overflow, as in torch)."""
-    leaves = _floating_leaves(grads)
-    if not leaves:
-        return jnp.asarray(True)
-    return jnp.stack([jnp.isfinite(x.astype(jnp.float32)).all() for x in leaves]).all()
+    return leaves_finite(grads).all()
 
 
 def unscale(grads, state: LossScaleState):

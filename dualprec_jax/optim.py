@@ -10,7 +10,10 @@ state in one checkpointable pytree (`LossScaledState`).
 
 A skipped step returns updates of -0.0: ``p + (-0.0)`` is ``p`` bit for bit for every p
 (+0.0 would turn -0.0 into +0.0), and the wrapped optimizer's state is kept as it was,
-Adam's step count included.  With ``master_weights`` the state also holds float32 copies
+Adam's step count included.  The state records what the last update did (``skipped``, and
+under ``nonfinite=raise`` the index of the first non-finite gradient leaf), so a caller
+outside jit can report or raise (`dualprec_jax.Precision.step` / ``last_step``).  With
+``master_weights`` the state also holds float32 copies
 of the (half-precision) parameters; the wrapped optimizer updates those, and the returned
 updates move each parameter to its rounded master copy.
 """
@@ -26,7 +29,7 @@ import optax
 from dualprec import Policy
 
 from .casts import cast_floating
-from .loss_scale import LossScaleState, all_finite, loss_scale_init, loss_scale_update, unscale
+from .loss_scale import LossScaleState, leaves_finite, loss_scale_init, loss_scale_update, unscale
 
 __all__ = ["LossScaledState", "loss_scaled"]
 
@@ -35,6 +38,8 @@ class LossScaledState(NamedTuple):
     inner: Any  # the wrapped optimizer's state
     loss_scale: LossScaleState
     master: Any = None  # float32 master weights, or None
+    skipped: Any = None  # bool scalar: the last update was skipped for non-finite gradients
+    nonfinite_leaf: Any = None  # int32 scalar: first non-finite gradient leaf (-1: none or not looked)
 
 
 def _select(keep_new, new, old):
@@ -61,24 +66,41 @@ def _check_state(state) -> LossScaledState:
     return state
 
 
+def _check_tx(tx) -> None:
+    if isinstance(tx, optax.GradientTransformation) or (hasattr(tx, "init") and hasattr(tx, "update")):
+        return
+    name = getattr(tx, "__qualname__", None) or type(tx).__name__
+    hint = (f"; {name} is the optimizer's factory: call it, e.g. {name}(1e-3)" if callable(tx)
+            else "")
+    raise TypeError(f"expected an optax.GradientTransformation such as optax.adamw(1e-3), got "
+                    f"{type(tx).__name__} {name}{hint}")
+
+
 def loss_scaled(tx: optax.GradientTransformation, policy: Policy) -> optax.GradientTransformationExtraArgs:
     """Wrap ``tx`` with the loss scaling (and master weights) of ``policy``.
 
-    ``update`` takes the gradients of the *scaled* loss.  Non-finite steps are skipped when
-    the policy scales the loss (static or dynamic); with ``loss_scale=none`` every step is
-    applied, as in torch without a GradScaler.
+    ``update`` takes the gradients of the *scaled* loss.  Non-finite steps follow
+    ``policy.nonfinite_rule``: skipped under loss scaling (static or dynamic) and under
+    ``nonfinite=skip|raise``; applied without looking with ``nonfinite=apply`` (the default
+    without loss scaling, as in torch without a GradScaler).
     """
+    _check_tx(tx)
     config = policy.loss_scale
-    skips = config.enabled
+    rule = policy.nonfinite_rule
+    skips = rule != "apply"
     master = policy.master_weights
 
     def init(params):
         masters = cast_floating(params, jnp.float32) if master else None
-        return LossScaledState(tx.init(masters if master else params), loss_scale_init(config), masters)
+        return LossScaledState(tx.init(masters if master else params), loss_scale_init(config), masters,
+                               jnp.asarray(False), jnp.asarray(-1, jnp.int32))
 
     def update(grads, state, params=None, **extra):
         state = _check_state(state)
-        finite = all_finite(grads) if skips else jnp.asarray(True)
+        flags = leaves_finite(grads) if skips else jnp.ones((0,), bool)
+        finite = flags.all()
+        first = (jnp.where(finite, -1, jnp.argmin(flags)).astype(jnp.int32) if rule == "raise" and flags.size
+                 else jnp.asarray(-1, jnp.int32))
         grads = unscale(grads, state.loss_scale) if config.enabled else grads
         if master:
             if params is None:
@@ -96,6 +118,6 @@ def loss_scaled(tx: optax.GradientTransformation, policy: Policy) -> optax.Gradi
             updates = _skip_updates(finite, updates)
             new_inner = _select(finite, new_inner, state.inner)
         return updates, LossScaledState(new_inner, loss_scale_update(state.loss_scale, finite, config),
-                                        new_master)
+                                        new_master, ~finite, first)
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -30,13 +30,16 @@ iteration, call `update()` at the end of each iteration.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from dualprec import Policy, PolicyError
-from dualprec.errors import UnsupportedPolicyError
+from dualprec import DeviceCaps, Policy, PolicyError
+from dualprec import checkpoint, contract
+from dualprec.errors import CheckpointError, NonFiniteGradientError, UnsupportedPolicyError
 
 from .caps import device_caps
 from .casts import cast_floating, torch_dtype
@@ -47,11 +50,11 @@ from . import fp8
 from . import quant
 from .modules import convert_module
 from .ops import compute_context
+from .sharding import local_tensor, reduce_found_inf
 
 __all__ = ["Precision", "UnsupportedPolicyError"]
 
-STATE_FORMAT = "dualprec_torch.Precision"
-STATE_VERSION = 1
+LEGACY_FORMAT = "dualprec_torch.Precision"  # version 1: master weights as positional lists
 
 
 def _check_supported(policy: Policy) -> None:
@@ -69,16 +72,48 @@ class _OptimizerRecord:
     masters: MasterWeights | None
     stage: str = "ready"  # ready -> unscaled -> stepped -> (update) ready
     found_inf: dict = field(default_factory=dict)
+    last: contract.StepReport = contract.StepReport("none")
 
 
-class Precision:
-    """One Policy, carried out in torch.  See the module docstring for the training loop."""
+def _torch_device(device) -> torch.device | None:
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"Precision(policy, device=...): {device!r} is not a torch device ({e}); use e.g. "
+                         '"cpu", "cuda", "cuda:1", a torch.device or a dualprec.DeviceCaps') from None
 
-    def __init__(self, policy, device=None):
+
+def _find_nonfinite(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+    """Per device, a float32 flag > 0 when some gradient is not finite (no host sync)."""
+    found: dict[torch.device, torch.Tensor] = {}
+    with torch.no_grad():
+        for g in grads:
+            bad = (~torch.isfinite(g)).any().float()
+            found[g.device] = found[g.device] + bad if g.device in found else bad
+    return found
+
+
+class Precision(contract.Precision):
+    """One Policy, carried out in torch.  See the module docstring for the training loop.
+
+    ``device``: a torch device (or its string) or a `dualprec.DeviceCaps` to check against;
+    default: the device of the model given to `setup`.  The policy is checked against the
+    device's capabilities here (PolicyError naming the fallback when it cannot run).
+    """
+
+    def __init__(self, policy="32-true", device=None):
         self._policy = Policy.parse(policy)
         _check_supported(self._policy)
-        self._device = None if device is None else torch.device(device)
+        self._caps = device if isinstance(device, DeviceCaps) else None
+        self._device = None if self._caps is not None else _torch_device(device)
         self._device_type = self._device.type if self._device is not None else None
+        if self._caps is None:
+            self._caps = device_caps(self._device)
+        self._policy.check(self._caps).raise_if_unrunnable()
+        self._model_seen = False  # setup / convert_module / init_module ran
+        self._model = None
         self._scaler = LossScaler(self._policy.loss_scale)
         self._records: dict[int, _OptimizerRecord] = {}
         self._names: dict[int, str] = {}
@@ -96,9 +131,15 @@ class Precision:
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self._device_type
 
+    @property
+    def caps(self) -> DeviceCaps:
+        return self._caps
+
     def check(self, device=None):
         """`policy.check` on this device's capabilities: a `dualprec.CheckReport`."""
-        return self._policy.check(device_caps(device if device is not None else self._device))
+        if device is None:
+            return self._policy.check(self._caps)
+        return self._policy.check(device if isinstance(device, DeviceCaps) else device_caps(device))
 
     def __repr__(self) -> str:
         return f'Precision("{self._policy}")'
@@ -106,10 +147,14 @@ class Precision:
     # ----- modules ----------------------------------------------------------------------
     def init_module(self, empty_init: bool = False):
         """Context: modules created inside get the param dtype (and device) directly."""
+        self._model_seen = True
         return quant.module_init_context(self._policy, self._device, self.device_type, empty_init)
 
     def convert_module(self, model: nn.Module) -> nn.Module:
         """Cast ``model`` to the policy in place (per-module overrides included)."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"convert_module(model): expected a torch.nn.Module, got {type(model).__name__}")
+        self._model_seen = True
         if self._device_type is None:
             first = next(iter(model.parameters()), None)
             if first is not None:
@@ -127,6 +172,7 @@ class Precision:
             raise TypeError(f"setup(model, *optimizers): model must be an nn.Module, got {type(model).__name__}")
         model_params = {id(p) for p in model.parameters()}
         self.convert_module(model)
+        self._model = model
         for opt in optimizers:  # quantization replaced Linear weights: point the optimizers at the new ones
             quant.rebind_optimizer(opt, model)
         model_params |= {id(p) for p in model.parameters()}
@@ -154,7 +200,21 @@ class Precision:
         """Context for forward and loss: autocast to the compute dtype with float32 norms,
         softmax, reductions and losses (mixed policies); the compute dtype as default dtype
         ("-true" policies)."""
-        return compute_context(self._policy, self.device_type)
+        return self._explain_dtype_errors(compute_context(self._policy, self.device_type))
+
+    @contextlib.contextmanager
+    def _explain_dtype_errors(self, context):
+        """A dtype clash inside autocast when no model was put under this Precision is the
+        model left in float32: say so, instead of torch's bare "mat1 and mat2" message."""
+        try:
+            with context:
+                yield
+        except RuntimeError as e:
+            if self._model_seen or "dtype" not in str(e):
+                raise
+            raise TypeError(f'"{self._policy}" computes with {self._policy.param_dtype} parameters, but no model '
+                            "was put under this Precision: expected model = precision.setup(model, ...) (or the "
+                            f"model built inside precision.init_module()) before autocast() [{e}]") from e
 
     def convert_input(self, data):
         """Floating tensors in ``data`` (nested) cast to the compute dtype."""
@@ -165,15 +225,26 @@ class Precision:
         return cast_floating(data, torch_dtype(self._policy.output_dtype))
 
     # ----- backward and the optimizer step ------------------------------------------------
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss * scale`` as GradScaler.scale forms it (``loss`` itself without loss scaling)."""
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"expected the loss as a torch.Tensor (the output of the loss function), got "
+                            f"{type(loss).__name__} {loss!r}" if isinstance(loss, (int, float)) else
+                            f"expected the loss as a torch.Tensor, got {type(loss).__name__}")
+        return self._scaler.scale_loss(loss) if self._scaler.enabled else loss
+
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
         """``(loss * scale).backward(**kwargs)``; plain backward without loss scaling."""
-        self._auto_update()
-        if self._scaler.enabled:
-            loss = self._scaler.scale_loss(loss)
+        self._auto_update()  # first: the update changes the scale tensor in place
+        loss = self.scale_loss(loss)
         loss.backward(**kwargs)
         self._scaled_backward = True
 
     def _record(self, optimizer) -> _OptimizerRecord:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            hint = " (the model was passed; step the optimizer)" if isinstance(optimizer, nn.Module) else ""
+            raise TypeError(f"expected the torch.optim.Optimizer given to setup(), got "
+                            f"{type(optimizer).__name__}{hint}")
         record = self._records.get(id(optimizer))
         if record is None or record.optimizer is not optimizer:
             raise ValueError("this optimizer was not passed to setup(); call "
@@ -201,8 +272,13 @@ class Precision:
         if not grads:
             raise RuntimeError("step()/unscale_() before backward(): no parameter of this optimizer has a "
                                "gradient; call precision.backward(loss) first")
+        shards = [local_tensor(g) for g in grads]  # FSDP2: this rank's shard of each gradient
         if self._scaler.enabled:
-            record.found_inf = self._scaler.unscale_(grads)
+            record.found_inf = self._scaler.unscale_(shards)
+        elif self._policy.nonfinite_rule != "apply":
+            record.found_inf = _find_nonfinite(shards)
+        if record.found_inf:
+            record.found_inf = reduce_found_inf(record.found_inf, grads)  # one decision for all ranks
         record.stage = "unscaled"
 
     def _grads(self, optimizer) -> list[torch.Tensor]:
@@ -240,7 +316,32 @@ class Precision:
                 record.masters.copy_to_model()
         record.stage = "stepped"
         self._pending = True
+        bad = None if finite else self._first_nonfinite(optimizer)
+        record.last = contract.StepReport("applied" if finite else "skipped", nonfinite_parameter=bad)
+        if not finite and self._policy.nonfinite_rule == "raise":
+            raise NonFiniteGradientError(
+                f"nonfinite=raise: the gradient of {bad} is not finite (inf/NaN"
+                + (f" at loss scale {self._scaler.scale:g}" if self._scaler.enabled else "")
+                + "); the step was skipped", parameter=bad)
         return finite
+
+    def _first_nonfinite(self, optimizer) -> str | None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    return self._names.get(id(p), "a parameter not in the model")
+        return None
+
+    def last_step(self, optimizer=None) -> contract.StepReport:
+        """What the last `step` of ``optimizer`` (default: the only one) did; ``scale`` is the
+        loss scale after this iteration's update."""
+        if optimizer is None:
+            if len(self._records) != 1:
+                raise TypeError(f"last_step(): {len(self._records)} optimizers are set up; pass the one you mean")
+            record = next(iter(self._records.values()))
+        else:
+            record = self._record(optimizer)
+        return dataclasses.replace(record.last, scale=self.scale)
 
     def update(self) -> None:
         """Advance the loss scale once for this iteration (a no-op when nothing stepped)."""
@@ -274,45 +375,103 @@ class Precision:
         return LossScaleState(scale=np.float32(self._scaler.scale), counter=self._scaler.counter)
 
     def state_dict(self) -> dict:
-        """Policy, loss-scale state and (master=true) the float32 master weights."""
+        """The precision state (`dualprec.checkpoint`'s backend-neutral form): policy, loss
+        scale, the float32 master weights by parameter name, and registered extensions' state.
+        `dualprec.checkpoint.save_state(path, precision.state_dict())` writes it pickle-free."""
         self._auto_update()
         if self._pending:
             raise RuntimeError("state_dict() in the middle of an iteration (some optimizers stepped, others "
                                "not): call precision.update() first")
-        state = {"format": STATE_FORMAT, "version": STATE_VERSION, "policy": str(self._policy),
-                 "loss_scale": self._scaler.state_dict()}
-        if self._policy.master_weights:
-            state["master_weights"] = [r.masters.state_dict() for r in self._records.values()]
-        return state
+        masters = {}
+        for r in self._records.values():
+            if r.masters is not None:
+                for p, master in r.masters.pairs:
+                    masters[self._names.get(id(p), f"param{len(masters)}")] = master.detach()
+        extensions = {}
+        if self._model is not None:
+            for name, ext in checkpoint.state_extensions("torch").items():
+                tensors = ext.state_tensors(self._model)
+                if tensors:
+                    extensions[name] = tensors
+        return checkpoint.new_state(self._policy, self._scaler.scale, self._scaler.counter, masters, extensions)
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Restore `state_dict()`.  ``strict``: the saved policy must equal this one."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            hint = (" (this looks like a torch.amp.GradScaler state dict: load it with "
-                    "precision.load_grad_scaler_state(...))" if isinstance(state, dict) and "_growth_tracker" in state
-                    else "")
-            raise PolicyError(f"not a dualprec_torch Precision state dict{hint}")
-        saved = Policy.parse(state["policy"])
-        if strict and saved != self._policy:
-            raise PolicyError(f'this checkpoint was written under policy "{saved}", this Precision runs '
-                              f'"{self._policy}"; resume with Precision("{saved}"), or pass strict=False to '
-                              "take only the parts both policies share")
+        """Restore `state_dict()` (from either backend).  ``strict``: the saved policy must equal
+        this one, and every saved master weight and extension must have a place here."""
+        if isinstance(state, dict) and state.get("format") == LEGACY_FORMAT:
+            state = self._from_legacy(state)
+        saved = checkpoint.check_state(state, self._policy, strict)
         if self._scaler.enabled and saved.loss_scale.enabled:
             self._scaler.load_state_dict(state["loss_scale"])
-        if self._policy.master_weights and "master_weights" in state:
-            tensors = state["master_weights"]
-            if len(tensors) != len(self._records):
-                raise PolicyError(f"master weights for {len(tensors)} optimizer(s) in the checkpoint, "
-                                  f"{len(self._records)} set up here; call setup(model, *optimizers) "
-                                  "with the same optimizers before load_state_dict")
-            for record, saved_tensors in zip(self._records.values(), tensors):
-                record.masters.load_state_dict(saved_tensors)
+        if self._policy.master_weights and saved.master_weights:
+            self._load_masters(state.get("master_weights", {}), strict)
+        self._load_extensions(state.get("extensions", {}), strict)
         for r in self._records.values():
             r.stage, r.found_inf = "ready", {}
         self._pending = self._scaled_backward = False
 
+    def _load_masters(self, saved: dict, strict: bool) -> None:
+        here = {self._names.get(id(p)): (p, master) for r in self._records.values() if r.masters is not None
+                for p, master in r.masters.pairs}
+        missing, unexpected = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
+        if strict and (missing or unexpected):
+            raise CheckpointError(f"master weights: missing in the checkpoint: {missing or 'none'}; not in the "
+                                  f"optimizers set up here: {unexpected or 'none'}; call setup(model, *optimizers) "
+                                  "with the same model before load_state_dict")
+        with torch.no_grad():
+            for name, (p, master) in here.items():
+                if name not in saved:
+                    continue
+                value = torch.as_tensor(saved[name])
+                if tuple(value.shape) != tuple(master.shape):
+                    raise CheckpointError(f"master weight {name}: shape {tuple(value.shape)} in the checkpoint, "
+                                          f"{tuple(master.shape)} here")
+                master.copy_(value)
+                p.copy_(master)
+        for r in self._records.values():
+            if r.masters is not None:
+                r.masters._checked = True
+
+    def _load_extensions(self, saved: dict, strict: bool) -> None:
+        known = checkpoint.state_extensions("torch")
+        for name, tensors in saved.items():
+            if name not in known:
+                if strict:
+                    raise CheckpointError(f"the checkpoint carries {name!r} state, which dualprec_torch has no "
+                                          "module registered for; pass strict=False to drop it")
+                continue
+            if self._model is None:
+                raise CheckpointError(f"the checkpoint carries {name!r} state: call setup(model, ...) before "
+                                      "load_state_dict so it has a model to go into")
+            known[name].load_state_tensors(self._model, tensors)
+
+    def _from_legacy(self, state: dict) -> dict:
+        """Version 1 (this backend only): master weights as one positional list per optimizer."""
+        masters = {}
+        lists = state.get("master_weights", [])
+        records = [r for r in self._records.values() if r.masters is not None]
+        if lists and len(lists) != len(records):
+            raise CheckpointError(f"master weights for {len(lists)} optimizer(s) in the checkpoint, "
+                                  f"{len(records)} set up here; call setup(model, *optimizers) with the same "
+                                  "optimizers before load_state_dict")
+        for r, tensors in zip(records, lists):
+            if len(tensors) != len(r.masters.pairs):
+                raise CheckpointError(f"master weights: the checkpoint holds {len(tensors)} tensors, this "
+                                      f"optimizer has {len(r.masters.pairs)} half-precision parameters")
+            for (p, _), t in zip(r.masters.pairs, tensors):
+                masters[self._names.get(id(p))] = t
+        return dict(checkpoint.new_state(state["policy"], state["loss_scale"]["scale"],
+                                         state["loss_scale"]["counter"], masters), version=1)
+
     def load_grad_scaler_state(self, state: dict) -> None:
-        """Take over a torch.amp.GradScaler's state (scale and growth tracker)."""
+        """Take over a torch.amp.GradScaler's state (scale and growth tracker): pass
+        ``scaler.state_dict()``."""
+        if isinstance(state, torch.amp.GradScaler):
+            raise TypeError("load_grad_scaler_state() expects the GradScaler's state dict: pass "
+                            "scaler.state_dict(), not the GradScaler itself")
+        if not isinstance(state, dict) or "scale" not in state or "_growth_tracker" not in state:
+            raise TypeError("load_grad_scaler_state() expects torch.amp.GradScaler.state_dict() (a dict with "
+                            f"'scale' and '_growth_tracker'), got {type(state).__name__}")
         if not self._scaler.enabled:
             raise PolicyError(f'"{self._policy}" has no loss scaling; a GradScaler state has nowhere to go')
         self._scaler.load_state_dict({"scale": state["scale"], "counter": state["_growth_tracker"]})

@@ -58,10 +58,11 @@ def test_resume_is_bit_identical(policy, kind):
 def test_master_weights_are_in_the_checkpoint():
     policy = "bf16-true,master=true"
     model, opt, prec = run_precision(policy, "mlp", 3)
-    masters = prec.state_dict()["master_weights"]
-    assert len(masters) == 1 and all(t.dtype == torch.float32 for t in masters[0])
+    masters = prec.state_dict()["master_weights"]  # keyed by parameter name, not position
+    params = dict(model.named_parameters())
+    assert set(masters) == set(params) and all(t.dtype == torch.float32 for t in masters.values())
     # the float32 masters hold more than the bfloat16 model does
-    assert any(not torch.equal(m, p.float()) for m, p in zip(masters[0], model.parameters()))
+    assert any(not torch.equal(masters[n], p.float()) for n, p in params.items())
 
 
 def test_loading_a_state_dict_from_another_policy_fails_clearly():

@@ -94,7 +94,7 @@ def test_master_weights_need_a_fresh_optimizer():
 
 
 def test_state_dict_of_something_else():
-    with pytest.raises(PolicyError, match="not a dualprec_torch Precision state dict"):
+    with pytest.raises(PolicyError, match="not a dualprec precision state"):
         Precision("16-mixed").load_state_dict({"scale": 1.0})
 
 
