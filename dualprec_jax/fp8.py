@@ -50,6 +50,7 @@ __all__ = ["FP8_COLLECTION", "Fp8DotGeneral", "fp8_dot_general", "current_dot_ge
 FP8_COLLECTION = "_overwrite_with_gradient"  # Flax's name (TrainState overwrites it)
 _OP_NAME = "fp8"  # the submodule of a Dense that owns its state: <layer>/fp8/<role>_scale
 _FIELDS = ("scale", "amax_history")
+_RECIPE, _ALGOS, _FORMATS = "recipe", ("max", "most_recent"), ("hybrid", "e4m3")
 _JNP = {"float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2}
 
 try:  # Flax's float32 whose autodiff sum is a max (reused layers); present since Flax 0.8
@@ -114,11 +115,23 @@ def _current_scale(x, fmt: str):
 
 
 def init_meta(recipe, roles=ROLES) -> dict:
-    """Fresh delayed-scaling state: scale 1 and an all-zero history per role."""
+    """Fresh delayed-scaling state: scale 1 and an all-zero history per role, and the recipe's
+    margin, amax_algo and format as numbers (``recipe``: what `state_tensors` needs to give
+    the next scale; it passes through every step unchanged)."""
     recipe = _recipe(recipe)
-    return {f"{role}_{f}": (jnp.ones((), jnp.float32) if f == "scale"
+    meta = {f"{role}_{f}": (jnp.ones((), jnp.float32) if f == "scale"
                             else jnp.zeros((int(recipe.history_len),), jnp.float32))
             for role in roles for f in _FIELDS}
+    meta[_RECIPE] = jnp.asarray([recipe.margin, _ALGOS.index(recipe.amax_algo), _FORMATS.index(recipe.format)],
+                                jnp.float32)
+    return meta
+
+
+def _recipe_from_meta(fields) -> FP8Recipe:
+    code = np.asarray(jax.device_get(_to_f32(fields[_RECIPE])))
+    history_len = int(np.shape(fields["input_amax_history"])[0])
+    return FP8Recipe(history_len=history_len, margin=int(code[0]), amax_algo=_ALGOS[int(code[1])],
+                     format=_FORMATS[int(code[2])])
 
 
 # ----- the FP8 dot ---------------------------------------------------------------------
@@ -157,7 +170,7 @@ def _delayed_dot(dims, recipe: FP8Recipe, max_dtype: bool):
         xq, wq = quantize(lhs, scales["input"], fx), quantize(rhs, scales["weight"], fw)
         inv_x, inv_w = jnp.float32(1) / scales["input"], jnp.float32(1) / scales["weight"]
         y = _fp8_matmul(xq, wq, dims) * (inv_x * inv_w)
-        new = {"input_scale": scales["input"], "weight_scale": scales["weight"],
+        new = {"input_scale": scales["input"], "weight_scale": scales["weight"], _RECIPE: m[_RECIPE],
                "input_amax_history": _record(m["input_amax_history"], _amax(lhs)),
                "weight_amax_history": _record(m["weight_amax_history"], _amax(rhs))}
         return y, (xq, wq, inv_x, inv_w, scales["grad_output"], m["grad_output_amax_history"], new)
@@ -342,16 +355,16 @@ try:
         """The ``dot_general`` of an nnx.Linear under FP8: owns the layer's state."""
 
         def __init__(self, recipe: FP8Recipe):
-            self.recipe = _recipe(recipe)
-            if self.recipe.scaling == "delayed":
-                for k, v in init_meta(self.recipe).items():
+            self.fp8_recipe = _recipe(recipe)
+            if self.fp8_recipe.scaling == "delayed":
+                for k, v in init_meta(self.fp8_recipe).items():
                     setattr(self, k, Fp8Meta(v))
 
         def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
-            if self.recipe.scaling == "current":
-                return fp8_dot_general(lhs, rhs, dimension_numbers, recipe=self.recipe)
+            if self.fp8_recipe.scaling == "current":
+                return fp8_dot_general(lhs, rhs, dimension_numbers, recipe=self.fp8_recipe)
             meta = {}
-            for k in init_meta(self.recipe):
+            for k in init_meta(self.fp8_recipe):
                 var = getattr(self, k)
                 value = var.get_value()
                 if _FM32 is not None and not _is_fm32(value) and isinstance(value, jax.core.Tracer):
@@ -359,7 +372,7 @@ try:
                     value = lax.convert_element_type(value, _FM32)
                     var.set_value(value)
                 meta[k] = value
-            return fp8_dot_general(lhs, rhs, dimension_numbers, meta, self.recipe)
+            return fp8_dot_general(lhs, rhs, dimension_numbers, meta, self.fp8_recipe)
 
 except ImportError:  # pragma: no cover
     Fp8Meta = Fp8NnxDot = None
@@ -418,7 +431,11 @@ def _layer_roles(entries):
     return layers
 
 
-def _recipe_for(recipes, layer: str) -> FP8Recipe:
+def _recipe_for(recipes, layer: str, fields) -> FP8Recipe:
+    if recipes is None:
+        if _RECIPE in fields:
+            return _recipe_from_meta(fields)
+        recipes = FP8Recipe()
     if isinstance(recipes, Policy):
         r = recipes.for_module(layer).fp8
         if r is None:
@@ -431,11 +448,11 @@ def state_tensors(variables, recipe: Any = None) -> dict[str, np.ndarray]:
     """The FP8 state as flat tensors ``fp8.<layer>.<role>.<scale|amax_history>`` with the
     reference's meaning (scale: the one the next step uses), the torch backend's names.
     ``variables``: linen variables (or their FP8 collection) or an nnx model; ``recipe``: the
-    FP8Recipe or the Policy (needed for delayed scaling's next scale; default: TE's)."""
+    FP8Recipe or the Policy (default: the recipe each layer's state records)."""
     entries = _state_entries(variables)
     out = {}
     for layer, fields in sorted(_layer_roles(entries).items()):
-        r = _recipe_for(recipe if recipe is not None else FP8Recipe(), layer)
+        r = _recipe_for(recipe, layer, fields)
         for role in ROLES:
             if f"{role}_scale" not in fields:
                 continue
@@ -490,8 +507,10 @@ def load_state_tensors(variables, tensors: dict, recipe: Any = None):
             raise PolicyError(f"{name} has shape {np.shape(value)}, this run's has {tuple(cur.shape)} "
                              "(another history_len?)")
 
-    def new_value(path):
+    def new_value(path, old):
         *owner, key = path
+        if key == _RECIPE:
+            return old
         if owner and owner[-1] in (_OP_NAME, "dot_general"):
             owner = owner[:-1]
         role, field = next((r, key[len(r) + 1:]) for r in ROLES if key.startswith(r + "_"))
@@ -503,16 +522,19 @@ def load_state_tensors(variables, tensors: dict, recipe: Any = None):
         if isinstance(variables, _nnx.Module):
             for keys, node in _nnx.iter_graph(variables):
                 if isinstance(node, Fp8Meta):
-                    node.set_value(new_value(tuple(str(k) for k in keys)))
+                    node.set_value(new_value(tuple(str(k) for k in keys), node.get_value()))
             return variables
     except ImportError:  # pragma: no cover
         pass
     tree = variables[FP8_COLLECTION]
     new_tree = jax.tree_util.tree_map_with_path(
-        lambda p, x: new_value(tuple(str(getattr(k, "key", k)) for k in p)), dict(tree))
+        lambda p, x: new_value(tuple(str(getattr(k, "key", k)) for k in p), x), dict(tree))
     return {**variables, FP8_COLLECTION: new_tree}
 
 
-def warn_unused(policy):  # pragma: no cover - kept small: Conv/Einsum stay in the compute dtype
-    warnings.warn(f'"{policy}": FP8 covers Dense/DenseGeneral (linen) and Linear (nnx); other '
-                  "matmuls run in the compute dtype", stacklevel=2)
+try:  # the precision checkpoint carries this state (Precision.state_dict(opt_state, variables))
+    from dualprec import checkpoint as _checkpoint
+
+    _checkpoint.register_state_extension("jax", "fp8", state_tensors, load_state_tensors)
+except (ImportError, AttributeError):  # pragma: no cover - a dualprec without checkpoints
+    pass

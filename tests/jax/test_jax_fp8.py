@@ -274,3 +274,31 @@ def test_transformer_engine_presets_without_te_name_the_native_fallback():
         with pytest.raises(PolicyError, match="Transformer Engine") as err:
             Precision(name)
         assert "engine=native" in str(err.value)
+
+
+def test_fp8_state_in_the_precision_checkpoint(tmp_path):
+    checkpoint = pytest.importorskip("dualprec.checkpoint", reason="dualprec.checkpoint (the contract's format) is absent")
+    import optax
+
+    prec = Precision(POLICY)
+    model = _OneDense()
+    x = np.random.default_rng(8).standard_normal((8, 16)).astype(np.float32)
+    v = prec.init(model, jax.random.PRNGKey(0), x)
+    tx = prec.wrap_optimizer(optax.sgd(1e-2))
+    opt_state = tx.init(v["params"])
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(prec.apply(model, v, x) ** 2)))
+    for _ in range(2):
+        v = fp8.apply_fp8_grads(v, grad(v))
+    path = tmp_path / "precision.safetensors"
+    checkpoint.save_state(path, prec.state_dict(opt_state, v))
+    state = checkpoint.load_state(path)
+    assert sorted(state["extensions"]["fp8"]) == sorted(fp8.state_tensors(v))
+    fresh = prec.init(model, jax.random.PRNGKey(0), x)
+    _, restored = prec.load_state_dict(state, opt_state, fresh)
+    a, b = fp8.state_tensors(v), fp8.state_tensors(restored)
+    assert all(nan_equal(a[k], b[k]) for k in a)
+    # an FP8 checkpoint into a run without FP8 layers: refused, not ignored
+    plain = Precision("params=float32,compute=bfloat16,output=float32")
+    pv = plain.init(model, jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="no delayed-scaling FP8 layers"):
+        plain.load_state_dict(state, plain.wrap_optimizer(optax.sgd(1e-2)).init(pv["params"]), pv, strict=False)
