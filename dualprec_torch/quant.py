@@ -19,7 +19,10 @@ What the subclasses add to bitsandbytes 0.50:
 - The forward neither rewrites the weight nor casts the bias in place (bitsandbytes does
   both: its CPU inference path repacks the weight for AVX512-BF16 kernels, and it casts the
   bias parameter to the compute dtype), so the quantized bytes stay bitsandbytes' layout on
-  every device and the results are those of dequantize-then-matmul.
+  every device.  On the CPU it is dequantize-then-``F.linear``, exact for every shape
+  (bitsandbytes' fused CPU dequantize, which its CPU matmuls use, is wrong on AVX512 when a
+  row holds a multiple of 16 values but not of the block size); on a GPU it is
+  bitsandbytes' ``matmul_4bit``.
 - Device moves keep the quantized state: the codes move, the quantization state follows the
   weight, nothing is quantized again.
 
@@ -155,7 +158,15 @@ def _classes():
 
         def dequantize(self) -> torch.Tensor:
             """The weight as the forward uses it: (out, in) in the quantization state's dtype."""
-            return F.dequantize_4bit(self.weight.data, self.weight.quant_state)
+            state = self.weight.quant_state
+            if self.weight.device.type != "cpu":
+                return F.dequantize_4bit(self.weight.data, state)
+            # bitsandbytes' fused CPU kernel is wrong for rows that are a multiple of 16 values but
+            # not of the block size; as one flat row the same codes take its exact path.
+            flat = F.QuantState(absmax=state.absmax, shape=torch.Size([state.shape.numel()]), code=state.code,
+                                blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
+                                offset=state.offset, state2=state.state2)
+            return F.dequantize_4bit(self.weight.data, flat).reshape(state.shape)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             state = getattr(self.weight, "quant_state", None)
@@ -166,7 +177,11 @@ def _classes():
             out_dtype = self.compute_dtype if torch.is_autocast_enabled(x.device.type) else x.dtype
             x = x.to(self.compute_dtype)
             bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-            return bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=state).to(out_dtype)
+            if x.device.type == "cpu":  # bitsandbytes' CPU matmuls share its dequantize bug (see dequantize)
+                out = nn.functional.linear(x, self.dequantize().to(self.compute_dtype), bias)
+            else:
+                out = bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=state)
+            return out.to(out_dtype)
 
         def _save_to_state_dict(self, destination, prefix, keep_vars):
             if not self.quantized:

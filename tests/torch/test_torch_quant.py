@@ -1,12 +1,14 @@
 """dualprec_torch.quant: layers per mode, bits against dualprec.ref, forward, training.
 
-Which bitsandbytes 0.50.2 CPU path is exact: with the quantized layers of this backend every
-4-bit forward equals dequantize-then-matmul bit for bit (grad enabled: bitsandbytes'
-MatMul4Bit, a dequantize and F.linear; no grad: its gemm_4bit CPU kernel), in train and in
-eval mode.  bitsandbytes' own Linear4bit, in eval mode without grad on an AVX512-BF16 CPU,
-repacks the weight in place and runs another kernel whose bf16 results differ (and which
-asserts on shapes whose out_features is not a multiple of 32):
-test_bnb_eval_path_differs_and_is_off_here.  int8: train mode runs dequantize-then-matmul
+Which bitsandbytes 0.50.2 CPU path is exact: bitsandbytes' own Linear4bit equals
+dequantize-then-matmul in train mode or with grad enabled (MatMul4Bit: a dequantize and
+F.linear; no grad: its gemm_4bit kernel), but only where each row's length is a multiple of
+the block size (test_bnb_cpu_rows_not_multiple_of_blocksize_differ), and in eval mode
+without grad on an AVX512-BF16 CPU it repacks the weight in place and runs another kernel
+whose bf16 results differ (and which asserts on shapes whose out_features is not a multiple
+of 32): test_bnb_eval_path_differs_and_is_off_here.  This backend's layers dequantize with
+bitsandbytes' exact (flat) path and multiply with F.linear on the CPU: bit for bit
+dequantize-then-matmul for every shape, in train and eval mode, with or without grad.  int8: train mode runs dequantize-then-matmul
 (exact against the float16 dequantized weight), eval mode LLM.int8 with outlier columns
 (within float16 tolerance of dualprec.ref.int8_matmul).
 """
@@ -163,6 +165,26 @@ def test_4bit_forward_is_dequantize_then_matmul(mode, compute):
         out.sum().backward()  # gradients reach the input through the frozen codes
         assert xg.grad is not None and torch.isfinite(xg.grad).all()
     assert bytes(layer.weight.data.numpy()) == bytes(layer.weight.data.numpy())
+
+
+@pytest.mark.parametrize("shape,blocksize", [((3, 48), 32), ((8, 80), 64)])
+def test_bnb_cpu_rows_not_multiple_of_blocksize_differ(shape, blocksize):
+    lin = nn.Linear(shape[1], shape[0])
+    w = lin.weight.detach().numpy().copy()
+    plain = bnb.nn.Linear4bit(shape[1], shape[0], quant_type="nf4", compress_statistics=False,
+                              compute_dtype=torch.float32)
+    plain.weight.blocksize = blocksize
+    plain.load_state_dict(lin.state_dict())
+    plain = plain.to("cpu")
+    ours = quantize_module(nn.Sequential(lin), f"32-true,quant=nf4(blocksize={blocksize})")[0]
+    packed, st = quantize_4bit(w, "nf4", blocksize)
+    ref_w = torch.from_numpy(dequantize_4bit(packed, st))
+    assert torch.equal(ours.dequantize(), ref_w)
+    x = torch.randn(2, shape[1], requires_grad=True)
+    ref = F.linear(x, ref_w, ours.bias)
+    assert torch.equal(ours(x), ref)
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert not torch.equal(plain(x), ref), "bitsandbytes' fused CPU dequantize fixed? then drop the workaround"
 
 
 def test_4bit_forward_under_autocast_returns_compute_dtype():
