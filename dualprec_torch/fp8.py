@@ -25,6 +25,7 @@ the input's dtype otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -38,7 +39,7 @@ from dualprec.ref.fp8 import ROLES, role_format
 
 __all__ = [
     "FP8Linear", "convert_module", "select_engine", "fp8_layers", "state_tensors", "load_state_tensors",
-    "check_device", "FP8_MIN_CAPABILITY",
+    "check_device", "init_context", "FP8_MIN_CAPABILITY",
 ]
 
 #: FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards.
@@ -318,6 +319,28 @@ def fp8_layers(model: nn.Module, policy, module_filter_fn=None, types=(nn.Linear
         yield path, module, recipe
 
 
+def _first_recipe(policy) -> FP8Recipe | None:
+    """The recipe that picks the engine: the top-level one, else the first override's."""
+    recipes = [sub.fp8 for sub in [policy] + [s for _, s in policy.overrides] if sub.fp8 is not None]
+    return recipes[0] if recipes else None
+
+
+@contextlib.contextmanager
+def init_context(policy, inner=None):
+    """``inner`` (a context, e.g. the policy's dtype context), plus Transformer Engine's
+    ``quantized_model_init`` when the policy's FP8 engine resolves to TE: TE modules
+    created inside keep FP8 weights only. A no-op addition under the native engine."""
+    recipe = _first_recipe(policy)
+    with contextlib.ExitStack() as stack:
+        if inner is not None:
+            stack.enter_context(inner)
+        if recipe is not None and select_engine(recipe) == "transformer-engine":
+            from . import te
+
+            stack.enter_context(te.init_context(recipe))
+        yield
+
+
 def convert_module(model: nn.Module, policy, *, engine: str | None = None, emulate: bool = False,
                    module_filter_fn=None) -> nn.Module:
     """Apply the policy's FP8 recipes to ``model`` in place and return it.
@@ -325,10 +348,11 @@ def convert_module(model: nn.Module, policy, *, engine: str | None = None, emula
     ``engine``: overrides the recipe's ("auto" | "native" | "transformer-engine").
     ``emulate``: native engine only, float32 GEMMs on FP8 operands (for pre-Ada GPUs).
     """
-    recipes = [sub.fp8 for sub in [policy] + [s for _, s in policy.overrides] if sub.fp8 is not None]
-    if not recipes:
+    top = _first_recipe(policy)
+    if top is None:
         return model
-    top = recipes[0] if engine is None else dataclasses.replace(recipes[0], engine=engine)
+    if engine is not None:
+        top = dataclasses.replace(top, engine=engine)
     if select_engine(top) == "transformer-engine":
         from . import te
 

@@ -148,7 +148,8 @@ class Precision(contract.Precision):
     def init_module(self, empty_init: bool = False):
         """Context: modules created inside get the param dtype (and device) directly."""
         self._model_seen = True
-        return quant.module_init_context(self._policy, self._device, self.device_type, empty_init)
+        return fp8.init_context(self._policy, quant.module_init_context(self._policy, self._device,
+                                                                        self.device_type, empty_init))
 
     def convert_module(self, model: nn.Module) -> nn.Module:
         """Cast ``model`` to the policy in place (per-module overrides included)."""

@@ -1,0 +1,250 @@
+"""Engine selection and the Transformer Engine adapter, driven through a stand-in
+``transformer_engine`` package (TE cannot be installed here): the Policy -> TE-argument
+mapping, the API fallbacks for older TE, and which layers are replaced or skipped."""
+
+import enum
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from dualprec import FP8Recipe, Policy, UnsupportedPolicyError
+from dualprec_torch import fp8, te
+
+
+class _Recorder(nn.Module):
+    """A TE layer stand-in: keeps its constructor arguments and TE's parameter names."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.args, self.kwargs = args, kwargs
+
+
+def _stand_in(new_api=True):
+    calls = []
+
+    class Format(enum.Enum):
+        E4M3 = "E4M3"
+        HYBRID = "HYBRID"
+
+    class DelayedScaling:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class Float8CurrentScaling(DelayedScaling):
+        pass
+
+    class Linear(_Recorder):
+        def __init__(self, in_features, out_features, bias=True, **kwargs):
+            super().__init__(in_features, out_features, bias=bias, **kwargs)
+            self.weight = nn.Parameter(torch.zeros(out_features, in_features))
+            self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+        def forward(self, x):
+            calls.append(("forward", type(self).__name__))
+            return nn.functional.linear(x, self.weight, self.bias)
+
+    class LayerNorm(_Recorder):
+        def __init__(self, hidden_size, eps=1e-5, **kwargs):
+            super().__init__(hidden_size, eps=eps, **kwargs)
+            self.weight, self.bias = nn.Parameter(torch.zeros(hidden_size)), nn.Parameter(torch.zeros(hidden_size))
+
+        def forward(self, x):
+            return nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.kwargs["eps"])
+
+    class LayerNormLinear(Linear):
+        def __init__(self, in_features, out_features, eps=1e-5, bias=True, **kwargs):
+            super().__init__(in_features, out_features, bias=bias, eps=eps, **kwargs)
+            self.layer_norm_weight = nn.Parameter(torch.zeros(in_features))
+            self.layer_norm_bias = nn.Parameter(torch.zeros(in_features))
+
+        def forward(self, x):
+            calls.append(("forward", "LayerNormLinear"))
+            h = nn.functional.layer_norm(x, x.shape[-1:], self.layer_norm_weight, self.layer_norm_bias,
+                                         self.kwargs["eps"])
+            return nn.functional.linear(h, self.weight, self.bias)
+
+    class _Context:
+        def __init__(self, name, kwargs):
+            self.name, self.kwargs = name, kwargs
+
+        def __enter__(self):
+            calls.append((self.name, self.kwargs))
+
+        def __exit__(self, *exc):
+            calls.append(("exit " + self.name, None))
+
+    pytorch = types.ModuleType("transformer_engine.pytorch")
+    pytorch.Linear, pytorch.LayerNorm, pytorch.LayerNormLinear = Linear, LayerNorm, LayerNormLinear
+    if new_api:
+        pytorch.autocast = lambda **kw: _Context("autocast", kw)
+        pytorch.quantized_model_init = lambda **kw: _Context("quantized_model_init", kw)
+    else:
+        pytorch.fp8_autocast = lambda **kw: _Context("fp8_autocast", kw)
+        pytorch.fp8_model_init = lambda **kw: _Context("fp8_model_init", kw)
+    recipe = types.ModuleType("transformer_engine.common.recipe")
+    recipe.Format, recipe.DelayedScaling = Format, DelayedScaling
+    if new_api:
+        recipe.Float8CurrentScaling = Float8CurrentScaling
+    common = types.ModuleType("transformer_engine.common")
+    common.recipe = recipe
+    root = types.ModuleType("transformer_engine")
+    root.pytorch, root.common = pytorch, common
+    modules = {"transformer_engine": root, "transformer_engine.pytorch": pytorch,
+               "transformer_engine.common": common, "transformer_engine.common.recipe": recipe}
+    return modules, calls
+
+
+@pytest.fixture(params=[True, False], ids=["te2", "te1"])
+def stand_in(request, monkeypatch):
+    modules, calls = _stand_in(new_api=request.param)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return modules["transformer_engine.pytorch"], modules["transformer_engine.common.recipe"], calls
+
+
+@pytest.fixture
+def no_te(monkeypatch):
+    for name in ("transformer_engine", "transformer_engine.pytorch", "transformer_engine.common",
+                 "transformer_engine.common.recipe"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+
+
+# --------------------------------------------------------------------------- engine selection
+
+
+def test_engine_selection(monkeypatch, stand_in):
+    monkeypatch.setattr(fp8, "_cuda_capability", lambda: (9, 0))
+    assert fp8.select_engine(FP8Recipe()) == "transformer-engine"
+    assert fp8.select_engine(FP8Recipe(engine="native")) == "native"
+    monkeypatch.setattr(fp8, "_cuda_capability", lambda: (8, 0))
+    assert fp8.select_engine(FP8Recipe()) == "native"  # TE imports, but the GPU has no FP8
+    monkeypatch.setattr(fp8, "_cuda_capability", lambda: None)
+    assert fp8.select_engine(FP8Recipe()) == "native"
+    assert fp8.select_engine(FP8Recipe(engine="transformer-engine")) == "transformer-engine"
+
+
+def test_forced_transformer_engine_without_te_fails_clearly(monkeypatch, no_te):
+    monkeypatch.setattr(fp8, "_cuda_capability", lambda: (9, 0))
+    assert fp8.select_engine(FP8Recipe()) == "native" and not te.available()
+    with pytest.raises(UnsupportedPolicyError, match=r"Transformer Engine is not installed.*dualprec\[te\]"):
+        fp8.convert_module(nn.Linear(16, 16), Policy.parse("bf16-mixed,fp8=delayed(engine=te)"))
+
+
+def test_pre_ada_gpu_without_emulation_names_the_capability(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA A100")
+    with pytest.raises(UnsupportedPolicyError, match=r"NVIDIA A100 has 8\.0.*emulate=True"):
+        fp8.check_device("cuda")
+    fp8.check_device("cuda", emulate=True)
+    fp8.check_device("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (8, 9))
+    fp8.check_device("cuda:0")
+
+
+# --------------------------------------------------------------------------- the TE adapter
+
+
+def test_recipe_mapping(stand_in):
+    _, recipes, _ = stand_in
+    delayed = te.te_recipe(FP8Recipe())
+    assert isinstance(delayed, recipes.DelayedScaling) and delayed.kwargs == dict(
+        fp8_format=recipes.Format.HYBRID, margin=0, amax_history_len=1024, amax_compute_algo="max")
+    custom = te.te_recipe(Policy.parse("bf16-mixed,fp8=delayed(history=16,margin=2,algo=most_recent,"
+                                       "format=e4m3)").fp8)
+    assert custom.kwargs == dict(fp8_format=recipes.Format.E4M3, margin=2, amax_history_len=16,
+                                 amax_compute_algo="most_recent")
+    if hasattr(recipes, "Float8CurrentScaling"):
+        current = te.te_recipe(FP8Recipe("current"))
+        assert type(current) is recipes.Float8CurrentScaling
+        assert current.kwargs == dict(fp8_format=recipes.Format.HYBRID)
+    else:
+        with pytest.raises(UnsupportedPolicyError, match="Float8CurrentScaling"):
+            te.te_recipe(FP8Recipe("current"))
+    assert te.te_recipe(Policy.parse("transformer-engine").fp8).kwargs["fp8_format"] is recipes.Format.HYBRID
+
+
+def test_autocast_and_init_contexts_use_the_api_this_te_has(stand_in):
+    module, recipes, calls = stand_in
+    with te.autocast(FP8Recipe(), group="pg"):
+        pass
+    with te.init_context(FP8Recipe()):
+        pass
+    (name, kwargs), _, (init_name, init_kwargs), _ = calls
+    if hasattr(module, "autocast"):
+        assert name == "autocast" and set(kwargs) == {"enabled", "recipe", "amax_reduction_group"}
+        assert kwargs["amax_reduction_group"] == "pg" and init_name == "quantized_model_init"
+    else:
+        assert name == "fp8_autocast" and set(kwargs) == {"enabled", "fp8_recipe", "fp8_group"}
+        assert kwargs["fp8_group"] == "pg" and init_name == "fp8_model_init"
+    recipe = kwargs.get("recipe", kwargs.get("fp8_recipe"))
+    assert isinstance(recipe, recipes.DelayedScaling) and kwargs["enabled"] is True
+    assert init_kwargs["enabled"] is True and isinstance(init_kwargs["recipe"], recipes.DelayedScaling)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.norm = nn.LayerNorm(32)
+        self.odd = nn.Linear(32, 12)    # out_features % 8 != 0: TE cannot run it
+        self.narrow = nn.Linear(24, 16)  # in_features % 16 != 0
+        self.head = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.norm(self.block(x))
+        return self.head(self.narrow(torch.cat([h[..., :12], self.odd(h)], -1)))
+
+
+def test_layer_selection_replacement_and_autocast(stand_in):
+    module, recipes, calls = stand_in
+    torch.manual_seed(0)
+    model, reference = Net(), Net()
+    reference.load_state_dict(model.state_dict())
+    with pytest.warns(UserWarning) as record:
+        out = fp8.convert_module(model, Policy.parse("bf16-mixed,fp8=delayed(engine=te),@head=(fp8=none)"))
+    assert out is model
+    messages = " ".join(str(w.message) for w in record)
+    assert "odd" in messages and "narrow" in messages and "head" not in messages
+    assert type(model.block[0]) is module.LayerNormLinear and type(model.block[1]) is nn.Identity
+    assert type(model.block[3]) is module.Linear and type(model.norm) is module.LayerNorm
+    assert type(model.odd) is nn.Linear and type(model.narrow) is nn.Linear and type(model.head) is nn.Linear
+    fused = model.block[0]
+    assert fused.args == (32, 64) and fused.kwargs["eps"] == 1e-5 and fused.kwargs["params_dtype"] == torch.float32
+    assert torch.equal(fused.weight, reference.block[1].weight)
+    assert torch.equal(fused.layer_norm_weight, reference.block[0].weight)
+    x = torch.randn(8, 32)
+    assert torch.allclose(model(x), reference(x), atol=1e-6)
+    entered = [c for c in calls if c[0] in ("autocast", "fp8_autocast")]
+    assert len(entered) == 1 and calls[-1][0].startswith("exit")
+    forwards = [c for c in calls if c[0] == "forward"]
+    assert forwards == [("forward", "LayerNormLinear"), ("forward", "Linear")]
+    fp8.convert_module(model, Policy.parse("bf16-mixed,fp8=delayed(engine=te)"))  # again: no stacked autocast
+    calls.clear()
+    model(x)
+    assert len([c for c in calls if c[0] in ("autocast", "fp8_autocast")]) == 1
+
+
+def test_current_scaling_and_module_filter(stand_in):
+    module, recipes, calls = stand_in
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    policy = Policy.parse("bf16-mixed,fp8=current(engine=te)" if hasattr(recipes, "Float8CurrentScaling")
+                          else "bf16-mixed,fp8=delayed(engine=te)")
+    fp8.convert_module(model, policy, module_filter_fn=lambda m, path: path != "1")
+    assert type(model[0]) is module.Linear and type(model[1]) is nn.Linear
+
+
+def test_init_context_enters_quantized_model_init_only_for_te(stand_in):
+    module, recipes, calls = stand_in
+    with fp8.init_context(Policy.parse("bf16-mixed,fp8=delayed(engine=te)"), torch.device("cpu")):
+        pass
+    assert calls[0][0] in ("quantized_model_init", "fp8_model_init")
+    calls.clear()
+    with fp8.init_context(Policy.parse("bf16-mixed,fp8=delayed(engine=native)")):
+        pass
+    with fp8.init_context(Policy.parse("bf16-mixed")):
+        pass
+    assert calls == []
