@@ -123,8 +123,10 @@ def _cast_back(out, dtype):
     return out
 
 
-def _make_kernel(name: str, op, rule: str):
-    """The kernel body of one cast rule for one aten overload: ``kernel(keyset, *args, **kwargs)``.
+def _make_kernel(name: str, op, rule: str, outside=None):
+    """The kernel body of one cast rule for one aten overload: ``kernel(keyset, *args, **kwargs)``;
+    with ``outside`` (another kernel), that one runs instead when no Precision context is
+    active in this thread.
 
     The cast rules exclude the autocast key while the op runs (the ops it calls are not
     autocast again), as torch's own autocast kernels do.  "passthrough" redispatches below
@@ -133,12 +135,16 @@ def _make_kernel(name: str, op, rule: str):
     CUDA does not; where the CPU kernel has no half-precision implementation (CPU autocast
     upcasts them for that reason) it computes in float32 and returns the input dtype.
     """
+    call = op._op  # the C++ op itself: one Python frame less than OpOverload.__call__
     if rule in ("passthrough", "unlisted"):
         upcast = _make_kernel(name, op, "fp32") if rule == "unlisted" else None
+        op_redispatch = op.redispatch
 
         def kernel(keyset, *args, **kwargs):
+            if outside is not None and not _STATE.depth:
+                return outside(keyset, *args, **kwargs)
             try:
-                return op.redispatch(keyset & _AFTER, *args, **kwargs)
+                return op_redispatch(keyset & _AFTER, *args, **kwargs)
             except RuntimeError as err:
                 if upcast is None or "not implemented for" not in str(err):
                     raise
@@ -150,23 +156,27 @@ def _make_kernel(name: str, op, rule: str):
         fixed = _f32 if rule == "fp32" else None
 
         def kernel(keyset, *args, **kwargs):
+            if outside is not None and not _STATE.depth:
+                return outside(keyset, *args, **kwargs)
             dtype = fixed or torch.get_autocast_dtype("cpu")
             with torch._C._ExcludeDispatchKeyGuard(_KEYSET):
-                return op(*[_cast(a, dtype) for a in args], **{k: _cast(v, dtype) for k, v in kwargs.items()})
+                return call(*[_cast(a, dtype) for a in args], **{k: _cast(v, dtype) for k, v in kwargs.items()})
     elif rule == "fp32_set_opt_dtype":
         arg = next(a for a in op._schema.arguments if a.name == "dtype")
         pos = None if arg.kwarg_only else [a.name for a in op._schema.arguments].index("dtype")
 
         def kernel(keyset, *args, **kwargs):
+            if outside is not None and not _STATE.depth:
+                return outside(keyset, *args, **kwargs)
             with torch._C._ExcludeDispatchKeyGuard(_KEYSET):
                 if not _eligible(args[0]):
-                    return op(*args, **kwargs)
+                    return call(*args, **kwargs)
                 if pos is not None and len(args) > pos:
                     if args[pos] is None:
                         args = (*args[:pos], _f32, *args[pos + 1:])
                 elif kwargs.get("dtype") is None:
                     kwargs["dtype"] = _f32
-                return op(*args, **kwargs)
+                return call(*args, **kwargs)
     elif rule == "fp32_append_dtype":
         with_dtype = {"norm.Scalar": torch.ops.aten.norm.ScalarOpt_dtype,
                       "norm.ScalarOpt_dim": torch.ops.aten.norm.ScalarOpt_dim_dtype}[name]
@@ -174,18 +184,24 @@ def _make_kernel(name: str, op, rule: str):
         defaults = [a.default_value if a.has_default_value() else None for a in op._schema.arguments]
 
         def kernel(keyset, *args, **kwargs):
+            if outside is not None and not _STATE.depth:
+                return outside(keyset, *args, **kwargs)
             with torch._C._ExcludeDispatchKeyGuard(_KEYSET):
                 if not _eligible(args[0]):
-                    return op(*args, **kwargs)
+                    return call(*args, **kwargs)
                 full = [args[i] if i < len(args) else kwargs.get(n, defaults[i]) for i, n in enumerate(names)]
                 return with_dtype(*full, dtype=_f32)
     elif rule == "promote":
         def kernel(keyset, *args, **kwargs):
+            if outside is not None and not _STATE.depth:
+                return outside(keyset, *args, **kwargs)
             dtype = _widest(args, kwargs)
             with torch._C._ExcludeDispatchKeyGuard(_KEYSET):
-                return op(*[_cast(a, dtype) for a in args], **{k: _cast(v, dtype) for k, v in kwargs.items()})
+                return call(*[_cast(a, dtype) for a in args], **{k: _cast(v, dtype) for k, v in kwargs.items()})
     elif rule == "banned":
         def kernel(keyset, *args, **kwargs):
+            if outside is not None and not _STATE.depth:
+                return outside(keyset, *args, **kwargs)
             raise RuntimeError(_BANNED_MESSAGE)
     else:
         raise ValueError(f"unknown cast rule {rule!r}")
@@ -234,12 +250,7 @@ def install_cpu_table() -> None:
         warnings.filterwarnings("ignore", message=".*Warning only once for all operators.*")
         for name, (active_rule, inactive_rule) in plan.items():
             op = _overload(name)
-            active = _make_kernel(name, op, active_rule)
-            inactive = _make_kernel(name, op, inactive_rule)
-
-            def kernel(keyset, *args, _active=active, _inactive=inactive, **kwargs):
-                return (_active if _STATE.depth else _inactive)(keyset, *args, **kwargs)
-
+            kernel = _make_kernel(name, op, active_rule, outside=_make_kernel(name, op, inactive_rule))
             lib.impl(name, kernel, _KEY, with_keyset=True)
             kernels[name] = (active_rule, inactive_rule)
     _installed.update(lib=lib, kernels=kernels)
