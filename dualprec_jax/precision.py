@@ -22,7 +22,7 @@ from dualprec import CheckReport, DeviceCaps, Policy, PolicyError
 from dualprec import checkpoint, contract
 from dualprec.errors import CheckpointError, NonFiniteGradientError, UnsupportedPolicyError
 
-from . import flax_linen, flax_nnx, fp8
+from . import flax_linen, flax_nnx, fp8, quant
 from .caps import device_caps
 from .casts import cast_floating, jax_dtype
 from .loss_scale import LossScaleState, floating_paths, scale_loss
@@ -32,15 +32,12 @@ __all__ = ["Precision", "UnsupportedPolicyError"]
 
 log = logging.getLogger("dualprec_jax")
 
+# precision checkpoints carry the state of these feature modules (see dualprec.checkpoint)
+checkpoint.register_state_extension("jax", "fp8", fp8.state_tensors, fp8.load_state_tensors)
+
 
 def _unsupported_features(policy: Policy) -> list[str]:
-    found = []
-    for path, p in (("", policy),) + policy.overrides:
-        where = f" (override @{path})" if path else ""
-        if p.quantization is not None:
-            found.append(f"quantization {p.quantization.mode}{where}: the JAX NF4/FP4/int8 layers are "
-                         "a later issue")
-    return found
+    return []  # quantization: dualprec_jax.quant; fp8: dualprec_jax.fp8
 
 
 def _ensure_x64(policy: Policy, enable_x64: bool) -> None:
@@ -142,7 +139,8 @@ class Precision(contract.Precision):
     # ----- Flax -----------------------------------------------------------------------
     def autocast(self):
         """Context manager: linen modules called inside follow the op policy."""
-        return fp8.autocast(self.policy, flax_linen.autocast(self.policy))  # FP8 Dense, then the op policy
+        inner = fp8.autocast(self.policy, flax_linen.autocast(self.policy), self.caps)  # FP8 Dense, op policy
+        return quant.autocast(self.policy, inner) if quant.quantizes_any(self.policy) else inner
 
     @contextlib.contextmanager
     def init_module(self):
@@ -154,7 +152,8 @@ class Precision(contract.Precision):
         """``model.init`` under the policy: parameters created in the param dtype of their path."""
         with self.autocast():
             variables = model.init(rngs, *args, **kwargs)
-        return self._params_to_policy(variables)
+        variables = self._params_to_policy(variables)
+        return quant.quantize_params(variables, self.policy) if quant.quantizes_any(self.policy) else variables
 
     def apply(self, model, variables, *args, **kwargs):
         """``model.apply`` under the op policy, outputs in the output dtype.  Inputs are passed
@@ -173,6 +172,8 @@ class Precision(contract.Precision):
         if not isinstance(model, nnx.Module):
             raise TypeError(f"setup() takes a flax.nnx Module, got {type(model).__name__}; for linen "
                             "use prec.init(model, rng, x) and prec.apply(model, variables, x)")
+        if quant.quantizes_any(self.policy):
+            model = quant.quantize_module(model, self.policy)
         return flax_nnx.setup(fp8.setup_nnx(model, self.policy), self.policy)
 
     def _params_to_policy(self, variables):

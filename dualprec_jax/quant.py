@@ -66,6 +66,11 @@ class QuantizationError(PolicyError):
 
 
 # ----- static configuration -------------------------------------------------------------
+def quantizes_any(policy: Policy) -> bool:
+    """Whether the policy (or one of its overrides) quantizes anything."""
+    return any(p.quantization is not None for p in (policy,) + tuple(sub for _, sub in policy.overrides))
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """What one layer's quantization needs besides arrays (hashable: a jit static argument).
@@ -580,7 +585,7 @@ def quantize_params(params, policy, *, lora_rank: int = 0, lora_alpha: float | N
     ({"params": ...}) too and returns the same kind.
     """
     policy = Policy.parse(policy)
-    if isinstance(params, Mapping) and set(params) >= {"params"} and not _any_dense(params, skip_top=True):
+    if isinstance(params, Mapping) and "params" in params and not ({"kernel", QWEIGHT} & set(params)):
         return {**params, "params": quantize_params(params["params"], policy, lora_rank=lora_rank,
                                                     lora_alpha=lora_alpha, rng=rng)}
     if lora_rank and rng is None:
@@ -617,15 +622,6 @@ def quantize_params(params, policy, *, lora_rank: int = 0, lora_alpha: float | N
         raise QuantizationError("the policy's skip patterns skip every Dense layer: nothing would be "
                                 f"quantized (layers: {', '.join(_join(p) for p, _ in layers)})")
     return out
-
-
-def _any_dense(tree, skip_top=False) -> bool:
-    if not isinstance(tree, Mapping):
-        return False
-    if skip_top:
-        return any(_any_dense(v) for k, v in tree.items() if k != "params") or (
-            "kernel" in tree or QWEIGHT in tree)
-    return any(True for _ in _walk_dense(tree))
 
 
 def _is_frozen(path) -> bool:
