@@ -44,7 +44,7 @@ from .ops import _einsum_subscripts, _freeze
 
 __all__ = ["FP8_COLLECTION", "Fp8DotGeneral", "fp8_dot_general", "current_dot_general", "init_meta",
            "next_scale", "quantize", "max_accumulating", "apply_fp8_grads", "split_fp8",
-           "state_tensors", "load_state_tensors", "autocast", "uses_fp8", "recipe_of",
+           "state_tensors", "load_state_tensors", "autocast", "engine", "uses_fp8", "recipe_of",
            "FP8_MODULES", "setup_nnx", "Fp8Meta", "Fp8NnxDot"]
 
 FP8_COLLECTION = "_overwrite_with_gradient"  # Flax's name (TrainState overwrites it)
@@ -331,13 +331,32 @@ def _intercept(policy: Policy, next_fun, args, kwargs, context):
         object.__setattr__(module, "dot_general_cls", None)
 
 
+def engine(policy: Policy, caps=None) -> str | None:
+    """The FP8 engine the policy resolves to on ``caps`` ("native" | "transformer-engine")."""
+    from dualprec.capabilities import resolve_fp8_engine
+
+    top = policy if policy.fp8 is not None else next((p for _, p in policy.overrides if p.fp8 is not None), None)
+    if top is None:
+        return None
+    if caps is None:
+        from .caps import device_caps
+        caps = device_caps()
+    return resolve_fp8_engine(top, caps)
+
+
 @contextlib.contextmanager
-def autocast(policy: Policy, inner=None):
+def autocast(policy: Policy, inner=None, caps=None):
     """Context manager: stock nn.Dense / nn.DenseGeneral under an FP8 policy (or override) run
-    the FP8 dot.  ``inner``: another context (the op-policy interceptor) entered inside."""
+    the FP8 dot (the native one, or Transformer Engine's when the engine resolves to it on
+    ``caps``).  ``inner``: another context (the op-policy interceptor) entered inside."""
     policy = Policy.parse(policy)
     with contextlib.ExitStack() as stack:
-        if uses_fp8(policy):
+        which = engine(policy, caps) if uses_fp8(policy) else None
+        if which == "transformer-engine":
+            from . import te
+
+            stack.enter_context(te.autocast(policy))
+        elif which is not None:
             stack.enter_context(nn.intercept_methods(functools.partial(_intercept, policy)))
         if inner is not None:
             stack.enter_context(inner)

@@ -137,8 +137,13 @@ class Precision(contract.Precision):
                           output_dtype=self.output_dtype)
 
     # ----- Flax -----------------------------------------------------------------------
-    def autocast(self):
-        """Context manager: linen modules called inside follow the op policy."""
+    def autocast(self, fun=None):
+        """Context manager: linen modules called inside follow the op policy.  ``autocast(fun)``:
+        ``fun`` under the whole op table, hand-written ops included (`dualprec_jax.autocast`)."""
+        if fun is not None:
+            from .autocast import autocast
+
+            return autocast(fun, self.policy, context=self.autocast)
         inner = fp8.autocast(self.policy, flax_linen.autocast(self.policy), self.caps)  # FP8 Dense, op policy
         return quant.autocast(self.policy, inner) if quant.quantizes_any(self.policy) else inner
 
