@@ -30,6 +30,7 @@ from dualprec import Policy
 from dualprec.errors import PolicyError, UnsupportedPolicyError
 
 from .casts import torch_dtype
+from .modules import _cast_tensors
 
 __all__ = ["mixed_precision_policy", "shard", "default_blocks", "reduce_found_inf", "is_sharded",
            "local_tensor", "SUPPORTED_COMBINATIONS"]
@@ -45,7 +46,6 @@ SUPPORTED_COMBINATIONS = {
     "fp8": "refused: the FP8 amax is not reduced over the data-parallel group yet",
 }
 
-_GLOO_REDUCE_DTYPES = (torch.float32, torch.float64, torch.float16)  # gloo has no bfloat16 reduce
 
 
 def mixed_precision_policy(policy: Policy, *, root: bool = False, gather: str = "param"):
@@ -74,16 +74,6 @@ def _refuse_combinations(policy: Policy) -> None:
             raise UnsupportedPolicyError(f'"{policy}"{where}: fp8 + FSDP2: {SUPPORTED_COMBINATIONS["fp8"]}')
     if policy.master_weights:
         raise UnsupportedPolicyError(f'"{policy}": master=true + FSDP2: {SUPPORTED_COMBINATIONS["master=true"]}')
-
-
-def _check_reduce_dtypes(policy: Policy, backend: str | None) -> None:
-    if backend != "gloo":
-        return
-    for path, p in policy.policies():
-        if torch_dtype(p.reduce_dtype) not in _GLOO_REDUCE_DTYPES:
-            where = f" (override @{path})" if path else ""
-            raise PolicyError(f'"{policy}"{where}: reduce={p.reduce_dtype} cannot be all-reduced by the gloo '
-                              "backend (it has no bfloat16 reduction); use reduce=float32, or NCCL on GPUs")
 
 
 def default_blocks(model: nn.Module) -> list[str]:
@@ -126,10 +116,13 @@ def shard(model: nn.Module, policy, *, mesh=None, blocks: Iterable[str] | Callab
     if mesh is None and not dist.is_initialized():
         raise RuntimeError("shard(): no process group; call torch.distributed.init_process_group "
                            "(torchrun sets it up) or pass mesh=init_device_mesh(...)")
-    _check_reduce_dtypes(policy, dist.get_backend() if dist.is_initialized() else None)
     kwargs = {"mesh": mesh} if mesh is not None else {}
     if reshard_after_forward is not None:
         kwargs["reshard_after_forward"] = reshard_after_forward
+    # FSDP2 keeps each shard in the dtype it finds: parameters take their policy's param
+    # dtype before they are sharded (Precision.setup's cast is then a no-op)
+    for path, module in model.named_modules():
+        _cast_tensors(module, torch_dtype(policy.for_module(path).param_dtype))
     paths = _select(model, blocks)
     for path in sorted(paths, key=lambda p: -p.count(".")):  # children before their parents
         fully_shard(model.get_submodule(path), mp_policy=mixed_precision_policy(policy.for_module(path),

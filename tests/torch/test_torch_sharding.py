@@ -117,8 +117,9 @@ def test_block_pattern_that_matches_nothing():
         model, _, _ = w.model_and_data()
         with pytest.raises(PolicyError, match="matches no module"):
             shard(model, "bf16-mixed", blocks=["blocks.*"])
-        with pytest.raises(PolicyError, match="gloo"):
-            shard(w.model_and_data()[0], "bf16-mixed,reduce=bf16")
+        sharded = shard(w.model_and_data()[0], "bf16-mixed,reduce=bf16,@4=32-true")
+        assert sharded[0]._get_fsdp_state()._mp_policy.reduce_dtype == torch.bfloat16
+        assert sharded[4]._get_fsdp_state()._mp_policy.reduce_dtype == torch.float32  # the override's
     finally:
         dist.destroy_process_group()
 
