@@ -36,7 +36,6 @@ import contextlib
 import functools
 import math
 import weakref
-from typing import Optional
 
 import numpy as np
 import torch
@@ -45,11 +44,7 @@ from torch.nn.modules import module as module_mod
 
 from .casts import torch_dtype
 
-try:  # the spec's error types (the backend's copy until the spec has them)
-    from dualprec.errors import UnsupportedPolicyError
-except ImportError:  # pragma: no cover
-    from .precision import UnsupportedPolicyError  # noqa: F401
-from dualprec.errors import PolicyError
+from dualprec.errors import PolicyError, UnsupportedPolicyError
 
 __all__ = [
     "quantize_module", "quantized_layers", "is_quantized", "rebind_optimizer", "uses_quantization",
@@ -62,8 +57,9 @@ INSTALL_HINT = 'pip install "dualprec[bnb]"'
 _SKIP_INIT = "_dualprec_skip_init"
 
 
-class QuantizationError(RuntimeError):
-    """A model or checkpoint that cannot be quantized or loaded as asked."""
+class QuantizationError(PolicyError):
+    """A model or checkpoint that cannot be quantized or loaded as asked (the JAX backend's
+    dualprec_jax.quant.QuantizationError is the same kind: a PolicyError, so a ValueError)."""
 
 
 @functools.lru_cache(maxsize=1)
