@@ -390,6 +390,15 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _float32(value) -> torch.Tensor:
+    """A CPU float32 tensor from a torch tensor (any device) or anything NumPy takes."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", torch.float32).contiguous()
+    import numpy as np
+
+    return torch.from_numpy(np.array(value, dtype=np.float32))
+
+
 def load_state_tensors(model: nn.Module, tensors, *, strict: bool = True) -> None:
     """Restore `state_tensors` output (torch tensors or numpy arrays, any float32 source).
 
@@ -398,8 +407,6 @@ def load_state_tensors(model: nn.Module, tensors, *, strict: bool = True) -> Non
     and no state for them, is a `PolicyError` (never a silent run on fresh or stale scales).
     ``strict=False`` takes what matches and leaves the other layers at their initial state.
     """
-    import numpy as np
-
     given = {k: v for k, v in tensors.items() if k.startswith("fp8.")}
     expected = state_tensors(model)
     unknown = sorted(set(given) - set(expected))
@@ -411,15 +418,17 @@ def load_state_tensors(model: nn.Module, tensors, *, strict: bool = True) -> Non
             why = "the checkpoint has no FP8 state: it was written by a run without FP8 (or current scaling)"
         else:
             why = f"unknown names {unknown[:4]}, missing names {missing[:4]}"
-        raise PolicyError(f"load_state_tensors: {why}. Resume under the policy that wrote the checkpoint, "
-                          "or pass strict=False to start the unmatched layers from fresh scales")
+        raise PolicyError(f"load_state_tensors: {why}. Resume under the policy that wrote the checkpoint; "
+                          "to take only the matching layers (the others start from fresh scales) call "
+                          "dualprec_torch.fp8.load_state_tensors(model, tensors, strict=False), or drop "
+                          "state['extensions']['fp8'] from a Precision state dict to ignore it")
     for prefix, module in _fp8_modules(model):
         for i, role in enumerate(ROLES):
             key = f"{prefix}.{role}"
             if f"{key}.scale" not in given:
                 continue
-            scale = torch.as_tensor(np.asarray(given[f"{key}.scale"], dtype=np.float32)).reshape(())
-            history = torch.as_tensor(np.asarray(given[f"{key}.amax_history"], dtype=np.float32))
+            scale = _float32(given[f"{key}.scale"]).reshape(())
+            history = _float32(given[f"{key}.amax_history"])
             if history.shape != module.fp8_amax_history_bits[i].shape:
                 raise PolicyError(f"load_state_tensors: {key}.amax_history has {tuple(history.shape)[0]} "
                                   f"entries, this layer's recipe keeps {module.recipe.history_len}")

@@ -358,3 +358,62 @@ def test_torch_compile_gives_the_eager_state_and_outputs():
     a, b = fp8.state_tensors(eager), fp8.state_tensors(compiled)
     assert all(nan_equal(_np(a[k]), _np(b[k])) for k in a)
     assert torch.allclose(eager.weight.grad, compiled.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_precision_checkpoint_carries_fp8_state(tmp_path):
+    from dualprec import checkpoint
+
+    policy = "bf16-mixed,fp8=delayed(history=8,engine=native)"
+
+    def run(steps, prec, model, opt, gen):
+        for _ in range(steps):
+            opt.zero_grad()
+            with prec.autocast():
+                loss = model(prec.convert_input(torch.randn(8, 16, generator=gen))).float().pow(2).mean()
+            prec.backward(loss)
+            prec.step(opt)
+
+    def build(seed):
+        torch.manual_seed(seed)
+        prec, model = Precision(policy), Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        model, opt = prec.setup(model, opt)
+        return prec, model, opt
+
+    prec, model, opt = build(0)
+    gen = torch.Generator().manual_seed(1)
+    run(3, prec, model, opt, gen)
+    checkpoint.save_state(tmp_path / "precision.dpck", prec.state_dict())
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "fp8_" not in k}
+    run(2, prec, model, opt, gen)
+
+    prec2, model2, opt2 = build(5)
+    model2.load_state_dict(weights, strict=False)
+    prec2.load_state_dict(checkpoint.load_state(tmp_path / "precision.dpck"))
+    gen2 = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        torch.randn(8, 16, generator=gen2)
+    run(2, prec2, model2, opt2, gen2)
+    want, got = fp8.state_tensors(model), fp8.state_tensors(model2)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_precision_refuses_fp8_state_in_a_plain_run_and_the_reverse():
+    fp8_policy = "bf16-mixed,fp8=delayed(history=8,engine=native)"
+    runs = {}
+    for policy in (fp8_policy, "bf16-mixed"):
+        prec = Precision(policy)
+        model = prec.setup(Net())
+        model(torch.randn(4, 16)).float().sum().backward()
+        runs[policy] = prec, model
+    (fp8_prec, fp8_model), (plain_prec, _) = runs[fp8_policy], runs["bf16-mixed"]
+    fp8_state, plain_state = fp8_prec.state_dict(), plain_prec.state_dict()
+    for prec, state in ((plain_prec, fp8_state), (fp8_prec, plain_state)):
+        with pytest.raises(PolicyError, match="written under policy"):
+            prec.load_state_dict(state)
+    with pytest.raises(PolicyError, match="no FP8 .*layers.*extensions"):
+        plain_prec.load_state_dict(fp8_state, strict=False)
+    before = fp8.state_tensors(fp8_model)
+    fp8_prec.load_state_dict(plain_state, strict=False)  # loose: the FP8 layers keep their own state
+    after = fp8.state_tensors(fp8_model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
