@@ -56,6 +56,10 @@ __all__ = ["Precision", "UnsupportedPolicyError"]
 
 LEGACY_FORMAT = "dualprec_torch.Precision"  # version 1: master weights as positional lists
 
+# precision checkpoints carry the state of these feature modules (see dualprec.checkpoint)
+checkpoint.register_state_extension("torch", "fp8", fp8.state_tensors, fp8.load_state_tensors)
+checkpoint.register_state_extension("torch", "quant", quant.state_tensors, quant.load_state_tensors)
+
 
 def _check_supported(policy: Policy) -> None:
     for where, p in [("", policy)] + [(f" (override @{pat})", sub) for pat, sub in policy.overrides]:
