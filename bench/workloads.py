@@ -399,45 +399,15 @@ def _jax_sync(out):
 
 def _fp8_dot_general():
     """A Flax-compatible dot_general whose three GEMMs run on FP8 operands with current
-    scaling (e4m3 forward, e5m2 gradients), accumulating in fp32: the JAX twin of
-    `_torch_fp8_linear_cls`."""
-    import jax
+    scaling (e4m3 forward, e5m2 gradients), accumulating in fp32: the library's
+    (`dualprec_jax.fp8.current_dot_general`), bf16 operands and output as before."""
     import jax.numpy as jnp
+    from dualprec_jax.fp8 import current_dot_general
 
-    def quantize(t, dtype, fmax):
-        amax = jnp.max(jnp.abs(t)).astype(jnp.float32)
-        scale = jnp.where(amax > 0, fmax / amax, 1.0)
-        return jnp.clip(t.astype(jnp.float32) * scale, -fmax, fmax).astype(dtype), 1.0 / scale
-
-    def mm(a, sa, b, sb, dims, out_dtype):
-        acc = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-        return (acc * (sa * sb)).astype(out_dtype)
-
-    nn_dims = (((1,), (0,)), ((), ()))
-
-    @jax.custom_vjp
-    def matmul(x, w):
-        return fwd(x, w)[0]
-
-    def fwd(x, w):
-        xq, xs = quantize(x, jnp.float8_e4m3fn, E4M3_MAX)
-        wq, ws = quantize(w, jnp.float8_e4m3fn, E4M3_MAX)
-        # a 0-d array carries the weight's dtype: residuals must be arrays
-        return mm(xq, xs, wq, ws, nn_dims, jnp.bfloat16), (xq, xs, wq, ws, jnp.zeros((), w.dtype))
-
-    def bwd(res, g):
-        xq, xs, wq, ws, w_like = res
-        gq, gs = quantize(g, jnp.float8_e5m2, E5M2_MAX)
-        dx = mm(gq, gs, wq, ws, (((1,), (1,)), ((), ())), jnp.bfloat16)       # g @ w.T
-        dw = mm(xq, xs, gq, gs, (((0,), (0,)), ((), ())), jnp.float32)        # x.T @ g
-        return dx.astype(g.dtype), dw.astype(w_like.dtype)
-
-    matmul.defvjp(fwd, bwd)
+    dot = current_dot_general("current")
 
     def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
-        shape = lhs.shape
-        y = matmul(lhs.reshape(-1, shape[-1]).astype(jnp.bfloat16), rhs)
-        return y.reshape(*shape[:-1], rhs.shape[-1])
+        return dot(lhs.astype(jnp.bfloat16), rhs, dimension_numbers).astype(jnp.bfloat16)
 
     return dot_general
 
