@@ -303,3 +303,13 @@ def test_int8_training_trains_its_weights():
         prec.backward(loss)
         prec.step(opt)
     assert model.fc1.weight.dtype == torch.float16 and not torch.equal(model.fc1.weight, before)
+
+
+@pytest.mark.parametrize("mode,bits", [("nf4", 4.5), ("fp4-dq", 4 + 8 / 64 + 32 / (64 * 256)), ("int8", 8 + 32 / 1024)])
+def test_state_dict_bytes_per_weight_match_theory(mode, bits):
+    """4-bit: 4 bits + a float32 absmax per 64 values (double quantization: a uint8 code per
+    block + a float32 per 256 blocks); int8: 8 bits + a float32 SCB per row."""
+    net = quantize_module(nn.Sequential(nn.Linear(1024, 512, bias=False)), mode)
+    sd = net.state_dict()
+    measured = 8 * sum(v.numel() * v.element_size() for v in sd.values()) / (512 * 1024)
+    assert abs(measured - bits) / bits < 0.01, measured
