@@ -36,7 +36,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core
 
-from dualprec import Policy
+from dualprec import Policy, optable
 
 from .casts import accumulation_dtype, jax_dtype
 from .ops import _freeze, _rounding_dot, torch_activation
@@ -46,26 +46,38 @@ __all__ = ["autocast", "AutocastWarning"]
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-# The table by JAX name.  Primitives: what a single primitive does.  Composites: jax.nn/jnp
-# functions that JAX jits under their name (seen as a named jit in the jaxpr) or that
-# autocast marks while tracing (MARKED_COMPOSITES: JAX inlines them).
-FP32_PRIMITIVES = frozenset({
-    "exp", "exp2", "expm1", "log", "log1p", "pow", "integer_pow", "square", "rsqrt", "sinh", "cosh",
-    "tan", "acos", "asin", "erf_inv", "reduce_sum", "reduce_prod", "cumsum", "cumprod",
-    "cumlogsumexp"})
+# The table by JAX name, from dualprec.optable.  Primitives stand for one op each
+# (``exp``, ``reduce_sum``, ``integer_pow``).  Composites are JAX functions that trace to
+# several primitives: the evaluator knows them by the name of the jit JAX puts around them
+# (``log_softmax``, ``silu``, ``norm``) or that autocast puts around them while tracing
+# (`_MARKED`: softmax, gelu, logsumexp, jnp.sum... which JAX inlines).
+_MARKABLE_MODULES = ("jax.nn.", "jax.numpy.", "jax.scipy.special.", "optax.")
+
+
+def _jax_callables(lst: str) -> dict[str, str]:
+    """Dotted JAX composites of the table's list ``lst`` -> the name they are known by (ops
+    that are one primitive, jnp.exp or jnp.sum, are left to the primitive rules)."""
+    return {name: name.rsplit(".", 1)[1] for e in optable.ENTRIES if e.list == lst and not e.jax_primitives
+            for name in e.jax if name.startswith(_MARKABLE_MODULES) and "[" not in name}
+
+
+FP32_PRIMITIVES = frozenset(p for e in optable.FP32 for p in e.jax_primitives) | {"exp2", "cumlogsumexp"}
+# Unlisted elementwise primitives computed in float32 and rounded once (torch's opmath).
 OPMATH_PRIMITIVES = frozenset({"tanh", "logistic", "erf", "erfc"})
-FP32_COMPOSITES = frozenset({"softmax", "log_softmax", "logsumexp", "norm", "_softmax", "_log_softmax",
-                             "sum", "prod", "cumsum", "cumprod"})
-OPMATH_COMPOSITES = frozenset({
-    "gelu", "silu", "swish", "sigmoid", "softplus", "elu", "leaky_relu", "mish", "hard_silu",
-    "hard_swish", "hard_sigmoid", "celu", "selu", "log_sigmoid", "relu6", "hard_tanh", "glu",
-    # unlisted reductions: jnp computes them in float32 for half inputs and rounds once
-    "mean", "var", "std", "_var", "_std", "_mean", "nanmean", "nanvar", "nanstd", "average"})
-MARKED_COMPOSITES = {
-    "softmax": "fp32", "log_softmax": "fp32", "logsumexp": "fp32", "sum": "fp32",
-    "gelu": "opmath", "silu": "opmath", "swish": "opmath", "sigmoid": "opmath", "softplus": "opmath",
-    "elu": "opmath", "leaky_relu": "opmath", "mish": "opmath", "hard_silu": "opmath",
-    "hard_swish": "opmath", "mean": "opmath", "var": "opmath", "std": "opmath"}
+# Unlisted composites: activations (torch's formula in float32, one rounding) and the
+# reductions jnp itself computes in float32 for half inputs (mean, var, std).
+_ACTIVATIONS = ("gelu", "silu", "swish", "sigmoid", "elu", "leaky_relu", "mish", "hard_silu",
+                "hard_swish", "hard_sigmoid", "celu", "selu", "log_sigmoid", "relu6", "hard_tanh", "glu")
+_OPMATH_CALLABLES = {**{f"jax.nn.{n}": n for n in _ACTIVATIONS},
+                     **{f"jax.numpy.{n}": n for n in ("mean", "var", "std")}}
+_MARKED = {**{k: (v, "fp32") for k, v in _jax_callables("fp32").items()},
+           **{k: (v, "promote") for k, v in _jax_callables("promote").items()},
+           **{k: (v, "opmath") for k, v in _OPMATH_CALLABLES.items()}}
+FP32_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "fp32") | {"_softmax", "_log_softmax"}
+_EXPLICIT_DTYPE = "dualprec_explicit_dtype"  # a marked call with dtype=: no rule inside
+PROMOTE_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "promote") | {_EXPLICIT_DTYPE}
+OPMATH_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "opmath") | {
+    "_var", "_std", "_mean", "nanmean", "nanvar", "nanstd", "average"}
 
 
 class AutocastWarning(UserWarning):
@@ -232,10 +244,15 @@ def _eval_eqn(eqn, invals, ctx):
 
 
 # ----- rules ----------------------------------------------------------------------------
+_UPCAST_BY_JNP = ("reduce_sum", "reduce_prod")  # jnp upcasts half inputs to these unless told
+
+
 def _fp32(eqn, invals, ctx):
     """A float32-list op: half inputs upcast, float32 out."""
     if not any(_is_half(_dtype(x)) for x in invals):
         return _bind_flexible(eqn, invals)
+    if eqn.primitive.name in _UPCAST_BY_JNP and _is_half(eqn.invars[0].aval.dtype):
+        return _bind_flexible(eqn, invals)  # jnp.sum(x, dtype=half): an explicit dtype is kept
     up = [_cast(x, ctx.accumulate) if _is_half(_dtype(x)) else x for x in invals]
     return _bind_flexible(eqn, up)
 
@@ -308,6 +325,8 @@ def _convert(eqn, invals, ctx):
 def _jit(eqn, invals, ctx):
     name = eqn.params.get("name", "")
     closed = eqn.params["jaxpr"]
+    if name in PROMOTE_COMPOSITES and not ctx.upcast:
+        return _promote_region(closed, invals, ctx)
     if not ctx.upcast and any(_is_half(_dtype(x)) for x in invals):
         if name in FP32_COMPOSITES:
             return _upcast_region(closed, invals, ctx, None)
@@ -326,6 +345,17 @@ def _upcast_region(closed, invals, ctx, round_to):
     finally:
         ctx.upcast -= 1
     return outs if round_to is None else [_cast(o, round_to) for o in outs]
+
+
+def _promote_region(closed, invals, ctx):
+    """A promote-list composite: float inputs at the widest of their dtypes, no other rule."""
+    floats = [_dtype(x) for x in invals if _is_float(_dtype(x))]
+    widest = functools.reduce(jnp.promote_types, floats) if floats else None
+    ctx.upcast += 1  # no matmul rule inside: tensordot of float32 operands stays float32
+    try:
+        return _eval_closed(closed, [_cast(x, widest) if widest is not None else x for x in invals], ctx)
+    finally:
+        ctx.upcast -= 1
 
 
 def _rewrites(closed, invals, ctx) -> bool:
@@ -352,7 +382,8 @@ def _custom_jvp(eqn, invals, ctx):
 
     def jvp(primals, tangents):
         n = len(primals) - n_consts
-        rule, rule_consts, out_zeros = eqn.params["jvp_jaxpr_fun"].call_wrapped(*([False] * n))
+        with _composites_marked():  # the rule sees what the primal saw when it was traced
+            rule, rule_consts, out_zeros = eqn.params["jvp_jaxpr_fun"].call_wrapped(*([False] * n))
         outs = _eval(rule, rule_consts, [*primals[n_consts:], *tangents[n_consts:]], ctx)
         p_out, t_out = outs[:len(out_zeros)], iter(outs[len(out_zeros):])
         p_out = [_cast(p, a.dtype) for p, a in zip(p_out, out_avals)]
@@ -502,20 +533,24 @@ def _is_jax_primitive(prim) -> bool:
 def _marked(name, fn, kind):
     """``fn`` behind a jit named ``name``, so the evaluator sees the composite whatever dtype
     reaches it at run time.  Inside: float32 composites upcast half inputs; activations use
-    torch's formula in float32 and round once to their input dtype (a no-op for float32)."""
+    torch's formula in float32 and round once to their input dtype (a no-op for float32);
+    promote composites (tensordot) are only named."""
 
     @functools.wraps(fn)
     def wrapper(x, *args, **kwargs):
         if not (hasattr(x, "dtype") and hasattr(x, "shape") and _is_float(jnp.dtype(x.dtype))):
             return fn(x, *args, **kwargs)
+        explicit = kwargs.get("dtype") is not None  # an explicit dtype= is kept (torch too)
 
         def body(x):
+            if kind == "promote" or explicit:
+                return fn(x, *args, **kwargs)
             up = x.astype(jnp.promote_types(x.dtype, jnp.float32))
             if kind == "fp32":
                 return fn(up, *args, **kwargs)
             return lax.convert_element_type(torch_activation(name, fn, up, args, kwargs), x.dtype)
 
-        body.__name__ = body.__qualname__ = name
+        body.__name__ = body.__qualname__ = _EXPLICIT_DTYPE if explicit else name
         return jax.jit(body)(x)
 
     return wrapper
@@ -524,32 +559,39 @@ def _marked(name, fn, kind):
 _PATCH_LOCK = threading.RLock()
 _PATCH_DEPTH = [0]
 _SAVED: list = []
+_REEXPORTS = ("flax.linen", "flax.nnx")  # re-export jax.nn's activations and softmax
 
 
-def _patch_targets():
-    modules = [jax.nn, jax.scipy.special, jax.numpy]
-    for extra in ("flax.linen", "flax.nnx", "flax.linen.activation", "flax.nnx.nn.activations"):
-        mod = sys.modules.get(extra)
-        if mod is not None:
-            modules.append(mod)
-    return modules
+def _patch_sites():
+    """(module, attribute, composite name, kind) for every marked callable importable now."""
+    sites = []
+    for dotted, (name, kind) in _MARKED.items():
+        mod_name, attr = dotted.rsplit(".", 1)
+        mod = sys.modules.get(mod_name)
+        orig = getattr(mod, attr, None) if mod is not None else None
+        if orig is None:
+            continue
+        sites.append((mod, attr, name, kind, orig))
+        for extra in _REEXPORTS:
+            emod = sys.modules.get(extra)
+            if emod is not None and getattr(emod, attr, None) is orig:
+                sites.append((emod, attr, name, kind, orig))
+    return sites
 
 
 @contextlib.contextmanager
 def _composites_marked():
-    """While tracing: jax.nn's composites (and their Flax re-exports) carry the table's
+    """While tracing: the composites of the table (and their Flax re-exports) carry its
     boundary.  Process-wide while it lasts, restored afterwards, re-entrant."""
     with _PATCH_LOCK:
         if _PATCH_DEPTH[0] == 0:
-            for mod in _patch_targets():
-                for attr, kind in MARKED_COMPOSITES.items():
-                    orig = getattr(mod, attr, None)
-                    if orig is None or getattr(orig, "__wrapped_by_dualprec__", False):
-                        continue
-                    wrapper = _marked(attr, orig, kind)
-                    wrapper.__wrapped_by_dualprec__ = True
-                    _SAVED.append((mod, attr, orig, wrapper))
-                    setattr(mod, attr, wrapper)
+            for mod, attr, name, kind, orig in _patch_sites():
+                if getattr(orig, "__wrapped_by_dualprec__", False):
+                    continue
+                wrapper = _marked(name, orig, kind)
+                wrapper.__wrapped_by_dualprec__ = True
+                _SAVED.append((mod, attr, orig, wrapper))
+                setattr(mod, attr, wrapper)
         _PATCH_DEPTH[0] += 1
     try:
         yield
@@ -581,7 +623,7 @@ def _is_traced_leaf(x) -> bool:
         (hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, type))
 
 
-def autocast(fun, policy):
+def autocast(fun, policy, *, context=None):
     """``fun`` run under the op table of ``policy`` (a Policy or a policy string).
 
     Array leaves of the arguments are traced; other leaves (Python numbers, strings, flags)
@@ -589,14 +631,19 @@ def autocast(fun, policy):
     (as ``torch.autocast`` is off for "32-true" and "bf16-true"): ``fun`` runs as written,
     stock Flax linen layers still get the policy's parameter dtypes.
 
+    ``context``: a callable returning the context manager ``fun`` is traced in (default: the
+    linen interceptor, which gives stock layers their parameter dtypes and the bias added
+    before the one rounding; `Precision.autocast` passes its own, FP8/quantized layers too).
+
         step = jax.jit(jax.grad(dualprec_jax.autocast(loss_fn, "bf16-mixed")))
     """
     policy = Policy.parse(policy)
+    context = context or functools.partial(_flax_context, policy)
 
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):
         if not policy.is_mixed:
-            with _flax_context(policy):
+            with context():
                 return fun(*args, **kwargs)
         ctx = _Ctx(policy)
         leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
@@ -609,7 +656,7 @@ def autocast(fun, policy):
             a, k = jax.tree_util.tree_unflatten(tree, filled)
             return _marked_version(fun)(*a, **k)
 
-        with _flax_context(policy), _composites_marked():
+        with context(), _composites_marked():
             closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*(leaves[i] for i in traced))
         outs = _eval_closed(closed, [leaves[i] for i in traced], ctx)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)

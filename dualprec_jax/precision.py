@@ -155,8 +155,17 @@ class Precision(contract.Precision):
 
     def init(self, model, rngs, *args, **kwargs):
         """``model.init`` under the policy: parameters created in the param dtype of their path."""
-        with self.autocast():
+        seen = set()
+
+        def note_path(next_fun, args_, kwargs_, context):
+            seen.add(flax_linen.module_path(context.module))
+            return next_fun(*args_, **kwargs_)
+
+        import flax.linen as nn
+
+        with self.autocast(), nn.intercept_methods(note_path):
             variables = model.init(rngs, *args, **kwargs)
+        self.policy.check_overrides_match(seen, "dualprec_jax init")
         variables = self._params_to_policy(variables)
         return quant.quantize_params(variables, self.policy) if quant.quantizes_any(self.policy) else variables
 
@@ -177,6 +186,9 @@ class Precision(contract.Precision):
         if not isinstance(model, nnx.Module):
             raise TypeError(f"setup() takes a flax.nnx Module, got {type(model).__name__}; for linen "
                             "use prec.init(model, rng, x) and prec.apply(model, variables, x)")
+        self.policy.check_overrides_match(
+            (".".join(map(str, path)) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)),
+            "dualprec_jax setup")
         if quant.quantizes_any(self.policy):
             model = quant.quantize_module(model, self.policy)
         return flax_nnx.setup(fp8.setup_nnx(model, self.policy), self.policy)

@@ -7,13 +7,16 @@ warnings for what it cannot see into.  Tiny shapes throughout.
 
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax import lax
 from jax.extend import core
 
+from dualprec_jax import Precision
 from dualprec_jax.autocast import AutocastWarning, autocast
 
 F32, BF16, F16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)
@@ -30,7 +33,8 @@ def xw():
 TABLE = [
     ("matmul", lambda h, x, w: h, "c"),
     ("einsum", lambda h, x, w: jnp.einsum("ij,jk->ik", x, w), "c"),
-    ("tensordot", lambda h, x, w: jnp.tensordot(x, w, 1), "c"),
+    ("tensordot", lambda h, x, w: jnp.tensordot(x, w, 1), "f32"),  # promote list: the widest input
+    ("tensordot_half", lambda h, x, w: jnp.tensordot(h, w, 1), "f32"),
     ("conv", lambda h, x, w: lax.conv_general_dilated(x[None, None], w[None, None, :3, :3], (1, 1), "SAME"), "c"),
     ("exp", lambda h, x, w: jnp.exp(h), "f32"),
     ("log", lambda h, x, w: jnp.log(jnp.abs(h) + 1), "f32"),
@@ -45,6 +49,9 @@ TABLE = [
     ("log_softmax", lambda h, x, w: jax.nn.log_softmax(h), "f32"),
     ("logsumexp", lambda h, x, w: jax.nn.logsumexp(h, -1), "f32"),
     ("norm", lambda h, x, w: jnp.linalg.norm(h, axis=-1), "f32"),
+    ("softplus", lambda h, x, w: jax.nn.softplus(h), "f32"),
+    ("mse", lambda h, x, w: optax.l2_loss(h, x), "f32"),
+    ("sum_dtype", lambda h, x, w: jnp.sum(h.astype(BF16), -1, dtype=BF16), "bf16"),  # explicit: kept
     # on no list: the input dtype
     ("mean", lambda h, x, w: jnp.mean(h, -1), "c"),
     ("mean_method", lambda h, x, w: h.mean(-1), "c"),
@@ -71,7 +78,7 @@ def test_table_dtypes(policy, xw):
         return {name: op(h, x, w) for name, op, _ in TABLE}
 
     out = jax.eval_shape(autocast(all_ops, policy), *xw)
-    want = {name: POLICIES[policy] if expect == "c" else F32 for name, _, expect in TABLE}
+    want = {name: {"c": POLICIES[policy], "f32": F32, "bf16": BF16}[expect] for name, _, expect in TABLE}
     got = {name: out[name].dtype for name in want}
     assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
 
@@ -298,3 +305,57 @@ def test_no_warning_for_plain_code(xw):
     with warnings.catch_warnings():
         warnings.simplefilter("error", AutocastWarning)
         jax.eval_shape(autocast(lambda x, w: jax.nn.gelu(x @ w).sum(), "bf16-mixed"), *xw)
+
+
+# ----- Precision.autocast and Flax models ----------------------------------------------------
+class _Hand(nn.Module):
+    """Stock layers and hand-written ops mixed: one mechanism for both."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = jax.nn.relu(nn.Dense(16, name="fc1")(x))
+        w = self.param("w", nn.initializers.lecun_normal(), (16, 8))
+        return jax.nn.softmax(h @ w)
+
+
+def test_precision_autocast_runs_linen_models(xw):
+    x = xw[0]
+    prec = Precision("bf16-mixed")
+    model = _Hand()
+    variables = prec.init(model, jax.random.key(1), x)
+    fun = jax.jit(prec.autocast(lambda v, x: model.apply(v, x)))
+    out = fun(variables, x)
+    assert out.dtype == F32  # softmax: float32 list
+    # fc1 is the interceptor's Dense (bias before the rounding); the hand-written @ is lowered
+    dots = _dots(prec.autocast(lambda v, x: model.apply(v, x)), variables, x)
+    _assert_half_dots(dots, 2)
+    p = variables["params"]
+    h = jax.nn.relu(_linear(x, p["fc1"]["kernel"], p["fc1"]["bias"]))
+    ref = jax.nn.softmax(lax.dot_general(h, p["w"].astype(BF16), (((1,), (0,)), ((), ())),
+                                         preferred_element_type=F32).astype(BF16).astype(F32))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    with prec.autocast():  # still the context manager without an argument
+        assert model.apply(variables, x).dtype == F32
+
+
+def _linear(x, k, b):
+    y = lax.dot_general(x.astype(BF16), k.astype(BF16), (((1,), (0,)), ((), ())), preferred_element_type=F32)
+    return (y + b.astype(BF16).astype(F32)).astype(BF16)
+
+
+def test_precision_autocast_runs_nnx_models(xw):
+    from flax import nnx
+
+    class M(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(8, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.exp(self.fc(x)) @ self.fc.kernel[...]
+
+    prec = Precision("bf16-mixed")
+    model = prec.setup(M(nnx.Rngs(0)))
+    out = prec.autocast(lambda x: model(x))(xw[0])
+    assert out.dtype == BF16  # exp -> float32, then the hand-written matmul -> bfloat16
+    grads = nnx.grad(lambda m, x: prec.autocast(lambda x: m(x))(x).astype(F32).sum())(model, xw[0])
+    assert grads.fc.kernel[...].dtype == F32
