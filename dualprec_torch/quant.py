@@ -100,6 +100,18 @@ def _dtype_str(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
+def _apply_empty(layer, fn) -> bool:
+    """A layer still waiting for its weight (deferred, empty_init): a move or cast records the
+    target device for the weight to come and applies to the bias.  Returns whether it did."""
+    if layer.weight.device.type != "meta":
+        return False
+    layer._dualprec_device = fn(torch.empty(0, device=_device_of(layer))).device
+    if layer.bias is not None:
+        with torch.no_grad():
+            layer.bias.data = fn(layer.bias)
+    return True
+
+
 def _base_load(layer, state_dict, prefix, own: set, *args):
     """nn.Module's loading for everything but ``own`` keys (the bias), not bitsandbytes'."""
     local_metadata, strict, missing, unexpected, errors = args
@@ -247,6 +259,8 @@ def _classes():
             return tensor.to(_device_of(self)), state
 
         def _apply(self, fn, recurse=True):
+            if _apply_empty(self, fn):
+                return self
             super()._apply(fn, recurse)
             state = getattr(self.weight, "quant_state", None)
             if state is not None and state.absmax.device != self.weight.device:
@@ -359,6 +373,8 @@ def _classes():
             self._set_state(tensor.to(device), scb.to(device=device, dtype=torch.float32))
 
         def _apply(self, fn, recurse=True):
+            if _apply_empty(self, fn):
+                return self
             super()._apply(fn, recurse)
             w = self.weight
             if getattr(w, "SCB", None) is not None and w.SCB.device != w.device:
