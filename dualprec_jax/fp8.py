@@ -450,6 +450,11 @@ def _layer_roles(entries):
     return layers
 
 
+def _name(layer: str, role: str, field: str) -> str:
+    """``fp8.<layer>.<role>.<field>``; a model that is a single layer has no path."""
+    return ".".join(p for p in ("fp8", layer, role, field) if p)
+
+
 def _recipe_for(recipes, layer: str, fields) -> FP8Recipe:
     if recipes is None:
         if _RECIPE in fields:
@@ -477,8 +482,8 @@ def state_tensors(variables, recipe: Any = None) -> dict[str, np.ndarray]:
                 continue
             hist = np.array(jax.device_get(_to_f32(fields[f"{role}_amax_history"])), np.float32)
             scale = np.array(jax.device_get(next_scale(fields[f"{role}_scale"], hist, role, r)), np.float32)
-            out[f"fp8.{layer}.{role}.scale"] = scale.reshape(())
-            out[f"fp8.{layer}.{role}.amax_history"] = hist
+            out[_name(layer, role, "scale")] = scale.reshape(())
+            out[_name(layer, role, "amax_history")] = hist
     return out
 
 
@@ -506,7 +511,7 @@ def load_state_tensors(variables, tensors: dict, recipe: Any = None):
     given = {k: v for k, v in tensors.items() if k.startswith("fp8.")}
     entries = _state_entries(variables)
     layers = _layer_roles(entries)
-    expected = {f"fp8.{layer}.{role}.{f}" for layer, fields in layers.items() for role in ROLES
+    expected = {_name(layer, role, f) for layer, fields in layers.items() for role in ROLES
                 if f"{role}_scale" in fields for f in _FIELDS}
     if given and not expected:
         raise PolicyError(f"the checkpoint holds FP8 state ({len(given)} tensors, e.g. {sorted(given)[0]}), "
@@ -520,7 +525,8 @@ def load_state_tensors(variables, tensors: dict, recipe: Any = None):
         missing, extra = sorted(expected - set(given)), sorted(set(given) - expected)
         raise PolicyError(f"FP8 state does not match this model: missing {missing[:4]}, unexpected {extra[:4]}")
     for name, value in given.items():
-        layer, role, field = name[4:].rsplit(".", 2)
+        *owner, role, field = name.split(".")[1:]
+        layer = ".".join(owner)
         cur = _to_f32(layers[layer][f"{role}_{field}"])
         if np.shape(value) != tuple(cur.shape) and not (field == "scale" and np.size(value) == 1):
             raise PolicyError(f"{name} has shape {np.shape(value)}, this run's has {tuple(cur.shape)} "
@@ -533,7 +539,7 @@ def load_state_tensors(variables, tensors: dict, recipe: Any = None):
         if owner and owner[-1] in (_OP_NAME, "dot_general"):
             owner = owner[:-1]
         role, field = next((r, key[len(r) + 1:]) for r in ROLES if key.startswith(r + "_"))
-        arr = np.asarray(given[f"fp8.{'.'.join(owner)}.{role}.{field}"], np.float32)
+        arr = np.asarray(given[_name(".".join(owner), role, field)], np.float32)
         return jnp.asarray(arr.reshape(()) if field == "scale" else arr)
 
     try:

@@ -302,3 +302,28 @@ def test_fp8_state_in_the_precision_checkpoint(tmp_path):
     pv = plain.init(model, jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match="no delayed-scaling FP8 layers"):
         plain.load_state_dict(state, plain.wrap_optimizer(optax.sgd(1e-2)).init(pv["params"]), pv, strict=False)
+
+
+def test_general_dimension_numbers_match_the_qdq_product():
+    """Several contracting axes and a batch axis (the einsum path of the backward)."""
+    recipe = FP8Recipe(scaling="current")
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32) * 4
+    w = rng.standard_normal((2, 4, 5, 6)).astype(np.float32)
+    dims = (((2, 3), (1, 2)), ((0,), (0,)))  # batch 0, contract (4, 5)
+    y, vjp = jax.vjp(lambda a, b: fp8.fp8_dot_general(a, b, dims, recipe=recipe), x, w)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw = vjp(jnp.asarray(g))
+    xq, wq, gq, _ = ref.fp8_gemm_qdq(x, w, None, recipe, grad_output=g)
+    want_y, want_vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims, precision="highest"), xq, wq)
+    want_dx, want_dw = want_vjp(jnp.asarray(gq))
+    for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # a DenseGeneral over two axes under an FP8 policy runs the same dot
+    prec = Precision(POLICY)
+    model = nn.DenseGeneral(features=(2, 3), axis=(-2, -1), name="proj")
+    v = prec.init(model, jax.random.PRNGKey(0), x[0])
+    state = fp8.state_tensors(v)  # a model that is one layer has no path, as in torch
+    assert state["fp8.input.scale"].shape == () and len(state) == 6
+    assert fp8.state_tensors(fp8.load_state_tensors(v, state)).keys() == state.keys()
+    assert prec.apply(model, v, x[0]).shape == (3, 2, 3)
