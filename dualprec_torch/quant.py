@@ -42,9 +42,9 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_mod
 
-from .casts import torch_dtype
-
 from dualprec.errors import PolicyError, UnsupportedPolicyError
+
+from .casts import torch_dtype
 
 __all__ = [
     "quantize_module", "quantized_layers", "is_quantized", "rebind_optimizer", "uses_quantization",
@@ -543,7 +543,7 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None
     """
     replaced = {}
     for _, layer in quantized_layers(model):
-        ref = layer.__dict__.pop("_dualprec_source", None)
+        ref = layer.__dict__.get("_dualprec_source")  # weak: it keeps nothing alive
         source = ref() if ref is not None else None
         if source is not None:
             replaced[id(source)] = (source, layer.weight if layer.weight.requires_grad else None)
@@ -572,19 +572,18 @@ def uses_quantization(policy) -> bool:
     return policy.quantization is not None or any(sub.quantization is not None for _, sub in policy.overrides)
 
 
+@contextlib.contextmanager
 def module_init_context(policy, device, device_type: str, empty_init: bool = False):
     """`Precision.init_module`'s context: the policy's dtype and device and, under a quantized
     policy on a GPU, `deferred_init` (on a CPU the layers are created in full precision and
     quantized at setup)."""
     from .init import init_context
 
-    base = init_context(policy, device, empty_init)
-    if not (uses_quantization(policy) and device_type == "cuda"):
-        return base
-    stack = contextlib.ExitStack()
-    stack.enter_context(base)
-    stack.enter_context(deferred_init(empty_init))
-    return stack
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(init_context(policy, device, empty_init))
+        if uses_quantization(policy) and device_type == "cuda":
+            stack.enter_context(deferred_init(empty_init))
+        yield
 
 
 @contextlib.contextmanager

@@ -286,6 +286,16 @@ def test_nf4_frozen_base_trains_under_precision():
     assert not torch.equal(model.lm_head.weight, head) and not torch.equal(model.fc1.bias, bias)
 
 
+def test_every_optimizer_is_rebound():
+    model = Net()
+    body = torch.optim.SGD([model.fc1.weight, model.fc1.bias], lr=0.1)
+    head = torch.optim.SGD(model.lm_head.parameters(), lr=0.1)
+    Precision("int8-training").setup(model, body, head)
+    ids = lambda ps: [id(p) for p in ps]  # noqa: E731
+    assert ids(body.param_groups[0]["params"]) == ids([model.fc1.weight, model.fc1.bias])
+    assert ids(head.param_groups[0]["params"]) == ids([model.lm_head.weight, model.lm_head.bias])
+
+
 def test_int8_training_trains_its_weights():
     torch.manual_seed(0)
     model = Net()
