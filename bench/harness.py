@@ -154,6 +154,13 @@ def time_steps(step: Callable[[], Any], **kwargs) -> Timing:
 # --------------------------------------------------------------------------- records
 
 
+#: Below this many FLOPs per step a workload reports time, not TFLOP/s.
+TINY_FLOPS = 1e9
+#: A step time whose interquartile range exceeds this fraction of its median is noise: its
+#: ratio is labelled so ("noisy") in tables and records.
+NOISY_REL_IQR = 0.10
+
+
 @dataclass
 class Record:
     """One row of results.  `status` is "ok" when it holds a measurement; otherwise
@@ -195,9 +202,19 @@ class Record:
 
     @classmethod
     def measured(cls, *, timing: Timing, flops_per_step: float | None = None, **fields) -> Record:
+        """A measured row.  A workload under `TINY_FLOPS` per step reports its time only:
+        its TFLOP/s would measure Python overhead, not arithmetic."""
         stats = timing.stats
+        rate = None if flops_per_step is not None and flops_per_step < TINY_FLOPS else tflops(
+            flops_per_step, stats.median)
         return cls(step_time=stats.to_dict(), compile_s=timing.first_call_s, flops_per_step=flops_per_step,
-                   tflops=tflops(flops_per_step, stats.median), **fields)
+                   tflops=rate, **fields)
+
+    @property
+    def noisy(self) -> bool:
+        """The step time's spread (IQR) is over `NOISY_REL_IQR` of its median."""
+        st = self.step_time or {}
+        return bool(st.get("median")) and st.get("iqr") is not None and st["iqr"] / st["median"] > NOISY_REL_IQR
 
     @classmethod
     def not_run(cls, status: str, reason: str | None = None, **fields) -> Record:
@@ -227,6 +244,8 @@ def add_baseline_ratios(records: list[Record]) -> list[Record]:
             continue
         r.baseline_ratio = r.step_time["median"] / base.step_time["median"]
         r.baseline = base.key
+        if r.noisy or base.noisy:
+            r.extra["ratio_noisy"] = True  # either side's spread exceeds NOISY_REL_IQR
     return records
 
 
@@ -353,6 +372,17 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _tflops_cell(r: Record) -> str:
+    if r.tflops is None and r.flops_per_step is not None and r.flops_per_step < TINY_FLOPS:
+        return "tiny"  # time only: see TINY_FLOPS
+    return _fmt(r.tflops, ".3g")
+
+
+def _ratio_cell(r: Record) -> str:
+    text = _fmt(r.baseline_ratio, ".3f")
+    return f"{text} noisy" if r.baseline_ratio is not None and r.extra.get("ratio_noisy") else text
+
+
 def rich_table(records: Iterable[Record], title: str | None = None):
     from rich.table import Table
 
@@ -368,8 +398,8 @@ def rich_table(records: Iterable[Record], title: str | None = None):
         iqr = (100 * st["iqr"] / median) if median and st.get("iqr") is not None else None
         peak = r.peak_memory_bytes / 2**20 if r.peak_memory_bytes else None
         table.add_row(r.workload, r.backend, r.policy, r.impl, r.mode, _fmt(median and median * 1e3, ".3g"),
-                      _fmt(iqr, ".1f"), _fmt(r.compile_s, ".2f"), _fmt(r.tflops, ".3g"), _fmt(peak, ".0f"),
-                      _fmt(r.baseline_ratio, ".3f"), r.status)
+                      _fmt(iqr, ".1f"), _fmt(r.compile_s, ".2f"), _tflops_cell(r), _fmt(peak, ".0f"),
+                      _ratio_cell(r), r.status)
     return table
 
 

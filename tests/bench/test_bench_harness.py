@@ -87,6 +87,28 @@ def test_measured_record_fields():
     assert r.key == "w/torch/bf16-mixed/eager/hand"
 
 
+def test_tiny_workloads_report_time_and_noisy_ratios_are_labelled():
+    from bench.harness import NOISY_REL_IQR, TINY_FLOPS, add_baseline_ratios
+
+    clock = FakeClock()
+    t = time_interleaved({"s": clock.step(0.5)}, warmup=1, rounds=1, steps_per_round=3, clock=clock)["s"]
+    tiny = Record.measured(timing=t, flops_per_step=TINY_FLOPS / 10, workload="w", backend="torch", policy="p")
+    assert tiny.tflops is None and tiny.step_time["median"] == 0.5
+    hand = Record(workload="w", backend="torch", policy="p", step_time={"median": 1.0, "iqr": 0.01})
+    steady = Record(workload="w", backend="torch", policy="p", impl="dualprec",
+                    step_time={"median": 1.1, "iqr": 0.02})
+    shaky = Record(workload="w", backend="torch", policy="p", impl="dualprec", mode="eager",
+                   step_time={"median": 3.7, "iqr": 3.7 * (NOISY_REL_IQR + 0.05)})
+    add_baseline_ratios([hand, steady, shaky])
+    assert not steady.extra.get("ratio_noisy") and shaky.extra["ratio_noisy"] and shaky.noisy
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(rich_table([hand, steady, shaky, tiny]))
+    text = console.export_text()
+    assert "3.700 noisy" in text and "1.100 noisy" not in text and "tiny" in text
+
+
 def test_not_run_records_hold_no_numbers():
     r = Record.not_run(STATUS_NOT_IMPLEMENTED, "later issue", workload="w", backend="jax", policy="nf4",
                        impl="dualprec")

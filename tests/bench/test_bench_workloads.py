@@ -66,7 +66,8 @@ def test_jax_memory_matches_dtypes():
 def test_policy_records_pair_and_placeholder(backend):
     recs = policy_records(TINY, backend, "nf4", warmup=1, rounds=1, steps_per_round=1)
     assert [(r.impl, r.status) for r in recs] == [("hand", "ok"), ("dualprec", "not implemented")]
-    assert recs[0].flops_per_step == TINY.frozen_train_flops() and recs[0].tflops > 0
+    assert recs[0].flops_per_step == TINY.frozen_train_flops()
+    assert recs[0].tflops is None  # a tiny workload reports its time only (TINY_FLOPS)
     recs = policy_records(TINY, backend, "bf16-mixed", warmup=1, rounds=1, steps_per_round=1)
     assert [r.impl for r in recs] == ["hand", "dualprec"]
     if all(r.ok for r in recs):
