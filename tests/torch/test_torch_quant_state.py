@@ -288,3 +288,19 @@ def test_optimizer_that_stepped_before_setup_is_refused():
     opt.step()
     with pytest.raises(QuantizationError, match="before the first optimizer step"):
         Precision("nf4").setup(model, opt)
+
+
+@pytest.mark.parametrize("mode", ["nf4-dq", "int8"])
+def test_precision_checkpoint_carries_the_quantized_weights(mode, tmp_path):
+    from dualprec import checkpoint
+
+    prec = Precision(f"bf16-mixed,quant={mode}" if mode != "int8" else "int8")
+    model = prec.setup(_net(1))
+    path = tmp_path / "precision.safetensors"
+    checkpoint.save_state(path, prec.state_dict())
+    state = checkpoint.load_state(path)
+    assert "0.weight.absmax" in state["extensions"]["quant"] or "0.SCB" in state["extensions"]["quant"]
+    fresh_prec = Precision(prec.policy)
+    fresh = fresh_prec.setup(_net(2))
+    fresh_prec.load_state_dict(state)
+    _same_state(fresh.state_dict(), model.state_dict())
