@@ -174,8 +174,7 @@ _FP32 += [
     OpEntry("rsqrt", "fp32", ("rsqrt",), _fn("rsqrt"), (LAX + "rsqrt",), ("rsqrt",),
             note="1 / sqrt(x) is sqrt and div, on no list, in both frameworks"),
     OpEntry("pow", "fp32", ("pow.Scalar", "pow.Tensor_Scalar", "pow.Tensor_Tensor"),
-            _fn("pow") + ("torch.Tensor.__pow__", "torch.Tensor.__rpow__", "torch.square", "torch.Tensor.square",
-                          "torch.float_power"),
+            _fn("pow") + ("torch.Tensor.__pow__", "torch.Tensor.__rpow__", "torch.square", "torch.Tensor.square"),
             (JNP + "power", JNP + "square", "jax.Array.__pow__", LAX + "pow", LAX + "integer_pow", LAX + "square"),
             ("pow", "integer_pow", "square"),
             note="x ** 2 and torch.square are pow in torch; JAX's integer_pow also appears inside "
@@ -269,9 +268,9 @@ _PROMOTE = [
     OpEntry("dot", "promote", ("dot", "vdot"), _fn("dot") + _fn("vdot"), (JNP + "vdot",),
             note="1-D dot products; jnp.dot is matmul's counterpart"),
     OpEntry("grid_sampler", "promote", ("grid_sampler",), (F + "grid_sample",)),
-    OpEntry("index_put", "promote", ("index_put",), _fn("index_put") + ("torch.Tensor.index_put_",
-                                                                       "torch.Tensor.__setitem__"),
-            ("jax.Array.at[].set",), note="JAX's x.at[i].set(v) is a scatter primitive"),
+    OpEntry("index_put", "promote", ("index_put",), _fn("index_put"), ("jax.Array.at[].set",),
+            note="out of place only: x[i] = v and index_put_ are in-place ops on no list; JAX's "
+                 "x.at[i].set(v) is a scatter primitive"),
     OpEntry("scatter_add", "promote", ("scatter_add",), _fn("scatter_add"), ("jax.Array.at[].add",),
             ("scatter-add", "scatter_add")),
     OpEntry("tensordot", "promote", ("tensordot",), ("torch.tensordot",), (JNP + "tensordot",)),

@@ -171,7 +171,6 @@ CONFIGS = {  # input dtype pattern: k-th floating tensor's dtype
     "float32": lambda c: (lambda k: f32),
     "compute": lambda c: (lambda k: c),
     "mixed": lambda c: (lambda k: f32 if k % 2 == 0 else c),
-    "mixed_rev": lambda c: (lambda k: c if k % 2 == 0 else f32),
     "float64": lambda c: (lambda k: f64),
 }
 
