@@ -56,15 +56,23 @@ def _amax(t: torch.Tensor) -> torch.Tensor:
     return t.detach().abs().amax().to(torch.float32)
 
 
-def _scale_from_amax(amax: torch.Tensor, previous: torch.Tensor, fp8_max: float, margin: int) -> torch.Tensor:
-    """(fp8_max / amax) / 2**margin in float32; the previous scale when amax is 0 or not finite.
+def _div(numerator: float, t: torch.Tensor) -> torch.Tensor:
+    """float32(numerator / t), correctly rounded in eager mode and under torch.compile alike.
 
-    A tensor numerator on purpose: ``448.0 / t`` is ``t.reciprocal() * 448`` in torch (two
-    roundings), while tensor / tensor is one IEEE division, as in the reference.
+    The division runs in float64 and is rounded once to float32: a float64 quotient of
+    float32 operands, rounded to float32, is the correctly rounded float32 quotient, while
+    compiled float32 division may be approximate on a GPU (torchao works around the same).
+    A tensor numerator on purpose: ``448.0 / t`` is ``t.reciprocal() * 448`` in torch.
     """
-    scale = torch.full_like(amax, fp8_max) / amax
+    wide = t.to(torch.float64)
+    return (torch.full_like(wide, numerator) / wide).to(torch.float32)
+
+
+def _scale_from_amax(amax: torch.Tensor, previous: torch.Tensor, fp8_max: float, margin: int) -> torch.Tensor:
+    """(fp8_max / amax) / 2**margin in float32; the previous scale when amax is 0 or not finite."""
+    scale = _div(fp8_max, amax)
     if margin:
-        scale = scale / (2.0 ** margin)
+        scale = scale * (2.0 ** -margin)  # exact, as the reference's division by 2**margin
     return torch.where(torch.isfinite(amax) & (amax > 0), scale, previous)
 
 
@@ -154,7 +162,7 @@ class _FP8Matmul(torch.autograd.Function):
         layer = ctx.layer
         fmt = role_format("grad_output", layer.recipe)
         g_scale = _scale_for(grad, _GRAD, layer.recipe, scale_bits, history_bits, fmt, record=layer.record)
-        gq, g_inv = _quantize(grad, g_scale, fmt), g_scale.reciprocal()
+        gq, g_inv = _quantize(grad, g_scale, fmt), _div(1.0, g_scale)
         opts = dict(pad=layer.pad, emulate=layer.emulate)
         dx = dw = None
         if ctx.needs_input_grad[0]:
@@ -245,7 +253,7 @@ class FP8Linear(nn.Linear):
         state = (self.fp8_scale_bits, self.fp8_amax_history_bits)
         if state[0] is None:  # current scaling: no state (placeholders keep apply's arity)
             state = (x_scale, x_scale)
-        y = _FP8Matmul.apply(x2d, self.weight, xq, x_scale.reciprocal(), wq, w_scale.reciprocal(),
+        y = _FP8Matmul.apply(x2d, self.weight, xq, _div(1.0, x_scale), wq, _div(1.0, w_scale),
                              *state, info)
         if self.bias is not None:
             y = y + self.bias.to(out_dtype)

@@ -417,3 +417,16 @@ def test_precision_refuses_fp8_state_in_a_plain_run_and_the_reverse():
     fp8_prec.load_state_dict(plain_state, strict=False)  # loose: the FP8 layers keep their own state
     after = fp8.state_tensors(fp8_model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_scale_division_is_the_correctly_rounded_float32_quotient():
+    """The scale is computed through float64 (compiled float32 division may be approximate);
+    the result must still be numpy's float32 quotient, bit for bit, at every magnitude."""
+    rng = np.random.default_rng(0)
+    amax = np.abs(rng.standard_normal(100_000).astype(np.float32)
+                  * np.float32(10.0) ** rng.integers(-44, 38, 100_000).astype(np.float32))
+    amax = amax[np.isfinite(amax) & (amax > 0)]
+    with np.errstate(over="ignore"):
+        want = np.float32(np.float32(448.0) / amax) / np.float32(4.0)
+    got = fp8._scale_from_amax(torch.from_numpy(amax), torch.ones(len(amax)), 448.0, 2).numpy()
+    assert np.array_equal(want.view(np.uint32), got.view(np.uint32))
