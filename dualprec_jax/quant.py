@@ -294,7 +294,8 @@ def _rowwise_int8(a16):
     """int8 codes round-half-even(a * 127 / absmax_row) and float32 absmax per row."""
     a32 = a16.astype(jnp.float32)
     absmax = jnp.abs(a32).max(axis=1)
-    factor = jnp.where(absmax == 0, jnp.float32(0), jnp.float32(127.0) / absmax)
+    # torch evaluates bitsandbytes' 127.0 / absmax as reciprocal(absmax) * 127: two roundings.
+    factor = jnp.where(absmax == 0, jnp.float32(0), (jnp.float32(1.0) / absmax) * jnp.float32(127.0))
     return jnp.rint(a32 * factor[:, None]).astype(jnp.int8), absmax
 
 
@@ -961,7 +962,8 @@ def save_bnb(path, params, policy) -> None:
     """`to_bnb_state_dict` written with safetensors (a torch bitsandbytes model loads it)."""
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in to_bnb_state_dict(params, policy).items()}, str(path))
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray makes weight_format 1-d)
+    save_file({k: np.require(v, requirements="C") for k, v in to_bnb_state_dict(params, policy).items()}, str(path))
 
 
 def load_bnb(path, params, policy, *, strict: bool = True):

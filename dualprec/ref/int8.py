@@ -13,7 +13,10 @@ def _rowwise_codes(a16: np.ndarray):
     a32 = a16.astype(np.float32)
     absmax = np.abs(a32).max(axis=1)
     with np.errstate(divide="ignore"):
-        factor = np.float32(127.0) / absmax
+        # bitsandbytes writes 127.0 / absmax, which torch evaluates as reciprocal(absmax) * 127
+        # (Tensor.__rtruediv__): one more rounding than a division, and a different code for
+        # some weights.
+        factor = (np.float32(1.0) / absmax) * np.float32(127.0)
     # An all-zero row has no scale; its codes are 0 (bitsandbytes would compute 0 * inf).
     factor = np.where(absmax == 0, np.float32(0), factor).astype(np.float32)
     return np.rint(a32 * factor[:, None]).astype(np.int8), absmax.astype(np.float32)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dualprec import DeviceCaps, PolicyError, presets
-from dualprec_jax import Precision, UnsupportedPolicyError, device_caps
+from dualprec_jax import Precision, device_caps
 from tests.jax.conftest import MLP, D
 
 IN_SCOPE = ["32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "bfloat16", "float16",
@@ -50,10 +50,8 @@ def test_to_jmp_matches_the_policy(name):
 
 
 @pytest.mark.parametrize("name", [n for n, p in presets().items() if p.quantization and not p.fp8])  # fp8: test_jax_fp8
-def test_quantization_and_fp8_presets_are_refused_by_name(name):
-    with pytest.raises(UnsupportedPolicyError, match="quantization|fp8") as err:
-        Precision(name)
-    assert isinstance(err.value, PolicyError) and isinstance(err.value, NotImplementedError)
+def test_quantization_presets_are_accepted(name):  # the layers: tests/jax/test_jax_quant_layers.py
+    assert Precision(name).policy.quantization.mode == presets()[name].quantization.mode
 
 
 def test_float64_without_x64_fails_when_asked_not_to_enable_it(x64):

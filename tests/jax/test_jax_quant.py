@@ -115,7 +115,8 @@ class TestAgainstBitsandbytes:
         assert np.array_equal(bits(ours[nonzero]), bits(theirs[nonzero])) and not theirs[~nonzero].any()
 
     def test_int8_codes_and_scb(self):
-        w = np.random.default_rng(0).standard_normal((24, 40)).astype(np.float32)
+        # Seed 4 holds a weight where 127 / absmax and torch's reciprocal(absmax) * 127 differ.
+        w = (np.random.default_rng(4).standard_normal((128, 64)) / 8).astype(np.float32)
         w[3] = 0.5
         cb, scb, _ = self.bnbF.int8_vectorwise_quant(self.torch.from_numpy(w).half())
         q = quant.quantize_int8(jnp.asarray(w))
