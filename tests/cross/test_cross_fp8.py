@@ -189,3 +189,34 @@ def test_fp8_state_resumes_across_backends(direction):
     v, _ = _jax_run(prec, v, step, xs[half:], cs[half:])
     _torch_run(tmodel, xs[half:], cs[half:])
     _assert_states_equal(jfp8.state_tensors(v, prec.policy), _np(tfp8.state_tensors(tmodel)), direction)
+
+
+def test_fp8_state_crosses_backends_in_the_precision_checkpoint(tmp_path):
+    """torch Precision.state_dict -> dualprec.checkpoint file -> JAX Precision.load_state_dict,
+    then both continue on the same tensors and their states stay bit-identical."""
+    import optax
+    from dualprec import checkpoint
+    from dualprec_torch import Precision as TorchPrecision
+
+    policy = POLICIES["hybrid"]
+    torch.manual_seed(0)
+    tmodel = torch.nn.Sequential()
+    tmodel.add_module("fc1", torch.nn.Linear(IN, OUT))
+    tprec = TorchPrecision(policy)
+    opt = torch.optim.SGD(tmodel.parameters(), lr=0.0)  # weights fixed: the state alone evolves
+    tmodel, opt = tprec.setup(tmodel, opt)
+    assert isinstance(tmodel.fc1, tfp8.FP8Linear)
+    w, b = tmodel.fc1.weight.detach().numpy().copy(), tmodel.fc1.bias.detach().numpy().copy()
+    xs, cs = _data(6)
+    half = 4
+    _torch_run(tmodel, xs[:half], cs[:half])
+    path = tmp_path / "precision.safetensors"
+    checkpoint.save_state(path, tprec.state_dict())
+
+    prec, v, step = _jax_setup(policy, w, b)
+    opt_state = prec.wrap_optimizer(optax.sgd(0.0)).init(v["params"])
+    _, v = prec.load_state_dict(checkpoint.load_state(path), opt_state, v)
+    v, _ = _jax_run(prec, v, step, xs[half:], cs[half:])
+    _torch_run(tmodel, xs[half:], cs[half:])
+    _assert_states_equal(jfp8.state_tensors(v), _np(tfp8.state_tensors(tmodel)), "after resume")
+
