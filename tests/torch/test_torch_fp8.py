@@ -430,3 +430,40 @@ def test_scale_division_is_the_correctly_rounded_float32_quotient():
         want = np.float32(np.float32(448.0) / amax) / np.float32(4.0)
     got = fp8._scale_from_amax(torch.from_numpy(amax), torch.ones(len(amax)), 448.0, 2).numpy()
     assert np.array_equal(want.view(np.uint32), got.view(np.uint32))
+
+
+# --------------------------------------------------------------------------- CUDA (device script)
+
+_NO_FP8_GPU = not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_NO_FP8_GPU, reason="needs a CUDA GPU with compute capability >= 8.9")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("shape", [(48, 32, 24), (33, 9, 7)], ids=["aligned", "padded"])
+def test_gpu_state_codes_and_gemms_equal_the_reference(compiled, shape):
+    """On a GPU: torch._scaled_mm with the layouts and padding CUDA needs, scales and histories
+    bit for bit (eager and compiled), GEMMs within float32 rounding of the reference."""
+    k, n, m = shape
+    recipe = FP8Recipe(history_len=8)
+    torch.manual_seed(0)
+    layer = FP8Linear(k, n, recipe=recipe, device="cuda")
+    run = torch.compile(layer) if compiled else layer
+    state, gen = ref.fp8_delayed_init(recipe), torch.Generator().manual_seed(1)
+    for step in range(6):
+        x = torch.randn(m, k, generator=gen) * float(4.0 ** step)
+        g = torch.randn(m, n, generator=gen)
+        if step == 2:
+            x = torch.zeros_like(x)
+        layer.zero_grad()
+        xc = x.cuda().requires_grad_()
+        y = run(xc)
+        y.backward(g.cuda())
+        xr, wr, gr, state = ref.fp8_gemm_qdq(_np(x), _np(layer.weight), state, recipe, grad_output=_np(g))
+        got = {k2: _np(v) for k2, v in fp8.state_tensors(layer).items()}
+        for role in ref.ROLES:
+            assert nan_equal(got[f"fp8.{role}.scale"], np.asarray(state[role].scale, np.float32)), (step, role)
+            assert nan_equal(got[f"fp8.{role}.amax_history"], state[role].amax_history), (step, role)
+        for name, have, want in (("y", y, xr @ wr.T + _np(layer.bias)), ("dx", xc.grad, gr @ wr),
+                                 ("dw", layer.weight.grad, gr.T @ xr)):
+            assert np.abs(_np(have) - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-30), (step, name)
