@@ -555,11 +555,3 @@ def load_state_tensors(variables, tensors: dict, recipe: Any = None):
     new_tree = jax.tree_util.tree_map_with_path(
         lambda p, x: new_value(tuple(str(getattr(k, "key", k)) for k in p), x), dict(tree))
     return {**variables, FP8_COLLECTION: new_tree}
-
-
-try:  # the precision checkpoint carries this state (Precision.state_dict(opt_state, variables))
-    from dualprec import checkpoint as _checkpoint
-
-    _checkpoint.register_state_extension("jax", "fp8", state_tensors, load_state_tensors)
-except (ImportError, AttributeError):  # pragma: no cover - a dualprec without checkpoints
-    pass
