@@ -147,3 +147,36 @@ def test_op_by_op_block_agrees_with_torch(policy):
     # half-precision ulp (3e-3) under XLA's default, which may skip half-precision roundings
     # inside fusions.
     assert got["output"][0] >= 0.99, got["output"]
+
+
+def test_stock_layer_model_agrees_with_torch():
+    """Dense -> GELU(tanh) -> LayerNorm -> Dense -> Dense: the issue's model (36% bitwise
+    equal with Precision.apply's interceptor alone, whose GELU is JAX's bf16 formula)."""
+    import flax.linen as nn
+
+    from dualprec_jax import Precision
+    from dualprec_torch import Precision as TorchPrecision
+
+    d, h, b = 32, 64, 128
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.LayerNorm(epsilon=1e-5, name="ln")(jax.nn.gelu(nn.Dense(h, name="a")(x), approximate=True))
+            return nn.Dense(d, name="c")(nn.Dense(h, name="b")(x))
+
+    torch.manual_seed(0)
+    tm = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.GELU(approximate="tanh"), torch.nn.LayerNorm(h),
+                             torch.nn.Linear(h, h), torch.nn.Linear(h, d))
+    dense = lambda m: {"kernel": jnp.asarray(m.weight.detach().numpy().T), "bias": jnp.asarray(m.bias.detach().numpy())}  # noqa: E731
+    ln = {"scale": jnp.asarray(tm[2].weight.detach().numpy()), "bias": jnp.asarray(tm[2].bias.detach().numpy())}
+    variables = {"params": {"a": dense(tm[0]), "ln": ln, "b": dense(tm[3]), "c": dense(tm[4])}}
+    x = np.random.default_rng(0).standard_normal((b, d)).astype(np.float32)
+    for policy, least in (("bf16-mixed", 0.99), ("16-mixed", 0.97)):
+        with TorchPrecision(policy).autocast():
+            ref = tm(torch.from_numpy(x)).float().detach().numpy()
+        prec = Precision(policy)
+        ours = jax.jit(prec.autocast(lambda v, x: M().apply(v, x)))(variables, jnp.asarray(x))
+        eq = _equal(np.asarray(ours.astype(jnp.float32)), ref)
+        print(f"\n{policy}: {eq:.2%} bitwise equal")
+        assert eq >= least, (policy, eq)
