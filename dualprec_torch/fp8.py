@@ -121,14 +121,17 @@ def _round16(n: int) -> int:
 
 
 def fp8_gemm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor,
-             out_dtype: torch.dtype, *, pad: bool | None = None, emulate: bool = False) -> torch.Tensor:
+             out_dtype: torch.dtype, *, pad: bool | None = None, emulate: bool = False,
+             fast_accum: bool = False) -> torch.Tensor:
     """(a @ b_t.T) * inv_a * inv_b on FP8 operands, in ``out_dtype``.
 
     ``a`` is (M, K) and ``b_t`` is (N, K), both FP8. `torch._scaled_mm` wants its first
     operand row-major and its second column-major, and on CUDA every dimension a multiple
     of 16: operands are zero-padded to that (``pad``: default on CUDA only; zeros add
     nothing to a dot product) and the result sliced back. ``emulate`` computes the same
-    product with a float32 matmul (for GPUs without FP8 tensor cores).
+    product with a float32 matmul (for GPUs without FP8 tensor cores). ``fast_accum``:
+    `_scaled_mm`'s ``use_fast_accum`` (Hopper's faster, less precise accumulation; what
+    torchao and Transformer Engine use for the forward GEMM; no effect on CPU).
     """
     m, n = a.shape[0], b_t.shape[0]
     if emulate:
@@ -140,7 +143,7 @@ def fp8_gemm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: tor
         k = _round16(a.shape[1])
         a, b_t = _pad_to(a, _round16(m), k), _pad_to(b_t, _round16(n), k)
     out = torch._scaled_mm(a.contiguous(), b_t.contiguous().t(), scale_a=inv_a, scale_b=inv_b,
-                           out_dtype=out_dtype)
+                           out_dtype=out_dtype, use_fast_accum=fast_accum)
     return out[:m, :n] if pad else out
 
 
@@ -154,7 +157,8 @@ class _FP8Matmul(torch.autograd.Function):
         ctx.save_for_backward(xq, x_inv, wq, w_inv, scale_bits, history_bits)
         ctx.layer = layer
         ctx.x_dtype, ctx.w_dtype = x2d.dtype, weight.dtype
-        return fp8_gemm(xq, wq, x_inv, w_inv, layer.out_dtype, pad=layer.pad, emulate=layer.emulate)
+        return fp8_gemm(xq, wq, x_inv, w_inv, layer.out_dtype, pad=layer.pad, emulate=layer.emulate,
+                        fast_accum=layer.fast_accum)
 
     @staticmethod
     def backward(ctx, grad):
@@ -175,10 +179,11 @@ class _FP8Matmul(torch.autograd.Function):
 class _CallInfo:
     """What one call of an FP8Linear hands its backward (static data only)."""
 
-    __slots__ = ("recipe", "out_dtype", "pad", "emulate", "record")
+    __slots__ = ("recipe", "out_dtype", "pad", "emulate", "record", "fast_accum")
 
-    def __init__(self, recipe, out_dtype, pad, emulate, record):
+    def __init__(self, recipe, out_dtype, pad, emulate, record, fast_accum):
         self.recipe, self.out_dtype, self.pad, self.emulate, self.record = recipe, out_dtype, pad, emulate, record
+        self.fast_accum = fast_accum
 
 
 # --------------------------------------------------------------------------- the layer
@@ -191,14 +196,15 @@ class FP8Linear(nn.Linear):
     `torch._scaled_mm` (same quantization, for GPUs without FP8 tensor cores). ``pad``:
     zero-pad GEMM operands to multiples of 16 (None: on CUDA, where `_scaled_mm` needs it).
     ``out_dtype``: the output dtype (None: the autocast dtype inside an autocast, else the
-    input's).
+    input's). ``fast_accum``: the forward GEMM accumulates with Hopper's fast (less
+    precise) mode, as torchao and Transformer Engine do; the gradient GEMMs never do.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  recipe: FP8Recipe | None = None, emulate: bool = False, pad: bool | None = None,
-                 out_dtype: torch.dtype | None = None):
+                 out_dtype: torch.dtype | None = None, fast_accum: bool = False):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_fp8(recipe, emulate, pad, out_dtype)
+        self._init_fp8(recipe, emulate, pad, out_dtype, fast_accum)
 
     @classmethod
     def convert(cls, linear: nn.Linear, recipe: FP8Recipe | None = None, *, emulate: bool = False,
@@ -211,11 +217,12 @@ class FP8Linear(nn.Linear):
         linear._init_fp8(recipe, emulate, pad)
         return linear
 
-    def _init_fp8(self, recipe, emulate, pad, out_dtype=None) -> None:
+    def _init_fp8(self, recipe, emulate, pad, out_dtype=None, fast_accum=False) -> None:
         recipe = FP8Recipe() if recipe is None else recipe
         if not isinstance(recipe, FP8Recipe):
             raise TypeError(f"recipe must be a dualprec FP8Recipe, got {type(recipe).__name__}")
         self.recipe, self.emulate, self.pad, self.out_dtype = recipe, bool(emulate), pad, out_dtype
+        self.fast_accum = bool(fast_accum)
         device = self.weight.device
         if recipe.scaling == "delayed":
             ones = torch.ones(len(ROLES), dtype=torch.float32, device=device)
@@ -243,7 +250,8 @@ class FP8Linear(nn.Linear):
         else:
             out_dtype = x.dtype if x.is_floating_point() else torch.float32
         record = self.training and self.recipe.scaling == "delayed"
-        info = _CallInfo(self.recipe, out_dtype, self.pad, self.emulate, record and torch.is_grad_enabled())
+        info = _CallInfo(self.recipe, out_dtype, self.pad, self.emulate, record and torch.is_grad_enabled(),
+                         self.fast_accum)
         fmt = role_format("input", self.recipe)  # the forward roles share E4M3
         x_scale = _scale_for(x2d, _INPUT, self.recipe, self.fp8_scale_bits, self.fp8_amax_history_bits,
                              fmt, record)
