@@ -378,6 +378,12 @@ def convert_module(model: nn.Module, policy, *, engine: str | None = None, emula
         check_device(device, emulate=emulate)
     for path, module, recipe in list(fp8_layers(model, policy, module_filter_fn)):
         FP8Linear.convert(module, recipe, emulate=emulate)
+    others = [path for path, m in model.named_modules()
+              if isinstance(m, nn.Linear) and not isinstance(m, FP8Linear) and type(m) is not nn.Linear
+              and policy.for_module(path).fp8 is not None]
+    if others:
+        warnings.warn(f"FP8 leaves {len(others)} Linear subclass(es) as they are ({', '.join(others[:4])}): "
+                      "quantized or custom layers do not run their GEMMs through FP8Linear", stacklevel=2)
     if not any(isinstance(m, FP8Linear) for m in model.modules()):
         warnings.warn(f'policy "{policy}" asks for FP8 but the model has no nn.Linear under an FP8 '
                       "recipe; nothing was converted", stacklevel=2)

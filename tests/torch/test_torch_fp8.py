@@ -256,6 +256,16 @@ def test_convert_module_follows_policy_overrides_and_filters():
     assert fp8.convert_module(Net(), Policy.parse("bf16-mixed")).fc1.__class__ is nn.Linear
 
 
+    class Custom(nn.Linear):
+        pass
+
+    model = Net()
+    model.head = Custom(32, 8)
+    with pytest.warns(UserWarning, match=r"Linear subclass.*head"):
+        fp8.convert_module(model, Policy.parse("bf16-mixed,fp8=current(engine=native)"))
+    assert type(model.head) is Custom and type(model.fc1) is FP8Linear
+
+
 def test_state_buffers_survive_dtype_casts_and_precision_setup():
     model = Net()
     prec = Precision("params=bfloat16,compute=bfloat16,output=float32,fp8=delayed(history=8,engine=native)")
