@@ -24,6 +24,7 @@ primitives) keeps its dtypes, with a warning naming it; pallas_call kernels are 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import sys
@@ -91,6 +92,7 @@ class _Ctx:
         self.compute = jax_dtype(policy.compute_dtype)
         self.accumulate = accumulation_dtype(policy.compute_dtype)
         self.upcast = 0  # > 0 inside a float32 composite evaluated from its half-precision trace
+        self.changes = 0  # equations not run as traced: whether a custom_jvp/vjp body is rewritten
 
 
 def _dtype(x):
@@ -172,10 +174,12 @@ def _eval(jaxpr, consts, args, ctx):
         if ctx.upcast:
             outs = _eval_eqn(eqn, invals, ctx)
         elif id(eqn) in sums and _dtype(invals[0]) == ctx.accumulate:
+            ctx.changes += 1
             outs = invals[0]  # the float32 sum stays float32
         elif id(eqn) in means and _is_half(_dtype(invals[0])):
+            ctx.changes += 1
             round_after[means[id(eqn)]] = _dtype(invals[0])
-            outs = _bind_flexible(eqn, [_cast(invals[0], ctx.accumulate)])
+            outs = _bind_flexible(ctx, eqn, [_cast(invals[0], ctx.accumulate)])
         else:
             outs = _eval_eqn(eqn, invals, ctx)
         if id(eqn) in round_after:
@@ -195,8 +199,9 @@ def _bind(eqn, invals):
     return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
 
 
-def _bind_original(eqn, invals):
+def _bind_original(eqn, invals, ctx):
     """The equation as traced: inputs back in their traced dtypes (opaque ops, fallbacks)."""
+    ctx.changes += _changed(eqn, invals)
     return _bind(eqn, [_cast(x, v.aval.dtype) for x, v in zip(invals, eqn.invars)])
 
 
@@ -217,13 +222,14 @@ def _promoted(eqn, invals):
     return [_cast(x, target) if i in floats else x for i, x in enumerate(invals)]
 
 
-def _bind_flexible(eqn, invals):
+def _bind_flexible(ctx, eqn, invals):
     if not _changed(eqn, invals):
         return _bind(eqn, invals)
+    ctx.changes += 1
     try:
         return _bind(eqn, _promoted(eqn, invals))
     except (TypeError, ValueError):
-        return _bind_original(eqn, invals)
+        return _bind_original(eqn, invals, ctx)
 
 
 def _eval_eqn(eqn, invals, ctx):
@@ -236,11 +242,11 @@ def _eval_eqn(eqn, invals, ctx):
     if name in OPMATH_PRIMITIVES:
         return _opmath_primitive(eqn, invals, ctx)
     if name in _OPAQUE_SILENT:
-        return _bind_original(eqn, invals)
+        return _bind_original(eqn, invals, ctx)
     if name in _CALLBACKS or not _is_jax_primitive(eqn.primitive) or _has_subjaxpr(eqn):
         _warn_opaque(name)
-        return _bind_original(eqn, invals)
-    return _bind_flexible(eqn, invals)
+        return _bind_original(eqn, invals, ctx)
+    return _bind_flexible(ctx, eqn, invals)
 
 
 # ----- rules ----------------------------------------------------------------------------
@@ -250,20 +256,22 @@ _UPCAST_BY_JNP = ("reduce_sum", "reduce_prod")  # jnp upcasts half inputs to the
 def _fp32(eqn, invals, ctx):
     """A float32-list op: half inputs upcast, float32 out."""
     if not any(_is_half(_dtype(x)) for x in invals):
-        return _bind_flexible(eqn, invals)
+        return _bind_flexible(ctx, eqn, invals)
     if eqn.primitive.name in _UPCAST_BY_JNP and _is_half(eqn.invars[0].aval.dtype):
-        return _bind_flexible(eqn, invals)  # jnp.sum(x, dtype=half): an explicit dtype is kept
+        return _bind_flexible(ctx, eqn, invals)  # jnp.sum(x, dtype=half): an explicit dtype is kept
+    ctx.changes += 1
     up = [_cast(x, ctx.accumulate) if _is_half(_dtype(x)) else x for x in invals]
-    return _bind_flexible(eqn, up)
+    return _bind_flexible(ctx, eqn, up)
 
 
 def _opmath_primitive(eqn, invals, ctx):
     """An unlisted elementwise op on a half input: float32 inside, one rounding (torch's opmath)."""
     dtypes = {_dtype(x) for x in invals if _is_float(_dtype(x))}
     if len(dtypes) != 1 or not _is_half(next(iter(dtypes))):
-        return _bind_flexible(eqn, invals)
+        return _bind_flexible(ctx, eqn, invals)
     half = next(iter(dtypes))
-    out = _bind_flexible(eqn, [_cast(x, ctx.accumulate) for x in invals])
+    ctx.changes += 1
+    out = _bind_flexible(ctx, eqn, [_cast(x, ctx.accumulate) for x in invals])
     return [_cast(o, half) for o in out] if eqn.primitive.multiple_results else _cast(out, half)
 
 
@@ -285,12 +293,13 @@ def _matmul_out_dtype(eqn, ctx):
 def _dot_general(eqn, invals, ctx):
     lhs, rhs = invals[:2]
     if ctx.upcast or not (_eligible(_dtype(lhs)) and _eligible(_dtype(rhs))):
-        return _bind_flexible(eqn, invals)
+        return _bind_flexible(ctx, eqn, invals)
     out, explicit = _matmul_out_dtype(eqn, ctx)
     lhs, rhs = _cast(lhs, ctx.compute), _cast(rhs, ctx.compute)
     p = eqn.params
     if explicit and not _changed(eqn, [lhs, rhs]):
         return _bind(eqn, [lhs, rhs])  # a dot already in the table's form (Flax layers, ours)
+    ctx.changes += 1
     precision = p.get("precision")
     if p.get("out_sharding") is not None or explicit or not _is_half(ctx.compute):
         kw = {"out_sharding": p["out_sharding"]} if p.get("out_sharding") is not None else {}
@@ -306,11 +315,12 @@ def _dot_general(eqn, invals, ctx):
 def _conv(eqn, invals, ctx):
     lhs, rhs = invals[:2]
     if ctx.upcast or not (_eligible(_dtype(lhs)) and _eligible(_dtype(rhs))):
-        return _bind_flexible(eqn, invals)
+        return _bind_flexible(ctx, eqn, invals)
     out, explicit = _matmul_out_dtype(eqn, ctx)
     lhs, rhs = _cast(lhs, ctx.compute), _cast(rhs, ctx.compute)
     if explicit and not _changed(eqn, [lhs, rhs]):
         return _bind(eqn, [lhs, rhs])
+    ctx.changes += 1
     params = dict(eqn.params, preferred_element_type=ctx.accumulate)
     return _cast(eqn.primitive.bind(lhs, rhs, **params), out)
 
@@ -318,6 +328,7 @@ def _conv(eqn, invals, ctx):
 def _convert(eqn, invals, ctx):
     (x,) = invals
     if ctx.upcast and _is_half(eqn.params["new_dtype"]) and _is_float(_dtype(x)):
+        ctx.changes += 1
         return x  # a rounding JAX's half-precision trace put inside a float32 composite
     return _bind(eqn, [x])
 
@@ -339,6 +350,7 @@ def _jit(eqn, invals, ctx):
 def _upcast_region(closed, invals, ctx, round_to):
     """A composite JAX traced in half precision, evaluated as if traced in float32."""
     up = [_cast(x, ctx.accumulate) if _is_half(_dtype(x)) else x for x in invals]
+    ctx.changes += 1
     ctx.upcast += 1
     try:
         outs = _eval_closed(closed, up, ctx)
@@ -351,6 +363,7 @@ def _promote_region(closed, invals, ctx):
     """A promote-list composite: float inputs at the widest of their dtypes, no other rule."""
     floats = [_dtype(x) for x in invals if _is_float(_dtype(x))]
     widest = functools.reduce(jnp.promote_types, floats) if floats else None
+    ctx.changes += len(set(floats)) > 1
     ctx.upcast += 1  # no matmul rule inside: tensordot of float32 operands stays float32
     try:
         return _eval_closed(closed, [_cast(x, widest) if widest is not None else x for x in invals], ctx)
@@ -359,19 +372,18 @@ def _promote_region(closed, invals, ctx):
 
 
 def _rewrites(closed, invals, ctx) -> bool:
-    """Whether the table changes anything in ``closed`` for these inputs."""
-    try:
-        jaxpr = jax.make_jaxpr(lambda *a: _eval_closed(closed, a, ctx))(*invals)
-    except Exception:  # noqa: BLE001 - judged on its own below
-        return True
-    return [str(e) for e in jaxpr.jaxpr.eqns] != [str(e) for e in closed.jaxpr.eqns] or \
-        [a.dtype for a in jaxpr.out_avals] != [a.dtype for a in closed.out_avals]
+    """Whether the table changes anything in ``closed`` for these inputs (traced abstractly)."""
+    probe = copy.copy(ctx)
+    probe.changes = 0
+    jax.eval_shape(lambda *a: _eval_closed(closed, a, probe), *invals)
+    return probe.changes > 0
 
 
 def _custom_jvp(eqn, invals, ctx):
     closed = eqn.params["call_jaxpr"]
     if not _changed(eqn, invals) and not _rewrites(closed, invals, ctx):
         return _bind(eqn, invals)  # nothing to do inside: keep the call, rule and all
+    ctx.changes += 1
     n_consts = eqn.params["num_consts"]
 
     def primal(*args):
@@ -399,6 +411,7 @@ def _custom_vjp(eqn, invals, ctx):
     closed = eqn.params["call_jaxpr"]
     if not _changed(eqn, invals) and not _rewrites(closed, invals, ctx):
         return _bind(eqn, invals)
+    ctx.changes += 1
 
     def primal(*args):
         return _eval_closed(closed, args, ctx)
