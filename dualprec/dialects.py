@@ -7,6 +7,7 @@ cannot express; ``ignore=("loss_scale", ...)`` drops the named fields knowingly.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from .dtypes import short_dtype
 from .errors import PolicyError
@@ -33,10 +34,16 @@ def _without(p: Policy, ignore) -> Policy:
 
 
 def _refuse(p: Policy, target: str, lost: list[str]) -> None:
-    if lost:
-        raise PolicyError(f"{p} has no {target} equivalent: {target} cannot express {', '.join(lost)}; "
-                          f"pass ignore=({', '.join(repr(x.split('=')[0]) for x in lost)},) to drop "
-                          f"{'it' if len(lost) == 1 else 'them'} knowingly")
+    if not lost:
+        return
+    fields = [f for f in dict.fromkeys(re.split(r"[ =(]", x, maxsplit=1)[0] for x in lost) if f in _FIELDS]
+    fixed = [x for x in lost if re.split(r"[ =(]", x, maxsplit=1)[0] not in _FIELDS]
+    if fixed:  # params/compute combinations: nothing to drop, the target has no such policy
+        hint = f"no ignore= helps with {', '.join(fixed)}"
+    else:
+        hint = (f"pass ignore=({', '.join(repr(f) for f in fields)},) to drop "
+                f"{'it' if len(fields) == 1 else 'them'} knowingly")
+    raise PolicyError(f"{p} has no {target} equivalent: {target} cannot express {', '.join(lost)}; {hint}")
 
 
 def to_jmp_string(p: Policy, *, ignore=()) -> str:

@@ -1,10 +1,15 @@
-"""What each backend will do under a policy, per op class: the text behind `dualprec explain`."""
+"""What each backend will do under a policy, per op class: the text behind `dualprec explain`.
+
+The spec says what a policy means; how each backend carries it out comes from what the
+backend itself registered (`dualprec.registry`): an unregistered path reads "not available
+in this backend"."""
 
 from __future__ import annotations
 
 from .optable import render_table, table_rows
 from .policy import Policy
 from .presets import lookup_preset, preset_name_of
+from .registry import describe
 
 __all__ = ["explain", "op_dtypes"]
 
@@ -63,14 +68,10 @@ def _quant(p: Policy, backend: str) -> str:
     if q.is_4bit:
         what = (f"{q.quant_type.upper()} weights in blocks of {q.blocksize}, fp32 absmax"
                 + (", absmax double-quantized (8-bit, blocks of 256)" if q.double_quant else ""))
-        how = ("bitsandbytes Linear4bit replaces nn.Linear" if backend == "torch"
-               else "dualprec_jax 4-bit Dense: packed uint8 codes, dequantized to the compute dtype, same bits as bitsandbytes")
     else:
         what = (f"LLM.int8 weights (per-row absmax), outlier threshold {q.threshold:g}"
                 + (", fp16 weights trainable" if q.mode == "int8-training" else ", inference only"))
-        how = ("bitsandbytes Linear8bitLt replaces nn.Linear" if backend == "torch"
-               else "dualprec_jax int8 Dense (int8 x int8 -> int32 with the outlier decomposition)")
-    return f"{what}; {how}{skip}"
+    return f"{what}; {describe(backend, f'quantization.{q.mode}', p)}{skip}"
 
 
 def _fp8(p: Policy, backend: str) -> str:
@@ -82,28 +83,23 @@ def _fp8(p: Policy, backend: str) -> str:
         recipe = f"delayed scaling (amax history {f.history_len}, {f.amax_algo}, margin {f.margin}), {fmt}"
     else:
         recipe = f"current scaling (each tensor's own amax), {fmt}"
-    engines = {"torch": {"transformer-engine": "transformer_engine.pytorch layers under fp8_autocast",
-                         "native": "torch._scaled_mm with dualprec's scale state"},
-               "jax": {"transformer-engine": "transformer_engine.jax layers",
-                       "native": "XLA dot_general on fp8 operands with dualprec's scale state"}}[backend]
     if f.engine == "auto":
-        engine = f"engine auto: {engines['transformer-engine']} on a GPU with Transformer Engine, else {engines['native']}"
+        engine = (f"engine auto: {describe(backend, 'fp8.transformer-engine', p)} on a GPU with Transformer "
+                  f"Engine, else {describe(backend, 'fp8.native', p)}")
     else:
-        engine = engines[f.engine]
+        engine = describe(backend, f"fp8.{f.engine}", p)
     return f"{recipe}; {engine}"
 
 
-def _mechanism(p: Policy, backend: str) -> str:
-    if backend == "torch":
-        if p.is_mixed:
-            return (f"torch.autocast(dtype={p.compute_dtype}) around forward and loss: plain on CUDA; on CPU with "
-                    "CUDA autocast's op table (AutocastCPU kernels for the listed ops)")
-        return f"module converted to {p.param_dtype}; default dtype {p.param_dtype} while building the model"
-    text = ("Flax modules intercepted: dot_general with preferred_element_type=float32, fp32 bias, one rounding"
-            if p.compute_dtype in ("bfloat16", "float16") else f"Flax modules run in {p.compute_dtype}")
-    if p.needs_x64:
-        text += "; turns on jax_enable_x64 (JAX computes in 32 bits otherwise)"
-    return text
+def _nonfinite(p: Policy, backend: str) -> str:
+    rule = {"apply": "applied as computed (inf/NaN reach the weights, as in torch without a GradScaler)",
+            "skip": "skipped (parameters and optimizer state unchanged)",
+            "raise": "skipped, then NonFiniteGradientError naming the first such parameter"}[p.nonfinite_rule]
+    return f"steps with inf/NaN gradients: {rule}; {describe(backend, 'nonfinite', p)}"
+
+
+def _reduce(p: Policy, backend: str) -> str:
+    return f"{p.reduce_dtype} (sharded training): {describe(backend, 'reduce', p)}"
 
 
 def explain(p: Policy) -> dict:
@@ -122,13 +118,14 @@ def explain(p: Policy) -> dict:
     }
     for backend in ("torch", "jax"):
         out["backends"][backend] = {
-            "mechanism": _mechanism(p, backend),
+            "mechanism": describe(backend, "mechanism", p),
             "params": _params(p),
             **op_dtypes(p),
             "outputs": f"cast to {p.output_dtype} (integer and complex tensors untouched)",
             "optimizer": _optimizer(p),
-            "gradient reduction": f"{p.reduce_dtype} (sharded training)",
+            "gradient reduction": _reduce(p, backend),
             "loss scaling": _loss_scale(p),
+            "non-finite steps": _nonfinite(p, backend),
             "quantization": _quant(p, backend),
             "fp8": _fp8(p, backend),
         }

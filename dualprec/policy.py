@@ -444,6 +444,28 @@ class Policy:
                 return sub
         return self if not self.overrides else _replace(self, overrides=())
 
+    def unmatched_overrides(self, module_paths) -> list[str]:
+        """The override patterns that match none of ``module_paths`` (dotted paths)."""
+        paths = [p for p in module_paths if p]
+        return [pat for pat, _ in self.overrides if not any(_path_matches(p, pat) for p in paths)]
+
+    def check_overrides_match(self, module_paths, where: str = "setup") -> None:
+        """PolicyError naming each override that matches no module, with the closest paths:
+        a typo in a pattern would otherwise leave that module under the wrong policy."""
+        from .errors import closest
+
+        paths = sorted({p for p in module_paths if p})
+        bad = self.unmatched_overrides(paths)
+        if not bad:
+            return
+        lines = []
+        for pat in bad:
+            near = closest(pat, paths, n=3, cutoff=0.4) or paths[:3]
+            lines.append(f'"@{pat}" (closest module paths: {", ".join(near) if near else "the model has no submodules"})')
+        raise PolicyError(f"{where}: override pattern{'s' if len(bad) > 1 else ''} {'; '.join(lines)} "
+                          f"match{'es' if len(bad) == 1 else ''} no module of this model; fix the pattern "
+                          "(dotted module paths, fnmatch wildcards)")
+
     def quantizes(self, path: str) -> bool:
         q = self.for_module(path).quantization
         return q is not None and not q.skips(path)

@@ -33,12 +33,7 @@ def policy_from_dict(data: Mapping, *, _nested: bool = False) -> Policy:
     if not isinstance(data, Mapping):
         raise PolicyError(f"a policy dict must be a mapping, got {type(data).__name__}")
     if not _nested:
-        version = data.get("schema_version", SCHEMA_VERSION)
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise PolicyError(f"schema_version must be a positive int, got {version!r}")
-        if version > SCHEMA_VERSION:
-            raise PolicyError(f"schema_version {version} was written by a newer dualprec (this one reads "
-                              f"<= {SCHEMA_VERSION}); upgrade dualprec")
+        _check_version(data.get("schema_version", SCHEMA_VERSION))
     _check_keys(data, _TOP_KEYS, "policy")
     kwargs: dict[str, Any] = {}
     for key in ("param_dtype", "compute_dtype", "output_dtype", "reduce_dtype", "master_weights", "nonfinite"):
@@ -64,6 +59,14 @@ def policy_from_dict(data: Mapping, *, _nested: bool = False) -> Policy:
         pairs.append((entry["pattern"], sub))
     kwargs["overrides"] = tuple(pairs)
     return Policy(**kwargs)
+
+
+def _check_version(version) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise PolicyError(f"schema_version must be a positive int, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise PolicyError(f"schema_version {version} was written by a newer dualprec (this one reads "
+                          f"<= {SCHEMA_VERSION}); upgrade dualprec")
 
 
 def component_from_dict(cls, data: Mapping, what: str):
@@ -105,6 +108,8 @@ def _from_document(data: Any, what: str) -> Policy:
     if isinstance(data, Mapping) and "tool" in data and isinstance(data["tool"], Mapping):
         data = data["tool"].get("dualprec", data)
     if isinstance(data, Mapping) and set(data) <= {"policy", "schema_version"} and "policy" in data:
+        if "schema_version" in data:
+            _check_version(data["schema_version"])
         return Policy.parse(data["policy"])
     if isinstance(data, Mapping) and "schema_version" not in data:
         raise PolicyError(f"{what} policy has no schema_version; files written by Policy.save have one "

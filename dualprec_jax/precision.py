@@ -19,7 +19,7 @@ from typing import Any
 import jax
 
 from dualprec import CheckReport, DeviceCaps, Policy, PolicyError
-from dualprec import checkpoint, contract
+from dualprec import checkpoint, contract, registry
 from dualprec.errors import CheckpointError, NonFiniteGradientError, UnsupportedPolicyError
 
 from . import flax_linen, flax_nnx, fp8, quant
@@ -34,6 +34,27 @@ log = logging.getLogger("dualprec_jax")
 
 # precision checkpoints carry the state of these feature modules (see dualprec.checkpoint)
 checkpoint.register_state_extension("jax", "fp8", fp8.state_tensors, fp8.load_state_tensors)
+
+
+def _mechanism(p: Policy) -> str:
+    text = ("Flax modules intercepted: dot_general with preferred_element_type=float32, fp32 bias, one rounding"
+            if p.compute_dtype in ("bfloat16", "float16") else f"Flax modules run in {p.compute_dtype}")
+    if p.needs_x64:
+        text += "; turns on jax_enable_x64 (JAX computes in 32 bits otherwise)"
+    return text
+
+
+# what this backend runs, for `dualprec explain` (see dualprec.registry)
+registry.register("jax", "mechanism", _mechanism)
+registry.register("jax", "loss_scale", "loss-scaled optax wrapper (state in the optimizer state pytree)")
+registry.register("jax", "master_weights", "float32 copies in the optimizer state, rounded back into the params")
+registry.register("jax", "nonfinite", "recorded in the optimizer state; Precision.step / last_step report it")
+registry.register("jax", "reduce", "dualprec_jax.sharding.reduce_gradients inside shard_map")
+for _mode in ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8", "int8-training"):
+    registry.register("jax", f"quantization.{_mode}", "dualprec_jax.quant QuantDense (linen) / QuantLinear (nnx): "
+                      "bitsandbytes' bits, dequantized with float32 accumulation")
+registry.register("jax", "fp8.native", "XLA dot_general on fp8 operands with dualprec's scale state (dualprec_jax.fp8)")
+registry.register("jax", "fp8.transformer-engine", "transformer_engine.jax layers (dualprec_jax.te)")
 
 
 def _unsupported_features(policy: Policy) -> list[str]:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from dualprec import DeviceCaps, Policy, PolicyError
-from dualprec import checkpoint, contract
+from dualprec import checkpoint, contract, registry
 from dualprec.errors import CheckpointError, NonFiniteGradientError, UnsupportedPolicyError
 
 from .caps import device_caps
@@ -59,6 +59,27 @@ LEGACY_FORMAT = "dualprec_torch.Precision"  # version 1: master weights as posit
 # precision checkpoints carry the state of these feature modules (see dualprec.checkpoint)
 checkpoint.register_state_extension("torch", "fp8", fp8.state_tensors, fp8.load_state_tensors)
 checkpoint.register_state_extension("torch", "quant", quant.state_tensors, quant.load_state_tensors)
+
+
+def _mechanism(p: Policy) -> str:
+    if p.is_mixed:
+        return (f"torch.autocast(dtype={p.compute_dtype}) around forward and loss: plain on CUDA; on CPU with "
+                "CUDA autocast's op table (AutocastCPU kernels for the listed ops)")
+    return f"module converted to {p.param_dtype}; default dtype {p.param_dtype} while building the model"
+
+
+# what this backend runs, for `dualprec explain` (see dualprec.registry)
+registry.register("torch", "mechanism", _mechanism)
+registry.register("torch", "loss_scale", "torch.amp.GradScaler's kernels, one decision per iteration")
+registry.register("torch", "master_weights", "float32 copies handed to the optimizer, rounded back into the model")
+registry.register("torch", "nonfinite", "Precision.step returns whether it stepped, last_step() says why")
+registry.register("torch", "reduce", "FSDP2 MixedPrecisionPolicy(reduce_dtype=...) via dualprec_torch.sharding.shard")
+for _mode in ("nf4", "nf4-dq", "fp4", "fp4-dq"):
+    registry.register("torch", f"quantization.{_mode}", "bitsandbytes Linear4bit (dualprec_torch.quant) replaces nn.Linear")
+for _mode in ("int8", "int8-training"):
+    registry.register("torch", f"quantization.{_mode}", "bitsandbytes Linear8bitLt (dualprec_torch.quant) replaces nn.Linear")
+registry.register("torch", "fp8.native", "FP8Linear over torch._scaled_mm with dualprec's scale state (dualprec_torch.fp8)")
+registry.register("torch", "fp8.transformer-engine", "transformer_engine.pytorch layers under fp8_autocast (dualprec_torch.te)")
 
 
 def _check_supported(policy: Policy) -> None:
@@ -159,6 +180,7 @@ class Precision(contract.Precision):
         """Cast ``model`` to the policy in place (per-module overrides included)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"convert_module(model): expected a torch.nn.Module, got {type(model).__name__}")
+        self._policy.check_overrides_match((n for n, _ in model.named_modules()), "dualprec_torch setup")
         self._model_seen = True
         if self._device_type is None:
             first = next(iter(model.parameters()), None)

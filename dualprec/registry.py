@@ -1,0 +1,66 @@
+"""What each backend declares it runs: the capability registry `dualprec explain` reads.
+
+A backend module that implements a path registers it with one line, next to the code::
+
+    registry.register("torch", "quantization.nf4", "bitsandbytes Linear4bit subclasses replace nn.Linear")
+    registry.register("jax", "fp8.native", lambda p: f"fp8 dot_general, history {p.fp8.history_len}")
+
+A description is a string or a function of the Policy.  A feature nobody registered reads
+"not available in this backend", so explain cannot describe a path that does not exist.
+The registrations run when the backend package is imported; `describe` imports the backend
+packages that are installed (and says so for the ones that are not).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+
+from .policy import FP8_ENGINES, QUANT_MODES, Policy
+
+__all__ = ["register", "registered", "describe", "FEATURES", "BACKENDS", "NOT_AVAILABLE"]
+
+NOT_AVAILABLE = "not available in this backend"
+BACKENDS = {"torch": "dualprec_torch", "jax": "dualprec_jax"}
+
+#: every feature a backend may declare; explain asks for these
+FEATURES = (("mechanism", "loss_scale", "master_weights", "nonfinite", "reduce")
+            + tuple(f"quantization.{m}" for m in QUANT_MODES)
+            + tuple(f"fp8.{e}" for e in FP8_ENGINES if e != "auto"))
+
+_REGISTRY: dict[tuple[str, str], str | Callable[[Policy], str]] = {}
+
+
+def register(backend: str, feature: str, description: str | Callable[[Policy], str]) -> None:
+    """Declare that ``backend`` runs ``feature`` (one of `FEATURES`), described for explain."""
+    if backend not in BACKENDS:
+        raise ValueError(f"registry: unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    if feature not in FEATURES:
+        raise ValueError(f"registry: unknown feature {feature!r}; one of {', '.join(FEATURES)}")
+    _REGISTRY[(backend, feature)] = description
+
+
+def _load(backend: str) -> bool:
+    package = BACKENDS[backend]
+    try:
+        if importlib.util.find_spec(package) is None:
+            return False
+        importlib.import_module(package)
+    except ImportError:
+        return False
+    return True
+
+
+def registered(backend: str, feature: str) -> bool:
+    return _load(backend) and (backend, feature) in _REGISTRY
+
+
+def describe(backend: str, feature: str, policy: Policy) -> str:
+    """The backend's own description of ``feature`` under ``policy``, or NOT_AVAILABLE."""
+    if not _load(backend):
+        return f"{BACKENDS[backend]} is not installed here"
+    entry = _REGISTRY.get((backend, feature))
+    if entry is None:
+        return NOT_AVAILABLE
+    return entry(policy) if callable(entry) else entry
