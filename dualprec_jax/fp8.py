@@ -24,6 +24,7 @@ one), so the names and numbers equal the torch backend's.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import warnings
@@ -290,6 +291,25 @@ def max_accumulating(variables):
     return {**variables, FP8_COLLECTION: jax.tree_util.tree_map(conv, variables[FP8_COLLECTION])}
 
 
+_CONVERTED: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+
+
+def _max_dtype_once(value):
+    """A traced state value in the max-accumulating dtype, converted once per value: every
+    call of a reused nnx layer in one trace fans out from the same converted tracer (so its
+    gradients combine with max), and the variable itself keeps its float32 value."""
+    if _FM32 is None or _is_fm32(value) or not isinstance(value, jax.core.Tracer):
+        return value
+    hit = _CONVERTED.get(id(value))
+    if hit is not None and hit[0] is value:
+        return hit[1]
+    out = lax.convert_element_type(value, _FM32)
+    _CONVERTED[id(value)] = (value, out)
+    while len(_CONVERTED) > 512:  # tracers of finished traces: only the newest can recur
+        _CONVERTED.popitem(last=False)
+    return out
+
+
 def split_fp8(variables):
     """(variables without the FP8 state, the FP8 state or {})."""
     rest = {k: v for k, v in variables.items() if k != FP8_COLLECTION}
@@ -385,12 +405,7 @@ try:
             meta = {}
             for k in init_meta(self.fp8_recipe):
                 var = getattr(self, k)
-                value = var.get_value()
-                if _FM32 is not None and not _is_fm32(value) and isinstance(value, jax.core.Tracer):
-                    # Convert once per traced step, so a second call fans out in the max dtype.
-                    value = lax.convert_element_type(value, _FM32)
-                    var.set_value(value)
-                meta[k] = value
+                meta[k] = _max_dtype_once(var.get_value())
             return fp8_dot_general(lhs, rhs, dimension_numbers, meta, self.fp8_recipe)
 
 except ImportError:  # pragma: no cover

@@ -327,3 +327,29 @@ def test_general_dimension_numbers_match_the_qdq_product():
     assert state["fp8.input.scale"].shape == () and len(state) == 6
     assert fp8.state_tensors(fp8.load_state_tensors(v, state)).keys() == state.keys()
     assert prec.apply(model, v, x[0]).shape == (3, 2, 3)
+
+
+class _NnxReused(nnx.Module):
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc1(x) + self.fc1(x * 3.0)
+
+
+def test_nnx_reused_layer_records_max_and_state_keeps_float32():
+    prec = Precision(POLICY)
+    model = prec.setup(_NnxReused(nnx.Rngs(0)))
+    x = jnp.ones((2, 4))
+    nnx.jit(lambda m, x: m(x))(model, x)  # a jitted forward leaves the state's dtype alone
+    assert model.fc1.dot_general.input_scale.get_value().dtype == jnp.float32
+
+    @nnx.jit
+    def grads(model):
+        return nnx.grad(lambda m: jnp.sum(m(x).astype(jnp.float32)),
+                        argnums=nnx.DiffState(0, fp8.Fp8Meta))(model)
+
+    fp8.nnx_apply_fp8_grads(model, grads(model))
+    hist = fp8.state_tensors(model)["fp8.fc1.input.amax_history"]
+    np.testing.assert_array_equal(hist, [3.0, 0.0, 0.0])  # max(1, 3), one roll
+    assert model.fc1.dot_general.input_scale.get_value().dtype == jnp.float32
