@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -46,7 +45,7 @@ from .ops import _einsum_subscripts, _freeze
 __all__ = ["FP8_COLLECTION", "Fp8DotGeneral", "fp8_dot_general", "current_dot_general", "init_meta",
            "next_scale", "quantize", "max_accumulating", "apply_fp8_grads", "split_fp8",
            "state_tensors", "load_state_tensors", "autocast", "engine", "uses_fp8", "recipe_of",
-           "FP8_MODULES", "setup_nnx", "Fp8Meta", "Fp8NnxDot"]
+           "FP8_MODULES", "setup_nnx", "nnx_apply_fp8_grads", "Fp8Meta", "Fp8NnxDot"]
 
 FP8_COLLECTION = "_overwrite_with_gradient"  # Flax's name (TrainState overwrites it)
 _OP_NAME = "fp8"  # the submodule of a Dense that owns its state: <layer>/fp8/<role>_scale

@@ -22,11 +22,6 @@ DIMS = (((1,), (0,)), ((), ()))
 BF16 = ml_dtypes.bfloat16
 
 
-def _bits(a):
-    a = np.asarray(a)
-    return a.view(np.uint8)
-
-
 def _inputs(steps, shape, seed):
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(shape).astype(np.float32) * rng.uniform(0.1, 30) for _ in range(steps)]
