@@ -142,7 +142,7 @@ def _cc(caps: DeviceCaps) -> str:
 
 
 def _any_quant(p: Policy) -> bool:
-    return p.quantization is not None or any(s.quantization is not None for _, s in p.overrides)
+    return any(s.quantization is not None for _, s in p.policies())
 
 
 def _map_all(p: Policy, fn) -> Policy:

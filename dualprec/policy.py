@@ -432,10 +432,8 @@ class Policy:
         return "float64" in self.dtypes()
 
     def dtypes(self) -> set[str]:
-        found = {self.param_dtype, self.compute_dtype, self.output_dtype, self.reduce_dtype}
-        for _, sub in self.overrides:
-            found |= sub.dtypes()
-        return found
+        return {d for _, q in self.policies()
+                for d in (q.param_dtype, q.compute_dtype, q.output_dtype, q.reduce_dtype)}
 
     def for_module(self, path: str) -> Policy:
         """The policy that applies to the module at ``path`` (dotted, e.g. "blocks.0.attn")."""

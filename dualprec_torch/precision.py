@@ -83,7 +83,8 @@ registry.register("torch", "fp8.transformer-engine", "transformer_engine.pytorch
 
 
 def _check_supported(policy: Policy) -> None:
-    for where, p in [("", policy)] + [(f" (override @{pat})", sub) for pat, sub in policy.overrides]:
+    for pat, p in policy.policies():
+        where = f" (override @{pat})" if pat else ""
         if p.is_mixed and p.compute_dtype not in ("bfloat16", "float16"):
             raise UnsupportedPolicyError(
                 f'"{policy}"{where}: params={p.param_dtype} with compute={p.compute_dtype} needs an '

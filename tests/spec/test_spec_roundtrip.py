@@ -155,3 +155,11 @@ def test_nonfinite_is_global_and_checked():
         Policy.parse("bf16-mixed,nonfinite=skp")
     with pytest.raises(PolicyError, match="global"):
         Policy.parse("bf16-mixed,@head=(nonfinite=raise)")
+
+
+def test_policies_lists_the_top_level_policy_then_each_override():
+    p = Policy.parse("bf16-mixed,@head=32-true,@embed=(quant=nf4)")
+    listed = p.policies()
+    assert [pat for pat, _ in listed] == ["", "head", "embed"]
+    assert listed[0][1] == p.replace(overrides=()) and listed[1][1] == p.for_module("head")
+    assert p.dtypes() == {"float32", "bfloat16"}
