@@ -272,7 +272,9 @@ _PROMOTE = [
             note="out of place only: x[i] = v and index_put_ are in-place ops on no list; JAX's "
                  "x.at[i].set(v) is a scatter primitive"),
     OpEntry("scatter_add", "promote", ("scatter_add",), _fn("scatter_add"), ("jax.Array.at[].add",),
-            ("scatter-add", "scatter_add")),
+            ("scatter-add",),
+            note="jnp's x.at[i].add(v) casts v to x's dtype before the primitive: promote from torch "
+                 "needs the cast seen before it"),
     OpEntry("tensordot", "promote", ("tensordot",), ("torch.tensordot",), (JNP + "tensordot",)),
 ]
 

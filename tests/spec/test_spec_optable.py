@@ -90,17 +90,62 @@ def test_table_rows_and_text():
     assert "not applied" in optable.render_table("bf16-true")
 
 
-def test_explain_carries_the_table():
+def test_explain_carries_the_table(capsys):
+    from dualprec.cli import main
+
     info = explain(Policy.parse("bf16-mixed"))
     assert info["op_table"][0]["list"] == "lower"
     json.dumps(info)
     assert "stay bfloat16" in info["backends"]["torch"]["normalization / softmax / loss"]
-    r = subprocess.run([sys.executable, "-m", "dualprec.cli", "explain", "bf16-mixed"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "[fp32]" in r.stdout and "rsqrt" in r.stdout
+    assert main(["explain", "bf16-mixed"]) == 0
+    out = capsys.readouterr().out
+    assert "[fp32]" in out and "rsqrt" in out
 
 
 def test_no_framework_import():
     code = "import sys, dualprec.optable; print('torch' in sys.modules or 'jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
     assert out == "False"
+
+
+def _resolve(name):
+    import importlib
+
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            obj = getattr(obj, part)
+        return obj
+    raise ImportError(name)
+
+
+def test_jax_names_and_primitives_exist():
+    """Every JAX counterpart resolves, every primitive name is one JAX defines."""
+    pytest.importorskip("jax")
+    pytest.importorskip("flax")
+    pytest.importorskip("optax")
+    import sys
+
+    import jax.image  # noqa: F401  (submodules the table names)
+    import jax.scipy.special  # noqa: F401
+    from jax._src import core
+
+    for e in optable.ENTRIES + optable.BANNED:
+        for name in e.jax:
+            if not name.startswith("jax.Array"):
+                _resolve(name)
+    prims = {v.name for m in list(sys.modules.values()) if getattr(m, "__name__", "").startswith("jax")
+             for v in vars(m).values() if isinstance(v, core.Primitive)}
+    missing = [p for e in optable.ENTRIES for p in e.jax_primitives if p not in prims]
+    assert not missing, missing
+
+
+def test_torch_names_exist():
+    pytest.importorskip("torch")
+    for e in optable.ENTRIES + optable.BANNED:
+        for name in e.torch:
+            _resolve(name)
