@@ -15,7 +15,7 @@ __all__ = ["explain", "op_dtypes"]
 
 
 def op_dtypes(p: Policy) -> dict[str, str]:
-    """Dtype of each op class under the op policy of DESIGN.md."""
+    """Dtype of each op class under the op policy (torch's CUDA autocast table, docs/op-table.md)."""
     c = p.compute_dtype
     wide = "float64" if "float64" in (c, p.param_dtype) else "float32"
     matmul = (f"inputs, weight and bias cast to {c}; products accumulated in float32, rounded once to {c}"

@@ -69,7 +69,7 @@ def _number(value: Any, what: str, *, integer: bool = False) -> Any:
 class LossScale:
     """Loss scaling: ``none``, ``static`` (``init_scale`` is the scale) or ``dynamic``.
 
-    Dynamic follows DESIGN.md's one rule (torch.amp.GradScaler's, plus optional clamps):
+    Dynamic follows the one rule of docs/contract.md (torch.amp.GradScaler's, plus optional clamps):
     a step whose scaled gradients are all finite increments a counter and, every
     ``growth_interval`` finite steps, multiplies the scale by ``growth_factor`` (if the
     product is finite); a non-finite step is skipped, multiplies the scale by

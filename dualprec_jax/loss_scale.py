@@ -1,4 +1,4 @@
-"""Loss scaling as an explicit pytree state, with DESIGN.md's one rule (torch.amp.GradScaler's,
+"""Loss scaling as an explicit pytree state, with the one rule of docs/contract.md (torch.amp.GradScaler's,
 plus the optional min/max clamps), exact under jit.
 
 The configuration (a `dualprec.LossScale`) is static Python data and never lives in the

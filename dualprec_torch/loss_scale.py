@@ -1,4 +1,4 @@
-"""Loss scaling in torch: DESIGN.md's one rule, bit for bit torch.amp.GradScaler's.
+"""Loss scaling in torch: the one rule of docs/contract.md, bit for bit torch.amp.GradScaler's.
 
 `LossScaler` holds the state (a float32 scale and an int32 counter, as tensors on the loss's
 device, so nothing syncs until a step is decided) and runs the same kernels GradScaler runs
