@@ -52,7 +52,7 @@ _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # several primitives: the evaluator knows them by the name of the jit JAX puts around them
 # (``log_softmax``, ``silu``, ``norm``) or that autocast puts around them while tracing
 # (`_MARKED`: softmax, gelu, logsumexp, jnp.sum... which JAX inlines).
-_MARKABLE_MODULES = ("jax.nn.", "jax.numpy.", "jax.scipy.special.", "optax.")
+_MARKABLE_MODULES = ("jax.nn.", "jax.numpy.", "jax.scipy.special.", "jax.image.", "optax.")
 
 
 def _jax_callables(lst: str) -> dict[str, str]:
@@ -71,7 +71,12 @@ _ACTIVATIONS = ("gelu", "silu", "swish", "sigmoid", "elu", "leaky_relu", "mish",
                 "hard_swish", "hard_sigmoid", "celu", "selu", "log_sigmoid", "relu6", "hard_tanh", "glu")
 _OPMATH_CALLABLES = {**{f"jax.nn.{n}": n for n in _ACTIVATIONS},
                      **{f"jax.numpy.{n}": n for n in ("mean", "var", "std")}}
-_MARKED = {**{k: (v, "fp32") for k, v in _jax_callables("fp32").items()},
+# fp32-list functions with a dtype= argument: an explicit dtype is kept (torch too), so a call
+# with one is marked to be left alone.
+_DTYPE_KEPT = {name: name.rsplit(".", 1)[1] for e in optable.FP32 if e.respects_dtype for name in e.jax
+               if name.startswith("jax.numpy.")}
+_MARKED = {**{k: (v, "dtype") for k, v in _DTYPE_KEPT.items()},
+           **{k: (v, "fp32") for k, v in _jax_callables("fp32").items()},
            **{k: (v, "promote") for k, v in _jax_callables("promote").items()},
            **{k: (v, "opmath") for k, v in _OPMATH_CALLABLES.items()}}
 FP32_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "fp32") | {"_softmax", "_log_softmax"}
@@ -250,15 +255,10 @@ def _eval_eqn(eqn, invals, ctx):
 
 
 # ----- rules ----------------------------------------------------------------------------
-_UPCAST_BY_JNP = ("reduce_sum", "reduce_prod")  # jnp upcasts half inputs to these unless told
-
-
 def _fp32(eqn, invals, ctx):
     """A float32-list op: half inputs upcast, float32 out."""
     if not any(_is_half(_dtype(x)) for x in invals):
         return _bind_flexible(ctx, eqn, invals)
-    if eqn.primitive.name in _UPCAST_BY_JNP and _is_half(eqn.invars[0].aval.dtype):
-        return _bind_flexible(ctx, eqn, invals)  # jnp.sum(x, dtype=half): an explicit dtype is kept
     ctx.changes += 1
     up = [_cast(x, ctx.accumulate) if _is_half(_dtype(x)) else x for x in invals]
     return _bind_flexible(ctx, eqn, up)
@@ -554,6 +554,8 @@ def _marked(name, fn, kind):
         if not (hasattr(x, "dtype") and hasattr(x, "shape") and _is_float(jnp.dtype(x.dtype))):
             return fn(x, *args, **kwargs)
         explicit = kwargs.get("dtype") is not None  # an explicit dtype= is kept (torch too)
+        if kind == "dtype" and not explicit:
+            return fn(x, *args, **kwargs)  # the primitive rules see it (jnp.sum -> reduce_sum)
 
         def body(x):
             if kind == "promote" or explicit:

@@ -359,3 +359,62 @@ def test_precision_autocast_runs_nnx_models(xw):
     assert out.dtype == BF16  # exp -> float32, then the hand-written matmul -> bfloat16
     grads = nnx.grad(lambda m, x: prec.autocast(lambda x: m(x))(x).astype(F32).sum())(model, xw[0])
     assert grads.fc.kernel[...].dtype == F32
+
+
+# ----- every JAX callable of the op table ----------------------------------------------------
+_H = (4, 4)
+_SPECIAL_CALLS = {  # callables that do not take (h,) or (h, h)
+    "jax.lax.conv_general_dilated": lambda f, h: f(h[None, None], h[None, None], (1, 1), "SAME"),
+    "jax.lax.conv": lambda f, h: f(h[None, None], h[None, None], (1, 1), "SAME"),
+    "jax.lax.conv_with_general_padding": lambda f, h: f(h[None, None], h[None, None], (1, 1), "SAME", None, None),
+    "jax.lax.conv_transpose": lambda f, h: f(h[None, None], h[None, None], (1, 1), "SAME",
+                                              dimension_numbers=("NCHW", "OIHW", "NCHW")),
+    "jax.numpy.convolve": lambda f, h: f(h[0], h[1]),
+    "jax.lax.dot_general": lambda f, h: f(h, h, (((1,), (0,)), ((), ()))),
+    "jax.numpy.einsum": lambda f, h: f("ij,jk->ik", h, h),
+    "jax.numpy.linalg.multi_dot": lambda f, h: f([h, h, h]),
+    "jax.nn.dot_product_attention": lambda f, h: f(h[None, :, None], h[None, :, None], h[None, :, None]),
+    "jax.lax.integer_pow": lambda f, h: f(h, 2),
+    "jax.lax.reduce_sum": lambda f, h: f(h, (0,)),
+    "jax.image.resize": lambda f, h: f(h, (8, 8), "linear"),
+    "optax.softmax_cross_entropy_with_integer_labels": lambda f, h: f(h, jnp.zeros(4, jnp.int32)),
+    "jax.numpy.cross": lambda f, h: f(h[:, :3], h[:, :3]),
+}
+
+
+def _table_callables():
+    from dualprec import optable
+
+    for e in optable.ENTRIES:
+        for name in e.jax:
+            if name.startswith("flax.") or "[" in name or name.startswith("jax.Array."):
+                continue  # Flax layers: the interceptor (tested with Precision); methods: via jnp
+            yield e, name
+
+
+def _call(name, h):
+    import importlib
+
+    mod_name, attr = name.rsplit(".", 1)
+    mod = importlib.import_module(mod_name)
+    f = getattr(mod, attr)  # looked up at call time, as user code does
+    if name in _SPECIAL_CALLS:
+        return _SPECIAL_CALLS[name](f, h)
+    try:
+        return f(h)
+    except TypeError:
+        return f(h, h)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_table_callable_has_the_tables_dtype(policy):
+    from dualprec import optable
+
+    h = jnp.linspace(0.1, 0.9, 16).reshape(_H).astype(POLICIES[policy])
+    wrong = {}
+    for e, name in _table_callables():
+        out = jax.eval_shape(autocast(lambda h: _call(name, h), policy), h)
+        want = optable.dtype_of(e, policy, [jnp.dtype(POLICIES[policy]).name])
+        if jnp.dtype(out.dtype).name != want:
+            wrong[name] = (jnp.dtype(out.dtype).name, want)
+    assert not wrong, wrong
