@@ -96,8 +96,8 @@ def test_train_state_skips_the_overflow_backs_off_and_equals_the_plain_loop():
 
 
 def test_master_weights_and_nonfinite_raise():
-    prec, model, params = _setup("params=float16,compute=float16,output=float32,loss_scale=dynamic(init=1024),master=true,"
-                                 "nonfinite=raise")
+    prec, model, params = _setup("params=float16,compute=float16,output=float32,loss_scale=dynamic(init=1024),"
+                                 "master=true,nonfinite=raise")
     state = _train_state(prec, model, params, optax.sgd(0.1))
     assert state.opt_state.master["hidden"]["kernel"].dtype == jnp.float32
     step = _make_step(prec, model)
