@@ -192,7 +192,16 @@ class Precision(contract.Precision):
 
     def apply(self, model, variables, *args, **kwargs):
         """``model.apply`` under the op policy, outputs in the output dtype.  Inputs are passed
-        as given (autocast semantics); call ``convert_input`` for jmp-style input casts."""
+        as given (autocast semantics); call ``convert_input`` for jmp-style input casts.
+
+        An nnx model (after `setup`) has no variables to pass: ``prec.apply(model, x)`` calls
+        ``model(x)`` and casts the outputs to the output dtype, as linen's path does (calling
+        the nnx model directly returns its compute dtype)."""
+        from flax import nnx
+
+        if isinstance(model, nnx.Module):
+            with self.autocast():
+                return self.convert_output(model(variables, *args, **kwargs))
         with self.autocast():
             out = model.apply(fp8.max_accumulating(variables), *args, **kwargs)
         if kwargs.get("mutable"):

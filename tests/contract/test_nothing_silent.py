@@ -69,3 +69,20 @@ def test_to_keras_of_bf16_mixed_names_an_ignore_that_works():
         Policy.parse("bf16-mixed").to_keras()
     assert Policy.parse("bf16-mixed").to_keras(ignore=("output_dtype",)) == "mixed_bfloat16"
     assert Policy.parse("mixed_bfloat16").to_keras() == "mixed_bfloat16"
+
+
+def test_nnx_apply_casts_outputs_like_linen():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.fc = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.fc(x)
+
+    prec = dualprec_jax.Precision("16-mixed")
+    model = prec.setup(Net())
+    assert prec.apply(model, jnp.ones((1, 3))).dtype == jnp.float32
+    linen = prec.apply(Head(), prec.init(Head(), jax.random.PRNGKey(0), jnp.ones((1, 3))), jnp.ones((1, 3)))
+    assert linen.dtype == jnp.float32
