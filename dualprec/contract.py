@@ -137,7 +137,8 @@ FRAMEWORK_SPECIFIC: dict[str, dict[str, str]] = {
         "cast_to_output": "jmp's pytree cast (convert_output is the shared name)",
         "to_jmp": "export to a jmp.Policy, a JAX library",
         "init": "linen's functional model.init; torch modules initialise when built (init_module)",
-        "apply": "linen's functional model.apply; a torch module is called directly",
+        "apply": "linen's functional model.apply (nnx: the call plus the output cast); a torch module "
+                 "is called directly, convert_output casts its outputs",
         "wrap_optimizer": "optax transformations are values to wrap; torch optimizers are adopted by setup",
         "device_caps": "JAX's device_caps(device) helper, kept as a static method for jmp-style use",
     },

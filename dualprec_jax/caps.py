@@ -12,8 +12,11 @@ __all__ = ["device_caps"]
 
 
 def _platform(device) -> str:
+    if device.platform in ("cpu", "tpu", "cuda", "rocm"):
+        return device.platform
     if device.platform != "gpu":
-        return device.platform if device.platform in ("cpu", "tpu") else "cpu"
+        raise ValueError(f"device_caps: no capability table for JAX platform {device.platform!r} "
+                         f"({device}); dualprec knows cpu, gpu (CUDA/ROCm) and tpu")
     version = str(getattr(device.client, "platform_version", "")).lower()
     return "rocm" if "rocm" in version or "hip" in version else "cuda"
 

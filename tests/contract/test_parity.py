@@ -65,3 +65,13 @@ def test_one_unsupported_error_and_unknown_devices_raise(side):
     assert dualprec_torch.UnsupportedPolicyError is dualprec_jax.UnsupportedPolicyError is UnsupportedPolicyError
     with pytest.raises(ValueError, match="device"):
         BACKENDS[side]("32-true", device="no-such-device")
+
+
+def test_an_unknown_jax_platform_is_refused_not_taken_for_cpu():
+    import dualprec_jax
+
+    class Metal:
+        platform = "METAL"
+
+    with pytest.raises(ValueError, match="METAL"):
+        dualprec_jax.device_caps(Metal())
