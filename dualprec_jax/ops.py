@@ -1,9 +1,11 @@
-"""The op policy of DESIGN.md as JAX functions, shared by the linen and nnx interceptors.
+"""The op policy as JAX functions, shared by the linen and nnx interceptors and by
+`dualprec_jax.autocast`.
 
 Matmul-like ops take compute-dtype operands, accumulate in float32 (``preferred_element_type``)
 and are rounded to the compute dtype once, after the bias is added in float32: the numbers
 torch autocast gives on CPU.  Normalisations and softmax run in float32 (float64 under a
-float64 policy).
+float64 policy).  `torch_activation` is torch's activation formulas in float32, with which
+autocast computes half-precision activations as torch's kernels do (one rounding).
 """
 
 from __future__ import annotations

@@ -418,3 +418,17 @@ def test_every_table_callable_has_the_tables_dtype(policy):
         if jnp.dtype(out.dtype).name != want:
             wrong[name] = (jnp.dtype(out.dtype).name, want)
     assert not wrong, wrong
+
+
+def test_pallas_call_is_left_alone():
+    from jax.experimental import pallas as pl
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = jnp.exp(x_ref[...])  # a kernel's dtypes are its author's
+
+    x = jnp.ones((8, 128), BF16)
+    f = lambda x: pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=True)(x)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AutocastWarning)
+        out = jax.eval_shape(autocast(f, "bf16-mixed"), x)
+    assert out.dtype == BF16
