@@ -203,3 +203,21 @@ def test_the_precision_checkpoint_file_round_trips_the_train_state(tmp_path):
     a, _ = _run(step, resumed, data[3:], start=3)
     b, _ = _run(step, state, data[3:], start=3)
     assert_bitwise_equal((a.params, a.opt_state, a.step), (b.params, b.opt_state, b.step))
+
+
+def test_the_loss_scale_crosses_to_and_from_torch_through_the_file(tmp_path):
+    torch = pytest.importorskip("torch")
+    from dualprec_torch import Precision as TorchPrecision
+
+    prec, model, params = _setup()
+    state, _ = _run(_make_step(prec, model), _train_state(prec, model, params, optax.sgd(0.1)), _data())
+    checkpoint.save_state(tmp_path / "jax.safetensors", state.precision_state_dict())
+    torch_prec = TorchPrecision(POLICY, device="cpu")
+    torch_prec.setup(torch.nn.Sequential(torch.nn.Linear(4, 1)))
+    torch_prec.load_state_dict(checkpoint.load_state(tmp_path / "jax.safetensors"))
+    assert torch_prec.state_dict()["loss_scale"] == {"scale": BACKED_OFF, "counter": 1}
+
+    checkpoint.save_state(tmp_path / "torch.safetensors", torch_prec.state_dict())
+    back = _train_state(prec, model, params, optax.sgd(0.1)).load_precision_state_dict(
+        checkpoint.load_state(tmp_path / "torch.safetensors"))
+    assert float(back.loss_scale) == BACKED_OFF and int(back.opt_state.loss_scale.counter) == 1
