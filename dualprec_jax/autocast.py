@@ -100,7 +100,7 @@ class _Ctx:
 
 
 def _dtype(x):
-    return jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
+    return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)  # PRNG keys: extended dtypes
 
 
 def _is_float(dtype) -> bool:
@@ -108,7 +108,7 @@ def _is_float(dtype) -> bool:
 
 
 def _is_half(dtype) -> bool:
-    return jnp.dtype(dtype) in _HALF
+    return _is_float(dtype) and jnp.dtype(dtype) in _HALF
 
 
 def _cast(x, dtype):
@@ -210,7 +210,7 @@ def _bind_original(eqn, invals, ctx):
 
 
 def _changed(eqn, invals) -> bool:
-    return any(_dtype(x) != jnp.dtype(v.aval.dtype) for x, v in zip(invals, eqn.invars)
+    return any(_dtype(x) != v.aval.dtype for x, v in zip(invals, eqn.invars)
                if hasattr(v.aval, "dtype"))
 
 
@@ -247,8 +247,11 @@ def _eval_eqn(eqn, invals, ctx):
         return _opmath_primitive(eqn, invals, ctx)
     if name in _OPAQUE_SILENT:
         return _bind_original(eqn, invals, ctx)
-    if name in _CALLBACKS or not _is_jax_primitive(eqn.primitive) or _has_subjaxpr(eqn):
+    if name in _CALLBACKS or not _is_jax_primitive(eqn.primitive):
         _warn_opaque(name)
+        return _bind_original(eqn, invals, ctx)
+    if _has_subjaxpr(eqn):
+        # scatter/reduce/reduce_window carry a combiner traced for their dtypes: run as traced
         return _bind_original(eqn, invals, ctx)
     return _bind_flexible(ctx, eqn, invals)
 
@@ -550,7 +553,7 @@ def _marked(name, fn, kind):
 
     @functools.wraps(fn)
     def wrapper(x, *args, **kwargs):
-        if not (hasattr(x, "dtype") and hasattr(x, "shape") and _is_float(jnp.dtype(x.dtype))):
+        if not (hasattr(x, "dtype") and hasattr(x, "shape") and _is_float(x.dtype)):
             return fn(x, *args, **kwargs)
         explicit = kwargs.get("dtype") is not None  # an explicit dtype= is kept (torch too)
         if kind == "dtype" and not explicit:

@@ -432,3 +432,18 @@ def test_pallas_call_is_left_alone():
         warnings.simplefilter("error", AutocastWarning)
         out = jax.eval_shape(autocast(f, "bf16-mixed"), x)
     assert out.dtype == BF16
+
+
+def test_prng_keys_scatter_and_integer_ops(xw):
+    x, w = xw
+
+    def f(key, x, w):
+        h = x @ w
+        h = jnp.where(jax.random.bernoulli(key, 0.9, h.shape), h / 0.9, 0)
+        idx = jnp.argmax(h, -1)
+        return h.at[0].add(jnp.exp(h[1])), idx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AutocastWarning)
+        g, idx = jax.eval_shape(autocast(f, "bf16-mixed"), jax.random.key(0), x, w)
+    assert g.dtype == F32 and idx.dtype == jnp.int32
