@@ -1,5 +1,5 @@
 """Step time of the hand-written torch.autocast (+ GradScaler) loop against the same loop
-through `dualprec_torch.Precision`, on the 4-block MLP of shared/device/README.md.
+through `dualprec_torch.Precision`, on the 4-block MLP of the H200 reference workload (bench/workloads.py).
 
 `run_gpu_torch()` is the GPU section the device script calls (bf16-mixed and 16-mixed,
 eager and torch.compile); every size is a parameter so it also runs on CPU with tiny sizes.

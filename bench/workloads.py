@@ -1,6 +1,6 @@
 """The named benchmark workloads and the policies they run under, in both backends.
 
-The workload is DESIGN's 4-block MLP (LayerNorm -> Linear(d, h) -> GELU -> Linear(h, d),
+The workload is the H200 reference 4-block MLP (LayerNorm -> Linear(d, h) -> GELU -> Linear(h, d),
 residual) trained with AdamW on loss = mean(y^2), at GPU size (537M parameters, 16384
 tokens) and at sizes that run on a 2-core CPU.  Each policy has a hand-written baseline per
 backend (torch.autocast + GradScaler; Flax dtype/param_dtype + jmp) and, where dualprec
@@ -58,7 +58,7 @@ class MLPConfig:
 
 
 WORKLOADS = {
-    # the H200 reference workload (shared/device/README.md)
+    # the H200 reference workload (537M parameters)
     "mlp-gpu": MLPConfig("mlp-gpu", 4096, 16384, 4, 16384),
     # about 2M parameters: a training step takes ~0.1 s on 2 CPU cores
     "mlp-cpu": MLPConfig("mlp-cpu", 256, 1024, 4, 512),

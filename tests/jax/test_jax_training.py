@@ -35,7 +35,7 @@ def _jmp_scale(policy: Policy):
     ls = policy.loss_scale
     if ls.kind == "none":
         return jmp.NoOpLossScale()
-    # Where jmp's rule coincides with DESIGN.md's: factor 2 both ways, no overflow of the scale.
+    # Where jmp's rule coincides with ours (docs/contract.md): factor 2 both ways, no overflow of the scale.
     assert ls.growth_factor == 2.0 and ls.backoff_factor == 0.5
     return jmp.DynamicLossScale(jnp.float32(ls.init_scale), period=ls.growth_interval)
 
