@@ -1,5 +1,5 @@
 """Training step speed of bf16-mixed through dualprec_jax.Precision against the same model
-written by hand in Flax (dtype=bf16, param_dtype=float32), on the DESIGN workload: residual
+written by hand in Flax (dtype=bf16, param_dtype=float32), on the H200 reference workload: residual
 blocks of LayerNorm -> Dense(d, 4d) -> GELU -> Dense(4d, d), AdamW, loss = mean(y^2).
 
 ``measure(...)`` is called by the lead's device script (full sizes, H200) and by
