@@ -86,7 +86,6 @@ def main() -> None:
     model.eval()
     with torch.no_grad(), precision.autocast():
         probe = precision.convert_output(model(precision.convert_input(torch.from_numpy(eval_batch())))).float()
-    model.train()  # bitsandbytes' CPU eval path repacks 4-bit weights; the state dict is read in train mode
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors[EVAL_KEY] = probe.contiguous()
     save_file(tensors, args.save, metadata={"policy": str(policy), "lora": json.dumps({"rank": RANK, "scale": SCALE})})

@@ -221,3 +221,19 @@ def test_the_loss_scale_crosses_to_and_from_torch_through_the_file(tmp_path):
     back = _train_state(prec, model, params, optax.sgd(0.1)).load_precision_state_dict(
         checkpoint.load_state(tmp_path / "torch.safetensors"))
     assert float(back.loss_scale) == BACKED_OFF and int(back.opt_state.loss_scale.counter) == 1
+
+
+def test_the_snippets_of_docs_flax_md_run(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "flax.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile("\n".join(blocks), "docs/flax.md", "exec"), namespace)  # in order, as a reader would
+    state = namespace["state"]
+    assert state.last_step().outcome == "skipped" and float(state.loss_scale) == 2.0 ** 15  # as the page says
+    assert int(namespace["restored"].step) == int(state.step) == 0
+    assert float(namespace["restored"].loss_scale) == float(namespace["again"].loss_scale) == 2.0 ** 15
