@@ -348,3 +348,16 @@ def test_nnx_reused_layer_records_max_and_state_keeps_float32():
     hist = fp8.state_tensors(model)["fp8.fc1.input.amax_history"]
     np.testing.assert_array_equal(hist, [3.0, 0.0, 0.0])  # max(1, 3), one roll
     assert model.fc1.dot_general.input_scale.get_value().dtype == jnp.float32
+
+
+def test_fp8_dense_inside_precision_autocast_of_a_function():
+    prec = Precision(POLICY)
+    model = _OneDense()
+    x = np.random.default_rng(10).standard_normal((8, 16)).astype(np.float32)
+    v = prec.init(model, jax.random.PRNGKey(0), x)
+    loss = prec.autocast(lambda v, x: jnp.sum(model.apply(v, x).astype(jnp.float32)))
+    g = jax.jit(jax.grad(loss))(v, x)
+    state = fp8.state_tensors(fp8.apply_fp8_grads(v, g))
+    xb = x.astype(BF16).astype(np.float32)
+    assert state["fp8.fc1.input.amax_history"][0] == np.abs(xb).max()
+    assert state["fp8.fc1.grad_output.amax_history"][0] == 1.0
