@@ -109,6 +109,16 @@ def test_master_weights_and_nonfinite_raise():
         skipped.check_step()
 
 
+def test_orbax_precision_items_carry_the_master_weights(tmp_path):
+    prec, model, params = _setup("params=bfloat16,compute=bfloat16,output=float32,master=true")
+    state = _make_step(prec, model)(_train_state(prec, model, params, optax.sgd(0.1)), *_data(1)[0], 0)
+    save_checkpoint(tmp_path / "ckpt", state)
+    fresh = _train_state(prec, model, params, optax.sgd(0.1))
+    only = restore_checkpoint(tmp_path / "ckpt", fresh, precision_only=True)
+    assert_bitwise_equal(only.opt_state.master, state.opt_state.master)  # float32, not the bf16 params
+    assert not jax.tree_util.tree_all(jax.tree.map(jnp.array_equal, only.opt_state.master, fresh.opt_state.master))
+
+
 def test_create_needs_a_precision_and_a_plain_optimizer():
     prec, model, params = _setup()
     with pytest.raises(TypeError, match="precision"):
