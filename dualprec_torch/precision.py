@@ -11,7 +11,7 @@ Worked example (any string `Policy.parse` takes works in place of "16-mixed")::
         optimizer.zero_grad()
         with precision.autocast():
             out = model(precision.convert_input(x))
-            loss = loss_fn(out, y)            # losses, softmax and norms run in float32
+            loss = loss_fn(out, y)            # CUDA autocast's op table, on CPU too
         precision.backward(loss)               # loss * scale, then backward
         precision.unscale_(optimizer)          # optional: to clip the true gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -79,7 +79,7 @@ for _mode in ("nf4", "nf4-dq", "fp4", "fp4-dq"):
 for _mode in ("int8", "int8-training"):
     registry.register("torch", f"quantization.{_mode}", "bitsandbytes Linear8bitLt (dualprec_torch.quant) replaces nn.Linear")
 registry.register("torch", "fp8.native", "FP8Linear over torch._scaled_mm with dualprec's scale state (dualprec_torch.fp8)")
-registry.register("torch", "fp8.transformer-engine", "transformer_engine.pytorch layers under fp8_autocast (dualprec_torch.te)")
+registry.register("torch", "fp8.transformer-engine", "transformer_engine.pytorch layers under te.autocast (fp8_autocast before TE 2.9; dualprec_torch.te)")
 
 
 def _check_supported(policy: Policy) -> None:
@@ -225,9 +225,10 @@ class Precision(contract.Precision):
 
     # ----- forward ----------------------------------------------------------------------
     def autocast(self):
-        """Context for forward and loss: autocast to the compute dtype with float32 norms,
-        softmax, reductions and losses (mixed policies); the compute dtype as default dtype
-        ("-true" policies)."""
+        """Context for forward and loss.  Mixed policies: torch's CUDA autocast op table
+        (plain ``torch.autocast`` on CUDA; on CPU the CUDA lists emulated, so exp, pow,
+        rsqrt, softmax, norms, sums and losses return float32 while mean/var/std stay in
+        the compute dtype).  "-true" policies: the compute dtype as default dtype."""
         return self._explain_dtype_errors(compute_context(self._policy, self.device_type))
 
     @contextlib.contextmanager
