@@ -105,7 +105,8 @@ class TrainState(flax_train_state.TrainState):
             raise TypeError("TrainState.create(..., precision=prec): pass a dualprec_jax.Precision "
                             f"(got {type(precision).__name__})")
         wrapped = precision.wrap_optimizer(tx)
-        return cls(step=0, apply_fn=apply_fn, params=params, tx=wrapped, opt_state=wrapped.init(params),
+        step = jnp.zeros((), jnp.int32)  # an array, not 0: jit traces the first step once, not twice
+        return cls(step=step, apply_fn=apply_fn, params=params, tx=wrapped, opt_state=wrapped.init(params),
                    precision=precision, **kwargs)
 
     @property
@@ -125,7 +126,7 @@ class TrainState(flax_train_state.TrainState):
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
         taken = ~opt_state.skipped if opt_state.skipped is not None else True
-        step = self.step + jnp.where(taken, 1, 0).astype(jnp.asarray(self.step).dtype)
+        step = self.step + jnp.where(taken, 1, 0).astype(jnp.int32)
         return self.replace(step=step, params=params, opt_state=opt_state, **kwargs)
 
     def last_step(self):
