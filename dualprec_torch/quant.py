@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import weakref
 
 import numpy as np
@@ -411,12 +412,18 @@ def _bnb_linear_types():
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, layer) for every bitsandbytes linear layer in ``model``."""
+    """(path, layer) for every bitsandbytes linear layer in ``model``.  Without bitsandbytes
+    imported no such layer can exist: the answer is [] without importing it (seconds, and a
+    warning on CPU), so unquantized runs never pay for it."""
+    if "bitsandbytes" not in sys.modules:
+        return []
     types = _bnb_linear_types()
     return [(path, m) for path, m in model.named_modules() if isinstance(m, types)]
 
 
 def is_quantized(model: nn.Module) -> bool:
+    if "bitsandbytes" not in sys.modules:
+        return False
     try:
         types = _bnb_linear_types()
     except ImportError:
