@@ -19,17 +19,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a policy (preset, grammar string or combination label); repeatable; default: the matrix")
     p.add_argument("--model", action="append", default=None, help="mlp, transformer or cnn; repeatable")
     p.add_argument("--steps", type=int, default=3, help="training steps per trajectory (default 3)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="weights and data seed (default 0, the one the calibration includes)")
     p.add_argument("--full", action="store_true",
                    help="every policy on every model (the default matrix runs the transformer and CNN "
                         "under a few representative policies and float64 on the MLP only)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--report", metavar="DIR", help="write records.json, report.md and plots to DIR")
-    p.add_argument("--failures-only", action="store_true", help="table: show only failed records")
+    p.add_argument("--failures-only", action="store_true", help="--verbose table: only failed records")
+    p.add_argument("--verbose", "-v", action="store_true", help="print every record, not only the matrix")
+    p.add_argument("--mutants", action="store_true",
+                   help="mutation testing: inject each known precision bug, report the kill rate "
+                        "(python -m conformance.mutants --help for its options)")
     return p
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--mutants" in argv:
+        from . import mutants
+
+        return mutants.main([a for a in argv if a != "--mutants"])
     args = build_parser().parse_args(argv)
     from dualprec import PolicyError
 
@@ -53,25 +63,32 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     records = _run(matrix, policies, models, args, full)
     seconds = time.perf_counter() - t0
-    from .report import rich_table, summary_line, write_report
+    from .report import rich_table, summary_line, write_report  # noqa: F401
 
     if args.format == "json":
         print(dumps(records))
     else:
         from rich.console import Console
 
-        shown = [r for r in records if r.status == "fail"] if args.failures_only else records
-        Console().print(rich_table(shown))
-        Console().print(summary_line(records, seconds))
+        from .report import failure_lines, matrix_table
+
+        console = Console()
+        if args.verbose or args.failures_only:
+            shown = [r for r in records if r.failed] if args.failures_only else records
+            console.print(rich_table(shown))
+        console.print(matrix_table(records))
+        for line in failure_lines(records, width=console.width):
+            console.print(line, markup=False, highlight=False, overflow="ellipsis", no_wrap=True)
+        console.print(summary_line(records, seconds))
     if args.report:
         path = write_report(records, args.report, seconds, argv)
         print(f"report: {path}", file=sys.stderr)
-    return EXIT_FAIL if any(r.status == "fail" for r in records) else EXIT_OK
+    return EXIT_FAIL if any(r.failed for r in records) else EXIT_OK
 
 
 def _run(matrix, policies, models, args, full):
     if args.format == "json" or not sys.stderr.isatty():
-        return matrix.run(policies, models, steps=args.steps, full=full)
+        return matrix.run(policies, models, steps=args.steps, full=full, seed=args.seed)
     from rich.progress import Progress
 
     from .backends import default_backends
@@ -80,6 +97,6 @@ def _run(matrix, policies, models, args, full):
     total = len(matrix.selected_jobs(policies, models, full, backends))
     with Progress(transient=True) as bar:
         task = bar.add_task("conformance", total=total)
-        return matrix.run(policies, models, steps=args.steps, full=full, backends=backends,
+        return matrix.run(policies, models, steps=args.steps, full=full, backends=backends, seed=args.seed,
                           progress=lambda job: bar.update(task, advance=1,
                                                           description=f"{job.label} / {job.model}"))

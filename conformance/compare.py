@@ -23,7 +23,7 @@ import numpy as np
 
 from dualprec import Policy
 
-from .checks import Context, check_casts, check_forward, check_grads, check_params, check_training, _guard
+from .checks import Context, _guard, check_casts, check_training, session_checks
 from .backends.base import Optim
 from .records import Record, summary
 from .tolerances import ModelShape
@@ -37,10 +37,10 @@ class Comparison:
 
     @property
     def ok(self) -> bool:
-        return not any(r.status == "fail" for r in self.records)
+        return not any(r.failed for r in self.records)
 
     def failures(self) -> list[Record]:
-        return [r for r in self.records if r.status == "fail"]
+        return [r for r in self.records if r.failed]
 
     def explain(self) -> str:
         lines = [f"{summary(self.records)}"]
@@ -72,11 +72,15 @@ def compare(torch_fn: Any, jax_fn: Any, weight_map: Any, policy: Any, x: np.ndar
     if isinstance(weight_map, WeightMap):
         wm = weight_map
     else:
-        wm = WeightMap.auto({k: v.shape for k, v in weights.items()}, weight_map)
-    x = np.asarray(x, np.float32)
+        kinds = {n: type(m).__name__ for n, m in torch_fn.named_modules() if n}
+        wm = WeightMap.auto({k: v.shape for k, v in weights.items()}, weight_map, kinds)
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.integer):  # token ids pass through uncast
+        x = x.astype(np.float32)
     y = None if targets is None else np.asarray(targets, np.int64)
     spec = ModelSpec(name, tuple(x.shape), 0, estimate_shape(weights), channels_last_in_jax,
-                     build_torch=lambda: copy.deepcopy(torch_fn), build_flax=lambda: jax_fn)
+                     build_torch=lambda: copy.deepcopy(torch_fn), build_flax=lambda: jax_fn,
+                     input_dtype=x.dtype.name, vocab=int(x.max()) + 1 if x.dtype.kind in "iu" else 0)
     if backends is None:
         from .backends import default_backends
 
@@ -89,14 +93,12 @@ def compare(torch_fn: Any, jax_fn: Any, weight_map: Any, policy: Any, x: np.ndar
         return Comparison([ctx.record("compare", "tolerance", "skip", reason="; ".join(reasons))])
     recs = _guard(ctx, ("cast-input", "cast-output"), check_casts, ctx)
 
-    def session_checks():
+    def pair_checks():
         sa, sb = ctx.sessions(Optim("sgd", lr))
-        out = check_params(ctx, sa, sb) + _guard(ctx, ("forward",), check_forward, ctx, sa, sb)
-        if y is not None:
-            out += _guard(ctx, ("gradients",), check_grads, ctx, sa, sb)
-        return out
+        return session_checks(ctx, sa, sb, with_grads=y is not None)
 
-    recs += _guard(ctx, ("param-dtypes", "param-values", "forward", "gradients"), session_checks)
+    recs += _guard(ctx, ("param-dtypes", "param-values", "dtype-flow", "forward", "layers", "gradients"),
+                   pair_checks)
     if y is not None and steps > 0:
         recs += _guard(ctx, ("train-loss", "train-params"), check_training, ctx)
     return Comparison(recs)

@@ -105,3 +105,50 @@ def first_bit_difference(a, b) -> str:
         return "equal"
     i = int(np.argmax(differs))
     return f"{n}/{af.size} elements differ; first at flat index {i}: {af[i]!r} vs {bf[i]!r}"
+
+
+@dataclasses.dataclass
+class Stats:
+    """Agreement of two arrays in units of the ULP of their (narrower) dtype.
+
+    ``max_ulp`` and ``p999_ulp`` measure |got - ref| against the ULP at max(|ref|, mean|ref|)
+    (so a value that cancels to ~0 is judged at the tensor's scale); ``neq_frac`` is the
+    fraction of elements that are not bitwise equal; ``size`` the element count."""
+
+    max_ulp: float
+    p999_ulp: float
+    neq_frac: float
+    max_rel: float
+    size: int
+    dtype: str
+    ok_shape: bool = True
+    nan_mismatch: int = 0
+
+    def to_dict(self) -> dict:
+        return {"max_ulp": self.max_ulp, "p999_ulp": self.p999_ulp, "neq_frac": self.neq_frac,
+                "max_rel": self.max_rel, "size": self.size, "dtype": self.dtype}
+
+
+def narrower(a, b) -> str:
+    names = [dtype_name(a), dtype_name(b)]
+    floats = [n for n in names if n in _MANT]
+    return max(floats, key=lambda n: -_MANT[n]) if floats else "float32"
+
+
+def measure(got, ref) -> Stats:
+    """:class:`Stats` of ``got`` against ``ref`` in ULP of the narrower of their dtypes."""
+    dt = narrower(got, ref)
+    d = diff(got, ref, dt)
+    g = np.asarray(got).astype(np.float64)
+    r = np.asarray(ref).astype(np.float64)
+    if not d.shape_ok:
+        return Stats(np.inf, np.inf, 1.0, np.inf, int(r.size), dt, ok_shape=False)
+    if r.size == 0:
+        return Stats(0.0, 0.0, 0.0, 0.0, 0, dt)
+    fin = np.isfinite(g) & np.isfinite(r)
+    scale = float(np.mean(np.abs(r[fin]))) if fin.any() else 1.0
+    err = np.abs(np.where(fin, g - r, 0.0))
+    u = err / ulp(np.maximum(np.abs(np.where(fin, r, 0.0)), scale or 2.0 ** _MIN_EXP[dt]), dt)
+    same = (g == r) | (np.isnan(g) & np.isnan(r))
+    return Stats(float(u.max()), float(np.quantile(u, 0.999)), float(1.0 - same.mean()), d.max_rel,
+                 int(r.size), dt, True, d.nan_mismatch)

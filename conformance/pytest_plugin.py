@@ -45,7 +45,7 @@ def golden(request):
             gold.save(path, arrays, policy, test=request.node.nodeid, **meta)
             return []
         records = gold.check(path, arrays, policy, shape, model=name)
-        bad = [r for r in records if r.status == "fail"]
+        bad = [r for r in records if r.failed]
         if bad:
             raise GoldenFailure(f"{path}: {len(bad)} of {len(records)} arrays diverge\n"
                                 + "\n".join(f"  {r.reason}" for r in bad[:10]))

@@ -2,7 +2,7 @@
 
 Every check yields records; the CLI prints them, the report renders them, the JSON file is
 a list of them.  A record always says which policy, model and check it is about, which tier
-(bit-exact or tolerance), the status (pass / fail / skip) and why, and the measured error
+(bit-exact or tolerance), the status (pass / fail / error / skip; error: the check raised) and why, and the measured error
 against the tolerance, so a failure can be read without rerunning anything.
 """
 
@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 TIERS = ("bit-exact", "tolerance")
-STATUSES = ("pass", "fail", "skip")
+STATUSES = ("pass", "fail", "error", "skip")
 
 #: Keys every record in the JSON carries, in this order (the documented schema).
 REQUIRED_KEYS = ("policy", "model", "check", "tier", "status", "reason", "max_abs_err",
@@ -52,12 +52,13 @@ class Record:
             raise ValueError(f"tier must be one of {TIERS}, got {self.tier!r}")
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
-        if self.status in ("skip", "fail") and not self.reason:
+        if self.status in ("skip", "fail", "error") and not self.reason:
             raise ValueError(f"a {self.status} record needs a reason ({self.policy}/{self.model}/{self.check})")
 
     @property
     def failed(self) -> bool:
-        return self.status == "fail"
+        """A divergence (fail) or a check that raised (error): either makes a run red."""
+        return self.status in ("fail", "error")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .records import Record, dumps, summary
 
-STATUS_STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow"}
+STATUS_STYLE = {"pass": "green", "fail": "bold red", "error": "bold magenta", "skip": "yellow"}
 
 
 def _fmt(v, spec=".2g"):
@@ -23,7 +23,7 @@ def rich_table(records: list[Record], title: str = "dualprec conformance"):
         t.add_column(col, overflow="fold")
     for r in records:
         note = r.reason if r.status != "pass" else (r.where or "")
-        if r.step is not None and r.status == "fail":
+        if r.step is not None and r.failed:
             note = f"[step {r.step}] {note}"
         t.add_row(r.policy, r.model, r.check, r.tier, f"[{STATUS_STYLE[r.status]}]{r.status}[/]",
                   _fmt(r.max_rel_err), _fmt(r.max_ulp_err, ".3g"), _fmt(r.tolerance), note[:160])
@@ -33,7 +33,79 @@ def rich_table(records: list[Record], title: str = "dualprec conformance"):
 def summary_line(records: list[Record], seconds: float | None = None) -> str:
     s = summary(records)
     tail = f" in {seconds:.1f} s" if seconds is not None else ""
-    return f"{s['pass']} passed, {s['fail']} failed, {s['skip']} skipped{tail}"
+    err = f", {s['error']} errors" if s.get("error") else ""
+    return f"{s['pass']} passed, {s['fail']} failed{err}, {s['skip']} skipped{tail}"
+
+
+def _cells(records: list[Record]):
+    """(policies in order, models in order, {(policy, model): Counter of statuses})."""
+    from collections import Counter
+
+    policies, models, cells = [], [], defaultdict(Counter)
+    for r in records:
+        if r.policy not in policies:
+            policies.append(r.policy)
+        if r.model not in models:
+            models.append(r.model)
+        cells[(r.policy, r.model)][r.status] += 1
+    return policies, models, cells
+
+
+def _cell_text(c) -> str:
+    if not c:
+        return "[dim]·[/]"
+    parts = []
+    if c["pass"]:
+        parts.append(f"[green]{c['pass']} ok[/]")
+    if c["fail"]:
+        parts.append(f"[bold red]{c['fail']} FAIL[/]")
+    if c["error"]:
+        parts.append(f"[bold magenta]{c['error']} ERR[/]")
+    if c["skip"] and not (c["pass"] or c["fail"] or c["error"]):
+        parts.append(f"[yellow]skip[/]")
+    elif c["skip"]:
+        parts.append(f"[yellow]{c['skip']} s[/]")
+    return " ".join(parts)
+
+
+def matrix_table(records: list[Record], title: str = "conformance checks: policy x model"):
+    """The policy x model matrix: per cell the count of passed / failed / errored checks
+    (a cell that only skips says "skip"; "·" where the lean matrix does not run the pair)."""
+    from rich import box
+    from rich.table import Table
+
+    policies, models, cells = _cells(records)
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    t.add_column("policy", no_wrap=True)
+    for m in models:
+        t.add_column(m, no_wrap=True)
+    for p in policies:
+        t.add_row(p, *(_cell_text(cells.get((p, m))) for m in models))
+    return t
+
+
+def failure_lines(records: list[Record], limit: int = 12, width: int = 78) -> list[str]:
+    """One line per failed/errored record (policy/model/check, where, step, why), then one
+    line per distinct skip reason; at most ``limit`` failure lines."""
+    bad = [r for r in records if r.failed]
+    lines = []
+    for r in bad[:limit]:
+        where = f" at {r.where}" if r.where else ""
+        step = f" step {r.step}" if r.step is not None else ""
+        head = f"{r.status.upper()} {r.policy}/{r.model}/{r.check}{where}{step}: "
+        lines.append((head + r.reason)[: width * 2])
+    if len(bad) > limit:
+        lines.append(f"... and {len(bad) - limit} more (--verbose, or the report, lists every record)")
+    skips = defaultdict(set)
+    for r in records:
+        if r.status == "skip":
+            skips[r.reason.split(": ", 1)[-1][:90]].add(r.policy)
+    if skips:
+        lines.append(f"skipped (cannot run here): {sum(len(v) for v in skips.values())} policy cells, e.g.")
+        for reason, ps in list(skips.items())[:3]:
+            names = ", ".join(sorted(ps)[:3]) + (" ..." if len(ps) > 3 else "")
+            lines.append(f"  {names}: {reason}"[: width * 2])
+    return lines
 
 
 def markdown_table(records: list[Record]) -> str:
@@ -84,16 +156,117 @@ def _plot_training(records: list[Record], out: Path) -> list[str]:
     return files
 
 
+def _plot_heatmap(records: list[Record], out: Path) -> str | None:
+    """The policy x model matrix as a heat map: share of checks that pass (grey: all skipped,
+    white: not run), failures and errors counted in the cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    policies, models, cells = _cells(records)
+    if not policies:
+        return None
+    grid = np.full((len(policies), len(models)), np.nan)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(models), 0.8 + 0.28 * len(policies)))
+    for i, p in enumerate(policies):
+        for j, m in enumerate(models):
+            c = cells.get((p, m))
+            if not c:
+                continue
+            ran = c["pass"] + c["fail"] + c["error"]
+            if ran:
+                grid[i, j] = c["pass"] / ran
+                bad = c["fail"] + c["error"]
+                ax.text(j, i, f"{c['pass']}" + (f"/{bad}!" if bad else ""), ha="center", va="center", fontsize=7)
+            else:
+                ax.text(j, i, "skip", ha="center", va="center", fontsize=6, color="0.4")
+    ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(models)), models)
+    ax.set_yticks(range(len(policies)), policies, fontsize=7)
+    ax.set_title("share of checks passing (n passed / n failed!)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "heatmap.png", dpi=80)
+    plt.close(fig)
+    return "heatmap.png"
+
+
+def _plot_layers(records: list[Record], out: Path) -> list[str]:
+    """Per model: the layer-isolated ULP distance of each layer under each policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_model = defaultdict(list)
+    for r in records:
+        if r.check == "layers" and r.detail.get("per_tensor"):
+            by_model[r.model].append(r)
+    files = []
+    for model, recs in by_model.items():
+        layers = list(dict.fromkeys(n for r in recs for n in r.detail["per_tensor"]))
+        fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(layers) + 2), 3.2))
+        for r in recs:
+            ys = [max(r.detail["per_tensor"].get(n, {}).get("max_ulp", 0.0), 0.01) for n in layers]
+            ax.semilogy(range(len(layers)), ys, "o-", label=r.policy, ms=3)
+        ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=7)
+        ax.set(title=f"{model}: layer-isolated divergence", ylabel="max ULP (own dtype)")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        name = f"layers_{model}.png"
+        fig.savefig(out / name, dpi=80)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+TABLE_CHECKS = ("layers", "forward", "gradients", "train-params")
+
+
+def tolerance_table(records: list[Record]) -> str:
+    """Markdown: per policy and tolerance check, the worst measured ULP distance (in each
+    tensor's own dtype) against its calibrated tolerance, and the bitwise-equal fraction of
+    all compared elements (over the models the policy ran on)."""
+    rows = defaultdict(dict)
+    for r in records:
+        if r.check not in TABLE_CHECKS or r.status not in ("pass", "fail") or not r.detail.get("per_tensor"):
+            continue
+        cell = rows[r.policy].setdefault(r.check, {"ulp": 0.0, "tol": None, "eq": 0.0, "n": 0})
+        for st in r.detail["per_tensor"].values():
+            if st["max_ulp"] >= cell["ulp"]:
+                cell["ulp"], cell["tol"] = st["max_ulp"], st.get("tol_ulp")
+            cell["eq"] += st["size"] * (1 - st["neq_frac"])
+            cell["n"] += st["size"]
+    head = "| policy | " + " | ".join(f"{c}: max ULP / tol, bitwise =" for c in TABLE_CHECKS) + " |"
+    lines = [head, "|---" * (len(TABLE_CHECKS) + 1) + "|"]
+    for policy, cells in rows.items():
+        out = []
+        for c in TABLE_CHECKS:
+            x = cells.get(c)
+            if not x:
+                out.append("")
+                continue
+            tol = "uncal." if x["tol"] is None else f"{x['tol']:.3g}"
+            out.append(f"{x['ulp']:.3g} / {tol}, {x['eq'] / max(x['n'], 1):.1%}")
+        lines.append(f"| {policy} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
 def write_report(records: list[Record], directory, seconds: float | None = None, argv=None) -> Path:
     """Write records.json, report.md and the plots into ``directory``; return report.md's path."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / "records.json").write_text(dumps(records))
     plots = _plot_training(records, out)
-    fails = [r for r in records if r.status == "fail"]
+    heat = _plot_heatmap(records, out)
+    layer_plots = _plot_layers(records, out)
+    fails = [r for r in records if r.failed]
     skips = [r for r in records if r.status == "skip"]
     md = ["# dualprec conformance report", "",
           f"Command: `dualprec conformance {' '.join(argv or [])}`  ", f"Result: **{summary_line(records, seconds)}**", ""]
+    if heat:
+        md += ["## Matrix", "", f"![matrix]({heat})", ""]
     if fails:
         md += ["## Failures", ""]
         md += [f"- **{r.policy} / {r.model} / {r.check}**" + (f" (step {r.step})" if r.step is not None else "")
@@ -106,6 +279,12 @@ def write_report(records: list[Record], directory, seconds: float | None = None,
         md += ["## Skipped (cannot run here)", ""]
         md += [f"- {', '.join(sorted(ps))}: {reason}" for reason, ps in reasons.items()]
         md.append("")
+    md += ["## Agreement per policy (calibrated tolerances, bitwise-equal fractions)", "",
+           "ULP in each tensor's own dtype; the worst tensor of the check is shown with its calibrated "
+           "tolerance (uncal.: no calibration entry, judged by the worst-case bound).", "",
+           tolerance_table(records), ""]
+    if layer_plots:
+        md += ["## Layer-isolated divergence", ""] + [f"![{p}]({p})" for p in layer_plots] + [""]
     md += ["## Training: loss curves and divergence per step", ""]
     md += [f"![{p}]({p})" for p in plots]
     md += ["", "## All records", "", markdown_table(records), ""]

@@ -75,3 +75,70 @@ def tolerance(policy: Policy, shape: ModelShape) -> Tolerance:
     acc = "float64" if c == "float64" else "float32"
     fwd = 2 * eps(c) * math.sqrt(shape.n_round) + SAFETY * eps(acc) * math.sqrt(shape.n_reduce) * shape.n_layers
     return Tolerance(c, acc, fwd, 2 * fwd)
+
+
+# ---------------------------------------------------------------- calibrated tolerances
+#: Where the calibration (measured agreement of the unmutated backends) lives.
+CALIBRATION_FILE = __import__("pathlib").Path(__file__).with_name("calibration.json")
+#: tol_ulp = ULP_MARGIN * (largest ULP distance measured over the seeds) + ULP_FLOOR
+ULP_MARGIN, ULP_FLOOR = 2.0, 1.0
+#: tol_neq = (largest fraction of not-bitwise-equal elements measured) + FRAC_SLACK + FRAC_PER_ELEMENT / size
+FRAC_SLACK, FRAC_PER_ELEMENT = 0.05, 3.0
+
+_calibration_cache: dict | None = None
+
+
+def calibration() -> dict:
+    """``{"seeds": [...], "entries": {key: {"max_ulp", "neq_frac", "size"}}}`` or empty."""
+    global _calibration_cache
+    if _calibration_cache is None:
+        import json
+        import os
+
+        if os.environ.get("DUALPREC_CONFORMANCE_UNCALIBRATED"):  # calibrate.py measuring afresh
+            _calibration_cache = {"seeds": [], "entries": {}}
+            return _calibration_cache
+        try:
+            _calibration_cache = json.loads(CALIBRATION_FILE.read_text())
+        except (OSError, ValueError):
+            _calibration_cache = {"seeds": [], "entries": {}}
+    return _calibration_cache
+
+
+def key(policy: str, model: str, check: str, tensor: str) -> str:
+    return f"{policy}|{model}|{check}|{tensor}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibrated:
+    """The measured agreement of one tensor of one check, and the thresholds built from it."""
+
+    max_ulp: float
+    neq_frac: float
+    size: int
+
+    @property
+    def tol_ulp(self) -> float:
+        return ULP_MARGIN * self.max_ulp + ULP_FLOOR
+
+    @property
+    def tol_neq(self) -> float:
+        return min(1.0, self.neq_frac + FRAC_SLACK + FRAC_PER_ELEMENT / max(self.size, 1))
+
+    def judge(self, st) -> str | None:
+        """None when ``st`` (numerics.Stats) is within the thresholds, else why not."""
+        if not st.ok_shape:
+            return "shape mismatch"
+        if st.nan_mismatch:
+            return f"{st.nan_mismatch} non-finite mismatches"
+        if st.max_ulp > self.tol_ulp:
+            return f"{st.max_ulp:.3g} ULP of {st.dtype} > calibrated {self.tol_ulp:.3g}"
+        if st.neq_frac > self.tol_neq:
+            return (f"{st.neq_frac:.1%} of elements not bitwise equal > calibrated {self.tol_neq:.1%} "
+                    f"(max {st.max_ulp:.3g} ULP of {st.dtype})")
+        return None
+
+
+def calibrated(policy: str, model: str, check: str, tensor: str) -> Calibrated | None:
+    e = calibration()["entries"].get(key(policy, model, check, tensor))
+    return None if e is None else Calibrated(e["max_ulp"], e["neq_frac"], e["size"])

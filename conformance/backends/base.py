@@ -67,6 +67,30 @@ class Session(abc.ABC):
         """One optimizer step through the backend's loss scaling.  ``loss_multiplier=inf``
         injects an overflow: the scaled gradients become non-finite."""
 
+    # -- optional: the dtype-flow and layer-isolated checks use these (skip when absent) --
+    def layer_inputs(self) -> dict[str, np.ndarray]:
+        """Each named submodule's first input in the last ``forward`` (canonical layout)."""
+        raise NotImplementedError
+
+    def module_kinds(self) -> dict[str, str]:
+        """Named submodule -> its class name ("Linear", "LayerNorm"...)."""
+        raise NotImplementedError
+
+    def run_layers(self, x: np.ndarray, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """For each name in ``inputs``: the model run on ``x`` with that submodule's input
+        replaced by the given array; the submodule's output (canonical layout)."""
+        raise NotImplementedError
+
+    def grad_dtypes(self) -> dict[str, str]:
+        """Dtype of each parameter's gradient as autodiff produced it (before unscaling),
+        in the last ``loss_and_grads``."""
+        raise NotImplementedError
+
+    def optimizer_state_dtypes(self) -> dict[str, str]:
+        """"<param>.<state>" -> dtype of each optimizer-state tensor (Adam: exp_avg,
+        exp_avg_sq), names in torch's vocabulary."""
+        raise NotImplementedError
+
 
 class Backend(abc.ABC):
     """``package`` names the dualprec backend whose ``Precision`` this drives;
@@ -86,10 +110,15 @@ class Backend(abc.ABC):
         """Why this backend cannot run ``policy`` here (None when it can): the reason its
         Precision gives when built (PolicyError is a ValueError; JAX refuses float64 without
         x64 with a RuntimeError)."""
+        if self._cls is None:
+            try:
+                importlib.import_module(self.package).Precision
+            except Exception:  # noqa: BLE001 - a broken backend is an error, never a skip
+                return None  # the checks run and report the import failure as error records
         try:
             self.precision(policy)
-        except (ImportError, AttributeError) as e:
-            return f"{self.package}.Precision is not available ({e})"
+        except ImportError as e:  # an optional dependency (an extra) missing here
+            return f"{self.package} needs a package that is not installed: {e}"
         except (ValueError, NotImplementedError, TypeError, RuntimeError) as e:
             return f"{self.package} does not run this policy: {e}"
         return None

@@ -16,6 +16,10 @@ from .base import Backend, Optim, Session, StepInfo
 
 
 
+#: Flax's collection whose "gradient" is the variable's next value (FP8 scales, histories).
+OWG = "_overwrite_with_gradient"
+
+
 def to_numpy(a) -> np.ndarray:
     return np.array(a)  # jax arrays (bfloat16 included) convert exactly via ml_dtypes
 
@@ -49,6 +53,13 @@ class JaxBackend(Backend):
         self._compiled = {}
 
 
+    def unsupported(self, policy):
+        why = super().unsupported(policy)
+        if why is None and self._cls is None and _quantizes(policy):
+            return ("the suite's JAX adapter does not load canonical weights into quantized parameters yet "
+                    "(Precision.init quantizes eagerly; the quant-codes check will compare them)")
+        return why
+
     def convert_input(self, policy, x):
         import jax.numpy as jnp
 
@@ -76,10 +87,15 @@ class _Compiled:
 
         self.prec, self.spec = prec, spec
         self.module = spec.flax_module()
-        self.grad_fn = jax.jit(jax.value_and_grad(self._scaled_loss, has_aux=True))
+        self.grad_fn = jax.jit(jax.value_and_grad(self._scaled_loss, argnums=(0, 1), has_aux=True))
         self.fwd = jax.jit(self._forward)
+        self.isolated = jax.jit(self._isolated)
         self._optimizers = {}
         self._param_structs = None
+        self._state0 = None
+
+    def _x0(self):
+        return self.spec.to_jax_layout(np.zeros(self.spec.input_shape, self.spec.input_dtype))
 
     def param_structs(self):
         """The parameter tree ``Precision.init`` builds (shapes and per-module dtypes), traced
@@ -87,10 +103,23 @@ class _Compiled:
         import jax
 
         if self._param_structs is None:
-            x0 = self.spec.to_jax_layout(np.zeros(self.spec.input_shape, np.float32))
-            self._param_structs = jax.eval_shape(
-                lambda: self.prec.init(self.module, jax.random.PRNGKey(0), x0))["params"]
+            structs = jax.eval_shape(lambda: self.prec.init(self.module, jax.random.PRNGKey(0), self._x0()))
+            self._param_structs = structs["params"]
+            self._has_state = any(k != "params" for k in structs)
         return self._param_structs
+
+    def initial_state(self) -> dict:
+        """The variable collections besides params (FP8 scales and amax histories...), as
+        ``Precision.init`` creates them; {} for the usual model."""
+        import jax
+
+        self.param_structs()
+        if self._state0 is None:
+            self._state0 = {}
+            if self._has_state:
+                v = self.prec.init(self.module, jax.random.PRNGKey(0), self._x0())
+                self._state0 = {k: c for k, c in v.items() if k != "params"}
+        return self._state0
 
     def optimizer(self, optim: Optim):
         """(wrapped optax transform, jitted update) for ``optim``, built once."""
@@ -108,26 +137,62 @@ class _Compiled:
             self._optimizers[optim] = (tx, jax.jit(update))
         return self._optimizers[optim]
 
-    def _logits(self, params, x, capture=False):
+    def _logits(self, params, state, x, capture=False):
+        """(output, intermediates or None, updated state collections)."""
         x = self.prec.convert_input(x)
-        if capture:
-            out, state = self.prec.apply(self.module, {"params": params}, x, capture_intermediates=True,
-                                         mutable=["intermediates"])
-            return out, state["intermediates"]
-        return self.prec.apply(self.module, {"params": params}, x)
+        mutable = list(state) + (["intermediates"] if capture else [])
+        variables = {"params": params, **state}
+        if not mutable:
+            return self.prec.apply(self.module, variables, x), None, {}
+        out, new = self.prec.apply(self.module, variables, x, capture_intermediates=capture, mutable=mutable)
+        new = dict(new)
+        inter = new.pop("intermediates", None)
+        return out, inter, new
 
-    def _forward(self, params, x):
-        return self._logits(params, x, capture=True)
+    def _forward(self, params, state, x):
+        out, inter, _ = self._logits(params, state, x, capture=True)
+        return out, inter
 
-    def _scaled_loss(self, params, x, y, loss_scale, mult):
+    def _isolated(self, params, state, x, subs):
+        """Two passes: one with the input of every layer without submodules swapped in, one
+        with the inputs of the layers that have submodules (their own functional ops, the
+        softmax of an attention block say, then run on the shared input too)."""
+        import flax.linen as nn
+
+        got = {}
+        names = list(subs)
+        leaves = {n for n in names if not any(m.startswith(n + ".") for m in names)}
+
+        def swapper(selected):
+            def swap(next_fun, args, kwargs, context):
+                name = ".".join(map(str, context.module.path))
+                if context.method_name != "__call__" or name not in selected:
+                    return next_fun(*args, **kwargs)
+                if not args or getattr(args[0], "shape", None) != subs[name].shape:
+                    return next_fun(*args, **kwargs)  # another signature: not isolated
+                got[name] = out = next_fun(subs[name], *args[1:], **kwargs)
+                return out
+            return swap
+
+        for selected in (leaves, set(names) - leaves):
+            if selected:
+                with nn.intercept_methods(swapper(selected)):  # outermost: the policy sees the swapped input
+                    self._logits(params, state, x)
+        return got
+
+    def _scaled_loss(self, params, owg, state, x, y, loss_scale, mult):
+        """``owg``: Flax's ``_overwrite_with_gradient`` collection (FP8 scales and histories),
+        differentiated like params; its "gradient" is its next value."""
         import jax.numpy as jnp
         import optax
 
-        logits = self._logits(params, x)
-        # The loss runs in float32 at least (DESIGN.md): half outputs are upcast, float64 kept.
+        full = dict(state, **({OWG: owg} if owg else {}))
+        logits, _, new_state = self._logits(params, full, x)
+        # The loss runs in float32 at least: half outputs are upcast, float64 kept.
         wide = logits if logits.dtype in (jnp.float32, jnp.float64) else logits.astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(wide, y).mean()
-        return self.prec.scale_loss(loss * mult, loss_scale), loss
+        new_state.pop(OWG, None)
+        return self.prec.scale_loss(loss * mult, loss_scale), (loss, new_state)
 
 
 class JaxSession(Session):
@@ -136,15 +201,22 @@ class JaxSession(Session):
     def __init__(self, compiled: _Compiled, optimizer, weights: Mapping[str, np.ndarray], weight_map: WeightMap):
         import jax
 
+        # checked against the model's own parameter paths (Sequential spellings resolved)
+        weight_map = weight_map.resolve(compiled.param_structs())
         self.c, self.prec, self.spec, self.wm = compiled, compiled.prec, compiled.spec, weight_map
+        self._torch_names = weight_map.module_names()  # Flax module path -> torch name
         self.tx, self.update = optimizer
         # init decides each parameter's dtype (per-module overrides included); the values
         # are the canonical float32 weights rounded to that dtype.
         self._params = jax.tree_util.tree_map(lambda w, ref: jax.numpy.asarray(w).astype(ref.dtype),
                                               jax.tree_util.tree_map(np.asarray, weight_map.to_flax(weights)),
                                               compiled.param_structs())
+        state = dict(compiled.initial_state())
+        self._owg = state.pop(OWG, {})
+        self._state = state
         self.opt_state = self.tx.init(self._params)
         self.scaling = self.prec.policy.loss_scale.enabled
+        self._x = None
 
     # -- Session interface ----------------------------------------------------------------
     def param_dtypes(self):
@@ -155,24 +227,62 @@ class JaxSession(Session):
 
         return self.wm.to_torch(jax.tree_util.tree_map(to_numpy, self._params))
 
+    def _state_all(self):
+        return dict(self._state, **({OWG: self._owg} if self._owg else {}))
+
     def forward(self, x):
-        out, inter = self.c.fwd(self._params, self.spec.to_jax_layout(x))
+        out, inter = self.c.fwd(self._params, self._state_all(), self.spec.to_jax_layout(x))
         named = {}
         for path, leaf in flatten_flax(inter).items():
             if path[-1] == "__call__" and len(path) > 1:
-                named[".".join(path[:-1])] = self.spec.from_jax_layout(to_numpy(leaf[-1]))  # outermost call
+                flax_name = ".".join(path[:-1])
+                named[self._torch_names.get(flax_name, flax_name)] = self.spec.from_jax_layout(to_numpy(leaf[-1]))
         return to_numpy(out), named
 
+    def run_layers(self, x, inputs):
+        """One jitted pass with *every* given submodule's input swapped in: each submodule's
+        output then depends on its own (shared) input only."""
+        import jax.numpy as jnp
+
+        flax_of = {t: f for f, t in self._torch_names.items()}
+        subs = {flax_of.get(n, n): jnp.asarray(self.spec.to_jax_layout(a)) for n, a in inputs.items()}
+        got = self.c.isolated(self._params, self._state_all(), self.spec.to_jax_layout(x), subs)
+        return {self._torch_names.get(n, n): self.spec.from_jax_layout(to_numpy(o)) for n, o in got.items()}
+
+    def grad_dtypes(self):
+        return dict(getattr(self, "_grad_dtypes", {}))
+
+    def optimizer_state_dtypes(self):
+        import jax
+
+        inner = getattr(self.opt_state, "inner", self.opt_state)
+        out = {}
+        names = {"mu": "exp_avg", "nu": "exp_avg_sq"}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(inner)[0]:
+            keys = [getattr(k, "name", None) or getattr(k, "key", None) for k in path]
+            field = next((names[k] for k in keys if k in names), None)
+            if field is None or not getattr(leaf, "ndim", 0):
+                continue
+            flax_path = tuple(str(k) for k in keys if k not in names and isinstance(k, str))
+            torch_name = next((t for t in self.wm.rules if self.wm.rules[t].flax_path == flax_path), "/".join(flax_path))
+            out[f"{torch_name}.{field}"] = dtype_name(leaf)
+        return out
+
     def _grads(self, x, y, mult):
-        (scaled, loss), grads = self.c.grad_fn(self._params, self.spec.to_jax_layout(x), y,
-                                              self.opt_state.loss_scale, mult)
-        return loss, grads
+        import jax
+
+        (scaled, (loss, new_state)), (grads, owg_next) = self.c.grad_fn(
+            self._params, self._owg, self._state, self.spec.to_jax_layout(x), y,
+            self.opt_state.loss_scale, mult)
+        self._grad_dtypes = {n: self.wm.rules[n].flax_path and dtype_name(_leaf(grads, self.wm.rules[n].flax_path))
+                             for n in self.wm.rules}
+        return loss, grads, owg_next, new_state
 
     def loss_and_grads(self, x, y):
         import jax
         import dualprec_jax
 
-        loss, grads = self._grads(x, y, 1.0)
+        loss, grads, _, _ = self._grads(x, y, 1.0)
         if self.scaling:
             grads = dualprec_jax.unscale(grads, self.opt_state.loss_scale)
         return float(loss), self.wm.to_torch(jax.tree_util.tree_map(to_numpy, grads))
@@ -180,9 +290,39 @@ class JaxSession(Session):
     def train_step(self, x, y, loss_multiplier=1.0):
         import dualprec_jax
 
-        loss, grads = self._grads(x, y, loss_multiplier)
-        skipped = self.scaling and not bool(dualprec_jax.all_finite(grads))
+        loss, grads, owg_next, new_state = self._grads(x, y, loss_multiplier)
         self._params, self.opt_state = self.update(grads, self.opt_state, self._params)
+        skipped = _skipped(self.opt_state, grads, self.scaling)
+        if self._owg and not skipped:
+            self._owg = owg_next
+        if new_state and not skipped:
+            self._state = dict(self._state, **new_state)
         ls = self.opt_state.loss_scale
         return StepInfo(float(loss), float(ls.scale), int(ls.counter), skipped=skipped,
                         opt_steps=_count(self.opt_state.inner))
+
+
+def _quantizes(policy) -> bool:
+    try:
+        from dualprec_jax import quant
+    except ImportError:
+        return False
+    check = getattr(quant, "quantizes_any", None)
+    return bool(check(policy)) if check else False
+
+
+def _leaf(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _skipped(opt_state, grads, scaling: bool) -> bool:
+    """The backend's own signal that the last update was skipped (the wrapped optimizer's
+    state records it); without one, whether the gradients were non-finite under scaling."""
+    flag = getattr(opt_state, "skipped", None)
+    if flag is not None:
+        return bool(flag)
+    import dualprec_jax
+
+    return scaling and not bool(dualprec_jax.all_finite(grads))

@@ -97,8 +97,15 @@ class TorchSession(Session):
     def forward(self, x):
         import torch
 
-        seen = {}
-        hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, to_numpy(out)))
+        seen, inputs = {}, {}
+
+        def hook(mod, inp, out, n):
+            if isinstance(out, torch.Tensor):
+                seen[n] = to_numpy(out)
+            if inp and isinstance(inp[0], torch.Tensor):
+                inputs[n] = to_numpy(inp[0])
+
+        hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: hook(mod, inp, out, n))
                  for n, m in self._module().named_modules() if n]
         try:
             with torch.no_grad():
@@ -106,7 +113,52 @@ class TorchSession(Session):
         finally:
             for h in hooks:
                 h.remove()
+        self._inputs = inputs
         return to_numpy(out), seen
+
+    def layer_inputs(self):
+        return dict(getattr(self, "_inputs", {}))
+
+    def module_kinds(self):
+        return {n: type(m).__name__ for n, m in self._module().named_modules() if n}
+
+    def run_layers(self, x, inputs):
+        import torch
+
+        mods = dict(self._module().named_modules())
+        out = {}
+        for name, a in inputs.items():
+            got = {}
+
+            def pre(mod, args, a=a):
+                return (from_numpy(a), *args[1:])
+
+            def post(mod, args, o):
+                got["o"] = to_numpy(o)
+
+            hs = [mods[name].register_forward_pre_hook(pre), mods[name].register_forward_hook(post)]
+            try:
+                with torch.no_grad():
+                    self._run(x)
+            finally:
+                for h in hs:
+                    h.remove()
+            out[name] = got["o"]
+        return out
+
+    def grad_dtypes(self):
+        return dict(getattr(self, "_grad_dtypes", {}))
+
+    def optimizer_state_dtypes(self):
+        # by position: with master weights the optimizer holds float32 copies, not the params
+        names = [n for n, _ in self._module().named_parameters()]
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        out = {}
+        for name, p in zip(names, params):
+            for k, v in self.opt.state.get(p, {}).items():
+                if hasattr(v, "dtype") and v.dim() > 0:
+                    out[f"{name}.{k}"] = _dtype_str(v.dtype)
+        return out
 
     def _loss(self, x, y, mult=1.0):
         import torch
@@ -123,6 +175,8 @@ class TorchSession(Session):
         self.opt.zero_grad(set_to_none=True)
         loss, _ = self._loss(x, y)
         self.prec.backward(loss)
+        self._grad_dtypes = {n: _dtype_str(p.grad.dtype) for n, p in self._module().named_parameters()
+                             if p.grad is not None}
         self.prec.unscale_(self.opt)
         grads = {n: to_numpy(g) for n, g in self._grad_tensors().items()}
         self.opt.zero_grad(set_to_none=True)

@@ -25,6 +25,8 @@ class ModelSpec:
     channels_last_in_jax: bool = False
     build_torch: Callable | None = None
     build_flax: Callable | None = None
+    input_dtype: str = "float32"      # integer inputs (token ids) are passed through uncast
+    vocab: int = 0                    # the token-id range of integer inputs
 
     def torch_module(self):
         if self.build_torch is not None:
@@ -43,7 +45,10 @@ class ModelSpec:
     def batch(self, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Inputs (float32, torch layout) and integer labels, the same for both backends."""
         rng = np.random.default_rng(1000 + seed)
-        x = rng.standard_normal(self.input_shape).astype(np.float32)
+        if np.issubdtype(np.dtype(self.input_dtype), np.integer):
+            x = rng.integers(0, self.vocab, size=self.input_shape).astype(self.input_dtype)
+        else:
+            x = rng.standard_normal(self.input_shape).astype(np.float32)
         y = rng.integers(0, self.n_classes, size=self.input_shape[0]).astype(np.int64)
         return x, y
 

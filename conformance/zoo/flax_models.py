@@ -8,10 +8,29 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from dualprec_jax import ops as dp_ops
+
+
+#: The norm epsilons of the torch twins (module constants so a mutant can change them).
+LN_EPS, RMS_EPS, GN_EPS = 1e-5, 1e-6, 1e-5
 
 
 def gelu(x):
-    return jax.nn.gelu(x, approximate=False)
+    """torch's exact-erf GELU: its kernels compute half inputs in float32 and round once."""
+    return jax.nn.gelu(x.astype(jnp.promote_types(x.dtype, jnp.float32)), approximate=False).astype(x.dtype)
+
+
+def matmul(a, b):
+    """torch.matmul on half inputs: products accumulated in float32, rounded once."""
+    wide = jnp.promote_types(a.dtype, jnp.float32)
+    return jnp.matmul(a, b, preferred_element_type=wide).astype(jnp.result_type(a, b))
+
+
+def scale(x, c: float):
+    """``x * c`` as torch forms it: the Python scalar taken in float32 (JAX's weak typing
+    would round it to the half dtype first), the product rounded once."""
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    return (x.astype(wide) * jnp.asarray(c, wide)).astype(x.dtype)
 
 
 def avg_pool(x, window):
@@ -44,9 +63,11 @@ class Attention(nn.Module):
         h, dh = self.heads, d // self.heads
         qkv = nn.Dense(3 * d, name="qkv")(x).reshape(b, t, 3, h, dh).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(dh))
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.matmul(probs, v)
+        scores = scale(matmul(q, jnp.swapaxes(k, -1, -2)), 1.0 / math.sqrt(dh))
+        # torch autocast runs softmax in float32 (its fp32 list) and casts the probabilities
+        # back for the next matmul; dualprec_jax's softmax is that rule for hand-written JAX
+        probs = dp_ops.softmax(scores, axis=-1).astype(v.dtype)
+        out = matmul(probs, v)
         return nn.Dense(d, name="proj")(out.transpose(0, 2, 1, 3).reshape(b, t, d))
 
 
@@ -66,8 +87,8 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = x + Attention(self.d, self.heads, name="attn")(nn.LayerNorm(epsilon=1e-5, name="ln1")(x))
-        x = x + FeedForward(self.d, name="mlp")(nn.RMSNorm(epsilon=1e-6, name="ln2")(x))
+        x = x + Attention(self.d, self.heads, name="attn")(nn.LayerNorm(epsilon=LN_EPS, name="ln1")(x))
+        x = x + FeedForward(self.d, name="mlp")(nn.RMSNorm(epsilon=RMS_EPS, name="ln2")(x))
         return nn.Dense(self.n_out, name="head")(x.mean(axis=1))
 
 
@@ -77,9 +98,9 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, x):  # NHWC
         x = nn.Conv(8, (3, 3), padding=1, name="conv1")(x)
-        x = avg_pool(nn.relu(nn.GroupNorm(num_groups=4, epsilon=1e-5, name="norm1")(x)), (2, 2))
+        x = avg_pool(nn.relu(nn.GroupNorm(num_groups=4, epsilon=GN_EPS, name="norm1")(x)), (2, 2))
         x = nn.Conv(16, (3, 3), padding=1, name="conv2")(x)
-        x = avg_pool(nn.relu(nn.GroupNorm(num_groups=4, epsilon=1e-5, name="norm2")(x)), (2, 2))
+        x = avg_pool(nn.relu(nn.GroupNorm(num_groups=4, epsilon=GN_EPS, name="norm2")(x)), (2, 2))
         return nn.Dense(self.n_out, name="head")(x.mean(axis=(1, 2)))
 
 

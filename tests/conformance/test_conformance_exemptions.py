@@ -36,3 +36,13 @@ def test_zoo_avg_pool_sums_half_inputs_in_float32_like_torch():
     got = np.asarray(avg_pool(jnp.asarray(np.transpose(x, (0, 2, 3, 1))), (2, 2)))
     assert got.dtype == ml_dtypes.bfloat16
     assert np.array_equal(np.transpose(got, (0, 3, 1, 2)).view(np.uint16), want.view(np.uint16))
+
+
+def test_a_backend_that_cannot_import_is_an_error_not_a_skip():
+    from conformance.backends.torch_backend import TorchBackend
+    from dualprec import Policy
+
+    class Broken(TorchBackend):
+        package = "no_such_dualprec_backend"
+
+    assert Broken().unsupported(Policy.parse("32-true")) is None  # so its checks run, and error

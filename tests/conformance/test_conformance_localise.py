@@ -49,7 +49,7 @@ def test_broken_layer_is_localised(fp32_backends):
     sa, sb = ctx.sessions(Optim())
     (rec,) = check_forward(ctx, sa, sb)
     assert rec.status == "fail" and rec.where == "fc2"  # not fc1 (fine) nor head (downstream)
-    assert rec.max_rel_err > rec.tolerance and rec.max_ulp_err > 100
+    assert rec.max_ulp_err > 100  # 0.1% is ~8000 ULP of float32
     assert "fc2" in rec.reason and "ULP of float32" in rec.reason
 
 
@@ -133,7 +133,7 @@ def _ls_ctx(a, b):
 
 
 def test_loss_scale_trajectory_matches_reference():
-    (rec,) = check_loss_scale(_ls_ctx(_ScriptedBackend("x"), _ScriptedBackend("y")))
+    rec, _ = check_loss_scale(_ls_ctx(_ScriptedBackend("x"), _ScriptedBackend("y")))
     assert rec.status == "pass", rec.reason
     ref = rec.detail["trajectory"]["ref"]
     # 8 -> skip 4 -> 4 -> grow 8 -> skip 4 -> 4 (counter 1)
@@ -145,5 +145,5 @@ def test_loss_scale_trajectory_matches_reference():
     ({"follow_rule": False}, "!= reference"),
 ])
 def test_loss_scale_bugs_are_caught_with_the_step(kw, needle):
-    (rec,) = check_loss_scale(_ls_ctx(_ScriptedBackend("ok"), _ScriptedBackend("bad", **kw)))
+    rec, _ = check_loss_scale(_ls_ctx(_ScriptedBackend("ok"), _ScriptedBackend("bad", **kw)))
     assert rec.status == "fail" and needle in rec.reason and rec.step == 1
