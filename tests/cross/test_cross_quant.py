@@ -106,7 +106,7 @@ def _bnb_dequantized(layer):
 MODES_4BIT = ["nf4", "nf4-dq", "fp4", "fp4-dq"]
 
 
-@pytest.mark.parametrize("mode", MODES_4BIT)
+@pytest.mark.parametrize("mode", ["nf4-dq", "fp4"])  # all four: the JAX -> torch test below
 def test_torch_bnb_checkpoint_loads_into_jax(mode, tmp_path):
     weights = _float_weights()
     model = _torch_model(_linear4bit(mode), weights)
