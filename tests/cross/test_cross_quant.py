@@ -225,3 +225,26 @@ def test_state_tensors_round_trip():
                                                          "weight.quant_state.bitsandbytes__nf4"))
     back = quant.load_state_tensors(q, policy, tensors)
     jax.tree.map(np.testing.assert_array_equal, back, q)
+
+
+@pytest.mark.parametrize("mode", ["nf4-dq", "int8"])
+def test_dualprec_torch_layers_read_and_write_the_same_checkpoints(mode, tmp_path):
+    """dualprec_torch.quant's layers load the JAX file strictly (no hook needed), and their
+    state dict loads back into the same JAX params, byte for byte."""
+    tq = pytest.importorskip("dualprec_torch.quant")
+    policy = "quant=nf4-dq" if mode == "nf4-dq" else "16-mixed,quant=int8"
+    weights = _float_weights(seed=3)
+    params = quant.quantize_params(_jax_float_params(weights), policy)
+    path = tmp_path / "jax.safetensors"
+    quant.save_bnb(path, params, policy)
+    model = tq.quantize_module(TorchMLP(torch.nn.Linear), policy, device="cpu")
+    model.load_state_dict(safetensors_torch.load_file(str(path)), strict=True)
+    x = _x()
+    with torch.no_grad():
+        y_torch = model(torch.from_numpy(x).to(torch.float16 if mode == "int8" else torch.float32)).float().numpy()
+    y_jax = np.asarray(Precision(policy).apply(JaxMLP(), {"params": params}, jnp.asarray(x)))
+    tol = 2e-2 if mode == "int8" else 1e-5  # int8: bitsandbytes' float16 product
+    np.testing.assert_allclose(y_jax, y_torch, rtol=tol, atol=tol * np.abs(y_torch).max())
+    back = quant.from_bnb_state_dict({k: v.numpy() for k, v in model.state_dict().items()},
+                                     _jax_float_params(weights), policy)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
