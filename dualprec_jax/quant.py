@@ -477,7 +477,7 @@ class QuantDense(nn.Module):
         if spec.frozen:
             qweight = self.param(QWEIGHT, lambda rng: _quantize_weight(init_kernel(rng).T, spec))
         else:
-            kernel = self.param("kernel", lambda rng: init_kernel(rng).astype(jnp.float16))
+            kernel = self.param("kernel", init_kernel)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         lora = None
         if self.lora_rank:
@@ -582,7 +582,7 @@ def _check_finite(w, path: str) -> None:
 def quantize_params(params, policy, *, lora_rank: int = 0, lora_alpha: float | None = None, rng=None):
     """A linen params tree with every Dense layer the policy quantizes (``policy.quantizes``
     of its dotted path) replaced by its frozen ``qweight`` arrays (int8-training keeps the
-    float kernel, in float16 as bitsandbytes keeps it); skipped layers stay as they were.
+    float kernel, in the param dtype, trained as usual); skipped layers stay as they were.
 
     ``lora_rank`` > 0 adds a trainable adapter (``lora_a``, ``lora_b``, and ``lora_scale``
     = alpha / rank) to each quantized layer; ``rng`` seeds A.  Accepts a variables dict
@@ -614,7 +614,7 @@ def quantize_params(params, policy, *, lora_rank: int = 0, lora_alpha: float | N
             _check_finite(kernel, name)
             new[QWEIGHT] = jax.jit(_quantize_weight, static_argnums=1)(kernel.T, spec)
         else:
-            new["kernel"] = kernel.astype(jnp.float16)
+            new["kernel"] = kernel
         if lora_rank:
             pdt = jax_dtype(spec.param_dtype)
             new["lora_a"], new["lora_b"] = _lora_init(jax.random.fold_in(rng, i), kernel.shape[0], lora_rank,
@@ -670,7 +670,7 @@ class QuantLinear(nnx.Module):
                 setattr(self, k, QuantWeight(v))
             self.kernel = None
         else:
-            self.kernel = nnx.Param(kernel.astype(jnp.float16))
+            self.kernel = nnx.Param(kernel.astype(pdt))
         self.bias = nnx.Param(jnp.zeros((out_features,), pdt) if bias is None else jnp.asarray(bias)) \
             if use_bias else None
         self.lora_rank = lora_rank
@@ -906,7 +906,7 @@ def _layer_from_bnb(name: str, tensors: Mapping, template: Mapping, spec: QuantS
         w = take(p + "weight")
         if w.shape != (n_out, n_in):
             raise QuantizationError(f"{p}weight has shape {list(w.shape)}, layer {name!r} needs [{n_out}, {n_in}]")
-        new["kernel"] = jnp.asarray(w.T, dtype=jnp.float16 if spec is not None else kernel.dtype)
+        new["kernel"] = jnp.asarray(w.T, dtype=kernel.dtype)
     if "bias" in template:
         b = take(p + "bias")
         if b.shape != tuple(template["bias"].shape):

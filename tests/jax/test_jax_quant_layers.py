@@ -160,7 +160,7 @@ def test_dense_general_with_a_flat_output_is_quantized_too():
 def test_int8_training_weight_gets_the_straight_through_gradient():
     layer = quant.QuantDense(H, mode="int8-training", dtype=jnp.bfloat16)
     params = layer.init(jax.random.key(0), X)["params"]
-    assert params["kernel"].dtype == jnp.float16 and "qweight" not in params
+    assert params["kernel"].dtype == jnp.float32 and "qweight" not in params  # trained in the param dtype
     g = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, X).astype(jnp.float32))))(params)
     # d(sum y)/dW = sum over tokens of x (the quantizer is passed straight through), in W's dtype.
     expected = np.broadcast_to(np.asarray(X.astype(jnp.bfloat16).astype(jnp.float32)).sum(0)[:, None], (D, H))
