@@ -1,13 +1,33 @@
-"""The one prepared GPU script: every benchmark row for a lent H200, in order of importance,
-under a wall-clock budget, each row flushed to JSON as soon as it is measured.
+"""The one prepared GPU script: every figure still unmeasured on the H200, most valuable first,
+under a wall-clock budget, each row flushed to JSON the moment it is measured.
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:$PWD python3 bench/gpu_run.py            # writes $OUT/<date>-<machine>-gpu.json
-    python bench/gpu_run.py --smoke                               # every row, tiny sizes, CPU, < 2 min
+On the device (H200, via the device tool; it runs in the repository root, $OUT comes back):
 
-Rows that need a missing package (jmp, bitsandbytes) or a dualprec feature that does not
-exist yet are recorded with the reason; rows that no longer fit the budget are recorded as
-"skipped: time budget".  Nothing is ever filled in with a made-up number.
+    bash bench/gpu_setup.sh fetch          # HERE first, once: the jmp/bitsandbytes/torchao wheels into .whl/
+    # then one device call, carry=[".whl"], timeout_s=600:
+    bash bench/gpu_setup.sh install && PYTHONPATH=/tmp/site:$PWD python3 bench/gpu_run.py --budget 480
+    # -> $OUT/<date>-h200-gpu.json (copy it to bench/results/ and commit it)
+
+    python bench/gpu_run.py --smoke        # CPU, every row at tiny sizes (~1 min on 2 cores)
+
+Rows, in this order (estimated H200 seconds, compilation included; the budget guard skips a
+row whose estimate no longer fits and records it as "skipped: time budget"):
+
+    a  jax bf16-mixed: hand-written Flax (dtype=bf16) vs Precision vs dualprec_jax.autocast(fun)   ~60 s
+       (the re-measure after the custom-VJP fix; last figure 1.83-1.89x slower; target within 1%)
+    b1 torch bf16-mixed eager: hand torch.autocast vs Precision, bit-identical params + ratio      ~15 s
+    b2 torch bf16-mixed compiled: the same under torch.compile                                     ~90 s
+    c1 torch FP8 (current scaling, FP8Linear/_scaled_mm) vs bf16-mixed, both compiled (>= 1.45x)   ~90 s
+    c2 jax FP8 (delayed scaling, native fp8 dot_general) vs bf16-mixed, both Precision (>= 1.6x)   ~50 s
+    d1 torch nf4 4096->16384 at 16384 tokens and 1 token: dualprec_torch.quant vs bitsandbytes     ~15 s
+    d2 jax nf4 (dualprec_jax.quant.QuantDense) at the same shapes, ratio to d1's bitsandbytes      ~20 s
+    e  optional: jax FP8 current scaling vs bf16-mixed; bytes/param of the 1-block MLP per policy  ~40 s
+
+Total about 6.5 minutes at the default budget of 480 s; the device tool's 600 s per command
+leaves room for the wheel install and the process start. A row that raises records its error
+and the script goes on; a row needing a missing package records "unavailable"; nothing is ever
+filled in with a made-up number. Ratios are dualprec (or FP8) step time over the baseline's,
+medians of per-round means, rounds interleaved so drift hits both sides alike.
 """
 
 from __future__ import annotations
@@ -27,12 +47,14 @@ if str(_ROOT) not in sys.path:  # `python bench/gpu_run.py` puts bench/, not the
     sys.path.insert(0, str(_ROOT))
 
 from bench.harness import (  # noqa: E402
-    BudgetGuard, Record, ResultsFile, Row, environment, reasons, results_path, rich_table, run_rows,
+    BudgetGuard, Record, ResultsFile, Row, environment, reasons, results_path, run_rows, summarize,
 )
-from bench.workloads import MLPConfig, WORKLOADS, policy_row  # noqa: E402
 
-GPU_BUDGET_S = 330.0
+GPU_BUDGET_S = 480.0
 SMOKE_BUDGET_S = 150.0  # a guard only: the smoke rows take about a minute on 2 cores
+PREVIOUS_JAX_RATIO = "1.83-1.89x (before the custom-VJP fix, 2026-11-28)"
+
+_SHARED: dict = {}  # figures one row hands to a later one (bitsandbytes times for the JAX nf4 row)
 
 
 def _out_dir(arg: str | None) -> Path:
@@ -67,6 +89,12 @@ def _print_environment(env: dict) -> None:
 
 
 def _free() -> None:
+    """Drop what the previous row left: compiled graphs (they hold its models) and cached blocks."""
+    try:
+        import torch
+        torch._dynamo.reset()
+    except Exception:
+        pass
     gc.collect()
     try:
         import torch
@@ -85,205 +113,577 @@ class Plan:
         self.smoke = smoke
         self.device = "cuda" if (torch.cuda.is_available() and not smoke) else "cpu"
         if smoke:
-            # one block keeps every JAX compilation short; the plumbing is the same
-            self.mlp = self.mem = MLPConfig("mlp-smoke-1block", 64, 128, 1, 32)
-            self.gemm_n, self.gemv = 64, (64, 128)
-            self.timing = dict(warmup=1, rounds=2, steps_per_round=1)
-            self.fp32_timing = self.timing
+            self.d, self.hidden, self.blocks, self.tokens = 64, 128, 1, 32
+            self.nf4 = (64, 128, 32)          # d_in, d_out, tokens of the batched row
+            self.gemv_inner = 2
+            self.timing = dict(warmup=1, rounds=2, steps=1)
             self.scale = 0.1  # estimates shrink with the sizes
         else:
-            self.mlp = WORKLOADS["mlp-gpu"]
-            # bytes/param do not depend on depth or batch: one full-width block compiles faster
-            self.mem = MLPConfig("mlp-gpu-1block", 4096, 16384, 1, 2048)
-            self.gemm_n, self.gemv = 8192, (4096, 16384)
-            self.timing = dict(warmup=3, rounds=3, steps_per_round=4)
-            self.fp32_timing = dict(warmup=1, rounds=2, steps_per_round=2)  # ~1 s per fp32 step
+            # the H200 reference workload: 4 blocks of 4096 -> 16384 -> 4096, 537M parameters
+            self.d, self.hidden, self.blocks, self.tokens = 4096, 16384, 4, 16384
+            self.nf4 = (4096, 16384, 16384)
+            self.gemv_inner = 20
+            self.timing = dict(warmup=3, rounds=3, steps=4)
             self.scale = 1.0
+        self.workload = f"mlp-{self.blocks}x{self.d}x{self.hidden}-t{self.tokens}"
+        self.params = self.blocks * (2 * self.d + self.d * self.hidden + self.hidden + self.hidden * self.d
+                                     + self.d)
+        self.flops = 6.0 * self.params * self.tokens  # per training step
         if self.device == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = False  # 32-true means fp32 matmuls
+            torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def _guarded(fn, backend: str, label: str, plan: Plan, workload: str, impls=("hand",), **fields):
-    """Call `fn`; if a package it needs is missing, return records that say so."""
+# --------------------------------------------------------------------------- records
+
+
+def _record(plan: Plan, backend: str, policy: str, impl: str, mode: str, timing: dict | None, *,
+            workload: str | None = None, flops: float | None = None, **extra) -> Record:
+    """A record from one timed variant: {"samples": [...], "compile_s": ...} or {"error": ...}."""
+    workload = workload or plan.workload
+    flops = plan.flops if flops is None else flops
+    if timing is None or "error" in timing:
+        return Record(workload=workload, backend=backend, policy=policy, impl=impl, mode=mode, status="error",
+                      reason=(timing or {}).get("error", "not measured"), device=plan.device, extra=extra)
+    stats = summarize(timing["samples"])
+    return Record(workload=workload, backend=backend, policy=policy, impl=impl, mode=mode, device=plan.device,
+                  step_time=stats.to_dict(), compile_s=timing.get("compile_s"), flops_per_step=flops,
+                  tflops=(flops / stats.median / 1e12) if flops and not plan.smoke else None,
+                  extra={"spread_of": "per-round means", **extra})
+
+
+def _ratio(records: list[Record], num: str, den: str) -> float | None:
+    by = {r.impl: r for r in records if r.ok and r.step_time}
+    if num in by and den in by:
+        return by[num].step_time["median"] / by[den].step_time["median"]
+    return None
+
+
+def _guard_import(fn, plan: Plan, backend: str, policy: str, impls, mode: str, workload: str | None = None):
+    """Run `fn`; a missing package becomes "unavailable" records instead of an error."""
     def run():
         try:
             return fn()
         except ImportError as e:
-            return [Record(workload=workload, backend=backend, policy=label, impl=impl, status="unavailable",
-                           reason=f"{type(e).__name__}: {e}", device=plan.device, **fields) for impl in impls]
+            return [Record(workload=workload or plan.workload, backend=backend, policy=policy, impl=i, mode=mode,
+                           status="unavailable", reason=f"{type(e).__name__}: {e}", device=plan.device)
+                    for i in impls]
     return run
 
 
-def _placeholders(workload, backend, label, impls=("hand", "dualprec"), mode="eager"):
-    return lambda: [Record(workload=workload, backend=backend, policy=label, impl=i, mode=mode) for i in impls]
+def _placeholders(plan: Plan, backend: str, policy: str, impls, mode: str, workload: str | None = None):
+    return lambda: [Record(workload=workload or plan.workload, backend=backend, policy=policy, impl=i, mode=mode)
+                    for i in impls]
 
 
-def _gemm_rows(plan: Plan) -> list[Row]:
-    from bench.workloads import jax_gemm, micro_record, torch_gemm
-
-    n, rows = plan.gemm_n, []
-    work = f"gemm-{n}"
-    for backend, make in (("torch", lambda k: torch_gemm(n, k, plan.device)), ("jax", lambda k: jax_gemm(n, k))):
-        for kind in ("bf16", "fp8-e4m3"):
-            fn = (lambda make=make, kind=kind, backend=backend: [micro_record(
-                make(kind), workload=work, policy=kind, device=plan.device if backend == "torch" else None,
-                **plan.timing)])
-            rows.append(Row(f"{backend} GEMM {kind}", _guarded(fn, backend, kind, plan, work, ("ceiling",)),
-                            3 * plan.scale + 1, placeholders=lambda b=backend, k=kind: [
-                                Record(workload=work, backend=b, policy=k, impl="ceiling")]))
-    return rows
+# --------------------------------------------------------------------------- timing
 
 
-def _external_torch_pair(plan: Plan, label: str, compiled: bool):
-    """The hand vs Precision pair from bench/gpu_torch.py (its owner's workload), as records.
-    Returns None when that module is absent, so the caller uses bench.workloads instead."""
-    try:
-        from bench import gpu_torch
-    except ImportError:
-        return None
-    from bench.harness import summarize
-    cfg = plan.mlp
-    kwargs = dict(d=cfg.d_model, hidden=cfg.d_hidden, blocks=cfg.n_blocks, tokens=cfg.tokens,
-                  steps=plan.timing["steps_per_round"], warmup=plan.timing["warmup"], rounds=plan.timing["rounds"],
-                  device=plan.device, compile_model=compiled)
-    t0 = time.perf_counter()
-    if hasattr(gpu_torch, "measure_pair_stats"):
-        m = gpu_torch.measure_pair_stats(label, **kwargs)
-        rounds = {"hand": m["hand_rounds_s"], "dualprec": m["precision_rounds_s"]}
-    else:
-        hand_s, prec_s = gpu_torch.measure_pair(label, **kwargs)
-        rounds = {"hand": [hand_s], "dualprec": [prec_s]}
-    wall = time.perf_counter() - t0
-    out = []
-    for impl, samples in rounds.items():
-        stats = summarize(samples)  # per-round means of gpu_torch's timed steps
-        out.append(Record(
-            workload=cfg.name, backend="torch", policy=label, impl=impl, mode="compiled" if compiled else "eager",
-            policy_spec=policy_row(label).canonical(), device=plan.device, step_time=stats.to_dict(),
-            flops_per_step=cfg.train_flops(), tflops=cfg.train_flops() / stats.median / 1e12,
-            # gpu_torch folds compilation into its warm-up: the pair's wall time is all there is
-            extra={"source": "bench.gpu_torch", "spread_of": "per-round means", "pair_wall_s": wall}))
+def _time_jax(variants: dict, x, *, warmup: int, rounds: int, steps: int) -> dict:
+    """Compile each `step(state, x) -> state` (state donated), then time them in interleaved
+    rounds. A variant that fails to build, compile or run gets {"error": ...}; the rest go on."""
+    import jax
+
+    out, live = {}, {}
+    for name, make in variants.items():
+        try:
+            step, state = make()
+            fn = jax.jit(step, donate_argnums=(0,))
+            t0 = time.perf_counter()
+            state = jax.block_until_ready(fn(state, x))
+            compile_s = time.perf_counter() - t0
+            for _ in range(warmup):
+                state = fn(state, x)
+            jax.block_until_ready(state)
+            live[name] = [fn, state]
+            out[name] = {"samples": [], "compile_s": compile_s}
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    for _ in range(rounds):
+        for name, entry in live.items():
+            if "error" in out[name]:
+                continue
+            fn, state = entry
+            try:
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    state = fn(state, x)
+                jax.block_until_ready(state)
+                out[name]["samples"].append((time.perf_counter() - t0) / steps)
+                entry[1] = state
+            except Exception as e:
+                out[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    live.clear()
     return out
 
 
-def _torch_pair_row(plan: Plan, label: str, *, compiled=False, optional=False, estimate=15.0) -> Row:
-    from bench.workloads import policy_records
+def _sync_torch(device: str):
+    import torch
 
-    timing = plan.fp32_timing if label == "32-true" else plan.timing
-    # the smoke run compiles with aot_eager: it checks the tracing, not inductor's minute of codegen
-    backend = "aot_eager" if (compiled and plan.smoke) else None
+    if device == "cuda":
+        torch.cuda.synchronize()
 
-    def run():
-        if not (plan.smoke and compiled) and label in ("bf16-mixed", "16-mixed"):
-            ext = _external_torch_pair(plan, label, compiled)
-            if ext is not None:
-                return ext
-        return policy_records(plan.mlp, "torch", label, device=plan.device, compiled=compiled,
-                              compile_backend=backend, **timing)
-    name = f"torch {label} {'compiled' if compiled else 'eager'} hand vs dualprec"
+
+def _time_torch(steps_by_name: dict, device: str, *, warmup: int, rounds: int, steps: int,
+                after_warmup=None) -> dict:
+    """Time torch step callables in alternating rounds (wall clock between synchronisations).
+    The first warm-up call is reported as compile_s. `after_warmup()` runs once all have warmed
+    up (the bit-identity check); its result is returned under "_after_warmup"."""
+    out, ok = {}, {}
+    for name, step in steps_by_name.items():
+        try:
+            _sync_torch(device)
+            t0 = time.perf_counter()
+            step()
+            _sync_torch(device)
+            out[name] = {"samples": [], "compile_s": time.perf_counter() - t0}
+            for _ in range(max(warmup - 1, 0)):
+                step()
+            ok[name] = step
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    if after_warmup is not None:
+        try:
+            out["_after_warmup"] = after_warmup()
+        except Exception as e:
+            out["_after_warmup"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    names = list(ok)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            if "error" in out[name]:
+                continue
+            try:
+                _sync_torch(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    ok[name]()
+                _sync_torch(device)
+                out[name]["samples"].append((time.perf_counter() - t0) / steps)
+            except Exception as e:
+                out[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    return out
+
+
+# --------------------------------------------------------------------------- (a) JAX Precision / autocast
+
+
+def _jax_mlp(plan: Plan):
+    import jax
+    import jax.numpy as jnp
+
+    from bench.gpu_jax import MLPStack
+
+    x = jax.random.normal(jax.random.key(1), (plan.tokens, plan.d), jnp.float32)
+    return MLPStack, x
+
+
+def _jax_loss(y):
+    import jax.numpy as jnp
+    return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
+
+def _jax_precision_rows(plan: Plan) -> list[Record]:
+    """Hand-written Flax bf16 vs Precision("bf16-mixed") vs dualprec_jax.autocast(loss, policy)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import dualprec_jax
+    from dualprec_jax import Precision
+
+    _free()
+    MLPStack, x = _jax_mlp(plan)
+    prec = Precision("bf16-mixed")
+    plain = MLPStack(plan.d, plan.hidden, plan.blocks)
+    hand_model = MLPStack(plan.d, plan.hidden, plan.blocks, dtype=jnp.bfloat16)
+    params = prec.init(plain, jax.random.key(0), x)["params"]
+    tx = optax.adamw(1e-4)
+
+    def fresh():
+        return jax.tree.map(jnp.copy, params)
+
+    def make_hand():
+        def step(state, x):
+            p, opt = state
+            g = jax.grad(lambda q: _jax_loss(hand_model.apply({"params": q}, x)))(p)
+            u, opt = tx.update(g, opt, p)
+            return optax.apply_updates(p, u), opt
+        p = fresh()
+        return step, (p, tx.init(p))
+
+    def make_precision():
+        wrapped = prec.wrap_optimizer(tx)
+
+        def step(state, x):
+            p, s = state
+            g = jax.grad(lambda q: prec.scale_loss(_jax_loss(prec.apply(plain, {"params": q}, x)), s))(p)
+            u, s = wrapped.update(g, s, p)
+            return optax.apply_updates(p, u), s
+        p = fresh()
+        return step, (p, wrapped.init(p))
+
+    def make_autocast():
+        loss = dualprec_jax.autocast(lambda q, x: _jax_loss(plain.apply({"params": q}, x)), "bf16-mixed")
+
+        def step(state, x):
+            p, opt = state
+            g = jax.grad(loss)(p, x)
+            u, opt = tx.update(g, opt, p)
+            return optax.apply_updates(p, u), opt
+        p = fresh()
+        return step, (p, tx.init(p))
+
+    t = _time_jax({"hand": make_hand, "dualprec": make_precision, "autocast": make_autocast}, x, **plan.timing)
+    recs = [_record(plan, "jax", "bf16-mixed", impl, "jit", t[impl], what=what)
+            for impl, what in (("hand", "Flax Dense/LayerNorm dtype=bf16, float32 params, optax adamw"),
+                               ("dualprec", "dualprec_jax.Precision('bf16-mixed').apply + wrap_optimizer"),
+                               ("autocast", "dualprec_jax.autocast(loss_fn, 'bf16-mixed') over the float32 model"))]
+    for r in recs[1:]:
+        r.extra["ratio_to_hand"] = _ratio(recs, r.impl, "hand")
+        r.extra["previous_ratio"] = PREVIOUS_JAX_RATIO
+        r.extra["target"] = "within 1% of hand-written"
+    return recs
+
+
+# --------------------------------------------------------------------------- (b) torch Precision vs autocast
+
+
+def _torch_compile(model, plan: Plan):
+    import torch
+    # the smoke run compiles with aot_eager: it checks the tracing, not inductor's codegen
+    return torch.compile(model, backend="aot_eager") if plan.smoke else torch.compile(model)
+
+
+def _params_identical(a, b) -> dict:
+    import torch
+
+    diff, same = 0.0, True
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        if not torch.equal(pa, pb):
+            same = False
+            diff = max(diff, float((pa.detach().float() - pb.detach().float()).abs().max()))
+    return {"bit_identical": same, "max_abs_diff": diff}
+
+
+def _torch_precision_rows(plan: Plan, compiled: bool) -> list[Record]:
+    """Hand-written torch.autocast loop vs Precision("bf16-mixed"), same seed and input: after
+    the warm-up steps (the same number on both) the parameters are compared bit for bit."""
+    import torch
+
+    from bench.gpu_torch import _build, hand_step, precision_step
+    from dualprec_torch import Precision
+
+    _free()
+    dev = plan.device
+    x = torch.randn(plan.tokens, plan.d, device=dev)
+    model_h, opt_h = _build(plan.d, plan.hidden, plan.blocks, dev)
+    prec = Precision("bf16-mixed", device=dev)
+    model_p, opt_p = prec.setup(*_build(plan.d, plan.hidden, plan.blocks, dev))
+    run_h, run_p = (_torch_compile(model_h, plan), _torch_compile(model_p, plan)) if compiled else (model_h, model_p)
+    steps = {"hand": lambda: hand_step(run_h, opt_h, None, x, torch.bfloat16, torch.device(dev).type),
+             "dualprec": lambda: precision_step(prec, run_p, opt_p, x)}
+    warm = max(plan.timing["warmup"], 2)
+    t = _time_torch(steps, dev, warmup=warm, rounds=plan.timing["rounds"], steps=plan.timing["steps"],
+                    after_warmup=lambda: _params_identical(model_h, model_p))
     mode = "compiled" if compiled else "eager"
-    return Row(name, _guarded(run, "torch", label, plan, plan.mlp.name, ("hand", "dualprec"), mode=mode),
-               estimate * plan.scale + 1, optional=optional,
-               placeholders=_placeholders(plan.mlp.name, "torch", label, mode=mode))
+    ident = t.get("_after_warmup", {})
+    recs = [_record(plan, "torch", "bf16-mixed", "hand", mode, t["hand"], what="torch.autocast + AdamW"),
+            _record(plan, "torch", "bf16-mixed", "dualprec", mode, t["dualprec"],
+                    what="dualprec_torch.Precision('bf16-mixed') setup/autocast/backward/step",
+                    identity_after_steps=warm, **ident)]
+    recs[1].extra["ratio_to_hand"] = _ratio(recs, "dualprec", "hand")
+    recs[1].extra["target"] = "bit-identical and within 1% step time"
+    if dev == "cpu":
+        recs[1].extra["note"] = "CPU: Precision emulates the CUDA table, so bit-identity is not promised here"
+    del run_h, run_p, model_h, model_p, opt_h, opt_p
+    return recs
 
 
-def _external_jax_pair(plan: Plan, label: str):
-    """The hand vs Precision pair from bench/gpu_jax.py (its owner's workload; needs no jmp),
-    as records; None when that module is absent."""
-    try:
-        from bench import gpu_jax
-    except ImportError:
-        return None
-    from bench.harness import summarize
-    cfg, t = plan.mlp, plan.timing
-    res = gpu_jax.measure(d_model=cfg.d_model, d_hidden=cfg.d_hidden, blocks=cfg.n_blocks, tokens=cfg.tokens,
-                          steps=t["steps_per_round"], warmup=t["warmup"], repeats=t["rounds"], policy=label)
-    out = []
-    for impl, key in (("hand", "hand"), ("dualprec", "precision")):
-        stats = summarize(res[key]["step_s_all"])  # per-round means
-        out.append(Record(
-            workload=cfg.name, backend="jax", policy=label, impl=impl, mode="jit",
-            policy_spec=policy_row(label).canonical(), device=res.get("device"), step_time=stats.to_dict(),
-            compile_s=res[key]["compile_s"], flops_per_step=cfg.train_flops(),
-            tflops=cfg.train_flops() / stats.median / 1e12,
-            extra={"source": "bench.gpu_jax.measure", "spread_of": "per-round means"}))
-    return out
+# --------------------------------------------------------------------------- (c) FP8
 
 
-def _jax_pair_row(plan: Plan, label: str, *, optional=False, estimate=30.0) -> Row:
-    from bench.workloads import policy_records
+def _torch_fp8_rows(plan: Plan) -> list[Record]:
+    """Precision("bf16-mixed,fp8=current") (FP8Linear over torch._scaled_mm) vs
+    Precision("bf16-mixed"), both compiled, one process, interleaved rounds."""
+    import torch
 
-    timing = plan.fp32_timing if label == "32-true" else plan.timing
+    from bench.gpu_torch import _build, precision_step
+    from dualprec import Policy
+    from dualprec_torch import Precision
 
-    def run():
-        _free()
-        if label == "bf16-mixed":
-            ext = _external_jax_pair(plan, label)
-            if ext is not None:
-                return ext
-        return policy_records(plan.mlp, "jax", label, **timing)
-    return Row(f"jax {label} hand vs dualprec",
-               _guarded(run, "jax", label, plan, plan.mlp.name, ("hand", "dualprec"), mode="jit"),
-               estimate * plan.scale + 1, optional=optional,
-               placeholders=_placeholders(plan.mlp.name, "jax", label, mode="jit"))
+    _free()
+    dev = plan.device
+    x = torch.randn(plan.tokens, plan.d, device=dev)
+    steps, notes = {}, {}
+    for impl, spec in (("hand", "bf16-mixed"), ("fp8", "bf16-mixed,fp8=current")):
+        try:
+            model, opt = _build(plan.d, plan.hidden, plan.blocks, dev)
+            if dev == "cpu" and "fp8" in spec:
+                # no FP8 GEMM on a CPU: the same layers with float32 GEMMs on the FP8 operands
+                from dualprec_torch.fp8 import convert_module
+                convert_module(model, Policy.parse(spec), emulate=True)
+                spec_run = "bf16-mixed"
+                notes[impl] = "CPU smoke: FP8Linear(emulate=True) under Precision('bf16-mixed')"
+            else:
+                spec_run = spec
+            prec = Precision(spec_run, device=dev)
+            model, opt = prec.setup(model, opt)
+            run = _torch_compile(model, plan)
+            steps[impl] = (lambda prec=prec, run=run, opt=opt: precision_step(prec, run, opt, x))
+        except Exception as e:
+            steps[impl] = (lambda e=e: (_ for _ in ()).throw(e))
+    t = _time_torch(steps, dev, warmup=plan.timing["warmup"], rounds=plan.timing["rounds"],
+                    steps=plan.timing["steps"])
+    recs = [_record(plan, "torch", "fp8-vs-bf16", "hand", "compiled", t["hand"],
+                    what="Precision('bf16-mixed'), compiled (the baseline)"),
+            _record(plan, "torch", "fp8-vs-bf16", "fp8", "compiled", t["fp8"],
+                    what="Precision('bf16-mixed,fp8=current'): FP8Linear, torch._scaled_mm, compiled",
+                    **({"note": notes["fp8"]} if "fp8" in notes else {}))]
+    r = _ratio(recs, "fp8", "hand")
+    recs[1].extra["speedup_over_bf16"] = (1.0 / r) if r else None
+    recs[1].extra["target"] = ">= 1.45x the bf16-mixed step (torchao tensorwise compiled: 1.40x)"
+    return recs
 
 
-def _gemv_rows(plan: Plan) -> list[Row]:
-    from bench.workloads import jax_nf4_gemv, micro_record, torch_nf4_gemv
+def _jax_fp8_rows(plan: Plan, recipe: str = "delayed") -> list[Record]:
+    """Precision("bf16-mixed,fp8=<recipe>") (native fp8 dot_general) vs Precision("bf16-mixed")."""
+    import jax
+    import jax.numpy as jnp
+    import optax
 
-    d_in, d_out = plan.gemv
-    work = f"nf4-gemv-{d_in}x{d_out}"
-    rows = []
-    for backend, make in (("torch", lambda: torch_nf4_gemv(d_in, d_out, plan.device)),
-                          ("jax", lambda: jax_nf4_gemv(d_in, d_out))):
-        fn = (lambda make=make, backend=backend: [micro_record(
-            make(), workload=work, policy="nf4", device=plan.device if backend == "torch" else None,
-            policy_spec=policy_row("nf4").canonical(), **plan.timing)])
-        rows.append(Row(f"{backend} nf4 GEMV", _guarded(fn, backend, "nf4", plan, work), 5 * plan.scale + 1,
-                        placeholders=lambda b=backend: [Record(workload=work, backend=b, policy="nf4")]))
-    return rows
+    from dualprec_jax import Precision
+    from dualprec_jax import fp8 as jfp8
+
+    _free()
+    MLPStack, x = _jax_mlp(plan)
+    plain = MLPStack(plan.d, plan.hidden, plan.blocks)
+    tx = optax.adamw(1e-4)
+
+    def make(spec):
+        def build():
+            prec = Precision(spec)
+            variables = prec.init(plain, jax.random.key(0), x)
+            has_state = set(variables) != {"params"}
+
+            def step(state, x):
+                v, opt = state
+                g = jax.grad(lambda w: _jax_loss(prec.apply(plain, w, x)))(v)
+                u, opt = tx.update(g["params"], opt, v["params"])
+                new = {**v, "params": optax.apply_updates(v["params"], u)}
+                if has_state:
+                    new = jfp8.apply_fp8_grads(new, g)
+                return new, opt
+            return step, (variables, tx.init(variables["params"]))
+        return build
+
+    t = _time_jax({"hand": make("bf16-mixed"), "fp8": make(f"bf16-mixed,fp8={recipe}")}, x, **plan.timing)
+    policy = f"fp8-{recipe}-vs-bf16"
+    recs = [_record(plan, "jax", policy, "hand", "jit", t["hand"], what="Precision('bf16-mixed') (the baseline)"),
+            _record(plan, "jax", policy, "fp8", "jit", t["fp8"],
+                    what=f"Precision('bf16-mixed,fp8={recipe}'): native float8 lax.dot_general")]
+    r = _ratio(recs, "fp8", "hand")
+    recs[1].extra["speedup_over_bf16"] = (1.0 / r) if r else None
+    recs[1].extra["target"] = ">= 1.6x the bf16-mixed step (Flax Fp8DirectDotGeneralOp: 1.56x)"
+    return recs
+
+
+# --------------------------------------------------------------------------- (d) nf4
+
+
+def _nf4_shapes(plan: Plan):
+    d_in, d_out, tokens = plan.nf4
+    return d_in, d_out, (("batched", tokens, 1), ("gemv", 1, plan.gemv_inner))
+
+
+def _torch_nf4_rows(plan: Plan) -> list[Record]:
+    """dualprec_torch.quant (Precision's quantize_module) vs a plain bitsandbytes Linear4bit,
+    the same weight, forward only (inference), at `tokens` tokens and at 1 token."""
+    import torch
+    from torch import nn
+
+    import bitsandbytes as bnb  # noqa: F401  (ImportError -> "unavailable")
+    from dualprec import Policy
+    from dualprec_torch.quant import quantize_module
+
+    _free()
+    dev = plan.device
+    d_in, d_out, shapes = _nf4_shapes(plan)
+    torch.manual_seed(0)
+    w = torch.randn(d_out, d_in) * 0.02
+    ref = bnb.nn.Linear4bit(d_in, d_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    ref.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4")
+    ref = ref.to(dev)
+    lin = nn.Linear(d_in, d_out, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    ours = quantize_module(nn.Sequential(lin), Policy.parse("bf16-mixed,quant=nf4"), dev)
+    recs = []
+    for shape, tokens, inner in shapes:
+        x = torch.randn(tokens, d_in, device=dev, dtype=torch.bfloat16)
+
+        def loop(layer, x=x, inner=inner):
+            with torch.inference_mode():
+                for _ in range(inner):
+                    y = layer(x)
+            return y
+        t = _time_torch({"bitsandbytes": lambda: loop(ref), "dualprec": lambda: loop(ours)}, dev,
+                        warmup=plan.timing["warmup"], rounds=plan.timing["rounds"], steps=plan.timing["steps"])
+        flops = 2.0 * tokens * d_in * d_out
+        work = f"nf4-{d_in}x{d_out}-t{tokens}"
+        pair = []
+        for impl in ("bitsandbytes", "dualprec"):
+            tt = t[impl]
+            if "samples" in tt:
+                tt = {**tt, "samples": [s / inner for s in tt["samples"]]}  # seconds per call
+            pair.append(_record(plan, "torch", "nf4", "hand" if impl == "bitsandbytes" else impl, "eager", tt,
+                                workload=work, flops=flops, shape=shape, calls_per_step=inner,
+                                what={"bitsandbytes": "bnb.nn.Linear4bit nf4, bf16 compute",
+                                      "dualprec": "dualprec_torch.quant.quantize_module(nf4)"}[impl]))
+        try:
+            with torch.inference_mode():
+                diff = float((ref(x).float() - ours(x).float()).abs().max())
+            pair[1].extra["max_abs_diff_vs_bitsandbytes"] = diff
+        except Exception as e:
+            pair[1].extra["max_abs_diff_vs_bitsandbytes"] = f"{type(e).__name__}: {e}"[:200]
+        pair[1].extra["ratio_to_bitsandbytes"] = _ratio(pair, "dualprec", "hand")
+        if pair[0].ok:
+            _SHARED[f"bnb-{shape}"] = pair[0].step_time["median"]
+        recs += pair
+    if dev == "cuda":
+        recs[-1].extra["gemv_floor_s"] = d_in * d_out / 2 / 4.8e12  # nf4 bytes at 4.8 TB/s
+    return recs
+
+
+def _jax_nf4_rows(plan: Plan) -> list[Record]:
+    """dualprec_jax.quant.QuantDense (nf4, bf16 compute) at the same shapes, forward only; the
+    `inner` calls of the 1-token row run inside one jit (a fori_loop), so Python dispatch is
+    not what is timed. Ratios are to the bitsandbytes times of the torch nf4 row."""
+    import jax
+    import jax.numpy as jnp
+
+    from dualprec_jax.quant import QuantDense
+
+    _free()
+    d_in, d_out, shapes = _nf4_shapes(plan)
+    layer = QuantDense(d_out, mode="nf4", use_bias=False, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    variables = layer.init(jax.random.key(0), jnp.zeros((1, d_in), jnp.bfloat16))
+    recs = []
+    for shape, tokens, inner in shapes:
+        x = jax.random.normal(jax.random.key(1), (tokens, d_in), jnp.bfloat16)
+
+        def make_loop(inner=inner, tokens=tokens):
+            def step(state, x):
+                v, acc = state
+
+                def body(i, carry):
+                    xi, a = carry
+                    # the float leaves (absmax) depend on the carry, so XLA cannot hoist the
+                    # dequantization out of the loop; x * 0 is not folded for floats
+                    vi = jax.tree.map(lambda l: l * (1 + 0 * a[0]).astype(l.dtype)
+                                      if jnp.issubdtype(l.dtype, jnp.floating) else l, v)
+                    y = layer.apply(vi, xi)
+                    return xi + y[:, :1] * 0, a + y[:, 0].astype(jnp.float32)  # a dependency, no CSE
+                xi, acc = jax.lax.fori_loop(0, inner, body, (x, acc))
+                return v, acc
+            # the state is donated: each variant gets its own copy of the quantized weights
+            return step, (jax.tree.map(jnp.copy, variables), jnp.zeros((tokens,), jnp.float32))
+
+        def make_dispatch(inner=inner):
+            def step(state, x):  # one call per jit; the Python loop below dispatches `inner` of them
+                v, _ = state
+                return v, layer.apply(v, x)
+            return step, (jax.tree.map(jnp.copy, variables), jnp.zeros((tokens, d_out), jnp.bfloat16))
+
+        t = _time_jax({"dualprec": make_loop}, x, **plan.timing)
+        td = _time_jax({"dualprec-dispatch": make_dispatch}, x, warmup=plan.timing["warmup"],
+                       rounds=plan.timing["rounds"], steps=plan.timing["steps"] * inner)
+        for impl, tt, per, what in (
+                ("dualprec", t["dualprec"], inner, f"{inner} calls in one jit (fori_loop)"),
+                ("dualprec-dispatch", td["dualprec-dispatch"], 1, "one jit call per forward, async dispatch")):
+            if "samples" in tt:
+                tt = {**tt, "samples": [s / per for s in tt["samples"]]}  # seconds per forward
+            rec = _record(plan, "jax", "nf4", impl, "jit", tt, workload=f"nf4-{d_in}x{d_out}-t{tokens}",
+                          flops=2.0 * tokens * d_in * d_out, shape=shape,
+                          what=f"dualprec_jax.quant.QuantDense nf4, bf16 compute, forward; {what}")
+            bnb_s = _SHARED.get(f"bnb-{shape}")
+            if rec.ok and bnb_s:
+                rec.extra["bitsandbytes_s"] = bnb_s
+                rec.extra["ratio_to_bitsandbytes"] = rec.step_time["median"] / bnb_s
+            rec.extra["target"] = "at least as fast as bitsandbytes (1-token floor ~7 us)"
+            recs.append(rec)
+    return recs
+
+
+# --------------------------------------------------------------------------- (e) memory
 
 
 def _memory_rows(plan: Plan) -> list[Row]:
     from bench.memory import memory_record
-    from bench.workloads import POLICIES
+    from bench.workloads import MLPConfig
 
+    cfg = (MLPConfig("mlp-smoke-1block", 64, 128, 1, 32) if plan.smoke
+           else MLPConfig("mlp-gpu-1block", 4096, 16384, 1, 2048))  # bytes/param do not depend on depth
     rows = []
     for backend in ("torch", "jax"):
-        for row in POLICIES:
-            def fn(backend=backend, label=row.label):
+        for label in ("bf16-mixed", "fp8-current", "nf4"):
+            def fn(backend=backend, label=label):
                 _free()
-                return [memory_record(plan.mem, backend, label, device=plan.device)]
-            rows.append(Row(f"memory {backend} {row.label}", _guarded(fn, backend, row.label, plan, plan.mem.name,
-                                                                      mode="memory"),
-                            (3 if backend == "torch" else 8) * plan.scale + 1,
-                            placeholders=lambda b=backend, l=row.label: [
-                                Record(workload=plan.mem.name, backend=b, policy=l, mode="memory")]))
+                return [memory_record(cfg, backend, label, device=plan.device)]
+            rows.append(Row(f"memory {backend} {label}",
+                            _guard_import(fn, plan, backend, label, ("hand",), "memory", cfg.name),
+                            (3 if backend == "torch" else 6) * plan.scale + 1, optional=True,
+                            placeholders=_placeholders(plan, backend, label, ("hand",), "memory", cfg.name)))
     return rows
+
+
+# --------------------------------------------------------------------------- plan
 
 
 def build_plan(plan: Plan) -> list[Row]:
-    """Every row, most important first; optional rows (torch.compile, the less asked-for
-    JAX policies) come last and run only if the budget still has room for them."""
-    rows = _gemm_rows(plan)
-    rows.append(_torch_pair_row(plan, "bf16-mixed"))
-    rows.append(_torch_pair_row(plan, "16-mixed"))
-    rows.append(_torch_pair_row(plan, "bf16-true"))
-    rows.append(_torch_pair_row(plan, "32-true", estimate=25.0))
-    rows.append(_jax_pair_row(plan, "bf16-mixed"))
-    rows.append(_jax_pair_row(plan, "bf16-true", estimate=25.0))
-    rows.append(_torch_pair_row(plan, "fp8-current"))
-    rows.append(_jax_pair_row(plan, "fp8-current"))
-    rows.append(_torch_pair_row(plan, "nf4", estimate=20.0))
-    rows.append(_jax_pair_row(plan, "nf4"))
-    rows += _gemv_rows(plan)
-    rows += _memory_rows(plan)
-    rows.append(_torch_pair_row(plan, "bf16-mixed", compiled=True, optional=True, estimate=90.0))
-    rows.append(_torch_pair_row(plan, "fp8-current", compiled=True, optional=True, estimate=60.0))
-    rows.append(_jax_pair_row(plan, "16-mixed", optional=True))
-    rows.append(_jax_pair_row(plan, "32-true", optional=True, estimate=35.0))
-    rows.append(_torch_pair_row(plan, "16-mixed", compiled=True, optional=True, estimate=90.0))
-    return rows
+    """Every row, most valuable first; the optional ones run only while the budget has room
+    for them and for every required row after them."""
+    s = plan.scale
+
+    def row(name, fn, backend, policy, impls, mode, estimate, optional=False):
+        return Row(name, _guard_import(fn, plan, backend, policy, impls, mode), estimate * s + 1,
+                   optional=optional, placeholders=_placeholders(plan, backend, policy, impls, mode))
+
+    rows = [
+        row("a jax bf16-mixed hand vs Precision vs autocast", lambda: _jax_precision_rows(plan), "jax",
+            "bf16-mixed", ("hand", "dualprec", "autocast"), "jit", 60),
+        row("b1 torch bf16-mixed eager hand vs Precision", lambda: _torch_precision_rows(plan, False), "torch",
+            "bf16-mixed", ("hand", "dualprec"), "eager", 15),
+        row("b2 torch bf16-mixed compiled hand vs Precision", lambda: _torch_precision_rows(plan, True), "torch",
+            "bf16-mixed", ("hand", "dualprec"), "compiled", 90),
+        row("c1 torch fp8 current vs bf16-mixed, compiled", lambda: _torch_fp8_rows(plan), "torch",
+            "fp8-vs-bf16", ("hand", "fp8"), "compiled", 90),
+        row("c2 jax fp8 delayed vs bf16-mixed", lambda: _jax_fp8_rows(plan, "delayed"), "jax",
+            "fp8-delayed-vs-bf16", ("hand", "fp8"), "jit", 50),
+        Row("d1 torch nf4 dualprec_torch.quant vs bitsandbytes",
+            _guard_import(lambda: _torch_nf4_rows(plan), plan, "torch", "nf4", ("hand", "dualprec"), "eager",
+                          "nf4"), 15 * s + 1,
+            placeholders=_placeholders(plan, "torch", "nf4", ("hand", "dualprec"), "eager", "nf4")),
+        Row("d2 jax nf4 QuantDense", _guard_import(lambda: _jax_nf4_rows(plan), plan, "jax", "nf4",
+                                                   ("dualprec", "dualprec-dispatch"),
+                                                   "jit", "nf4"), 20 * s + 1,
+            placeholders=_placeholders(plan, "jax", "nf4", ("dualprec", "dualprec-dispatch"), "jit", "nf4")),
+        row("e jax fp8 current vs bf16-mixed", lambda: _jax_fp8_rows(plan, "current"), "jax",
+            "fp8-current-vs-bf16", ("hand", "fp8"), "jit", 45, optional=True),
+    ]
+    return rows + _memory_rows(plan)
+
+
+def _summary(records: list[Record]) -> list[str]:
+    lines = []
+    for r in records:
+        st = r.step_time or {}
+        ms = f"{st['median'] * 1e3:9.3f} ms" if st.get("median") else " " * 12
+        keys = ("ratio_to_hand", "speedup_over_bf16", "ratio_to_bitsandbytes", "bit_identical")
+        bits = " ".join(f"{k}={r.extra[k]:.3f}" if isinstance(r.extra.get(k), float) else f"{k}={r.extra[k]}"
+                        for k in keys if r.extra.get(k) is not None)
+        tf = f"{r.tflops:7.1f} TF/s" if r.tflops else ""
+        lines.append(f"{r.workload:28s} {r.backend:5s} {r.policy:20s} {r.impl:12s} {r.mode:8s} {ms} {tf} "
+                     f"{r.status} {bits}")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -292,8 +692,11 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=None, help=f"seconds (default {GPU_BUDGET_S:.0f}, "
                                                                    f"smoke {SMOKE_BUDGET_S:.0f})")
     parser.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
+    parser.add_argument("--only", default=None, help="comma-separated row prefixes to run (e.g. a,c1)")
     args = parser.parse_args(argv)
     guard = BudgetGuard(args.budget or (SMOKE_BUDGET_S if args.smoke else GPU_BUDGET_S))
+    if args.smoke:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     import torch  # noqa: F401  (loaded first so the environment names the GPU)
 
@@ -303,14 +706,18 @@ def main(argv=None) -> int:
     name = "gpu-smoke" if args.smoke else "gpu"
     path = results_path(name, env, _out_dir(args.out))
     results = ResultsFile(path, name=name, env=env, meta={"smoke": args.smoke, "budget_s": guard.budget_s,
-                                                          "device": plan.device, "workload": plan.mlp.name})
+                                                          "device": plan.device, "workload": plan.workload,
+                                                          "params": plan.params, "script": "bench/gpu_run.py"})
     print(f"results -> {path}", flush=True)
-    records = run_rows(build_plan(plan), guard, results, log=lambda m: print(m, flush=True))
-    from rich.console import Console
-    console = Console(width=160)
-    console.print(rich_table(records, title=f"{name} {env['machine']} {env['date']}"))
+    rows = build_plan(plan)
+    if args.only:
+        wanted = tuple(p.strip() + " " for p in args.only.split(","))
+        rows = [r for r in rows if r.name.startswith(wanted)]
+    records = run_rows(rows, guard, results, log=lambda m: print(m, flush=True))
+    for line in _summary(records):
+        print(line, flush=True)
     for line in reasons(records):
-        console.print(f"  {line}", highlight=False)
+        print(f"  {line}", flush=True)
     print(f"total {guard.elapsed():.1f}s; wrote {path}", flush=True)
     return 0
 

@@ -43,8 +43,8 @@ def test_gpu_plan_orders_rows_by_importance():
 
     rows = build_plan(Plan(smoke=True))
     names = [r.name for r in rows]
-    assert names[0].startswith("torch GEMM")
-    assert names.index("torch bf16-mixed eager hand vs dualprec") < names.index("jax bf16-mixed hand vs dualprec")
+    assert names[0].startswith("a jax bf16-mixed")  # the re-measure after the custom-VJP fix
+    assert names.index("b1 torch bf16-mixed eager hand vs Precision") < names.index("c1 torch fp8 current vs bf16-mixed, compiled")
     optional = [r for r in rows if r.optional]
     assert optional and all(r.optional for r in rows[rows.index(optional[0]):])
-    assert any("compiled" in r.name for r in optional)
+    assert any("compiled" in r.name for r in rows if not r.optional)
