@@ -82,28 +82,49 @@ def _quantize(t: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
     return (t.detach().to(torch.float32) * scale).clamp(-fp8_max, fp8_max).to(_TORCH_FP8[fmt])
 
 
-def _record(scale_bits: torch.Tensor, history_bits: torch.Tensor, role: int, amax: torch.Tensor,
-            recipe: FP8Recipe, fmt: str) -> None:
-    """Roll ``role``'s history (newest at 0), write ``amax``, store the next scale (in place)."""
-    history = torch.roll(history_bits[role].view(torch.float32), -1)
-    history = torch.cat([amax.reshape(1), history[1:]])
+_STALE = len(ROLES)  # fp8_step_flags[_STALE] == 1: the next training forward begins a step
+
+
+def _record(state, role: int, amax: torch.Tensor, recipe: FP8Recipe, fmt: str) -> None:
+    """Record ``role``'s amax for the current step and store the next scale (in place).
+
+    The step's first record of a role shifts its history left by one and writes ``amax`` at
+    index 0; a later record in the same step (a reused layer) takes the max with entry 0, so
+    the history rolls once per step (Flax's fp32_max_grad, the JAX engine's rule). The next
+    scale comes from the reduced history, falling back to the scale the step used.
+    """
+    scale_bits, history_bits, step_bits, flags = state
+    old = history_bits[role].view(torch.float32)
+    amax = amax.reshape(1)
+    rolled = torch.cat([amax, torch.roll(old, -1)[1:]])
+    merged = torch.cat([torch.maximum(old[:1], amax), old[1:]])
+    history = torch.where(flags[role] == 0, rolled, merged)
     reduced = history.amax() if recipe.amax_algo == "max" else history[0]
-    previous = scale_bits[role].view(torch.float32)
-    scale = _scale_from_amax(reduced, previous, FP8_MAX[fmt], recipe.margin)
+    scale = _scale_from_amax(reduced, step_bits[role].view(torch.float32), FP8_MAX[fmt], recipe.margin)
     history_bits[role].copy_(history.view(torch.int32))
     scale_bits[role].copy_(scale.view(torch.int32))
+    flags[role].fill_(1)
 
 
-def _scale_for(t: torch.Tensor, role: int, recipe: FP8Recipe, scale_bits, history_bits, fmt: str,
-               record: bool) -> torch.Tensor:
-    """The scale ``t`` is quantized with (recording its amax under delayed scaling)."""
-    if recipe.scaling == "current":
-        one = torch.ones((), dtype=torch.float32, device=t.device)
-        return _scale_from_amax(_amax(t), one, FP8_MAX[fmt], 0)
-    scale = scale_bits[role].view(torch.float32).clone()
-    if record:
-        _record(scale_bits, history_bits, role, _amax(t), recipe, fmt)
-    return scale
+def _begin_step(state) -> None:
+    """A new step when the last one is closed: its scales are the stored (next) scales and no
+    role has recorded yet. Tensor ops only (no host sync, no graph break)."""
+    scale_bits, _, step_bits, flags = state
+    stale = flags[_STALE] != 0
+    step_bits.copy_(torch.where(stale, scale_bits, step_bits))
+    flags.copy_(torch.where(stale, torch.zeros_like(flags), flags))
+
+
+def _in_backward() -> bool:
+    """True inside a backward pass (an activation-checkpoint recompute): it never begins a step."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+def _current_scale(t: torch.Tensor, fmt: str) -> torch.Tensor:
+    one = torch.ones((), dtype=torch.float32, device=t.device)
+    return _scale_from_amax(_amax(t), one, FP8_MAX[fmt], 0)
 
 
 # --------------------------------------------------------------------------- GEMM
@@ -148,13 +169,17 @@ def fp8_gemm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: tor
 
 
 class _FP8Matmul(torch.autograd.Function):
-    """y = x @ w.T from FP8 operands quantized by the caller; the backward quantizes the output
-    gradient itself (recording its amax under delayed scaling) and runs both gradient GEMMs
-    in FP8."""
+    """y = x @ w.T from FP8 operands quantized by the caller; the backward records the call's
+    amaxes under delayed scaling (input, weight: computed by the forward; the output
+    gradient), quantizes the output gradient and runs both gradient GEMMs in FP8."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, xq, x_inv, wq, w_inv, scale_bits, history_bits, layer):
-        ctx.save_for_backward(xq, x_inv, wq, w_inv, scale_bits, history_bits)
+    def forward(ctx, x2d, weight, xq, x_inv, wq, w_inv, amaxes, scale_bits, history_bits, step_bits, flags,
+                layer):
+        ctx.save_for_backward(xq, x_inv, wq, w_inv, amaxes)
+        # The state is not a saved tensor: other calls of the layer write it before this
+        # call's backward runs (a reused layer), which saved tensors' version check forbids.
+        ctx.state = (scale_bits, history_bits, step_bits, flags)
         ctx.layer = layer
         ctx.x_dtype, ctx.w_dtype = x2d.dtype, weight.dtype
         return fp8_gemm(xq, wq, x_inv, w_inv, layer.out_dtype, pad=layer.pad, emulate=layer.emulate,
@@ -162,10 +187,18 @@ class _FP8Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        xq, x_inv, wq, w_inv, scale_bits, history_bits = ctx.saved_tensors
-        layer = ctx.layer
+        xq, x_inv, wq, w_inv, amaxes = ctx.saved_tensors
+        state, layer = ctx.state, ctx.layer
         fmt = role_format("grad_output", layer.recipe)
-        g_scale = _scale_for(grad, _GRAD, layer.recipe, scale_bits, history_bits, fmt, record=layer.record)
+        if layer.recipe.scaling == "current":
+            g_scale = _current_scale(grad, fmt)
+        else:
+            g_scale = state[2 if layer.record else 0][_GRAD].view(torch.float32).clone()
+            if layer.record:
+                _record(state, _INPUT, amaxes[0], layer.recipe, role_format("input", layer.recipe))
+                _record(state, _WEIGHT, amaxes[1], layer.recipe, role_format("weight", layer.recipe))
+                _record(state, _GRAD, _amax(grad), layer.recipe, fmt)
+                state[3][_STALE].fill_(1)  # the next training forward begins the next step
         gq, g_inv = _quantize(grad, g_scale, fmt), _div(1.0, g_scale)
         opts = dict(pad=layer.pad, emulate=layer.emulate)
         dx = dw = None
@@ -173,7 +206,7 @@ class _FP8Matmul(torch.autograd.Function):
             dx = fp8_gemm(gq, wq.t(), g_inv, w_inv, ctx.x_dtype, **opts)
         if ctx.needs_input_grad[1]:
             dw = fp8_gemm(gq.t(), xq.t(), g_inv, x_inv, ctx.w_dtype, **opts)
-        return dx, dw, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None, None, None
 
 
 class _CallInfo:
@@ -229,10 +262,27 @@ class FP8Linear(nn.Linear):
             zeros = torch.zeros(len(ROLES), recipe.history_len, dtype=torch.float32, device=device)
             self.register_buffer("fp8_scale_bits", ones.view(torch.int32).clone())
             self.register_buffer("fp8_amax_history_bits", zeros.view(torch.int32).clone())
+            # the current step (not saved: a step ends with its backward, before a checkpoint):
+            # its scales, and per role whether it recorded, plus the "next forward begins a step" flag
+            self.register_buffer("fp8_step_scale_bits", ones.view(torch.int32).clone(), persistent=False)
+            flags = torch.zeros(len(ROLES) + 1, dtype=torch.int32, device=device)
+            flags[_STALE] = 1
+            self.register_buffer("fp8_step_flags", flags, persistent=False)
         else:
             self.fp8_scale_bits = self.fp8_amax_history_bits = None
+            self.fp8_step_scale_bits = self.fp8_step_flags = None
         if device.type == "cuda":
             check_device(device, emulate=self.emulate)
+
+    def _end_step(self) -> None:
+        """Close the current step: the next training forward begins one on the stored scales."""
+        if self.fp8_step_flags is not None:
+            with torch.no_grad():
+                self.fp8_step_flags[_STALE] = 1
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._end_step()  # loaded scales: the next step starts from them
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
@@ -249,19 +299,31 @@ class FP8Linear(nn.Linear):
             out_dtype = torch.get_autocast_dtype(x.device.type)
         else:
             out_dtype = x.dtype if x.is_floating_point() else torch.float32
-        record = self.training and self.recipe.scaling == "delayed"
-        info = _CallInfo(self.recipe, out_dtype, self.pad, self.emulate, record and torch.is_grad_enabled(),
-                         self.fast_accum)
         fmt = role_format("input", self.recipe)  # the forward roles share E4M3
-        x_scale = _scale_for(x2d, _INPUT, self.recipe, self.fp8_scale_bits, self.fp8_amax_history_bits,
-                             fmt, record)
-        w_scale = _scale_for(self.weight, _WEIGHT, self.recipe, self.fp8_scale_bits,
-                             self.fp8_amax_history_bits, fmt, record)
+        if self.recipe.scaling == "current":
+            x_scale, w_scale = _current_scale(x2d, fmt), _current_scale(self.weight, fmt)
+            state, amaxes, record = (x_scale,) * 4, x_scale, False  # placeholders keep apply's arity
+        else:
+            # One recipe step per training step: the calls of the layer up to its backward
+            # (a reused layer: several) quantize with the step's scales; each call's amaxes
+            # are recorded by its backward, combined with max within the step.
+            state = (self.fp8_scale_bits, self.fp8_amax_history_bits, self.fp8_step_scale_bits,
+                     self.fp8_step_flags)
+            if self.training and not _in_backward():
+                _begin_step(state)
+            bits = (state[2] if self.training else state[0]).view(torch.float32)
+            x_scale, w_scale = bits[_INPUT].clone(), bits[_WEIGHT].clone()
+            record = self.training and torch.is_grad_enabled()
+            amaxes = torch.stack([_amax(x2d), _amax(self.weight)]) if record else x_scale
+            if record and not (x2d.requires_grad or self.weight.requires_grad):
+                # no backward will run (nothing to differentiate): record here, one step per call
+                _record(state, _INPUT, amaxes[0], self.recipe, fmt)
+                _record(state, _WEIGHT, amaxes[1], self.recipe, fmt)
+                state[3][_STALE].fill_(1)
+                record = False
+        info = _CallInfo(self.recipe, out_dtype, self.pad, self.emulate, record, self.fast_accum)
         xq, wq = _quantize(x2d, x_scale, fmt), _quantize(self.weight, w_scale, fmt)
-        state = (self.fp8_scale_bits, self.fp8_amax_history_bits)
-        if state[0] is None:  # current scaling: no state (placeholders keep apply's arity)
-            state = (x_scale, x_scale)
-        y = _FP8Matmul.apply(x2d, self.weight, xq, _div(1.0, x_scale), wq, _div(1.0, w_scale),
+        y = _FP8Matmul.apply(x2d, self.weight, xq, _div(1.0, x_scale), wq, _div(1.0, w_scale), amaxes,
                              *state, info)
         if self.bias is not None:
             y = y + self.bias.to(out_dtype)
@@ -458,3 +520,4 @@ def load_state_tensors(model: nn.Module, tensors, *, strict: bool = True) -> Non
             with torch.no_grad():
                 module.fp8_scale_bits[i].copy_(scale.view(torch.int32).to(device))
                 module.fp8_amax_history_bits[i].copy_(history.contiguous().view(torch.int32).to(device))
+        module._end_step()

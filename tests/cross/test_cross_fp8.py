@@ -220,3 +220,78 @@ def test_fp8_state_crosses_backends_in_the_precision_checkpoint(tmp_path):
     _torch_run(tmodel, xs[half:], cs[half:])
     _assert_states_equal(jfp8.state_tensors(v), _np(tfp8.state_tensors(tmodel)), "after resume")
 
+
+
+class _Reused(nn.Module):
+    @nn.compact
+    def __call__(self, x1, x2):
+        dense = nn.Dense(OUT, name="fc1")  # one layer, two calls per step
+        return dense(x1), dense(x2)
+
+
+def _ref_state(state, amaxes, recipe):
+    for role in ref.ROLES:
+        state = ref.fp8_delayed_update(state, role, amaxes[role], recipe)
+    return {f"fp8.fc1.{r}.{f}": getattr(state[r], "scale" if f == "scale" else "amax_history")
+            for r in ref.ROLES for f in ("scale", "amax_history")}, state
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_layer_called_twice_per_step_agrees_across_backends(name):
+    """One layer called on two inputs before one backward: both backends quantize both calls
+    with the step's scales, record the max of the two amaxes per role and roll once."""
+    policy = POLICIES[name]
+    recipe = Policy.parse(policy).fp8
+    torch.manual_seed(0)
+    tmodel = _TorchModel(recipe).train()
+    w, b = tmodel.fc1.weight.detach().numpy().copy(), tmodel.fc1.bias.detach().numpy().copy()
+    (xs1, cs1), (xs2, cs2) = _data(7), _data(8)
+    xs2[5] = np.zeros_like(xs2[5])  # one call's amax 0, the other's not
+    cs2[6] = np.nan_to_num(cs2[6])  # a NaN output gradient in one call only
+    steps = 7
+
+    prec, model = Precision(policy), _Reused()
+    v = prec.init(model, jax.random.PRNGKey(0), xs1[0], xs2[0])
+    v = {**v, "params": {"fc1": {"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}}}
+
+    @jax.jit
+    def step(v, x1, x2, c1, c2):
+        _, vjp = jax.vjp(lambda v: prec.apply(model, v, x1, x2), v)
+        return vjp((c1, c2))[0]
+
+    state = ref.fp8_delayed_init(recipe)
+    for t in range(steps):
+        v = jfp8.apply_fp8_grads(v, step(v, *(jnp.asarray(a[t]) for a in (xs1, xs2, cs1, cs2))))
+        x1, x2 = (torch.tensor(a[t], requires_grad=True) for a in (xs1, xs2))
+        y1, y2 = tmodel.fc1(x1), tmodel.fc1(x2)
+        ((y1 * torch.tensor(cs1[t])).sum() + (y2 * torch.tensor(cs2[t])).sum()).backward()
+        amaxes = {"input": np.maximum(ref.amax(xs1[t]), ref.amax(xs2[t])), "weight": ref.amax(w),
+                  "grad_output": np.maximum(ref.amax(cs1[t]), ref.amax(cs2[t]))}
+        want, state = _ref_state(state, amaxes, recipe)
+        got_jax, got_torch = jfp8.state_tensors(v, prec.policy), _np(tfp8.state_tensors(tmodel))
+        _assert_states_equal(got_jax, got_torch, f"step {t} jax vs torch")
+        _assert_states_equal(got_jax, want, f"step {t} jax vs ref")
+
+
+def test_gradient_accumulation_steps_the_recipe_per_micro_batch_in_both_backends():
+    """Two micro-batches per optimizer step, each with its own backward (torch: .grad
+    accumulates; JAX: a gradient evaluation each, the FP8 state applied after each, as
+    TrainState.apply_gradients under optax.MultiSteps does): one recipe step per micro-batch."""
+    policy = POLICIES["hybrid"]
+    torch.manual_seed(0)
+    tmodel = _TorchModel(Policy.parse(policy).fp8).train()
+    w, b = tmodel.fc1.weight.detach().numpy().copy(), tmodel.fc1.bias.detach().numpy().copy()
+    xs, cs = _data(9)
+    prec, v, step = _jax_setup(policy, w, b)
+    for t in range(0, 6, 2):
+        jax_grad = 0
+        for micro in (t, t + 1):
+            _, _, gv = step(v, jnp.asarray(xs[micro]), jnp.asarray(cs[micro]))
+            v = jfp8.apply_fp8_grads(v, gv)
+            jax_grad = jax_grad + np.asarray(gv["params"]["fc1"]["kernel"])
+            tmodel.fc1(torch.tensor(xs[micro], requires_grad=True)).backward(torch.tensor(cs[micro]))
+            _assert_states_equal(jfp8.state_tensors(v, prec.policy), _np(tfp8.state_tensors(tmodel)),
+                                 f"micro-batch {micro}")
+        tgw = tmodel.fc1.weight.grad.numpy().T
+        np.testing.assert_allclose(jax_grad, tgw, rtol=1e-5, atol=1e-5 * np.abs(tgw).max())
+        tmodel.fc1.weight.grad = tmodel.fc1.bias.grad = None

@@ -74,6 +74,87 @@ def test_delayed_scales_and_histories_equal_the_reference(recipe):
     assert len(set(scales)) == 3 and 1.0 not in scales  # the test moved every scale
 
 
+def _reuse_step(layer, xs, gs, spy=None):
+    """One training step calling ``layer`` once per input, one backward for all calls."""
+    xs = [x.clone().requires_grad_() for x in xs]
+    ys = [layer(x) for x in xs]
+    sum((y * g).sum() for y, g in zip(ys, gs)).backward()
+    return xs
+
+
+def _ref_reuse_step(state, xs, w, gs, recipe):
+    """The JAX rule on the reference: per role, the max of the calls' amaxes, one update."""
+    amaxes = {"input": np.max([ref.amax(_np(x)) for x in xs]), "weight": ref.amax(w),
+              "grad_output": np.max([ref.amax(_np(g)) for g in gs])}
+    for role in ref.ROLES:
+        state = ref.fp8_delayed_update(state, role, amaxes[role], recipe)
+    return state
+
+
+@pytest.mark.parametrize("recipe", RECIPES[:2], ids=["hist16", "e4m3-recent-margin2"])
+def test_reused_layer_quantizes_with_one_scale_and_rolls_once_per_step(monkeypatch, recipe):
+    """A layer called twice before its backward: both calls quantize with the step's scales, the
+    amaxes combine with max, the history rolls once (the JAX engine's rule); a zero input, an
+    infinite input and a NaN gradient in one of the calls among the steps."""
+    layer, state, gen = _layer(recipe), ref.fp8_delayed_init(recipe), torch.Generator().manual_seed(11)
+    for step in range(10):
+        (x1, g1), (x2, g2) = _step_tensors(step, gen), _step_tensors(step + 3, gen)
+        spy = _Spy(monkeypatch)
+        _reuse_step(layer, [x1, x2], [g1, g2])
+        forward = [c for c in spy.calls if c[0].shape == (24, 48)]  # the two forward GEMMs
+        backward = [c for c in spy.calls if c[0].shape == (24, 32)]  # dX of each call
+        assert len(forward) == len(backward) == 2
+        for inv, role in [(c[2], "input") for c in forward] + [(c[3], "weight") for c in forward] + \
+                [(c[2], "grad_output") for c in backward]:
+            assert _np(inv) == np.float32(1.0) / state[role].scale, (step, role)
+        state = _ref_reuse_step(state, [x1, x2], _np(layer.weight), [g1, g2], recipe)
+        _assert_state_equal(layer, state, f"step {step}")
+
+
+def test_each_backward_ends_a_step_gradient_accumulation_included():
+    """Micro-batches with a backward each are a step each (JAX: one gradient evaluation per
+    micro-batch); forwards without a backward (grad mode off, an output never differentiated)
+    record nothing; a model reloaded mid-step starts the next step from the loaded scales."""
+    recipe = FP8Recipe(history_len=4)
+    layer, state, gen = _layer(recipe), ref.fp8_delayed_init(recipe), torch.Generator().manual_seed(12)
+    for step in range(3):
+        for micro in range(2):  # accumulation: .grad sums, the recipe steps per backward
+            x, g = _step_tensors(2 * step + micro, gen)
+            with torch.no_grad():
+                layer(x * 1e4)  # grad mode off: quantizes, records nothing
+            layer(x * 1e5)  # never differentiated: records nothing
+            _reuse_step(layer, [x], [g])
+            state = _ref_reuse_step(state, [x], _np(layer.weight), [g], recipe)
+            _assert_state_equal(layer, state, f"step {step}.{micro}")
+    saved = fp8.state_tensors(layer)
+    x, g = _step_tensors(7, gen)
+    y = layer(x.clone().requires_grad_())  # a step begins ...
+    fp8.load_state_tensors(layer, saved)  # ... and a load ends it
+    _reuse_step(layer, [x], [g])
+    _assert_state_equal(layer, _ref_reuse_step(state, [x], _np(layer.weight), [g], recipe), "after load")
+    del y
+
+
+def test_checkpoint_recompute_of_a_reused_layer_changes_nothing():
+    """torch.utils.checkpoint recomputes the calls inside the backward: same scales, same state."""
+    from torch.utils.checkpoint import checkpoint
+
+    recipe = FP8Recipe(history_len=4)
+    plain, ckpt = _layer(recipe), _layer(recipe)
+    gen = torch.Generator().manual_seed(13)
+    for step in range(3):
+        (x1, g1), (x2, g2) = _step_tensors(step, gen), _step_tensors(step + 2, gen)
+        grads = []
+        for layer, wrap in ((plain, False), (ckpt, True)):
+            xs = [x.clone().requires_grad_() for x in (x1, x2)]
+            ys = [checkpoint(layer, x, use_reentrant=False) if wrap else layer(x) for x in xs]
+            ((ys[0] * g1).sum() + (ys[1] * g2).sum()).backward()
+            grads.append([x.grad for x in xs])
+        a, b = fp8.state_tensors(plain), fp8.state_tensors(ckpt)
+        assert all(nan_equal(_np(a[k]), _np(b[k])) for k in a), step
+        assert all(torch.equal(p, q) for p, q in zip(*grads)), step
+
+
 class _Spy:
     """Records every FP8 GEMM's operands (fp8_gemm is looked up at call time)."""
 
