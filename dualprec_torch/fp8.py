@@ -8,11 +8,14 @@ An `FP8Linear` runs its three GEMMs on FP8 operands: input and weight in E4M3, t
 gradient in E5M2 under the "hybrid" format (E4M3 under "e4m3"). Every cast is saturating
 (clip to +-fp8_max, then cast) and the numbers are those of `dualprec.ref.fp8`:
 
-* delayed scaling (Transformer Engine's DelayedScaling): a training forward quantizes the
-  input and weight with the scales held in the layer's state, then records their amaxes and
-  computes the next scales; the backward does the same for the output gradient. Each call
-  of the layer is one step of the recipe (a layer called twice per iteration, or once per
-  micro-batch, advances its history each time). Eval-mode calls quantize without recording.
+* delayed scaling (Transformer Engine's DelayedScaling): a step quantizes the input, the
+  weight and the output gradient with the scales held in the layer's state, then records
+  their amaxes and computes the next scales. One step is one forward/backward pass (the
+  JAX engine's step): every call of a layer before its backward (a reused layer: several)
+  quantizes with the step's scales, each call's backward records its amaxes, combined with
+  max within the step, and the history rolls once; the next training forward after a
+  backward begins the next step. Calls whose backward never runs (no_grad, eval mode)
+  record nothing.
 * current scaling: every tensor is scaled by fp8_max / its own amax (amax 0 -> scale 1).
 
 The state of a delayed-scaling layer (per role: a float32 scale and an amax history, newest
