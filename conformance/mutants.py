@@ -124,10 +124,17 @@ def softmax_half():
     return _setattr(ops, "softmax", lambda x, axis=-1: jax.nn.softmax(x, axis=axis))
 
 
+@contextlib.contextmanager
 def override_ignored():
     from dualprec_jax import flax_linen as fl
 
-    return _setattr(fl, "module_path", lambda module: "")
+    orig = fl._intercept
+
+    def intercept(policy, *rest):  # the layers get the top-level policy, overrides dropped
+        return orig(dataclasses.replace(policy, overrides=()), *rest)
+
+    with _fresh_op_dtypes(), _setattr(fl, "_intercept", intercept):
+        yield
 
 
 @contextlib.contextmanager
