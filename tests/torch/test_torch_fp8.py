@@ -135,6 +135,23 @@ def test_each_backward_ends_a_step_gradient_accumulation_included():
     del y
 
 
+def test_a_call_with_nothing_to_differentiate_records_in_its_forward():
+    """A frozen layer on an input without gradient has no backward: each call records its
+    input and weight amaxes and is a step of its own (grad mode on; off records nothing)."""
+    recipe = FP8Recipe(history_len=4)
+    layer, state, gen = _layer(recipe), ref.fp8_delayed_init(recipe), torch.Generator().manual_seed(14)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    for step in range(3):
+        x, _ = _step_tensors(step, gen)
+        assert not layer(x).requires_grad
+        with torch.no_grad():
+            layer(x * 1e3)
+        for role, a in (("input", ref.amax(_np(x))), ("weight", ref.amax(_np(layer.weight)))):
+            state = ref.fp8_delayed_update(state, role, a, recipe)
+        _assert_state_equal(layer, state, f"step {step}")
+
+
 def test_checkpoint_recompute_of_a_reused_layer_changes_nothing():
     """torch.utils.checkpoint recomputes the calls inside the backward: same scales, same state."""
     from torch.utils.checkpoint import checkpoint
