@@ -120,9 +120,10 @@ def _begin_step(state) -> None:
 
 def _in_backward() -> bool:
     """True inside a backward pass (an activation-checkpoint recompute): it never begins a step."""
-    if torch.compiler.is_compiling():
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    if task is None or torch.compiler.is_compiling():
         return False
-    return torch._C._current_graph_task_id() != -1
+    return task() != -1
 
 
 def _current_scale(t: torch.Tensor, fmt: str) -> torch.Tensor:
