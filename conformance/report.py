@@ -101,7 +101,8 @@ def failure_lines(records: list[Record], limit: int = 12, width: int = 78) -> li
         if r.status == "skip":
             skips[r.reason.split(": ", 1)[-1][:90]].add(r.policy)
     if skips:
-        lines.append(f"skipped (cannot run here): {sum(len(v) for v in skips.values())} policy cells, e.g.")
+        n = len(set().union(*skips.values()))
+        lines.append(f"skipped (cannot run here): {n} {'policy' if n == 1 else 'policies'}, e.g.")
         for reason, ps in list(skips.items())[:3]:
             names = ", ".join(sorted(ps)[:3]) + (" ..." if len(ps) > 3 else "")
             lines.append(f"  {names}: {reason}"[: width * 2])
