@@ -26,6 +26,7 @@ longer fits the budget is recorded as "skipped: time budget"):
     d2 jax nf4 (dualprec_jax.quant.QuantDense) at the same shapes, ratio to d1's bitsandbytes      ~20 s
     e  optional: jax FP8 current scaling vs bf16-mixed (~45 s); bytes/param of a 1-block MLP,
        bf16-mixed / fp8-current / nf4, both backends (~30 s)
+    f  optional: jax bf16-true and 16-mixed, hand vs Precision (~40 s each; run if time is left)
 
 About 6 minutes in all (plus ~20 s of imports) at the default budget of 480 s; the process
 exits at budget + 60 s whatever it is doing (--hard-limit), so the device tool's 600 s per
@@ -676,7 +677,28 @@ def build_plan(plan: Plan) -> list[Row]:
         row("e jax fp8 current vs bf16-mixed", lambda: _jax_fp8_rows(plan, "current"), "jax",
             "fp8-current-vs-bf16", ("hand", "fp8"), "jit", 45, optional=True),
     ]
-    return rows + _memory_rows(plan)
+    rows += _memory_rows(plan)
+    for label in ("bf16-true", "16-mixed"):  # the rest of the old JAX re-measure, if time is left
+        rows.append(row(f"f jax {label} hand vs Precision", lambda label=label: _jax_measure_rows(plan, label), "jax",
+                        label, ("hand", "dualprec"), "jit", 40, optional=True))
+    return rows
+
+
+def _jax_measure_rows(plan: Plan, label: str) -> list[Record]:
+    """bench.gpu_jax.measure's pair (hand-written Flax with the policy's dtypes, jmp loss
+    scaling where jmp is installed, vs Precision) for another policy."""
+    from bench import gpu_jax
+
+    _free()
+    t = plan.timing
+    res = gpu_jax.measure(d_model=plan.d, d_hidden=plan.hidden, blocks=plan.blocks, tokens=plan.tokens,
+                          steps=t["steps"], warmup=t["warmup"], repeats=t["rounds"], policy=label)
+    recs = [_record(plan, "jax", label, impl, "jit",
+                    {"samples": res[key]["step_s_all"], "compile_s": res[key]["compile_s"]},
+                    what="bench.gpu_jax.measure")
+            for impl, key in (("hand", "hand"), ("dualprec", "precision"))]
+    recs[1].extra["ratio_to_hand"] = _ratio(recs, "dualprec", "hand")
+    return recs
 
 
 def _summary(records: list[Record]) -> list[str]:
