@@ -165,7 +165,7 @@ class TorchSession(Session):
         import torch.nn.functional as F
 
         logits = self._run(x)
-        # The loss runs in float32 at least (DESIGN.md): half outputs are upcast, float64 kept.
+        # The loss runs in float32 at least: half outputs are upcast, float64 kept.
         wide = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
         with self.prec.autocast():
             loss = F.cross_entropy(wide, torch.from_numpy(y))
