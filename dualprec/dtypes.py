@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import PolicyError, did_you_mean
 
-__all__ = ["FLOAT_DTYPES", "HALF_DTYPES", "canonical_dtype", "short_dtype", "dtype_bits"]
+__all__ = ["FLOAT_DTYPES", "HALF_DTYPES", "canonical_dtype", "short_dtype"]
 
 #: Canonical floating dtype names a policy may use, widest first.
 FLOAT_DTYPES = ("float64", "float32", "bfloat16", "float16")
@@ -29,7 +29,6 @@ _ALIASES = {
 }
 
 _SHORT = {"float64": "f64", "float32": "f32", "bfloat16": "bf16", "float16": "f16"}
-_BITS = {"float64": 64, "float32": 32, "bfloat16": 16, "float16": 16}
 
 
 def canonical_dtype(value: Any, *, what: str = "dtype") -> str:
@@ -67,6 +66,3 @@ def short_dtype(name: str) -> str:
     """jmp's short spelling of a canonical dtype name ("bfloat16" -> "bf16")."""
     return _SHORT[name]
 
-
-def dtype_bits(name: str) -> int:
-    return _BITS[name]
