@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import CheckpointError
 
-__all__ = ["FORMAT", "VERSION", "save", "load", "save_state", "load_state", "state_to_file",
+__all__ = ["FORMAT", "VERSION", "save", "load", "save_state", "load_state", "state_to_file", "loadable_extensions",
            "state_from_file", "new_state", "check_state", "StateExtension", "register_state_extension",
            "state_extensions"]
 
@@ -150,6 +150,20 @@ def register_state_extension(backend: str, name: str, state_tensors, load_state_
 
 def state_extensions(backend: str) -> dict[str, StateExtension]:
     return {name: ext for (b, name), ext in _EXTENSIONS.items() if b == backend}
+
+
+def loadable_extensions(backend: str, saved: Mapping[str, Mapping], strict: bool) -> list[tuple[StateExtension, Mapping]]:
+    """(extension, tensors) for each extension state in a checkpoint that ``backend`` has a
+    module for.  One it has none for is refused under ``strict`` and dropped otherwise."""
+    known = state_extensions(backend)
+    out = []
+    for name, tensors in saved.items():
+        if name in known:
+            out.append((known[name], tensors))
+        elif strict:
+            raise CheckpointError(f"the checkpoint carries {name!r} state, which dualprec_{backend} has no "
+                                  "module registered for; pass strict=False to drop it")
+    return out
 
 
 def new_state(policy, scale: float, counter: int, masters: Mapping[str, np.ndarray] | None = None,

@@ -315,18 +315,11 @@ class Precision(contract.Precision):
         if opt_state.master is not None and saved.master_weights:
             opt_state = opt_state._replace(master=self._load_masters(opt_state.master, state["master_weights"], strict))
         opt_state = opt_state._replace(skipped=jnp.asarray(False), nonfinite_leaf=jnp.asarray(-1, jnp.int32))
-        exts = state.get("extensions", {})
-        known = checkpoint.state_extensions("jax")
-        for name, tensors in exts.items():
-            if name not in known:
-                if strict:
-                    raise CheckpointError(f"the checkpoint carries {name!r} state, which dualprec_jax has no "
-                                          "module registered for; pass strict=False to drop it")
-                continue
+        for ext, tensors in checkpoint.loadable_extensions("jax", state.get("extensions", {}), strict):
             if variables is None:
-                raise CheckpointError(f"the checkpoint carries {name!r} state: pass the model variables, "
+                raise CheckpointError(f"the checkpoint carries {ext.name!r} state: pass the model variables, "
                                       "load_state_dict(state, opt_state, variables)")
-            variables = known[name].load_state_tensors(variables, tensors)
+            variables = ext.load_state_tensors(variables, tensors)
         return opt_state if variables is None else (opt_state, variables)
 
     @staticmethod

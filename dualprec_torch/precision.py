@@ -462,17 +462,11 @@ class Precision(contract.Precision):
                 r.masters._checked = True
 
     def _load_extensions(self, saved: dict, strict: bool) -> None:
-        known = checkpoint.state_extensions("torch")
-        for name, tensors in saved.items():
-            if name not in known:
-                if strict:
-                    raise CheckpointError(f"the checkpoint carries {name!r} state, which dualprec_torch has no "
-                                          "module registered for; pass strict=False to drop it")
-                continue
+        for ext, tensors in checkpoint.loadable_extensions("torch", saved, strict):
             if self._model is None:
-                raise CheckpointError(f"the checkpoint carries {name!r} state: call setup(model, ...) before "
+                raise CheckpointError(f"the checkpoint carries {ext.name!r} state: call setup(model, ...) before "
                                       "load_state_dict so it has a model to go into")
-            known[name].load_state_tensors(self._model, tensors)
+            ext.load_state_tensors(self._model, tensors)
 
     def _from_legacy(self, state: dict) -> dict:
         """Version 1 (this backend only): master weights as one positional list per optimizer."""
