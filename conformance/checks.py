@@ -103,10 +103,19 @@ def expected_param_dtype(policy: Policy, name: str) -> str:
     return policy.for_module(module).param_dtype
 
 
+def float_names(ctx: Context, sa: Session, sb: Session) -> list[str]:
+    """The canonical weights both sides hold as float parameters: all of them but the frozen
+    quantized codes (which have no float value, no gradient and no update; quant-codes
+    compares those)."""
+    frozen = sa.quant_frozen() | sb.quant_frozen()
+    return [n for n in ctx.weights if n not in frozen]
+
+
 def check_params(ctx: Context, sa: Session, sb: Session) -> list[Record]:
     da, db = sa.param_dtypes(), sb.param_dtypes()
     wrong = []
-    for name in ctx.weights:
+    names = float_names(ctx, sa, sb)
+    for name in names:
         want = expected_param_dtype(ctx.policy, name)
         for be, d in ((ctx.a, da), (ctx.b, db)):
             if d.get(name) != want:
@@ -114,9 +123,9 @@ def check_params(ctx: Context, sa: Session, sb: Session) -> list[Record]:
     recs = [ctx.record("param-dtypes", "bit-exact", "fail" if wrong else "pass", reason="; ".join(wrong[:6]),
                        tolerance=0.0, where=wrong[0].split(":")[0] if wrong else None)]
     pa, pb = sa.params(), sb.params()
-    bad = [n for n in ctx.weights if not bit_equal(pa[n], pb[n])]
+    bad = [n for n in names if not bit_equal(pa[n], pb[n])]
     reason = "; ".join(f"{n}: {first_bit_difference(pb[n], pa[n])}" for n in bad[:4])
-    worst = max((diff(pb[n], pa[n], ctx.policy.param_dtype) for n in ctx.weights), key=lambda d: d.max_rel)
+    worst = max((diff(pb[n], pa[n], ctx.policy.param_dtype) for n in names), key=lambda d: d.max_rel)
     recs.append(ctx.record("param-values", "bit-exact", "fail" if bad else "pass", reason=reason,
                            max_abs_err=worst.max_abs, max_rel_err=worst.max_rel, max_ulp_err=worst.max_ulp,
                            tolerance=0.0, where=bad[0] if bad else None))
@@ -176,7 +185,8 @@ def check_loss_scale(ctx: Context) -> list[Record]:
 
 
 # ---------------------------------------------------------------- dtype flow
-MATMUL_KINDS = {"Linear", "Conv1d", "Conv2d", "Conv3d", "Bilinear"}
+MATMUL_KINDS = {"Linear", "Conv1d", "Conv2d", "Conv3d", "Bilinear",
+                "QuantLinear4bit", "QuantLinear8bit", "Linear4bit", "Linear8bitLt"}  # bitsandbytes' Linears
 NORM_KINDS = {"LayerNorm", "GroupNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "InstanceNorm2d"}
 
 
@@ -337,7 +347,7 @@ def check_grads(ctx: Context, sa: Session, sb: Session, lg=None) -> list[Record]
     (la, ga), (lb, gb) = lg or (sa.loss_and_grads(x, y), sb.loss_and_grads(x, y))
     # Backprop runs last layer first, so the first divergent gradient is found in reverse order.
     named = {"loss": (_scalar(la, ctx.policy), _scalar(lb, ctx.policy))}
-    named.update({n: (ga[n], gb[n]) for n in reversed(list(ctx.weights))})
+    named.update({n: (ga[n], gb[n]) for n in reversed(float_names(ctx, sa, sb))})
     rec = judge_tensors(ctx, "gradients", named, ctx.tol.grad)
     rec.detail["loss"] = [la, lb]
     return [rec]
@@ -370,11 +380,142 @@ def check_training(ctx: Context, sa: Session | None = None, sb: Session | None =
         lrec.step = int(lrec.where.split()[1]) if lrec.status == "fail" else None
     lrec.detail["series"] = series
     pa, pb = sa.params(), sb.params()
-    prec = judge_tensors(ctx, "train-params", {n: (pa[n], pb[n]) for n in ctx.weights}, tol.params_after(ctx.steps),
+    prec = judge_tensors(ctx, "train-params", {n: (pa[n], pb[n]) for n in float_names(ctx, sa, sb)},
+                         tol.params_after(ctx.steps),
                          extra=f" after {ctx.steps} steps")
     if prec.status == "fail":
         prec.step = ctx.steps
     return [lrec, prec]
+
+
+# ---------------------------------------------------------------- quantized and FP8 state
+def predicted_frozen(ctx: Context, kinds: dict[str, str]) -> set[str]:
+    """The weights the policy turns into frozen quantized codes: those of the linear layers
+    (a 2-D weight; the layer kind is the quantized one by now) whose path it quantizes, in any
+    mode but int8-training (which keeps a trainable weight)."""
+    out = set()
+    for n in ctx.weights:
+        module, _, leaf = n.rpartition(".")
+        if leaf != "weight" or np.ndim(ctx.weights[n]) != 2 or kinds.get(module) == "Embedding":
+            continue
+        if not ctx.policy.quantizes(module):
+            continue
+        if ctx.policy.for_module(module).quantization.mode != "int8-training":
+            out.add(n)
+    return out
+
+
+def _layer_of(key: str) -> str:
+    """The module path of a bitsandbytes state key ("fc1.weight.absmax" -> "fc1")."""
+    for marker in (".weight", ".SCB"):
+        if marker in key:
+            return key[:key.index(marker)]
+    return key.rpartition(".")[0]
+
+
+def _byte_problems(name_a: str, name_b: str, ta: dict, tb: dict, what: str) -> list[str]:
+    problems = []
+    for k in sorted(set(ta) ^ set(tb)):
+        problems.append(f"{what} {k}: only in {name_a if k in ta else name_b}")
+    for k in sorted(set(ta) & set(tb)):
+        a, b = np.asarray(ta[k]), np.asarray(tb[k])
+        if a.dtype != b.dtype or a.shape != b.shape:
+            problems.append(f"{what} {k}: {name_a} {a.dtype}{list(a.shape)} vs {name_b} {b.dtype}{list(b.shape)}")
+        elif np.ascontiguousarray(a).tobytes() != np.ascontiguousarray(b).tobytes():
+            problems.append(f"{what} {k}: {first_bit_difference(b, a)}")
+    return problems
+
+
+def check_quant(ctx: Context, sa: Session, sb: Session, before: tuple | None = None) -> list[Record]:
+    """Bit-exact, after the training steps: each side quantized the same layers and froze
+    them (no gradient, codes unchanged since ``before``: the state right after the sessions
+    were built); the quantized state in bitsandbytes' layout (packed codes, absmax, nested
+    absmax, quant_map, the quant_state JSON, int8 codes and SCB; int8-training: the codes of
+    the current weight) is byte-identical between the backends, and so are the dequantized
+    weights."""
+    try:
+        qa, qb = sa.quant_state(), sb.quant_state()
+        wa, wb = sa.dequantized(), sb.dequantized()
+    except NotImplementedError:
+        return [ctx.record("quant-codes", "bit-exact", "skip", reason="a backend does not expose its quantized state")]
+    try:
+        kinds = sa.module_kinds()
+    except NotImplementedError:
+        kinds = {}
+    want = predicted_frozen(ctx, kinds)
+    problems = []
+    for be, s in ((ctx.a, sa), (ctx.b, sb)):
+        got = s.quant_frozen()
+        if got != want:
+            problems.append(f"{be.name} froze {sorted(got)}, the policy quantizes {sorted(want)}")
+        if s.frozen_with_grad():
+            problems.append(f"{be.name}: frozen quantized weights got a gradient: {s.frozen_with_grad()}")
+    if not qa and not qb:
+        problems.append("neither backend holds quantized state")
+    frozen_layers = {n.rpartition(".")[0] for n in want}
+
+    def frozen_only(t):
+        return {k: v for k, v in t.items() if _layer_of(k) in frozen_layers}
+
+    if before is not None:
+        # all of it before training (int8-training's codes come from weights that then train
+        # and may drift apart within the tolerance tier); the frozen layers after training too
+        problems += _byte_problems(ctx.a.name, ctx.b.name, before[0], before[1], "state")
+        problems += _byte_problems(ctx.a.name, ctx.b.name, frozen_only(qa), frozen_only(qb), "trained state")
+        for be, now, then in ((ctx.a, qa, before[0]), (ctx.b, qb, before[1])):
+            problems += [f"{be.name} changed a frozen layer in training: {p}"
+                         for p in _byte_problems("now", "before", frozen_only(now), frozen_only(then), "state")]
+    else:
+        problems += _byte_problems(ctx.a.name, ctx.b.name, qa, qb, "state")
+    problems += _byte_problems(ctx.a.name, ctx.b.name, wa, wb, "dequantized")
+    layers = sorted({_layer_of(k) for k in qa})
+    return [ctx.record("quant-codes", "bit-exact", "fail" if problems else "pass", reason="; ".join(problems[:4]),
+                       tolerance=0.0, where=problems[0].split(":")[0] if problems else None,
+                       step=ctx.steps if before is not None else None,
+                       detail={"layers": layers, "frozen": sorted(want), "tensors": len(qa),
+                               "bytes": int(sum(np.asarray(v).nbytes for v in qa.values())),
+                               "dequantized": sorted(wa), "problems": problems})]
+
+
+def check_fp8(ctx: Context, sa: Session, sb: Session) -> list[Record]:
+    """Bit-exact, after the training steps: every FP8 layer's delayed-scaling state (the
+    scale the next step uses and the amax history of input, weight and output gradient) is
+    the same bits in both backends, under the same flat names."""
+    try:
+        fa, fb = sa.fp8_state(), sb.fp8_state()
+    except NotImplementedError:
+        return [ctx.record("fp8-scales", "bit-exact", "skip", reason="a backend does not expose its FP8 state")]
+    problems = [] if fa or fb else ["neither backend holds FP8 state"]
+    problems += _byte_problems(ctx.a.name, ctx.b.name, fa, fb, "fp8")
+    status, reason = ("fail" if problems else "pass"), "; ".join(problems[:4])
+    known = _weight_amax_of_cast(ctx, fa, fb)
+    if problems and known:
+        # A divergence of the backends found by this check and reported, not a tolerance:
+        # the record stays visible (skip, with every difference in its detail).
+        status = "skip"
+        reason = (f"known divergence: {ctx.b.name} records the weight amax of the weight cast to the compute "
+                  f"dtype, {ctx.a.name} that of the {ctx.policy.param_dtype} parameter ({known}), so the "
+                  f"scales, the FP8 weights and all that follows differ; {len(problems)} "
+                  "tensors differ (detail.problems)")
+    return [ctx.record("fp8-scales", "bit-exact", status, reason=reason,
+                       tolerance=0.0, where=problems[0].split(":")[0] if problems else None, step=ctx.steps,
+                       detail={"tensors": len(fa), "problems": problems, "known_divergence": known})]
+
+
+def _weight_amax_of_cast(ctx: Context, fa: dict, fb: dict) -> str | None:
+    """The first layer whose first recorded weight amax is, in ``b``, exactly ``a``'s rounded
+    to the compute dtype (and not ``a``'s): the signature of the two backends taking the amax
+    of different tensors.  None when no layer shows it."""
+    for k in sorted(fa):
+        if not k.endswith(".weight.amax_history") or k not in fb:
+            continue
+        layer = k[len("fp8."):-len(".weight.amax_history")]
+        va = np.float32(np.asarray(fa[k]).reshape(-1)[0])
+        vb = np.float32(np.asarray(fb[k]).reshape(-1)[0])
+        cast = np.float32(ref_casts.cast(np.array([va], np.float32), ctx.policy.for_module(layer).compute_dtype)[0])
+        if va != vb and vb == cast:
+            return f"{layer}: latest weight amax {float(va)!r} vs {float(vb)!r}"
+    return None
 
 
 # ---------------------------------------------------------------- orchestration
@@ -437,22 +578,40 @@ def run_checks(ctx: Context) -> list[Record]:
     # One SGD session pair serves the parameter, forward, gradient and training checks.
     # Should any of them raise, training gets a fresh pair instead.
     shared: list = []
+    before: list = []  # the quantized state of the shared pair before training
 
     def shared_checks():
         sa, sb = ctx.sessions(Optim("sgd", ctx.lr))
         out = session_checks(ctx, sa, sb)
         if not any(r.status == "error" for r in out):
             shared.extend((sa, sb))
+            if "quant-codes" in extra:
+                before.append((_optional(sa.quant_state, default={}), _optional(sb.quant_state, default={})))
         return out
 
     recs += _guard(ctx, ("param-dtypes", "param-values", "dtype-flow", "forward", "layers", "gradients"),
                    shared_checks)
+    trained = bool(shared)
     recs += _guard(ctx, ("train-loss", "train-params"), check_training, ctx, *shared)
     recs += _guard(ctx, ("loss-scale", "optimizer-dtypes"), check_loss_scale, ctx)
-    for n in extra:
-        recs.append(ctx.record(n, TIER_OF[n], "skip",
-                               reason=f"neither backend exposes {n} for comparison yet"))
+    if extra:
+        pair = tuple(shared) if trained else None
+        if "quant-codes" in extra:
+            recs += _guard(ctx, ("quant-codes",), lambda: check_quant(
+                ctx, *(pair or ctx.sessions(Optim("sgd", ctx.lr))), before[0] if pair and before else None))
+        if "fp8-scales" in extra:
+            recs += _guard(ctx, ("fp8-scales",), lambda: check_fp8(ctx, *(pair or _trained_pair(ctx))))
     return recs
+
+
+def _trained_pair(ctx: Context) -> tuple[Session, Session]:
+    """A fresh SGD session pair after ``ctx.steps`` training steps."""
+    sa, sb = ctx.sessions(Optim("sgd", ctx.lr))
+    for t in range(ctx.steps):
+        x, y = ctx.batch(t)
+        sa.train_step(x, y)
+        sb.train_step(x, y)
+    return sa, sb
 
 
 def extra_checks(policy: Policy) -> tuple[str, ...]:

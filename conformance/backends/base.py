@@ -91,6 +91,33 @@ class Session(abc.ABC):
         exp_avg_sq), names in torch's vocabulary."""
         raise NotImplementedError
 
+    # -- optional: quantized policies (the quant-codes check; skip when absent) --
+    def quant_frozen(self) -> set[str]:
+        """Canonical names of the weights that are frozen quantized codes (not parameters
+        the model trains or ``params()`` returns); empty for an unquantized model."""
+        return set()
+
+    def quant_state(self) -> dict[str, np.ndarray]:
+        """The quantized layers' tensors in bitsandbytes' state-dict layout (packed codes,
+        absmax, nested state, quant_map, the quant_state JSON as uint8, int8 codes, SCB,
+        weight_format), biases left out.  int8-training layers: ``<path>.weight.int8`` and
+        ``<path>.SCB``, the codes the backend's quantizer makes from the current weight."""
+        raise NotImplementedError
+
+    def dequantized(self) -> dict[str, np.ndarray]:
+        """Canonical weight name -> the dequantized weight [out, in] of each frozen quantized
+        layer, in the dtype the backend's dequantize returns."""
+        raise NotImplementedError
+
+    def frozen_with_grad(self) -> list[str]:
+        """Frozen quantized weights that received a gradient in the last ``loss_and_grads``
+        (must be none)."""
+        return []
+
+    def fp8_state(self) -> dict[str, np.ndarray]:
+        """The FP8 delayed-scaling state, ``fp8.<layer>.<role>.<scale|amax_history>``."""
+        raise NotImplementedError
+
 
 class Backend(abc.ABC):
     """``package`` names the dualprec backend whose ``Precision`` this drives;

@@ -18,6 +18,9 @@ from .base import Backend, Optim, Session, StepInfo
 
 #: Flax's collection whose "gradient" is the variable's next value (FP8 scales, histories).
 OWG = "_overwrite_with_gradient"
+#: The key under which the frozen quantized arrays travel in the state argument of the jitted
+#: functions (they are merged into the params there; never differentiated, never mutable).
+FROZEN = "_quant_frozen"
 
 
 def to_numpy(a) -> np.ndarray:
@@ -53,13 +56,6 @@ class JaxBackend(Backend):
         self._compiled = {}
 
 
-    def unsupported(self, policy):
-        why = super().unsupported(policy)
-        if why is None and self._cls is None and _quantizes(policy):
-            return ("the suite's JAX adapter does not load canonical weights into quantized parameters yet "
-                    "(Precision.init quantizes eagerly; the quant-codes check will compare them)")
-        return why
-
     def convert_input(self, policy, x):
         import jax.numpy as jnp
 
@@ -93,20 +89,41 @@ class _Compiled:
         self._optimizers = {}
         self._param_structs = None
         self._state0 = None
+        self.quantizes = _quantizes(prec.policy)
 
     def _x0(self):
         return self.spec.to_jax_layout(np.zeros(self.spec.input_shape, self.spec.input_dtype))
 
     def param_structs(self):
-        """The parameter tree ``Precision.init`` builds (shapes and per-module dtypes), traced
-        abstractly once: init decides the dtypes, the canonical weights supply the values."""
+        """The float parameter tree ``Precision.init`` builds (shapes and per-module dtypes),
+        traced abstractly once: init decides the dtypes, the canonical weights supply the
+        values.  Under a quantizing policy: the tree before ``quant.quantize_params`` (init
+        quantizes its own random weights; the session quantizes the canonical ones)."""
         import jax
 
         if self._param_structs is None:
-            structs = jax.eval_shape(lambda: self.prec.init(self.module, jax.random.PRNGKey(0), self._x0()))
+            init = self._float_init if self.quantizes else self.prec.init
+            structs = jax.eval_shape(lambda: init(self.module, jax.random.PRNGKey(0), self._x0()))
             self._param_structs = structs["params"]
             self._has_state = any(k != "params" for k in structs)
         return self._param_structs
+
+    def _float_init(self, model, rng, x):
+        """``Precision.init`` up to its last step (quantize_params): the model initialised
+        under the policy, each parameter in the param dtype of its module's path."""
+        import jax
+
+        from dualprec_jax.casts import cast_floating, jax_dtype
+
+        with self.prec.autocast():
+            variables = model.init(rng, x)
+        policy = self.prec.policy
+
+        def cast(path, a):
+            owner = ".".join(str(getattr(k, "key", k)) for k in path[:-1])
+            return cast_floating(a, jax_dtype(policy.for_module(owner).param_dtype))
+
+        return {**variables, "params": jax.tree_util.tree_map_with_path(cast, variables["params"])}
 
     def initial_state(self) -> dict:
         """The variable collections besides params (FP8 scales and amax histories...), as
@@ -117,7 +134,8 @@ class _Compiled:
         if self._state0 is None:
             self._state0 = {}
             if self._has_state:
-                v = self.prec.init(self.module, jax.random.PRNGKey(0), self._x0())
+                init = self._float_init if self.quantizes else self.prec.init
+                v = init(self.module, jax.random.PRNGKey(0), self._x0())
                 self._state0 = {k: c for k, c in v.items() if k != "params"}
         return self._state0
 
@@ -140,6 +158,12 @@ class _Compiled:
     def _logits(self, params, state, x, capture=False):
         """(output, intermediates or None, updated state collections)."""
         x = self.prec.convert_input(x)
+        state = dict(state)
+        frozen = state.pop(FROZEN, None)
+        if frozen is not None:  # quantized layers: the frozen codes merged into the params
+            from dualprec_jax import quant
+
+            params = quant.merge_params(params, frozen)
         mutable = list(state) + (["intermediates"] if capture else [])
         variables = {"params": params, **state}
         if not mutable:
@@ -213,10 +237,38 @@ class JaxSession(Session):
                                               compiled.param_structs())
         state = dict(compiled.initial_state())
         self._owg = state.pop(OWG, {})
+        self._frozen, self._frozen_names, self._frozen_layers, self._quant0 = None, set(), {}, {}
+        if compiled.quantizes:
+            self._quantize(weight_map)
+            state[FROZEN] = self._frozen
         self._state = state
         self.opt_state = self.tx.init(self._params)
         self.scaling = self.prec.policy.loss_scale.enabled
         self._x = None
+
+    def _quantize(self, weight_map):
+        """The canonical float weights (rounded to the param dtype as above) quantized by
+        ``quant.quantize_params``, the path ``Precision.init`` takes, and split: the
+        trainable tree (biases, int8-training kernels, unquantized layers) is what the
+        optimizer and the gradient see; the frozen codes travel beside it."""
+        from dualprec_jax import quant
+
+        full = quant.quantize_params(self._params, self.prec.policy)
+        self._params, self._frozen = quant.split_params(full)
+        for name, rule in weight_map.rules.items():
+            path = rule.flax_path
+            if path[-1] != "kernel":
+                continue
+            node = full
+            for k in path[:-1]:
+                node = node[k]
+            if quant.QWEIGHT in node:
+                n_in, n_out = _leaf(self.c.param_structs(), path).shape
+                self._frozen_names.add(name)
+                self._frozen_layers[name] = (path[:-1], (int(n_out), int(n_in)))
+        # params(), gradients and optimizer names: the float parameters only
+        self.wm = WeightMap({n: r for n, r in weight_map.rules.items() if n not in self._frozen_names})
+        self._quant0 = self.quant_state()
 
     # -- Session interface ----------------------------------------------------------------
     def param_dtypes(self):
@@ -252,6 +304,69 @@ class JaxSession(Session):
     def grad_dtypes(self):
         return dict(getattr(self, "_grad_dtypes", {}))
 
+    # -- quantized layers and FP8 state ---------------------------------------------------
+    def quant_frozen(self):
+        return set(self._frozen_names)
+
+    def frozen_with_grad(self):
+        return list(getattr(self, "_frozen_with_grad", []))
+
+    def _full_params(self):
+        from dualprec_jax import quant
+
+        return self._params if self._frozen is None else quant.merge_params(self._params, self._frozen)
+
+    def quant_state(self):
+        from dualprec_jax import quant
+
+        policy = self.prec.policy
+        full = self._full_params()
+        out = {}
+        if self._frozen_names:
+            for k, v in quant.state_tensors(full, policy).items():
+                out[k] = np.asarray(v).copy()
+        for name, rule in self.wm.rules.items():
+            path = rule.flax_path
+            spec = quant.QuantSpec.of(policy, ".".join(path[:-1])) if path[-1] == "kernel" else None
+            if spec is None or spec.frozen:
+                continue
+            q = quant.quantize_int8(_leaf(full, path).T)  # the codes its forward makes
+            module = name.rsplit(".", 1)[0]
+            out[f"{module}.weight.int8"], out[f"{module}.SCB"] = to_numpy(q["weight"]), to_numpy(q["SCB"])
+        return {self._torch_key(k): v for k, v in out.items()}
+
+    def _torch_key(self, key: str) -> str:
+        """A bitsandbytes key of a Flax module path ("blocks_0.fc.weight.absmax") under the
+        torch module name ("blocks.0.fc.weight.absmax")."""
+        for flax_name in sorted(self._torch_names, key=len, reverse=True):
+            if key.startswith(flax_name + "."):
+                return self._torch_names[flax_name] + key[len(flax_name):]
+        return key
+
+    def dequantized(self):
+        import jax.numpy as jnp
+        from dualprec_jax import quant
+        from dualprec_jax.casts import jax_dtype
+
+        out = {}
+        for name, (module_path, shape) in self._frozen_layers.items():
+            spec = quant.QuantSpec.of(self.prec.policy, ".".join(module_path))
+            q = _leaf(self._frozen, module_path + (quant.QWEIGHT,))
+            if spec.is_4bit:
+                pdt = jax_dtype(spec.param_dtype)
+                w = quant.dequantize_4bit(q, spec.quant_type, spec.blocksize, shape, pdt, pdt)
+            else:
+                w = quant.dequantize_int8(q, jnp.float32)
+            out[name] = to_numpy(w)
+        return out
+
+    def fp8_state(self):
+        from dualprec_jax import fp8
+
+        state = {k: v for k, v in self._state_all().items() if k != FROZEN}
+        return {k: np.asarray(v) for k, v in fp8.state_tensors({"params": self._params, **state},
+                                                                 self.prec.policy).items()}
+
     def optimizer_state_dtypes(self):
         import jax
 
@@ -276,6 +391,13 @@ class JaxSession(Session):
             self.opt_state.loss_scale, mult)
         self._grad_dtypes = {n: self.wm.rules[n].flax_path and dtype_name(_leaf(grads, self.wm.rules[n].flax_path))
                              for n in self.wm.rules}
+        if self._frozen is not None:  # a gradient leaf under a quantized layer's qweight
+            from dualprec_jax import quant
+
+            self._frozen_with_grad = sorted({
+                ".".join(str(getattr(k, "key", k)) for k in path[:[getattr(k, "key", k) for k in path].index(quant.QWEIGHT)])
+                for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]
+                if quant.QWEIGHT in [getattr(k, "key", k) for k in path]})
         return loss, grads, owg_next, new_state
 
     def loss_and_grads(self, x, y):

@@ -71,16 +71,84 @@ class TorchSession(Session):
         else:
             opt = torch.optim.SGD(model.parameters(), lr=optim.lr)
         self.model, self.opt = prec.setup(model, opt)
+        if any(getattr(m, "quant_mode", None) == "int8" for _, m in self._quant_layers()):
+            # int8 is LLM.int8 inference: bitsandbytes runs it in eval mode (int8 activations x
+            # int8 codes, what JAX's layers always do). In train mode its CPU path multiplies
+            # the dequantized float16 weight and never quantizes the activations (25 float16
+            # ULP apart on the MLP's fc1). The zoo has no dropout or batch norm, so eval mode
+            # changes the int8 layers only; gradients still flow (MatMul8bitLt's backward).
+            self._module().eval()
 
     def _module(self):
         m = self.model
         return getattr(m, "module", m)
 
+    def _float_params(self):
+        """named_parameters without the frozen quantized codes (bitsandbytes' Params4bit /
+        Int8Params of inference layers, which are no float parameters)."""
+        frozen = self.quant_frozen()
+        return [(n, p) for n, p in self._module().named_parameters() if n not in frozen]
+
     def param_dtypes(self):
-        return {n: _dtype_str(p.dtype) for n, p in self._module().named_parameters()}
+        return {n: _dtype_str(p.dtype) for n, p in self._float_params()}
 
     def params(self):
-        return {n: to_numpy(p) for n, p in self._module().named_parameters()}
+        return {n: to_numpy(p) for n, p in self._float_params()}
+
+    # -- quantized layers ---------------------------------------------------------------
+    def _quant_layers(self):
+        from dualprec_torch import quant
+
+        return quant.quantized_layers(self._module())
+
+    def _int8_training(self):
+        return [(path, m) for path, m in self._quant_layers()
+                if getattr(m, "quant_mode", None) == "int8-training"]
+
+    def quant_frozen(self):
+        return {f"{path}.weight" for path, m in self._quant_layers()
+                if getattr(m, "quant_mode", None) != "int8-training"}
+
+    def quant_state(self):
+        from dualprec_torch import quant
+
+        training = {path for path, _ in self._int8_training()}
+        out = {k: v.copy() for k, v in quant.state_tensors(self._module()).items()
+               if not k.endswith(".bias") and k.rsplit(".", 1)[0] not in training}
+        if training:
+            import torch
+            from bitsandbytes import functional as bnbF
+
+            for path, m in self._int8_training():
+                # the codes its forward makes (bitsandbytes' quantizer on the float16 weight)
+                codes, scb, _ = bnbF.int8_vectorwise_quant(m.weight.detach().to(torch.float16).contiguous())
+                out[f"{path}.weight.int8"], out[f"{path}.SCB"] = to_numpy(codes), to_numpy(scb)
+        return out
+
+    def dequantized(self):
+        out = {}
+        for path, m in self._quant_layers():
+            mode = getattr(m, "quant_mode", None)
+            if mode == "int8":
+                # what bitsandbytes multiplies with (MatMul8bitFp's forward, MatMul8bitLt's input
+                # gradient): CB * (SCB * (1/127)) in float32.  (QuantLinear8bit.dequantize()
+                # rounds SCB / 127 instead, 1 float32 ULP off on some elements.)
+                import torch
+
+                scb = m.weight.SCB if m.weight.SCB is not None else m.state.SCB  # moved by a forward
+                w = m.weight.data.to(torch.float32) * (scb.to(torch.float32)[:, None] * (1.0 / 127.0))
+                out[f"{path}.weight"] = to_numpy(w)
+            elif mode != "int8-training":
+                out[f"{path}.weight"] = to_numpy(m.dequantize())
+        return out
+
+    def frozen_with_grad(self):
+        return list(getattr(self, "_frozen_with_grad", []))
+
+    def fp8_state(self):
+        from dualprec_torch import fp8
+
+        return {k: to_numpy(v) for k, v in fp8.state_tensors(self._module()).items()}
 
     def _run(self, x):
         with self.prec.autocast():
@@ -90,7 +158,7 @@ class TorchSession(Session):
     def _grad_tensors(self):
         """Gradients by canonical name, read from the optimizer's parameters: with master
         weights those are the float32 copies the gradients were moved onto."""
-        names = [n for n, _ in self._module().named_parameters()]
+        names = [n for n, _ in self._float_params()]
         params = [p for g in self.opt.param_groups for p in g["params"]]
         return dict(zip(names, (p.grad for p in params)))
 
@@ -151,7 +219,7 @@ class TorchSession(Session):
 
     def optimizer_state_dtypes(self):
         # by position: with master weights the optimizer holds float32 copies, not the params
-        names = [n for n, _ in self._module().named_parameters()]
+        names = [n for n, _ in self._float_params()]
         params = [p for g in self.opt.param_groups for p in g["params"]]
         out = {}
         for name, p in zip(names, params):
@@ -177,6 +245,9 @@ class TorchSession(Session):
         self.prec.backward(loss)
         self._grad_dtypes = {n: _dtype_str(p.grad.dtype) for n, p in self._module().named_parameters()
                              if p.grad is not None}
+        frozen = self.quant_frozen()
+        self._frozen_with_grad = [n for n, p in self._module().named_parameters()
+                                  if n in frozen and (p.requires_grad or p.grad is not None)]
         self.prec.unscale_(self.opt)
         grads = {n: to_numpy(g) for n, g in self._grad_tensors().items()}
         self.opt.zero_grad(set_to_none=True)
