@@ -81,6 +81,8 @@ ZOO: dict[str, ModelSpec] = {
     "transformer": ModelSpec("transformer", (4, 8, 32), 8, ModelShape(n_round=12, n_reduce=128, n_layers=6)),
     "cnn": ModelSpec("cnn", (4, 3, 12, 12), 10, ModelShape(n_round=9, n_reduce=72, n_layers=3),
                      channels_last_in_jax=True),
+    # the transformer's rounding stages with the norms and attention written op by op
+    "opbyop": ModelSpec("opbyop", (4, 8, 32), 8, ModelShape(n_round=12, n_reduce=64, n_layers=6)),
 }
 
 MODELS = tuple(ZOO)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -104,7 +106,91 @@ class CNN(nn.Module):
         return nn.Dense(self.n_out, name="head")(x.mean(axis=(1, 2)))
 
 
-BUILDERS = {"mlp": MLP, "transformer": TransformerBlock, "cnn": CNN}
+# ----- the op-by-op twin: plain jnp, the op table applied by dualprec_jax.autocast --------
+def active_policy():
+    """The policy of the innermost dualprec linen interceptor (``Precision.apply``/``init``
+    install one), None outside.  The hand-written pieces below run under
+    ``dualprec_jax.autocast`` with it, so their plain jnp ops follow the op table as torch's
+    ops follow torch autocast; Flax calls ``__call__`` at trace time, so this is static."""
+    from flax.linen import module as linen_module
+
+    from dualprec_jax import flax_linen
+
+    for interceptor in linen_module._global_interceptor_stack:  # innermost first
+        if getattr(interceptor, "func", None) is flax_linen._intercept:
+            return interceptor.args[0]
+    return None
+
+
+def under_table(fun, *args):
+    """``fun(*args)`` under the active policy's op table (as written when there is none).
+    The linen interceptor is already active around it: nothing more is entered."""
+    policy = active_policy()
+    if policy is None:
+        return fun(*args)
+    from dualprec_jax import autocast
+
+    return autocast(fun, policy, context=contextlib.nullcontext)(*args)
+
+
+def rms_norm(x, g, eps):
+    return x * jax.lax.rsqrt(jnp.mean(x ** 2, axis=-1, keepdims=True) + eps) * g
+
+
+def attention_core(q, k, v):
+    return jax.nn.softmax((q @ jnp.swapaxes(k, -1, -2)) * q.shape[-1] ** -0.5, axis=-1) @ v
+
+
+def swiglu(a, b):
+    return jax.nn.silu(a) * b
+
+
+class HandRMSNorm(nn.Module):
+    eps: float = RMS_EPS
+
+    @nn.compact
+    def __call__(self, x):
+        g = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        return under_table(lambda x, g: rms_norm(x, g, self.eps), x, g)
+
+
+class HandAttention(nn.Module):
+    d: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, d = x.shape
+        h, dh = self.heads, d // self.heads
+        qkv = nn.Dense(3 * d, name="qkv")(x).reshape(b, t, 3, h, dh).transpose(2, 0, 3, 1, 4)
+        out = under_table(attention_core, qkv[0], qkv[1], qkv[2])
+        return nn.Dense(d, name="proj")(out.transpose(0, 2, 1, 3).reshape(b, t, d))
+
+
+class SwiGLU(nn.Module):
+    d: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x):
+        a, b = nn.Dense(self.hidden, name="fc1")(x), nn.Dense(self.hidden, name="fc3")(x)
+        return nn.Dense(self.d, name="fc2")(under_table(swiglu, a, b))
+
+
+class OpByOp(nn.Module):
+    d: int = 32
+    heads: int = 2
+    hidden: int = 64
+    n_out: int = 8
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + HandAttention(self.d, self.heads, name="attn")(HandRMSNorm(name="ln1")(x))
+        x = x + SwiGLU(self.d, self.hidden, name="mlp")(HandRMSNorm(name="ln2")(x))
+        return nn.Dense(self.n_out, name="head")(x.mean(axis=1))
+
+
+BUILDERS = {"mlp": MLP, "transformer": TransformerBlock, "cnn": CNN, "opbyop": OpByOp}
 
 
 def build(name: str) -> nn.Module:

@@ -84,7 +84,68 @@ class CNN(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-BUILDERS = {"mlp": MLP, "transformer": TransformerBlock, "cnn": CNN}
+class HandRMSNorm(nn.Module):
+    """RMSNorm from pow/mean/rsqrt (not ``nn.RMSNorm``): under autocast pow and rsqrt are on
+    the float32 list, so the norm runs in float32 and its output follows type promotion."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class HandAttention(nn.Module):
+    """Attention with ``@`` and ``torch.softmax``; the head width is 16, so the score scale
+    1/4 is exact in every dtype (a Python scalar times a half tensor is formed in float32 by
+    torch and weakly typed by JAX; an exact scale keeps that difference out of the model)."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h, dh = self.heads, d // self.heads
+        q, k, v = self.qkv(x).reshape(b, t, 3, h, dh).permute(2, 0, 3, 1, 4)
+        probs = torch.softmax((q @ k.transpose(-1, -2)) * dh ** -0.5, dim=-1)
+        return self.proj((probs @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc3 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(F.silu(self.fc1(x)) * self.fc3(x))
+
+
+class OpByOp(nn.Module):
+    """A pre-norm block written op by op: x + attn(rms(x)), x + swiglu(rms(x)), a mean-pooled
+    head.  Linear layers for the projections, everything else hand-written."""
+
+    def __init__(self, d=32, heads=2, hidden=64, n_out=8):
+        super().__init__()
+        self.ln1 = HandRMSNorm(d)
+        self.attn = HandAttention(d, heads)
+        self.ln2 = HandRMSNorm(d)
+        self.mlp = SwiGLU(d, hidden)
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        x = x + self.mlp(self.ln2(x))
+        return self.head(x.mean(dim=1))
+
+
+BUILDERS = {"mlp": MLP, "transformer": TransformerBlock, "cnn": CNN, "opbyop": OpByOp}
 
 
 def build(name: str) -> nn.Module:
