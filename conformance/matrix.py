@@ -42,6 +42,8 @@ COMBINATIONS = {
 REPRESENTATIVE: dict[str, tuple[str, ...]] = {
     "transformer": ("32-true", "16-mixed", "bf16-mixed"),
     "cnn": ("32-true", "16-mixed", "bf16-true"),
+    # hand-written attention/RMSNorm/SwiGLU: torch autocast against dualprec_jax.autocast
+    "opbyop": ("32-true", "16-mixed", "bf16-mixed"),
 }
 
 
