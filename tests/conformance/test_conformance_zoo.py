@@ -134,3 +134,14 @@ def _eqns(jaxpr):
                 yield from _eqns(inner)
             elif hasattr(p, "eqns"):
                 yield from _eqns(p)
+
+
+@pytest.mark.xfail(reason="dualprec_jax.autocast keeps the half-dtype rounding jnp.mean traced for a "
+                          "half input after x ** 2 has been widened to float32; torch's mean stays float32",
+                   strict=False)
+def test_mean_of_a_float32_list_result_stays_float32():
+    """The opbyop RMSNorm's one divergence (about 1e-3 relative on a bfloat16 input)."""
+    from dualprec_jax import autocast
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32))).astype(jnp.bfloat16)
+    assert autocast(lambda x: jnp.mean(x ** 2, axis=-1), "bf16-mixed")(x).dtype == jnp.float32
