@@ -29,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dualprec.dtypes import dtype_bits  # noqa: E402
 from dualprec_jax import quant  # noqa: E402
 
 MODES = ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8")
@@ -114,7 +115,8 @@ def memory(params: float, width: int) -> dict:
         print(f"{mode:8s} theory {theory:6.3f} bits  jax {row['jax_bits']:6.3f} ({row['jax_vs_theory']:+.3%})"
               + ("" if tb is None else f"  torch {row['torch_bits']:6.3f} ({row['torch_vs_theory']:+.3%})"),
               flush=True)
-    return {"layers": layers, "width": width, "params": n, "unquantized_bits": {"float32": 32, "bfloat16": 16},
+    unquantized = {name: dtype_bits(name) for name in ("float32", "bfloat16")}
+    return {"layers": layers, "width": width, "params": n, "unquantized_bits": unquantized,
             "rows": rows}
 
 

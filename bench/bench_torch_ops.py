@@ -79,9 +79,10 @@ def steps_for(policy: str, sizes=SIZES) -> dict:
     """name -> zero-argument training step, for the three loops."""
     from dualprec import Policy
     from dualprec_torch import Precision
+    from dualprec_torch.casts import torch_dtype
 
     p = Policy.parse(policy)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[p.compute_dtype]
+    dtype = torch_dtype(p.compute_dtype)
     x = torch.randn(sizes["batch"], sizes["tokens"], sizes["width"])
 
     def hand_loop(up):

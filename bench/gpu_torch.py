@@ -85,11 +85,12 @@ def measure_pair_stats(policy: str, *, d, hidden, blocks, tokens, steps, warmup,
     """
     from dualprec import Policy
     from dualprec_torch import Precision
+    from dualprec_torch.casts import torch_dtype
 
     policy = Policy.parse(policy)
     device_type = torch.device(device).type
     clock = time.perf_counter if device_type == "cuda" else time.process_time
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[policy.compute_dtype]
+    dtype = torch_dtype(policy.compute_dtype)
     x = torch.randn(tokens, d, device=device)
 
     model_h, opt_h = _build(d, hidden, blocks, device)

@@ -359,7 +359,10 @@ def torch_gemm(n: int, kind: str, device: str = "cpu", inner: int = 4) -> Case:
                 out = torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
             return out
     else:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[kind]
+        from dualprec.dtypes import canonical_dtype
+        from dualprec_torch.casts import torch_dtype
+
+        dtype = torch_dtype(canonical_dtype(kind))
         a, b = a.to(dtype), b.to(dtype)
 
         def step():
@@ -674,7 +677,9 @@ def jax_gemm(n: int, kind: str, inner: int = 4) -> Case:
         a, b = a.astype(jnp.float8_e4m3fn), b.astype(jnp.float8_e4m3fn)
         out_dtype, precision = jnp.bfloat16, None
     else:
-        dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}[kind]
+        from dualprec.dtypes import canonical_dtype
+
+        dtype = jnp.dtype(canonical_dtype(kind))
         a, b = a.astype(dtype), b.astype(dtype)
         out_dtype = dtype
         precision = jax.lax.Precision.HIGHEST if kind == "fp32" else None

@@ -34,15 +34,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .dtypes import ALL_DTYPES, HALF_DTYPES, dtype_bits
+
 __all__ = [
     "OpEntry", "ENTRIES", "BANNED", "LOWER", "FP32", "PROMOTE", "LISTS", "CUDA_BUILD_ONLY",
     "entry", "op_list", "dtype_of", "aten_lists", "torch_cast_policy", "table_rows", "render_table",
 ]
 
 LISTS = ("lower", "fp32", "promote")
-_HALF = ("bfloat16", "float16")
-_FLOATS = ("float64", "float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
-_WIDTH = {"float64": 64, "float32": 32, "bfloat16": 16, "float16": 16, "float8_e4m3fn": 8, "float8_e5m2": 8}
+_HALF = HALF_DTYPES
+_FLOATS = ALL_DTYPES
+_WIDTH = {name: dtype_bits(name) for name in ALL_DTYPES}
 
 
 @dataclass(frozen=True)

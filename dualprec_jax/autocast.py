@@ -37,13 +37,14 @@ from jax import lax
 from jax.extend import core
 
 from dualprec import Policy, optable
+from dualprec.dtypes import HALF_DTYPES
 
 from .casts import accumulation_dtype, jax_dtype
 from .ops import _freeze, _rounding_dot, torch_activation
 
 __all__ = ["autocast", "AutocastWarning"]
 
-_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_HALF = tuple(jnp.dtype(name) for name in HALF_DTYPES)  # from dualprec.dtypes
 
 
 # The table by JAX name, from dualprec.optable.  Primitives stand for one op each

@@ -9,10 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dualprec.dtypes import FLOAT_DTYPES
+
 __all__ = ["jax_dtype", "cast_floating", "accumulation_dtype"]
 
-_DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16,
-           "float16": jnp.float16}
+# Mapped from the one dtype table (dualprec.dtypes): jax.numpy names its dtypes by the
+# canonical names.  Policy dtypes only, as before.
+_DTYPES = {name: getattr(jnp, name) for name in FLOAT_DTYPES}
 
 
 def jax_dtype(name: str) -> jnp.dtype:

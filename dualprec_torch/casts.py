@@ -14,20 +14,20 @@ from typing import Any
 
 import torch
 
+from dualprec.dtypes import ALL_DTYPES, FLOAT_DTYPES, HALF_DTYPES
+
 __all__ = ["TORCH_DTYPES", "HALF_TORCH_DTYPES", "torch_dtype", "cast_floating", "default_dtype"]
 
-TORCH_DTYPES = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-HALF_TORCH_DTYPES = (torch.bfloat16, torch.float16)
+# Mapped from the one dtype table (dualprec.dtypes): torch names its dtypes by the canonical
+# names.  TORCH_DTYPES holds the policy dtypes; torch_dtype also knows the FP8 formats.
+_ALL_TORCH_DTYPES = {name: getattr(torch, name) for name in ALL_DTYPES}
+TORCH_DTYPES = {name: _ALL_TORCH_DTYPES[name] for name in FLOAT_DTYPES}
+HALF_TORCH_DTYPES = tuple(_ALL_TORCH_DTYPES[name] for name in HALF_DTYPES)
 
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a canonical dtype name of the spec ("bfloat16" -> torch.bfloat16)."""
-    return TORCH_DTYPES[name]
+    return _ALL_TORCH_DTYPES[name]
 
 
 def cast_floating(data: Any, dtype: torch.dtype) -> Any:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
-DTYPES = {
-    "float64": np.dtype(np.float64),
-    "float32": np.dtype(np.float32),
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
-    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
-}
+from ..dtypes import ALL_DTYPES, numpy_dtype
+
+# The spec's dtypes as NumPy/ml_dtypes dtypes, from the one table in dualprec.dtypes.
+DTYPES = {name: numpy_dtype(name) for name in ALL_DTYPES}
 
 # Largest finite value of each FP8 format; casts clip to it first (the spec is saturating).
 FP8_MAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}

@@ -7,13 +7,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from dualprec.dtypes import numpy_dtype
 from dualprec.ref import dequantize_4bit as ref_dequantize_4bit
 from dualprec.ref import int8_matmul as ref_int8_matmul
 from dualprec.ref import int8_quantize_weight
 from dualprec.ref import quantize_4bit as ref_quantize_4bit
 from dualprec_jax import quant
 
-NUMPY = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _jit_quantize = jax.jit(quant.quantize_4bit, static_argnums=(1, 2, 3))
 
 
@@ -30,7 +30,7 @@ def _data(n, bs, dtype, seed):
     x = (rng.standard_normal(n) * scale).astype(np.float32)
     x[bs: 2 * bs] = 0
     x[:4] = [1e-30, -1e-30, 3e4, -3e4]
-    return x.astype(NUMPY[dtype])
+    return x.astype(numpy_dtype(dtype))
 
 
 def _assert_state_is_ref(q, packed, state):

@@ -9,9 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from dualprec.ref import cast, nan_equal
-
-TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8_e4m3fn": torch.float8_e4m3fn,
-         "float8_e5m2": torch.float8_e5m2}
+from dualprec_torch.casts import torch_dtype
 
 
 def _special_values():
@@ -25,7 +23,7 @@ def _special_values():
 def test_half_casts_match_torch_bitwise(name):
     x = _special_values()
     ours = cast(x, name)
-    theirs = torch.from_numpy(x).to(TORCH[name]).view(torch.int16).numpy()
+    theirs = torch.from_numpy(x).to(torch_dtype(name)).view(torch.int16).numpy()
     finite = np.isfinite(x)
     assert np.array_equal(ours.view(np.int16)[finite], theirs[finite])
 

@@ -5,7 +5,6 @@ Double quantization is bit-identical too: the offset replays torch's float32 CPU
 codes replay bitsandbytes' CPU grid-lookup kernel, which is not always the nearest code
 (test_bnb_8bit_cpu_kernel_is_not_nearest)."""
 
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -15,21 +14,21 @@ from hypothesis.extra import numpy as hnp
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
+from dualprec.dtypes import numpy_dtype  # noqa: E402
 from dualprec.ref import QuantState4bit, dequantize_4bit, quantize_4bit  # noqa: E402
 from dualprec.ref.fourbit import BLOCKSIZES, CODEBOOKS, DYNAMIC_MAP, _mean_float32, _quantize_8bit  # noqa: E402
+from dualprec_torch.casts import torch_dtype  # noqa: E402
 
-TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NUMPY = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def _data(shape, dtype, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape) * np.exp(rng.uniform(-4, 4, shape))
-    return x.astype(np.float32).astype(NUMPY[dtype])
+    return x.astype(np.float32).astype(numpy_dtype(dtype))
 
 
 def _bnb(x, qt, bs, dq=False):
-    xt = torch.from_numpy(x.astype(np.float32)).to(TORCH[x.dtype.name if x.dtype.name != "bfloat16" else "bfloat16"])
+    xt = torch.from_numpy(x.astype(np.float32)).to(torch_dtype(x.dtype.name))
     return bnbF.quantize_4bit(xt, blocksize=bs, quant_type=qt, compress_statistics=dq)
 
 
@@ -75,7 +74,7 @@ def _dq_data(bs, dtype, seed):
     z = int(rng.integers(0, nblocks - 10))
     x[z * bs: (z + 3) * bs] = 0  # three all-zero 4-bit blocks
     x[:4] = [1e-30, -3e-30, 6e4, -6e4]
-    return x.astype(NUMPY[dtype])
+    return x.astype(numpy_dtype(dtype))
 
 
 def _assert_dq_state_is_bnb(x, qt, bs):

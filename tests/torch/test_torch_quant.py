@@ -23,13 +23,13 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 
 from dualprec import Policy  # noqa: E402
+from dualprec.dtypes import numpy_dtype  # noqa: E402
 from dualprec.ref import dequantize_4bit, int8_dequantize_weight, int8_matmul, int8_quantize_weight, quantize_4bit  # noqa: E402
 from dualprec_torch import Precision  # noqa: E402
+from dualprec_torch.casts import torch_dtype  # noqa: E402
 from dualprec_torch.quant import QuantizationError, quantize_module, quantized_layers  # noqa: E402
 
 MODES = ["nf4", "nf4-dq", "fp4", "fp4-dq", "int8", "int8-training"]
-TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NUMPY = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 class Net(nn.Module):
@@ -120,11 +120,11 @@ def test_4bit_codes_and_absmax_equal_reference(mode, blocksize, shape, params):
     w = net[0].weight.detach().clone()
     quantize_module(net, f"params={params},quant={mode}(blocksize={blocksize})")
     layer = net[0]
-    packed, st = quantize_4bit(_np(w.to(TORCH[params])), mode[:3], blocksize, mode.endswith("-dq"))
+    packed, st = quantize_4bit(_np(w.to(torch_dtype(params))), mode[:3], blocksize, mode.endswith("-dq"))
     qs = layer.weight.quant_state
     assert np.array_equal(packed, layer.weight.data.numpy())
     assert np.array_equal(np.asarray(st.absmax), qs.absmax.numpy())
-    assert qs.dtype == TORCH[params] and tuple(qs.shape) == shape
+    assert qs.dtype == torch_dtype(params) and tuple(qs.shape) == shape
     if st.double_quant:
         assert np.array_equal(_bits(st.nested_absmax), _bits(qs.state2.absmax.numpy()))
         assert _bits(st.offset) == _bits(qs.offset.item())
@@ -153,8 +153,8 @@ def _reference_4bit(layer, x, compute):
 def test_4bit_forward_is_dequantize_then_matmul(mode, compute):
     net = quantize_module(nn.Sequential(nn.Linear(64, 48)), f"params={compute},quant={mode}")
     layer = net[0]
-    x = torch.randn(6, 64, dtype=TORCH[compute])
-    ref = _reference_4bit(layer, x, TORCH[compute])
+    x = torch.randn(6, 64, dtype=torch_dtype(compute))
+    ref = _reference_4bit(layer, x, torch_dtype(compute))
     for training in (True, False):
         layer.train(training)
         with torch.no_grad():
