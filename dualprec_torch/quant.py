@@ -330,10 +330,14 @@ def _classes():
             if self.weight.CB is not None:
                 self.init_8bit_state()
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            out = bnb.matmul(x, self.weight, bias=bias, state=self.state)
+            # bitsandbytes' int8 paths take [tokens, features]: its training backward calls
+            # A.t() and fails on 3-D activations, and its outlier columns are found per call,
+            # so leading dimensions are flattened (what the JAX layer does) and restored after
+            lead = x.shape[:-1]
+            out = bnb.matmul(x.reshape(-1, x.shape[-1]), self.weight, bias=bias, state=self.state)
             if not self.state.has_fp16_weights and self.state.CB is not None:
                 self.weight.data = self.state.CB
-            return out.to(out_dtype)
+            return out.reshape(*lead, out.shape[-1]).to(out_dtype)
 
         def _load_from_state_dict(self, state_dict, prefix, *args):
             key, scb_key, fmt_key = prefix + "weight", prefix + "SCB", prefix + "weight_format"

@@ -323,3 +323,23 @@ def test_state_dict_bytes_per_weight_match_theory(mode, bits):
     sd = net.state_dict()
     measured = 8 * sum(v.numel() * v.element_size() for v in sd.values()) / (512 * 1024)
     assert abs(measured - bits) / bits < 0.01, measured
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-training"])
+def test_int8_layers_take_3d_activations(mode):
+    """Transformer activations are [batch, tokens, features]: bitsandbytes' int8 training
+    backward fails on them (A.t() of a 3-D tensor); the layer flattens the leading dims."""
+    from dualprec_torch import Precision
+
+    torch.manual_seed(0)
+    precision = Precision(mode)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = precision.setup(model, optimizer)
+    x = torch.randn(2, 4, 32)
+    with precision.autocast():
+        y3 = model(x)
+        y2 = model(x.reshape(8, 32))
+    assert y3.shape == (2, 4, 32) and torch.equal(y3.reshape(8, 32), y2)
+    precision.backward(y3.float().pow(2).mean())
+    assert precision.step(optimizer)
