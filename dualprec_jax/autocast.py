@@ -347,7 +347,18 @@ def _jit(eqn, invals, ctx):
         if name in OPMATH_COMPOSITES:
             half = next(_dtype(x) for x in invals if _is_half(_dtype(x)))
             return _upcast_region(closed, invals, ctx, half)
+    if not ctx.upcast and name in (FP32_COMPOSITES | OPMATH_COMPOSITES) and _widened(closed, invals):
+        # traced for half inputs that an earlier rule widened (x ** 2 is float32 under the
+        # table): the composite runs in its actual input dtype, without the rounding back to
+        # half its trace ends with (torch: x.pow(2).mean() is float32)
+        return _upcast_region(closed, invals, ctx, None)
     return _eval_closed(closed, invals, ctx)
+
+
+def _widened(closed, invals) -> bool:
+    """Some input was traced half and arrives wider (float32)."""
+    return any(_is_half(v.aval.dtype) and _is_float(_dtype(x)) and not _is_half(_dtype(x))
+               for v, x in zip(closed.jaxpr.invars, invals) if hasattr(v.aval, "dtype"))
 
 
 def _upcast_region(closed, invals, ctx, round_to):

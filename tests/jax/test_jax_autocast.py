@@ -447,3 +447,20 @@ def test_prng_keys_scatter_and_integer_ops(xw):
         warnings.simplefilter("error", AutocastWarning)
         g, idx = jax.eval_shape(autocast(f, "bf16-mixed"), jax.random.key(0), x, w)
     assert g.dtype == F32 and idx.dtype == jnp.int32
+
+
+def test_a_composite_traced_half_runs_in_the_dtype_it_receives():
+    """jnp.mean traced for a bf16 input ends with a rounding back to bf16; when an fp32-list
+    op widened its input (x ** 2), torch's x.pow(2).mean() is float32, and so is ours.  A
+    mean of a half input that nothing widened stays half (mean is on no list)."""
+    import torch
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32))).astype(jnp.bfloat16)
+    got = autocast(lambda x: jnp.mean(x ** 2, axis=-1), "bf16-mixed")(x)
+    xt = torch.from_numpy(np.asarray(x.astype(jnp.float32))).bfloat16()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=False):
+        want = xt.float().pow(2).mean(-1)  # CUDA autocast: pow on the fp32 list, mean on none
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-6)
+    assert autocast(lambda x: jnp.mean(x, axis=-1), "bf16-mixed")(x).dtype == jnp.bfloat16
+    assert autocast(lambda x: jnp.var(jnp.exp(x), axis=-1), "bf16-mixed")(x).dtype == jnp.float32
