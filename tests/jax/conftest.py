@@ -25,6 +25,11 @@ def gelu(x):
     return jax.nn.gelu(x, approximate=False)  # torch's nn.GELU() default
 
 
+# Not conformance.zoo's models on purpose: these are stock Flax layers (nn.Dense,
+# nn.LayerNorm, nn.MultiHeadDotProductAttention, their nnx twins) at tiny sizes, because the
+# tests check how Precision drives Flax's own modules against the reference math below.  The
+# zoo's Flax models wrap their ops (torch-style GELU, matmul, scalar scaling) to mirror the
+# torch twins op for op, which is a different thing to test.
 class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
