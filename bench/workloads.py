@@ -6,7 +6,8 @@ tokens) and at sizes that run on a 2-core CPU.  Each policy has a hand-written b
 backend (torch.autocast + GradScaler; Flax dtype/param_dtype + jmp) and, where dualprec
 implements it, a dualprec twin (the FP8 row's twin is dualprec's native FP8 engine in both
 backends); the nf4 row times the hand-written baseline only and records the dualprec side as
-"not implemented" until that issue lands.
+"not implemented" in this workload (the library's nf4 layers are timed by
+bench/bench_quant_memory.py and bench/gpu_run.py).
 
 A *case* is one (backend, policy, impl) built on a device: it owns its model, optimizer
 state and batch, and exposes `step()` for timing and the tensors `bench.memory` counts.
@@ -70,8 +71,9 @@ WORKLOADS = {
 # --------------------------------------------------------------------------- policies
 
 NOT_IMPLEMENTED_FP8 = "dualprec's FP8 linear is not implemented yet (FP8 issue); the hand-written baseline is measured"
-NOT_IMPLEMENTED_NF4 = ("dualprec's quantized Linear is not implemented yet (quantization issue); "
-                       "the hand-written baseline is measured")
+NOT_IMPLEMENTED_NF4 = ("this workload has no dualprec nf4 twin yet (the frozen-base training step); "
+                       "dualprec's nf4 layers are timed in bench/bench_quant_memory.py (CPU) and "
+                       "bench/gpu_run.py rows d1/d2; the hand-written baseline is measured")
 
 
 @dataclass(frozen=True)
