@@ -23,7 +23,7 @@ from typing import Any
 __all__ = [
     "MLPConfig", "WORKLOADS", "PolicyRow", "POLICIES", "policy_row", "dualprec_status",
     "build_torch_case", "build_jax_case", "torch_gemm", "jax_gemm", "torch_nf4_gemv", "jax_nf4_gemv",
-    "NOT_IMPLEMENTED_FP8", "NOT_IMPLEMENTED_NF4",
+    "NOT_IMPLEMENTED_NF4",
 ]
 
 
@@ -70,7 +70,6 @@ WORKLOADS = {
 
 # --------------------------------------------------------------------------- policies
 
-NOT_IMPLEMENTED_FP8 = "dualprec's FP8 linear is not implemented yet (FP8 issue); the hand-written baseline is measured"
 NOT_IMPLEMENTED_NF4 = ("this workload has no dualprec nf4 twin yet (the frozen-base training step); "
                        "dualprec's nf4 layers are timed in bench/bench_quant_memory.py (CPU) and "
                        "bench/gpu_run.py rows d1/d2; the hand-written baseline is measured")
