@@ -40,7 +40,15 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default=None, help="default: conformance/calibration.json")
+    p.add_argument("--policy", action="append", default=None,
+                   help="measure only these policies (repeatable) and merge their entries into the "
+                        "existing file; every other entry is kept as it is")
+    p.add_argument("--model", action="append", default=None, help="with --policy: only these models")
     args = p.parse_args(argv)
+    subset = []
+    for flag, values in (("--policy", args.policy), ("--model", args.model)):
+        for v in values or ():
+            subset += [flag, v]
     from . import tolerances
     from .records import loads
 
@@ -50,13 +58,22 @@ def main(argv=None) -> int:
         # its process, and the default matrix runs those last for that reason
         env = dict(os.environ, DUALPREC_CONFORMANCE_UNCALIBRATED="1")
         out = subprocess.run([sys.executable, "-m", "conformance", "--format", "json", "--seed", str(seed),
-                              "--steps", str(args.steps)], capture_output=True, text=True, env=env)
+                              "--steps", str(args.steps), *subset], capture_output=True, text=True, env=env)
         if out.returncode not in (0, 1):
             print(out.stderr[-3000:], file=sys.stderr)
             return out.returncode
         runs.append(loads(out.stdout))
         print(f"seed {seed}: {len(runs[-1])} records, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     entries = aggregate(runs)
+    if subset:
+        # a subset run replaces the entries of the measured cells only
+        measured = {f"{r.policy}|{r.model}" for rs in runs for r in rs}
+        try:
+            old = json.loads(tolerances.CALIBRATION_FILE.read_text())["entries"]
+        except (OSError, ValueError, KeyError):
+            old = {}
+        kept = {k: v for k, v in old.items() if "|".join(k.split("|")[:2]) not in measured}
+        entries = {**kept, **entries}
     data = {"seeds": args.seeds, "steps": args.steps,
             "margins": {"ulp_margin": tolerances.ULP_MARGIN, "ulp_floor": tolerances.ULP_FLOOR,
                         "frac_slack": tolerances.FRAC_SLACK, "frac_per_element": tolerances.FRAC_PER_ELEMENT},

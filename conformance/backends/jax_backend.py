@@ -90,6 +90,7 @@ class _Compiled:
         self._param_structs = None
         self._state0 = None
         self.quantizes = _quantizes(prec.policy)
+        self.quantized = None  # (canonical weights, their quantize_params result)
 
     def _x0(self):
         return self.spec.to_jax_layout(np.zeros(self.spec.input_shape, self.spec.input_dtype))
@@ -239,21 +240,26 @@ class JaxSession(Session):
         self._owg = state.pop(OWG, {})
         self._frozen, self._frozen_names, self._frozen_layers, self._quant0 = None, set(), {}, {}
         if compiled.quantizes:
-            self._quantize(weight_map)
+            self._quantize(weight_map, weights)
             state[FROZEN] = self._frozen
         self._state = state
         self.opt_state = self.tx.init(self._params)
         self.scaling = self.prec.policy.loss_scale.enabled
         self._x = None
 
-    def _quantize(self, weight_map):
+    def _quantize(self, weight_map, weights):
         """The canonical float weights (rounded to the param dtype as above) quantized by
         ``quant.quantize_params``, the path ``Precision.init`` takes, and split: the
         trainable tree (biases, int8-training kernels, unquantized layers) is what the
         optimizer and the gradient see; the frozen codes travel beside it."""
         from dualprec_jax import quant
 
-        full = quant.quantize_params(self._params, self.prec.policy)
+        cached = self.c.quantized
+        if cached is not None and cached[0] is weights:  # the sessions of one cell share the weights
+            full = cached[1]
+        else:
+            full = quant.quantize_params(self._params, self.prec.policy)
+            self.c.quantized = (weights, full)  # holds the weights: their id cannot be reused
         self._params, self._frozen = quant.split_params(full)
         for name, rule in weight_map.rules.items():
             path = rule.flax_path
