@@ -70,7 +70,7 @@ WORKLOADS = {
 
 # --------------------------------------------------------------------------- policies
 
-NOT_IMPLEMENTED_NF4 = ("this workload has no dualprec nf4 twin yet (the frozen-base training step); "
+NOT_IMPLEMENTED_NF4 = ("not implemented in this workload: no dualprec nf4 twin of the frozen-base training step yet; "
                        "dualprec's nf4 layers are timed in bench/bench_quant_memory.py (CPU) and "
                        "bench/gpu_run.py rows d1/d2; the hand-written baseline is measured")
 
