@@ -9,8 +9,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["PolicyError", "UnsupportedPolicyError", "CheckpointError", "NonFiniteGradientError",
-           "did_you_mean", "closest"]
+__all__ = ["PolicyError", "UnsupportedPolicyError", "CheckpointError", "QuantizationError",
+           "NonFiniteGradientError", "did_you_mean", "closest"]
 
 
 class PolicyError(ValueError):
@@ -24,6 +24,11 @@ class UnsupportedPolicyError(PolicyError, NotImplementedError):
 class CheckpointError(PolicyError):
     """A precision checkpoint that cannot be loaded: truncated, tampered with, of another format
     or version, or written under another policy."""
+
+
+class QuantizationError(PolicyError):
+    """A model, parameter tree or checkpoint that cannot be quantized, loaded or used as asked
+    (both backends' quant modules raise this one class)."""
 
 
 class NonFiniteGradientError(FloatingPointError):

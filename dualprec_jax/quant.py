@@ -42,7 +42,7 @@ from flax import nnx
 from jax import lax
 
 from dualprec import Policy
-from dualprec.errors import PolicyError
+from dualprec.errors import QuantizationError
 from dualprec.ref import fourbit as _ref4
 
 from .casts import accumulation_dtype, jax_dtype
@@ -59,10 +59,6 @@ __all__ = [
 QWEIGHT = "qweight"  # the params key of a quantized layer's frozen arrays
 _TINY = _ref4._TINY
 _NESTED = _ref4.NESTED_BLOCKSIZE
-
-
-class QuantizationError(PolicyError):
-    """Quantized weights that cannot be built, loaded or used as asked."""
 
 
 # ----- static configuration -------------------------------------------------------------

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_mod
 
-from dualprec.errors import PolicyError, UnsupportedPolicyError
+from dualprec.errors import QuantizationError, UnsupportedPolicyError
 
 from .casts import torch_dtype
 
@@ -56,11 +56,6 @@ __all__ = [
 
 INSTALL_HINT = 'pip install "dualprec[bnb]"'
 _SKIP_INIT = "_dualprec_skip_init"
-
-
-class QuantizationError(PolicyError):
-    """A model or checkpoint that cannot be quantized or loaded as asked (the JAX backend's
-    dualprec_jax.quant.QuantizationError is the same kind: a PolicyError, so a ValueError)."""
 
 
 @functools.lru_cache(maxsize=1)

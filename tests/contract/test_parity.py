@@ -75,3 +75,12 @@ def test_an_unknown_jax_platform_is_refused_not_taken_for_cpu():
 
     with pytest.raises(ValueError, match="METAL"):
         dualprec_jax.device_caps(Metal())
+
+
+def test_one_quantization_error_class():
+    """Both quant modules raise the spec's class: ``except QuantizationError`` catches either."""
+    from dualprec.errors import QuantizationError
+    from dualprec_jax import quant as jq
+    from dualprec_torch import quant as tq
+
+    assert tq.QuantizationError is jq.QuantizationError is QuantizationError
