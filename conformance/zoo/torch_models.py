@@ -97,16 +97,10 @@ class HandRMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-class HandAttention(nn.Module):
-    """Attention with ``@`` and ``torch.softmax``; the head width is 16, so the score scale
-    1/4 is exact in every dtype (a Python scalar times a half tensor is formed in float32 by
-    torch and weakly typed by JAX; an exact scale keeps that difference out of the model)."""
-
-    def __init__(self, d, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
+class HandAttention(Attention):
+    """`Attention`'s layers with ``@`` and ``torch.softmax``; the head width is 16, so the
+    score scale 1/4 is exact in every dtype (a Python scalar times a half tensor is formed in
+    float32 by torch and weakly typed by JAX; an exact scale keeps that difference out)."""
 
     def forward(self, x):
         b, t, d = x.shape
