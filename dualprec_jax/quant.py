@@ -42,6 +42,7 @@ from flax import nnx
 from jax import lax
 
 from dualprec import Policy
+from dualprec.policy import FOUR_BIT_MODES
 from dualprec.errors import QuantizationError
 from dualprec.ref import fourbit as _ref4
 
@@ -93,7 +94,7 @@ class QuantSpec:
 
     @property
     def is_4bit(self) -> bool:
-        return self.mode in ("nf4", "nf4-dq", "fp4", "fp4-dq")
+        return self.mode in FOUR_BIT_MODES
 
     @property
     def quant_type(self) -> str:
