@@ -50,7 +50,7 @@ from . import fp8
 from . import quant
 from .modules import convert_module
 from .ops import compute_context
-from .sharding import local_tensor, reduce_found_inf
+from .sharding import local_shards, reduce_found_inf
 
 __all__ = ["Precision", "UnsupportedPolicyError"]
 
@@ -301,13 +301,13 @@ class Precision(contract.Precision):
         if not grads:
             raise RuntimeError("step()/unscale_() before backward(): no parameter of this optimizer has a "
                                "gradient; call precision.backward(loss) first")
-        shards = [local_tensor(g) for g in grads]  # FSDP2: this rank's shard of each gradient
+        shards, group = local_shards(grads)  # FSDP2: this rank's shard of each gradient
         if self._scaler.enabled:
             record.found_inf = self._scaler.unscale_(shards)
         elif self._policy.nonfinite_rule != "apply":
             record.found_inf = _find_nonfinite(shards)
         if record.found_inf:
-            record.found_inf = reduce_found_inf(record.found_inf, grads)  # one decision for all ranks
+            record.found_inf = reduce_found_inf(record.found_inf, group)  # one decision for all ranks
         record.stage = "unscaled"
 
     def _grads(self, optimizer) -> list[torch.Tensor]:

@@ -33,7 +33,7 @@ from .casts import torch_dtype
 from .modules import _cast_tensors
 
 __all__ = ["mixed_precision_policy", "shard", "default_blocks", "reduce_found_inf", "is_sharded",
-           "local_tensor", "SUPPORTED_COMBINATIONS"]
+           "local_tensor", "local_shards", "SUPPORTED_COMBINATIONS"]
 
 #: What runs under FSDP2 here, and what is refused (with the reason given to the user).
 SUPPORTED_COMBINATIONS = {
@@ -131,10 +131,14 @@ def shard(model: nn.Module, policy, *, mesh=None, blocks: Iterable[str] | Callab
     return model
 
 
-def is_sharded(t: torch.Tensor) -> bool:
+def _dtensor_type():
     from torch.distributed.tensor import DTensor
 
-    return isinstance(t, DTensor)
+    return DTensor
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    return isinstance(t, _dtensor_type())
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -142,18 +146,25 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if is_sharded(t) else t
 
 
-def _group_of(grads: list[torch.Tensor]):
+def local_shards(grads: list[torch.Tensor]):
+    """(this rank's shard of each gradient, the process group they are sharded on or None),
+    in one pass: `Precision.unscale_` calls it once per optimizer step."""
+    dtensor = _dtensor_type() if dist.is_available() and dist.is_initialized() else None
+    if dtensor is None:
+        return grads, None
+    group, shards = None, []
     for g in grads:
-        if is_sharded(g):
-            return g.device_mesh.get_group()
-    return None
+        if isinstance(g, dtensor):
+            group = group or g.device_mesh.get_group()
+            g = g._local_tensor
+        shards.append(g)
+    return shards, group
 
 
-def reduce_found_inf(found: dict, grads: list[torch.Tensor]) -> dict:
-    """All-reduce the per-device non-finite flags over the group the gradients are sharded
-    on (MAX; synchronous, so no rank reads a flag before every rank's is in).  Without
-    sharded gradients the flags are returned as they are."""
-    group = _group_of(grads)
+def reduce_found_inf(found: dict, group) -> dict:
+    """All-reduce the per-device non-finite flags over ``group`` (the one `local_shards`
+    found; MAX, synchronous, so no rank reads a flag before every rank's is in).  Without a
+    group (nothing sharded) the flags are returned as they are."""
     if group is None:
         return found
     devices = list(found)
