@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from common import batches, initial_weights, parse_args, progress, task, write_losses
+from common import SIZES, batches, initial_weights, parse_args, progress, task, write_losses
 from dualprec import Policy
 from dualprec_jax import Precision
 
@@ -37,7 +37,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     policy = Policy.load(args.policy_file)
     precision = Precision(policy)
-    model = MLP(tuple(w.shape[0] for w, _ in initial_weights()))
+    model = MLP(SIZES[1:])
     x, y = task()
     variables = precision.init(model, jax.random.key(0), jnp.asarray(x[:1]))
     params = precision.cast_to_param({"params": initial_params()})["params"]

@@ -14,13 +14,13 @@ from dualprec_torch import Precision
 
 
 def build_model() -> nn.Sequential:
-    layers = []
-    for i, (w, b) in enumerate(initial_weights()):
+    layers, weights = [], initial_weights()
+    for i, (w, b) in enumerate(weights):
         linear = nn.Linear(w.shape[1], w.shape[0])
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(w))
             linear.bias.copy_(torch.from_numpy(b))
-        layers += [linear, nn.GELU()] if i < len(initial_weights()) - 1 else [linear]
+        layers += [linear, nn.GELU()] if i < len(weights) - 1 else [linear]
     return nn.Sequential(*layers)
 
 
