@@ -23,7 +23,7 @@ from . import exemptions
 from .backends.base import Backend, Optim, Session
 from .numerics import bit_equal, diff, dtype_name, first_bit_difference, measure
 from .records import Record
-from .tolerances import Tolerance, calibrated, tolerance
+from .tolerances import Tolerance, chain_bound, layer_bound, tolerance
 from .weights import WeightMap
 from .zoo import ModelSpec
 
@@ -45,10 +45,18 @@ class Context:
     loss_scale_steps: int = 6  # with growth_interval 2: growth at step 3, backoffs at 1 and 4
     seed: int = 0  # data seed (the weights' seed is the caller's)
     data: Callable | None = None  # step -> (x, y); default: the zoo's seeded batches
+    math_mode: str = "ieee"  # how both backends compute float32 matmuls (tolerances.MATH_MODES)
 
     @property
     def tol(self) -> Tolerance:
-        return tolerance(self.policy, self.spec.shape)
+        return tolerance(self.policy, self.spec.shape, self.math_mode)
+
+    @property
+    def quantized_activations(self) -> bool:
+        """LLM.int8 quantizes activations: a one-ULP difference upstream of a layer can move an
+        int8 code and so the layer's output by a code step (no share criterion there)."""
+        return any(p.quantization and p.quantization.mode.startswith("int8")
+                   for p in (self.policy, *(s for _, s in self.policy.overrides)))
 
     def record(self, check, tier, status, **kw) -> Record:
         return Record(self.policy_name, self.spec.name, check, tier, status, **kw)
@@ -261,31 +269,24 @@ def check_optimizer_dtypes(ctx: Context, sa: Session, sb: Session) -> Record:
 
 
 # ---------------------------------------------------------------- tolerance tier
-def judge_tensors(ctx: Context, check: str, named: dict, fallback_rel: float, step=None, extra="") -> Record:
+def judge_tensors(ctx: Context, check: str, named: dict, bound_of: Callable, step=None, extra="") -> Record:
     """One tolerance record over named (reference, got) pairs, in the given order.
 
-    Each tensor is measured (numerics.measure) and judged against its calibrated thresholds
-    (tolerances.calibrated: measured agreement times a margin) or, for a tensor the
-    calibration has not seen, against the worst-case relative bound ``fallback_rel``.  The
-    first tensor past its threshold is ``where``; the detail keeps every tensor's stats."""
-    per, first_bad, why, used_cal = {}, None, "", 0
-    tol_shown = fallback_rel
+    Each tensor is measured (numerics.measure) and judged against ``bound_of(name, stats)``,
+    a :class:`tolerances.Bound` derived from the arithmetic (see tolerances.py).  The first
+    tensor past its bound is ``where``; the detail keeps every tensor's stats and bound."""
+    per, first_bad, why = {}, None, ""
+    tol_shown = None
     for n, (ra, gb) in named.items():
         st = measure(gb, ra)
-        cal = calibrated(ctx.policy_name, ctx.spec.name, check, n)
-        if cal is not None:
-            used_cal += 1
-            problem = cal.judge(st)
-        else:
-            problem = ("shape mismatch" if not st.ok_shape else
-                       f"{st.nan_mismatch} non-finite mismatches" if st.nan_mismatch else
-                       f"max rel {st.max_rel:.3g} ({st.max_ulp:.3g} ULP of {st.dtype}) > worst-case bound "
-                       f"{fallback_rel:.3g}" if st.max_rel > fallback_rel else None)
-        per[n] = dict(st.to_dict(), **({"tol_ulp": cal.tol_ulp, "tol_neq": cal.tol_neq} if cal else
-                                       {"tol_rel": fallback_rel}))
+        bound = bound_of(n, st)
+        problem = bound.judge(st)
+        per[n] = dict(st.to_dict(), bound=bound.to_dict())
+        if tol_shown is None:
+            tol_shown = bound.shown
         if problem and first_bad is None:
             first_bad, why = n, problem
-            tol_shown = cal.tol_ulp if cal else fallback_rel
+            tol_shown = bound.shown
     sizes = sum(v["size"] for v in per.values()) or 1
     equal = sum(v["size"] * (1 - v["neq_frac"]) for v in per.values()) / sizes
     top_ulp = max((v["max_ulp"] for v in per.values()), default=0.0)
@@ -293,11 +294,14 @@ def judge_tensors(ctx: Context, check: str, named: dict, fallback_rel: float, st
     worst = max(per, key=lambda n: per[n]["max_ulp"]) if per else None
     reason = f"first divergence at {first_bad}: {why}{extra}" if first_bad else ""
     rec = ctx.record(check, "tolerance", "fail" if first_bad else "pass", reason=reason, max_rel_err=top_rel,
-                     max_ulp_err=top_ulp, tolerance=tol_shown, where=first_bad or worst, step=step,
-                     detail={"per_tensor": per, "bitwise_equal_fraction": equal,
-                             "calibrated": f"{used_cal}/{len(per)}"})
+                     max_ulp_err=top_ulp, tolerance=tol_shown or 0.0, where=first_bad or worst, step=step,
+                     detail={"per_tensor": per, "bitwise_equal_fraction": equal, "math_mode": ctx.math_mode})
     rec.max_abs_err = None
     return rec
+
+
+def _chain(rel: float, why: str) -> Callable:
+    return lambda name, st: chain_bound(rel, why)
 
 
 def _scalar(v, policy: Policy):
@@ -315,7 +319,7 @@ def check_forward(ctx: Context, sa: Session, sb: Session, fwd=None) -> list[Reco
     (oa, ia), (ob, ib) = fwd or (sa.forward(x), sb.forward(x))
     named = {n: (ia[n], ib[n]) for n in ia if n in ib}
     named["output"] = (oa, ob)
-    rec = judge_tensors(ctx, "forward", named, ctx.tol.forward)
+    rec = judge_tensors(ctx, "forward", named, _chain(ctx.tol.forward, "forward chain bound"))
     rec.detail["layers_only_in_one_backend"] = sorted(set(ia) ^ set(ib))
     rec.detail["output_dtype"] = [dtype_name(oa), dtype_name(ob)]
     return [rec]
@@ -337,20 +341,63 @@ def check_layers(ctx: Context, sa: Session, sb: Session, fwd) -> list[Record]:
     except NotImplementedError:
         return [ctx.record("layers", "tolerance", "skip", reason=f"{ctx.b.name} cannot run layers in isolation")]
     named = {n: (ia[n], got[n]) for n in inputs if n in got}
-    rec = judge_tensors(ctx, "layers", named, ctx.tol.forward)
+    leaves = set(_leaves(named))
+
+    def bound_of(name, st):
+        return layer_bound(ctx.policy, ctx.spec.shape, st.dtype, st.size, leaf=name in leaves,
+                           math_mode=ctx.math_mode, share=not ctx.quantized_activations)
+
+    rec = judge_tensors(ctx, "layers", named, bound_of)
     rec.detail["not_isolated"] = sorted(set(inputs) - set(got))
     return [rec]
 
 
-def check_grads(ctx: Context, sa: Session, sb: Session, lg=None) -> list[Record]:
+def check_grads(ctx: Context, sa: Session, sb: Session, lg=None, fwd=None) -> list[Record]:
     x, y = ctx.batch(0)
     (la, ga), (lb, gb) = lg or (sa.loss_and_grads(x, y), sb.loss_and_grads(x, y))
     # Backprop runs last layer first, so the first divergent gradient is found in reverse order.
     named = {"loss": (_scalar(la, ctx.policy), _scalar(lb, ctx.policy))}
     named.update({n: (ga[n], gb[n]) for n in reversed(float_names(ctx, sa, sb))})
-    rec = judge_tensors(ctx, "gradients", named, ctx.tol.grad)
+    rec = judge_tensors(ctx, "gradients", named, _chain(ctx.tol.grad, "gradient chain bound"))
     rec.detail["loss"] = [la, lb]
-    return [rec]
+    out = [rec]
+    if fwd is not None:
+        out.append(check_loss_consistency(ctx, (la, lb), (fwd[0][0], fwd[1][0]), y))
+    return out
+
+
+def cross_entropy64(logits, labels) -> float:
+    """The mean cross-entropy of integer labels, in float64 (the reference of the loss)."""
+    z = np.asarray(logits, np.float64).reshape(len(labels), -1) if np.ndim(logits) == 2 else \
+        np.moveaxis(np.asarray(logits, np.float64), 1, -1).reshape(-1, np.shape(logits)[1])
+    lab = np.asarray(labels).reshape(-1)
+    m = z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z - m).sum(axis=1)) + m[:, 0]
+    return float(np.mean(lse - z[np.arange(len(lab)), lab]))
+
+
+def check_loss_consistency(ctx: Context, losses, outputs, y) -> Record:
+    """Each side's loss against a float64 cross-entropy of that side's own model output:
+    the loss is a float32 (float64) reduction of the output, so it may differ from the
+    float64 value only by a reduction's rounding, on any machine.  Catches a loss computed
+    in half precision or from rounded logits, whatever the two sides' outputs agree on."""
+    problems, detail = [], {}
+    u = 2.0 ** -24
+    for be, loss, out in zip((ctx.a, ctx.b), losses, outputs):
+        z = np.asarray(out, np.float64)
+        ref = cross_entropy64(z, y)
+        n_class = z.shape[1] if z.ndim >= 2 else 1
+        bound = 8 * u * (math.sqrt(n_class) * (float(np.max(np.abs(z))) + math.log(max(n_class, 2)))
+                         + math.sqrt(z.size / max(n_class, 1)) * abs(ref) + 1.0)
+        err = abs(float(loss) - ref)
+        detail[be.name] = {"loss": float(loss), "float64": ref, "err": err, "bound": bound}
+        if not math.isfinite(err) or err > bound:
+            problems.append(f"{be.name} loss {float(loss)!r} vs float64 cross-entropy of its own output "
+                            f"{ref!r}: error {err:.3g} > bound {bound:.3g}")
+    return ctx.record("loss", "tolerance", "fail" if problems else "pass", reason="; ".join(problems),
+                      max_abs_err=max(d["err"] for d in detail.values()),
+                      tolerance=max(d["bound"] for d in detail.values()),
+                      where=problems[0].split()[0] if problems else None, detail=detail)
 
 
 def check_training(ctx: Context, sa: Session | None = None, sb: Session | None = None) -> list[Record]:
@@ -373,7 +420,9 @@ def check_training(ctx: Context, sa: Session | None = None, sb: Session | None =
         series["tol"].append(tol.loss_at(t))
         if ia.skipped != ib.skipped and skip_problem is None:
             skip_problem = f"; step {t} skipped by one backend only"
-    lrec = judge_tensors(ctx, "train-loss", losses, tol.loss_at(ctx.steps - 1), extra=skip_problem or "")
+    lrec = judge_tensors(ctx, "train-loss", losses,
+                         lambda name, st: chain_bound(tol.loss_at(int(name.split()[1])), "trajectory bound"),
+                         extra=skip_problem or "")
     if skip_problem and lrec.status == "pass":
         lrec.status, lrec.reason = "fail", skip_problem[2:]
     if lrec.where and lrec.where.startswith("step "):
@@ -381,7 +430,7 @@ def check_training(ctx: Context, sa: Session | None = None, sb: Session | None =
     lrec.detail["series"] = series
     pa, pb = sa.params(), sb.params()
     prec = judge_tensors(ctx, "train-params", {n: (pa[n], pb[n]) for n in float_names(ctx, sa, sb)},
-                         tol.params_after(ctx.steps),
+                         _chain(tol.params_after(ctx.steps), f"trajectory bound after {ctx.steps} steps"),
                          extra=f" after {ctx.steps} steps")
     if prec.status == "fail":
         prec.step = ctx.steps
@@ -520,11 +569,11 @@ def _weight_amax_of_cast(ctx: Context, fa: dict, fb: dict) -> str | None:
 
 # ---------------------------------------------------------------- orchestration
 CHECK_NAMES = ("cast-input", "cast-output", "param-dtypes", "param-values", "dtype-flow", "forward", "layers",
-               "gradients", "train-loss", "train-params", "loss-scale", "optimizer-dtypes")
+               "gradients", "loss", "train-loss", "train-params", "loss-scale", "optimizer-dtypes")
 TIER_OF = {"cast-input": "bit-exact", "cast-output": "bit-exact", "param-dtypes": "bit-exact",
            "param-values": "bit-exact", "dtype-flow": "bit-exact", "loss-scale": "bit-exact",
            "optimizer-dtypes": "bit-exact", "forward": "tolerance", "layers": "tolerance",
-           "gradients": "tolerance", "train-loss": "tolerance", "train-params": "tolerance",
+           "gradients": "tolerance", "loss": "tolerance", "train-loss": "tolerance", "train-params": "tolerance",
            "quant-codes": "bit-exact", "fp8-scales": "bit-exact"}
 
 
@@ -561,7 +610,7 @@ def session_checks(ctx: Context, sa: Session, sb: Session, with_grads: bool = Tr
     grads = ({}, {})
     if with_grads:
         lg = (sa.loss_and_grads(x, y), sb.loss_and_grads(x, y))
-        out += _guard(ctx, ("gradients",), check_grads, ctx, sa, sb, lg)
+        out += _guard(ctx, ("gradients", "loss"), check_grads, ctx, sa, sb, lg, fwd)
         grads = (_optional(sa.grad_dtypes, default={}), _optional(sb.grad_dtypes, default={}))
     out += _guard(ctx, ("dtype-flow",), check_dtype_flow, ctx, sa, sb, fwd, grads)
     return out
@@ -589,7 +638,7 @@ def run_checks(ctx: Context) -> list[Record]:
                 before.append((_optional(sa.quant_state, default={}), _optional(sb.quant_state, default={})))
         return out
 
-    recs += _guard(ctx, ("param-dtypes", "param-values", "dtype-flow", "forward", "layers", "gradients"),
+    recs += _guard(ctx, ("param-dtypes", "param-values", "dtype-flow", "forward", "layers", "gradients", "loss"),
                    shared_checks)
     trained = bool(shared)
     recs += _guard(ctx, ("train-loss", "train-params"), check_training, ctx, *shared)
@@ -601,6 +650,31 @@ def run_checks(ctx: Context) -> list[Record]:
                 ctx, *(pair or ctx.sessions(Optim("sgd", ctx.lr))), before[0] if pair and before else None))
         if "fp8-scales" in extra:
             recs += _guard(ctx, ("fp8-scales",), lambda: check_fp8(ctx, *(pair or _trained_pair(ctx))))
+    return _known_divergence(ctx, recs)
+
+
+#: Semantic divergences of the backends that the suite has found and reports instead of
+#: hiding under a tolerance: quantization mode -> why.  A tolerance record of such a policy
+#: that fails becomes a skip naming the divergence (its numbers stay in the detail); the
+#: bit-exact records are judged as usual.
+KNOWN_DIVERGENCES = {
+    "int8-training": ("known divergence: bitsandbytes has no CPU LLM.int8 path for int8-training (torch "
+                      "multiplies the dequantized float16 weight), JAX runs LLM.int8 with int8 activations"),
+}
+
+
+def _known_divergence(ctx: Context, recs: list[Record]) -> list[Record]:
+    modes = {p.quantization.mode for p in (ctx.policy, *(s for _, s in ctx.policy.overrides)) if p.quantization}
+    why = next((KNOWN_DIVERGENCES[m] for m in sorted(modes) if m in KNOWN_DIVERGENCES), None)
+    fp8 = next((r for r in recs if r.check == "fp8-scales" and r.detail.get("known_divergence")), None)
+    if why is None and fp8 is not None:
+        why = f"follows from the known FP8 divergence ({fp8.detail['known_divergence']})"
+    if why is None:
+        return recs
+    for r in recs:
+        if r.tier == "tolerance" and r.status == "fail":
+            r.detail["divergence_reason"] = r.reason
+            r.status, r.reason = "skip", f"{why}; measured: {r.reason}"
     return recs
 
 

@@ -86,8 +86,12 @@ def compare(torch_fn: Any, jax_fn: Any, weight_map: Any, policy: Any, x: np.ndar
 
         backends = default_backends()
     a, b = backends
+    from .tolerances import check_math_modes
+
+    math_mode = check_math_modes({a.name: a.float32_matmul_mode(), b.name: b.float32_matmul_mode()})
     ctx = Context(a, b, spec, pol, str(pol), weights, wm, steps=max(steps, 1), lr=lr,
-                  data=lambda i: (x, y if y is not None else np.zeros(x.shape[0], np.int64)))
+                  data=lambda i: (x, y if y is not None else np.zeros(x.shape[0], np.int64)),
+                  math_mode=math_mode)
     reasons = [f"{be.name}: {r}" for be in (a, b) if (r := be.unsupported(pol))]
     if reasons:
         return Comparison([ctx.record("compare", "tolerance", "skip", reason="; ".join(reasons))])
@@ -97,7 +101,7 @@ def compare(torch_fn: Any, jax_fn: Any, weight_map: Any, policy: Any, x: np.ndar
         sa, sb = ctx.sessions(Optim("sgd", lr))
         return session_checks(ctx, sa, sb, with_grads=y is not None)
 
-    recs += _guard(ctx, ("param-dtypes", "param-values", "dtype-flow", "forward", "layers", "gradients"),
+    recs += _guard(ctx, ("param-dtypes", "param-values", "dtype-flow", "forward", "layers", "gradients", "loss"),
                    pair_checks)
     if y is not None and steps > 0:
         recs += _guard(ctx, ("train-loss", "train-params"), check_training, ctx)

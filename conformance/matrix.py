@@ -116,6 +116,9 @@ def run(policies: dict | None = None, models: Iterable[str] = MODELS, *, steps: 
 
         backends = default_backends()
     a, b = backends
+    from .tolerances import check_math_modes
+
+    math_mode = check_math_modes({a.name: a.float32_matmul_mode(), b.name: b.float32_matmul_mode()})
     if full is None:
         full = policies is not None
     policies = default_policies() if policies is None else policies
@@ -131,7 +134,7 @@ def run(policies: dict | None = None, models: Iterable[str] = MODELS, *, steps: 
                 w = canonical_weights(spec, seed)
                 weights_cache[job.model] = (w, WeightMap.auto({k: v.shape for k, v in w.items()}))
             w, wm = weights_cache[job.model]
-            ctx = Context(a, b, spec, job.policy, job.label, w, wm, steps=steps, seed=seed)
+            ctx = Context(a, b, spec, job.policy, job.label, w, wm, steps=steps, seed=seed, math_mode=math_mode)
             out.extend(run_checks(ctx))
         if progress:
             progress(job)

@@ -267,7 +267,76 @@ def twin_layernorm_eps():
     return _setattr(flax_models, "LN_EPS", 1e-6)
 
 
+# ---------------------------------------------------------------- bugs at the size of a real precision bug
+# (a loose float32 bound could let these through: each moves values by a few half-precision
+# roundings, not by orders of magnitude)
+def _intercept(kind, name: str | None, compute):
+    """A Flax method interceptor replacing the output of ``kind`` modules (named ``name``)
+    with ``compute(module, args, correct_output)`` once the parameters exist."""
+    import flax.linen as nn
+
+    def interceptor(next_fun, args, kwargs, context):
+        m = context.module
+        y = next_fun(*args, **kwargs)
+        if (context.method_name != "__call__" or not isinstance(m, kind) or (name and m.name != name)
+                or m.is_initializing()):
+            return y
+        return compute(m, args, y)
+
+    return nn.intercept_methods(interceptor)
+
+
+def gemm_bf16_accumulate():
+    """The MLP's fc2 sums its products in bfloat16 (each partial sum rounded) instead of float32."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    def compute(m, args, y):
+        opd = y.dtype  # the operand dtype the op table chose (the compute dtype)
+        x = args[0].astype(opd).astype(jnp.float32)
+        k = m.get_variable("params", "kernel").astype(opd).astype(jnp.float32)
+        acc = jnp.zeros(y.shape, jnp.bfloat16)
+        for i in range(k.shape[0]):
+            acc = (acc.astype(jnp.float32) + x[..., i, None] * k[i]).astype(jnp.bfloat16)
+        b = m.get_variable("params", "bias").astype(opd).astype(jnp.float32)
+        return (acc.astype(jnp.float32) + b).astype(y.dtype)
+
+    return _intercept(nn.Dense, "fc2", compute)
+
+
+def layernorm_var_half():
+    """LayerNorm's variance rounded to float16 (its squares summed in float32)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    def compute(m, args, y):
+        x = args[0].astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True).astype(jnp.float16).astype(jnp.float32)
+        out = (x - mean) * jax.lax.rsqrt(var + m.epsilon)
+        out = out * m.get_variable("params", "scale").astype(jnp.float32) + \
+            m.get_variable("params", "bias").astype(jnp.float32)
+        return out.astype(y.dtype)
+
+    return _intercept(nn.LayerNorm, None, compute)
+
+
+def loss_bf16():
+    """The loss computed in bfloat16 from bfloat16 logits."""
+    import jax.numpy as jnp
+    import optax
+
+    orig = optax.softmax_cross_entropy_with_integer_labels
+
+    def loss(logits, labels, *a, **k):
+        return orig(logits.astype(jnp.bfloat16), labels, *a, **k).astype(logits.dtype)
+
+    return _setattr(optax, "softmax_cross_entropy_with_integer_labels", loss)
+
+
 HALF = ("16-mixed", "bf16-mixed", "bf16-true")
+FLOAT = ("32-true", "16-mixed", "bf16-mixed")
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("norm-stats-half", "jax", "LayerNorm/RMSNorm/GroupNorm statistics in the compute dtype",
@@ -308,6 +377,12 @@ MUTANTS: tuple[Mutant, ...] = (
            twin_gelu_tanh, HALF),
     Mutant("twin-layernorm-eps", "twin", "the Flax twin's LayerNorm epsilon is 1e-6, not 1e-5",
            twin_layernorm_eps, HALF, ("transformer",)),
+    Mutant("gemm-bf16-accumulate", "twin", "the MLP's fc2 accumulates its products in bfloat16",
+           gemm_bf16_accumulate, FLOAT),
+    Mutant("layernorm-var-half", "twin", "LayerNorm's variance rounded to float16",
+           layernorm_var_half, FLOAT, ("transformer",)),
+    Mutant("loss-bf16", "jax", "the loss computed in bfloat16 from bfloat16 logits",
+           loss_bf16, FLOAT),
 )
 
 #: The fast subset the CI test runs: mutant -> the one policy it runs under, on the MLP.

@@ -1,30 +1,48 @@
-"""Tolerances of the tolerance tier, derived from the policy's compute dtype.
+"""Tolerances of the tolerance tier, derived from the arithmetic (an error model), not
+measured on one machine.
 
-Both backends accumulate matmul-like ops in float32 (float64 for float64 policies) and round
-once to the compute dtype, so they can disagree in two ways only:
+Two correct implementations of a policy differ only where the arithmetic leaves them free:
+the order in which a reduction (a GEMM's K, a convolution's window, a norm's axis, a sum)
+adds its terms, and the last bits of a transcendental function (exp, erf, rsqrt).  Every
+kernel (AVX512, AVX2, SSE, oneDNN, Eigen, cuBLAS split-K) makes other choices, so a bound
+that holds "on every machine where the frameworks are correct" must follow from those two
+freedoms alone.  With u(d) the unit roundoff of dtype d (float32 2^-24, bfloat16 2^-8,
+float16 2^-11, float64 2^-53), a reduction of length K accumulated in dtype a may differ
+between two orders by
 
-* a rounding to the compute dtype that lands on different sides of a rounding boundary
-  because the float32 sums were formed in a different order: 1 ULP (eps_c relative, 2 ULP
-  counted against the smaller neighbour) at a stage, on rare elements, independently per
-  stage, so sqrt(n_round) of them along the ``n_round`` stages of the longest path;
-* the float32 accumulation order itself: about sqrt(n) * eps_acc for a reduction of length n
-  (the statistical bound for round-to-nearest), per layer, times SAFETY for libm differences.
+    acc(K) = C_ACC * sqrt(K) * u(a) + C_LIBM * u(a)            (relative to the data's scale)
 
-So a forward output may differ, elementwise and relative to its magnitude, by
+(the statistical bound for round-to-nearest sums of random-signed terms, with a factor 4 of
+margin; the second term is a few ULP of libm).  Under TF32 (a GPU whose float32 matmuls round
+their operands to 10 mantissa bits) the operand rounding adds ``2 * sqrt(K) * u_tf32`` per
+GEMM, so TF32 runs get their own, wider bound (and a TF32 run is never compared with a
+strict float32 one: see :func:`check_math_modes`).
 
-    tol_forward = 2 * eps_c * sqrt(n_round) + SAFETY * eps_acc * sqrt(n_reduce) * n_layers
+A tensor is judged in two ways:
 
-Gradients run the chain twice (forward and backward), ``tol_grad = 2 * tol_forward``.  A
-training trajectory adds one forward's worth of error per step through the parameters:
-the loss at step t is checked against ``tol_forward * (1 + t)`` and the parameters after N
-steps against ``tol_grad * (1 + N)`` (SGD moves them by lr * grad, so this is loose for
-small lr and tight enough to catch a wrong cast).  ``SAFETY`` is 4: transcendental functions
-(erf, exp, rsqrt) have float32 implementations that differ by up to ~1-2 ULP between the
-frameworks.  The compute-dtype term stays below the error of a wrong compute dtype (float16
-instead of bfloat16 differs by ~eps_bf16 on most elements, not on a few).
+* **max**: its largest error, in ULP of the tensor's own dtype measured at
+  max(|ref|, mean|ref|), must stay under the bound;
+* **share** (layer-isolated half-precision outputs only): a half-precision output is the
+  *same* float32 sum rounded once, so two sides differ on an element only when their sums
+  straddle a rounding boundary of the half dtype.  That happens with probability at most
+  ``n_round * acc(K) / u(half)`` per element (the sums differ by acc(K), boundaries are
+  2 u(half) apart).  The number of elements that differ may exceed its expectation only by a
+  binomial margin (3 standard deviations + 3).  A bug that moves many elements by one
+  rounding (statistics in half precision, the bias added after rounding, a GEMM accumulated
+  in bfloat16) moves far more than that; a correct pair on any machine moves fewer.
 
-The relative error is measured as |a - b| / (|b| + mean|b|) (see numerics.diff), so values
-that cancel to ~0 are judged against the tensor's scale.
+Checks downstream of several layers (``forward``, ``gradients``, ``train-*``) carry the
+differences of every layer before them, so their tensors get a magnitude bound only
+(no share criterion: how many elements an upstream one-ULP flip touches depends on the
+kernel):
+
+    tol_forward = 2 * eps(c) * sqrt(n_round) + C_ACC * eps(a) * sqrt(n_reduce) * n_layers
+
+relative (eps = 2u, c the narrowest compute/output dtype, n_round rounding stages on the
+longest path, n_reduce the longest reduction, n_layers matmul-like layers); gradients run the
+chain twice (2x); the loss at step t (1 + t)x, parameters after N steps (1 + N)x the gradient
+bound.  The layer-isolated check and the loss-consistency check (each side's loss against a
+float64 cross-entropy of its own outputs) are where the tight bounds live.
 """
 
 from __future__ import annotations
@@ -36,7 +54,20 @@ from dualprec import Policy
 
 from .numerics import eps
 
-SAFETY = 4.0
+#: statistical reduction bound factor (4 standard deviations)
+C_ACC = 4.0
+#: ULPs of the accumulation dtype a transcendental function may differ by between libms
+C_LIBM = 4.0
+#: a block with submodules (attention, an MLP) run in isolation: its reductions in sequence
+#: and the roundings inside it (qkv, scores, softmax, probs @ v, the projection)
+BLOCK_DEPTH, BLOCK_ROUNDINGS = 3, 5
+#: unit roundoff of a TF32 operand (10 explicit mantissa bits)
+U_TF32 = 2.0 ** -11
+
+
+def unit(dtype: str) -> float:
+    """Unit roundoff u (half the distance from 1.0 to the next float) of a spec dtype."""
+    return eps(dtype) / 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,75 +101,137 @@ def narrowest_compute(policy: Policy) -> str:
     return max(dts, key=eps)
 
 
-def tolerance(policy: Policy, shape: ModelShape) -> Tolerance:
+def accumulate_dtype(policy: Policy) -> str:
+    return "float64" if narrowest_compute(policy) == "float64" else "float32"
+
+
+def acc_rel(policy: Policy, k: int, depth: float = 1.0, math_mode: str = "ieee") -> float:
+    """How far two summation orders of a length-``k`` reduction may put a result apart,
+    relative to the data's scale, over ``depth`` reductions in sequence."""
+    a = accumulate_dtype(policy)
+    per = C_ACC * math.sqrt(k) * unit(a) + C_LIBM * unit(a)
+    if math_mode == "tf32" and a == "float32":
+        per += 2 * C_ACC * math.sqrt(k) * U_TF32
+    return per * depth
+
+
+def tolerance(policy: Policy, shape: ModelShape, math_mode: str = "ieee") -> Tolerance:
+    """The magnitude bounds (relative) of the checks downstream of several layers."""
     c = narrowest_compute(policy)
-    acc = "float64" if c == "float64" else "float32"
-    fwd = 2 * eps(c) * math.sqrt(shape.n_round) + SAFETY * eps(acc) * math.sqrt(shape.n_reduce) * shape.n_layers
+    acc = accumulate_dtype(policy)
+    e_acc = eps(acc) + (2 * U_TF32 * 2 if math_mode == "tf32" and acc == "float32" else 0.0)
+    fwd = 2 * eps(c) * math.sqrt(shape.n_round) + C_ACC * e_acc * math.sqrt(shape.n_reduce) * shape.n_layers
     return Tolerance(c, acc, fwd, 2 * fwd)
 
 
-# ---------------------------------------------------------------- calibrated tolerances
-#: Where the calibration (measured agreement of the unmutated backends) lives.
-CALIBRATION_FILE = __import__("pathlib").Path(__file__).with_name("calibration.json")
-#: tol_ulp = ULP_MARGIN * (largest ULP distance measured over the seeds) + ULP_FLOOR
-ULP_MARGIN, ULP_FLOOR = 2.0, 1.0
-#: tol_neq = (largest fraction of not-bitwise-equal elements measured) + FRAC_SLACK + FRAC_PER_ELEMENT / size
-FRAC_SLACK, FRAC_PER_ELEMENT = 0.05, 3.0
-
-_calibration_cache: dict | None = None
-
-
-def calibration() -> dict:
-    """``{"seeds": [...], "entries": {key: {"max_ulp", "neq_frac", "size"}}}`` or empty."""
-    global _calibration_cache
-    if _calibration_cache is None:
-        import json
-        import os
-
-        if os.environ.get("DUALPREC_CONFORMANCE_UNCALIBRATED"):  # calibrate.py measuring afresh
-            _calibration_cache = {"seeds": [], "entries": {}}
-            return _calibration_cache
-        try:
-            _calibration_cache = json.loads(CALIBRATION_FILE.read_text())
-        except (OSError, ValueError):
-            _calibration_cache = {"seeds": [], "entries": {}}
-    return _calibration_cache
-
-
-def key(policy: str, model: str, check: str, tensor: str) -> str:
-    return f"{policy}|{model}|{check}|{tensor}"
+def binomial_upper(p: float, n: int) -> float:
+    """A fraction of ``n`` elements that a Binomial(n, p) count exceeds with negligible
+    probability: (n p + 3 sqrt(n p (1 - p)) + 3) / n, at most 1."""
+    if n <= 0:
+        return 1.0
+    p = min(max(p, 0.0), 1.0)
+    mean = n * p
+    return min(1.0, (mean + 3 * math.sqrt(mean * (1 - p)) + 3) / n)
 
 
 @dataclasses.dataclass(frozen=True)
-class Calibrated:
-    """The measured agreement of one tensor of one check, and the thresholds built from it."""
+class Bound:
+    """What one compared tensor may legitimately differ by, and why.
 
-    max_ulp: float
-    neq_frac: float
-    size: int
+    ``max_ulp``: ULP of the tensor's dtype at max(|ref|, mean|ref|) (None: judged by
+    ``max_rel`` instead); ``max_rel``: |got - ref| / (|ref| + mean|ref|) (None: not used);
+    ``max_neq``: the share of elements allowed to differ bitwise (None: no share criterion)."""
+
+    why: str
+    max_ulp: float | None = None
+    max_rel: float | None = None
+    max_neq: float | None = None
 
     @property
-    def tol_ulp(self) -> float:
-        return ULP_MARGIN * self.max_ulp + ULP_FLOOR
-
-    @property
-    def tol_neq(self) -> float:
-        return min(1.0, self.neq_frac + FRAC_SLACK + FRAC_PER_ELEMENT / max(self.size, 1))
+    def shown(self) -> float:
+        """The number a record shows as its tolerance."""
+        return self.max_ulp if self.max_ulp is not None else (self.max_rel or 0.0)
 
     def judge(self, st) -> str | None:
-        """None when ``st`` (numerics.Stats) is within the thresholds, else why not."""
+        """None when ``st`` (numerics.Stats) is within the bound, else why not (one line)."""
         if not st.ok_shape:
             return "shape mismatch"
         if st.nan_mismatch:
             return f"{st.nan_mismatch} non-finite mismatches"
-        if st.max_ulp > self.tol_ulp:
-            return f"{st.max_ulp:.3g} ULP of {st.dtype} > calibrated {self.tol_ulp:.3g}"
-        if st.neq_frac > self.tol_neq:
-            return (f"{st.neq_frac:.1%} of elements not bitwise equal > calibrated {self.tol_neq:.1%} "
-                    f"(max {st.max_ulp:.3g} ULP of {st.dtype})")
+        if self.max_ulp is not None and st.max_ulp > self.max_ulp:
+            return f"{st.max_ulp:.3g} ULP of {st.dtype} > bound {self.max_ulp:.3g} ({self.why})"
+        if self.max_rel is not None and st.max_rel > self.max_rel:
+            return (f"max rel {st.max_rel:.3g} ({st.max_ulp:.3g} ULP of {st.dtype}) > bound "
+                    f"{self.max_rel:.3g} ({self.why})")
+        if self.max_neq is not None and st.neq_frac > self.max_neq:
+            return (f"{st.neq_frac:.1%} of elements not bitwise equal > bound {self.max_neq:.1%} "
+                    f"(max {st.max_ulp:.3g} ULP of {st.dtype}; {self.why})")
         return None
 
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
-def calibrated(policy: str, model: str, check: str, tensor: str) -> Calibrated | None:
-    e = calibration()["entries"].get(key(policy, model, check, tensor))
-    return None if e is None else Calibrated(e["max_ulp"], e["neq_frac"], e["size"])
+
+def _is_half(dtype: str) -> bool:
+    return dtype in ("bfloat16", "float16")
+
+
+def layer_bound(policy: Policy, shape: ModelShape, dtype: str, size: int, leaf: bool = True,
+                math_mode: str = "ieee", share: bool = True) -> Bound:
+    """The bound of one layer (``leaf``) or block run in isolation on the other side's input.
+
+    A half-precision output: at most ``n_round`` ULP (each rounding inside may flip once) and
+    the binomial share of flips; a float32/float64 output: the reduction bound in its own ULP.
+    ``share=False`` drops the share criterion (quantized activations: one ULP upstream of an
+    int8 code moves an output by a code step)."""
+    depth = 1 if leaf else BLOCK_DEPTH
+    n_round = 1 if leaf else BLOCK_ROUNDINGS
+    acc = acc_rel(policy, shape.n_reduce, depth, math_mode)
+    u_t = unit(dtype) if dtype in ("float64", "float32", "bfloat16", "float16") else unit("float32")
+    if _is_half(dtype) and u_t > unit(accumulate_dtype(policy)):
+        p = min(1.0, n_round * acc / u_t)
+        return Bound(f"{n_round} rounding(s) of {dtype} after K={shape.n_reduce} sums",
+                     max_ulp=n_round + 2 * acc / u_t,
+                     max_neq=binomial_upper(p, size) if share else None)
+    c = narrowest_compute(policy)
+    inner = 0.0
+    if not leaf and _is_half(c) and unit(c) > u_t:
+        # a block whose own roundings are half precision but whose output is wider
+        inner = n_round * 2 * unit(c) / u_t
+    return Bound(f"K={shape.n_reduce} sums in {accumulate_dtype(policy)}",
+                 max_ulp=2 * acc / u_t + inner + 1)
+
+
+def chain_bound(rel: float, why: str) -> Bound:
+    """A magnitude-only bound for tensors downstream of several layers."""
+    return Bound(why, max_rel=rel)
+
+
+# ---------------------------------------------------------------- float32 math modes
+MATH_MODES = ("ieee", "tf32", "bf16")
+
+
+class MathModeMismatch(RuntimeError):
+    """The two backends compute float32 matmuls in different arithmetics (one in IEEE
+    float32, one in TF32 or bfloat16 passes): a numerical comparison would fail for that
+    reason alone, so the suite refuses it."""
+
+
+_FIX = {"torch": {"ieee": "torch.set_float32_matmul_precision('highest')",
+                  "tf32": "torch.set_float32_matmul_precision('high')"},
+        "jax": {"ieee": "jax.config.update('jax_default_matmul_precision', 'highest')",
+                "tf32": "jax.config.update('jax_default_matmul_precision', 'tensorfloat32')"}}
+
+
+def check_math_modes(modes: dict[str, str]) -> str:
+    """The common float32 matmul mode of the backends (``{"torch": "ieee", "jax": "tf32"}``),
+    or :class:`MathModeMismatch` naming both and how to align them."""
+    distinct = set(modes.values())
+    if len(distinct) <= 1:
+        return distinct.pop() if distinct else "ieee"
+    names = ", ".join(f"{k} computes float32 matmuls in {v.upper()}" for k, v in modes.items())
+    fixes = [f for be, m in modes.items() for want in distinct - {m}
+             for f in [_FIX.get(be, {}).get(want)] if f]
+    raise MathModeMismatch(f"{names}: refusing to compare a {' run with a '.join(sorted(distinct))} run "
+                           f"(the difference would be the math mode, not a bug); align them, e.g. "
+                           + " or ".join(fixes or ["run both strict float32"]))

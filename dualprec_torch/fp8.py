@@ -28,6 +28,8 @@ the input's dtype otherwise.
 
 from __future__ import annotations
 
+import functools
+
 import contextlib
 import dataclasses
 import warnings
@@ -145,6 +147,21 @@ def _round16(n: int) -> int:
     return -(-n // 16) * 16
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_scaled_mm_works() -> bool:
+    """Whether `torch._scaled_mm` runs on this CPU: oneDNN implements FP8 matmuls only for
+    some instruction sets (AVX512 with FP16/AMX; it raises "could not create a primitive
+    descriptor" on an AVX2-only CPU or under ``ONEDNN_MAX_CPU_ISA=AVX2``).  Where it does not,
+    :func:`fp8_gemm` multiplies the same FP8 operands with a float32 matmul instead."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    one = torch.ones((), dtype=torch.float32)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
+
+
 def fp8_gemm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor,
              out_dtype: torch.dtype, *, pad: bool | None = None, emulate: bool = False,
              fast_accum: bool = False) -> torch.Tensor:
@@ -159,6 +176,8 @@ def fp8_gemm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: tor
     torchao and Transformer Engine use for the forward GEMM; no effect on CPU).
     """
     m, n = a.shape[0], b_t.shape[0]
+    if not emulate and not a.is_cuda and not cpu_scaled_mm_works():
+        emulate = True  # oneDNN has no FP8 matmul for this CPU (or ONEDNN_MAX_CPU_ISA caps it)
     if emulate:
         out = (a.to(torch.float32) @ b_t.to(torch.float32).t()) * (inv_a * inv_b)
         return out.to(out_dtype)

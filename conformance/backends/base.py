@@ -150,6 +150,12 @@ class Backend(abc.ABC):
             return f"{self.package} does not run this policy: {e}"
         return None
 
+    def float32_matmul_mode(self) -> str:
+        """How this backend computes float32 matmuls here: "ieee" (strict float32 products),
+        "tf32" (operands rounded to 10 mantissa bits, NVIDIA Ampere and later) or "bf16"
+        (bfloat16 passes).  The suite compares two backends only in the same mode."""
+        return "ieee"
+
     @abc.abstractmethod
     def convert_input(self, policy: Policy, x: np.ndarray) -> np.ndarray:
         """What the backend's Precision does to a floating input."""

@@ -56,6 +56,20 @@ class JaxBackend(Backend):
         self._compiled = {}
 
 
+    def float32_matmul_mode(self):
+        """JAX's ``jax_default_matmul_precision``; unset, XLA uses IEEE float32 on CPU,
+        TF32 on NVIDIA GPUs (Ampere and later) and bfloat16 passes on TPUs."""
+        import jax
+
+        setting = jax.config.jax_default_matmul_precision
+        named = {"highest": "ieee", "float32": "ieee", "tensorfloat32": "tf32", "high": "tf32",
+                 "bfloat16": "bf16", "default": None, "fastest": None, None: None}
+        mode = named.get(str(setting).lower() if setting is not None else None)
+        if mode is None:
+            mode = {"cpu": "ieee", "gpu": "tf32", "cuda": "tf32", "rocm": "tf32", "tpu": "bf16"}.get(
+                jax.default_backend(), "ieee")
+        return mode
+
     def convert_input(self, policy, x):
         import jax.numpy as jnp
 

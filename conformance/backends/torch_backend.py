@@ -45,6 +45,23 @@ class TorchBackend(Backend):
     name = "torch"
     package = "dualprec_torch"
 
+    def __init__(self, precision_cls=None):
+        super().__init__(precision_cls)
+        from ..kernels import install_from_env
+
+        self.reordered = install_from_env()  # DUALPREC_CONFORMANCE_REORDER: another summation order
+
+    def float32_matmul_mode(self):
+        """torch's float32 matmul precision: "highest" is IEEE float32; "high" lets CUDA
+        use TF32 (and oneDNN bfloat16x3 passes on CPU); "medium" bfloat16.  The suite runs
+        its models on the CPU unless ``DUALPREC_CONFORMANCE_DEVICE`` says otherwise."""
+        import torch
+
+        mode = {"highest": "ieee", "high": "tf32", "medium": "bf16"}[torch.get_float32_matmul_precision()]
+        if torch.backends.cuda.matmul.allow_tf32 and mode == "ieee" and torch.cuda.is_available():
+            mode = "tf32"
+        return mode
+
     def convert_input(self, policy, x):
         return to_numpy(self.precision(policy).convert_input(from_numpy(x)))
 
