@@ -49,7 +49,7 @@ class Context:
 
     @property
     def tol(self) -> Tolerance:
-        return tolerance(self.policy, self.spec.shape, self.math_mode)
+        return tolerance(self.policy, self.spec.shape, self.math_mode, self.quantized_activations)
 
     @property
     def quantized_activations(self) -> bool:

@@ -17,10 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "check they compute the same numbers.")
     p.add_argument("--policy", action="append", default=None,
                    help="a policy (preset, grammar string or combination label); repeatable; default: the matrix")
-    p.add_argument("--model", action="append", default=None, help="mlp, transformer or cnn; repeatable")
+    p.add_argument("--model", action="append", default=None,
+                   help="mlp, transformer, cnn or opbyop; repeatable")
     p.add_argument("--steps", type=int, default=3, help="training steps per trajectory (default 3)")
     p.add_argument("--seed", type=int, default=0,
-                   help="weights and data seed (default 0, the one the calibration includes)")
+                   help="weights and data seed (default 0)")
     p.add_argument("--full", action="store_true",
                    help="every policy on every model (the default matrix runs the transformer and CNN "
                         "under a few representative policies and float64 on the MLP only)")
@@ -61,7 +62,13 @@ def main(argv=None) -> int:
 
     full = bool(args.full or args.policy or args.model)
     t0 = time.perf_counter()
-    records = _run(matrix, policies, models, args, full)
+    from .tolerances import MathModeMismatch
+
+    try:
+        records = _run(matrix, policies, models, args, full)
+    except MathModeMismatch as e:
+        print(f"dualprec conformance: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     seconds = time.perf_counter() - t0
     from .report import rich_table, summary_line, write_report  # noqa: F401
 
@@ -77,8 +84,8 @@ def main(argv=None) -> int:
             shown = [r for r in records if r.failed] if args.failures_only else records
             console.print(rich_table(shown))
         console.print(matrix_table(records))
-        for line in failure_lines(records, width=console.width):
-            console.print(line, markup=False, highlight=False, overflow="ellipsis", no_wrap=True)
+        for line in failure_lines(records, width=min(console.width, 80) - 1):
+            console.print(line, markup=False, highlight=False, overflow="fold")
         console.print(summary_line(records, seconds))
     if args.report:
         path = write_report(records, args.report, seconds, argv)

@@ -65,7 +65,8 @@ def _install_torch(chunk: int) -> None:
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
 
-    lower = {F.linear, torch.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm, F.conv1d, F.conv2d}
+    lower = {F.linear, torch.matmul, torch.Tensor.__matmul__, torch._C.TensorBase.matmul, torch.Tensor.matmul,
+             torch.mm, torch.bmm, F.conv1d, F.conv2d}
 
     def op_dtype(tensors):
         floats = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]

@@ -108,7 +108,7 @@ def run(policies: dict | None = None, models: Iterable[str] = MODELS, *, steps: 
         progress: Callable[[Job], None] | None = None, full: bool | None = None, seed: int = 0) -> list[Record]:
     """Run every check of every (policy, model) and return the records.
 
-    ``seed`` picks the weights and the data (0: the seed the calibration and the golden
+    ``seed`` picks the weights and the data (0: the seed the golden
     figures refer to).  ``full=None`` means lean for the default matrix (``policies`` None) and full for an
     explicit selection; a lean run keeps skip records of unrunnable policies on every model."""
     if backends is None:

@@ -56,16 +56,19 @@ def _cell_text(c) -> str:
         return "[dim]·[/]"
     parts = []
     if c["pass"]:
-        parts.append(f"[green]{c['pass']} ok[/]")
+        parts.append(f"[green]{c['pass']}ok[/]")
     if c["fail"]:
-        parts.append(f"[bold red]{c['fail']} FAIL[/]")
+        parts.append(f"[bold red]{c['fail']}F[/]")
     if c["error"]:
-        parts.append(f"[bold magenta]{c['error']} ERR[/]")
+        parts.append(f"[bold magenta]{c['error']}E[/]")
     if c["skip"] and not (c["pass"] or c["fail"] or c["error"]):
         parts.append(f"[yellow]skip[/]")
     elif c["skip"]:
-        parts.append(f"[yellow]{c['skip']} s[/]")
+        parts.append(f"[yellow]{c['skip']}s[/]")
     return " ".join(parts)
+
+
+MATRIX_LEGEND = "cells: Nok passed, NF failed, NE errored, Ns skipped; · not in the lean matrix"
 
 
 def matrix_table(records: list[Record], title: str = "conformance checks: policy x model"):
@@ -75,25 +78,34 @@ def matrix_table(records: list[Record], title: str = "conformance checks: policy
     from rich.table import Table
 
     policies, models, cells = _cells(records)
-    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    t = Table(title=title, caption=MATRIX_LEGEND, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     t.add_column("policy", no_wrap=True)
     for m in models:
-        t.add_column(m, no_wrap=True)
+        t.add_column(m, no_wrap=True, min_width=len(m))
     for p in policies:
         t.add_row(p, *(_cell_text(cells.get((p, m))) for m in models))
     return t
 
 
+def wrap(text: str, width: int, indent: str = "    ") -> list[str]:
+    """``text`` wrapped at ``width`` columns, continuation lines indented; never cut."""
+    import textwrap
+
+    return textwrap.wrap(text, width=max(width, 20), subsequent_indent=indent, break_long_words=True,
+                         break_on_hyphens=False) or [""]
+
+
 def failure_lines(records: list[Record], limit: int = 12, width: int = 78) -> list[str]:
-    """One line per failed/errored record (policy/model/check, where, step, why), then one
-    line per distinct skip reason; at most ``limit`` failure lines."""
+    """A few lines per failed/errored record (policy/model/check, where, step, why), wrapped
+    at ``width``, then one line per distinct skip reason; at most ``limit`` failures."""
     bad = [r for r in records if r.failed]
     lines = []
     for r in bad[:limit]:
         where = f" at {r.where}" if r.where else ""
         step = f" step {r.step}" if r.step is not None else ""
         head = f"{r.status.upper()} {r.policy}/{r.model}/{r.check}{where}{step}: "
-        lines.append((head + r.reason)[: width * 2])
+        reason = r.reason.split(": ", 1)[1] if r.reason.startswith("first divergence at ") else r.reason
+        lines += wrap(head + reason[:400], width)
     if len(bad) > limit:
         lines.append(f"... and {len(bad) - limit} more (--verbose, or the report, lists every record)")
     skips = defaultdict(set)
@@ -102,10 +114,10 @@ def failure_lines(records: list[Record], limit: int = 12, width: int = 78) -> li
             skips[r.reason.split(": ", 1)[-1][:90]].add(r.policy)
     if skips:
         n = len(set().union(*skips.values()))
-        lines.append(f"skipped (cannot run here): {n} {'policy' if n == 1 else 'policies'}, e.g.")
+        lines.append(f"skipped: {n} {'policy' if n == 1 else 'policies'}, e.g.")
         for reason, ps in list(skips.items())[:3]:
             names = ", ".join(sorted(ps)[:3]) + (" ..." if len(ps) > 3 else "")
-            lines.append(f"  {names}: {reason}"[: width * 2])
+            lines += wrap(f"  {names}: {reason}", width)
     return lines
 
 
@@ -235,11 +247,16 @@ def tolerance_table(records: list[Record]) -> str:
             continue
         cell = rows[r.policy].setdefault(r.check, {"ulp": 0.0, "tol": None, "eq": 0.0, "n": 0})
         for st in r.detail["per_tensor"].values():
-            if st["max_ulp"] >= cell["ulp"]:
-                cell["ulp"], cell["tol"] = st["max_ulp"], st.get("tol_ulp")
+            b = st.get("bound", {})
+            ratio = (st["max_ulp"] / b["max_ulp"] if b.get("max_ulp") else
+                     st["max_rel"] / b["max_rel"] if b.get("max_rel") else 0.0)
+            if ratio >= cell.get("ratio", -1.0):
+                cell["ratio"], cell["ulp"], cell["rel"] = ratio, st["max_ulp"], st["max_rel"]
+                cell["tol"] = (f"{b['max_ulp']:.3g} ULP" if b.get("max_ulp") else
+                               f"rel {st['max_rel']:.2g} / {b['max_rel']:.2g}" if b.get("max_rel") else None)
             cell["eq"] += st["size"] * (1 - st["neq_frac"])
             cell["n"] += st["size"]
-    head = "| policy | " + " | ".join(f"{c}: max ULP / tol, bitwise =" for c in TABLE_CHECKS) + " |"
+    head = "| policy | " + " | ".join(f"{c}: worst / bound, bitwise =" for c in TABLE_CHECKS) + " |"
     lines = [head, "|---" * (len(TABLE_CHECKS) + 1) + "|"]
     for policy, cells in rows.items():
         out = []
@@ -248,8 +265,8 @@ def tolerance_table(records: list[Record]) -> str:
             if not x:
                 out.append("")
                 continue
-            tol = "uncal." if x["tol"] is None else f"{x['tol']:.3g}"
-            out.append(f"{x['ulp']:.3g} / {tol}, {x['eq'] / max(x['n'], 1):.1%}")
+            worst = x["tol"] if x["tol"] and x["tol"].startswith("rel") else f"{x['ulp']:.3g} / {x['tol']}"
+            out.append(f"{worst}, {x['eq'] / max(x['n'], 1):.1%}")
         lines.append(f"| {policy} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
@@ -277,12 +294,13 @@ def write_report(records: list[Record], directory, seconds: float | None = None,
         reasons = defaultdict(set)
         for r in skips:
             reasons[r.reason].add(r.policy)
-        md += ["## Skipped (cannot run here)", ""]
+        md += ["## Skipped (cannot run here, or a named divergence)", ""]
         md += [f"- {', '.join(sorted(ps))}: {reason}" for reason, ps in reasons.items()]
         md.append("")
-    md += ["## Agreement per policy (calibrated tolerances, bitwise-equal fractions)", "",
-           "ULP in each tensor's own dtype; the worst tensor of the check is shown with its calibrated "
-           "tolerance (uncal.: no calibration entry, judged by the worst-case bound).", "",
+    md += ["## Agreement per policy (error-model bounds, bitwise-equal fractions)", "",
+           "Per check, the tensor closest to its bound: layer-isolated checks in ULP of the tensor's "
+           "own dtype, chained checks as relative error (see docs/conformance.md for the bounds); "
+           "then the share of all compared elements that are bitwise equal.", "",
            tolerance_table(records), ""]
     if layer_plots:
         md += ["## Layer-isolated divergence", ""] + [f"![{p}]({p})" for p in layer_plots] + [""]

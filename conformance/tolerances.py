@@ -115,12 +115,23 @@ def acc_rel(policy: Policy, k: int, depth: float = 1.0, math_mode: str = "ieee")
     return per * depth
 
 
-def tolerance(policy: Policy, shape: ModelShape, math_mode: str = "ieee") -> Tolerance:
-    """The magnitude bounds (relative) of the checks downstream of several layers."""
+#: relative step of an int8 activation code (absmax / 127) at the data's scale, times 2: one
+#: flipped code per layer where a one-ULP difference upstream crosses a code boundary
+INT8_CODE_STEP = 2.0 / 127
+
+
+def tolerance(policy: Policy, shape: ModelShape, math_mode: str = "ieee",
+              quantized_activations: bool = False) -> Tolerance:
+    """The magnitude bounds (relative) of the checks downstream of several layers.
+
+    ``quantized_activations`` (LLM.int8): a one-ULP difference upstream may move an int8
+    activation code, one code step per layer on the path."""
     c = narrowest_compute(policy)
     acc = accumulate_dtype(policy)
     e_acc = eps(acc) + (2 * U_TF32 * 2 if math_mode == "tf32" and acc == "float32" else 0.0)
     fwd = 2 * eps(c) * math.sqrt(shape.n_round) + C_ACC * e_acc * math.sqrt(shape.n_reduce) * shape.n_layers
+    if quantized_activations:
+        fwd += INT8_CODE_STEP * shape.n_layers
     return Tolerance(c, acc, fwd, 2 * fwd)
 
 
