@@ -21,7 +21,7 @@ from dualprec.ref import loss_scale as ref_ls
 
 from . import exemptions
 from .backends.base import Backend, Optim, Session
-from .numerics import bit_equal, diff, dtype_name, first_bit_difference, measure
+from .numerics import bit_equal, diff, dtype_name, first_bit_difference, measure, ulp
 from .records import Record
 from .tolerances import Tolerance, chain_bound, layer_bound, tolerance
 from .weights import WeightMap
@@ -314,6 +314,25 @@ def _leaves(names) -> list[str]:
     return [n for n in names if not any(m.startswith(n + ".") for m in names)]
 
 
+#: layers whose reduction is the length of their 1-D weight (the normalised width)
+WIDTH_NORMS = {"LayerNorm", "RMSNorm"}
+
+
+def reduction_length(ctx: Context, name: str, kinds: dict) -> int:
+    """The longest reduction of one leaf layer: a Linear's or a convolution's fan-in (its
+    weight's shape past the first axis), a LayerNorm's or RMSNorm's width; the model's
+    longest (``ModelShape.n_reduce``) for any other layer (a GroupNorm also sums over space)."""
+    w = ctx.weights.get(f"{name}.weight")
+    kind = kinds.get(name, "")
+    if w is None or kind in ("Embedding",):
+        return ctx.spec.shape.n_reduce
+    if np.ndim(w) >= 2:
+        return int(np.prod(np.shape(w)[1:]))
+    if kind in WIDTH_NORMS:
+        return int(np.shape(w)[0])
+    return ctx.spec.shape.n_reduce
+
+
 def check_forward(ctx: Context, sa: Session, sb: Session, fwd=None) -> list[Record]:
     x, _ = ctx.batch(0)
     (oa, ia), (ob, ib) = fwd or (sa.forward(x), sb.forward(x))
@@ -342,9 +361,15 @@ def check_layers(ctx: Context, sa: Session, sb: Session, fwd) -> list[Record]:
         return [ctx.record("layers", "tolerance", "skip", reason=f"{ctx.b.name} cannot run layers in isolation")]
     named = {n: (ia[n], got[n]) for n in inputs if n in got}
     leaves = set(_leaves(named))
+    try:
+        kinds = sa.module_kinds()
+    except NotImplementedError:
+        kinds = {}
 
     def bound_of(name, st):
-        return layer_bound(ctx.policy, ctx.spec.shape, st.dtype, st.size, leaf=name in leaves,
+        k = reduction_length(ctx, name, kinds) if name in leaves else ctx.spec.shape.n_reduce
+        shape = dataclasses.replace(ctx.spec.shape, n_reduce=k)
+        return layer_bound(ctx.policy, shape, st.dtype, st.size, leaf=name in leaves,
                            math_mode=ctx.math_mode, share=not ctx.quantized_activations)
 
     rec = judge_tensors(ctx, "layers", named, bound_of)
@@ -408,9 +433,14 @@ def check_training(ctx: Context, sa: Session | None = None, sb: Session | None =
     tol = ctx.tol
     series = {"loss_a": [], "loss_b": [], "loss_rel": [], "param_rel": [], "tol": []}
     losses, skip_problem = {}, None
+    names = float_names(ctx, sa, sb)
+    before = [(s.params(), s.loss_and_grads(*ctx.batch(0))[1]) for s in (sa, sb)]
+    update_rec = None
     for t in range(ctx.steps):
         x, y = ctx.batch(t)
         ia, ib = sa.train_step(x, y), sb.train_step(x, y)
+        if t == 0:
+            update_rec = check_update(ctx, names, before, (sa.params(), sb.params()), (ia.skipped, ib.skipped))
         losses[f"step {t}"] = (_scalar(ia.loss, ctx.policy), _scalar(ib.loss, ctx.policy))
         pa, pb = sa.params(), sb.params()
         series["loss_a"].append(ia.loss)
@@ -434,7 +464,42 @@ def check_training(ctx: Context, sa: Session | None = None, sb: Session | None =
                          extra=f" after {ctx.steps} steps")
     if prec.status == "fail":
         prec.step = ctx.steps
-    return [lrec, prec]
+    return [lrec, prec, update_rec]
+
+
+def check_update(ctx: Context, names, before, after, skipped) -> Record:
+    """Each side's first SGD step against SGD applied, in float64, to that side's own
+    (unscaled) gradient of the same batch from the same parameters: p1 = p0 - lr * g, rounded
+    to the parameter dtype (through float32 masters where the policy keeps them); p1 = p0 on a
+    skipped step.  A self-consistency check, so it holds on every machine: it allows 2 ULP of
+    the parameter plus 4 float32 roundings of the update, and catches an update that uses
+    other gradients than the backend's own (a badly unscaled gradient, master weights not
+    copied back, a step applied twice)."""
+    problems, worst = [], 0.0
+    u32 = 2.0 ** -24
+    for be, (p0, g0), p1, skip in zip((ctx.a, ctx.b), before, after, skipped):
+        for n in names:
+            if n not in g0:
+                continue
+            old = np.asarray(p0[n]).astype(np.float64)
+            step = 0.0 if skip else ctx.lr * np.asarray(g0[n]).astype(np.float64)
+            want = old - step
+            got = np.asarray(p1[n]).astype(np.float64)
+            pd = dtype_name(p1[n])
+            allowed = 2 * ulp(np.maximum(np.abs(want), np.abs(old)), pd if pd in ("float64", "float32", "bfloat16",
+                                                                                  "float16") else "float32") \
+                + 4 * u32 * np.abs(step) + 1e-45
+            ratio = float(np.max(np.abs(got - want) / allowed)) if got.size else 0.0
+            worst = max(worst, ratio)
+            if not np.all(np.isfinite(got) == np.isfinite(want)) or ratio > 1.0:
+                i = int(np.argmax(np.abs(got - want) / allowed))
+                problems.append(f"{be.name} {n}: updated to {got.reshape(-1)[i]!r}, SGD of its own gradient "
+                                f"gives {want.reshape(-1)[i]!r} ({ratio:.3g}x the allowed rounding)")
+                break
+    return ctx.record("update", "tolerance", "fail" if problems else "pass", reason="; ".join(problems[:2]),
+                      tolerance=1.0, max_ulp_err=worst, step=0 if problems else None,
+                      where=problems[0].split(":")[0] if problems else None,
+                      detail={"worst_ratio": worst, "problems": problems})
 
 
 # ---------------------------------------------------------------- quantized and FP8 state
@@ -569,11 +634,12 @@ def _weight_amax_of_cast(ctx: Context, fa: dict, fb: dict) -> str | None:
 
 # ---------------------------------------------------------------- orchestration
 CHECK_NAMES = ("cast-input", "cast-output", "param-dtypes", "param-values", "dtype-flow", "forward", "layers",
-               "gradients", "loss", "train-loss", "train-params", "loss-scale", "optimizer-dtypes")
+               "gradients", "loss", "train-loss", "train-params", "update", "loss-scale", "optimizer-dtypes")
 TIER_OF = {"cast-input": "bit-exact", "cast-output": "bit-exact", "param-dtypes": "bit-exact",
            "param-values": "bit-exact", "dtype-flow": "bit-exact", "loss-scale": "bit-exact",
            "optimizer-dtypes": "bit-exact", "forward": "tolerance", "layers": "tolerance",
            "gradients": "tolerance", "loss": "tolerance", "train-loss": "tolerance", "train-params": "tolerance",
+           "update": "tolerance",
            "quant-codes": "bit-exact", "fp8-scales": "bit-exact"}
 
 
@@ -641,7 +707,7 @@ def run_checks(ctx: Context) -> list[Record]:
     recs += _guard(ctx, ("param-dtypes", "param-values", "dtype-flow", "forward", "layers", "gradients", "loss"),
                    shared_checks)
     trained = bool(shared)
-    recs += _guard(ctx, ("train-loss", "train-params"), check_training, ctx, *shared)
+    recs += _guard(ctx, ("train-loss", "train-params", "update"), check_training, ctx, *shared)
     recs += _guard(ctx, ("loss-scale", "optimizer-dtypes"), check_loss_scale, ctx)
     if extra:
         pair = tuple(shared) if trained else None

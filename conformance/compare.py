@@ -104,5 +104,5 @@ def compare(torch_fn: Any, jax_fn: Any, weight_map: Any, policy: Any, x: np.ndar
     recs += _guard(ctx, ("param-dtypes", "param-values", "dtype-flow", "forward", "layers", "gradients", "loss"),
                    pair_checks)
     if y is not None and steps > 0:
-        recs += _guard(ctx, ("train-loss", "train-params"), check_training, ctx)
+        recs += _guard(ctx, ("train-loss", "train-params", "update"), check_training, ctx)
     return Comparison(recs)

@@ -373,8 +373,10 @@ MUTANTS: tuple[Mutant, ...] = (
            torch_outputs_not_cast, ("bf16-mixed",)),
     Mutant("torch-inputs-not-cast", "torch", "convert_input leaves float32 inputs as they are",
            torch_inputs_not_cast, ("bf16-true",)),
+    # (under half policies a tanh GELU is below what other kernels legitimately differ by: torch's
+    # bfloat16 GELU on AVX512 uses oneDNN's erf and differs from float32's on ~3% of elements)
     Mutant("twin-gelu-tanh", "twin", "the Flax twin uses the tanh-approximated GELU",
-           twin_gelu_tanh, HALF),
+           twin_gelu_tanh, ("32-true", *HALF)),
     Mutant("twin-layernorm-eps", "twin", "the Flax twin's LayerNorm epsilon is 1e-6, not 1e-5",
            twin_layernorm_eps, HALF, ("transformer",)),
     Mutant("gemm-bf16-accumulate", "twin", "the MLP's fc2 accumulates its products in bfloat16",
