@@ -92,6 +92,9 @@ def _check_supported(policy: Policy) -> None:
                 "or float16); use params=compute for a single-dtype policy")
 
 
+registry.register_check("torch", _check_supported)  # explain says "refused" where the constructor does
+
+
 class _AutocastContext(contextlib.ContextDecorator):
     """`Precision.autocast()`: a context manager, re-entrant, and a decorator."""
 
@@ -467,6 +470,7 @@ class Precision(contract.Precision):
         self._load_extensions(state.get("extensions", {}), strict)
         for r in self._records.values():
             r.stage, r.found_inf = "ready", {}
+            r.last = contract.StepReport("none")  # no step since the load
         self._pending = self._scaled_backward = False
 
     def _load_masters(self, saved: dict, strict: bool) -> None:
