@@ -79,13 +79,13 @@ def _cpu_run(policy, how, via_precision, x, ps):
     """One forward + backward on CPU under ``policy``; ``how``: plain / reentrant / non-reentrant."""
     rec = []
     prec = Precision(policy, device="cpu")
-    with prec.autocast():
-        if how == "plain":
-            out = region(rec, x, *ps)
-        else:
-            out = checkpoint(region, rec, x, *ps, use_reentrant=(how == "reentrant"), preserve_rng_state=False)
-        loss = out.float().mean() * 1e-3  # finite gradients at 16-mixed's loss scale 2**16
     with set_checkpoint_early_stop(False):  # the whole region recomputes, so rec sees it all
+        with prec.autocast():
+            if how == "plain":
+                out = region(rec, x, *ps)
+            else:
+                out = checkpoint(region, rec, x, *ps, use_reentrant=(how == "reentrant"), preserve_rng_state=False)
+            loss = out.float().mean() * 1e-3  # finite gradients at 16-mixed's loss scale 2**16
         if via_precision:
             prec.backward(loss)
         else:
@@ -119,9 +119,9 @@ def test_plain_autocast_after_precision_keeps_cpu_autocasts_rules():
     ps = [p.requires_grad_() for p in _params()]
     _cpu_run("bf16-mixed", "non-reentrant", False, x, ps)  # the table ran last in this thread
     rec = []
-    with torch.autocast("cpu", dtype=bf16):
-        out = checkpoint(region, rec, x, *ps, use_reentrant=False, preserve_rng_state=False)
     with set_checkpoint_early_stop(False):
+        with torch.autocast("cpu", dtype=bf16):
+            out = checkpoint(region, rec, x, *ps, use_reentrant=False, preserve_rng_state=False)
         out.float().sum().backward()
     assert rec[0] == rec[1] and rec[0][1] == bf16 and rec[0][2] == bf16, rec
 
@@ -177,11 +177,11 @@ def _penalty_step(policy, use_checkpoint):
     ps = [p.requires_grad_() for p in _params()]
     rec = []
     prec = Precision(policy, device="cpu")
-    with prec.autocast():
-        out = (checkpoint(region, rec, x, *ps, use_reentrant=False, preserve_rng_state=False)
-               if use_checkpoint else region(rec, x, *ps))
-        loss = out.float().mean() * 1e-3
     with set_checkpoint_early_stop(False):
+        with prec.autocast():
+            out = (checkpoint(region, rec, x, *ps, use_reentrant=False, preserve_rng_state=False)
+                   if use_checkpoint else region(rec, x, *ps))
+            loss = out.float().mean() * 1e-3
         scaled = torch.autograd.grad(prec.scale_loss(loss), ps, create_graph=True)
         grads = [g / prec.scale for g in scaled]
         with prec.autocast():
