@@ -259,7 +259,7 @@ class Precision(contract.Precision):
         params = optax.apply_updates(params, updates)
         if self.policy.nonfinite_rule == "raise" and not isinstance(opt_state.skipped, jax.core.Tracer):
             report = self.last_step(opt_state, grads)
-            if not report.taken:
+            if report.outcome == "skipped":
                 raise NonFiniteGradientError(f"nonfinite=raise: the gradient of {report.nonfinite_parameter} is "
                                              "not finite (inf/NaN); the step was skipped",
                                              parameter=report.nonfinite_parameter)

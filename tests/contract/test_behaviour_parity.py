@@ -299,3 +299,18 @@ def test_the_refusal_the_issue_names():
     text = explain(Policy.parse("p=bf16,c=f32"))["backends"]
     assert text["torch"]["mechanism"].startswith(registry.REFUSED)
     assert registry.REFUSED not in text["jax"]["mechanism"]
+
+
+def test_jax_train_state_reports_none_before_a_step_and_check_step_passes():
+    from dualprec_jax.train_state import TrainState
+
+    prec = dualprec_jax.Precision("bf16-mixed,nonfinite=raise")
+    params = {"weight": jnp.asarray(W), "bias": jnp.asarray(B)}
+    state = TrainState.create(apply_fn=None, params=params, tx=optax.sgd(LR), precision=prec)
+    assert _fields(state.last_step()) == ("none", 1.0, None)
+    assert state.check_step() is state  # nothing skipped: no step yet
+    bad = {"weight": jnp.full_like(params["weight"], jnp.nan), "bias": jnp.zeros_like(params["bias"])}
+    state = state.apply_gradients(grads=bad)
+    assert _fields(state.last_step()) == ("skipped", 1.0, "weight")
+    with pytest.raises(NonFiniteGradientError, match="weight"):
+        state.check_step()
