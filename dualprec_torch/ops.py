@@ -130,7 +130,8 @@ def _cast_cached(x, dtype):
     if isinstance(x, torch.Tensor):
         cache = _STATE.cache
         if (cache is None or x.dtype is not _f32 or not x.requires_grad or not x.is_leaf or x._is_view()
-                or x.device.type != "cpu" or not torch.is_autocast_cache_enabled()):
+                or x.device.type != "cpu" or not torch.is_autocast_cache_enabled()
+                or torch.is_inference_mode_enabled()):  # as torch: inference tensors are not reused
             return _cast(x, dtype)
         hit = cache.get((id(x), dtype))
         if hit is not None and hit[0]() is x:
