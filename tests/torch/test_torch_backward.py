@@ -299,7 +299,8 @@ class _CountCasts(TorchDispatchMode):
         self.ptr, self.casts = source.data_ptr(), 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._to_copy.default,) and args[0].data_ptr() == self.ptr:
+        # a cast reaches a dispatch mode as _to_copy (to.dtype in inference mode, where it does not decompose)
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype) and args[0].data_ptr() == self.ptr:
             self.casts += 1
         return func(*args, **(kwargs or {}))
 
