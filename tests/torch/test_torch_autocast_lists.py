@@ -7,8 +7,9 @@ torch's CUDA autocast tests (test/test_cuda.py) run.  Each op here runs three wa
 - under ``dualprec_torch.Precision(policy).autocast()`` on CPU, with the same arguments: it
   must give that dtype (or fail where CUDA fails), and the same bits as the op run without
   autocast on its arguments cast as the list says (the check test_cuda.py makes);
-- inside a non-reentrant ``torch.utils.checkpoint`` region, backward outside the block: the
-  recomputation must reproduce the forward's dtype (else checkpoint raises).
+- inside a ``torch.utils.checkpoint`` region (non-reentrant, then reentrant), backward outside
+  the block: the recomputation must reproduce the forward's dtype (the non-reentrant kind
+  raises otherwise; the reentrant kind would silently recompute in another dtype).
 
 torch's module needs ``expecttest`` only for its test base class; where that package is not
 installed a stand-in module with ``TestCase`` is registered before the import.
@@ -16,7 +17,7 @@ installed a stand-in module with ``TestCase`` is registered before the import.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import sys
 import types
 import unittest
@@ -77,8 +78,20 @@ def _entries(lists, name):
         yield op, args, kwargs, extra
 
 
+@functools.lru_cache(maxsize=None)
+def _lists(device):
+    """The lists, built once per device (the calls do not modify their arguments); the fake
+    CUDA ones with the FakeTensorMode that owns their tensors."""
+    torch.manual_seed(0)
+    if device == "cpu":
+        return None, autocast_test_lists.AutocastTestLists("cpu")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        return mode, autocast_test_lists.AutocastTestLists("cuda")
+
+
 def _ids():
-    lists = autocast_test_lists.AutocastTestLists("cpu")
+    lists = _lists("cpu")[1]
     out = []
     for name in LISTS:
         for i, (op, *_rest) in enumerate(_entries(lists, name)):
@@ -130,12 +143,11 @@ def _outcome(call):
 
 def _cuda(name, i, compute):
     prev = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    mode, lists = _lists("cuda")
     torch.set_autocast_enabled("cuda", True)
     torch.set_autocast_dtype("cuda", compute)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-            torch.manual_seed(0)
-            lists = autocast_test_lists.AutocastTestLists("cuda")
+        with mode, torch.no_grad():
             op, args, kwargs, _ = list(_entries(lists, name))[i]
             out = _outcome(lambda: _fn(LISTS[name][0], op)(*args, **kwargs))
             return out.dtype if isinstance(out, torch.Tensor) else out
@@ -155,9 +167,7 @@ def test_cuda_autocast_list_entry(name, i, op, policy, compute):
     if want == NO_CUDA:
         assert control_as is not None, f"{op}: no CUDA answer and no expectation in the list"
         want = compute if control_as == "compute" else f32
-    torch.manual_seed(0)
-    lists = autocast_test_lists.AutocastTestLists("cpu")
-    _, args, kwargs, extra = list(_entries(lists, name))[i]
+    _, args, kwargs, extra = list(_entries(_lists("cpu")[1], name))[i]
     fn = _fn(kind, op)
     with Precision(policy, device="cpu").autocast():
         got = _outcome(lambda: fn(*args, **kwargs))
@@ -176,24 +186,26 @@ def test_cuda_autocast_list_entry(name, i, op, policy, compute):
         control = _first(fn(*_cast(args, compute if control_as == "compute" else f32), **kwargs))
         assert torch.equal(got, control), f"{op}: not the bits of the op on arguments cast to {control.dtype}"
 
-    # recomputed in backward: non-reentrant checkpoint, backward outside the block
+    # recomputed in backward, reentrant and not, backward outside the block
     if not got.is_floating_point():
         return
-    grads = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-             for a in args]
-    if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in grads):
-        return
-    seen = []
-
-    def region(*a):
-        out = _first(fn(*a, **kwargs))
-        seen.append(out.dtype)
-        return out * out  # mul saves its operands: the backward needs this region recomputed
-
-    with set_checkpoint_early_stop(False):  # read when the region runs: the whole region recomputes
-        with Precision(policy, device="cpu").autocast():
-            out = checkpoint(region, *grads, use_reentrant=False, preserve_rng_state=False)
-        if not out.requires_grad:
+    for reentrant in (False, True):
+        grads = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a for a in args]
+        if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in grads):
             return
-        out.float().sum().backward()
-    assert seen == [want, want], f"{op}: forward then recomputation dtypes {seen}, CUDA {want}"
+        seen = []
+
+        def region(*a):
+            out = _first(fn(*a, **kwargs))
+            seen.append(out.dtype)
+            return out * out  # mul saves its operands: the backward needs this region recomputed
+
+        with set_checkpoint_early_stop(False):  # read when the region runs: the whole region recomputes
+            with Precision(policy, device="cpu").autocast():
+                out = checkpoint(region, *grads, use_reentrant=reentrant, preserve_rng_state=False)
+            if not out.requires_grad:
+                return
+            out.float().sum().backward()
+        kind = "reentrant" if reentrant else "non-reentrant"
+        assert seen == [want, want], f"{op} ({kind}): forward then recomputation dtypes {seen}, CUDA {want}"
