@@ -19,9 +19,9 @@ Each kernel applies the CUDA rule while a `Precision` context is active in this 
 in the autocast regions torch re-enters during the backward of a Precision forward
 (checkpoint recomputation, ``custom_bwd``; see `_cuda_rule`); otherwise, under a plain
 ``torch.autocast("cpu")``, it does what torch's CPU autocast does for that op (nothing for ops
-CPU autocast does not list, its own cast for the ones it does), so installing the table changes nothing for code that does not use
-dualprec.  Ops on no list have no kernel and cost nothing; gradients flow through the
-casts as through torch's.
+CPU autocast does not list, its own cast for the ones it does), so installing the table
+changes nothing for code that does not use dualprec.  Ops on no list have no kernel and cost
+nothing; gradients flow through the casts as through torch's.
 """
 
 from __future__ import annotations
