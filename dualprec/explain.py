@@ -9,7 +9,7 @@ from __future__ import annotations
 from .optable import render_table, table_rows
 from .policy import Policy
 from .presets import lookup_preset, preset_name_of
-from .registry import describe
+from .registry import REFUSED, describe, refusal
 
 __all__ = ["explain", "op_dtypes"]
 
@@ -102,6 +102,10 @@ def _reduce(p: Policy, backend: str) -> str:
     return f"{p.reduce_dtype} (sharded training): {describe(backend, 'reduce', p)}"
 
 
+_LINES = ("mechanism", "params", *op_dtypes(Policy.parse("32-true")), "outputs", "optimizer", "gradient reduction",
+          "loss scaling", "non-finite steps", "quantization", "fp8")
+
+
 def explain(p: Policy) -> dict:
     """A JSON-ready description of what the torch and JAX backends do under ``p``."""
     preset = lookup_preset(preset_name_of(p) or "")
@@ -117,6 +121,12 @@ def explain(p: Policy) -> dict:
         "op_table_text": render_table(p),
     }
     for backend in ("torch", "jax"):
+        reason = refusal(backend, p)
+        if reason is not None:  # what the constructor says: no path to describe
+            out["backends"][backend] = {
+                key: (f"{REFUSED}: UnsupportedPolicyError: {reason}" if key == "mechanism" else f"{REFUSED} (see mechanism)")
+                for key in _LINES}
+            continue
         out["backends"][backend] = {
             "mechanism": describe(backend, "mechanism", p),
             "params": _params(p),

@@ -7,6 +7,10 @@ A backend module that implements a path registers it with one line, next to the 
 
 A description is a string or a function of the Policy.  A feature nobody registered reads
 "not available in this backend", so explain cannot describe a path that does not exist.
+
+A backend also registers the check its ``Precision`` constructor runs to refuse a policy it
+cannot carry out (`register_check`); explain runs that same function, so it says "refused"
+exactly where the constructor raises `UnsupportedPolicyError`, with the constructor's reason.
 The registrations run when the backend package is imported; `describe` imports the backend
 packages that are installed (and says so for the ones that are not).
 """
@@ -19,9 +23,11 @@ from collections.abc import Callable
 
 from .policy import FP8_ENGINES, QUANT_MODES, Policy
 
-__all__ = ["register", "registered", "describe", "FEATURES", "BACKENDS", "NOT_AVAILABLE"]
+__all__ = ["register", "registered", "describe", "register_check", "refusal", "FEATURES", "BACKENDS",
+           "NOT_AVAILABLE", "REFUSED"]
 
 NOT_AVAILABLE = "not available in this backend"
+REFUSED = "refused by this backend's Precision"
 BACKENDS = {"torch": "dualprec_torch", "jax": "dualprec_jax"}
 
 #: every feature a backend may declare; explain asks for these
@@ -30,6 +36,7 @@ FEATURES = (("mechanism", "loss_scale", "master_weights", "nonfinite", "reduce")
             + tuple(f"fp8.{e}" for e in FP8_ENGINES if e != "auto"))
 
 _REGISTRY: dict[tuple[str, str], str | Callable[[Policy], str]] = {}
+_CHECKS: dict[str, Callable[[Policy], None]] = {}
 
 
 def register(backend: str, feature: str, description: str | Callable[[Policy], str]) -> None:
@@ -64,3 +71,27 @@ def describe(backend: str, feature: str, policy: Policy) -> str:
     if entry is None:
         return NOT_AVAILABLE
     return entry(policy) if callable(entry) else entry
+
+
+def register_check(backend: str, check: Callable[[Policy], None]) -> None:
+    """Declare the function ``backend``'s Precision constructor runs on the policy: it raises
+    `UnsupportedPolicyError` (naming the reason) for a policy the backend does not carry out."""
+    if backend not in BACKENDS:
+        raise ValueError(f"registry: unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    _CHECKS[backend] = check
+
+
+def refusal(backend: str, policy: Policy) -> str | None:
+    """Why ``backend``'s Precision refuses ``policy`` (the constructor's message), or None."""
+    from .errors import UnsupportedPolicyError
+
+    if not _load(backend):
+        return None
+    check = _CHECKS.get(backend)
+    if check is None:
+        return None
+    try:
+        check(policy)
+    except UnsupportedPolicyError as e:
+        return str(e)
+    return None

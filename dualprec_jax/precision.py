@@ -26,7 +26,7 @@ from . import flax_linen, flax_nnx, fp8, quant
 from .caps import device_caps
 from .casts import cast_floating, jax_dtype
 from .loss_scale import LossScaleState, floating_paths, scale_loss
-from .optim import LossScaledState, loss_scaled
+from .optim import NO_STEP, LossScaledState, loss_scaled
 
 __all__ = ["Precision", "UnsupportedPolicyError"]
 
@@ -59,6 +59,15 @@ registry.register("jax", "fp8.transformer-engine", "transformer_engine.jax layer
 
 def _unsupported_features(policy: Policy) -> list[str]:
     return []  # quantization: dualprec_jax.quant; fp8: dualprec_jax.fp8
+
+
+def _check_supported(policy: Policy) -> None:
+    problems = _unsupported_features(policy)
+    if problems:
+        raise UnsupportedPolicyError(f'dualprec_jax cannot run "{policy}" yet: ' + "; ".join(problems))
+
+
+registry.register_check("jax", _check_supported)  # explain says "refused" where the constructor does
 
 
 def _ensure_x64(policy: Policy, enable_x64: bool) -> None:
@@ -105,9 +114,7 @@ class Precision(contract.Precision):
     def __init__(self, policy: Any = "32-true", device=None, *, enable_x64: bool = True,
                  caps: DeviceCaps | None = None):
         self._policy = Policy.parse(policy)
-        problems = _unsupported_features(self.policy)
-        if problems:
-            raise UnsupportedPolicyError(f'dualprec_jax cannot run "{self.policy}" yet: ' + "; ".join(problems))
+        _check_supported(self._policy)
         self._caps = _caps_of(caps if caps is not None else device)
         self.check(self._caps).raise_if_unrunnable()
         _ensure_x64(self.policy, enable_x64)
@@ -252,7 +259,7 @@ class Precision(contract.Precision):
         params = optax.apply_updates(params, updates)
         if self.policy.nonfinite_rule == "raise" and not isinstance(opt_state.skipped, jax.core.Tracer):
             report = self.last_step(opt_state, grads)
-            if not report.taken:
+            if report.outcome == "skipped":
                 raise NonFiniteGradientError(f"nonfinite=raise: the gradient of {report.nonfinite_parameter} is "
                                              "not finite (inf/NaN); the step was skipped",
                                              parameter=report.nonfinite_parameter)
@@ -265,7 +272,7 @@ class Precision(contract.Precision):
             raise TypeError(f"last_step(opt_state): expected the wrapped optimizer's state, got "
                             f"{type(opt_state).__name__}")
         scale = float(opt_state.loss_scale.scale)
-        if opt_state.skipped is None:
+        if opt_state.skipped is None or int(opt_state.nonfinite_leaf) == NO_STEP:
             return contract.StepReport("none", scale)
         leaf = int(opt_state.nonfinite_leaf)
         name = None
@@ -314,7 +321,7 @@ class Precision(contract.Precision):
                                                                      jnp.asarray(ls["counter"], jnp.int32)))
         if opt_state.master is not None and saved.master_weights:
             opt_state = opt_state._replace(master=self._load_masters(opt_state.master, state["master_weights"], strict))
-        opt_state = opt_state._replace(skipped=jnp.asarray(False), nonfinite_leaf=jnp.asarray(-1, jnp.int32))
+        opt_state = opt_state._replace(skipped=jnp.asarray(False), nonfinite_leaf=jnp.asarray(NO_STEP, jnp.int32))
         for ext, tensors in checkpoint.loadable_extensions("jax", state.get("extensions", {}), strict):
             if variables is None:
                 raise CheckpointError(f"the checkpoint carries {ext.name!r} state: pass the model variables, "
@@ -354,7 +361,9 @@ class Precision(contract.Precision):
         return scale_loss(loss, state)
 
     # ----- devices --------------------------------------------------------------------
-    def check(self, caps: DeviceCaps | None = None) -> CheckReport:
-        return self.policy.check(device_caps() if caps is None else caps)
+    def check(self, device=None) -> CheckReport:
+        """`policy.check` on this Precision's device (default), or on ``device``: a jax.Device,
+        a platform name or a `dualprec.DeviceCaps`."""
+        return self.policy.check(self._caps if device is None else _caps_of(device))
 
     device_caps = staticmethod(device_caps)

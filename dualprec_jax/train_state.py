@@ -140,7 +140,7 @@ class TrainState(flax_train_state.TrainState):
 
         if self.precision.policy.nonfinite_rule == "raise":
             report = self.last_step()
-            if not report.taken:
+            if report.outcome == "skipped":  # not "none": no update since init or a load
                 raise NonFiniteGradientError(f"nonfinite=raise: the gradient of {report.nonfinite_parameter} is "
                                              "not finite (inf/NaN); the step was skipped",
                                              parameter=report.nonfinite_parameter)

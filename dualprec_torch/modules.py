@@ -10,7 +10,7 @@ output dtype.  Modules without an override compute under the caller's context.
 
 from __future__ import annotations
 
-import functools
+import types
 
 import torch
 from torch import nn
@@ -50,23 +50,25 @@ def _cast_tensors(module: nn.Module, dtype: torch.dtype) -> None:
             module._buffers[name] = buf.to(dtype)
 
 
+def _override_forward(self, *args, **kwargs):
+    """The forward of a module where an override starts (bound to that module, so
+    ``copy.deepcopy`` of the model binds the copy's to the copy)."""
+    original, sub_policy, device_type = getattr(self, _WRAPPED)
+    compute = torch_dtype(sub_policy.compute_dtype)
+    args, kwargs = cast_floating((args, kwargs), compute)
+    with compute_context(sub_policy, device_type, nested=True):
+        result = original(*args, **kwargs)
+    return cast_floating(result, torch_dtype(sub_policy.output_dtype))
+
+
 def _wrap_forward(module: nn.Module, sub_policy, device_type: str) -> None:
     if getattr(module, _WRAPPED, None) is not None:
         # set up again (e.g. a second Precision): replace, never stack, the wrapper
         module.forward = getattr(module, _WRAPPED)[0]
-    original = module.forward
-    compute = torch_dtype(sub_policy.compute_dtype)
-    output = torch_dtype(sub_policy.output_dtype)
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        args, kwargs = cast_floating((args, kwargs), compute)
-        with compute_context(sub_policy, device_type, nested=True):
-            result = original(*args, **kwargs)
-        return cast_floating(result, output)
-
-    module.forward = forward
-    setattr(module, _WRAPPED, (original, sub_policy))
+    # Both are bound methods of ``module`` (not closures over it): copy.deepcopy copies a bound
+    # method's ``__self__`` through its memo, so a deep copy of the model runs its own weights.
+    setattr(module, _WRAPPED, (module.forward, sub_policy, device_type))
+    module.forward = types.MethodType(_override_forward, module)
 
 
 def convert_module(model: nn.Module, policy, device_type: str) -> nn.Module:

@@ -15,12 +15,13 @@ mixed policy's context is entered on CPU:
   below autocast (an exclude guard for the key, as torch's own kernels do);
 - for the ops CPU autocast lists and CUDA does not: redispatch unchanged.
 
-Each kernel applies the CUDA rule only while a `Precision` context is active in this
-thread; outside one, under a plain ``torch.autocast("cpu")``, it does what torch's CPU
-autocast does for that op (nothing for ops CPU autocast does not list, its own cast for
-the ones it does), so installing the table changes nothing for code that does not use
-dualprec.  Ops on no list have no kernel and cost nothing; gradients flow through the
-casts as through torch's.
+Each kernel applies the CUDA rule while a `Precision` context is active in this thread, and
+in the autocast regions torch re-enters during the backward of a Precision forward
+(checkpoint recomputation, ``custom_bwd``; see `_cuda_rule`); otherwise, under a plain
+``torch.autocast("cpu")``, it does what torch's CPU autocast does for that op (nothing for ops
+CPU autocast does not list, its own cast for the ones it does), so installing the table
+changes nothing for code that does not use dualprec.  Ops on no list have no kernel and cost
+nothing; gradients flow through the casts as through torch's.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+import weakref
 
 import torch
 
@@ -35,7 +37,7 @@ from dualprec import optable
 
 from .casts import default_dtype, torch_dtype
 
-__all__ = ["OP_TABLE", "FP32_OPS", "compute_context", "cpu_table", "install_cpu_table",
+__all__ = ["OP_TABLE", "FP32_OPS", "compute_context", "backward_context", "cpu_table", "install_cpu_table",
            "uninstall_cpu_table", "cpu_table_installed", "cpu_kernels"]
 
 #: The op table the torch backend applies (torch's CUDA autocast lists).
@@ -54,14 +56,16 @@ _f32, _f64 = torch.float32, torch.float64
 # AutocastCPU kernels torch has for ops CUDA's table also lists, whose CPU rule differs from
 # CUDA's: aten name -> CPU autocast's own rule (what the kernel does outside Precision).
 _CPU_DIFFERS = {"binary_cross_entropy": "fp32", "grid_sampler": "fp32", "prod": "fp32", "prod.dim_int": "fp32"}
-# AutocastCPU kernels torch has for ops on no CUDA list that we leave in place: cat/stack
-# promote as CUDA's native type promotion does; conv*.padding reach CUDA's convolution kernel;
+# AutocastCPU kernels torch has for ops on no CUDA list that we leave in place: conv*.padding
+# reach CUDA's convolution kernel;
 # cross_entropy_loss reaches log_softmax + nll_loss, float32 on CUDA too; mkldnn_rnn_layer is
 # CPU's twin of CUDA's _cudnn_rnn; the fast paths below never run under autocast in training.
-_CPU_KEEP = frozenset({"cat", "stack", "conv1d.padding", "conv2d.padding", "conv3d.padding", "cross_entropy_loss",
+_CPU_KEEP = frozenset({"conv1d.padding", "conv2d.padding", "conv3d.padding", "cross_entropy_loss",
                        "mkldnn_rnn_layer", "_addmm_activation", "_native_multi_head_attention"})
-# CPU autocast's rule for the other CPU-only ops it lists (float32 unless named here).
-_CPU_ONLY_RULE = {"index_copy": "promote"}
+# CPU autocast's rule for the other CPU-only ops it lists (float32 unless named here).  cat and
+# stack: CPU autocast promotes them from the compute dtype (and refuses float16 operands under
+# bfloat16); CUDA has no kernel for them, so native type promotion decides there.
+_CPU_ONLY_RULE = {"index_copy": "promote", "cat": "promote", "stack": "promote"}
 
 _BANNED_MESSAGE = (
     "torch.nn.functional.binary_cross_entropy and torch.nn.BCELoss are unsafe to autocast.\n"
@@ -72,11 +76,36 @@ _BANNED_MESSAGE = (
 
 
 class _State(threading.local):
-    depth = 0
+    depth = 0         # Precision contexts entered in this thread
+    backward = False  # inside Precision.backward
+    replay = False    # the last CPU-autocast forward of this thread ran under Precision
+    cache = None      # the cast cache of the outermost Precision context: id -> (weakref, cast)
 
 
 _STATE = _State()
 _installed: dict = {}  # "lib" -> torch.library.Library, "kernels" -> {aten name: (active, inactive)}
+
+
+def _cuda_rule() -> bool:
+    """Whether a kernel called now applies CUDA's rule (else CPU autocast's own).
+
+    Inside a Precision context: yes.  Outside one, autocast is on only where torch re-enters it
+    itself: a plain ``torch.autocast("cpu")`` block, or, during a backward pass, the recomputation
+    of a checkpointed region (``torch.utils.checkpoint``, reentrant or not) and a
+    ``torch.amp.custom_bwd`` backward, which restore the forward's autocast state.  Those get
+    CUDA's rule when the forward ran under Precision: during `Precision.backward`, and during any
+    other backward pass (``loss.backward()``, ``torch.autograd.grad``) when the last autocast
+    forward of this thread that ran a listed op ran under Precision.  A listed op under a plain
+    ``torch.autocast("cpu")`` outside a backward pass turns that back to CPU autocast's rules.
+    """
+    if _STATE.depth or _STATE.backward:
+        return True
+    if not _STATE.replay:
+        return False
+    if torch._C._current_graph_task_id() != -1:
+        return True
+    _STATE.replay = False  # a plain torch.autocast forward: CPU autocast's rules from here on
+    return False
 
 
 # ----- the casts, as torch's autocast kernels do them ------------------------------------
@@ -91,6 +120,28 @@ def _cast(x, dtype):
         return x
     if isinstance(x, (list, tuple)) and x and isinstance(x[0], (torch.Tensor, type(None))):
         return type(x)(_cast(t, dtype) for t in x)
+    return x
+
+
+def _cast_cached(x, dtype):
+    """`_cast` to the compute dtype, with torch's cast cache: inside one outermost Precision
+    context a float32 leaf that requires grad (a weight) is cast once per dtype, and every later
+    use reuses that tensor, as torch's autocast kernels do (``torch.is_autocast_cache_enabled()``;
+    the cache is dropped when the outermost context exits)."""
+    if isinstance(x, torch.Tensor):
+        cache = _STATE.cache
+        if (cache is None or x.dtype is not _f32 or not x.requires_grad or not x.is_leaf or x._is_view()
+                or x.device.type != "cpu" or not torch.is_autocast_cache_enabled()
+                or torch.is_inference_mode_enabled()):  # as torch: inference tensors are not reused
+            return _cast(x, dtype)
+        hit = cache.get((id(x), dtype))
+        if hit is not None and hit[0]() is x:
+            return hit[1]
+        out = x.to(dtype)
+        cache[id(x), dtype] = (weakref.ref(x), out)
+        return out
+    if isinstance(x, (list, tuple)) and x and isinstance(x[0], (torch.Tensor, type(None))):
+        return type(x)(_cast_cached(t, dtype) for t in x)
     return x
 
 
@@ -141,7 +192,7 @@ def _make_kernel(name: str, op, rule: str, outside=None):
         op_redispatch = op.redispatch
 
         def kernel(keyset, *args, **kwargs):
-            if outside is not None and not _STATE.depth:
+            if outside is not None and not _cuda_rule():
                 return outside(keyset, *args, **kwargs)
             try:
                 return op_redispatch(keyset & _AFTER, *args, **kwargs)
@@ -154,19 +205,20 @@ def _make_kernel(name: str, op, rule: str, outside=None):
                 return _cast_back(upcast(keyset, *args, **kwargs), half[0])
     elif rule in ("lower_precision_fp", "fp32"):
         fixed = _f32 if rule == "fp32" else None
+        cast = _cast if fixed else _cast_cached  # torch caches only the casts down to the compute dtype
 
         def kernel(keyset, *args, **kwargs):
-            if outside is not None and not _STATE.depth:
+            if outside is not None and not _cuda_rule():
                 return outside(keyset, *args, **kwargs)
             dtype = fixed or torch.get_autocast_dtype("cpu")
             with torch._C._ExcludeDispatchKeyGuard(_KEYSET):
-                return call(*[_cast(a, dtype) for a in args], **{k: _cast(v, dtype) for k, v in kwargs.items()})
+                return call(*[cast(a, dtype) for a in args], **{k: cast(v, dtype) for k, v in kwargs.items()})
     elif rule == "fp32_set_opt_dtype":
         arg = next(a for a in op._schema.arguments if a.name == "dtype")
         pos = None if arg.kwarg_only else [a.name for a in op._schema.arguments].index("dtype")
 
         def kernel(keyset, *args, **kwargs):
-            if outside is not None and not _STATE.depth:
+            if outside is not None and not _cuda_rule():
                 return outside(keyset, *args, **kwargs)
             with torch._C._ExcludeDispatchKeyGuard(_KEYSET):
                 if not _eligible(args[0]):
@@ -184,7 +236,7 @@ def _make_kernel(name: str, op, rule: str, outside=None):
         defaults = [a.default_value if a.has_default_value() else None for a in op._schema.arguments]
 
         def kernel(keyset, *args, **kwargs):
-            if outside is not None and not _STATE.depth:
+            if outside is not None and not _cuda_rule():
                 return outside(keyset, *args, **kwargs)
             with torch._C._ExcludeDispatchKeyGuard(_KEYSET):
                 if not _eligible(args[0]):
@@ -193,14 +245,14 @@ def _make_kernel(name: str, op, rule: str, outside=None):
                 return with_dtype(*full, dtype=_f32)
     elif rule == "promote":
         def kernel(keyset, *args, **kwargs):
-            if outside is not None and not _STATE.depth:
+            if outside is not None and not _cuda_rule():
                 return outside(keyset, *args, **kwargs)
             dtype = _widest(args, kwargs)
             with torch._C._ExcludeDispatchKeyGuard(_KEYSET):
                 return call(*[_cast(a, dtype) for a in args], **{k: _cast(v, dtype) for k, v in kwargs.items()})
     elif rule == "banned":
         def kernel(keyset, *args, **kwargs):
-            if outside is not None and not _STATE.depth:
+            if outside is not None and not _cuda_rule():
                 return outside(keyset, *args, **kwargs)
             raise RuntimeError(_BANNED_MESSAGE)
     else:
@@ -277,11 +329,28 @@ def cpu_kernels() -> dict[str, tuple[str, str]]:
 def cpu_table():
     """CUDA's table for ``torch.autocast("cpu")`` inside this context (this thread)."""
     install_cpu_table()
+    if not _STATE.depth:
+        _STATE.cache = {}
     _STATE.depth += 1
+    _STATE.replay = True  # see _cuda_rule: a backward of this forward replays under CUDA's rule
     try:
         yield
     finally:
         _STATE.depth -= 1
+        if not _STATE.depth:
+            _STATE.cache = None
+
+
+@contextlib.contextmanager
+def backward_context():
+    """Context for a backward pass of a forward run under Precision: autocast regions torch
+    re-enters in it (checkpoint recomputation, ``custom_bwd``) get CUDA's table on CPU."""
+    previous = _STATE.backward
+    _STATE.backward = True
+    try:
+        yield
+    finally:
+        _STATE.backward = previous
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ from .master import MasterWeights
 from . import fp8
 from . import quant
 from .modules import convert_module
-from .ops import compute_context
+from .ops import backward_context, compute_context
 from .sharding import local_shards, reduce_found_inf
 
 __all__ = ["Precision", "UnsupportedPolicyError"]
@@ -90,6 +90,34 @@ def _check_supported(policy: Policy) -> None:
                 f'"{policy}"{where}: params={p.param_dtype} with compute={p.compute_dtype} needs an '
                 "autocast to a wide dtype, which torch does not have (autocast computes in bfloat16 "
                 "or float16); use params=compute for a single-dtype policy")
+
+
+registry.register_check("torch", _check_supported)  # explain says "refused" where the constructor does
+
+
+class _AutocastContext(contextlib.ContextDecorator):
+    """`Precision.autocast()`: a context manager, re-entrant, and a decorator."""
+
+    def __init__(self, precision: "Precision"):
+        self._precision = precision
+        self._stack: list[contextlib.AbstractContextManager] = []
+
+    def _recreate_cm(self):
+        return _AutocastContext(self._precision)  # a decorated function: a fresh context per call
+
+    def __enter__(self):
+        p = self._precision
+        context = compute_context(p._policy, p.device_type)
+        context.__enter__()
+        self._stack.append(context)
+        return None
+
+    def __exit__(self, exc_type, exc, tb):
+        context = self._stack.pop()
+        if exc is not None:
+            self._precision._note_dtype_error(exc)
+        context.__exit__(exc_type, exc, tb)
+        return False  # never swallow: the exception passes through as it is
 
 
 @dataclass(eq=False)
@@ -228,22 +256,23 @@ class Precision(contract.Precision):
         """Context for forward and loss.  Mixed policies: torch's CUDA autocast op table
         (plain ``torch.autocast`` on CUDA; on CPU the CUDA lists emulated, so exp, pow,
         rsqrt, softmax, norms, sums and losses return float32 while mean/var/std stay in
-        the compute dtype).  "-true" policies: the compute dtype as default dtype."""
-        return self._explain_dtype_errors(compute_context(self._policy, self.device_type))
+        the compute dtype).  "-true" policies: the compute dtype as default dtype.
 
-    @contextlib.contextmanager
-    def _explain_dtype_errors(self, context):
+        Also a decorator (``@precision.autocast()``): each call of the function runs in a
+        fresh context.  Exceptions leave it unchanged (same object, same type); a dtype clash
+        when no model was put under this Precision gets a note saying what is missing."""
+        return _AutocastContext(self)
+
+    def _note_dtype_error(self, err: BaseException) -> None:
         """A dtype clash inside autocast when no model was put under this Precision is the
-        model left in float32: say so, instead of torch's bare "mat1 and mat2" message."""
-        try:
-            with context:
-                yield
-        except RuntimeError as e:
-            if self._model_seen or "dtype" not in str(e):
-                raise
-            raise TypeError(f'"{self._policy}" computes with {self._policy.param_dtype} parameters, but no model '
-                            "was put under this Precision: expected model = precision.setup(model, ...) (or the "
-                            f"model built inside precision.init_module()) before autocast() [{e}]") from e
+        model left in float32: add a note saying so to torch's bare "mat1 and mat2" message."""
+        if self._model_seen or not isinstance(err, RuntimeError) or "dtype" not in str(err):
+            return
+        note = (f'dualprec: "{self._policy}" computes with {self._policy.param_dtype} parameters, but no model '
+                "was put under this Precision: expected model = precision.setup(model, ...) (or the model "
+                "built inside precision.init_module()) before autocast()")
+        if note not in getattr(err, "__notes__", ()):
+            err.add_note(note)
 
     def convert_input(self, data):
         """Floating tensors in ``data`` (nested) cast to the compute dtype."""
@@ -262,11 +291,15 @@ class Precision(contract.Precision):
                             f"expected the loss as a torch.Tensor, got {type(loss).__name__}")
         return self._scaler.scale_loss(loss) if self._scaler.enabled else loss
 
-    def backward(self, loss: torch.Tensor, **kwargs) -> None:
-        """``(loss * scale).backward(**kwargs)``; plain backward without loss scaling."""
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """``(loss * scale).backward(*args, **kwargs)`` (``gradient``, ``retain_graph``,
+        ``create_graph``, ``inputs`` as ``Tensor.backward`` takes them); plain backward without
+        loss scaling.  Checkpoint recomputation and ``custom_bwd`` backwards in it apply the
+        policy's op table as the forward did (on CPU too)."""
         self._auto_update()  # first: the update changes the scale tensor in place
         loss = self.scale_loss(loss)
-        loss.backward(**kwargs)
+        with backward_context():
+            loss.backward(*args, **kwargs)
         self._scaled_backward = True
 
     def _record(self, optimizer) -> _OptimizerRecord:
@@ -437,6 +470,7 @@ class Precision(contract.Precision):
         self._load_extensions(state.get("extensions", {}), strict)
         for r in self._records.values():
             r.stage, r.found_inf = "ready", {}
+            r.last = contract.StepReport("none")  # no step since the load
         self._pending = self._scaled_backward = False
 
     def _load_masters(self, saved: dict, strict: bool) -> None:

@@ -28,7 +28,7 @@ def test_explain_matches_what_each_backend_runs(name):
     described = explain(policy)["backends"]
     for backend in PRECISION:
         lines = described[backend]
-        missing = [k for k, v in lines.items() if registry.NOT_AVAILABLE in v]
+        missing = [k for k, v in lines.items() if registry.NOT_AVAILABLE in v or registry.REFUSED in v]
         assert _builds(backend, policy) == (not missing), (backend, name, missing)
 
 
