@@ -389,7 +389,8 @@ MUTANTS: tuple[Mutant, ...] = (
 
 #: The fast subset the CI test runs: mutant -> the one policy it runs under, on the MLP.
 CI_SUBSET = {"bias-after-rounding": "bf16-true", "skip-advances-adam": "16-mixed",
-             "outputs-not-cast": "bf16-mixed"}
+             "outputs-not-cast": "bf16-mixed", "unscale-rounded-reciprocal": "16-mixed+growth2",
+             "loss-bf16": "16-mixed", "gemm-bf16-accumulate": "bf16-mixed"}
 
 
 @dataclasses.dataclass
