@@ -20,7 +20,9 @@ def rich_table(records: list[Record], title: str = "dualprec conformance"):
 
     t = Table(title=title)
     for col in ("policy", "model", "check", "tier", "status", "max rel", "ULP", "tol", "where / reason"):
-        t.add_column(col, overflow="fold")
+        # names are never broken mid-word; the reason wraps at spaces
+        t.add_column(col, no_wrap=col in ("policy", "model", "check", "status"), overflow="fold",
+                     ratio=4 if col == "where / reason" else None)
     for r in records:
         note = r.reason if r.status != "pass" else (r.where or "")
         if r.step is not None and r.failed:
@@ -78,10 +80,12 @@ def matrix_table(records: list[Record], title: str = "conformance checks: policy
     from rich.table import Table
 
     policies, models, cells = _cells(records)
-    t = Table(title=title, caption=MATRIX_LEGEND, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    t = Table(title=title, caption=MATRIX_LEGEND, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+              collapse_padding=True)
     t.add_column("policy", no_wrap=True)
     for m in models:
-        t.add_column(m, no_wrap=True, min_width=len(m))
+        # a cell wraps at its spaces ("11ok 1F" over "1E") rather than being cut
+        t.add_column(m, min_width=len(m), overflow="fold")
     for p in policies:
         t.add_row(p, *(_cell_text(cells.get((p, m))) for m in models))
     return t

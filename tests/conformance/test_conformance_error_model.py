@@ -233,3 +233,33 @@ def test_default_matrix_passes_under_other_kernels(config):
     r = kernels.run_config(config)
     assert r["rc"] == 0 and r["fail"] == 0 and r["error"] == 0, r
     assert r["pass"] > 350, r
+
+
+def test_terminal_output_fits_80_columns_when_checks_fail():
+    """The matrix, the failure lines and the summary at 80 columns: nothing cut, nothing wider."""
+    from rich.console import Console
+
+    from conformance.records import Record
+    from conformance.report import failure_lines, matrix_table, summary_line
+
+    long_reason = ("first divergence at blocks.0.attn.proj: 72.3% of elements not bitwise equal > bound 2.0% "
+                   "(max 5 ULP of bfloat16; 5 rounding(s) of bfloat16 after K=128 sums)")
+    recs = []
+    for policy in ("transformer-engine-float16", "bf16-mixed+head-f32", "32-true"):
+        for model in ("mlp", "transformer", "cnn", "opbyop"):
+            recs += [Record(policy, model, "forward", "tolerance", "pass") for _ in range(11)]
+            recs.append(Record(policy, model, "layers", "tolerance", "fail", reason=long_reason,
+                               where="blocks.0.attn.proj"))
+            recs.append(Record(policy, model, "gradients", "tolerance", "error", reason="raised RuntimeError: " + "x" * 150))
+    recs.append(Record("nf4", "mlp", "fp8-scales", "bit-exact", "skip", reason="known divergence: " + "word " * 40))
+    console = Console(width=80, record=True, force_terminal=False)
+    console.print(matrix_table(recs))
+    for line in failure_lines(recs, width=79):
+        console.print(line, markup=False, highlight=False, overflow="fold")
+    console.print(summary_line(recs, 61.3))
+    text = console.export_text()
+    widths = [len(ln) for ln in text.splitlines()]
+    assert max(widths) <= 80, max(widths)
+    assert "…" not in text
+    assert "transformer-engine-float16" in text and "72.3% of elements not bitwise equal > bound 2.0%" in \
+        " ".join(ln.strip() for ln in text.splitlines())
