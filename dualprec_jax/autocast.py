@@ -24,7 +24,6 @@ primitives) keeps its dtypes, with a warning naming it; pallas_call kernels are 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import sys
 import threading
@@ -91,13 +90,73 @@ class AutocastWarning(UserWarning):
 
 
 class _Ctx:
-    """The dtypes one autocast call applies (from the top-level policy)."""
+    """The dtypes one autocast call applies.  ``policy``: the top-level policy of the call;
+    a module under another policy (a per-module override, a nested autocast of another
+    policy) is traced inside a `policy_scope` and evaluated with that policy's child
+    context.  A policy that is not mixed has the table off: its ops run as traced (inputs
+    whose dtypes changed are promoted)."""
 
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, counter=None, children=None):
+        self.policy = policy
+        self.off = not policy.is_mixed
         self.compute = jax_dtype(policy.compute_dtype)
         self.accumulate = accumulation_dtype(policy.compute_dtype)
         self.upcast = 0  # > 0 inside a float32 composite evaluated from its half-precision trace
-        self.changes = 0  # equations not run as traced: whether a custom_jvp/vjp body is rewritten
+        self._counter = [0] if counter is None else counter
+        self._children = {} if children is None else children
+
+    @property
+    def changes(self) -> int:
+        """Equations not run as traced: whether a custom_jvp/vjp body is rewritten."""
+        return self._counter[0]
+
+    @changes.setter
+    def changes(self, value: int) -> None:
+        self._counter[0] = value
+
+    def child(self, policy: Policy) -> "_Ctx":
+        if policy == self.policy:
+            return self
+        key = (policy, self.upcast)
+        if key not in self._children:
+            self._children[key] = kid = _Ctx(policy, self._counter, self._children)
+            kid.upcast = self.upcast
+        return self._children[key]
+
+    def probe(self) -> "_Ctx":
+        """A copy with its own change counter (abstract evaluation of a body)."""
+        twin = _Ctx(self.policy)
+        twin.upcast = self.upcast
+        return twin
+
+
+# ----- policy scopes: which policy an equation was traced under -----------------------------
+_SCOPE_PREFIX = "dualprec_policy#"
+_SCOPE_IDS: dict = {}
+_SCOPE_POLICIES: list = []
+_SCOPE_LOCK = threading.Lock()
+_SCOPE_RE = None
+
+
+def policy_scope(policy: Policy):
+    """Context manager: ops traced inside run under ``policy``'s table (not the enclosing
+    autocast's).  A ``jax.named_scope``: it lives in the jaxpr (each equation's name stack),
+    not in global state, so a trace cached by jit carries it with it."""
+    with _SCOPE_LOCK:
+        if policy not in _SCOPE_IDS:
+            _SCOPE_IDS[policy] = len(_SCOPE_POLICIES)
+            _SCOPE_POLICIES.append(policy)
+        return jax.named_scope(f"{_SCOPE_PREFIX}{_SCOPE_IDS[policy]}")
+
+
+def _scope_ctx(eqn, ctx):
+    """The context of ``eqn``: its innermost policy scope's, or the enclosing one."""
+    stack = str(eqn.source_info.name_stack)
+    at = stack.rfind(_SCOPE_PREFIX)
+    if at < 0:
+        return ctx
+    digits = stack[at + len(_SCOPE_PREFIX):].split("/", 1)[0]
+    return ctx.child(_SCOPE_POLICIES[int(digits)])
 
 
 def _dtype(x):
@@ -176,17 +235,18 @@ def _eval(jaxpr, consts, args, ctx):
     round_after = {}
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if ctx.upcast:
-            outs = _eval_eqn(eqn, invals, ctx)
-        elif id(eqn) in sums and _dtype(invals[0]) == ctx.accumulate:
-            ctx.changes += 1
+        ectx = _scope_ctx(eqn, ctx)
+        if ectx.upcast or ectx.off:
+            outs = _eval_eqn(eqn, invals, ectx)
+        elif id(eqn) in sums and _dtype(invals[0]) == ectx.accumulate:
+            ectx.changes += 1
             outs = invals[0]  # the float32 sum stays float32
         elif id(eqn) in means and _is_half(_dtype(invals[0])):
-            ctx.changes += 1
+            ectx.changes += 1
             round_after[means[id(eqn)]] = _dtype(invals[0])
-            outs = _bind_flexible(ctx, eqn, [_cast(invals[0], ctx.accumulate)])
+            outs = _bind_flexible(ectx, eqn, [_cast(invals[0], ectx.accumulate)])
         else:
-            outs = _eval_eqn(eqn, invals, ctx)
+            outs = _eval_eqn(eqn, invals, ectx)
         if id(eqn) in round_after:
             outs = _cast(outs, round_after.pop(id(eqn)))
         if not eqn.primitive.multiple_results:
@@ -240,6 +300,8 @@ def _bind_flexible(ctx, eqn, invals):
 def _eval_eqn(eqn, invals, ctx):
     name = eqn.primitive.name
     rule = _RULES.get(name)
+    if ctx.off and name not in _STRUCTURAL:
+        rule = None if name in _CALLBACKS or not _is_jax_primitive(eqn.primitive) else _off
     if rule is not None:
         return rule(eqn, invals, ctx)
     if name in FP32_PRIMITIVES and not ctx.upcast:
@@ -258,6 +320,13 @@ def _eval_eqn(eqn, invals, ctx):
 
 
 # ----- rules ----------------------------------------------------------------------------
+def _off(eqn, invals, ctx):
+    """The table off (a policy that is not mixed): as traced, changed inputs promoted."""
+    if _has_subjaxpr(eqn):
+        return _bind_original(eqn, invals, ctx)
+    return _bind_flexible(ctx, eqn, invals)
+
+
 def _fp32(eqn, invals, ctx):
     """A float32-list op: half inputs upcast, float32 out."""
     if not any(_is_half(_dtype(x)) for x in invals):
@@ -278,9 +347,13 @@ def _opmath_primitive(eqn, invals, ctx):
     return [_cast(o, half) for o in out] if eqn.primitive.multiple_results else _cast(out, half)
 
 
+_ELIGIBLE = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
 def _eligible(dtype) -> bool:
-    # torch autocast casts float16/bfloat16/float32 operands; float64 ones are left alone.
-    return _is_float(dtype) and jnp.finfo(dtype).bits <= 32
+    # torch autocast casts float16/bfloat16/float32 operands; float64 ones are left alone, and
+    # so are float8 operands (an FP8 layer's scaled GEMM is not on the lower list).
+    return jnp.dtype(dtype) in _ELIGIBLE
 
 
 def _matmul_out_dtype(eqn, ctx):
@@ -339,6 +412,8 @@ def _convert(eqn, invals, ctx):
 def _jit(eqn, invals, ctx):
     name = eqn.params.get("name", "")
     closed = eqn.params["jaxpr"]
+    if ctx.off:
+        return _eval_closed(closed, invals, ctx)
     if name in PROMOTE_COMPOSITES and not ctx.upcast:
         return _promote_region(closed, invals, ctx)
     if not ctx.upcast and any(_is_half(_dtype(x)) for x in invals):
@@ -387,8 +462,7 @@ def _promote_region(closed, invals, ctx):
 
 def _rewrites(closed, invals, ctx) -> bool:
     """Whether the table changes anything in ``closed`` for these inputs (traced abstractly)."""
-    probe = copy.copy(ctx)
-    probe.changes = 0
+    probe = ctx.probe()
     jax.eval_shape(lambda *a: _eval_closed(closed, a, probe), *invals)
     return probe.changes > 0
 
@@ -408,7 +482,7 @@ def _custom_jvp(eqn, invals, ctx):
 
     def jvp(primals, tangents):
         n = len(primals) - n_consts
-        with _composites_marked():  # the rule sees what the primal saw when it was traced
+        with _tracing(ctx.policy):  # the rule sees what the primal saw when it was traced
             rule, rule_consts, out_zeros = eqn.params["jvp_jaxpr_fun"].call_wrapped(*([False] * n))
         outs = _eval(rule, rule_consts, [*primals[n_consts:], *tangents[n_consts:]], ctx)
         p_out, t_out = outs[:len(out_zeros)], iter(outs[len(out_zeros):])
@@ -522,6 +596,8 @@ _RULES = {
     "shard_map": _shard_map,
     "closed_call": _closed_call, "core_call": _closed_call,
 }
+_STRUCTURAL = {"jit", "pjit", "custom_jvp_call", "custom_vjp_call", "scan", "while", "cond", "remat2",
+               "checkpoint", "shard_map", "closed_call", "core_call"}
 _OPAQUE_SILENT = {"pallas_call", "mosaic_gpu_call", "triton_kernel_call"}
 _CALLBACKS = {"pure_callback", "io_callback", "callback", "debug_callback", "ffi_call"}
 
@@ -646,6 +722,61 @@ def _flax_context(policy: Policy):
     return flax_linen.autocast(policy)
 
 
+# ----- tracing under a policy ----------------------------------------------------------------
+# JAX caches the traces of jitted functions by their arguments and a "trace context"; this
+# user context puts the policy in that key, so a jitted helper traced inside an autocast
+# trace (with the marks and the linen interceptor active) is traced again outside it or under
+# another policy, never reused (and one traced before, outside, is traced again inside).
+_TRACE_KEY = jax.make_user_context(None)
+_ACTIVE = threading.local()  # .policy: the autocast trace running in this thread (or None)
+
+
+def tracing_policy() -> Policy | None:
+    """The policy whose autocast trace is running in this thread (None outside one)."""
+    return getattr(_ACTIVE, "policy", None)
+
+
+@contextlib.contextmanager
+def _tracing(policy: Policy):
+    """While ``fun`` is traced: the trace-cache key, the policy of this thread's trace and
+    the table's composites marked."""
+    saved = tracing_policy()
+    _ACTIVE.policy = policy
+    try:
+        with _TRACE_KEY(("dualprec", str(policy))), _composites_marked():
+            yield
+    finally:
+        _ACTIVE.policy = saved
+
+
+_SCOPES = threading.local()  # .stack: the policies of the enclosing scoped modules
+
+
+@contextlib.contextmanager
+def module_scope(policy: Policy, own: Policy):
+    """For a module running under ``own`` (``policy.for_module(path)``), while an autocast
+    trace runs in this thread: its ops in `policy_scope(own)` when ``own`` differs from the
+    enclosing module's policy (the top-level one outside any override).  Outside a trace:
+    nothing."""
+    if tracing_policy() is None:
+        yield
+        return
+    stack = getattr(_SCOPES, "stack", None)
+    if stack is None:
+        stack = _SCOPES.stack = []
+    enclosing = stack[-1] if stack else _top(policy)
+    stack.append(own)
+    try:
+        with policy_scope(own) if own != enclosing else contextlib.nullcontext():
+            yield
+    finally:
+        stack.pop()
+
+
+def _needs_table(policy: Policy) -> bool:
+    return any(p.is_mixed for _, p in policy.policies())
+
+
 # ----- the transformation --------------------------------------------------------------------
 def _is_traced_leaf(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) or \
@@ -656,25 +787,35 @@ def autocast(fun, policy, *, context=None):
     """``fun`` run under the op table of ``policy`` (a Policy or a policy string).
 
     Array leaves of the arguments are traced; other leaves (Python numbers, strings, flags)
-    are passed as they are.  Under a policy that is not mixed the table is not applied
-    (as ``torch.autocast`` is off for "32-true" and "bf16-true"): ``fun`` runs as written,
-    stock Flax linen layers still get the policy's parameter dtypes.
+    are passed as they are.  Under a policy that is not mixed (and has no mixed override)
+    the table is not applied (as ``torch.autocast`` is off for "32-true" and "bf16-true"):
+    ``fun`` runs as written, stock Flax linen layers still get the policy's parameter dtypes.
 
     ``context``: a callable returning the context manager ``fun`` is traced in (default: the
     linen interceptor, which gives stock layers their parameter dtypes and the bias added
     before the one rounding; `Precision.autocast` passes its own, FP8/quantized layers too).
 
+    Called while another autocast traces (a nested call), ``fun`` is traced as part of the
+    outer trace: under the same policy nothing more is done; under another policy its ops are
+    scoped (`policy_scope`) and the outer evaluation applies that policy's table to them.
+
         step = jax.jit(jax.grad(dualprec_jax.autocast(loss_fn, "bf16-mixed")))
     """
     policy = Policy.parse(policy)
     context = context or functools.partial(_flax_context, policy)
+    table = _needs_table(policy)
 
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):
-        if not policy.is_mixed:
+        outer = tracing_policy()
+        if outer is not None:  # nested: part of the outer trace
+            scope = contextlib.nullcontext() if outer == policy else policy_scope(_top(policy))
+            with scope, context():
+                return fun(*args, **kwargs)
+        if not table:
             with context():
                 return fun(*args, **kwargs)
-        ctx = _Ctx(policy)
+        ctx = _Ctx(_top(policy))
         leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
         traced = [i for i, x in enumerate(leaves) if _is_traced_leaf(x)]
 
@@ -685,9 +826,14 @@ def autocast(fun, policy, *, context=None):
             a, k = jax.tree_util.tree_unflatten(tree, filled)
             return _marked_version(fun)(*a, **k)
 
-        with context(), _composites_marked():
+        with _tracing(policy), context():
             closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*(leaves[i] for i in traced))
         outs = _eval_closed(closed, [leaves[i] for i in traced], ctx)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped
+
+
+def _top(policy: Policy) -> Policy:
+    """The top-level policy without its overrides (what unscoped ops run under)."""
+    return policy.policies()[0][1]

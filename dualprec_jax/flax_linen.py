@@ -5,6 +5,13 @@ For the duration of one ``__call__`` the interceptor sets the layer's own knobs 
 ``param_dtype``, ``dot_general``, ``precision``, ``attention_fn``...) and restores them
 afterwards, so parameters are created in the param dtype and every other interceptor in the
 chain still runs.  A knob the user set (a custom ``dot_general``) is left alone.
+
+It does what the jaxpr cannot show `dualprec_jax.autocast` (which `Precision.apply` and
+`init` trace the model under): the dtype parameters are created in, torch's fused
+``nn.Linear`` (the bias added to the float32 product before the one rounding), and which
+module runs under which per-module override: while an autocast trace runs, a module whose
+policy differs from the enclosing one is traced inside `autocast.policy_scope`, so the
+table of its own policy is applied to every op it runs, hand-written ones included.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import flax.linen as nn
 
 from dualprec import Policy
 
+from .autocast import module_scope
 from .ops import accumulating_conv, accumulating_dot_general, dot_product_attention, op_dtypes
 
 __all__ = ["autocast", "module_path", "MATMUL_MODULES", "NORM_MODULES", "ATTENTION_MODULES"]
@@ -62,7 +70,13 @@ def _intercept(policy: Policy, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__":
         return next_fun(*args, **kwargs)
-    d = op_dtypes(policy.for_module(module_path(module)))
+    own = policy.for_module(module_path(module))
+    with module_scope(policy, own):
+        return _intercept_call(own, module, next_fun, args, kwargs)
+
+
+def _intercept_call(own: Policy, module, next_fun, args, kwargs):
+    d = op_dtypes(own)
     if isinstance(module, MATMUL_MODULES):
         with _knobs(module, _matmul_knobs(module, d)):
             # The layer adds its bias to the float32 product; this is the one rounding.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 
+import jax
 from flax import nnx
 from jax import lax
 
@@ -103,3 +104,22 @@ def setup(model: nnx.Module, policy: Policy) -> nnx.Module:
     return model
 
 
+
+
+def call(model: nnx.Module, args, kwargs, transform):
+    """``model(*args, **kwargs)`` through ``transform`` (a function transformation such as
+    `dualprec_jax.autocast`), the model's state passed in as arrays and the state the call
+    wrote (BatchNorm statistics, RNG counts, caches) written back into ``model``, each
+    variable in the dtype it had."""
+    graphdef, state = nnx.split(model)
+
+    def run(state, args, kwargs):
+        m = nnx.merge(graphdef, state)
+        return m(*args, **kwargs), nnx.state(m)
+
+    out, new_state = transform(run)(state, args, kwargs)
+    new_state = jax.tree_util.tree_map(
+        lambda new, old: new.astype(old.dtype) if hasattr(new, "astype") and new.dtype != old.dtype else new,
+        new_state, state)
+    nnx.update(model, new_state)
+    return out

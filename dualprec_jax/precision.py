@@ -174,8 +174,16 @@ class Precision(contract.Precision):
         with self.autocast():
             yield
 
+    def _traced(self, fun):
+        """``fun`` under the whole op table (`dualprec_jax.autocast`), traced inside this
+        Precision's layer context (param dtypes, fused bias, overrides, FP8/quantized layers)."""
+        from .autocast import autocast
+
+        return autocast(fun, self.policy, context=self.autocast)
+
     def init(self, model, rngs, *args, **kwargs):
-        """``model.init`` under the policy: parameters created in the param dtype of their path."""
+        """``model.init`` under the policy: parameters created in the param dtype of their
+        path; the forward pass init runs is traced under the op table, as `apply` is."""
         seen = set()
 
         def note_path(next_fun, args_, kwargs_, context):
@@ -184,26 +192,28 @@ class Precision(contract.Precision):
 
         import flax.linen as nn
 
-        with self.autocast(), nn.intercept_methods(note_path):
-            variables = model.init(rngs, *args, **kwargs)
+        with nn.intercept_methods(note_path):
+            variables = self._traced(model.init)(rngs, *args, **kwargs)
         self.policy.check_overrides_match(seen, "dualprec_jax init")
         variables = self._params_to_policy(variables)
         return quant.quantize_params(variables, self.policy) if quant.quantizes_any(self.policy) else variables
 
     def apply(self, model, variables, *args, **kwargs):
-        """``model.apply`` under the op policy, outputs in the output dtype.  Inputs are passed
-        as given (autocast semantics); call ``convert_input`` for jmp-style input casts.
+        """``model.apply`` under the whole op table (`dualprec_jax.autocast`: stock layers and
+        every jnp / jax.nn op the model runs, as torch autocast on CUDA), outputs in the output
+        dtype.  Inputs are passed as given (autocast semantics); call ``convert_input`` for
+        jmp-style input casts.  Arguments that are not arrays (flags, ``mutable=``,
+        ``method=``) are passed through as they are.
 
         An nnx model (after `setup`) has no variables to pass: ``prec.apply(model, x)`` calls
-        ``model(x)`` and casts the outputs to the output dtype, as linen's path does (calling
-        the nnx model directly returns its compute dtype)."""
+        ``model(x)`` under the table, writes the state the call changed (BatchNorm
+        statistics, RNG counts) back into ``model`` and casts the outputs to the output
+        dtype."""
         from flax import nnx
 
         if isinstance(model, nnx.Module):
-            with self.autocast():
-                return self.convert_output(model(variables, *args, **kwargs))
-        with self.autocast():
-            out = model.apply(fp8.max_accumulating(variables), *args, **kwargs)
+            return self.convert_output(flax_nnx.call(model, (variables, *args), kwargs, self._traced))
+        out = self._traced(model.apply)(fp8.max_accumulating(variables), *args, **kwargs)
         if kwargs.get("mutable"):
             y, state = out
             return self.convert_output(y), state
