@@ -9,6 +9,7 @@ graph structure, so nnx.split/merge/state, checkpoints and optimizers see the sa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 
@@ -29,12 +30,16 @@ ATTENTION_MODULES = (nnx.MultiHeadAttention,)
 
 
 class _RoundsOutput:
-    """Mixin: the layer's float32 result (bias included) rounded once to ``_dualprec_out``."""
-
+    """Mixin: the layer's float32 result (bias included) rounded once to ``_dualprec_out``;
+    inside an autocast trace, its ops scoped to its own policy when that is an override."""
 
     def __call__(self, x, *args, **kwargs):
-        x = x.astype(self.dtype)  # norms take float32 inputs; matmuls their compute dtype
-        return super().__call__(x, *args, **kwargs).astype(self._dualprec_out)
+        from .autocast import module_scope
+
+        top, own = self._dualprec_policies
+        with module_scope(top, own):
+            x = x.astype(self.dtype)  # norms take float32 inputs; matmuls their compute dtype
+            return super().__call__(x, *args, **kwargs).astype(self._dualprec_out)
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,13 +47,40 @@ def _policy_class(cls: type) -> type:
     return type(f"Policy{cls.__name__}", (_RoundsOutput, cls), {"__module__": __name__})
 
 
+class _UnderTable:
+    """Marks the class `_table_class` made (``__call__`` under the whole op table)."""
+
+    __slots__ = ()
+
+
+@functools.lru_cache(maxsize=None)
+def _table_class(cls: type) -> type:
+    """A subclass of ``cls`` (same name, same layout, so ``__class__`` can be assigned) whose
+    ``__call__`` runs ``cls.__call__`` under the whole op table (`dualprec_jax.autocast`),
+    the state the call writes put back into the model."""
+
+    def __call__(self, *args, **kwargs):
+        from .autocast import autocast, tracing_policy
+
+        policy = self._dualprec_policy
+        plain = super(table, self).__call__
+        if tracing_policy() is not None or not any(p.is_mixed for _, p in policy.policies()):
+            return plain(*args, **kwargs)
+        return call(self, args, kwargs, lambda f: autocast(f, policy, context=contextlib.nullcontext))
+
+    table = type(cls.__name__, (cls, _UnderTable), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                                    "__call__": __call__})
+    return table
+
+
 def _path(keys) -> str:
     return ".".join(str(k) for k in keys)
 
 
-def _configure(module, policy: Policy):
+def _configure(module, policy: Policy, top: Policy):
     """Set the layer's knobs; return the policy-class copy that replaces it, or None."""
     d = op_dtypes(policy)
+    module._dualprec_policies = (top, policy)
     if isinstance(module, MATMUL_MODULES):
         module.dtype, module.param_dtype = d.compute, d.param
         module.preferred_element_type = d.accumulate
@@ -83,7 +115,7 @@ def setup(model: nnx.Module, policy: Policy) -> nnx.Module:
     replaced = []
     for keys, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Module):
-            twin = _configure(node, policy.for_module(_path(keys)))
+            twin = _configure(node, policy.for_module(_path(keys)), policy)
             if twin is not None:
                 if not keys:
                     raise TypeError("setup() takes a model that contains layers, not a single "
@@ -101,7 +133,17 @@ def setup(model: nnx.Module, policy: Policy) -> nnx.Module:
             parent[keys[-1]] = twin
         else:
             setattr(parent, str(keys[-1]), twin)
+    _run_under_table(model, policy)
     return model
+
+
+def _run_under_table(model: nnx.Module, policy: Policy) -> None:
+    """Calls of ``model`` from now on run under the op table: its class becomes a subclass
+    (same name, same layout) whose ``__call__`` traces the original under `autocast`."""
+    model._dualprec_policy = policy
+    if isinstance(model, _UnderTable) or not callable(getattr(type(model), "__call__", None)):
+        return
+    model.__class__ = _table_class(type(model))
 
 
 
@@ -118,8 +160,13 @@ def call(model: nnx.Module, args, kwargs, transform):
         return m(*args, **kwargs), nnx.state(m)
 
     out, new_state = transform(run)(state, args, kwargs)
-    new_state = jax.tree_util.tree_map(
-        lambda new, old: new.astype(old.dtype) if hasattr(new, "astype") and new.dtype != old.dtype else new,
-        new_state, state)
-    nnx.update(model, new_state)
+    old_leaves = jax.tree_util.tree_leaves(state)
+    new_leaves, treedef = jax.tree_util.tree_flatten(new_state)
+    changed = [new is not old for new, old in zip(new_leaves, old_leaves)]
+    if any(changed):  # only what the call wrote: the rest may belong to an enclosing trace
+        written = [new.astype(old.dtype) if hasattr(new, "astype") and new.dtype != old.dtype else new
+                   for new, old in zip(new_leaves, old_leaves)]
+        flat = [(path, var) for (path, var), c in zip(nnx.to_flat_state(jax.tree_util.tree_unflatten(treedef, written)),
+                                                       changed) if c]
+        nnx.update(model, nnx.from_flat_state(flat))
     return out
