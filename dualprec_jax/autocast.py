@@ -74,6 +74,7 @@ _OPMATH_CALLABLES = {**{f"jax.nn.{n}": n for n in _ACTIVATIONS},
 # with one is marked to be left alone.
 _DTYPE_KEPT = {name: name.rsplit(".", 1)[1] for e in optable.FP32 if e.respects_dtype for name in e.jax
                if name.startswith("jax.numpy.")}
+_MARKED_MODULES = ("jax.nn", "jax.numpy", "jax.numpy.linalg", "jax.scipy.special", "jax.image", "optax")
 _MARKED = {**{k: (v, "dtype") for k, v in _DTYPE_KEPT.items()},
            **{k: (v, "fp32") for k, v in _jax_callables("fp32").items()},
            **{k: (v, "promote") for k, v in _jax_callables("promote").items()},
@@ -232,28 +233,148 @@ def _eval(jaxpr, consts, args, ctx):
     for v, x in zip(jaxpr.invars, args):
         env[v] = x
     sums, means = _patterns(jaxpr)
+    runs = _composite_runs(jaxpr)
     round_after = {}
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
+    up, round_to = {}, None  # the composite run being evaluated: its inputs upcast, its rounding
+    for i, eqn in enumerate(jaxpr.eqns):
         ectx = _scope_ctx(eqn, ctx)
-        if ectx.upcast or ectx.off:
-            outs = _eval_eqn(eqn, invals, ectx)
-        elif id(eqn) in sums and _dtype(invals[0]) == ectx.accumulate:
-            ectx.changes += 1
-            outs = invals[0]  # the float32 sum stays float32
-        elif id(eqn) in means and _is_half(_dtype(invals[0])):
-            ectx.changes += 1
-            round_after[means[id(eqn)]] = _dtype(invals[0])
-            outs = _bind_flexible(ectx, eqn, [_cast(invals[0], ectx.accumulate)])
+        run = runs.get(i) if not (ectx.upcast or ectx.off) else None
+        if run is not None:
+            # a composite of the table, evaluated as traced in float32 (fp32, opmath) or with
+            # no rule inside (promote)
+            if i == run.start:
+                up, round_to = _start_run(run, [read(v) for v in run.inputs], ectx)
+            invals = [up[v] if isinstance(v, core.Var) and v in up else read(v) for v in eqn.invars]
+            ectx.upcast += 1
+            try:
+                outs = _eval_eqn(eqn, invals, ectx)
+            finally:
+                ectx.upcast -= 1
         else:
-            outs = _eval_eqn(eqn, invals, ectx)
+            invals = [read(v) for v in eqn.invars]
+            if ectx.upcast or ectx.off:
+                outs = _eval_eqn(eqn, invals, ectx)
+            elif id(eqn) in sums and _dtype(invals[0]) == ectx.accumulate:
+                ectx.changes += 1
+                outs = invals[0]  # the float32 sum stays float32
+            elif id(eqn) in means and _is_half(_dtype(invals[0])):
+                ectx.changes += 1
+                round_after[means[id(eqn)]] = _dtype(invals[0])
+                outs = _bind_flexible(ectx, eqn, [_cast(invals[0], ectx.accumulate)])
+            else:
+                outs = _eval_eqn(eqn, invals, ectx)
         if id(eqn) in round_after:
             outs = _cast(outs, round_after.pop(id(eqn)))
         if not eqn.primitive.multiple_results:
             outs = [outs]
         for v, x in zip(eqn.outvars, outs):
             env[v] = x
+        if run is not None and i == run.end:
+            if round_to is not None:
+                for v in run.escaping:
+                    if _is_float(_dtype(env[v])):
+                        env[v] = _cast(env[v], round_to)
+            up, round_to = {}, None
     return [read(v) for v in jaxpr.outvars]
+
+
+# ----- composites found by the Python function that traced them -----------------------------
+class _Run:
+    """Consecutive equations traced by one call of a table composite (``kind``: fp32,
+    promote, opmath), its inputs and the values it passes on."""
+
+    __slots__ = ("kind", "start", "end", "inputs", "escaping")
+
+    def __init__(self, kind, start, end, inputs, escaping):
+        self.kind, self.start, self.end, self.inputs, self.escaping = kind, start, end, inputs, escaping
+
+
+_CODES: dict = {}  # code object of a table composite -> its kind; rebuilt as modules load
+_CODES_FOR: list = [None]
+
+
+def _composite_codes() -> dict:
+    """The code objects of the table's composites importable now (their Python functions,
+    unwrapped from JAX's jit), whatever name a user imported them under."""
+    loaded = tuple(m in sys.modules for m in _MARKED_MODULES)
+    if _CODES_FOR[0] != loaded:
+        codes = {}
+        for dotted, (name, kind) in _MARKED.items():
+            if kind == "dtype":
+                continue
+            mod_name, attr = dotted.rsplit(".", 1)
+            fn = getattr(sys.modules.get(mod_name), attr, None)
+            fn = getattr(fn, "__wrapped__", fn)
+            while hasattr(fn, "__wrapped__"):
+                fn = fn.__wrapped__
+            code = getattr(fn, "__code__", None)
+            if code is not None:
+                codes[code] = kind
+        _CODES.clear()
+        _CODES.update(codes)
+        _CODES_FOR[0] = loaded
+    return _CODES
+
+
+def _composite_of(eqn, codes):
+    """(call key, kind) of the outermost table composite whose Python frame traced ``eqn``."""
+    tb = eqn.source_info.traceback
+    if tb is None:
+        return None
+    frames, lastis = tb.raw_frames()
+    for i in range(len(frames) - 1, -1, -1):  # outermost first
+        kind = codes.get(frames[i])
+        if kind is not None:
+            return (tuple(zip(frames[i + 1:], lastis[i + 1:])), frames[i]), kind
+    return None
+
+
+def _composite_runs(jaxpr) -> dict:
+    """Equation index -> its `_Run`, for the equations a table composite traced.  This finds
+    composites however they were imported (``from jax.nn import gelu``, optax's losses) and
+    in bodies traced before: the traceback each equation carries names the function."""
+    codes = _composite_codes()
+    if not codes or not jaxpr.eqns:
+        return {}
+    marks = [_composite_of(e, codes) for e in jaxpr.eqns]
+    if not any(marks):
+        return {}
+    last_use = {}
+    for k, e in enumerate(jaxpr.eqns):
+        for v in e.invars:
+            if isinstance(v, core.Var):
+                last_use[v] = k
+    for v in jaxpr.outvars:
+        if isinstance(v, core.Var):
+            last_use[v] = len(jaxpr.eqns)
+    runs, n, i = {}, len(jaxpr.eqns), 0
+    while i < n:
+        if marks[i] is None:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and marks[j + 1] is not None and marks[j + 1][0] == marks[i][0]:
+            j += 1
+        eqns = jaxpr.eqns[i:j + 1]
+        produced = {v for e in eqns for v in e.outvars}
+        inputs = list(dict.fromkeys(v for e in eqns for v in e.invars
+                                    if isinstance(v, core.Var) and v not in produced))
+        escaping = [v for e in eqns for v in e.outvars if last_use.get(v, -1) > j]
+        run = _Run(marks[i][1], i, j, inputs, escaping)
+        for k in range(i, j + 1):
+            runs[k] = run
+        i = j + 1
+    return runs
+
+
+def _start_run(run, values, ctx):
+    """({input var: value it enters the run with}, dtype its outputs are rounded to)."""
+    halves = [_dtype(x) for x in values if _is_half(_dtype(x))]
+    if run.kind == "promote" or not halves:
+        return {}, None
+    ctx.changes += 1
+    up = {v: _cast(x, ctx.accumulate) if _is_half(_dtype(x)) else x for v, x in zip(run.inputs, values)}
+    return up, (halves[0] if run.kind == "opmath" else None)
 
 
 def _eval_closed(closed, args, ctx):
