@@ -74,14 +74,17 @@ _OPMATH_CALLABLES = {**{f"jax.nn.{n}": n for n in _ACTIVATIONS},
 # with one is marked to be left alone.
 _DTYPE_KEPT = {name: name.rsplit(".", 1)[1] for e in optable.FP32 if e.respects_dtype for name in e.jax
                if name.startswith("jax.numpy.")}
+# jnp.dot of two vectors is torch.dot (promote list); of matrices, matmul (lower list)
+_DOT_1D = {"jax.numpy.dot": ("dot", "promote1d")}
 _MARKED_MODULES = ("jax.nn", "jax.numpy", "jax.numpy.linalg", "jax.scipy.special", "jax.image", "optax")
 _MARKED = {**{k: (v, "dtype") for k, v in _DTYPE_KEPT.items()},
            **{k: (v, "fp32") for k, v in _jax_callables("fp32").items()},
            **{k: (v, "promote") for k, v in _jax_callables("promote").items()},
-           **{k: (v, "opmath") for k, v in _OPMATH_CALLABLES.items()}}
+           **{k: (v, "opmath") for k, v in _OPMATH_CALLABLES.items()}, **_DOT_1D}
 FP32_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "fp32") | {"_softmax", "_log_softmax"}
 _EXPLICIT_DTYPE = "dualprec_explicit_dtype"  # a marked call with dtype=: no rule inside
-PROMOTE_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "promote") | {_EXPLICIT_DTYPE}
+PROMOTE_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind in ("promote", "promote1d")) | {
+    _EXPLICIT_DTYPE}
 OPMATH_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "opmath") | {
     "_var", "_std", "_mean", "nanmean", "nanvar", "nanstd", "average"}
 
@@ -190,9 +193,12 @@ def _patterns(jaxpr):
     """Two jnp reductions at torch's granularity, found in a flat jaxpr:
 
     - sums: ids of the converts closing ``convert(half->f32) -> reduce_sum/prod -> convert(->half)``,
-      ``jnp.sum``/``prod`` of a half input, which the table runs and returns in float32;
+      ``jnp.sum``/``prod`` of a half input, which the table runs and returns in float32 (and
+      ``convert(x) -> scatter -> convert(back to x's dtype)``: ``x.at[i].set(v)`` of a wider
+      ``v``, kept at the promoted dtype as index_put / scatter_add are);
     - means: reduce_sum id -> id of the ``div`` that makes it ``jnp.mean`` (mean is on no list:
-      a half input is summed in float32 and the mean rounded once, as jnp does for half inputs).
+      a half input is summed in float32 and the mean rounded once, as jnp does for half inputs);
+    - scatters: scatter id -> the float value its updates were converted from (``.at[].set``).
     """
     producer, uses = {}, {}
     for e in jaxpr.eqns:
@@ -204,8 +210,28 @@ def _patterns(jaxpr):
     for v in jaxpr.outvars:
         if isinstance(v, core.Var):
             uses.setdefault(v, []).append(None)
-    sums, means = set(), {}
+    sums, means, scatters = set(), {}, {}
     for e in jaxpr.eqns:
+        if e.primitive.name in _SCATTERS and len(e.invars) >= 3:
+            # x.at[i].set(v) / .add(v): jnp casts v to x's dtype before the primitive; the
+            # table promotes (index_put, scatter_add), so the value before that cast counts
+            src = producer.get(e.invars[2])
+            if src is not None and src.primitive.name == "convert_element_type" and \
+                    isinstance(src.invars[0], core.Var) and hasattr(src.invars[0].aval, "dtype") and \
+                    _is_float(src.invars[0].aval.dtype) and _is_float(e.invars[0].aval.dtype):
+                scatters[id(e)] = src.invars[0]
+            # ... or casts x up, scatters, and casts the result back down to x's dtype: the
+            # promoted result is kept
+            out_uses = uses.get(e.outvars[0], [])
+            src = producer.get(e.invars[0])
+            if len(out_uses) == 1 and out_uses[0] is not None and src is not None and \
+                    out_uses[0].primitive.name == "convert_element_type" and \
+                    src.primitive.name == "convert_element_type" and \
+                    hasattr(src.invars[0].aval, "dtype") and _is_float(src.invars[0].aval.dtype) and \
+                    out_uses[0].params["new_dtype"] == src.invars[0].aval.dtype and \
+                    _traced_in(out_uses[0], _JNP_SCATTER):  # jnp's cast, not one the user wrote
+                sums.add(id(out_uses[0]))
+            continue
         if e.primitive.name not in ("reduce_sum", "reduce_prod"):
             continue
         out_uses = uses.get(e.outvars[0], [])
@@ -218,7 +244,21 @@ def _patterns(jaxpr):
             half = src.invars[0].aval.dtype
             if _is_half(half) and nxt.primitive.name == "convert_element_type" and nxt.params["new_dtype"] == half:
                 sums.add(id(nxt))
-    return sums, means
+    return sums, means, scatters
+
+
+_JNP_SCATTER = ("jax", "_src", "ops", "scatter.py")
+
+
+def _traced_in(eqn, path_tail) -> bool:
+    """Whether a frame of the file ending in ``path_tail`` traced ``eqn``."""
+    import os
+
+    tb = eqn.source_info.traceback
+    if tb is None:
+        return False
+    tail = os.path.join(*path_tail)
+    return any(code.co_filename.endswith(tail) for code in tb.raw_frames()[0])
 
 
 def _eval(jaxpr, consts, args, ctx):
@@ -232,7 +272,7 @@ def _eval(jaxpr, consts, args, ctx):
         env[v] = x
     for v, x in zip(jaxpr.invars, args):
         env[v] = x
-    sums, means = _patterns(jaxpr)
+    sums, means, scatters = _patterns(jaxpr)
     runs = _composite_runs(jaxpr)
     round_after = {}
     up, round_to = {}, None  # the composite run being evaluated: its inputs upcast, its rounding
@@ -252,11 +292,13 @@ def _eval(jaxpr, consts, args, ctx):
                 ectx.upcast -= 1
         else:
             invals = [read(v) for v in eqn.invars]
+            if id(eqn) in scatters and not (ectx.upcast or ectx.off):
+                invals[2] = read(scatters[id(eqn)])
             if ectx.upcast or ectx.off:
                 outs = _eval_eqn(eqn, invals, ectx)
-            elif id(eqn) in sums and _dtype(invals[0]) == ectx.accumulate:
+            elif id(eqn) in sums and _dtype(invals[0]) == jnp.promote_types(_dtype(invals[0]), ectx.accumulate):
                 ectx.changes += 1
-                outs = invals[0]  # the float32 sum stays float32
+                outs = invals[0]  # the float32 sum (scatter) stays float32
             elif id(eqn) in means and _is_half(_dtype(invals[0])):
                 ectx.changes += 1
                 round_after[means[id(eqn)]] = _dtype(invals[0])
@@ -300,7 +342,7 @@ def _composite_codes() -> dict:
     if _CODES_FOR[0] != loaded:
         codes = {}
         for dotted, (name, kind) in _MARKED.items():
-            if kind == "dtype":
+            if kind in ("dtype", "promote1d"):
                 continue
             mod_name, attr = dotted.rsplit(".", 1)
             fn = getattr(sys.modules.get(mod_name), attr, None)
@@ -699,6 +741,25 @@ def _shard_map(eqn, invals, ctx):
     return list(fun(*invals))
 
 
+_SCATTERS = ("scatter", "scatter-add")
+
+
+def _scatter(eqn, invals, ctx):
+    """index_put / scatter_add (promote list): operand and updates at the wider of their
+    dtypes (torch: ``x.index_put((i,), v)`` of a float16 ``x`` and float32 ``v`` is float32)."""
+    operand, indices, updates = invals[:3]
+    if ctx.upcast or ctx.off or not (_is_float(_dtype(operand)) and _is_float(_dtype(updates))):
+        return _bind_original(eqn, invals, ctx)
+    target = jnp.promote_types(_dtype(operand), _dtype(updates))
+    if target == eqn.invars[0].aval.dtype and _dtype(operand) == target and _dtype(updates) == target:
+        return _bind(eqn, invals)
+    ctx.changes += 1
+    p = eqn.params
+    fn = lax.scatter_add if eqn.primitive.name == "scatter-add" else lax.scatter
+    return fn(_cast(operand, target), indices, _cast(updates, target), p["dimension_numbers"],
+              indices_are_sorted=p["indices_are_sorted"], unique_indices=p["unique_indices"], mode=p["mode"])
+
+
 def _closed_call(eqn, invals, ctx):
     return _eval_closed(eqn.params["call_jaxpr"], invals, ctx)
 
@@ -716,6 +777,7 @@ _RULES = {
     "remat2": _remat, "checkpoint": _remat,
     "shard_map": _shard_map,
     "closed_call": _closed_call, "core_call": _closed_call,
+    "scatter": _scatter, "scatter-add": _scatter,
 }
 _STRUCTURAL = {"jit", "pjit", "custom_jvp_call", "custom_vjp_call", "scan", "while", "cond", "remat2",
                "checkpoint", "shard_map", "closed_call", "core_call"}
@@ -764,12 +826,16 @@ def _marked(name, fn, kind):
     def wrapper(x, *args, **kwargs):
         if not (hasattr(x, "dtype") and hasattr(x, "shape") and _is_float(x.dtype)):
             return fn(x, *args, **kwargs)
+        if kind == "promote1d":
+            other = args[0] if args else kwargs.get("b")
+            if not (x.ndim == 1 and getattr(other, "ndim", None) == 1):
+                return fn(x, *args, **kwargs)
         explicit = kwargs.get("dtype") is not None  # an explicit dtype= is kept (torch too)
         if kind == "dtype" and not explicit:
             return fn(x, *args, **kwargs)  # the primitive rules see it (jnp.sum -> reduce_sum)
 
         def body(x):
-            if kind == "promote" or explicit:
+            if kind in ("promote", "promote1d") or explicit:
                 return fn(x, *args, **kwargs)
             up = x.astype(jnp.promote_types(x.dtype, jnp.float32))
             if kind == "fp32":

@@ -26,11 +26,16 @@ from dualprec import Policy
 from .autocast import module_scope
 from .ops import accumulating_conv, accumulating_dot_general, dot_product_attention, op_dtypes
 
-__all__ = ["autocast", "module_path", "MATMUL_MODULES", "NORM_MODULES", "ATTENTION_MODULES"]
+__all__ = ["autocast", "module_path", "MATMUL_MODULES", "NORM_MODULES", "ATTENTION_MODULES", "PRELU_MODULES",
+           "CELL_MODULES"]
 
 MATMUL_MODULES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
 NORM_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm)
 ATTENTION_MODULES = (nn.MultiHeadDotProductAttention,)
+# On the lower list too (torch's prelu and RNN cells): inputs, carries and outputs in the
+# compute dtype, as CUDA autocast casts them; the cells' own Dense layers are intercepted.
+PRELU_MODULES = (nn.PReLU,)
+CELL_MODULES = (nn.RNNCellBase,)
 
 
 def module_path(module: nn.Module) -> str:
@@ -66,6 +71,15 @@ def _matmul_knobs(module, d) -> dict:
     return knobs
 
 
+def _to(dtype, tree):
+    """Floating leaves of ``tree`` in ``dtype`` (carries are tuples of arrays)."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
 def _intercept(policy: Policy, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__":
@@ -94,6 +108,21 @@ def _intercept_call(own: Policy, module, next_fun, args, kwargs):
                                                       accumulate=d.accumulate)
         with _knobs(module, knobs):
             return next_fun(*args, **kwargs)
+    if isinstance(module, PRELU_MODULES):
+        with _knobs(module, {"param_dtype": d.param}):
+            x, *rest = args
+            return next_fun(x.astype(d.compute), *rest, **kwargs).astype(d.compute)
+    if isinstance(module, CELL_MODULES) and len(args) == 2:
+        # carry and input in the compute dtype, as CUDA autocast casts an RNN cell's; the new
+        # carry goes back in the dtype the carry came in (a scan carry keeps one dtype: start
+        # from a compute-dtype carry to carry it in that dtype, the values are the same)
+        carry, x = args
+        with _knobs(module, {"dtype": d.compute, "param_dtype": d.param}):
+            new, y = next_fun(_to(d.compute, carry), _to(d.compute, x), **kwargs)
+        import jax
+
+        new = jax.tree_util.tree_map(lambda n, c: n.astype(c.dtype) if hasattr(c, "dtype") else n, new, carry)
+        return new, _to(d.compute, y)
     # Any other module (Embed, user modules): create its parameters in the param dtype.
     with _knobs(module, {"param_dtype": d.param}):
         return next_fun(*args, **kwargs)

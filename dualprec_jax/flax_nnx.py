@@ -22,11 +22,14 @@ from dualprec import Policy
 from .casts import cast_floating
 from .ops import accumulating_dot_general, dot_product_attention, op_dtypes
 
-__all__ = ["setup", "MATMUL_MODULES", "NORM_MODULES", "ATTENTION_MODULES"]
+__all__ = ["setup", "call", "MATMUL_MODULES", "NORM_MODULES", "ATTENTION_MODULES", "PRELU_MODULES",
+           "CELL_MODULES"]
 
 MATMUL_MODULES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
 NORM_MODULES = (nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.BatchNorm)
 ATTENTION_MODULES = (nnx.MultiHeadAttention,)
+PRELU_MODULES = (nnx.PReLU,)  # lower list (torch's prelu): input and output in the compute dtype
+CELL_MODULES = (nnx.RNNCellBase,)  # lower list (torch's RNN cells)
 
 
 class _RoundsOutput:
@@ -42,9 +45,33 @@ class _RoundsOutput:
             return super().__call__(x, *args, **kwargs).astype(self._dualprec_out)
 
 
+class _CellInCompute:
+    """Mixin for RNN cells: carry and input in the compute dtype (CUDA autocast casts an RNN
+    cell's), the output too; the new carry in the dtype the carry came in (a scan carry keeps
+    one dtype; start from a compute-dtype carry to carry it in that dtype)."""
+
+    def __call__(self, carry, inputs, *args, **kwargs):
+        from .autocast import module_scope
+
+        top, own = self._dualprec_policies
+        cast = functools.partial(_floats_to, self.dtype)
+        with module_scope(top, own):
+            new, y = super().__call__(cast(carry), cast(inputs), *args, **kwargs)
+        new = jax.tree_util.tree_map(lambda n, c: n.astype(c.dtype) if hasattr(c, "dtype") else n, new, carry)
+        return new, cast(y)
+
+
+def _floats_to(dtype, tree):
+    import jax.numpy as jnp
+
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
 @functools.lru_cache(maxsize=None)
 def _policy_class(cls: type) -> type:
-    return type(f"Policy{cls.__name__}", (_RoundsOutput, cls), {"__module__": __name__})
+    mixin = _CellInCompute if issubclass(cls, CELL_MODULES) else _RoundsOutput
+    return type(f"Policy{cls.__name__}", (mixin, cls), {"__module__": __name__})
 
 
 class _UnderTable:
@@ -93,6 +120,11 @@ def _configure(module, policy: Policy, top: Policy):
     elif isinstance(module, NORM_MODULES):
         module.dtype, module.param_dtype = d.norm, d.param
         module._dualprec_out = d.norm_output
+    elif isinstance(module, PRELU_MODULES):
+        module.dtype, module.param_dtype = d.compute, d.param
+        module._dualprec_out = d.compute
+    elif isinstance(module, CELL_MODULES):
+        module.dtype, module.param_dtype = d.compute, d.param
     elif isinstance(module, ATTENTION_MODULES):
         module.dtype, module.param_dtype = d.compute, d.param
         if module.precision is None:
@@ -102,7 +134,7 @@ def _configure(module, policy: Policy, top: Policy):
         return None
     else:
         return None
-    if isinstance(module, _RoundsOutput):
+    if isinstance(module, (_RoundsOutput, _CellInCompute)):
         return None
     # Python refuses __class__ assignment across nnx's managed-dict layout; copy instead.
     twin = object.__new__(_policy_class(type(module)))
