@@ -11,7 +11,8 @@ state in one checkpointable pytree (`LossScaledState`).
 A skipped step returns updates of -0.0: ``p + (-0.0)`` is ``p`` bit for bit for every p
 (+0.0 would turn -0.0 into +0.0), and the wrapped optimizer's state is kept as it was,
 Adam's step count included.  The state records what the last update did (``skipped``, and
-under ``nonfinite=raise`` the index of the first non-finite gradient leaf), so a caller
+when it looked the index of the first non-finite gradient leaf; `NO_STEP` before any
+update), so a caller
 outside jit can report or raise (`dualprec_jax.Precision.step` / ``last_step``).  With
 ``master_weights`` the state also holds float32 copies
 of the (half-precision) parameters; the wrapped optimizer updates those, and the returned
@@ -31,7 +32,7 @@ from dualprec import Policy
 from .casts import cast_floating
 from .loss_scale import LossScaleState, leaves_finite, loss_scale_init, loss_scale_update, unscale
 
-__all__ = ["LossScaledState", "loss_scaled"]
+__all__ = ["LossScaledState", "loss_scaled", "NO_STEP"]
 
 
 class LossScaledState(NamedTuple):
@@ -39,7 +40,12 @@ class LossScaledState(NamedTuple):
     loss_scale: LossScaleState
     master: Any = None  # float32 master weights, or None
     skipped: Any = None  # bool scalar: the last update was skipped for non-finite gradients
-    nonfinite_leaf: Any = None  # int32 scalar: first non-finite gradient leaf (-1: none or not looked)
+    nonfinite_leaf: Any = None  # int32 scalar: first non-finite gradient leaf (-1: none or not looked;
+    #                             NO_STEP: no update since init or a load)
+
+
+#: ``nonfinite_leaf`` of a state no update has run on yet (init, or a loaded checkpoint)
+NO_STEP = -2
 
 
 def _select(keep_new, new, old):
@@ -93,13 +99,13 @@ def loss_scaled(tx: optax.GradientTransformation, policy: Policy) -> optax.Gradi
     def init(params):
         masters = cast_floating(params, jnp.float32) if master else None
         return LossScaledState(tx.init(masters if master else params), loss_scale_init(config), masters,
-                               jnp.asarray(False), jnp.asarray(-1, jnp.int32))
+                               jnp.asarray(False), jnp.asarray(NO_STEP, jnp.int32))
 
     def update(grads, state, params=None, **extra):
         state = _check_state(state)
         flags = leaves_finite(grads) if skips else jnp.ones((0,), bool)
         finite = flags.all()
-        first = (jnp.where(finite, -1, jnp.argmin(flags)).astype(jnp.int32) if rule == "raise" and flags.size
+        first = (jnp.where(finite, -1, jnp.argmin(flags)).astype(jnp.int32) if skips and flags.size
                  else jnp.asarray(-1, jnp.int32))
         grads = unscale(grads, state.loss_scale) if config.enabled else grads
         if master:

@@ -26,7 +26,7 @@ from . import flax_linen, flax_nnx, fp8, quant
 from .caps import device_caps
 from .casts import cast_floating, jax_dtype
 from .loss_scale import LossScaleState, floating_paths, scale_loss
-from .optim import LossScaledState, loss_scaled
+from .optim import NO_STEP, LossScaledState, loss_scaled
 
 __all__ = ["Precision", "UnsupportedPolicyError"]
 
@@ -246,7 +246,16 @@ class Precision(contract.Precision):
     def wrap_optimizer(self, tx):
         """``tx`` with this policy's loss scaling, non-finite rule and master weights: see
         `loss_scaled`."""
-        return loss_scaled(tx, self.policy)
+        wrapped = loss_scaled(tx, self.policy)
+
+        def init(params):
+            # the parameter names `last_step` reports a non-finite gradient under
+            self._param_paths = floating_paths(params)
+            return wrapped.init(params)
+
+        import optax
+
+        return optax.GradientTransformationExtraArgs(init, wrapped.update)
 
     def step(self, tx, grads, opt_state, params):
         """``tx.update`` (the wrapped optimizer) then ``optax.apply_updates``: returns
@@ -269,18 +278,20 @@ class Precision(contract.Precision):
         return params, opt_state
 
     def last_step(self, opt_state, params=None) -> contract.StepReport:
-        """What the last update recorded in ``opt_state`` did; ``params`` (or the gradients:
-        any tree of the parameters' structure) names the first non-finite parameter."""
+        """What the last update recorded in ``opt_state`` did ("none" before any update and
+        after `load_state_dict`); the first non-finite parameter is named from ``params`` (or
+        the gradients: any tree of the parameters' structure), by default from the tree the
+        wrapped optimizer was initialised on."""
         if not isinstance(opt_state, LossScaledState):
             raise TypeError(f"last_step(opt_state): expected the wrapped optimizer's state, got "
                             f"{type(opt_state).__name__}")
         scale = float(opt_state.loss_scale.scale)
-        if opt_state.skipped is None:
+        leaf = int(opt_state.nonfinite_leaf) if opt_state.nonfinite_leaf is not None else NO_STEP
+        if opt_state.skipped is None or leaf == NO_STEP:
             return contract.StepReport("none", scale)
-        leaf = int(opt_state.nonfinite_leaf)
         name = None
         if leaf >= 0:
-            paths = floating_paths(params) if params is not None else []
+            paths = floating_paths(params) if params is not None else getattr(self, "_param_paths", [])
             name = paths[leaf] if leaf < len(paths) else f"gradient leaf #{leaf}"
         return contract.StepReport("skipped" if bool(opt_state.skipped) else "applied", scale, name)
 
@@ -324,7 +335,7 @@ class Precision(contract.Precision):
                                                                      jnp.asarray(ls["counter"], jnp.int32)))
         if opt_state.master is not None and saved.master_weights:
             opt_state = opt_state._replace(master=self._load_masters(opt_state.master, state["master_weights"], strict))
-        opt_state = opt_state._replace(skipped=jnp.asarray(False), nonfinite_leaf=jnp.asarray(-1, jnp.int32))
+        opt_state = opt_state._replace(skipped=jnp.asarray(False), nonfinite_leaf=jnp.asarray(NO_STEP, jnp.int32))
         for ext, tensors in checkpoint.loadable_extensions("jax", state.get("extensions", {}), strict):
             if variables is None:
                 raise CheckpointError(f"the checkpoint carries {ext.name!r} state: pass the model variables, "
@@ -364,7 +375,9 @@ class Precision(contract.Precision):
         return scale_loss(loss, state)
 
     # ----- devices --------------------------------------------------------------------
-    def check(self, caps: DeviceCaps | None = None) -> CheckReport:
-        return self.policy.check(device_caps() if caps is None else caps)
+    def check(self, device=None) -> CheckReport:
+        """What this policy needs against ``device`` (a jax.Device, a platform name or a
+        `dualprec.DeviceCaps`; default: the Precision's own device)."""
+        return self.policy.check(self.caps if device is None else _caps_of(device))
 
     device_caps = staticmethod(device_caps)
