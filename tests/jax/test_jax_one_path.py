@@ -76,3 +76,86 @@ def test_readme_flax_path_agrees_with_torch(policy, least):
           + ", ".join(f"{k} {v:.2%}" for k, v in got.items()))
     low = {k: v for k, v in got.items() if v < least}
     assert not low, low
+
+
+# ----- the same path everywhere: TrainState, nnx, per-module overrides ----------------------
+def test_train_state_apply_fn_and_nnx_give_the_bits_of_precision_apply():
+    from flax import nnx
+
+    from dualprec_jax.train_state import TrainState
+    import optax
+
+    _, variables, x = _twins("gelu")
+    x = jnp.asarray(x[:32])
+    prec = Precision("bf16-mixed")
+    model = ReadmeModel("gelu")
+    ref = jax.jit(lambda v, x: prec.apply(model, v, x))(variables, x)
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.1), precision=prec)
+    got = jax.jit(lambda s, x: s.apply_fn({"params": s.params}, x))(state, x)
+    assert got.dtype == ref.dtype and np.array_equal(np.asarray(got), np.asarray(ref))
+
+    class Twin(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(D_IN, WIDTH, rngs=rngs)
+            self.ln = nnx.LayerNorm(WIDTH, epsilon=1e-5, rngs=rngs)
+            self.b = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+            self.head = nnx.Linear(WIDTH, D_OUT, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.b(self.ln(nnx.gelu(self.a(x), approximate=False))))
+
+    twin = prec.setup(Twin(nnx.Rngs(0)))
+    p = variables["params"]
+    for name in ("a", "b", "head"):
+        getattr(twin, name).kernel.set_value(p[name]["kernel"])
+        getattr(twin, name).bias.set_value(p[name]["bias"])
+    twin.ln.scale.set_value(p["ln"]["scale"])
+    twin.ln.bias.set_value(p["ln"]["bias"])
+    direct = nnx.jit(lambda m, x: m(x))(twin, x)  # a plain call after setup: the table runs
+    assert direct.dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(direct.astype(jnp.float32)), np.asarray(ref))
+    assert np.array_equal(np.asarray(prec.apply(twin, x)), np.asarray(ref))
+
+
+class HandHead(nn.Module):
+    """A head written with jnp ops: a per-module override must reach them too."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(0.1), (x.shape[-1], 8), jnp.float32)
+        return jax.nn.softmax(x @ w), jnp.exp(x).dtype
+
+
+class WithHead(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(16, name="body")(x)
+        y, _ = HandHead(name="head")(h)
+        return y, (x @ jnp.ones((x.shape[-1], 4), jnp.float32))
+
+
+def test_per_module_override_reaches_hand_written_ops():
+    x = jnp.linspace(-1, 1, 64, dtype=jnp.float32).reshape(4, 16)
+    for policy, head_dtype in (("bf16-mixed,@head=32-true", jnp.float32), ("bf16-mixed", jnp.bfloat16)):
+        prec = Precision(policy)
+        v = prec.init(WithHead(), jax.random.key(0), x)
+        assert v["params"]["head"]["w"].dtype == jnp.float32
+        jaxpr = jax.make_jaxpr(lambda v, x: prec.apply(WithHead(), v, x))(v, x)
+        dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"] + [
+            e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+        operand_dtypes = {str(v.aval.dtype) for e in dots for v in e.invars[:2]}
+        # the body Dense and the top-level x @ ones in bfloat16; the head's x @ w in its own
+        # policy (32-true: the float32 weight is not cast, the product is float32)
+        assert "bfloat16" in operand_dtypes
+        assert ("float32" in operand_dtypes) == (head_dtype == jnp.float32), (policy, operand_dtypes)
+        y, z = prec.apply(WithHead(), v, x)
+        assert y.dtype == jnp.float32  # softmax: float32 under either table (output dtype too)
+
+
+def _all_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():
+            inner = getattr(p, "jaxpr", p)
+            if hasattr(inner, "eqns"):
+                yield from _all_eqns(inner)
