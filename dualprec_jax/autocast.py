@@ -153,6 +153,18 @@ def policy_scope(policy: Policy):
         return jax.named_scope(f"{_SCOPE_PREFIX}{_SCOPE_IDS[policy]}")
 
 
+_AS_TRACED = Policy.parse("32-true")  # a policy with the table off
+
+
+def as_traced():
+    """Context manager for library code already in the table's form (a quantized layer's
+    float32 GEMM of half values, say): while an autocast trace runs, the ops traced inside
+    run as traced, no rule applied.  Outside a trace: nothing."""
+    if tracing_policy() is None:
+        return contextlib.nullcontext()
+    return policy_scope(_AS_TRACED)
+
+
 def _scope_ctx(eqn, ctx):
     """The context of ``eqn``: its innermost policy scope's, or the enclosing one."""
     stack = str(eqn.source_info.name_stack)

@@ -39,6 +39,9 @@ checkpoint.register_state_extension("jax", "fp8", fp8.state_tensors, fp8.load_st
 def _mechanism(p: Policy) -> str:
     text = ("Flax modules intercepted: dot_general with preferred_element_type=float32, fp32 bias, one rounding"
             if p.compute_dtype in ("bfloat16", "float16") else f"Flax modules run in {p.compute_dtype}")
+    if any(q.is_mixed for _, q in p.policies()):
+        text = ("the model traced under torch's CUDA autocast table (dualprec_jax.autocast: every jnp / jax.nn "
+                "op, not only Flax layers); " + text)
     if p.needs_x64:
         text += "; turns on jax_enable_x64 (JAX computes in 32 bits otherwise)"
     return text
