@@ -24,7 +24,6 @@ primitives) keeps its dtypes, with a warning naming it; pallas_call kernels are 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import sys
 import threading
@@ -75,13 +74,17 @@ _OPMATH_CALLABLES = {**{f"jax.nn.{n}": n for n in _ACTIVATIONS},
 # with one is marked to be left alone.
 _DTYPE_KEPT = {name: name.rsplit(".", 1)[1] for e in optable.FP32 if e.respects_dtype for name in e.jax
                if name.startswith("jax.numpy.")}
+# jnp.dot of two vectors is torch.dot (promote list); of matrices, matmul (lower list)
+_DOT_1D = {"jax.numpy.dot": ("dot", "promote1d")}
+_MARKED_MODULES = ("jax.nn", "jax.numpy", "jax.numpy.linalg", "jax.scipy.special", "jax.image", "optax")
 _MARKED = {**{k: (v, "dtype") for k, v in _DTYPE_KEPT.items()},
            **{k: (v, "fp32") for k, v in _jax_callables("fp32").items()},
            **{k: (v, "promote") for k, v in _jax_callables("promote").items()},
-           **{k: (v, "opmath") for k, v in _OPMATH_CALLABLES.items()}}
+           **{k: (v, "opmath") for k, v in _OPMATH_CALLABLES.items()}, **_DOT_1D}
 FP32_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "fp32") | {"_softmax", "_log_softmax"}
 _EXPLICIT_DTYPE = "dualprec_explicit_dtype"  # a marked call with dtype=: no rule inside
-PROMOTE_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "promote") | {_EXPLICIT_DTYPE}
+PROMOTE_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind in ("promote", "promote1d")) | {
+    _EXPLICIT_DTYPE}
 OPMATH_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "opmath") | {
     "_var", "_std", "_mean", "nanmean", "nanvar", "nanstd", "average"}
 
@@ -91,13 +94,85 @@ class AutocastWarning(UserWarning):
 
 
 class _Ctx:
-    """The dtypes one autocast call applies (from the top-level policy)."""
+    """The dtypes one autocast call applies.  ``policy``: the top-level policy of the call;
+    a module under another policy (a per-module override, a nested autocast of another
+    policy) is traced inside a `policy_scope` and evaluated with that policy's child
+    context.  A policy that is not mixed has the table off: its ops run as traced (inputs
+    whose dtypes changed are promoted)."""
 
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, counter=None, children=None):
+        self.policy = policy
+        self.off = not policy.is_mixed
         self.compute = jax_dtype(policy.compute_dtype)
         self.accumulate = accumulation_dtype(policy.compute_dtype)
         self.upcast = 0  # > 0 inside a float32 composite evaluated from its half-precision trace
-        self.changes = 0  # equations not run as traced: whether a custom_jvp/vjp body is rewritten
+        self._counter = [0] if counter is None else counter
+        self._children = {} if children is None else children
+
+    @property
+    def changes(self) -> int:
+        """Equations not run as traced: whether a custom_jvp/vjp body is rewritten."""
+        return self._counter[0]
+
+    @changes.setter
+    def changes(self, value: int) -> None:
+        self._counter[0] = value
+
+    def child(self, policy: Policy) -> "_Ctx":
+        if policy == self.policy:
+            return self
+        key = (policy, self.upcast)
+        if key not in self._children:
+            self._children[key] = kid = _Ctx(policy, self._counter, self._children)
+            kid.upcast = self.upcast
+        return self._children[key]
+
+    def probe(self) -> "_Ctx":
+        """A copy with its own change counter (abstract evaluation of a body)."""
+        twin = _Ctx(self.policy)
+        twin.upcast = self.upcast
+        return twin
+
+
+# ----- policy scopes: which policy an equation was traced under -----------------------------
+_SCOPE_PREFIX = "dualprec_policy#"
+_SCOPE_IDS: dict = {}
+_SCOPE_POLICIES: list = []
+_SCOPE_LOCK = threading.Lock()
+_SCOPE_RE = None
+
+
+def policy_scope(policy: Policy):
+    """Context manager: ops traced inside run under ``policy``'s table (not the enclosing
+    autocast's).  A ``jax.named_scope``: it lives in the jaxpr (each equation's name stack),
+    not in global state, so a trace cached by jit carries it with it."""
+    with _SCOPE_LOCK:
+        if policy not in _SCOPE_IDS:
+            _SCOPE_IDS[policy] = len(_SCOPE_POLICIES)
+            _SCOPE_POLICIES.append(policy)
+        return jax.named_scope(f"{_SCOPE_PREFIX}{_SCOPE_IDS[policy]}")
+
+
+_AS_TRACED = Policy.parse("32-true")  # a policy with the table off
+
+
+def as_traced():
+    """Context manager for library code already in the table's form (a quantized layer's
+    float32 GEMM of half values, say): while an autocast trace runs, the ops traced inside
+    run as traced, no rule applied.  Outside a trace: nothing."""
+    if tracing_policy() is None:
+        return contextlib.nullcontext()
+    return policy_scope(_AS_TRACED)
+
+
+def _scope_ctx(eqn, ctx):
+    """The context of ``eqn``: its innermost policy scope's, or the enclosing one."""
+    stack = str(eqn.source_info.name_stack)
+    at = stack.rfind(_SCOPE_PREFIX)
+    if at < 0:
+        return ctx
+    digits = stack[at + len(_SCOPE_PREFIX):].split("/", 1)[0]
+    return ctx.child(_SCOPE_POLICIES[int(digits)])
 
 
 def _dtype(x):
@@ -130,9 +205,12 @@ def _patterns(jaxpr):
     """Two jnp reductions at torch's granularity, found in a flat jaxpr:
 
     - sums: ids of the converts closing ``convert(half->f32) -> reduce_sum/prod -> convert(->half)``,
-      ``jnp.sum``/``prod`` of a half input, which the table runs and returns in float32;
+      ``jnp.sum``/``prod`` of a half input, which the table runs and returns in float32 (and
+      ``convert(x) -> scatter -> convert(back to x's dtype)``: ``x.at[i].set(v)`` of a wider
+      ``v``, kept at the promoted dtype as index_put / scatter_add are);
     - means: reduce_sum id -> id of the ``div`` that makes it ``jnp.mean`` (mean is on no list:
-      a half input is summed in float32 and the mean rounded once, as jnp does for half inputs).
+      a half input is summed in float32 and the mean rounded once, as jnp does for half inputs);
+    - scatters: scatter id -> the float value its updates were converted from (``.at[].set``).
     """
     producer, uses = {}, {}
     for e in jaxpr.eqns:
@@ -144,8 +222,28 @@ def _patterns(jaxpr):
     for v in jaxpr.outvars:
         if isinstance(v, core.Var):
             uses.setdefault(v, []).append(None)
-    sums, means = set(), {}
+    sums, means, scatters = set(), {}, {}
     for e in jaxpr.eqns:
+        if e.primitive.name in _SCATTERS and len(e.invars) >= 3:
+            # x.at[i].set(v) / .add(v): jnp casts v to x's dtype before the primitive; the
+            # table promotes (index_put, scatter_add), so the value before that cast counts
+            src = producer.get(e.invars[2])
+            if src is not None and src.primitive.name == "convert_element_type" and \
+                    isinstance(src.invars[0], core.Var) and hasattr(src.invars[0].aval, "dtype") and \
+                    _is_float(src.invars[0].aval.dtype) and _is_float(e.invars[0].aval.dtype):
+                scatters[id(e)] = src.invars[0]
+            # ... or casts x up, scatters, and casts the result back down to x's dtype: the
+            # promoted result is kept
+            out_uses = uses.get(e.outvars[0], [])
+            src = producer.get(e.invars[0])
+            if len(out_uses) == 1 and out_uses[0] is not None and src is not None and \
+                    out_uses[0].primitive.name == "convert_element_type" and \
+                    src.primitive.name == "convert_element_type" and \
+                    hasattr(src.invars[0].aval, "dtype") and _is_float(src.invars[0].aval.dtype) and \
+                    out_uses[0].params["new_dtype"] == src.invars[0].aval.dtype and \
+                    _traced_in(out_uses[0], _JNP_SCATTER):  # jnp's cast, not one the user wrote
+                sums.add(id(out_uses[0]))
+            continue
         if e.primitive.name not in ("reduce_sum", "reduce_prod"):
             continue
         out_uses = uses.get(e.outvars[0], [])
@@ -158,7 +256,21 @@ def _patterns(jaxpr):
             half = src.invars[0].aval.dtype
             if _is_half(half) and nxt.primitive.name == "convert_element_type" and nxt.params["new_dtype"] == half:
                 sums.add(id(nxt))
-    return sums, means
+    return sums, means, scatters
+
+
+_JNP_SCATTER = ("jax", "_src", "ops", "scatter.py")
+
+
+def _traced_in(eqn, path_tail) -> bool:
+    """Whether a frame of the file ending in ``path_tail`` traced ``eqn``."""
+    import os
+
+    tb = eqn.source_info.traceback
+    if tb is None:
+        return False
+    tail = os.path.join(*path_tail)
+    return any(code.co_filename.endswith(tail) for code in tb.raw_frames()[0])
 
 
 def _eval(jaxpr, consts, args, ctx):
@@ -172,28 +284,151 @@ def _eval(jaxpr, consts, args, ctx):
         env[v] = x
     for v, x in zip(jaxpr.invars, args):
         env[v] = x
-    sums, means = _patterns(jaxpr)
+    sums, means, scatters = _patterns(jaxpr)
+    runs = _composite_runs(jaxpr)
     round_after = {}
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        if ctx.upcast:
-            outs = _eval_eqn(eqn, invals, ctx)
-        elif id(eqn) in sums and _dtype(invals[0]) == ctx.accumulate:
-            ctx.changes += 1
-            outs = invals[0]  # the float32 sum stays float32
-        elif id(eqn) in means and _is_half(_dtype(invals[0])):
-            ctx.changes += 1
-            round_after[means[id(eqn)]] = _dtype(invals[0])
-            outs = _bind_flexible(ctx, eqn, [_cast(invals[0], ctx.accumulate)])
+    up, round_to = {}, None  # the composite run being evaluated: its inputs upcast, its rounding
+    for i, eqn in enumerate(jaxpr.eqns):
+        ectx = _scope_ctx(eqn, ctx)
+        run = runs.get(i) if not (ectx.upcast or ectx.off) else None
+        if run is not None:
+            # a composite of the table, evaluated as traced in float32 (fp32, opmath) or with
+            # no rule inside (promote)
+            if i == run.start:
+                up, round_to = _start_run(run, [read(v) for v in run.inputs], ectx)
+            invals = [up[v] if isinstance(v, core.Var) and v in up else read(v) for v in eqn.invars]
+            ectx.upcast += 1
+            try:
+                outs = _eval_eqn(eqn, invals, ectx)
+            finally:
+                ectx.upcast -= 1
         else:
-            outs = _eval_eqn(eqn, invals, ctx)
+            invals = [read(v) for v in eqn.invars]
+            if id(eqn) in scatters and not (ectx.upcast or ectx.off):
+                invals[2] = read(scatters[id(eqn)])
+            if ectx.upcast or ectx.off:
+                outs = _eval_eqn(eqn, invals, ectx)
+            elif id(eqn) in sums and _dtype(invals[0]) == jnp.promote_types(_dtype(invals[0]), ectx.accumulate):
+                ectx.changes += 1
+                outs = invals[0]  # the float32 sum (scatter) stays float32
+            elif id(eqn) in means and _is_half(_dtype(invals[0])):
+                ectx.changes += 1
+                round_after[means[id(eqn)]] = _dtype(invals[0])
+                outs = _bind_flexible(ectx, eqn, [_cast(invals[0], ectx.accumulate)])
+            else:
+                outs = _eval_eqn(eqn, invals, ectx)
         if id(eqn) in round_after:
             outs = _cast(outs, round_after.pop(id(eqn)))
         if not eqn.primitive.multiple_results:
             outs = [outs]
         for v, x in zip(eqn.outvars, outs):
             env[v] = x
+        if run is not None and i == run.end:
+            if round_to is not None:
+                for v in run.escaping:
+                    if _is_float(_dtype(env[v])):
+                        env[v] = _cast(env[v], round_to)
+            up, round_to = {}, None
     return [read(v) for v in jaxpr.outvars]
+
+
+# ----- composites found by the Python function that traced them -----------------------------
+class _Run:
+    """Consecutive equations traced by one call of a table composite (``kind``: fp32,
+    promote, opmath), its inputs and the values it passes on."""
+
+    __slots__ = ("kind", "start", "end", "inputs", "escaping")
+
+    def __init__(self, kind, start, end, inputs, escaping):
+        self.kind, self.start, self.end, self.inputs, self.escaping = kind, start, end, inputs, escaping
+
+
+_CODES: dict = {}  # code object of a table composite -> its kind; rebuilt as modules load
+_CODES_FOR: list = [None]
+
+
+def _composite_codes() -> dict:
+    """The code objects of the table's composites importable now (their Python functions,
+    unwrapped from JAX's jit), whatever name a user imported them under."""
+    loaded = tuple(m in sys.modules for m in _MARKED_MODULES)
+    if _CODES_FOR[0] != loaded:
+        codes = {}
+        for dotted, (name, kind) in _MARKED.items():
+            if kind in ("dtype", "promote1d"):
+                continue
+            mod_name, attr = dotted.rsplit(".", 1)
+            fn = getattr(sys.modules.get(mod_name), attr, None)
+            fn = getattr(fn, "__wrapped__", fn)
+            while hasattr(fn, "__wrapped__"):
+                fn = fn.__wrapped__
+            code = getattr(fn, "__code__", None)
+            if code is not None:
+                codes[code] = kind
+        _CODES.clear()
+        _CODES.update(codes)
+        _CODES_FOR[0] = loaded
+    return _CODES
+
+
+def _composite_of(eqn, codes):
+    """(call key, kind) of the outermost table composite whose Python frame traced ``eqn``."""
+    tb = eqn.source_info.traceback
+    if tb is None:
+        return None
+    frames, lastis = tb.raw_frames()
+    for i in range(len(frames) - 1, -1, -1):  # outermost first
+        kind = codes.get(frames[i])
+        if kind is not None:
+            return (tuple(zip(frames[i + 1:], lastis[i + 1:])), frames[i]), kind
+    return None
+
+
+def _composite_runs(jaxpr) -> dict:
+    """Equation index -> its `_Run`, for the equations a table composite traced.  This finds
+    composites however they were imported (``from jax.nn import gelu``, optax's losses) and
+    in bodies traced before: the traceback each equation carries names the function."""
+    codes = _composite_codes()
+    if not codes or not jaxpr.eqns:
+        return {}
+    marks = [_composite_of(e, codes) for e in jaxpr.eqns]
+    if not any(marks):
+        return {}
+    last_use = {}
+    for k, e in enumerate(jaxpr.eqns):
+        for v in e.invars:
+            if isinstance(v, core.Var):
+                last_use[v] = k
+    for v in jaxpr.outvars:
+        if isinstance(v, core.Var):
+            last_use[v] = len(jaxpr.eqns)
+    runs, n, i = {}, len(jaxpr.eqns), 0
+    while i < n:
+        if marks[i] is None:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and marks[j + 1] is not None and marks[j + 1][0] == marks[i][0]:
+            j += 1
+        eqns = jaxpr.eqns[i:j + 1]
+        produced = {v for e in eqns for v in e.outvars}
+        inputs = list(dict.fromkeys(v for e in eqns for v in e.invars
+                                    if isinstance(v, core.Var) and v not in produced))
+        escaping = [v for e in eqns for v in e.outvars if last_use.get(v, -1) > j]
+        run = _Run(marks[i][1], i, j, inputs, escaping)
+        for k in range(i, j + 1):
+            runs[k] = run
+        i = j + 1
+    return runs
+
+
+def _start_run(run, values, ctx):
+    """({input var: value it enters the run with}, dtype its outputs are rounded to)."""
+    halves = [_dtype(x) for x in values if _is_half(_dtype(x))]
+    if run.kind == "promote" or not halves:
+        return {}, None
+    ctx.changes += 1
+    up = {v: _cast(x, ctx.accumulate) if _is_half(_dtype(x)) else x for v, x in zip(run.inputs, values)}
+    return up, (halves[0] if run.kind == "opmath" else None)
 
 
 def _eval_closed(closed, args, ctx):
@@ -240,6 +475,8 @@ def _bind_flexible(ctx, eqn, invals):
 def _eval_eqn(eqn, invals, ctx):
     name = eqn.primitive.name
     rule = _RULES.get(name)
+    if ctx.off and name not in _STRUCTURAL:
+        rule = None if name in _CALLBACKS or not _is_jax_primitive(eqn.primitive) else _off
     if rule is not None:
         return rule(eqn, invals, ctx)
     if name in FP32_PRIMITIVES and not ctx.upcast:
@@ -258,6 +495,13 @@ def _eval_eqn(eqn, invals, ctx):
 
 
 # ----- rules ----------------------------------------------------------------------------
+def _off(eqn, invals, ctx):
+    """The table off (a policy that is not mixed): as traced, changed inputs promoted."""
+    if _has_subjaxpr(eqn):
+        return _bind_original(eqn, invals, ctx)
+    return _bind_flexible(ctx, eqn, invals)
+
+
 def _fp32(eqn, invals, ctx):
     """A float32-list op: half inputs upcast, float32 out."""
     if not any(_is_half(_dtype(x)) for x in invals):
@@ -278,9 +522,13 @@ def _opmath_primitive(eqn, invals, ctx):
     return [_cast(o, half) for o in out] if eqn.primitive.multiple_results else _cast(out, half)
 
 
+_ELIGIBLE = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
 def _eligible(dtype) -> bool:
-    # torch autocast casts float16/bfloat16/float32 operands; float64 ones are left alone.
-    return _is_float(dtype) and jnp.finfo(dtype).bits <= 32
+    # torch autocast casts float16/bfloat16/float32 operands; float64 ones are left alone, and
+    # so are float8 operands (an FP8 layer's scaled GEMM is not on the lower list).
+    return jnp.dtype(dtype) in _ELIGIBLE
 
 
 def _matmul_out_dtype(eqn, ctx):
@@ -339,6 +587,8 @@ def _convert(eqn, invals, ctx):
 def _jit(eqn, invals, ctx):
     name = eqn.params.get("name", "")
     closed = eqn.params["jaxpr"]
+    if ctx.off:
+        return _eval_closed(closed, invals, ctx)
     if name in PROMOTE_COMPOSITES and not ctx.upcast:
         return _promote_region(closed, invals, ctx)
     if not ctx.upcast and any(_is_half(_dtype(x)) for x in invals):
@@ -387,8 +637,7 @@ def _promote_region(closed, invals, ctx):
 
 def _rewrites(closed, invals, ctx) -> bool:
     """Whether the table changes anything in ``closed`` for these inputs (traced abstractly)."""
-    probe = copy.copy(ctx)
-    probe.changes = 0
+    probe = ctx.probe()
     jax.eval_shape(lambda *a: _eval_closed(closed, a, probe), *invals)
     return probe.changes > 0
 
@@ -408,7 +657,7 @@ def _custom_jvp(eqn, invals, ctx):
 
     def jvp(primals, tangents):
         n = len(primals) - n_consts
-        with _composites_marked():  # the rule sees what the primal saw when it was traced
+        with _tracing(ctx.policy):  # the rule sees what the primal saw when it was traced
             rule, rule_consts, out_zeros = eqn.params["jvp_jaxpr_fun"].call_wrapped(*([False] * n))
         outs = _eval(rule, rule_consts, [*primals[n_consts:], *tangents[n_consts:]], ctx)
         p_out, t_out = outs[:len(out_zeros)], iter(outs[len(out_zeros):])
@@ -504,6 +753,25 @@ def _shard_map(eqn, invals, ctx):
     return list(fun(*invals))
 
 
+_SCATTERS = ("scatter", "scatter-add")
+
+
+def _scatter(eqn, invals, ctx):
+    """index_put / scatter_add (promote list): operand and updates at the wider of their
+    dtypes (torch: ``x.index_put((i,), v)`` of a float16 ``x`` and float32 ``v`` is float32)."""
+    operand, indices, updates = invals[:3]
+    if ctx.upcast or ctx.off or not (_is_float(_dtype(operand)) and _is_float(_dtype(updates))):
+        return _bind_original(eqn, invals, ctx)
+    target = jnp.promote_types(_dtype(operand), _dtype(updates))
+    if target == eqn.invars[0].aval.dtype and _dtype(operand) == target and _dtype(updates) == target:
+        return _bind(eqn, invals)
+    ctx.changes += 1
+    p = eqn.params
+    fn = lax.scatter_add if eqn.primitive.name == "scatter-add" else lax.scatter
+    return fn(_cast(operand, target), indices, _cast(updates, target), p["dimension_numbers"],
+              indices_are_sorted=p["indices_are_sorted"], unique_indices=p["unique_indices"], mode=p["mode"])
+
+
 def _closed_call(eqn, invals, ctx):
     return _eval_closed(eqn.params["call_jaxpr"], invals, ctx)
 
@@ -521,7 +789,10 @@ _RULES = {
     "remat2": _remat, "checkpoint": _remat,
     "shard_map": _shard_map,
     "closed_call": _closed_call, "core_call": _closed_call,
+    "scatter": _scatter, "scatter-add": _scatter,
 }
+_STRUCTURAL = {"jit", "pjit", "custom_jvp_call", "custom_vjp_call", "scan", "while", "cond", "remat2",
+               "checkpoint", "shard_map", "closed_call", "core_call"}
 _OPAQUE_SILENT = {"pallas_call", "mosaic_gpu_call", "triton_kernel_call"}
 _CALLBACKS = {"pure_callback", "io_callback", "callback", "debug_callback", "ffi_call"}
 
@@ -567,12 +838,16 @@ def _marked(name, fn, kind):
     def wrapper(x, *args, **kwargs):
         if not (hasattr(x, "dtype") and hasattr(x, "shape") and _is_float(x.dtype)):
             return fn(x, *args, **kwargs)
+        if kind == "promote1d":
+            other = args[0] if args else kwargs.get("b")
+            if not (x.ndim == 1 and getattr(other, "ndim", None) == 1):
+                return fn(x, *args, **kwargs)
         explicit = kwargs.get("dtype") is not None  # an explicit dtype= is kept (torch too)
         if kind == "dtype" and not explicit:
             return fn(x, *args, **kwargs)  # the primitive rules see it (jnp.sum -> reduce_sum)
 
         def body(x):
-            if kind == "promote" or explicit:
+            if kind in ("promote", "promote1d") or explicit:
                 return fn(x, *args, **kwargs)
             up = x.astype(jnp.promote_types(x.dtype, jnp.float32))
             if kind == "fp32":
@@ -646,6 +921,61 @@ def _flax_context(policy: Policy):
     return flax_linen.autocast(policy)
 
 
+# ----- tracing under a policy ----------------------------------------------------------------
+# JAX caches the traces of jitted functions by their arguments and a "trace context"; this
+# user context puts the policy in that key, so a jitted helper traced inside an autocast
+# trace (with the marks and the linen interceptor active) is traced again outside it or under
+# another policy, never reused (and one traced before, outside, is traced again inside).
+_TRACE_KEY = jax.make_user_context(None)
+_ACTIVE = threading.local()  # .policy: the autocast trace running in this thread (or None)
+
+
+def tracing_policy() -> Policy | None:
+    """The policy whose autocast trace is running in this thread (None outside one)."""
+    return getattr(_ACTIVE, "policy", None)
+
+
+@contextlib.contextmanager
+def _tracing(policy: Policy):
+    """While ``fun`` is traced: the trace-cache key, the policy of this thread's trace and
+    the table's composites marked."""
+    saved = tracing_policy()
+    _ACTIVE.policy = policy
+    try:
+        with _TRACE_KEY(("dualprec", str(policy))), _composites_marked():
+            yield
+    finally:
+        _ACTIVE.policy = saved
+
+
+_SCOPES = threading.local()  # .stack: the policies of the enclosing scoped modules
+
+
+@contextlib.contextmanager
+def module_scope(policy: Policy, own: Policy):
+    """For a module running under ``own`` (``policy.for_module(path)``), while an autocast
+    trace runs in this thread: its ops in `policy_scope(own)` when ``own`` differs from the
+    enclosing module's policy (the top-level one outside any override).  Outside a trace:
+    nothing."""
+    if tracing_policy() is None:
+        yield
+        return
+    stack = getattr(_SCOPES, "stack", None)
+    if stack is None:
+        stack = _SCOPES.stack = []
+    enclosing = stack[-1] if stack else _top(policy)
+    stack.append(own)
+    try:
+        with policy_scope(own) if own != enclosing else contextlib.nullcontext():
+            yield
+    finally:
+        stack.pop()
+
+
+def _needs_table(policy: Policy) -> bool:
+    return any(p.is_mixed for _, p in policy.policies())
+
+
 # ----- the transformation --------------------------------------------------------------------
 def _is_traced_leaf(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) or \
@@ -656,25 +986,35 @@ def autocast(fun, policy, *, context=None):
     """``fun`` run under the op table of ``policy`` (a Policy or a policy string).
 
     Array leaves of the arguments are traced; other leaves (Python numbers, strings, flags)
-    are passed as they are.  Under a policy that is not mixed the table is not applied
-    (as ``torch.autocast`` is off for "32-true" and "bf16-true"): ``fun`` runs as written,
-    stock Flax linen layers still get the policy's parameter dtypes.
+    are passed as they are.  Under a policy that is not mixed (and has no mixed override)
+    the table is not applied (as ``torch.autocast`` is off for "32-true" and "bf16-true"):
+    ``fun`` runs as written, stock Flax linen layers still get the policy's parameter dtypes.
 
     ``context``: a callable returning the context manager ``fun`` is traced in (default: the
     linen interceptor, which gives stock layers their parameter dtypes and the bias added
     before the one rounding; `Precision.autocast` passes its own, FP8/quantized layers too).
 
+    Called while another autocast traces (a nested call), ``fun`` is traced as part of the
+    outer trace: under the same policy nothing more is done; under another policy its ops are
+    scoped (`policy_scope`) and the outer evaluation applies that policy's table to them.
+
         step = jax.jit(jax.grad(dualprec_jax.autocast(loss_fn, "bf16-mixed")))
     """
     policy = Policy.parse(policy)
     context = context or functools.partial(_flax_context, policy)
+    table = _needs_table(policy)
 
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):
-        if not policy.is_mixed:
+        outer = tracing_policy()
+        if outer is not None:  # nested: part of the outer trace
+            scope = contextlib.nullcontext() if outer == policy else policy_scope(_top(policy))
+            with scope, context():
+                return fun(*args, **kwargs)
+        if not table:
             with context():
                 return fun(*args, **kwargs)
-        ctx = _Ctx(policy)
+        ctx = _Ctx(_top(policy))
         leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
         traced = [i for i, x in enumerate(leaves) if _is_traced_leaf(x)]
 
@@ -685,9 +1025,14 @@ def autocast(fun, policy, *, context=None):
             a, k = jax.tree_util.tree_unflatten(tree, filled)
             return _marked_version(fun)(*a, **k)
 
-        with context(), _composites_marked():
+        with _tracing(policy), context():
             closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*(leaves[i] for i in traced))
         outs = _eval_closed(closed, [leaves[i] for i in traced], ctx)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped
+
+
+def _top(policy: Policy) -> Policy:
+    """The top-level policy without its overrides (what unscoped ops run under)."""
+    return policy.policies()[0][1]

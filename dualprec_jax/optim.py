@@ -11,7 +11,8 @@ state in one checkpointable pytree (`LossScaledState`).
 A skipped step returns updates of -0.0: ``p + (-0.0)`` is ``p`` bit for bit for every p
 (+0.0 would turn -0.0 into +0.0), and the wrapped optimizer's state is kept as it was,
 Adam's step count included.  The state records what the last update did (``skipped``, and
-when the rule looks at the gradients the index of the first non-finite gradient leaf), so a caller
+when it looked the index of the first non-finite gradient leaf; `NO_STEP` before any
+update), so a caller
 outside jit can report or raise (`dualprec_jax.Precision.step` / ``last_step``).  With
 ``master_weights`` the state also holds float32 copies
 of the (half-precision) parameters; the wrapped optimizer updates those, and the returned
@@ -43,7 +44,7 @@ class LossScaledState(NamedTuple):
     #                             NO_STEP: no update since init or a load)
 
 
-#: ``nonfinite_leaf`` of a state no update has gone through yet (`Precision.last_step`: "none")
+#: ``nonfinite_leaf`` of a state no update has run on yet (init, or a loaded checkpoint)
 NO_STEP = -2
 
 
@@ -104,7 +105,7 @@ def loss_scaled(tx: optax.GradientTransformation, policy: Policy) -> optax.Gradi
         state = _check_state(state)
         flags = leaves_finite(grads) if skips else jnp.ones((0,), bool)
         finite = flags.all()
-        first = (jnp.where(finite, -1, jnp.argmin(flags)).astype(jnp.int32) if flags.size
+        first = (jnp.where(finite, -1, jnp.argmin(flags)).astype(jnp.int32) if skips and flags.size
                  else jnp.asarray(-1, jnp.int32))
         grads = unscale(grads, state.loss_scale) if config.enabled else grads
         if master:

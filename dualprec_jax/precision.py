@@ -39,6 +39,9 @@ checkpoint.register_state_extension("jax", "fp8", fp8.state_tensors, fp8.load_st
 def _mechanism(p: Policy) -> str:
     text = ("Flax modules intercepted: dot_general with preferred_element_type=float32, fp32 bias, one rounding"
             if p.compute_dtype in ("bfloat16", "float16") else f"Flax modules run in {p.compute_dtype}")
+    if any(q.is_mixed for _, q in p.policies()):
+        text = ("the model traced under torch's CUDA autocast table (dualprec_jax.autocast: every jnp / jax.nn "
+                "op, not only Flax layers); " + text)
     if p.needs_x64:
         text += "; turns on jax_enable_x64 (JAX computes in 32 bits otherwise)"
     return text
@@ -181,8 +184,16 @@ class Precision(contract.Precision):
         with self.autocast():
             yield
 
+    def _traced(self, fun):
+        """``fun`` under the whole op table (`dualprec_jax.autocast`), traced inside this
+        Precision's layer context (param dtypes, fused bias, overrides, FP8/quantized layers)."""
+        from .autocast import autocast
+
+        return autocast(fun, self.policy, context=self.autocast)
+
     def init(self, model, rngs, *args, **kwargs):
-        """``model.init`` under the policy: parameters created in the param dtype of their path."""
+        """``model.init`` under the policy: parameters created in the param dtype of their
+        path; the forward pass init runs is traced under the op table, as `apply` is."""
         seen = set()
 
         def note_path(next_fun, args_, kwargs_, context):
@@ -191,26 +202,28 @@ class Precision(contract.Precision):
 
         import flax.linen as nn
 
-        with self.autocast(), nn.intercept_methods(note_path):
-            variables = model.init(rngs, *args, **kwargs)
+        with nn.intercept_methods(note_path):
+            variables = self._traced(model.init)(rngs, *args, **kwargs)
         self.policy.check_overrides_match(seen, "dualprec_jax init")
         variables = self._params_to_policy(variables)
         return quant.quantize_params(variables, self.policy) if quant.quantizes_any(self.policy) else variables
 
     def apply(self, model, variables, *args, **kwargs):
-        """``model.apply`` under the op policy, outputs in the output dtype.  Inputs are passed
-        as given (autocast semantics); call ``convert_input`` for jmp-style input casts.
+        """``model.apply`` under the whole op table (`dualprec_jax.autocast`: stock layers and
+        every jnp / jax.nn op the model runs, as torch autocast on CUDA), outputs in the output
+        dtype.  Inputs are passed as given (autocast semantics); call ``convert_input`` for
+        jmp-style input casts.  Arguments that are not arrays (flags, ``mutable=``,
+        ``method=``) are passed through as they are.
 
         An nnx model (after `setup`) has no variables to pass: ``prec.apply(model, x)`` calls
-        ``model(x)`` and casts the outputs to the output dtype, as linen's path does (calling
-        the nnx model directly returns its compute dtype)."""
+        ``model(x)`` under the table, writes the state the call changed (BatchNorm
+        statistics, RNG counts) back into ``model`` and casts the outputs to the output
+        dtype."""
         from flax import nnx
 
         if isinstance(model, nnx.Module):
-            with self.autocast():
-                return self.convert_output(model(variables, *args, **kwargs))
-        with self.autocast():
-            out = model.apply(fp8.max_accumulating(variables), *args, **kwargs)
+            return self.convert_output(flax_nnx.call(model, (variables, *args), kwargs, self._traced))
+        out = self._traced(model.apply)(fp8.max_accumulating(variables), *args, **kwargs)
         if kwargs.get("mutable"):
             y, state = out
             return self.convert_output(y), state
@@ -243,7 +256,16 @@ class Precision(contract.Precision):
     def wrap_optimizer(self, tx):
         """``tx`` with this policy's loss scaling, non-finite rule and master weights: see
         `loss_scaled`."""
-        return loss_scaled(tx, self.policy)
+        wrapped = loss_scaled(tx, self.policy)
+
+        def init(params):
+            # the parameter names `last_step` reports a non-finite gradient under
+            self._param_paths = floating_paths(params)
+            return wrapped.init(params)
+
+        import optax
+
+        return optax.GradientTransformationExtraArgs(init, wrapped.update)
 
     def step(self, tx, grads, opt_state, params):
         """``tx.update`` (the wrapped optimizer) then ``optax.apply_updates``: returns
@@ -266,18 +288,20 @@ class Precision(contract.Precision):
         return params, opt_state
 
     def last_step(self, opt_state, params=None) -> contract.StepReport:
-        """What the last update recorded in ``opt_state`` did; ``params`` (or the gradients:
-        any tree of the parameters' structure) names the first non-finite parameter."""
+        """What the last update recorded in ``opt_state`` did ("none" before any update and
+        after `load_state_dict`); the first non-finite parameter is named from ``params`` (or
+        the gradients: any tree of the parameters' structure), by default from the tree the
+        wrapped optimizer was initialised on."""
         if not isinstance(opt_state, LossScaledState):
             raise TypeError(f"last_step(opt_state): expected the wrapped optimizer's state, got "
                             f"{type(opt_state).__name__}")
         scale = float(opt_state.loss_scale.scale)
-        if opt_state.skipped is None or int(opt_state.nonfinite_leaf) == NO_STEP:
+        leaf = int(opt_state.nonfinite_leaf) if opt_state.nonfinite_leaf is not None else NO_STEP
+        if opt_state.skipped is None or leaf == NO_STEP:
             return contract.StepReport("none", scale)
-        leaf = int(opt_state.nonfinite_leaf)
         name = None
         if leaf >= 0:
-            paths = floating_paths(params) if params is not None else []
+            paths = floating_paths(params) if params is not None else getattr(self, "_param_paths", [])
             name = paths[leaf] if leaf < len(paths) else f"gradient leaf #{leaf}"
         return contract.StepReport("skipped" if bool(opt_state.skipped) else "applied", scale, name)
 
@@ -362,8 +386,8 @@ class Precision(contract.Precision):
 
     # ----- devices --------------------------------------------------------------------
     def check(self, device=None) -> CheckReport:
-        """`policy.check` on this Precision's device (default), or on ``device``: a jax.Device,
-        a platform name or a `dualprec.DeviceCaps`."""
-        return self.policy.check(self._caps if device is None else _caps_of(device))
+        """What this policy needs against ``device`` (a jax.Device, a platform name or a
+        `dualprec.DeviceCaps`; default: the Precision's own device)."""
+        return self.policy.check(self.caps if device is None else _caps_of(device))
 
     device_caps = staticmethod(device_caps)

@@ -391,7 +391,16 @@ def quantized_linear(x, qweight, spec: QuantSpec, out_features: int, bias=None, 
     compute dtype (frozen: no gradient), multiplied with float32 accumulation, the bias added
     in float32, one rounding; then the adapter ``(x @ A) @ B * lora_scale`` (A [in, r],
     B [r, out], trainable), each product rounded once, as peft's LoRA on a bitsandbytes layer.
-    int8 modes use the LLM.int8 product; int8-training takes the float ``kernel`` [in, out]."""
+    int8 modes use the LLM.int8 product; int8-training takes the float ``kernel`` [in, out].
+    Under `dualprec_jax.autocast` (``Precision.apply``) it runs as written: it is the table's
+    linear already."""
+    from .autocast import as_traced
+
+    with as_traced():
+        return _quantized_linear(x, qweight, spec, out_features, bias, lora, lora_scale, kernel)
+
+
+def _quantized_linear(x, qweight, spec, out_features, bias, lora, lora_scale, kernel):
     compute = jax_dtype(spec.compute_dtype)
     accumulate = accumulation_dtype(spec.compute_dtype)
     precision = lax.Precision.HIGHEST if compute == jnp.float32 else None

@@ -88,6 +88,34 @@ def last_step(precision, obj, params=None):
     return precision.last_step(_plain(_opt_state_of(obj)), params)
 
 
+class PolicyApply:
+    """``apply_fn`` run as `Precision.apply` runs ``model.apply``: under the whole op table
+    (`dualprec_jax.autocast`), outputs in the output dtype (the state of ``mutable=`` as it
+    comes).  Equal (and hashing equal) for the same function and Precision, so a TrainState
+    holding one is a stable static field under jit."""
+
+    def __init__(self, apply_fn, precision):
+        self.fn, self.precision = apply_fn, precision
+
+    def __call__(self, variables, *args, **kwargs):
+        from .fp8 import max_accumulating
+
+        out = self.precision._traced(self.fn)(max_accumulating(variables), *args, **kwargs)
+        if kwargs.get("mutable"):
+            y, state = out
+            return self.precision.convert_output(y), state
+        return self.precision.convert_output(out)
+
+    def __eq__(self, other):
+        return isinstance(other, PolicyApply) and other.fn == self.fn and other.precision is self.precision
+
+    def __hash__(self):
+        return hash((self.fn, id(self.precision)))
+
+    def __repr__(self):
+        return f"PolicyApply({self.fn!r}, {self.precision!r})"
+
+
 class TrainState(flax_train_state.TrainState):
     """``flax.training.train_state.TrainState`` with a dualprec `Precision`: ``tx`` is the
     loss-scaled wrapper of the optimizer given to `create`, and `apply_gradients` takes the
@@ -97,7 +125,10 @@ class TrainState(flax_train_state.TrainState):
 
     @classmethod
     def create(cls, *, apply_fn, params, tx: optax.GradientTransformation, precision, **kwargs) -> TrainState:
-        """A state at step 0 with ``precision.wrap_optimizer(tx)`` initialised on ``params``.
+        """A state at step 0 with ``precision.wrap_optimizer(tx)`` initialised on ``params``;
+        ``apply_fn`` (``model.apply``) is kept as a `PolicyApply`: ``state.apply_fn(variables,
+        x)`` runs the model as ``precision.apply(model, variables, x)`` does (the whole op
+        table, outputs in the output dtype).
         ``tx`` is the plain optax optimizer (the wrapper is built here; wrapping twice would
         scale twice).  ``params`` are used as given: cast them first (``prec.init`` or
         ``prec.cast_to_param``)."""
@@ -105,6 +136,8 @@ class TrainState(flax_train_state.TrainState):
             raise TypeError("TrainState.create(..., precision=prec): pass a dualprec_jax.Precision "
                             f"(got {type(precision).__name__})")
         wrapped = precision.wrap_optimizer(tx)
+        if not isinstance(apply_fn, PolicyApply):
+            apply_fn = PolicyApply(apply_fn, precision)
         step = jnp.zeros((), jnp.int32)  # an array, not 0: jit traces the first step once, not twice
         return cls(step=step, apply_fn=apply_fn, params=params, tx=wrapped, opt_state=wrapped.init(params),
                    precision=precision, **kwargs)

@@ -202,21 +202,32 @@ class _Compiled:
         names = list(subs)
         leaves = {n for n in names if not any(m.startswith(n + ".") for m in names)}
 
-        def swapper(selected):
+        def swapper(selected, swapped):
             def swap(next_fun, args, kwargs, context):
                 name = ".".join(map(str, context.module.path))
                 if context.method_name != "__call__" or name not in selected:
                     return next_fun(*args, **kwargs)
                 if not args or getattr(args[0], "shape", None) != subs[name].shape:
                     return next_fun(*args, **kwargs)  # another signature: not isolated
-                got[name] = out = next_fun(subs[name], *args[1:], **kwargs)
-                return out
+                swapped.add(name)
+                return next_fun(subs[name], *args[1:], **kwargs)
             return swap
 
         for selected in (leaves, set(names) - leaves):
             if selected:
-                with nn.intercept_methods(swapper(selected)):  # outermost: the policy sees the swapped input
-                    self._logits(params, state, x)
+                def keep(module, method_name, selected=selected):
+                    return method_name == "__call__" and ".".join(map(str, module.path)) in selected
+
+                # The outputs come back through Flax's intermediates (Precision.apply traces
+                # the model under the op table: a value kept aside from inside would be a
+                # tracer of that trace).
+                swapped = set()
+                with nn.intercept_methods(swapper(selected, swapped)):  # outermost: the policy sees the swapped input
+                    _, inter, _ = self._logits(params, state, x, capture=keep)
+                for path, leaf in flatten_flax(inter).items():
+                    name = ".".join(path[:-1])
+                    if path[-1] == "__call__" and name in swapped:
+                        got[name] = leaf[-1]
         return got
 
     def _scaled_loss(self, params, owg, state, x, y, loss_scale, mult):

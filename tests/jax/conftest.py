@@ -104,6 +104,7 @@ class Ref:
         self.c = jnp.dtype(compute)
         self.o = jnp.dtype(output)
         self.acc = jnp.dtype(jnp.float64 if self.c == jnp.float64 else jnp.float32)
+        self.mixed = mixed
         self.norm_out = self.acc if mixed else self.c
         self.prec = lax.Precision.HIGHEST if self.c in (jnp.float32, jnp.float64) else None
 
@@ -123,8 +124,17 @@ class Ref:
         mul = lax.rsqrt(var + eps) * p["scale"].astype(self.acc)
         return ((x - mu) * mul + p["bias"].astype(self.acc)).astype(self.norm_out)
 
+    def gelu(self, x):
+        """Under a mixed policy the op table computes an activation on half inputs as torch's
+        kernel does (its formula in float32, one rounding); otherwise JAX's own gelu."""
+        if not (self.mixed and x.dtype in (jnp.bfloat16, jnp.float16)):
+            return gelu(x)
+        from dualprec_jax.ops import torch_activation
+
+        return torch_activation("gelu", jax.nn.gelu, x.astype(jnp.float32), (), {"approximate": False}).astype(x.dtype)
+
     def mlp(self, x, p):
-        return self.dense(gelu(self.dense(x, p["fc1"])), p["fc2"])
+        return self.dense(self.gelu(self.dense(x, p["fc1"])), p["fc2"])
 
     def attention(self, x, p):
         q, k, v = (self.dense(x, p[n]) for n in ("query", "key", "value"))  # [t, heads, depth]
