@@ -524,7 +524,9 @@ def quantize_module(model: nn.Module, policy, device=None) -> nn.Module:
         raise QuantizationError(
             f'"{policy}" quantizes nn.Linear layers, but this {type(model).__name__} has none (nn.Linear '
             "subclasses such as MultiheadAttention's out_proj are left alone); drop quant=... from the policy")
+    policy.check_skips_match((p for p, _ in model.named_modules()), "quantize_module")
     chosen = [(p, m) for p, m in linears if policy.quantizes(p)]
+    _check_no_tied_weight(model, chosen, policy)
     for path, linear in linears:
         if not policy.quantizes(path) and linear.weight.device.type == "meta":
             _materialise(linear, device)
@@ -533,6 +535,23 @@ def quantize_module(model: nn.Module, policy, device=None) -> nn.Module:
         layer._dualprec_source = weakref.ref(linear.weight)
         _set_submodule(model, path, layer)
     return model
+
+
+def _check_no_tied_weight(model: nn.Module, chosen, policy) -> None:
+    """A quantized Linear whose weight is shared with another module (a language model's
+    head tied to its embedding) would break the tie: the other module keeps training a
+    full-precision weight while the layer holds a frozen quantized copy."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for path, linear in chosen:
+        others = [n for n in owners.get(id(linear.weight), []) if n != f"{path}.weight"]
+        if others:
+            mode = policy.for_module(path).quantization.mode
+            raise QuantizationError(
+                f'"{policy}" would quantize {path}, whose weight is tied to {", ".join(others)}: the tie would '
+                f"break (the other module keeps training, {path} becomes a frozen quantized copy); keep it out "
+                f"of quantization with quant={mode}(skip={path}), or untie the weights first")
 
 
 def _set_submodule(model: nn.Module, path: str, layer: nn.Module) -> None:
