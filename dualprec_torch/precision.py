@@ -153,6 +153,7 @@ class Precision(contract.Precision):
             self._caps = device_caps(self._device)
         self._policy.check(self._caps).raise_if_unrunnable()
         self._model_seen = False  # setup / convert_module / init_module ran
+        self._models: list = []    # weak references to the models converted here
         self._model = None
         self._scaler = LossScaler(self._policy.loss_scale)
         self._records: dict[int, _OptimizerRecord] = {}
@@ -205,8 +206,14 @@ class Precision(contract.Precision):
             first = next(iter(model.parameters()), None)
             if first is not None:
                 self._device_type = first.device.type
-        for name, p in model.named_parameters():
-            self._names.setdefault(id(p), name)
+        named = [(n, p) for n, p in model.named_parameters() if id(p) not in self._names]
+        taken = set(self._names.values())
+        # a second model under the same Precision (Fabric sets up each one): its names are
+        # qualified where they would collide, so master weights keep one entry per parameter
+        prefix = f"model{len(self._models)}." if any(n in taken for n, _ in named) else ""
+        for name, p in named:
+            self._names[id(p)] = prefix + name
+        self._models.append(weakref.ref(model))
         if quant.uses_quantization(self._policy):  # Linear -> bitsandbytes layers, quantized
             quant.quantize_module(model, self._policy, self._device)
         fp8.convert_module(model, self._policy)  # first: its int32 state buffers ignore the casts

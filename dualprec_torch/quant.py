@@ -286,7 +286,13 @@ def _classes():
             if not torch.isfinite(w.to(torch.float16)).all():
                 raise QuantizationError("the weight holds NaN or inf (after rounding to float16), which "
                                         "would poison its row's scale; fix the weights before quantizing")
-            if self.state.has_fp16_weights:
+            current = self.__dict__.get("_parameters", {}).get("weight")
+            if (self.state.has_fp16_weights and isinstance(current, bnb.nn.Int8Params)
+                    and current.shape == w.shape and current.device == w.device):
+                # loading into trainable weights: in place, so an optimizer holding them keeps them
+                with torch.no_grad():
+                    current.copy_(w)
+            elif self.state.has_fp16_weights:
                 # int8-training keeps trainable weights and quantizes them in every forward
                 self.weight = bnb.nn.Int8Params(w.contiguous(), requires_grad=True,
                                                 has_fp16_weights=True)
