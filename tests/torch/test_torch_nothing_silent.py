@@ -131,3 +131,17 @@ def test_quantizing_a_tied_head_is_an_error_naming_the_skip():
         Precision("nf4").setup(_LM())
     model = Precision("nf4,quant=nf4(skip=lm_head)").setup(_LM())
     assert model.lm_head.weight is model.embed.weight  # the tie kept
+
+
+def test_master_weights_zero_grad_clears_gradients_that_reached_the_model():
+    """A backward after the step (a GAN's generator loss reaching the critic) leaves gradients
+    on the model's half-precision parameters; zero_grad must clear them as it does without
+    master weights, or they leak into the next step."""
+    prec, model, opt = setup_mlp("bf16-true,master=true")
+    prec.backward(_loss(prec, model))
+    prec.step(opt)
+    prec.backward(_loss(prec, model))  # gradients for someone else's step
+    assert all(p.grad is not None for p in model.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    opt.zero_grad(set_to_none=False)  # the other spelling works too
