@@ -104,11 +104,17 @@ class DualprecPrecision(_FabricPrecision):
     def forward_context(self):
         return self._dp.autocast()
 
+    def _float32_io(self) -> bool:
+        # Fabric's 32-true plugin leaves inputs and outputs as they come (a float64 batch stays
+        # float64); every other Fabric plugin casts them, as dualprec does
+        p = self._dp.policy
+        return p.compute_dtype == p.output_dtype == "float32"
+
     def convert_input(self, data):
-        return self._dp.convert_input(data)
+        return data if self._float32_io() else self._dp.convert_input(data)
 
     def convert_output(self, data):
-        return self._dp.convert_output(data)
+        return data if self._float32_io() else self._dp.convert_output(data)
 
     # ----- backward and the optimizer step ------------------------------------------------
     def backward(self, tensor, model, *args, **kwargs) -> None:
