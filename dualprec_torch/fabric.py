@@ -29,6 +29,7 @@ dict, as above: Fabric calls ``state_dict``/``load_state_dict`` on it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from dualprec import Policy
@@ -43,6 +44,16 @@ except ImportError as e:  # pragma: no cover - exercised by the missing-extra te
     raise ImportError('dualprec_torch.fabric needs Lightning: pip install "lightning>=2.2"') from e
 
 __all__ = ["DualprecPrecision"]
+
+
+def _fabric_empty_init() -> bool:
+    try:
+        from lightning.fabric.utilities.init import _EmptyInit
+        from torch.overrides import _get_current_function_mode_stack
+    except ImportError:  # pragma: no cover - older Lightning/torch
+        return False
+    return any(isinstance(m, _EmptyInit) and getattr(m, "enabled", False)
+               for m in _get_current_function_mode_stack())
 
 
 class DualprecPrecision(_FabricPrecision):
@@ -94,8 +105,13 @@ class DualprecPrecision(_FabricPrecision):
         self._modules.append(module)
         return module
 
+    @contextlib.contextmanager
     def module_init_context(self):
-        return self._dp.init_module()
+        # Fabric's init_module(empty_init=True) enters its own uninitialised-memory mode around
+        # this context (lightning's _EmptyInit): the policy's empty_init path follows it, so a
+        # quantized layer waits for its state dict instead of quantizing uninitialised memory
+        with self._dp.init_module(empty_init=_fabric_empty_init()):
+            yield
 
     def tensor_init_context(self):
         return self._dp.init_module()

@@ -226,3 +226,32 @@ def test_the_plugin_names_its_torch_precision():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         str(plugin)
+
+
+@pytest.mark.parametrize("policy", ["nf4", "int8-training", "bf16-true"])
+@pytest.mark.parametrize("order", ["load-then-setup", "setup-then-load"])
+def test_litgpt_style_empty_init_and_lazy_load(policy, order, tmp_path):
+    """LitGPT: the model built under fabric.init_module(empty_init=True), then the checkpoint
+    read with Lightning's _lazy_load (tensors read on first use) into it, before or after
+    setup.  Uninitialised memory is never quantized; the loaded weights are."""
+    if policy != "bf16-true":
+        pytest.importorskip("bitsandbytes")
+    from lightning.fabric.utilities.load import _lazy_load
+
+    torch.save(_model().state_dict(), tmp_path / "weights.pt")
+    fabric = _fabric(policy)
+    with fabric.init_module(empty_init=True):
+        model = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Fabric notes the meta-device weights it is handed
+        if order == "load-then-setup":
+            model.load_state_dict(_lazy_load(tmp_path / "weights.pt"))
+            model = fabric.setup(model)
+        else:
+            model = fabric.setup(model)
+            model.load_state_dict(_lazy_load(tmp_path / "weights.pt"))
+    reference = _fabric(policy).setup(_model())  # the same weights, set up the plain way
+    x = _batch(0)[0]
+    assert torch.equal(model(x), reference(x))
+    if policy != "bf16-true":
+        assert type(model.module[0]).__name__ != "Linear"  # quantized
