@@ -164,3 +164,68 @@ def test_amp_training_loop(policy, expected_dtype):
         fabric.backward(loss)
         assert model.layer.weight.grad.dtype == torch.float32
         optimizer.step()
+
+
+# ----- test_bitsandbytes.py (the parts that run on a CPU) ----------------------------------------
+class _QuantModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 64, bias=False)
+        self.ln = nn.LayerNorm(64)
+
+    def forward(self, x):
+        return self.ln(self.linear(x))
+
+
+def _bnb_fabric(policy):
+    pytest.importorskip("bitsandbytes")
+    return Fabric(accelerator="cpu", devices=1, plugins=[DualprecPrecision(policy)])
+
+
+@pytest.mark.parametrize("policy, dtype", [("nf4-dq", torch.uint8), ("int8", torch.int8)])
+def test_load_quantized_checkpoint(policy, dtype, tmp_path):
+    from lightning.fabric.utilities.load import _lazy_load
+
+    fabric = _bnb_fabric(policy)
+    model = fabric.setup(_QuantModel())
+    state_dict = model.state_dict()
+    assert state_dict["linear.weight"].dtype == dtype  # the checkpoint holds the quantized weight
+    torch.save(state_dict, tmp_path / "checkpoint.pt")
+    x = torch.randn(2, 64)
+    fresh = _bnb_fabric(policy).setup(_QuantModel())
+    fresh.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True))
+    assert torch.equal(fresh(x), model(x))
+    again = _bnb_fabric(policy).setup(_QuantModel())
+    again.load_state_dict(_lazy_load(tmp_path / "checkpoint.pt"))  # LitGPT's loader
+    assert torch.equal(again(x), model(x))
+
+
+@pytest.mark.parametrize("policy", ["nf4", "int8"])
+def test_unquantized_state_dict_loads_into_a_quantized_model(policy):
+    fabric = _bnb_fabric(policy)
+    state_dict = _QuantModel().state_dict()
+    model = fabric.setup(_QuantModel())
+    before = model.linear.weight.detach().clone()
+    keys = model.load_state_dict(state_dict, strict=True)
+    assert not keys.missing_keys
+    assert not torch.equal(before, model.linear.weight)  # re-quantized from the loaded weight
+    assert model.linear.weight.dtype == before.dtype
+
+
+@pytest.mark.parametrize("policy", ["nf4", "int8"])
+def test_meta_device_model_quantizes_on_assign_load(policy):
+    fabric = _bnb_fabric(policy)
+    with fabric.init_module(empty_init=False), torch.device("meta"):
+        model = _QuantModel()
+    assert model.linear.weight.device.type == "meta"
+    model.load_state_dict(_QuantModel().state_dict(), strict=True, assign=True)
+    model = fabric.setup(model)
+    assert type(model.module.linear).__name__ != "Linear"
+    assert torch.isfinite(model(torch.ones(1, 64))).all()
+
+
+def test_a_model_without_linear_layers_is_refused():
+    from dualprec.errors import QuantizationError
+
+    with pytest.raises(QuantizationError, match="has none"):
+        _bnb_fabric("nf4").setup(nn.Conv1d(1, 1, 1))
