@@ -117,6 +117,22 @@ def _torch_device(device) -> torch.device | None:
                          '"cpu", "cuda", "cuda:1", a torch.device or a dualprec.DeviceCaps') from None
 
 
+class _Hook:
+    """A hook calling a method of a Precision by weak reference, and dropping it when pickled
+    or copied: torch.save(model) / copy.deepcopy(model) carry the module's hooks, and a hook
+    that held the Precision would drag it (and its optimizers) along."""
+
+    def __init__(self, precision, method: str):
+        self._ref, self._method = weakref.ref(precision), method
+
+    def __call__(self, *args):
+        precision = self._ref() if self._ref is not None else None
+        return None if precision is None else getattr(precision, self._method)(*args)
+
+    def __getstate__(self):
+        return {"_ref": None, "_method": self._method}
+
+
 def _same_grads(stepped: list, grads: list[torch.Tensor]) -> bool:
     """Whether ``grads`` are exactly the tensors the last step left, unchanged since (no
     backward accumulated into them, none replaced them): a second step would reapply them."""
@@ -227,7 +243,7 @@ class Precision(contract.Precision):
         self.convert_module(model)
         self._model = model
         if self._policy.is_mixed:
-            model.register_forward_pre_hook(self._check_forward_in_autocast)
+            model.register_forward_pre_hook(_Hook(self, "_check_forward_in_autocast"))
         for opt in optimizers:  # quantization replaced Linear weights: point the optimizers at the new ones
             quant.rebind_optimizer(opt, model)
         model_params |= {id(p) for p in model.parameters()}
@@ -268,7 +284,7 @@ class Precision(contract.Precision):
         masters = MasterWeights(opt) if self._policy.master_weights else None
         self._records[id(opt)] = _OptimizerRecord(opt, masters)
         if self._scaler.enabled or masters is not None:  # a direct optimizer.step() would be wrong
-            opt.register_step_pre_hook(self._direct_step_hook)
+            opt.register_step_pre_hook(_Hook(self, "_direct_step_hook"))
 
     # ----- forward ----------------------------------------------------------------------
     def autocast(self):

@@ -145,3 +145,17 @@ def test_master_weights_zero_grad_clears_gradients_that_reached_the_model():
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     opt.zero_grad(set_to_none=False)  # the other spelling works too
+
+
+def test_the_guards_hooks_do_not_follow_a_saved_or_copied_model(tmp_path):
+    import copy
+
+    prec, model, opt = setup_mlp("16-mixed")
+    torch.save(model, tmp_path / "model.pt")  # whole-module pickling carries the hooks
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    twin = copy.deepcopy(model)
+    x = make_batches("mlp", 1)[0][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded(x)  # no Precision behind these copies: no warning
+        twin(x)
