@@ -65,14 +65,27 @@ class DualprecPrecision(_FabricPrecision):
         self._model_params: set[int] = set()
         self._modules: list = []
         self._deferred_state: dict | None = None  # loaded before the optimizers it needs were adopted
-        if not self._dp._scaler.enabled:
-            # Fabric refuses a plain loss.backward() when the plugin overrides backward; without
-            # loss scaling it is the same backward, so mark ours as the base class's
-            def backward(tensor, model, *args, **kwargs):
-                return type(self).backward(self, tensor, model, *args, **kwargs)
+        self._allow_plain_backward()
 
-            backward.__wrapped__ = _FabricPrecision.backward  # what lightning's is_overridden reads
-            self.backward = backward
+    def _allow_plain_backward(self) -> None:
+        if self._dp._scaler.enabled:
+            return
+        # Fabric refuses a plain loss.backward() when the plugin overrides backward; without
+        # loss scaling it is the same backward, so ours is marked as the base class's
+        def backward(tensor, model, *args, **kwargs):
+            return type(self).backward(self, tensor, model, *args, **kwargs)
+
+        backward.__wrapped__ = _FabricPrecision.backward  # what lightning's is_overridden reads
+        self.backward = backward
+
+    def __getstate__(self) -> dict:  # ddp_spawn pickles the plugin; the closure is rebuilt
+        state = dict(self.__dict__)
+        state.pop("backward", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._allow_plain_backward()
 
     @property
     def policy(self) -> Policy:

@@ -169,7 +169,7 @@ class Precision(contract.Precision):
             self._caps = device_caps(self._device)
         self._policy.check(self._caps).raise_if_unrunnable()
         self._model_seen = False  # setup / convert_module / init_module ran
-        self._models: list = []    # weak references to the models converted here
+        self._n_models = 0         # models converted here (a second one's names get a prefix)
         self._model = None
         self._scaler = LossScaler(self._policy.loss_scale)
         self._records: dict[int, _OptimizerRecord] = {}
@@ -226,10 +226,10 @@ class Precision(contract.Precision):
         taken = set(self._names.values())
         # a second model under the same Precision (Fabric sets up each one): its names are
         # qualified where they would collide, so master weights keep one entry per parameter
-        prefix = f"model{len(self._models)}." if any(n in taken for n, _ in named) else ""
+        prefix = f"model{self._n_models}." if any(n in taken for n, _ in named) else ""
         for name, p in named:
             self._names[id(p)] = prefix + name
-        self._models.append(weakref.ref(model))
+        self._n_models += 1
         if quant.uses_quantization(self._policy):  # Linear -> bitsandbytes layers, quantized
             quant.quantize_module(model, self._policy, self._device)
         fp8.convert_module(model, self._policy)  # first: its int32 state buffers ignore the casts
@@ -261,8 +261,8 @@ class Precision(contract.Precision):
                       UserWarning, stacklevel=3)
 
     def _direct_step_hook(self, optimizer, args, kwargs) -> None:
-        if self._in_step:
-            return
+        if self._in_step or all(float(g.get("lr", 1.0)) == 0.0 for g in optimizer.param_groups):
+            return  # a step that moves nothing: torch.distributed.checkpoint's state initialisation
         why = (f"the gradients are still multiplied by the loss scale ({self._scaler.scale:g})"
                if self._scaler.enabled else "the float32 master weights have no gradients yet")
         raise RuntimeError(f'optimizer.step() called directly under "{self._policy}": {why}; call '

@@ -255,3 +255,21 @@ def test_litgpt_style_empty_init_and_lazy_load(policy, order, tmp_path):
     assert torch.equal(model(x), reference(x))
     if policy != "bf16-true":
         assert type(model.module[0]).__name__ != "Linear"  # quantized
+
+
+@pytest.mark.parametrize("policy", ["bf16-mixed", "16-mixed"])
+def test_the_plugin_pickles_for_ddp_spawn(policy):
+    import pickle
+
+    plugin = pickle.loads(pickle.dumps(DualprecPrecision(policy)))
+    assert plugin.precision == policy
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[plugin])
+    model = _model()
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = _batch(0)
+    loss = nn.functional.mse_loss(model(x).float(), y)
+    if policy == "bf16-mixed":
+        loss.backward()  # still allowed after the round trip
+    else:
+        fabric.backward(loss)
+    optimizer.step()

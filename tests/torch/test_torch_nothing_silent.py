@@ -159,3 +159,14 @@ def test_the_guards_hooks_do_not_follow_a_saved_or_copied_model(tmp_path):
         warnings.simplefilter("error")
         loaded(x)  # no Precision behind these copies: no warning
         twin(x)
+
+
+def test_a_direct_step_at_learning_rate_zero_is_allowed():
+    """torch.distributed.checkpoint's get_optimizer_state_dict steps a fresh optimizer at
+    lr=0 with zero gradients to create its state; that moves nothing and must pass."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    prec, model, opt = setup_mlp("16-mixed")
+    before = [p.detach().clone() for p in model.parameters()]
+    _init_optim_state(opt)
+    assert opt.state and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
