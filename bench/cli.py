@@ -20,10 +20,10 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     from .workloads import POLICIES, WORKLOADS
 
-    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark dualprec policies in torch and JAX.")
+    parser = argparse.ArgumentParser(prog=prog, description="Benchmark dualprec policies in torch and JAX.")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("list", help="the workloads and policy rows")
     sub.add_parser("theory", help="the theoretical bytes per parameter table (Markdown)")
@@ -50,11 +50,12 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m bench") -> int:
+    """``prog``: the command name in usage lines (`dualprec bench` passes its own)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]  # `python -m bench --workload ...` means run
-    args = _build_parser().parse_args(argv)
+    args = _build_parser(prog).parse_args(argv)
     try:
         return {"list": _list, "theory": _theory, "run": _run, "plot": _plot}[args.command](args)
     except KeyError as e:
@@ -76,12 +77,14 @@ def _list(args) -> int:
         t.add_row(w.name, str(w.d_model), str(w.d_hidden), str(w.n_blocks), str(w.tokens), f"{w.params:,}",
                   f"{w.train_flops() / 1e9:.1f}")
     console.print(t)
-    p = Table(title="policy rows")
-    for col in ("row", "policy", "dualprec"):
-        p.add_column(col)
+    from dualprec.cli import terminal_width, wrap, wrap_policy
+
+    width = terminal_width()
+    lines = ["policy rows (label, policy, whether dualprec runs it):"]
     for r in POLICIES:
-        p.add_row(r.label, r.canonical(), r.not_implemented or "yes")
-    console.print(p)
+        lines += wrap_policy(f"{r.label}: {r.canonical()}", width, "  ", "      ")
+        lines += wrap(f"dualprec: {r.not_implemented or 'yes'}", width, "      ", "        ")
+    print("\n".join(lines))
     return 0
 
 

@@ -383,23 +383,52 @@ def _ratio_cell(r: Record) -> str:
     return f"{text} noisy" if r.baseline_ratio is not None and r.extra.get("ratio_noisy") else text
 
 
+#: rich_table's columns: header, justification, and what the header abbreviates
+TABLE_COLUMNS = (("run", "left", "backend, implementation, mode"),
+                 ("policy", "left", None),
+                 ("ms", "right", "median step time in milliseconds"),
+                 ("IQR%", "right", "interquartile range of the step time, % of the median"),
+                 ("comp s", "right", "first call (tracing, compilation, one step) in seconds"),
+                 ("TFLOP/s", "right", None),
+                 ("MiB", "right", "peak memory"),
+                 ("vs hand", "left", "step time over the hand-written baseline's; or why a row has no numbers"))
+
+
 def rich_table(records: Iterable[Record], title: str | None = None):
+    """The results as a rich Table that reads at 80 columns: backend, implementation and mode
+    share one cell, the workload goes to the title when every row has the same, columns with
+    no number in any row are left out, a row without a measurement says why in its last cell,
+    and a caption spells out the short headers.  Cells wrap at spaces; nothing is cut."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title)
-    for col, justify in (("workload", "left"), ("backend", "left"), ("policy", "left"), ("impl", "left"),
-                         ("mode", "left"), ("step ms (median)", "right"), ("IQR %", "right"),
-                         ("compile s", "right"), ("TFLOP/s", "right"), ("peak MiB", "right"),
-                         ("vs hand", "right"), ("status", "left")):
-        table.add_column(col, justify=justify)
+    records = list(records)
+    workloads = sorted({r.workload for r in records})
+    one = len(workloads) == 1
+    if one and workloads[0] not in (title or ""):
+        title = f"{workloads[0]}: {title}" if title else workloads[0]
+    rows = []
     for r in records:
         st = r.step_time or {}
         median = st.get("median")
         iqr = (100 * st["iqr"] / median) if median and st.get("iqr") is not None else None
         peak = r.peak_memory_bytes / 2**20 if r.peak_memory_bytes else None
-        table.add_row(r.workload, r.backend, r.policy, r.impl, r.mode, _fmt(median and median * 1e3, ".3g"),
-                      _fmt(iqr, ".1f"), _fmt(r.compile_s, ".2f"), _tflops_cell(r), _fmt(peak, ".0f"),
-                      _ratio_cell(r), r.status)
+        rows.append([f"{r.backend} {r.impl} {r.mode}", r.policy, _fmt(median and median * 1e3, ".3g"),
+                     _fmt(iqr, ".1f"), _fmt(r.compile_s, ".2f"), _tflops_cell(r), _fmt(peak, ".0f"),
+                     _ratio_cell(r) if r.ok else r.status])
+    keep = [i for i, (_, _, _) in enumerate(TABLE_COLUMNS)
+            if i in (0, 1, len(TABLE_COLUMNS) - 1) or any(row[i] != "-" for row in rows)]
+    caption = "; ".join(f"{TABLE_COLUMNS[i][0]}: {TABLE_COLUMNS[i][2]}" for i in keep if TABLE_COLUMNS[i][2])
+    table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    if not one:
+        table.add_column("workload", no_wrap=True)
+    for i in keep:
+        header, justify, _ = TABLE_COLUMNS[i]
+        wraps = i in (0, len(TABLE_COLUMNS) - 1)  # words stay whole: they wrap at spaces
+        longest_word = max([len(w) for row in rows for w in row[i].split()] + [len(header)])
+        table.add_column(header, justify=justify, no_wrap=not wraps, min_width=longest_word)
+    for r, row in zip(records, rows):
+        table.add_row(*([] if one else [r.workload]), *(row[i] for i in keep))
     return table
 
 

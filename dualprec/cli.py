@@ -22,7 +22,64 @@ SUBCOMMANDS = {
 
 def _explain_args(p):
     p.add_argument("policy", help='a policy string, e.g. "bf16-mixed" or "p=f32,c=bf16,quant=nf4"')
+    p.add_argument("--ops", action="store_true", help="also print the full op table (every aten op and its "
+                   "JAX counterparts)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def terminal_width() -> int:
+    """The width output is wrapped to: the terminal's (COLUMNS), 80 when not a terminal."""
+    import shutil
+
+    return max(40, shutil.get_terminal_size((80, 24)).columns)
+
+
+def wrap(text: str, width: int, indent: str = "", subsequent: str | None = None) -> list[str]:
+    """``text`` wrapped at ``width`` without ever breaking a word or a hyphenated name (a
+    policy such as bf16-mixed stays whole; a token longer than the line gets its own line)."""
+    import textwrap
+
+    return textwrap.wrap(text, width, initial_indent=indent,
+                         subsequent_indent=indent if subsequent is None else subsequent,
+                         break_long_words=False, break_on_hyphens=False) or [indent.rstrip()]
+
+
+def wrap_policy(text: str, width: int, indent: str = "", subsequent: str | None = None) -> list[str]:
+    """A policy string wrapped after its top-level commas (never inside a name or a
+    parenthesised argument list), so it can be copied back as one string."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            items.append(text[start:i + 1])
+            start = i + 1
+    items.append(text[start:])
+    lines, line = [], indent
+    nxt = indent if subsequent is None else subsequent
+    for item in items:
+        if line.strip() and len(line) + len(item) > width:
+            lines.append(line)
+            line = nxt
+        line += item
+    return lines + [line]
+
+
+def _rewrap(block: str, width: int) -> list[str]:
+    """Each line of ``block`` wrapped at ``width``, continuation lines indented 4 more."""
+    out = []
+    for line in block.splitlines():
+        lead = line[:len(line) - len(line.lstrip())]
+        out += wrap(line.strip(), width, lead, lead + "    ") if len(line) > width else [line]
+    return out
+
+
+def _op_summary(rows: list[dict], width: int) -> list[str]:
+    lines = []
+    for kind in dict.fromkeys(r["list"] for r in rows):
+        names = [r["name"] for r in rows if r["list"] == kind]
+        rule = next(r["rule"] for r in rows if r["list"] == kind)
+        lines += wrap(f"[{kind}] {rule}: {', '.join(names)}", width, "  ", "      ")
+    return lines
 
 
 def _explain(args) -> int:
@@ -34,32 +91,45 @@ def _explain(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    head = f"[bold]{info['policy']}[/bold]"
+    width = terminal_width()
+    lines = wrap_policy(info["policy"], width, "", "  ")
     if info["preset"]:
-        head += f"  ({info['preset']['source']}: {info['preset']['description']})"
-    console.print(head)
+        lines += wrap(f"{info['preset']['source']}: {info['preset']['description']}", width, "  ")
     d = info["dtypes"]
-    console.print(f"params {d['params']} | compute {d['compute']} | output {d['output']} | reduce {d['reduce']}")
-    table = Table(show_lines=True)
-    table.add_column("")
-    table.add_column("torch")
-    table.add_column("jax")
-    for key in info["backends"]["torch"]:
-        table.add_row(key, info["backends"]["torch"][key], info["backends"]["jax"][key])
-    console.print(table)
+    lines += wrap(f"params {d['params']} | compute {d['compute']} | output {d['output']} | reduce {d['reduce']}",
+                  width)
+    torch_rows, jax_rows = info["backends"]["torch"], info["backends"]["jax"]
+    for key in torch_rows:
+        lines.append("")
+        lines.append(key)
+        if torch_rows[key] == jax_rows[key]:
+            lines += wrap(f"both:  {torch_rows[key]}", width, "  ", "         ")
+        else:
+            lines += wrap(f"torch: {torch_rows[key]}", width, "  ", "         ")
+            lines += wrap(f"jax:   {jax_rows[key]}", width, "  ", "         ")
     for o in info["overrides"]:
-        console.print(f"override [bold]{o['pattern']}[/bold]: {o['policy']}")
-    if info.get("op_table_text"):
-        print(info["op_table_text"])
+        lines.append("")
+        lines += wrap_policy(f"override @{o['pattern']}: {o['policy']}", width, "", "  ")
+    lines.append("")
+    if args.ops:
+        lines += _rewrap(info.get("op_table_text") or "", width)
+    else:
+        rows = info.get("op_table") or []
+        on = [r for r in rows if not r["rule"].startswith("autocast off")]
+        if on:
+            lines.append("op table (torch's CUDA autocast lists; op names only):")
+            lines += _op_summary(on, width)
+            lines += wrap("every other op (mean, var, std, batch_norm, gelu, add, cat, ...): its inputs' dtype. "
+                          f"`dualprec explain {args.policy} --ops` lists the aten ops and JAX counterparts.",
+                          width, "  ", "  ")
+        else:
+            lines += wrap(info.get("op_table_text") or "", width)
+    print("\n".join(lines))
     return 0
 
 
 def _presets_args(p):
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _presets(args) -> int:
@@ -71,15 +141,19 @@ def _presets(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table()
-    for col in ("name", "aliases", "source", "description"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["name"], ", ".join(r["aliases"]), r["source"], r["description"])
-    Console().print(table)
+    width = terminal_width()
+    lines = []
+    for source in dict.fromkeys(r["source"] for r in rows):
+        lines.append(f"{source}:")
+        for r in (r for r in rows if r["source"] == source):
+            head = r["name"] + (f"  (also {', '.join(r['aliases'])})" if r["aliases"] else "")
+            lines += wrap(head, width, "  ", "    ")
+            lines += wrap(r["description"], width, "      ")
+            lines += wrap_policy(r["explicit"], width, "      ", "        ")
+        lines.append("")
+    lines += wrap("Any of these takes changes after it: \"bf16-mixed,@lm_head=32-true\", \"nf4,quant=nf4"
+                  "(skip=lm_head)\". `dualprec explain NAME` says what each backend does.", width)
+    print("\n".join(lines))
     return 0
 
 
@@ -155,7 +229,10 @@ def _run_lazy(command: str, module: str, rest: list[str]) -> int:
                 "checkout, or run it there)") if module == "bench.cli" else ""
         print(f"dualprec {command}: not available ({e}){hint}", file=sys.stderr)
         return 2
-    return int(mod.main(rest) or 0)
+    import inspect
+
+    named = {"prog": f"dualprec {command}"} if "prog" in inspect.signature(mod.main).parameters else {}
+    return int(mod.main(rest, **named) or 0)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -116,7 +116,10 @@ def _parse_name(text: str) -> Policy:
     if _NUMBER.fullmatch(name):
         raise PolicyError(f'"{text}" is not a precision; numbers must be the ints 16, 32 or 64 '
                           '("16" means 16-mixed)')
-    raise PolicyError(f'unknown policy "{text}"{did_you_mean(name, preset_names())}; '
+    from .spellings import suggestion
+
+    hint = suggestion(name) or did_you_mean(name, preset_names())  # what people type first, then the nearest
+    raise PolicyError(f'unknown policy "{text}"{hint}; '
                       "`dualprec presets` lists the names, or write params=...,compute=...")
 
 

@@ -453,6 +453,7 @@ class Policy:
         from .errors import closest
 
         paths = sorted({p for p in module_paths if p})
+        self.check_skips_match(paths, where)
         bad = self.unmatched_overrides(paths)
         if not bad:
             return
@@ -463,6 +464,26 @@ class Policy:
         raise PolicyError(f"{where}: override pattern{'s' if len(bad) > 1 else ''} {'; '.join(lines)} "
                           f"match{'es' if len(bad) == 1 else ''} no module of this model; fix the pattern "
                           "(dotted module paths, fnmatch wildcards)")
+
+    def check_skips_match(self, module_paths, where: str = "setup") -> None:
+        """A ``quant=...(skip=...)`` pattern that matches no module quantizes the layer it
+        meant to keep: PolicyError naming the closest paths, as for overrides."""
+        from .errors import closest
+
+        paths = sorted({p for p in module_paths if p})
+        skips = [pat for _, p in ((None, self), *self.overrides) if p.quantization is not None
+                 for pat in p.quantization.skip]
+        bad = [pat for pat in dict.fromkeys(skips) if not any(_path_matches(p, pat) for p in paths)]
+        if not bad:
+            return
+        lines = []
+        for pat in bad:
+            near = closest(pat, paths, n=3, cutoff=0.4) or paths[:3]
+            lines.append(f'"{pat}" (closest module paths: {", ".join(near) if near else "the model has no submodules"})')
+        raise PolicyError(f"{where}: quant skip pattern{'s' if len(bad) > 1 else ''} {'; '.join(lines)} "
+                          f"match{'es' if len(bad) == 1 else ''} no module of this model, so nothing is kept out "
+                          "of quantization; fix the pattern (dotted module paths, fnmatch wildcards, e.g. "
+                          "skip=*lm_head)")
 
     def quantizes(self, path: str) -> bool:
         q = self.for_module(path).quantization

@@ -126,8 +126,14 @@ def unscale(grads, state: LossScaleState):
     return jax.tree_util.tree_map(go, grads)
 
 
+#: set once scale_loss has run (or been traced) in this process: a loss-scaled optimizer
+#: updated before any scaled loss warns that its gradients are probably unscaled
+SCALE_LOSS_SEEN = [False]
+
+
 def scale_loss(loss, state: LossScaleState):
     """``loss * scale`` formed in float32 at least (a half-precision loss times 2**16 overflows)."""
+    SCALE_LOSS_SEEN[0] = True
     loss = jnp.asarray(loss)
     wide = jnp.promote_types(loss.dtype, jnp.float32)
     return loss.astype(wide) * state.scale.astype(wide)

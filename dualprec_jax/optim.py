@@ -21,6 +21,7 @@ updates move each parameter to its rounded master copy.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -30,6 +31,7 @@ import optax
 from dualprec import Policy
 
 from .casts import cast_floating
+from . import loss_scale as _loss_scale
 from .loss_scale import LossScaleState, leaves_finite, loss_scale_init, loss_scale_update, unscale
 
 __all__ = ["LossScaledState", "loss_scaled", "NO_STEP"]
@@ -72,7 +74,15 @@ def _check_state(state) -> LossScaledState:
     return state
 
 
+_WRAPPED = "_dualprec_loss_scaled"  # marks the init function of a wrapper built here
+_WARNED: set[str] = set()
+
+
 def _check_tx(tx) -> None:
+    if getattr(getattr(tx, "init", None), _WRAPPED, False):
+        raise TypeError("this optimizer is already wrapped by prec.wrap_optimizer (loss_scaled); wrapping it "
+                        "again would unscale the gradients twice and nest two loss scales. Pass the plain optax "
+                        "optimizer: TrainState.create(tx=optax.adamw(1e-3), precision=prec) wraps it itself")
     if isinstance(tx, optax.GradientTransformation) or (hasattr(tx, "init") and hasattr(tx, "update")):
         return
     name = getattr(tx, "__qualname__", None) or type(tx).__name__
@@ -80,6 +90,31 @@ def _check_tx(tx) -> None:
             else "")
     raise TypeError(f"expected an optax.GradientTransformation such as optax.adamw(1e-3), got "
                     f"{type(tx).__name__} {name}{hint}")
+
+
+def _check_params(params, policy: Policy) -> None:
+    """float32 parameters under a half-precision param dtype are the model's own init
+    (``model.init``) instead of ``prec.init``: every step would run in float32."""
+    want = jnp.dtype(policy.param_dtype)
+    if (want == jnp.float32 or policy.quantization is not None or policy.fp8 is not None
+            or any(p.param_dtype == "float32" for _, p in policy.overrides)):
+        return
+    dtypes = {jnp.dtype(x.dtype) for x in jax.tree_util.tree_leaves(params)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)}
+    if dtypes == {jnp.dtype(jnp.float32)}:
+        raise TypeError(f'"{policy}" keeps {want.name} parameters, but every parameter given to the optimizer is '
+                        "float32 (model.init instead of prec.init?): build them with prec.init(model, rng, x) "
+                        "or cast them with prec.cast_to_param(params) before tx.init / TrainState.create")
+
+
+def _warn_if_loss_unscaled(config) -> None:
+    if config.enabled and not _loss_scale.SCALE_LOSS_SEEN[0] and "unscaled" not in _WARNED:
+        _WARNED.add("unscaled")
+        warnings.warn("the loss-scaled optimizer divides the gradients by the loss scale, but no loss was scaled "
+                      "in this process: differentiate prec.scale_loss(loss, opt_state) (or "
+                      "state.scale_loss(loss) with TrainState), else every update is the scale "
+                      f"({config.init_scale:g}) times too small (warned once; ignore it if you multiply "
+                      "by opt_state.loss_scale.scale yourself)", UserWarning, stacklevel=3)
 
 
 def loss_scaled(tx: optax.GradientTransformation, policy: Policy) -> optax.GradientTransformationExtraArgs:
@@ -97,12 +132,14 @@ def loss_scaled(tx: optax.GradientTransformation, policy: Policy) -> optax.Gradi
     master = policy.master_weights
 
     def init(params):
+        _check_params(params, policy)
         masters = cast_floating(params, jnp.float32) if master else None
         return LossScaledState(tx.init(masters if master else params), loss_scale_init(config), masters,
                                jnp.asarray(False), jnp.asarray(NO_STEP, jnp.int32))
 
     def update(grads, state, params=None, **extra):
         state = _check_state(state)
+        _warn_if_loss_unscaled(config)
         flags = leaves_finite(grads) if skips else jnp.ones((0,), bool)
         finite = flags.all()
         first = (jnp.where(finite, -1, jnp.argmin(flags)).astype(jnp.int32) if skips and flags.size
@@ -126,4 +163,5 @@ def loss_scaled(tx: optax.GradientTransformation, policy: Policy) -> optax.Gradi
         return updates, LossScaledState(new_inner, loss_scale_update(state.loss_scale, finite, config),
                                         new_master, ~finite, first)
 
+    setattr(init, _WRAPPED, True)
     return optax.GradientTransformationExtraArgs(init, update)

@@ -81,8 +81,7 @@ def _ensure_x64(policy: Policy, enable_x64: bool) -> None:
                           "JAX would compute in float32. Turn x64 on or choose a 32-bit policy")
     message = (f'dualprec_jax: "{policy}" uses float64, so jax_enable_x64 is now ON for this process '
                "(JAX computes in float32 otherwise); new arrays default to 64 bits from here on")
-    warnings.warn(message, stacklevel=3)
-    log.warning(message)
+    warnings.warn(message, stacklevel=3)  # once: not also logged, which printed it twice
     jax.config.update("jax_enable_x64", True)
 
 

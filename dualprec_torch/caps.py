@@ -31,6 +31,10 @@ def device_caps(device=None) -> DeviceCaps:
     common = dict(backend="torch", bitsandbytes=_installed("bitsandbytes"),
                   transformer_engine=_installed("transformer_engine"))
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f'device "{device}": this torch ({torch.__version__}) sees no CUDA device '
+                             "(torch.cuda.is_available() is False); use device=\"cpu\", or a CUDA build of "
+                             "torch on a machine with a GPU")
         index = device.index if device.index is not None else torch.cuda.current_device()
         platform = "rocm" if getattr(torch.version, "hip", None) else "cuda"
         return DeviceCaps(platform, name=torch.cuda.get_device_name(index),

@@ -39,6 +39,21 @@ class MasterWeights:
                     params.append(p)
             group["params"] = params
         self._checked = False
+        # optimizer.zero_grad() clears the copies' gradients; the model's own gradients (from a
+        # backward since the last step, e.g. a GAN's generator loss reaching the critic) must
+        # go too, or they leak into the next step as they would not without master weights
+        plain_zero_grad = optimizer.zero_grad
+
+        def zero_grad(set_to_none: bool = True) -> None:
+            plain_zero_grad(set_to_none)
+            for p, _ in self.pairs:
+                if p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.detach_().zero_()
+
+        optimizer.zero_grad = zero_grad
 
     @torch.no_grad()
     def _refresh_from_model(self) -> None:

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +55,9 @@ from .ops import backward_context, compute_context
 from .sharding import local_shards, reduce_found_inf
 
 __all__ = ["Precision", "UnsupportedPolicyError"]
+
+#: consecutive skipped iterations before a warning that the loss scale is collapsing
+SKIP_WARNING_STREAK = 25
 
 LEGACY_FORMAT = "dualprec_torch.Precision"  # version 1: master weights as positional lists
 
@@ -127,6 +132,7 @@ class _OptimizerRecord:
     stage: str = "ready"  # ready -> unscaled -> stepped -> (update) ready
     found_inf: dict = field(default_factory=dict)
     last: contract.StepReport = contract.StepReport("none")
+    stepped_grads: list = field(default_factory=list)  # (weakref to grad, its version) after the last step
 
 
 def _torch_device(device) -> torch.device | None:
@@ -137,6 +143,30 @@ def _torch_device(device) -> torch.device | None:
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"Precision(policy, device=...): {device!r} is not a torch device ({e}); use e.g. "
                          '"cpu", "cuda", "cuda:1", a torch.device or a dualprec.DeviceCaps') from None
+
+
+class _Hook:
+    """A hook calling a method of a Precision by weak reference, and dropping it when pickled
+    or copied: torch.save(model) / copy.deepcopy(model) carry the module's hooks, and a hook
+    that held the Precision would drag it (and its optimizers) along."""
+
+    def __init__(self, precision, method: str):
+        self._ref, self._method = weakref.ref(precision), method
+
+    def __call__(self, *args):
+        precision = self._ref() if self._ref is not None else None
+        return None if precision is None else getattr(precision, self._method)(*args)
+
+    def __getstate__(self):
+        return {"_ref": None, "_method": self._method}
+
+
+def _same_grads(stepped: list, grads: list[torch.Tensor]) -> bool:
+    """Whether ``grads`` are exactly the tensors the last step left, unchanged since (no
+    backward accumulated into them, none replaced them): a second step would reapply them."""
+    if len(stepped) != len(grads):
+        return False
+    return all(ref() is g and g._version == version for (ref, version), g in zip(stepped, grads))
 
 
 def _find_nonfinite(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
@@ -167,12 +197,17 @@ class Precision(contract.Precision):
             self._caps = device_caps(self._device)
         self._policy.check(self._caps).raise_if_unrunnable()
         self._model_seen = False  # setup / convert_module / init_module ran
+        self._n_models = 0         # models converted here (a second one's names get a prefix)
         self._model = None
         self._scaler = LossScaler(self._policy.loss_scale)
         self._records: dict[int, _OptimizerRecord] = {}
         self._names: dict[int, str] = {}
         self._scaled_backward = False  # precision.backward ran since the last update
         self._pending = False          # an optimizer stepped since the last update
+        self._in_step = False          # precision.step is calling optimizer.step
+        self._last_output = None
+        self._skip_streak = 0          # consecutive iterations whose steps were skipped
+        self._warned: set[str] = set()  # warnings given once per Precision
 
     # ----- policy and device ----------------------------------------------------------
     @property
@@ -215,8 +250,14 @@ class Precision(contract.Precision):
             first = next(iter(model.parameters()), None)
             if first is not None:
                 self._device_type = first.device.type
-        for name, p in model.named_parameters():
-            self._names.setdefault(id(p), name)
+        named = [(n, p) for n, p in model.named_parameters() if id(p) not in self._names]
+        taken = set(self._names.values())
+        # a second model under the same Precision (Fabric sets up each one): its names are
+        # qualified where they would collide, so master weights keep one entry per parameter
+        prefix = f"model{self._n_models}." if any(n in taken for n, _ in named) else ""
+        for name, p in named:
+            self._names[id(p)] = prefix + name
+        self._n_models += 1
         if quant.uses_quantization(self._policy):  # Linear -> bitsandbytes layers, quantized
             quant.quantize_module(model, self._policy, self._device)
         fp8.convert_module(model, self._policy)  # first: its int32 state buffers ignore the casts
@@ -229,12 +270,32 @@ class Precision(contract.Precision):
         model_params = {id(p) for p in model.parameters()}
         self.convert_module(model)
         self._model = model
+        if self._policy.is_mixed:
+            model.register_forward_pre_hook(_Hook(self, "_check_forward_in_autocast"))
         for opt in optimizers:  # quantization replaced Linear weights: point the optimizers at the new ones
             quant.rebind_optimizer(opt, model)
         model_params |= {id(p) for p in model.parameters()}
         for opt in optimizers:
             self._adopt(opt, model_params)
         return model if not optimizers else (model, *optimizers)
+
+    def _check_forward_in_autocast(self, module, args) -> None:
+        if torch.is_autocast_enabled(self.device_type) or "forward" in self._warned:
+            return
+        self._warned.add("forward")
+        warnings.warn(f'"{self._policy}": the model ran outside precision.autocast(), so its forward computed in '
+                      f"{self._policy.param_dtype}, not {self._policy.compute_dtype}; run forward and loss inside "
+                      "`with precision.autocast():` (warned once; ignore it for a deliberate float32 pass)",
+                      UserWarning, stacklevel=3)
+
+    def _direct_step_hook(self, optimizer, args, kwargs) -> None:
+        if self._in_step or all(float(g.get("lr", 1.0)) == 0.0 for g in optimizer.param_groups):
+            return  # a step that moves nothing: torch.distributed.checkpoint's state initialisation
+        why = (f"the gradients are still multiplied by the loss scale ({self._scaler.scale:g})"
+               if self._scaler.enabled else "the float32 master weights have no gradients yet")
+        raise RuntimeError(f'optimizer.step() called directly under "{self._policy}": {why}; call '
+                           "precision.step(optimizer) instead (it unscales, moves gradients to the master "
+                           "weights, skips inf/NaN steps and advances the loss scale)")
 
     def _adopt(self, opt, model_params: set[int]) -> None:
         if not isinstance(opt, torch.optim.Optimizer):
@@ -250,6 +311,8 @@ class Precision(contract.Precision):
                              "model passed with it; build the optimizer from model.parameters()")
         masters = MasterWeights(opt) if self._policy.master_weights else None
         self._records[id(opt)] = _OptimizerRecord(opt, masters)
+        if self._scaler.enabled or masters is not None:  # a direct optimizer.step() would be wrong
+            opt.register_step_pre_hook(_Hook(self, "_direct_step_hook"))
 
     # ----- forward ----------------------------------------------------------------------
     def autocast(self):
@@ -324,16 +387,25 @@ class Precision(contract.Precision):
         if record.stage == "stepped":
             raise RuntimeError("unscale_() after step() for this optimizer while other optimizers have not "
                                "stepped: call precision.update() at the end of each iteration")
-        if self._scaler.enabled and not self._scaled_backward:
-            raise RuntimeError("step()/unscale_() before backward(): call precision.backward(loss) first "
-                               "(with loss scaling on, loss.backward() alone leaves the gradients scaled "
-                               "by nothing and the step would be wrong)")
         if record.masters is not None:
             record.masters.move_grads()
         grads = self._grads(optimizer)
-        if not grads:
-            raise RuntimeError("step()/unscale_() before backward(): no parameter of this optimizer has a "
-                               "gradient; call precision.backward(loss) first")
+        if grads and _same_grads(record.stepped_grads, grads):
+            raise RuntimeError("step() twice for this optimizer with no backward in between: its gradients are "
+                               "the ones the last step already applied; call precision.step(optimizer) once "
+                               "per backward (zero_grad, forward, precision.backward(loss), step)")
+        if not grads:  # nothing to unscale: optimizer.step() leaves parameters without gradients alone
+            if "no grads" not in self._warned:
+                self._warned.add("no grads")
+                warnings.warn("step(): no parameter of this optimizer has a gradient, so the step changes "
+                              "nothing; call precision.backward(loss) before step (warned once; fine for an "
+                              "optimizer deliberately left out of this iteration)", UserWarning, stacklevel=3)
+            record.found_inf, record.stage = {}, "unscaled"
+            return
+        if self._scaler.enabled and not self._scaled_backward:
+            raise RuntimeError("step()/unscale_() before precision.backward(loss): with loss scaling on, "
+                               "loss.backward() alone leaves the gradients unscaled and the step would be "
+                               "wrong; call precision.backward(loss) instead")
         shards, group = local_shards(grads)  # FSDP2: this rank's shard of each gradient
         if self._scaler.enabled:
             record.found_inf = self._scaler.unscale_(shards)
@@ -369,14 +441,23 @@ class Precision(contract.Precision):
             raise RuntimeError("step() was already called for this optimizer since the last update; call "
                                "precision.update() at the end of each iteration (needed when several "
                                "optimizers do not all step every iteration)")
-        if record.stage == "ready":
+        if kwargs.get("closure") is not None:
+            self._check_closure(record)
+        elif record.stage == "ready":
             self.unscale_(optimizer)
         finite = all(f.item() == 0 for f in record.found_inf.values())
+        output = None
         if finite:
-            optimizer.step(**kwargs)
+            self._in_step = True
+            try:
+                output = optimizer.step(**kwargs)
+            finally:
+                self._in_step = False
             if record.masters is not None:
                 record.masters.copy_to_model()
         record.stage = "stepped"
+        record.stepped_grads = [(weakref.ref(g), g._version) for g in self._grads(optimizer)]
+        self._last_output = output  # what optimizer.step returned (a closure's loss), for Fabric
         self._pending = True
         bad = None if finite else self._first_nonfinite(optimizer)
         record.last = contract.StepReport("applied" if finite else "skipped", nonfinite_parameter=bad)
@@ -386,6 +467,18 @@ class Precision(contract.Precision):
                 + (f" at loss scale {self._scaler.scale:g}" if self._scaler.enabled else "")
                 + "); the step was skipped", parameter=bad)
         return finite
+
+    def _check_closure(self, record: _OptimizerRecord) -> None:
+        """optimizer.step(closure): the closure computes the gradients inside the optimizer's
+        step, where no unscaling, master-weight move or inf/NaN check can reach them."""
+        if self._scaler.enabled or record.masters is not None:
+            what = "loss scaling" if self._scaler.enabled else "master weights"
+            raise RuntimeError(f'step(optimizer, closure=...) under "{self._policy}": the closure computes the '
+                               f"gradients inside optimizer.step(), out of reach of {what}; call "
+                               "precision.backward(loss) and precision.step(optimizer) without a closure, or use "
+                               "a policy without " + what)
+        if record.stage == "ready":
+            record.found_inf, record.stage = {}, "unscaled"
 
     def _first_nonfinite(self, optimizer) -> str | None:
         for group in optimizer.param_groups:
@@ -411,10 +504,27 @@ class Precision(contract.Precision):
             return
         found = [f for r in self._records.values() if r.stage != "ready" for f in r.found_inf.values()]
         self._scaler.update(found)
+        self._note_skips([r for r in self._records.values() if r.stage == "stepped"])
         for r in self._records.values():
             r.stage, r.found_inf = "ready", {}
         self._pending = False
         self._scaled_backward = False
+
+    def _note_skips(self, stepped: list[_OptimizerRecord]) -> None:
+        if not stepped:
+            return
+        if any(r.last.outcome == "applied" for r in stepped):
+            self._skip_streak = 0
+            return
+        self._skip_streak += 1
+        if self._skip_streak == SKIP_WARNING_STREAK and "skips" not in self._warned:
+            self._warned.add("skips")
+            scale = f"; the loss scale fell to {self._scaler.scale:g}" if self._scaler.enabled else ""
+            warnings.warn(f"{self._skip_streak} consecutive steps skipped for inf/NaN gradients{scale}. A lower "
+                          "scale cannot fix a NaN: check the inputs and the loss for NaN/inf, a diverged "
+                          "learning rate, or an op overflowing in forward (try bf16-mixed, or an @module=32-true "
+                          "override); precision.last_step(optimizer) names the first bad parameter",
+                          RuntimeWarning, stacklevel=3)
 
     def _auto_update(self) -> None:
         if self._pending and all(r.stage == "stepped" for r in self._records.values()):

@@ -108,6 +108,14 @@ def _apply_empty(layer, fn) -> bool:
     return True
 
 
+def _loaded(t):
+    """A tensor from a state dict, read in if it is a lazy one (Lightning's _lazy_load, which
+    LitGPT's loaders use, hands out tensors that are read on first use)."""
+    if t is not None and not isinstance(t, torch.Tensor) and hasattr(t, "_load_tensor"):
+        return t._load_tensor()
+    return t
+
+
 def _base_load(layer, state_dict, prefix, own: set, *args):
     """nn.Module's loading for everything but ``own`` keys (the bias), not bitsandbytes'."""
     local_metadata, strict, missing, unexpected, errors = args
@@ -204,7 +212,7 @@ def _classes():
                                   "but not the packed weight")
                 return
             try:
-                self._load_weight(state_dict[key], extra, key)
+                self._load_weight(_loaded(state_dict[key]), {k: _loaded(v) for k, v in extra.items()}, key)
             except QuantizationError as e:
                 errors.append(str(e))
 
@@ -286,7 +294,13 @@ def _classes():
             if not torch.isfinite(w.to(torch.float16)).all():
                 raise QuantizationError("the weight holds NaN or inf (after rounding to float16), which "
                                         "would poison its row's scale; fix the weights before quantizing")
-            if self.state.has_fp16_weights:
+            current = self.__dict__.get("_parameters", {}).get("weight")
+            if (self.state.has_fp16_weights and isinstance(current, bnb.nn.Int8Params)
+                    and current.shape == w.shape and current.device == w.device):
+                # loading into trainable weights: in place, so an optimizer holding them keeps them
+                with torch.no_grad():
+                    current.copy_(w)
+            elif self.state.has_fp16_weights:
                 # int8-training keeps trainable weights and quantizes them in every forward
                 self.weight = bnb.nn.Int8Params(w.contiguous(), requires_grad=True,
                                                 has_fp16_weights=True)
@@ -344,7 +358,8 @@ def _classes():
                     errors.append(f"{scb_key}: the checkpoint has the int8 scales but not {key}")
                 return
             try:
-                self._load_weight(state_dict[key], state_dict.get(scb_key), state_dict.get(fmt_key), key)
+                self._load_weight(_loaded(state_dict[key]), _loaded(state_dict.get(scb_key)),
+                                  _loaded(state_dict.get(fmt_key)), key)
             except QuantizationError as e:
                 errors.append(str(e))
 
@@ -524,7 +539,9 @@ def quantize_module(model: nn.Module, policy, device=None) -> nn.Module:
         raise QuantizationError(
             f'"{policy}" quantizes nn.Linear layers, but this {type(model).__name__} has none (nn.Linear '
             "subclasses such as MultiheadAttention's out_proj are left alone); drop quant=... from the policy")
+    policy.check_skips_match((p for p, _ in model.named_modules()), "quantize_module")
     chosen = [(p, m) for p, m in linears if policy.quantizes(p)]
+    _check_no_tied_weight(model, chosen, policy)
     for path, linear in linears:
         if not policy.quantizes(path) and linear.weight.device.type == "meta":
             _materialise(linear, device)
@@ -533,6 +550,23 @@ def quantize_module(model: nn.Module, policy, device=None) -> nn.Module:
         layer._dualprec_source = weakref.ref(linear.weight)
         _set_submodule(model, path, layer)
     return model
+
+
+def _check_no_tied_weight(model: nn.Module, chosen, policy) -> None:
+    """A quantized Linear whose weight is shared with another module (a language model's
+    head tied to its embedding) would break the tie: the other module keeps training a
+    full-precision weight while the layer holds a frozen quantized copy."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for path, linear in chosen:
+        others = [n for n in owners.get(id(linear.weight), []) if n != f"{path}.weight"]
+        if others:
+            mode = policy.for_module(path).quantization.mode
+            raise QuantizationError(
+                f'"{policy}" would quantize {path}, whose weight is tied to {", ".join(others)}: the tie would '
+                f"break (the other module keeps training, {path} becomes a frozen quantized copy); keep it out "
+                f"of quantization with quant={mode}(skip={path}), or untie the weights first")
 
 
 def _set_submodule(model: nn.Module, path: str, layer: nn.Module) -> None:
@@ -582,14 +616,25 @@ def uses_quantization(policy) -> bool:
 def module_init_context(policy, device, device_type: str, empty_init: bool = False):
     """`Precision.init_module`'s context: the policy's dtype and device and, under a quantized
     policy on a GPU, `deferred_init` (on a CPU the layers are created in full precision and
-    quantized at setup)."""
+    quantized at setup, unless ``empty_init``: uninitialised weights are never quantized, the
+    layers wait on the meta device for the state dict that fills them)."""
     from .init import init_context
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(init_context(policy, device, empty_init))
-        if uses_quantization(policy) and device_type == "cuda":
+        if uses_quantization(policy) and (device_type == "cuda" or empty_init):
             stack.enter_context(deferred_init(empty_init))
         yield
+
+
+def _fill_meta_linear(module, state_dict, prefix, *args):
+    """A state dict loaded into a deferred Linear before setup: its meta weight and bias take
+    the loaded values (copying into a meta tensor would drop them), so setup quantizes them."""
+    for name in ("weight", "bias"):
+        param, key = getattr(module, name, None), prefix + name
+        if param is not None and param.device.type == "meta" and key in state_dict:
+            value = _loaded(state_dict[key]).detach().to(device=_deferred_device(module), dtype=param.dtype)
+            setattr(module, name, nn.Parameter(value, requires_grad=param.requires_grad))
 
 
 @contextlib.contextmanager
@@ -609,6 +654,9 @@ def deferred_init(empty_init: bool = False):
         if type(module) is nn.Linear and name in ("weight", "bias") and param is not None and param.device.type != "meta":
             module._dualprec_device = param.device
             setattr(module, _SKIP_INIT, empty_init)
+            if not getattr(module, "_dualprec_load_hook", False):
+                module._register_load_state_dict_pre_hook(_fill_meta_linear, with_module=True)
+                module._dualprec_load_hook = True
             return nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
         return None
 
