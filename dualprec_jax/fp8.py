@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dualprec.errors import PolicyError
+from dualprec.errors import PolicyError, UnsupportedPolicyError
 from dualprec.policy import FP8Recipe, Policy
 from dualprec.ref.casts import FP8_MAX
 from dualprec.ref.fp8 import ROLES, role_format
@@ -60,13 +60,17 @@ except ImportError:  # pragma: no cover - older Flax: reuse sums (documented)
 
 
 def _recipe(recipe) -> FP8Recipe:
-    if isinstance(recipe, FP8Recipe):
-        return recipe
     if isinstance(recipe, dict):
-        return FP8Recipe(**recipe)
-    if isinstance(recipe, str):
-        return FP8Recipe(scaling=recipe)
-    raise TypeError(f"recipe must be a dualprec FP8Recipe (Policy.fp8), got {type(recipe).__name__}")
+        recipe = FP8Recipe(**recipe)
+    elif isinstance(recipe, str):
+        recipe = FP8Recipe(scaling=recipe)
+    if not isinstance(recipe, FP8Recipe):
+        raise TypeError(f"recipe must be a dualprec FP8Recipe (Policy.fp8), got {type(recipe).__name__}")
+    if recipe.block_scaled:
+        raise UnsupportedPolicyError(f"fp8={recipe.scaling}: the JAX FP8 dot runs per-tensor scaling (delayed, "
+                                     "current) only; the block-scaled recipes are in dualprec.ref.blockscale "
+                                     "and not yet a JAX layer")
+    return recipe
 
 
 def _is_fm32(x) -> bool:

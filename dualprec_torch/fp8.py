@@ -258,6 +258,10 @@ class FP8Linear(nn.Linear):
         recipe = FP8Recipe() if recipe is None else recipe
         if not isinstance(recipe, FP8Recipe):
             raise TypeError(f"recipe must be a dualprec FP8Recipe, got {type(recipe).__name__}")
+        if recipe.block_scaled:
+            raise UnsupportedPolicyError(f"fp8={recipe.scaling}: FP8Linear runs per-tensor scaling (delayed, "
+                                         "current) only; the block-scaled recipes are in "
+                                         "dualprec.ref.blockscale and not yet a torch layer")
         self.recipe, self.emulate, self.pad, self.out_dtype = recipe, bool(emulate), pad, out_dtype
         self.fast_accum = bool(fast_accum)
         device = self.weight.device
