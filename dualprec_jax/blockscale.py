@@ -29,7 +29,7 @@ from dualprec.policy import FP8Recipe
 __all__ = ["floor_pow2", "rowwise_scale", "quantize_scaled", "dequantize_scaled", "mx_quantize",
            "mx_dequantize", "e2m1_codes", "e2m1_value", "nvfp4_tensor_scale", "nvfp4_quantize",
            "nvfp4_dequantize", "nvfp4_quantize_2d", "nvfp4_dequantize_2d", "sr_uniform24", "rht_signs",
-           "hadamard16", "block_linear_parts", "block_linear"]
+           "hadamard16", "block_linear_parts", "block_linear_parts_jit", "block_linear"]
 
 _F8 = {"float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2}
 _ELEM_MAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
@@ -354,12 +354,21 @@ def _bwd(recipe, res, gy):
 _block_linear.defvjp(_fwd, _bwd)
 
 
+@functools.partial(jax.jit, static_argnames=("recipe",))
+def _block_linear_jit(x2d, w, recipe, seed, step):
+    return _block_linear(x2d, w, recipe, seed, step)
+
+
+#: `block_linear_parts` compiled once per recipe (eager dispatch of its many small ops is slow)
+block_linear_parts_jit = jax.jit(block_linear_parts, static_argnames=("recipe",))
+
+
 def block_linear(x, w, recipe: FP8Recipe, seed=0, step=0):
     """``x @ w.T`` under a block-scaled recipe (float32 result), differentiable; ``w`` is the
     parameter as stored (N, K).  ``seed``/``step``: the precision state (ints or int32 arrays)."""
     if not (isinstance(recipe, FP8Recipe) and recipe.block_scaled):
         raise TypeError(f"block_linear needs a block-scaled FP8Recipe, got {recipe!r}")
     lead = x.shape[:-1]
-    y = _block_linear(x.reshape(-1, x.shape[-1]), w, recipe, jnp.asarray(seed, jnp.int32),
-                      jnp.asarray(step, jnp.int32))
+    y = _block_linear_jit(x.reshape(-1, x.shape[-1]), w, recipe, jnp.asarray(seed, jnp.int32),
+                          jnp.asarray(step, jnp.int32))
     return y.reshape(lead + (w.shape[0],))
