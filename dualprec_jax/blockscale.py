@@ -18,6 +18,7 @@ blocks, the 2**-127 reciprocal of an infinite RCEIL block) can differ from the r
 from __future__ import annotations
 
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ from dualprec.policy import FP8Recipe
 __all__ = ["floor_pow2", "rowwise_scale", "quantize_scaled", "dequantize_scaled", "mx_quantize",
            "mx_dequantize", "e2m1_codes", "e2m1_value", "nvfp4_tensor_scale", "nvfp4_quantize",
            "nvfp4_dequantize", "nvfp4_quantize_2d", "nvfp4_dequantize_2d", "sr_uniform24", "rht_signs",
-           "hadamard16", "block_linear_parts", "block_linear_parts_jit", "block_linear"]
+           "hadamard16", "block_linear_parts", "block_linear_parts_jit", "block_linear", "layer_seed"]
 
 _F8 = {"float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2}
 _ELEM_MAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
@@ -257,6 +258,11 @@ def hadamard16(x, signs):
         g = jnp.stack([a + b, a - b], axis=2)
         h *= 2
     return g.reshape(x.shape) * jnp.float32(0.25)
+
+
+def layer_seed(path: str) -> int:
+    """The initial seed of the layer at ``path``: CRC-32 of the dotted path, 31 bits (torch's)."""
+    return zlib.crc32(path.encode()) & 0x7FFFFFFF
 
 
 def _mm(a, b):

@@ -67,9 +67,9 @@ def _recipe(recipe) -> FP8Recipe:
     if not isinstance(recipe, FP8Recipe):
         raise TypeError(f"recipe must be a dualprec FP8Recipe (Policy.fp8), got {type(recipe).__name__}")
     if recipe.block_scaled:
-        raise UnsupportedPolicyError(f"fp8={recipe.scaling}: the JAX FP8 dot runs per-tensor scaling (delayed, "
-                                     "current) only; the block-scaled recipes are in dualprec.ref.blockscale "
-                                     "and not yet a JAX layer")
+        raise UnsupportedPolicyError(f"fp8={recipe.scaling}: Precision's Flax FP8 layers run per-tensor scaling "
+                                     "(delayed, current) only; call dualprec_jax.blockscale.block_linear "
+                                     "for block-scaled recipes")
     return recipe
 
 

@@ -20,6 +20,8 @@ Not here: ``torch._scaled_mm`` block-scaled GEMMs (Blackwell, MX/NVFP4) and the 
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import nn
 
@@ -28,7 +30,13 @@ from dualprec.policy import FP8Recipe
 __all__ = ["floor_pow2", "rowwise_scale", "quantize_scaled", "dequantize_scaled", "mx_quantize",
            "mx_dequantize", "e2m1_codes", "e2m1_value", "nvfp4_tensor_scale", "nvfp4_quantize",
            "nvfp4_dequantize", "nvfp4_quantize_2d", "nvfp4_dequantize_2d", "sr_uniform24", "rht_signs",
-           "hadamard16", "block_linear_parts", "block_linear", "BlockScaledLinear"]
+           "hadamard16", "block_linear_parts", "block_linear", "BlockScaledLinear", "layer_seed"]
+
+
+def layer_seed(path: str) -> int:
+    """The initial seed of the layer at ``path`` (CRC-32 of the dotted path, 31 bits): the same
+    in both backends and in every run, so a fresh run draws reproducible SR/Hadamard bits."""
+    return zlib.crc32(path.encode()) & 0x7FFFFFFF
 
 _F8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 _ELEM_MAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}

@@ -260,8 +260,8 @@ class FP8Linear(nn.Linear):
             raise TypeError(f"recipe must be a dualprec FP8Recipe, got {type(recipe).__name__}")
         if recipe.block_scaled:
             raise UnsupportedPolicyError(f"fp8={recipe.scaling}: FP8Linear runs per-tensor scaling (delayed, "
-                                         "current) only; the block-scaled recipes are in "
-                                         "dualprec.ref.blockscale and not yet a torch layer")
+                                         "current); block-scaled recipes run in "
+                                         "dualprec_torch.blockscale.BlockScaledLinear (convert_module picks it)")
         self.recipe, self.emulate, self.pad, self.out_dtype = recipe, bool(emulate), pad, out_dtype
         self.fast_accum = bool(fast_accum)
         device = self.weight.device
@@ -439,7 +439,7 @@ def convert_module(model: nn.Module, policy, *, engine: str | None = None, emula
         return model
     if engine is not None:
         top = dataclasses.replace(top, engine=engine)
-    if select_engine(top) == "transformer-engine":
+    if select_engine(top) == "transformer-engine" and not top.block_scaled:
         from . import te
 
         return te.convert_module(model, policy, module_filter_fn=module_filter_fn)
@@ -447,14 +447,22 @@ def convert_module(model: nn.Module, policy, *, engine: str | None = None, emula
     if device is not None:
         check_device(device, emulate=emulate)
     for path, module, recipe in list(fp8_layers(model, policy, module_filter_fn)):
+        if recipe.block_scaled:  # row-wise / MXFP8 / NVFP4: emulated layers (docs/block-scaling.md)
+            from .blockscale import BlockScaledLinear, layer_seed
+
+            BlockScaledLinear.convert(module, recipe, layer_seed(path))
+            continue
         FP8Linear.convert(module, recipe, emulate=emulate)
+    from .blockscale import BlockScaledLinear
+
     others = [path for path, m in model.named_modules()
-              if isinstance(m, nn.Linear) and not isinstance(m, FP8Linear) and type(m) is not nn.Linear
+              if isinstance(m, nn.Linear) and not isinstance(m, (FP8Linear, BlockScaledLinear))
+              and type(m) is not nn.Linear
               and policy.for_module(path).fp8 is not None]
     if others:
         warnings.warn(f"FP8 leaves {len(others)} Linear subclass(es) as they are ({', '.join(others[:4])}): "
                       "quantized or custom layers do not run their GEMMs through FP8Linear", stacklevel=2)
-    if not any(isinstance(m, FP8Linear) for m in model.modules()):
+    if not any(isinstance(m, (FP8Linear, BlockScaledLinear)) for m in model.modules()):
         warnings.warn(f'policy "{policy}" asks for FP8 but the model has no nn.Linear under an FP8 '
                       "recipe; nothing was converted", stacklevel=2)
     return model

@@ -160,3 +160,46 @@ def _nan_codes_only(a, b, fmt):
     fb = np.asarray(b).view(ref._DT[fmt]).astype(np.float32)
     nan = np.isnan(fa)
     return np.array_equal(nan, np.isnan(fb)) and np.array_equal(fa[~nan], fb[~nan])
+
+
+def test_torch_precision_run_resumes_bit_identically_and_state_feeds_jax():
+    from dualprec_torch import Precision
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 8))
+        p = Precision("32-true,fp8=nvfp4")
+        return (p, *p.setup(m, torch.optim.SGD(m.parameters(), lr=0.1)))
+
+    rng = np.random.default_rng(4)
+    batches = [(torch.from_numpy(rng.standard_normal((16, 32)).astype(np.float32)),
+                torch.from_numpy(rng.standard_normal((16, 8)).astype(np.float32))) for _ in range(4)]
+
+    def step(p, m, opt, xy):
+        loss = torch.nn.functional.mse_loss(m(xy[0]), xy[1])
+        p.backward(loss)
+        p.step(opt)
+        opt.zero_grad()
+
+    p, m, opt = make()
+    for xy in batches:
+        step(p, m, opt, xy)
+    p2, m2, opt2 = make()
+    for xy in batches[:2]:
+        step(p2, m2, opt2, xy)
+    saved = {k: v.clone() for k, v in m2.state_dict().items()}
+    p3, m3, opt3 = make()
+    m3.load_state_dict(saved)
+    assert m3[0].blockscale_state.tolist()[1] == 2
+    for xy in batches[2:]:
+        step(p3, m3, opt3, xy)
+    for a, b in zip(m.state_dict().values(), m3.state_dict().values()):
+        assert torch.equal(a, b)
+    # the saved [seed, step] is what the JAX dot takes: its SR codes for the next step match torch's
+    seed, st = saved["0.blockscale_state"].tolist()
+    x = batches[2][0].numpy()
+    w = saved["0.weight"].numpy()
+    g = np.random.default_rng(5).standard_normal((16, 48)).astype(np.float32)
+    t = tbs.block_linear_parts(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(g), m3[0].recipe, seed, st)
+    j = jbs.block_linear_parts_jit(jnp.asarray(x), jnp.asarray(w), jnp.asarray(g), m3[0].recipe, seed, st)
+    assert _same(t["g_q"], j["g_q"]) and _same(t["gt_q"], j["gt_q"])

@@ -69,12 +69,22 @@ def test_nonbool_options_rejected_from_python():
         FP8Recipe("nvfp4", sr="yes")
 
 
-def test_backends_refuse_block_recipes_they_do_not_run():
-    pytest.importorskip("torch")
+def test_backends_route_or_refuse_block_recipes():
+    torch = pytest.importorskip("torch")
     from dualprec_torch import fp8 as tfp8
+    from dualprec_torch.blockscale import BlockScaledLinear, layer_seed
 
     with pytest.raises(UnsupportedPolicyError, match="fp8=nvfp4"):
         tfp8.FP8Linear(16, 16, recipe=FP8Recipe("nvfp4"))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "left as they are" warning for the converted layers
+        tfp8.convert_module(model, Policy.parse("bf16-mixed,fp8=mxfp8,@2=(fp8=nvfp4(sr=false))"))
+    assert isinstance(model[0], BlockScaledLinear) and model[0].recipe == FP8Recipe("mxfp8")
+    assert model[2].recipe == FP8Recipe("nvfp4", sr=False)
+    assert model[2].blockscale_state.tolist() == [layer_seed("2"), 0]
     pytest.importorskip("jax")
     from dualprec_jax import fp8 as jfp8
 
