@@ -274,14 +274,40 @@ class Fp8DotGeneral(nn.Module):
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
         recipe = _recipe(self.recipe)
         if recipe.scaling == "current":
-            return fp8_dot_general(lhs, rhs, dimension_numbers, recipe=recipe)
+            return fp8_dot_general(_input_source(lhs), _weight_source(rhs), dimension_numbers, recipe=recipe)
         fresh = init_meta(recipe)
         meta = {k: self.variable(FP8_COLLECTION, k, lambda v=v: v).value for k, v in fresh.items()}
         for k, v in meta.items():
             if v.shape != fresh[k].shape:
                 raise ValueError(f"FP8 state {'/'.join(map(str, self.path))}/{k} has shape {v.shape}, but "
                                  f"the recipe's history_len gives {fresh[k].shape}")
-        return fp8_dot_general(lhs, rhs, dimension_numbers, meta, recipe)
+        return fp8_dot_general(_input_source(lhs), _weight_source(rhs), dimension_numbers, meta, recipe)
+
+
+# The parameter and the input a Dense is about to multiply, before Flax casts them to the
+# compute dtype: the FP8 dot quantizes the weight from the parameter itself and the input as
+# the layer received it (Transformer Engine's rule, and the torch engine's), not from their
+# compute-dtype copies.  Set by the interceptor around one call.
+_PARAM_STACK: list = []
+_INPUT_STACK: list = []
+
+
+def _input_source(lhs):
+    if _INPUT_STACK:
+        x = _INPUT_STACK[-1]
+        if x is not None and getattr(x, "shape", None) == lhs.shape and jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+    return lhs
+
+
+def _weight_source(rhs):
+    """The stored kernel in place of its compute-dtype copy ``rhs`` when one is known and has
+    ``rhs``'s shape (the gradient then flows to the parameter directly, in its dtype)."""
+    if _PARAM_STACK:
+        kernel = _PARAM_STACK[-1]
+        if kernel is not None and getattr(kernel, "shape", None) == rhs.shape:
+            return kernel
+    return rhs
 
 
 def max_accumulating(variables):
@@ -348,9 +374,14 @@ def _intercept(policy: Policy, next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)  # not under FP8, or the user chose their own dot
     cls = functools.partial(Fp8DotGeneral, recipe=recipe, name=_OP_NAME)
     object.__setattr__(module, "dot_general_cls", cls)
+    kernel = module.get_variable("params", "kernel") if module.has_variable("params", "kernel") else None
+    _PARAM_STACK.append(kernel)
+    _INPUT_STACK.append(args[0] if args else kwargs.get("inputs"))
     try:
         return next_fun(*args, **kwargs)
     finally:
+        _PARAM_STACK.pop()
+        _INPUT_STACK.pop()
         object.__setattr__(module, "dot_general_cls", None)
 
 

@@ -329,13 +329,16 @@ class FP8Linear(nn.Linear):
                 _record(state, _WEIGHT, amaxes[1], self.recipe, fmt)
                 state[3][_STALE].fill_(1)
                 record = False
-        info = _CallInfo(self.recipe, out_dtype, self.pad, self.emulate, record, self.fast_accum)
+        # The GEMM's float32 result, the bias added in float32, one rounding to the output dtype:
+        # the op policy's matmul rule, and the JAX engine's (a bias added after rounding the
+        # product to bfloat16 would round twice).
+        info = _CallInfo(self.recipe, torch.float32, self.pad, self.emulate, record, self.fast_accum)
         xq, wq = _quantize(x2d, x_scale, fmt), _quantize(self.weight, w_scale, fmt)
         y = _FP8Matmul.apply(x2d, self.weight, xq, _div(1.0, x_scale), wq, _div(1.0, w_scale), amaxes,
                              *state, info)
-        if self.bias is not None:
-            y = y + self.bias.to(out_dtype)
-        return y.reshape(*lead, self.out_features)
+        if self.bias is not None:  # the bias in the compute dtype (the op policy's), added in float32
+            y = y + self.bias.to(out_dtype).to(torch.float32)
+        return y.to(out_dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         r = self.recipe

@@ -265,6 +265,10 @@ class Precision(contract.Precision):
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
         """``(loss * scale).backward(**kwargs)``; plain backward without loss scaling."""
         self._auto_update()  # first: the update changes the scale tensor in place
+        if getattr(self, "_fp8_before", None) is None and self._model is not None:
+            # the FP8 state this iteration started from: a skipped step restores it, and
+            # state_dict() reports it until a step applies the gradients (docs/fp8.md, "Steps")
+            self._fp8_before = fp8.state_tensors(self._model) or None
         loss = self.scale_loss(loss)
         loss.backward(**kwargs)
         self._scaled_backward = True
@@ -343,6 +347,10 @@ class Precision(contract.Precision):
             optimizer.step(**kwargs)
             if record.masters is not None:
                 record.masters.copy_to_model()
+        before = getattr(self, "_fp8_before", None)
+        if before is not None and not finite:
+            fp8.load_state_tensors(self._model, before)  # a skipped step is no FP8 recipe step
+        self._fp8_before = None
         record.stage = "stepped"
         self._pending = True
         bad = None if finite else self._first_nonfinite(optimizer)
@@ -420,6 +428,8 @@ class Precision(contract.Precision):
         if self._model is not None:
             for name, ext in checkpoint.state_extensions("torch").items():
                 tensors = ext.state_tensors(self._model)
+                if name == "fp8" and getattr(self, "_fp8_before", None) is not None:
+                    tensors = self._fp8_before  # a backward whose gradients were not applied yet
                 if tensors:
                     extensions[name] = tensors
         return checkpoint.new_state(self._policy, self._scaler.scale, self._scaler.counter, masters, extensions)
@@ -435,6 +445,7 @@ class Precision(contract.Precision):
         if self._policy.master_weights and saved.master_weights:
             self._load_masters(state.get("master_weights", {}), strict)
         self._load_extensions(state.get("extensions", {}), strict)
+        self._fp8_before = None
         for r in self._records.values():
             r.stage, r.found_inf = "ready", {}
         self._pending = self._scaled_backward = False
