@@ -203,3 +203,46 @@ def test_torch_precision_run_resumes_bit_identically_and_state_feeds_jax():
     t = tbs.block_linear_parts(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(g), m3[0].recipe, seed, st)
     j = jbs.block_linear_parts_jit(jnp.asarray(x), jnp.asarray(w), jnp.asarray(g), m3[0].recipe, seed, st)
     assert _same(t["g_q"], j["g_q"]) and _same(t["gt_q"], j["gt_q"])
+
+
+# ----------------------------------------------------------------------------- mutants
+def _mismatches(parts, recipe, x, w, g, seed, step):
+    r = _ref_parts(x, w, g, recipe, seed, step)
+    return [k for k in r if k not in ("y", "dx", "dw") and not _same(r[k], parts[k])]
+
+
+def test_mutants_are_caught_by_the_bit_identity_check(monkeypatch):
+    x, w, g = _data(6)
+    t = lambda recipe, seed=3, step=2: tbs.block_linear_parts(  # noqa: E731
+        torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(g), recipe, seed, step)
+    mx = FP8Recipe("mxfp8")
+    assert _mismatches(t(mx), mx, x, w, g, 3, 2) == []
+    # 1. wrong scale rounding mode (floor where the recipe says rceil)
+    real = tbs.mx_quantize
+    monkeypatch.setattr(tbs, "mx_quantize", lambda v, rounding="rceil", *a, **k: real(v, "floor", *a, **k))
+    assert "x_s" in _mismatches(t(mx), mx, x, w, g, 3, 2)
+    monkeypatch.setattr(tbs, "mx_quantize", real)
+    # 2. block axis swapped: the grad_input GEMM's weight blocked along K instead of N
+    orig_parts = tbs.block_linear_parts
+
+    def swapped(xx, ww, gg, recipe, seed=0, step=0, **kw):
+        out = orig_parts(xx, ww, gg, recipe, seed, step, **kw)
+        out["wt_s"], out["wt_q"] = real(ww, recipe.rounding)
+        return out
+
+    got = swapped(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(g), mx, 3, 2)
+    with pytest.raises(AssertionError):
+        assert _mismatches(got, mx, x, w, g, 3, 2) == []
+    # 3. scale one step late / 4. SR seed not restored (a resumed run starting over at step 0
+    # or drawing with another seed): the gradient codes differ
+    nv = FP8Recipe("nvfp4")
+    assert _mismatches(t(nv), nv, x, w, g, 3, 2) == []
+    assert {"g_q", "gt_q"} <= set(_mismatches(t(nv, step=1), nv, x, w, g, 3, 2))
+    assert {"g_q", "gt_q"} <= set(_mismatches(t(nv, step=0), nv, x, w, g, 3, 2))
+    assert {"g_q", "gt_q", "xt_q"} <= set(_mismatches(t(nv, seed=4), nv, x, w, g, 3, 2))  # signs too
+    # a row-wise scale not rounded to a power of two
+    rw = FP8Recipe("rowwise")
+    real_rs = tbs.rowwise_scale
+    monkeypatch.setattr(tbs, "floor_pow2", lambda s: s)
+    assert "x_s" in _mismatches(t(rw), rw, x, w, g, 3, 2)
+    monkeypatch.setattr(tbs, "rowwise_scale", real_rs)
