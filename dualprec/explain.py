@@ -104,8 +104,8 @@ def _block_fp8(f) -> str:
     else:
         what = ("torchao row-wise FP8: one power-of-two scale per row along the reduction axis, E4M3"
                 + (", weight gradient in high precision" if f.scaling == "rowwise_with_gw_hp" else ""))
-    return (f"{what}; emulated exactly (dequantized operands, float32 GEMMs): torch BlockScaledLinear via "
-            "Precision, JAX dualprec_jax.blockscale.block_linear (not yet through Precision's Flax layers)")
+    return (f"{what}; emulated exactly (dequantized operands, float32 GEMMs): torch BlockScaledLinear, "
+            "JAX linen Dense through Precision (nnx: not yet), state [seed, step] per layer")
 
 
 def _nonfinite(p: Policy, backend: str) -> str:

@@ -378,3 +378,75 @@ def block_linear(x, w, recipe: FP8Recipe, seed=0, step=0):
     y = _block_linear_jit(x.reshape(-1, x.shape[-1]), w, recipe, jnp.asarray(seed, jnp.int32),
                           jnp.asarray(step, jnp.int32))
     return y.reshape(lead + (w.shape[0],))
+
+
+# ----------------------------------------------------------------------------- Flax linen
+#: the variable (in the FP8 collection) holding a layer's [seed high 16 bits, seed low 16 bits,
+#: step] as float32 (exact: each part < 2**24); its "gradient" is its next value
+STATE_KEY = "blockscale_state"
+
+
+def _state_init(seed: int):
+    return jnp.asarray([seed >> 16, seed & 0xFFFF, 0], jnp.float32)
+
+
+def _seed_step(state):
+    s = state.astype(jnp.int32)
+    return s[0] * 65536 + s[1], s[2]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _state_dot(x2d, w, state, recipe):
+    return block_linear_parts(x2d, w, None, recipe)["y"]
+
+
+def _state_fwd(x2d, w, state, recipe):
+    return _state_dot(x2d, w, state, recipe), (x2d, w, state)
+
+
+def _state_bwd(recipe, res, gy):
+    x2d, w, state = res
+    from .fp8 import _to_f32
+
+    st = _to_f32(state)
+    seed, step = _seed_step(st)
+    parts = block_linear_parts(x2d, w, gy, recipe, seed, step)
+    nxt = (st + jnp.asarray([0, 0, 1], jnp.float32))
+    if nxt.dtype != state.dtype:
+        nxt = lax.convert_element_type(nxt, state.dtype)
+    return parts["dx"].astype(x2d.dtype), parts["dw"].astype(w.dtype), nxt
+
+
+_state_dot.defvjp(_state_fwd, _state_bwd)
+
+
+try:
+    import flax.linen as nn
+
+    class BlockDotGeneral(nn.Module):
+        """``dot_general_cls`` of an nn.Dense under a block-scaled recipe: the input as the
+        layer received it and the stored kernel (docs/fp8.md's rule), the recipe's three GEMMs,
+        the state [seed, step] in the FP8 collection (Flax's ``_overwrite_with_gradient``:
+        differentiate and apply it as for delayed scaling, `dualprec_jax.fp8.apply_fp8_grads`)."""
+
+        recipe: FP8Recipe
+        layer: str = ""
+
+        @nn.compact
+        def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+            from . import fp8
+
+            dims = fp8._freeze(dimension_numbers)
+            if dims != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
+                raise fp8.UnsupportedPolicyError(
+                    f"fp8={self.recipe.scaling}: block-scaled layers take nn.Dense (one contracting axis); "
+                    f"{self.layer or 'this layer'} has dimension numbers {dims}")
+            state = self.variable(fp8.FP8_COLLECTION, STATE_KEY, lambda: _state_init(layer_seed(self.layer))).value
+            x = fp8._input_source(lhs)
+            w = fp8._weight_source(rhs)
+            lead = x.shape[:-1]
+            y = _state_dot(x.reshape(-1, x.shape[-1]), w.T, state, self.recipe)
+            return y.reshape(lead + (w.shape[1],))
+
+except ImportError:  # pragma: no cover
+    BlockDotGeneral = None

@@ -48,6 +48,7 @@ __all__ = ["FP8_COLLECTION", "Fp8DotGeneral", "fp8_dot_general", "current_dot_ge
            "FP8_MODULES", "setup_nnx", "nnx_apply_fp8_grads", "Fp8Meta", "Fp8NnxDot"]
 
 FP8_COLLECTION = "_overwrite_with_gradient"  # Flax's name (TrainState overwrites it)
+_BLOCK_KEY = "blockscale_state"  # dualprec_jax.blockscale.STATE_KEY
 _OP_NAME = "fp8"  # the submodule of a Dense that owns its state: <layer>/fp8/<role>_scale
 _FIELDS = ("scale", "amax_history")
 _RECIPE, _ALGOS, _FORMATS = "recipe", ("max", "most_recent"), ("hybrid", "e4m3")
@@ -372,7 +373,13 @@ def _intercept(policy: Policy, next_fun, args, kwargs, context):
     recipe = recipe_of(policy, ".".join(str(p) for p in module.path))
     if recipe is None or module.dot_general is not None or module.dot_general_cls is not None:
         return next_fun(*args, **kwargs)  # not under FP8, or the user chose their own dot
-    cls = functools.partial(Fp8DotGeneral, recipe=recipe, name=_OP_NAME)
+    if recipe.block_scaled:  # row-wise / MXFP8 / NVFP4 (docs/block-scaling.md)
+        from .blockscale import BlockDotGeneral
+
+        cls = functools.partial(BlockDotGeneral, recipe=recipe, layer=".".join(str(p) for p in module.path),
+                                name=_OP_NAME)
+    else:
+        cls = functools.partial(Fp8DotGeneral, recipe=recipe, name=_OP_NAME)
     object.__setattr__(module, "dot_general_cls", cls)
     kernel = module.get_variable("params", "kernel") if module.has_variable("params", "kernel") else None
     _PARAM_STACK.append(kernel)
@@ -525,6 +532,10 @@ def state_tensors(variables, recipe: Any = None) -> dict[str, np.ndarray]:
     entries = _state_entries(variables)
     out = {}
     for layer, fields in sorted(_layer_roles(entries).items()):
+        if _BLOCK_KEY in fields:  # a block-scaled layer: int64 [seed, step], torch's name
+            st = np.asarray(jax.device_get(_to_f32(fields[_BLOCK_KEY])), np.float64).astype(np.int64)
+            out[_name(layer, "blockscale", "state")] = np.array([st[0] * 65536 + st[1], st[2]], np.int64)
+            continue
         r = _recipe_for(recipe, layer, fields)
         for role in ROLES:
             if f"{role}_scale" not in fields:
@@ -562,6 +573,7 @@ def load_state_tensors(variables, tensors: dict, recipe: Any = None):
     layers = _layer_roles(entries)
     expected = {_name(layer, role, f) for layer, fields in layers.items() for role in ROLES
                 if f"{role}_scale" in fields for f in _FIELDS}
+    expected |= {_name(layer, "blockscale", "state") for layer, fields in layers.items() if _BLOCK_KEY in fields}
     if given and not expected:
         raise PolicyError(f"the checkpoint holds FP8 state ({len(given)} tensors, e.g. {sorted(given)[0]}), "
                          "but this run has no delayed-scaling FP8 layers; load it into a run under the "
@@ -576,6 +588,10 @@ def load_state_tensors(variables, tensors: dict, recipe: Any = None):
     for name, value in given.items():
         *owner, role, field = name.split(".")[1:]
         layer = ".".join(owner)
+        if role == "blockscale":
+            if np.size(value) != 2:
+                raise PolicyError(f"{name} must hold [seed, step], got shape {np.shape(value)}")
+            continue
         cur = _to_f32(layers[layer][f"{role}_{field}"])
         if np.shape(value) != tuple(cur.shape) and not (field == "scale" and np.size(value) == 1):
             raise PolicyError(f"{name} has shape {np.shape(value)}, this run's has {tuple(cur.shape)} "
@@ -587,6 +603,9 @@ def load_state_tensors(variables, tensors: dict, recipe: Any = None):
             return old
         if owner and owner[-1] in (_OP_NAME, "dot_general"):
             owner = owner[:-1]
+        if key == _BLOCK_KEY:
+            seed, step = (int(v) for v in np.asarray(given[_name(".".join(owner), "blockscale", "state")]).reshape(2))
+            return jnp.asarray([seed >> 16, seed & 0xFFFF, step], jnp.float32)
         role, field = next((r, key[len(r) + 1:]) for r in ROLES if key.startswith(r + "_"))
         arr = np.asarray(given[_name(".".join(owner), role, field)], np.float32)
         return jnp.asarray(arr.reshape(()) if field == "scale" else arr)

@@ -490,7 +490,18 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         for i, role in enumerate(ROLES):
             out[f"{prefix}.{role}.scale"] = scales[i].clone()
             out[f"{prefix}.{role}.amax_history"] = histories[i].clone()
+    for prefix, module in _block_modules(model):
+        out[f"{prefix}.blockscale.state"] = module.blockscale_state.detach().cpu().clone()
     return out
+
+
+def _block_modules(model: nn.Module):
+    """(name prefix, layer) for each block-scaled layer (state: int64 [seed, step])."""
+    from .blockscale import BlockScaledLinear
+
+    for path, module in model.named_modules():
+        if isinstance(module, BlockScaledLinear):
+            yield (f"fp8.{path}" if path else "fp8"), module
 
 
 def _float32(value) -> torch.Tensor:
@@ -525,6 +536,14 @@ def load_state_tensors(model: nn.Module, tensors, *, strict: bool = True) -> Non
                           "to take only the matching layers (the others start from fresh scales) call "
                           "dualprec_torch.fp8.load_state_tensors(model, tensors, strict=False), or drop "
                           "state['extensions']['fp8'] from a Precision state dict to ignore it")
+    for prefix, module in _block_modules(model):
+        key = f"{prefix}.blockscale.state"
+        if key in given:
+            value = given[key]
+            value = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(
+                __import__("numpy").asarray(value))
+            with torch.no_grad():
+                module.blockscale_state.copy_(value.reshape(2).to(torch.int64))
     for prefix, module in _fp8_modules(model):
         for i, role in enumerate(ROLES):
             key = f"{prefix}.{role}"

@@ -246,3 +246,62 @@ def test_mutants_are_caught_by_the_bit_identity_check(monkeypatch):
     monkeypatch.setattr(tbs, "floor_pow2", lambda s: s)
     assert "x_s" in _mismatches(t(rw), rw, x, w, g, 3, 2)
     monkeypatch.setattr(tbs, "rowwise_scale", real_rs)
+
+
+@pytest.mark.slow  # compiles the JAX step
+def test_precision_layers_both_backends_state_crosses():
+    import flax.linen as nn
+
+    from dualprec_jax import Precision as JPrecision
+    from dualprec_jax import fp8 as jfp8
+    from dualprec_torch import Precision as TPrecision
+    from dualprec_torch import fp8 as tfp8
+
+    policy = "32-true,fp8=nvfp4"
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((16, 32)).astype(np.float32)
+    w = (rng.standard_normal((8, 32)) * 0.2).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    cs = [rng.standard_normal((16, 8)).astype(np.float32) for _ in range(3)]
+
+    m = torch.nn.Sequential(torch.nn.Linear(32, 8))
+    m[0].weight.data, m[0].bias.data = torch.from_numpy(w.copy()), torch.from_numpy(b.copy())
+    tp = TPrecision(policy)
+    m, opt = tp.setup(m, torch.optim.SGD(m.parameters(), lr=0.0))
+    t_dw = []
+    for c in cs:
+        tp.backward((m(torch.from_numpy(x)) * torch.from_numpy(c)).sum())
+        t_dw.append(m[0].weight.grad.numpy().copy())
+        tp.step(opt)
+        opt.zero_grad()
+    t_state = {k: v.numpy() for k, v in tfp8.state_tensors(m).items()}
+    assert sorted(t_state) == ["fp8.0.blockscale.state"]
+    assert np.array_equal(t_state["fp8.0.blockscale.state"], [tbs.layer_seed("0"), 3])
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, v):
+            return nn.Dense(8, name="0")(v)
+
+    jp = JPrecision(policy)
+    model = Net()
+    v = jp.init(model, jax.random.PRNGKey(0), x)
+    v = {**v, "params": {"0": {"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}}}
+
+    @jax.jit
+    def grads(v, c):
+        return jax.grad(lambda v: jnp.sum(jp.apply(model, v, x) * c))(v)
+
+    for c, dw in zip(cs, t_dw):
+        g = grads(v, jnp.asarray(c))
+        bound = 1e-5 * float(np.max(np.abs(dw)))
+        np.testing.assert_allclose(np.asarray(g["params"]["0"]["kernel"]).T, dw, rtol=0, atol=bound)
+        v = jfp8.apply_fp8_grads(v, g)
+    j_state = jfp8.state_tensors(v)
+    assert sorted(j_state) == sorted(t_state)
+    assert np.array_equal(j_state["fp8.0.blockscale.state"], t_state["fp8.0.blockscale.state"])
+    # the torch state resumes the JAX run (and vice versa) under the same names
+    v2 = jfp8.load_state_tensors(v, {"fp8.0.blockscale.state": np.array([123456789, 7])})
+    assert np.array_equal(jfp8.state_tensors(v2)["fp8.0.blockscale.state"], [123456789, 7])
+    tfp8.load_state_tensors(m, j_state)
+    assert m[0].blockscale_state.tolist() == [tbs.layer_seed("0"), 3]
