@@ -81,14 +81,31 @@ def _fp8(p: Policy, backend: str) -> str:
     fmt = "E4M3 forward, E5M2 gradients" if f.format == "hybrid" else "E4M3 everywhere"
     if f.scaling == "delayed":
         recipe = f"delayed scaling (amax history {f.history_len}, {f.amax_algo}, margin {f.margin}), {fmt}"
-    else:
+    elif f.scaling == "current":
         recipe = f"current scaling (each tensor's own amax), {fmt}"
+    elif f.block_scaled:
+        return _block_fp8(f)
     if f.engine == "auto":
         engine = (f"engine auto: {describe(backend, 'fp8.transformer-engine', p)} on a GPU with Transformer "
                   f"Engine, else {describe(backend, 'fp8.native', p)}")
     else:
         engine = describe(backend, f"fp8.{f.engine}", p)
     return f"{recipe}; {engine}"
+
+
+def _block_fp8(f) -> str:
+    if f.scaling == "mxfp8":
+        what = (f"MXFP8: E8M0 scales over blocks of 32 along the reduction axis, {f.rounding} scale rounding, "
+                + ("E4M3 codes" if f.format == "e4m3" else "E4M3 forward, E5M2 gradients"))
+    elif f.scaling == "nvfp4":
+        what = (f"NVFP4: E2M1 codes, E4M3 scales over blocks of 16 and a float32 tensor scale; weights in "
+                f"{f.weight_blocks} blocks; stochastic rounding of gradients {'on' if f.sr else 'off'}; "
+                f"random Hadamard transform of the weight-gradient operands {'on' if f.rht else 'off'}")
+    else:
+        what = ("torchao row-wise FP8: one power-of-two scale per row along the reduction axis, E4M3"
+                + (", weight gradient in high precision" if f.scaling == "rowwise_with_gw_hp" else ""))
+    return (f"{what}; emulated exactly (dequantized operands, float32 GEMMs): torch BlockScaledLinear, "
+            "JAX linen Dense through Precision (nnx: not yet), state [seed, step] per layer")
 
 
 def _nonfinite(p: Policy, backend: str) -> str:

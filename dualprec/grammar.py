@@ -22,7 +22,7 @@ from typing import Any
 
 from .dtypes import canonical_dtype
 from .errors import PolicyError, did_you_mean
-from .policy import FP8Recipe, LossScale, Policy, Quantization, QUANT_MODES, _replace
+from .policy import ALL_FP8_SCALINGS, FP8Recipe, LossScale, Policy, Quantization, QUANT_MODES, _replace
 
 __all__ = ["parse_policy", "format_policy", "explicit_form", "parse_component", "KEYS"]
 
@@ -53,6 +53,11 @@ _QUANT_ARGS = {"blocksize": "blocksize", "block_size": "blocksize", "bs": "block
 _FP8_ARGS = {"history": "history_len", "history_len": "history_len", "amax_history_len": "history_len",
              "margin": "margin", "algo": "amax_algo", "amax_algo": "amax_algo",
              "amax_compute_algo": "amax_algo", "format": "format", "fp8_format": "format", "engine": "engine"}
+# block-scaled recipes (mxfp8 rounding; nvfp4 options): docs/block-scaling.md
+_FP8_ARGS.update({"rounding": "rounding", "scale_rounding": "rounding", "sr": "sr",
+                  "stochastic_rounding": "sr", "rht": "rht", "hadamard": "rht",
+                  "weight_blocks": "weight_blocks", "wblocks": "weight_blocks"})
+_BOOL_ARGS = {"sr", "rht"}
 _INT_ARGS = {"growth_interval", "blocksize", "history_len", "margin"}
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -249,7 +254,7 @@ def parse_component(cls, value: str, what: str):
     elif cls is Quantization:
         table, kinds = _QUANT_ARGS, QUANT_MODES
     else:
-        table, kinds = _FP8_ARGS, ("delayed", "current")
+        table, kinds = _FP8_ARGS, ALL_FP8_SCALINGS
     if name not in kinds:
         raise PolicyError(f'{what}: unknown "{name}"{did_you_mean(name, kinds + ("none",))}; '
                           f"use one of {', '.join(kinds + ('none',))}")
@@ -294,8 +299,13 @@ def _parse_arg(field: str, value: str, what: str) -> Any:
     if field == "skip":
         patterns = tuple(p.strip() for p in value.split("|"))
         return patterns
-    if field in ("amax_algo", "format", "engine"):
+    if field in ("amax_algo", "format", "engine", "rounding", "weight_blocks"):
         return value.lower()
+    if field in _BOOL_ARGS:
+        v = value.strip().lower()
+        if v in _TRUE or v in _FALSE:
+            return v in _TRUE
+        raise PolicyError(f'{what}.{field}="{value}": use true or false')
     number = _parse_number(value, f"{what}.{field}")
     if field in _INT_ARGS:
         if not float(number).is_integer():
@@ -368,18 +378,24 @@ def _format_value(v: Any) -> str:
         return _format_call(v.mode, v, Quantization(v.mode), (
             ("blocksize", "blocksize"), ("threshold", "threshold"), ("skip", "skip")))
     if isinstance(v, FP8Recipe):
+        # block-scaled recipes always name their variant (the bare names mean different things
+        # in different libraries: docs/block-scaling.md)
+        always = {"mxfp8": ("rounding",), "nvfp4": ("sr", "rht", "weight_blocks")}.get(v.scaling, ())
         return _format_call(v.scaling, v, FP8Recipe(v.scaling), (
             ("history", "history_len"), ("margin", "margin"), ("algo", "amax_algo"),
-            ("format", "format"), ("engine", "engine")))
+            ("format", "format"), ("engine", "engine"), ("rounding", "rounding"), ("sr", "sr"),
+            ("rht", "rht"), ("wblocks", "weight_blocks")), always=always)
     raise TypeError(v)
 
 
-def _format_call(name: str, value, default, args) -> str:
+def _format_call(name: str, value, default, args, always=()) -> str:
     parts = []
     for short, field in args:
         x, d = getattr(value, field), getattr(default, field)
-        if x != d:
-            if isinstance(x, tuple):
+        if x != d or field in always:
+            if isinstance(x, bool):
+                text = "true" if x else "false"
+            elif isinstance(x, tuple):
                 text = "|".join(x)
             elif isinstance(x, (int, float)) and not isinstance(x, bool):
                 text = _format_number(x)

@@ -31,7 +31,7 @@ from .errors import PolicyError
 __all__ = [
     "LossScale", "Quantization", "FP8Recipe", "Policy",
     "LOSS_SCALE_KINDS", "QUANT_MODES", "FOUR_BIT_MODES", "INT8_MODES", "BLOCKSIZES",
-    "FP8_SCALINGS", "FP8_FORMATS", "FP8_ENGINES", "AMAX_ALGOS", "SCHEMA_VERSION", "NONFINITE_RULES",
+    "FP8_SCALINGS", "FP8_FORMATS", "BLOCK_SCALINGS", "ALL_FP8_SCALINGS", "MX_ROUNDINGS", "NVFP4_WEIGHT_BLOCKS", "FP8_ENGINES", "AMAX_ALGOS", "SCHEMA_VERSION", "NONFINITE_RULES",
 ]
 
 SCHEMA_VERSION = 1
@@ -43,6 +43,13 @@ QUANT_MODES = FOUR_BIT_MODES + INT8_MODES
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FP8_SCALINGS = ("delayed", "current")
 FP8_FORMATS = ("hybrid", "e4m3")
+#: block-scaled and row-wise recipes (docs/block-scaling.md); FP8_SCALINGS are the per-tensor ones
+BLOCK_SCALINGS = ("rowwise", "rowwise_with_gw_hp", "mxfp8", "nvfp4")
+ALL_FP8_SCALINGS = FP8_SCALINGS + BLOCK_SCALINGS
+#: how an MXFP8 block's E8M0 scale is rounded (torchao's ScaleCalculationMode names)
+MX_ROUNDINGS = ("rceil", "floor", "ceil", "even")
+#: NVFP4 weight block shapes: 1x16 (like activations) or 16x16 (NVIDIA's training recipe)
+NVFP4_WEIGHT_BLOCKS = ("16x16", "1x16")
 FP8_ENGINES = ("auto", "transformer-engine", "native")
 AMAX_ALGOS = ("max", "most_recent")
 #: what an optimizer step does with non-finite gradients (see Policy.nonfinite_rule)
@@ -211,28 +218,56 @@ class Quantization:
 
 @dataclass(frozen=True)
 class FP8Recipe:
-    """FP8 matmuls.  ``delayed``: Transformer Engine's DelayedScaling (scale from the amax
-    history of previous steps); ``current``: scale from the tensor's own amax.  ``format``
-    hybrid = E4M3 forward, E5M2 gradients; e4m3 = E4M3 everywhere.  ``engine``: auto picks
-    Transformer Engine where installed and on a GPU, the native path (torch._scaled_mm, XLA
-    fp8 dot_general) otherwise."""
+    """Low-precision matmuls.  Per-tensor FP8: ``delayed`` (Transformer Engine's DelayedScaling:
+    scale from the amax history of previous steps) and ``current`` (scale from the tensor's own
+    amax).  ``format`` hybrid = E4M3 forward, E5M2 gradients; e4m3 = E4M3 everywhere.
+    ``engine``: auto picks Transformer Engine where installed and on a GPU, the native path
+    (torch._scaled_mm, XLA fp8 dot_general) otherwise.
+
+    Block-scaled and row-wise recipes (docs/block-scaling.md says what each library means by
+    these names and which variant dualprec means):
+
+    * ``rowwise`` / ``rowwise_with_gw_hp``: torchao's FP8 recipes of those names (one
+      power-of-two float32 scale per row of each GEMM operand, along the reduction axis;
+      ``rowwise_with_gw_hp`` computes the weight gradient in high precision).  Format e4m3.
+    * ``mxfp8``: OCP MX, E8M0 scales over blocks of 32 along the reduction axis, E4M3 codes
+      (``format=hybrid``: E5M2 output gradients); ``rounding`` is how a block scale is rounded
+      (rceil, floor, ceil, even: torchao's ScaleCalculationMode), default rceil.
+    * ``nvfp4``: E2M1 codes, E4M3 scales over blocks of 16 plus a float32 tensor scale.
+      ``sr``: stochastic rounding of the gradients (default on); ``rht``: the random Hadamard
+      transform of the weight-gradient GEMM's operands (default on); ``weight_blocks``:
+      16x16 (default) or 1x16 weight blocks.  The defaults are NVIDIA's recipe (TE's
+      NVFP4BlockScaling); the canonical string always spells all three out.
+    """
 
     scaling: str = "delayed"
     history_len: int = 1024
     margin: int = 0
     amax_algo: str = "max"
-    format: str = "hybrid"
+    format: str | None = None
     engine: str = "auto"
+    rounding: str | None = None
+    sr: bool | None = None
+    rht: bool | None = None
+    weight_blocks: str | None = None
 
     def __post_init__(self):
-        for name, allowed in (("scaling", FP8_SCALINGS), ("amax_algo", AMAX_ALGOS),
-                              ("format", FP8_FORMATS), ("engine", FP8_ENGINES)):
+        scaling = str(self.scaling).strip().lower()
+        fmt_default = {"rowwise": "e4m3", "rowwise_with_gw_hp": "e4m3", "mxfp8": "e4m3",
+                       "nvfp4": "e2m1"}.get(scaling, "hybrid")
+        if self.format is None:
+            object.__setattr__(self, "format", fmt_default)
+        formats = {"nvfp4": ("e2m1",), "rowwise": ("e4m3",),
+                   "rowwise_with_gw_hp": ("e4m3",)}.get(scaling, FP8_FORMATS)
+        for name, allowed in (("scaling", ALL_FP8_SCALINGS), ("amax_algo", AMAX_ALGOS),
+                              ("format", formats), ("engine", FP8_ENGINES)):
             value = str(getattr(self, name)).strip().lower()
             if name == "engine" and value in ("te", "transformer_engine"):
                 value = "transformer-engine"
             if value not in allowed:
                 from .errors import did_you_mean
-                raise PolicyError(f'fp8: unknown {name} "{getattr(self, name)}"'
+                where = f" for {scaling}" if name == "format" else ""
+                raise PolicyError(f'fp8: unknown {name} "{getattr(self, name)}"{where}'
                                   f"{did_you_mean(value, allowed)}; use one of {', '.join(allowed)}")
             object.__setattr__(self, name, value)
         object.__setattr__(self, "history_len", _number(self.history_len, "fp8.history_len", integer=True))
@@ -241,14 +276,58 @@ class FP8Recipe:
             raise PolicyError(f"fp8: history_len must be >= 1, got {self.history_len}")
         if self.margin < 0:
             raise PolicyError(f"fp8: margin must be >= 0, got {self.margin}")
-        if self.scaling == "current" and (self.history_len != 1024 or self.amax_algo != "max" or self.margin != 0):
-            raise PolicyError("fp8: history_len, margin and amax_algo belong to delayed scaling; "
-                              "current scaling uses each tensor's own amax")
+        if self.scaling != "delayed" and (self.history_len != 1024 or self.amax_algo != "max" or self.margin != 0):
+            raise PolicyError(f"fp8: history_len, margin and amax_algo belong to delayed scaling; "
+                              f"{self.scaling} scaling uses each tensor's own amax")
+        self._block_options()
+
+    def _block_options(self) -> None:
+        s = self.scaling
+        rounding = self.rounding
+        if rounding is not None:
+            if s != "mxfp8":
+                raise PolicyError(f"fp8: rounding (of MX block scales) applies to mxfp8, not {s}")
+            rounding = str(rounding).strip().lower()
+            if rounding not in MX_ROUNDINGS:
+                from .errors import did_you_mean
+                raise PolicyError(f'fp8: unknown mxfp8 rounding "{self.rounding}"{did_you_mean(rounding, MX_ROUNDINGS)}; '
+                                  f"use one of {', '.join(MX_ROUNDINGS)}")
+        elif s == "mxfp8":
+            rounding = "rceil"
+        object.__setattr__(self, "rounding", rounding)
+        for name in ("sr", "rht", "weight_blocks"):
+            if getattr(self, name) is not None and s != "nvfp4":
+                raise PolicyError(f"fp8: {name} applies to nvfp4, not {s}")
+        if s != "nvfp4":
+            return
+        for name in ("sr", "rht"):
+            v = getattr(self, name)
+            if v is None:
+                v = True
+            if not isinstance(v, bool):
+                raise PolicyError(f"fp8: nvfp4 {name} must be true or false, got {v!r}")
+            object.__setattr__(self, name, v)
+        wb = "16x16" if self.weight_blocks is None else str(self.weight_blocks).strip().lower()
+        if wb not in NVFP4_WEIGHT_BLOCKS:
+            raise PolicyError(f'fp8: nvfp4 weight_blocks "{self.weight_blocks}" is not one of '
+                              f"{', '.join(NVFP4_WEIGHT_BLOCKS)}")
+        object.__setattr__(self, "weight_blocks", wb)
+
+    @property
+    def block_scaled(self) -> bool:
+        """A row-wise or block-scaled recipe (not one per-tensor scale)."""
+        return self.scaling in BLOCK_SCALINGS
 
     def to_dict(self) -> dict:
-        if self.scaling == "current":
-            return {"scaling": "current", "format": self.format, "engine": self.engine}
-        return dataclasses.asdict(self)
+        if self.scaling == "delayed":
+            return {k: getattr(self, k) for k in ("scaling", "history_len", "margin", "amax_algo",
+                                                    "format", "engine")}
+        d = {"scaling": self.scaling, "format": self.format, "engine": self.engine}
+        if self.scaling == "mxfp8":
+            d["rounding"] = self.rounding
+        if self.scaling == "nvfp4":
+            d.update(sr=self.sr, rht=self.rht, weight_blocks=self.weight_blocks)
+        return d
 
 
 def _check_pattern(pattern: Any, what: str) -> None:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dualprec.errors import PolicyError
+from dualprec.errors import PolicyError, UnsupportedPolicyError
 from dualprec.policy import FP8Recipe, Policy
 from dualprec.ref.casts import FP8_MAX
 from dualprec.ref.fp8 import ROLES, role_format
@@ -48,6 +48,7 @@ __all__ = ["FP8_COLLECTION", "Fp8DotGeneral", "fp8_dot_general", "current_dot_ge
            "FP8_MODULES", "setup_nnx", "nnx_apply_fp8_grads", "Fp8Meta", "Fp8NnxDot"]
 
 FP8_COLLECTION = "_overwrite_with_gradient"  # Flax's name (TrainState overwrites it)
+_BLOCK_KEY = "blockscale_state"  # dualprec_jax.blockscale.STATE_KEY
 _OP_NAME = "fp8"  # the submodule of a Dense that owns its state: <layer>/fp8/<role>_scale
 _FIELDS = ("scale", "amax_history")
 _RECIPE, _ALGOS, _FORMATS = "recipe", ("max", "most_recent"), ("hybrid", "e4m3")
@@ -60,13 +61,17 @@ except ImportError:  # pragma: no cover - older Flax: reuse sums (documented)
 
 
 def _recipe(recipe) -> FP8Recipe:
-    if isinstance(recipe, FP8Recipe):
-        return recipe
     if isinstance(recipe, dict):
-        return FP8Recipe(**recipe)
-    if isinstance(recipe, str):
-        return FP8Recipe(scaling=recipe)
-    raise TypeError(f"recipe must be a dualprec FP8Recipe (Policy.fp8), got {type(recipe).__name__}")
+        recipe = FP8Recipe(**recipe)
+    elif isinstance(recipe, str):
+        recipe = FP8Recipe(scaling=recipe)
+    if not isinstance(recipe, FP8Recipe):
+        raise TypeError(f"recipe must be a dualprec FP8Recipe (Policy.fp8), got {type(recipe).__name__}")
+    if recipe.block_scaled:
+        raise UnsupportedPolicyError(f"fp8={recipe.scaling}: Precision's Flax FP8 layers run per-tensor scaling "
+                                     "(delayed, current) only; call dualprec_jax.blockscale.block_linear "
+                                     "for block-scaled recipes")
+    return recipe
 
 
 def _is_fm32(x) -> bool:
@@ -270,14 +275,40 @@ class Fp8DotGeneral(nn.Module):
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
         recipe = _recipe(self.recipe)
         if recipe.scaling == "current":
-            return fp8_dot_general(lhs, rhs, dimension_numbers, recipe=recipe)
+            return fp8_dot_general(_input_source(lhs), _weight_source(rhs), dimension_numbers, recipe=recipe)
         fresh = init_meta(recipe)
         meta = {k: self.variable(FP8_COLLECTION, k, lambda v=v: v).value for k, v in fresh.items()}
         for k, v in meta.items():
             if v.shape != fresh[k].shape:
                 raise ValueError(f"FP8 state {'/'.join(map(str, self.path))}/{k} has shape {v.shape}, but "
                                  f"the recipe's history_len gives {fresh[k].shape}")
-        return fp8_dot_general(lhs, rhs, dimension_numbers, meta, recipe)
+        return fp8_dot_general(_input_source(lhs), _weight_source(rhs), dimension_numbers, meta, recipe)
+
+
+# The parameter and the input a Dense is about to multiply, before Flax casts them to the
+# compute dtype: the FP8 dot quantizes the weight from the parameter itself and the input as
+# the layer received it (Transformer Engine's rule, and the torch engine's), not from their
+# compute-dtype copies.  Set by the interceptor around one call.
+_PARAM_STACK: list = []
+_INPUT_STACK: list = []
+
+
+def _input_source(lhs):
+    if _INPUT_STACK:
+        x = _INPUT_STACK[-1]
+        if x is not None and getattr(x, "shape", None) == lhs.shape and jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+    return lhs
+
+
+def _weight_source(rhs):
+    """The stored kernel in place of its compute-dtype copy ``rhs`` when one is known and has
+    ``rhs``'s shape (the gradient then flows to the parameter directly, in its dtype)."""
+    if _PARAM_STACK:
+        kernel = _PARAM_STACK[-1]
+        if kernel is not None and getattr(kernel, "shape", None) == rhs.shape:
+            return kernel
+    return rhs
 
 
 def max_accumulating(variables):
@@ -342,11 +373,22 @@ def _intercept(policy: Policy, next_fun, args, kwargs, context):
     recipe = recipe_of(policy, ".".join(str(p) for p in module.path))
     if recipe is None or module.dot_general is not None or module.dot_general_cls is not None:
         return next_fun(*args, **kwargs)  # not under FP8, or the user chose their own dot
-    cls = functools.partial(Fp8DotGeneral, recipe=recipe, name=_OP_NAME)
+    if recipe.block_scaled:  # row-wise / MXFP8 / NVFP4 (docs/block-scaling.md)
+        from .blockscale import BlockDotGeneral
+
+        cls = functools.partial(BlockDotGeneral, recipe=recipe, layer=".".join(str(p) for p in module.path),
+                                name=_OP_NAME)
+    else:
+        cls = functools.partial(Fp8DotGeneral, recipe=recipe, name=_OP_NAME)
     object.__setattr__(module, "dot_general_cls", cls)
+    kernel = module.get_variable("params", "kernel") if module.has_variable("params", "kernel") else None
+    _PARAM_STACK.append(kernel)
+    _INPUT_STACK.append(args[0] if args else kwargs.get("inputs"))
     try:
         return next_fun(*args, **kwargs)
     finally:
+        _PARAM_STACK.pop()
+        _INPUT_STACK.pop()
         object.__setattr__(module, "dot_general_cls", None)
 
 
@@ -490,6 +532,10 @@ def state_tensors(variables, recipe: Any = None) -> dict[str, np.ndarray]:
     entries = _state_entries(variables)
     out = {}
     for layer, fields in sorted(_layer_roles(entries).items()):
+        if _BLOCK_KEY in fields:  # a block-scaled layer: int64 [seed, step], torch's name
+            st = np.asarray(jax.device_get(_to_f32(fields[_BLOCK_KEY])), np.float64).astype(np.int64)
+            out[_name(layer, "blockscale", "state")] = np.array([st[0] * 65536 + st[1], st[2]], np.int64)
+            continue
         r = _recipe_for(recipe, layer, fields)
         for role in ROLES:
             if f"{role}_scale" not in fields:
@@ -527,6 +573,7 @@ def load_state_tensors(variables, tensors: dict, recipe: Any = None):
     layers = _layer_roles(entries)
     expected = {_name(layer, role, f) for layer, fields in layers.items() for role in ROLES
                 if f"{role}_scale" in fields for f in _FIELDS}
+    expected |= {_name(layer, "blockscale", "state") for layer, fields in layers.items() if _BLOCK_KEY in fields}
     if given and not expected:
         raise PolicyError(f"the checkpoint holds FP8 state ({len(given)} tensors, e.g. {sorted(given)[0]}), "
                          "but this run has no delayed-scaling FP8 layers; load it into a run under the "
@@ -541,6 +588,10 @@ def load_state_tensors(variables, tensors: dict, recipe: Any = None):
     for name, value in given.items():
         *owner, role, field = name.split(".")[1:]
         layer = ".".join(owner)
+        if role == "blockscale":
+            if np.size(value) != 2:
+                raise PolicyError(f"{name} must hold [seed, step], got shape {np.shape(value)}")
+            continue
         cur = _to_f32(layers[layer][f"{role}_{field}"])
         if np.shape(value) != tuple(cur.shape) and not (field == "scale" and np.size(value) == 1):
             raise PolicyError(f"{name} has shape {np.shape(value)}, this run's has {tuple(cur.shape)} "
@@ -552,6 +603,9 @@ def load_state_tensors(variables, tensors: dict, recipe: Any = None):
             return old
         if owner and owner[-1] in (_OP_NAME, "dot_general"):
             owner = owner[:-1]
+        if key == _BLOCK_KEY:
+            seed, step = (int(v) for v in np.asarray(given[_name(".".join(owner), "blockscale", "state")]).reshape(2))
+            return jnp.asarray([seed >> 16, seed & 0xFFFF, step], jnp.float32)
         role, field = next((r, key[len(r) + 1:]) for r in ROLES if key.startswith(r + "_"))
         arr = np.asarray(given[_name(".".join(owner), role, field)], np.float32)
         return jnp.asarray(arr.reshape(()) if field == "scale" else arr)

@@ -59,6 +59,9 @@ def collection_name() -> str:
 def recipe_kwargs(recipe: FP8Recipe) -> tuple[str, dict]:
     """The TE recipe class name and its keyword arguments for a dualprec FP8Recipe
     (formats as TE ``Format`` member names)."""
+    if recipe.block_scaled:
+        raise UnsupportedPolicyError(f"fp8={recipe.scaling}: the Transformer Engine adapter maps delayed and "
+                                     "current scaling only; use engine=native")
     fmt = {"hybrid": "HYBRID", "e4m3": "E4M3"}[recipe.format]
     if recipe.scaling == "current":
         return "Float8CurrentScaling", {"fp8_format": fmt}

@@ -277,6 +277,10 @@ class FP8Linear(nn.Linear):
         recipe = FP8Recipe() if recipe is None else recipe
         if not isinstance(recipe, FP8Recipe):
             raise TypeError(f"recipe must be a dualprec FP8Recipe, got {type(recipe).__name__}")
+        if recipe.block_scaled:
+            raise UnsupportedPolicyError(f"fp8={recipe.scaling}: FP8Linear runs per-tensor scaling (delayed, "
+                                         "current); block-scaled recipes run in "
+                                         "dualprec_torch.blockscale.BlockScaledLinear (convert_module picks it)")
         self.recipe, self.emulate, self.pad, self.out_dtype = recipe, bool(emulate), pad, out_dtype
         self.fast_accum = bool(fast_accum)
         device = self.weight.device
@@ -344,13 +348,16 @@ class FP8Linear(nn.Linear):
                 _record(state, _WEIGHT, amaxes[1], self.recipe, fmt)
                 state[3][_STALE].fill_(1)
                 record = False
-        info = _CallInfo(self.recipe, out_dtype, self.pad, self.emulate, record, self.fast_accum)
+        # The GEMM's float32 result, the bias added in float32, one rounding to the output dtype:
+        # the op policy's matmul rule, and the JAX engine's (a bias added after rounding the
+        # product to bfloat16 would round twice).
+        info = _CallInfo(self.recipe, torch.float32, self.pad, self.emulate, record, self.fast_accum)
         xq, wq = _quantize(x2d, x_scale, fmt), _quantize(self.weight, w_scale, fmt)
         y = _FP8Matmul.apply(x2d, self.weight, xq, _div(1.0, x_scale), wq, _div(1.0, w_scale), amaxes,
                              *state, info)
-        if self.bias is not None:
-            y = y + self.bias.to(out_dtype)
-        return y.reshape(*lead, self.out_features)
+        if self.bias is not None:  # the bias in the compute dtype (the op policy's), added in float32
+            y = y + self.bias.to(out_dtype).to(torch.float32)
+        return y.to(out_dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         r = self.recipe
@@ -454,7 +461,7 @@ def convert_module(model: nn.Module, policy, *, engine: str | None = None, emula
         return model
     if engine is not None:
         top = dataclasses.replace(top, engine=engine)
-    if select_engine(top) == "transformer-engine":
+    if select_engine(top) == "transformer-engine" and not top.block_scaled:
         from . import te
 
         return te.convert_module(model, policy, module_filter_fn=module_filter_fn)
@@ -462,14 +469,22 @@ def convert_module(model: nn.Module, policy, *, engine: str | None = None, emula
     if device is not None:
         check_device(device, emulate=emulate)
     for path, module, recipe in list(fp8_layers(model, policy, module_filter_fn)):
+        if recipe.block_scaled:  # row-wise / MXFP8 / NVFP4: emulated layers (docs/block-scaling.md)
+            from .blockscale import BlockScaledLinear, layer_seed
+
+            BlockScaledLinear.convert(module, recipe, layer_seed(path))
+            continue
         FP8Linear.convert(module, recipe, emulate=emulate)
+    from .blockscale import BlockScaledLinear
+
     others = [path for path, m in model.named_modules()
-              if isinstance(m, nn.Linear) and not isinstance(m, FP8Linear) and type(m) is not nn.Linear
+              if isinstance(m, nn.Linear) and not isinstance(m, (FP8Linear, BlockScaledLinear))
+              and type(m) is not nn.Linear
               and policy.for_module(path).fp8 is not None]
     if others:
         warnings.warn(f"FP8 leaves {len(others)} Linear subclass(es) as they are ({', '.join(others[:4])}): "
                       "quantized or custom layers do not run their GEMMs through FP8Linear", stacklevel=2)
-    if not any(isinstance(m, FP8Linear) for m in model.modules()):
+    if not any(isinstance(m, (FP8Linear, BlockScaledLinear)) for m in model.modules()):
         warnings.warn(f'policy "{policy}" asks for FP8 but the model has no nn.Linear under an FP8 '
                       "recipe; nothing was converted", stacklevel=2)
     return model
@@ -494,7 +509,18 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         for i, role in enumerate(ROLES):
             out[f"{prefix}.{role}.scale"] = scales[i].clone()
             out[f"{prefix}.{role}.amax_history"] = histories[i].clone()
+    for prefix, module in _block_modules(model):
+        out[f"{prefix}.blockscale.state"] = module.blockscale_state.detach().cpu().clone()
     return out
+
+
+def _block_modules(model: nn.Module):
+    """(name prefix, layer) for each block-scaled layer (state: int64 [seed, step])."""
+    from .blockscale import BlockScaledLinear
+
+    for path, module in model.named_modules():
+        if isinstance(module, BlockScaledLinear):
+            yield (f"fp8.{path}" if path else "fp8"), module
 
 
 def _float32(value) -> torch.Tensor:
@@ -529,6 +555,14 @@ def load_state_tensors(model: nn.Module, tensors, *, strict: bool = True) -> Non
                           "to take only the matching layers (the others start from fresh scales) call "
                           "dualprec_torch.fp8.load_state_tensors(model, tensors, strict=False), or drop "
                           "state['extensions']['fp8'] from a Precision state dict to ignore it")
+    for prefix, module in _block_modules(model):
+        key = f"{prefix}.blockscale.state"
+        if key in given:
+            value = given[key]
+            value = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(
+                __import__("numpy").asarray(value))
+            with torch.no_grad():
+                module.blockscale_state.copy_(value.reshape(2).to(torch.int64))
     for prefix, module in _fp8_modules(model):
         for i, role in enumerate(ROLES):
             key = f"{prefix}.{role}"

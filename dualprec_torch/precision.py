@@ -360,6 +360,10 @@ class Precision(contract.Precision):
         loss scaling.  Checkpoint recomputation and ``custom_bwd`` backwards in it apply the
         policy's op table as the forward did (on CPU too)."""
         self._auto_update()  # first: the update changes the scale tensor in place
+        if getattr(self, "_fp8_before", None) is None and self._model is not None:
+            # the FP8 state this iteration started from: a skipped step restores it, and
+            # state_dict() reports it until a step applies the gradients (docs/fp8.md, "Steps")
+            self._fp8_before = fp8.state_tensors(self._model) or None
         loss = self.scale_loss(loss)
         with backward_context():
             loss.backward(*args, **kwargs)
@@ -455,6 +459,10 @@ class Precision(contract.Precision):
                 self._in_step = False
             if record.masters is not None:
                 record.masters.copy_to_model()
+        before = getattr(self, "_fp8_before", None)
+        if before is not None and not finite:
+            fp8.load_state_tensors(self._model, before)  # a skipped step is no FP8 recipe step
+        self._fp8_before = None
         record.stage = "stepped"
         record.stepped_grads = [(weakref.ref(g), g._version) for g in self._grads(optimizer)]
         self._last_output = output  # what optimizer.step returned (a closure's loss), for Fabric
@@ -563,6 +571,8 @@ class Precision(contract.Precision):
         if self._model is not None:
             for name, ext in checkpoint.state_extensions("torch").items():
                 tensors = ext.state_tensors(self._model)
+                if name == "fp8" and getattr(self, "_fp8_before", None) is not None:
+                    tensors = self._fp8_before  # a backward whose gradients were not applied yet
                 if tensors:
                     extensions[name] = tensors
         return checkpoint.new_state(self._policy, self._scaler.scale, self._scaler.counter, masters, extensions)
@@ -578,6 +588,7 @@ class Precision(contract.Precision):
         if self._policy.master_weights and saved.master_weights:
             self._load_masters(state.get("master_weights", {}), strict)
         self._load_extensions(state.get("extensions", {}), strict)
+        self._fp8_before = None
         for r in self._records.values():
             r.stage, r.found_inf = "ready", {}
             r.last = contract.StepReport("none")  # no step since the load

@@ -57,6 +57,9 @@ def available() -> bool:
 def te_recipe(fp8_recipe):
     """The TE recipe object for a `dualprec.FP8Recipe`: DelayedScaling(fp8_format, margin,
     amax_history_len, amax_compute_algo) or Float8CurrentScaling(fp8_format)."""
+    if fp8_recipe.block_scaled:
+        raise UnsupportedPolicyError(f"fp8={fp8_recipe.scaling}: the Transformer Engine adapter maps delayed and "
+                                     "current scaling only; use engine=native")
     _, recipes = import_te()
     fmt = recipes.Format.HYBRID if fp8_recipe.format == "hybrid" else recipes.Format.E4M3
     if fp8_recipe.scaling == "current":

@@ -137,13 +137,15 @@ class _NnxOne(nnx.Module):
 POLICY = "params=float32,compute=bfloat16,output=float32,fp8=delayed(history_len=3)"
 
 
-def _ref_layer_run(x, w, b, cs, recipe):
-    """The reference run of one Dense under bf16 compute: bf16 operands, bf16 output gradient."""
+def _ref_layer_run(x, w, b, cs, recipe, from_params=False):
+    """The reference run of one Dense under bf16 compute: bf16 output gradient; operands as
+    the layer received them (``from_params``: the float32 input and parameter, the linen rule)
+    or their bf16 copies (nnx)."""
     state = ref.fp8_delayed_init(recipe)
-    xb = x.astype(BF16).astype(np.float32)
+    xb = x if from_params else x.astype(BF16).astype(np.float32)
     ys = []
     for c in cs:
-        wb = w.astype(BF16).astype(np.float32)
+        wb = w if from_params else w.astype(BF16).astype(np.float32)
         g = c.astype(BF16).astype(np.float32)  # the layer's output is rounded to bf16
         xq, wq, _, state = ref.fp8_gemm_qdq(xb, wb, state, recipe, grad_output=g)
         ys.append((xq @ wq + b.astype(BF16).astype(np.float32)).astype(BF16).astype(np.float32))
@@ -170,7 +172,7 @@ def test_linen_dense_through_precision_matches_ref():
         y, g = step(v, jnp.asarray(c))
         ys.append(np.asarray(y))
         v = fp8.apply_fp8_grads(v, g)
-    want_ys, state = _ref_layer_run(x, w, b, cs, prec.policy.fp8)
+    want_ys, state = _ref_layer_run(x, w, b, cs, prec.policy.fp8, from_params=True)
     st = fp8.state_tensors(v, prec.policy)
     assert sorted(st) == sorted(f"fp8.fc1.{r}.{f}" for r in ref.ROLES for f in ("scale", "amax_history"))
     for role in ref.ROLES:
@@ -358,6 +360,7 @@ def test_fp8_dense_inside_precision_autocast_of_a_function():
     loss = prec.autocast(lambda v, x: jnp.sum(model.apply(v, x).astype(jnp.float32)))
     g = jax.jit(jax.grad(loss))(v, x)
     state = fp8.state_tensors(fp8.apply_fp8_grads(v, g))
-    xb = x.astype(BF16).astype(np.float32)
-    assert state["fp8.fc1.input.amax_history"][0] == np.abs(xb).max()
+    # the input as the layer received it (float32), not its bf16 copy; the weight: the parameter
+    assert state["fp8.fc1.input.amax_history"][0] == np.abs(x).max()
+    assert state["fp8.fc1.weight.amax_history"][0] == np.abs(np.asarray(v["params"]["fc1"]["kernel"])).max()
     assert state["fp8.fc1.grad_output.amax_history"][0] == 1.0

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dualprec import FP8Recipe, LossScale, Policy, PolicyError, Quantization, presets
-from dualprec.policy import BLOCKSIZES, FP8_ENGINES, FP8_FORMATS, NONFINITE_RULES, QUANT_MODES
+from dualprec.policy import (BLOCKSIZES, FP8_ENGINES, FP8_FORMATS, MX_ROUNDINGS, NONFINITE_RULES,
+                             NVFP4_WEIGHT_BLOCKS, QUANT_MODES)
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 patterns = st.from_regex(r"[a-z][a-z0-9_]{0,6}(\.(\*|[0-9]|[a-z]{1,4})){0,2}", fullmatch=True)
@@ -41,8 +42,16 @@ def quants(draw):
 def fp8s(draw):
     engine = draw(st.sampled_from(FP8_ENGINES))
     fmt = draw(st.sampled_from(FP8_FORMATS))
-    if draw(st.booleans()):
+    kind = draw(st.sampled_from(["current", "delayed", "rowwise", "rowwise_with_gw_hp", "mxfp8", "nvfp4"]))
+    if kind == "current":
         return FP8Recipe("current", format=fmt, engine=engine)
+    if kind.startswith("rowwise"):
+        return FP8Recipe(kind, engine=engine)
+    if kind == "mxfp8":
+        return FP8Recipe("mxfp8", format=fmt, engine=engine, rounding=draw(st.sampled_from(MX_ROUNDINGS)))
+    if kind == "nvfp4":
+        return FP8Recipe("nvfp4", engine=engine, sr=draw(st.booleans()), rht=draw(st.booleans()),
+                         weight_blocks=draw(st.sampled_from(NVFP4_WEIGHT_BLOCKS)))
     return FP8Recipe("delayed", draw(st.integers(1, 2048)), draw(st.integers(0, 3)),
                      draw(st.sampled_from(["max", "most_recent"])), fmt, engine)
 
