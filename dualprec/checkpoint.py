@@ -40,7 +40,7 @@ import numpy as np
 
 from .errors import CheckpointError, PolicyError
 
-__all__ = ["FORMAT", "VERSION", "save", "load", "write_checked", "read_checked", "check_values", "save_state", "load_state", "state_to_file", "loadable_extensions",
+__all__ = ["FORMAT", "VERSION", "TRAINING_FORMAT", "OPTIMIZER_SLOTS", "save_training_file", "load_training_file", "save", "load", "write_checked", "read_checked", "check_values", "save_state", "load_state", "state_to_file", "loadable_extensions",
            "state_from_file", "new_state", "check_state", "StateExtension", "register_state_extension",
            "state_extensions"]
 
@@ -544,3 +544,94 @@ def save_state(path, state: Mapping) -> None:
 def load_state(path) -> dict:
     """The precision state dict stored at ``path``."""
     return state_from_file(*load(path))
+
+
+# --------------------------------------------------------------- the training checkpoint
+TRAINING_FORMAT = "dualprec.training"
+TRAINING_VERSION = 1
+#: optimizer kinds a training checkpoint carries, and the state slots of each (torch's names)
+OPTIMIZER_SLOTS = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",), "none": ()}
+
+
+def _flat_with_bf16(prefix: str, arrays: Mapping[str, Any], out: dict, bf16: list) -> None:
+    for name, a in arrays.items():
+        a = _to_numpy(a)
+        key = f"{prefix}{name}"
+        if key in out:
+            raise CheckpointError(f"save_training: the tensor name {key!r} is used twice")
+        if a.dtype.name == "bfloat16":  # safetensors' NumPy side has no bfloat16: stored as its bits
+            a, _ = a.view(np.uint16), bf16.append(key)
+        out[key] = _storable(a)
+
+
+def save_training_file(path, params: Mapping[str, Any], optimizer: Mapping[str, Any], precision: Mapping) -> None:
+    """Write one training checkpoint: ``params`` (torch name -> array, torch layout),
+    ``optimizer`` (``{"kind": "adam"|"sgd"|"none", "step": int, "slots": {slot: {name:
+    array}}}``, slots named as torch names them, arrays in torch layout) and ``precision``
+    (a precision state dict).  One safetensors file, the checksum over all of it."""
+    kind = optimizer.get("kind")
+    if kind not in OPTIMIZER_SLOTS:
+        raise CheckpointError(f"save_training: optimizer kind {kind!r}; one of {', '.join(OPTIMIZER_SLOTS)}")
+    step = int(optimizer.get("step", 0))
+    if not 0 <= step < 2**31:
+        raise CheckpointError(f"save_training: optimizer step {step} is outside [0, 2**31-1]")
+    slots = optimizer.get("slots", {})
+    if set(slots) != set(OPTIMIZER_SLOTS[kind]):
+        raise CheckpointError(f"save_training: a {kind} optimizer has the slots {OPTIMIZER_SLOTS[kind]}, got "
+                              f"{sorted(slots)}")
+    tensors: dict = {}
+    bf16: list = []
+    _flat_with_bf16("model.", params, tensors, bf16)
+    for slot, arrays in slots.items():
+        unknown = sorted(set(arrays) - set(params))
+        if unknown:
+            raise CheckpointError(f"save_training: optimizer state for {unknown}, which are not model parameters")
+        _flat_with_bf16(f"optim.{slot}.", arrays, tensors, bf16)
+    p_header, p_tensors = state_to_file(precision)
+    _flat_with_bf16("precision.", p_tensors, tensors, [])
+    header = {"format": TRAINING_FORMAT, "version": TRAINING_VERSION, "params": sorted(params),
+              "optimizer": {"kind": kind, "step": step, "slots": {s: sorted(a) for s, a in slots.items()}},
+              "precision": p_header, "bfloat16": sorted(bf16)}
+    write_checked(path, tensors, {_META_KEY: json.dumps(header, sort_keys=True)})
+
+
+def load_training_file(path) -> dict:
+    """``{"params", "optimizer", "precision"}`` of a file `save_training_file` wrote (the
+    forms it takes), after the checksum and the structure are checked."""
+    import ml_dtypes
+
+    path = Path(path)
+    meta, tensors, _ = read_checked(path, require=True)
+    try:
+        header = json.loads(meta.get(_META_KEY, ""), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: not a training checkpoint (no valid dualprec header)") from None
+    if not isinstance(header, dict) or header.get("format") != TRAINING_FORMAT:
+        what = header.get("format") if isinstance(header, dict) else None
+        hint = " (a precision checkpoint: load it with load_state)" if what == FORMAT else ""
+        raise CheckpointError(f"{path}: not a training checkpoint: format {_clip(repr(what))}{hint}")
+    if header.get("version") != TRAINING_VERSION:
+        raise CheckpointError(f"{path}: training checkpoint version {_clip(repr(header.get('version')))}; this "
+                              f"dualprec reads version {TRAINING_VERSION}")
+    for n in header.get("bfloat16", []):
+        if n not in tensors or tensors[n].dtype != np.uint16:
+            raise CheckpointError(f"{path}: the header lists {n!r} as bfloat16, but the file has no such uint16 tensor")
+        tensors[n] = tensors[n].view(ml_dtypes.bfloat16)
+    opt = header.get("optimizer", {})
+    kind = opt.get("kind")
+    if kind not in OPTIMIZER_SLOTS or not isinstance(opt.get("step"), int) or not 0 <= opt["step"] < 2**31:
+        raise CheckpointError(f"{path}: optimizer entry {_clip(repr(opt))} is not valid")
+    try:
+        params = {n: tensors.pop(f"model.{n}") for n in header["params"]}
+        slots = {s: {n: tensors.pop(f"optim.{s}.{n}") for n in names} for s, names in opt["slots"].items()}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: the header lists the tensor {_clip(str(e))}, which the file lacks") from None
+    if set(slots) != set(OPTIMIZER_SLOTS[kind]):
+        raise CheckpointError(f"{path}: a {kind} optimizer with slots {sorted(slots)}")
+    rest = {k[len("precision."):]: v for k, v in tensors.items() if k.startswith("precision.")}
+    extra = sorted(k for k in tensors if not k.startswith("precision."))
+    if extra:
+        raise CheckpointError(f"{path}: tensors the header does not list: {_clip(repr(extra))}")
+    precision = state_from_file(header.get("precision", {}), rest)
+    return {"params": params, "optimizer": {"kind": kind, "step": opt["step"], "slots": slots},
+            "precision": precision}
