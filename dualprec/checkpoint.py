@@ -40,7 +40,7 @@ import numpy as np
 
 from .errors import CheckpointError, PolicyError
 
-__all__ = ["FORMAT", "VERSION", "TRAINING_FORMAT", "OPTIMIZER_SLOTS", "save_training_file", "load_training_file", "save", "load", "write_checked", "read_checked", "check_values", "save_state", "load_state", "state_to_file", "loadable_extensions",
+__all__ = ["FORMAT", "VERSION", "TRAINING_FORMAT", "OPTIMIZER_SLOTS", "save_training_file", "load_training_file", "save", "load", "write_checked", "read_checked", "check_values", "clamped_loss_scale", "save_state", "load_state", "state_to_file", "loadable_extensions",
            "state_from_file", "new_state", "check_state", "StateExtension", "register_state_extension",
            "state_extensions"]
 
@@ -446,6 +446,23 @@ def check_values(state: Mapping, policy, what: str = "load_state_dict") -> None:
     if not (counter_f.is_integer() and 0 <= counter_f <= top):
         raise CheckpointError(f"{what}: loss_scale.counter {_clip(repr(ls['counter']))} is outside the valid range: "
                               f"an integer in [0, {top}] under loss_scale={cfg.kind}")
+
+
+def clamped_loss_scale(loss_scale: Mapping, policy) -> dict:
+    """The saved ``{"scale", "counter"}`` as a backend loads it under ``policy``: the scale
+    clamped to the policy's ``min``/``max`` (a strict=False resume from another policy may
+    bring one outside them) and the counter cut to ``growth_interval - 1``.  Both backends
+    apply this at load, so they agree from the first step on."""
+    cfg = policy.loss_scale
+    scale = np.float32(float(np.asarray(_to_numpy(loss_scale["scale"]))))
+    counter = int(np.asarray(_to_numpy(loss_scale["counter"])))
+    if cfg.kind == "dynamic":
+        if cfg.min_scale is not None:
+            scale = max(scale, np.float32(cfg.min_scale))
+        if cfg.max_scale is not None:
+            scale = min(scale, np.float32(cfg.max_scale))
+        counter = min(counter, cfg.growth_interval - 1)
+    return {"scale": float(scale), "counter": counter}
 
 
 def _to_numpy(x) -> np.ndarray:

@@ -67,11 +67,15 @@ class QuantizationError(PolicyError):
 
 class NonFiniteGradientError(FloatingPointError):
     """Raised by ``step`` under ``nonfinite=raise``: names the first parameter whose gradient
-    is not finite."""
+    is not finite.  The JAX backend's state is functional, so its error carries the state
+    after the skipped step (loss scale backed off, as torch's Precision keeps internally):
+    ``params, opt_state = err.params, err.opt_state`` (None from torch)."""
 
-    def __init__(self, message: str, parameter: str | None = None):
+    def __init__(self, message: str, parameter: str | None = None, *, params=None, opt_state=None):
         super().__init__(message)
         self.parameter = parameter
+        self.params = params
+        self.opt_state = opt_state
 
 
 def closest(token: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:

@@ -100,16 +100,18 @@ def floating_paths(tree) -> list[str]:
 
 
 def leaves_finite(grads) -> jax.Array:
-    """One bool per floating leaf (in tree order): every element, upcast to float32, finite."""
+    """One bool per floating leaf (in tree order): every element finite, half-precision leaves
+    upcast to float32 and float64 leaves checked in float64 (as torch.amp.GradScaler does:
+    1e39 in a float64 gradient is finite)."""
     leaves = _floating_leaves(grads)
     if not leaves:
         return jnp.ones((0,), bool)
-    return jnp.stack([jnp.isfinite(x.astype(jnp.float32)).all() for x in leaves])
+    return jnp.stack([jnp.isfinite(x.astype(jnp.promote_types(x.dtype, jnp.float32))).all() for x in leaves])
 
 
 def all_finite(grads) -> jax.Array:
-    """True when every floating leaf, upcast to float32, is finite (a float64 value beyond the
-    float32 range counts as an overflow, as in torch)."""
+    """True when every floating leaf is finite (half precision upcast to float32, float64
+    checked as float64, as torch.amp.GradScaler does)."""
     return leaves_finite(grads).all()
 
 

@@ -221,6 +221,8 @@ class Precision(contract.Precision):
             raise ValueError(f"setup(): the optimizer holds {len(foreign)} parameter(s) that are not in the "
                              "model passed with it; build the optimizer from model.parameters()")
         masters = MasterWeights(opt) if self._policy.master_weights else None
+        for p, master in masters.pairs if masters is not None else ():
+            self._names[id(master)] = self._names.get(id(p), "a parameter not in the model")  # its gradient's name
         self._records[id(opt)] = _OptimizerRecord(opt, masters)
 
     # ----- forward ----------------------------------------------------------------------
@@ -431,7 +433,7 @@ class Precision(contract.Precision):
             state = self._from_legacy(state)
         saved = checkpoint.check_state(state, self._policy, strict)
         if self._scaler.enabled and saved.loss_scale.enabled:
-            self._scaler.load_state_dict(state["loss_scale"])
+            self._scaler.load_state_dict(checkpoint.clamped_loss_scale(state["loss_scale"], self._policy))
         if self._policy.master_weights and saved.master_weights:
             self._load_masters(state.get("master_weights", {}), strict)
         self._load_extensions(state.get("extensions", {}), strict)

@@ -98,13 +98,14 @@ def _leaves(grads) -> Iterable[np.ndarray]:
 
 
 def all_finite(grads) -> bool:
-    """True when every scaled gradient (nested dict/list/tuple of arrays), upcast to float32, is finite."""
-    with np.errstate(over="ignore"):  # float64 values beyond float32 become inf: not finite
-        return all(bool(np.isfinite(g.astype(np.float32)).all()) for g in _leaves(grads))
+    """True when every scaled gradient (nested dict/list/tuple of arrays) is finite: half
+    precision upcast to float32, float64 checked in float64 (torch.amp.GradScaler's rule)."""
+    return all(bool(np.isfinite(g.astype(np.promote_types(g.dtype, np.float32))).all()) for g in _leaves(grads))
 
 
 def unscale(grads, state: LossScaleState):
-    """Gradients times float32(1/scale), in float32, with the same nesting as `grads`."""
+    """Gradients times float32(1/scale), in float32 (float64 gradients stay float64, as
+    GradScaler unscales them), with the same nesting as `grads`."""
     inv = np.float32(np.float32(1.0) / state.scale)
 
     def go(g):
@@ -112,6 +113,8 @@ def unscale(grads, state: LossScaleState):
             return {k: go(v) for k, v in g.items()}
         if isinstance(g, (list, tuple)):
             return type(g)(go(v) for v in g)
-        return np.asarray(g).astype(np.float32) * inv
+        g = np.asarray(g)
+        wide = np.promote_types(g.dtype, np.float32)
+        return g.astype(wide) * inv.astype(wide)
 
     return go(grads)

@@ -89,7 +89,8 @@ def test_state_round_trips_exactly():
 def test_all_finite_upcasts_and_unscale_multiplies_by_fp32_reciprocal():
     assert all_finite({"a": np.ones(3, np.float16), "b": [np.zeros(2)]})
     assert not all_finite({"a": np.ones(3, np.float16), "b": [np.array([np.nan])]})
-    assert not all_finite([np.array([1e39])])  # finite in float64, inf in float32
+    assert all_finite([np.array([1e39])])  # float64 is checked in float64, as GradScaler does
+    assert not all_finite([np.array([1e39], np.float32)])
     state = LossScaleState(np.float32(3.0), 0)
     g = unscale({"w": np.array([3.0, 6.0], np.float32)}, state)
     inv = np.float32(1) / np.float32(3)
