@@ -450,17 +450,17 @@ def check_values(state: Mapping, policy, what: str = "load_state_dict") -> None:
 
 def clamped_loss_scale(loss_scale: Mapping, policy) -> dict:
     """The saved ``{"scale", "counter"}`` as a backend loads it under ``policy``: the scale
-    clamped to the policy's ``min``/``max`` (a strict=False resume from another policy may
-    bring one outside them) and the counter cut to ``growth_interval - 1``.  Both backends
+    clamped to the policy's ``min``/``max`` and to [2**-126, 2**126] (a strict=False resume
+    from another policy, or an older file, may bring one outside them) and the counter cut to ``growth_interval - 1``.  Both backends
     apply this at load, so they agree from the first step on."""
     cfg = policy.loss_scale
     scale = np.float32(float(np.asarray(_to_numpy(loss_scale["scale"]))))
     counter = int(np.asarray(_to_numpy(loss_scale["counter"])))
     if cfg.kind == "dynamic":
-        if cfg.min_scale is not None:
-            scale = max(scale, np.float32(cfg.min_scale))
-        if cfg.max_scale is not None:
-            scale = min(scale, np.float32(cfg.max_scale))
+        from .ref.loss_scale import scale_bounds
+
+        lo, hi = scale_bounds(cfg)  # the policy's min/max inside [2**-126, 2**126]
+        scale = min(max(scale, np.float32(lo)), np.float32(hi))
         counter = min(counter, cfg.growth_interval - 1)
     return {"scale": float(scale), "counter": counter}
 

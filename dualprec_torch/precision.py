@@ -499,7 +499,8 @@ class Precision(contract.Precision):
                             f"'scale' and '_growth_tracker'), got {type(state).__name__}")
         if not self._scaler.enabled:
             raise PolicyError(f'"{self._policy}" has no loss scaling; a GradScaler state has nowhere to go')
-        self._scaler.load_state_dict({"scale": state["scale"], "counter": state["_growth_tracker"]})
+        self._scaler.load_state_dict(checkpoint.clamped_loss_scale(
+            {"scale": state["scale"], "counter": state["_growth_tracker"]}, self._policy))
 
     def master_params(self, optimizer) -> list[torch.Tensor]:
         """The tensors ``optimizer`` updates (float32 copies under master=true): clip these."""

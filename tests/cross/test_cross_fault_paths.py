@@ -171,3 +171,38 @@ def test_jmp_cast_to_full_and_half_ported():
         jax.tree.map(lambda x: getattr(x, "dtype", x), jmp.cast_to_full(half_tree))
     half = JaxPrecision("16-true").cast_to_compute(half_tree)
     assert half["o"] is half_tree["o"] and half["f"].dtype == jnp.float16 and half["i"].dtype == jnp.int16
+
+
+# ------------------------------------------- the scale at the edges: one range, three implementations
+@pytest.mark.parametrize("policy, seq", [
+    ("16-mixed,loss_scale=dynamic(init=2**-124,backoff=0.5)", [False] * 4 + [True] * 3),
+    ("16-mixed,loss_scale=dynamic(init=2**124,interval=1)", [True] * 4 + [False] + [True] * 2),
+    ("16-mixed,loss_scale=dynamic(init=2**-100,backoff=2**-24,interval=2)", [False] * 3 + [True] * 4),
+])
+def test_ref_torch_and_jax_agree_at_the_range_edges(policy, seq):
+    from dualprec import Policy
+    from dualprec_torch.loss_scale import LossScaler
+
+    cfg = Policy.parse(policy).loss_scale
+    r, j, t = ref.loss_scale_init(cfg), jls.loss_scale_init(cfg), LossScaler(cfg)
+    ours = {"ref": [], "jax": [], "torch": []}
+    for finite in seq:
+        r = ref.loss_scale_update(r, finite, cfg)
+        j = jax.jit(lambda s, f: jls.loss_scale_update(s, f, cfg))(j, finite)
+        t.update([torch.tensor(0.0 if finite else 1.0)])
+        ours["ref"].append(np.float32(r.scale).tobytes())
+        ours["jax"].append(np.asarray(j.scale, np.float32).tobytes())
+        ours["torch"].append(np.float32(t.scale).tobytes())
+    assert ours["ref"] == ours["jax"] == ours["torch"]
+    scales = [np.frombuffer(b, np.float32)[0] for b in ours["ref"]]
+    assert min(scales) >= 2.0**-126 and max(scales) <= 2.0**126
+    assert 2.0**-126 in scales or 2.0**126 in scales  # an edge was reached
+
+
+def test_jax_unscale_at_the_largest_scale_keeps_the_gradients():
+    state = jls.LossScaleState(jnp.float32(2.0**126), jnp.int32(0))
+    g = np.array([2.0**126, 1.5 * 2.0**127, -(2.0**100)], np.float32)
+    out = np.asarray(jax.jit(jls.unscale)([jnp.asarray(g)], state)[0])
+    np.testing.assert_array_equal(out, g * np.float32(2.0**-126))  # nonzero: 1/scale is a normal float32
+    r = ref.unscale([g], ref.LossScaleState(np.float32(2.0**126), 0))[0]
+    np.testing.assert_array_equal(out, r)
