@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -422,8 +423,8 @@ class Precision(contract.Precision):
         if self._model is not None:
             for name, ext in checkpoint.state_extensions("torch").items():
                 tensors = ext.state_tensors(self._model)
-                if tensors:
-                    extensions[name] = tensors
+                if tensors:  # tensors only, so torch.load(weights_only=True) reads a torch.save of it
+                    extensions[name] = {k: _as_tensor(v) for k, v in tensors.items()}
         return checkpoint.new_state(self._policy, self._scaler.scale, self._scaler.counter, masters, extensions)
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
@@ -506,3 +507,13 @@ class Precision(contract.Precision):
         """The tensors ``optimizer`` updates (float32 copies under master=true): clip these."""
         self._record(optimizer)
         return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _as_tensor(value) -> torch.Tensor:
+    """A torch tensor of an extension's value (quant's state is NumPy, bfloat16 via ml_dtypes)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    a = np.asarray(value)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))

@@ -186,3 +186,74 @@ def test_a_checkpoint_needs_matching_names(tmp_path):
     with pytest.raises(CheckpointError, match="names="):
         jck.load_training(tmp_path / "t.safetensors", jrun.params, jrun.opt_state, jrun.prec)  # no names map
     assert checkpoint.load_training_file(tmp_path / "t.safetensors")["optimizer"]["step"] == 1
+
+
+def test_torch_precision_state_of_a_quantized_model_loads_with_weights_only(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    prec = TorchPrecision("bf16-mixed,quant=nf4")
+    torch.manual_seed(0)
+    model = prec.setup(torch.nn.Sequential(torch.nn.Linear(64, 8)))
+    state = prec.state_dict()
+    assert state["extensions"]["quant"] and all(isinstance(v, torch.Tensor)
+                                                for v in state["extensions"]["quant"].values())
+    torch.save(state, tmp_path / "p.pt")
+    back = torch.load(tmp_path / "p.pt", weights_only=True)  # torch's default: no pickle of NumPy arrays
+    fresh = TorchPrecision("bf16-mixed,quant=nf4")
+    other = fresh.setup(torch.nn.Sequential(torch.nn.Linear(64, 8)))
+    fresh.load_state_dict(back)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("first", ["torch", "jax"])
+def test_master_weights_cross_in_a_training_checkpoint(first, tmp_path):
+    """bf16 params with float32 masters: the masters travel by torch name and layout."""
+    policy = "bf16-true,master=true"
+    torch.manual_seed(0)
+    tmodel = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    tprec = TorchPrecision(policy)
+    with torch.no_grad():
+        init = {n: p.detach().clone() for n, p in tmodel.named_parameters()}
+    topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-2)
+    tmodel, topt = tprec.setup(tmodel, topt)
+
+    class Two(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            h = fnn.Dense(8)(x)  # Dense_0 (named in call order)
+            return fnn.Dense(4)(h)
+
+    names = {"Dense_0": "0", "Dense_1": "1"}
+    jprec = JaxPrecision(policy)
+    shapes = jprec.init(Two(), jax.random.key(0), jnp.ones((1, 16)))["params"]
+    rules = jck.torch_names(shapes, names)
+    jparams = jax.tree_util.tree_map_with_path(
+        lambda path, x: jck._to_flax(init[rules[tuple(jck._key(k) for k in path)][0]].float().numpy(),
+                                     rules[tuple(jck._key(k) for k in path)][1], x), shapes)
+    tx = jprec.wrap_optimizer(optax.adamw(1e-2, weight_decay=1e-2))
+    jstate = tx.init(jparams)
+    x = np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32)
+    path = tmp_path / "m.safetensors"
+    if first == "torch":
+        for _ in range(3):
+            topt.zero_grad()
+            tprec.backward(tmodel(torch.from_numpy(x).bfloat16()).float().pow(2).mean())
+            tprec.step(topt)
+        tck.save_training(path, tmodel, topt, tprec)
+        jparams, jstate = jck.load_training(path, jparams, jstate, jprec, names=names)
+    else:
+        for _ in range(3):
+            grads = jax.grad(lambda p: jnp.mean(jprec.apply(Two(), {"params": p}, x).astype(jnp.float32) ** 2))(jparams)
+            jparams, jstate = jprec.step(tx, grads, jstate, jparams)
+        jck.save_training(path, jparams, jstate, jprec, names=names)
+        tck.load_training(path, tmodel, topt, tprec)
+    tmasters = {n: m for n, m in zip([n for n, _ in tmodel.named_parameters()],
+                                     [m for _, m in next(iter(tprec._records.values())).masters.pairs])}
+    jmasters = {rules[p][0]: jck._to_torch(v, rules[p][1]) for p, v in jck._leaves_with_paths(jstate.master)}
+    assert set(tmasters) == set(jmasters) == set(init)
+    for n in init:
+        np.testing.assert_array_equal(tmasters[n].detach().numpy(), jmasters[n], err_msg=n)
+        assert not np.array_equal(jmasters[n], init[n].float().numpy()), n  # they trained
+    tstep = {int(topt.state[p]["step"]) for g in topt.param_groups for p in g["params"]}
+    adam = [s for s in jck._states(jstate.inner) if isinstance(s, optax.ScaleByAdamState)][0]
+    assert tstep == {int(adam.count)} == {3}
