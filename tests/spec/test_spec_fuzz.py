@@ -185,3 +185,12 @@ def test_accepted_edge_values_train_three_steps_without_nan(backend, policy):
     losses, params = (_torch_losses if backend == "torch" else _jax_losses)(policy)
     assert np.isfinite(losses).all(), losses
     assert np.isfinite(params).all()
+
+
+@pytest.mark.parametrize("text", ["٣٢", "²", "16\n\x1b[2Jmixed", "x" * 100_000])
+def test_cli_refuses_non_ascii_digits_with_one_line(text, capsys):
+    from dualprec import cli
+
+    assert cli.main(["explain", text]) == 2  # a PolicyError, not 32-true nor a ValueError
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and len(err) < 2 * MAX_MESSAGE
