@@ -110,7 +110,10 @@ def _number(value: Any, what: str, *, integer: bool = False) -> Any:
                 raise PolicyError(f"{what} must be an integer, got {value!r}")
             value = int(value)
         return int(value)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        raise PolicyError(f"{what}={_show(value)} is out of range (beyond any float)") from None
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,8 @@ class Quantization:
         object.__setattr__(self, "mode", mode)
         object.__setattr__(self, "blocksize", _number(self.blocksize, "quant.blocksize", integer=True))
         object.__setattr__(self, "threshold", _number(self.threshold, "quant.threshold"))
+        if not isinstance(self.skip, (str, list, tuple)):
+            raise PolicyError(f"quant.skip must be a pattern or a list of patterns, got {self.skip!r}")
         skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
         for pattern in skip:
             _check_pattern(pattern, "quant.skip")

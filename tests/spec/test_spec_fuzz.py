@@ -194,3 +194,35 @@ def test_cli_refuses_non_ascii_digits_with_one_line(text, capsys):
     assert cli.main(["explain", text]) == 2  # a PolicyError, not 32-true nor a ValueError
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "\x1b" not in err and len(err) < 2 * MAX_MESSAGE
+
+
+def test_policy_dicts_raise_only_policy_error():
+    """Random dicts (as JSON/TOML files give them) with wrong types and out-of-range values."""
+    rng = random.Random(0)
+    values = [None, True, False, 0, 1, -1, 2**31, 10**400, 1.5, float("nan"), float("inf"), -0.0, 1e-46, 1e39, "",
+              "abc", "bf16", "f32", "dynamic", "nf4", "delayed", [], [1], ["x"], {}, {"a": 1}, "٣", "2**1024",
+              "\x1b", 5**0.5]
+    keys = {"param_dtype": None, "compute_dtype": None, "output_dtype": None, "reduce_dtype": None,
+            "loss_scale": ["kind", "init_scale", "growth_factor", "backoff_factor", "growth_interval", "min_scale",
+                           "max_scale"],
+            "quantization": ["mode", "blocksize", "threshold", "skip"],
+            "fp8": ["scaling", "history_len", "margin", "amax_algo", "format", "engine"],
+            "master_weights": None, "nonfinite": None, "overrides": None, "schema_version": None}
+    refused = 0
+    for _ in range(3000):
+        d = {"schema_version": 1}
+        for k in rng.sample(list(keys), rng.randint(1, 4)):
+            sub = keys[k]
+            if sub is None:
+                d[k] = rng.choice(values) if k != "overrides" else rng.choice(
+                    [[], [{"pattern": rng.choice(values), "policy": rng.choice(values)}], [1], "x"])
+            else:
+                d[k] = {s: rng.choice(values) for s in rng.sample(sub, rng.randint(1, len(sub)))}
+                if rng.random() < 0.7:
+                    d[k][sub[0]] = {"loss_scale": "dynamic", "quantization": "nf4", "fp8": "delayed"}[k]
+        try:
+            Policy.from_dict(d)
+        except PolicyError as e:
+            refused += 1
+            assert "\n" not in str(e) and "\x1b" not in str(e)
+    assert refused > 2000
