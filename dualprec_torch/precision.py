@@ -358,11 +358,17 @@ class Precision(contract.Precision):
         return finite
 
     def _first_nonfinite(self, optimizer) -> str | None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    return self._names.get(id(p), "a parameter not in the model")
-        return None
+        """The name of the first parameter whose gradient is not finite, the same on every
+        rank: under FSDP2 each rank looks at its own shards and the ranks agree on the
+        lowest index (a rank whose shards are all finite still names the bad parameter)."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        shards, group = local_shards([p.grad for p in params])
+        first = next((i for i, g in enumerate(shards) if not bool(torch.isfinite(g).all())), len(params))
+        if group is not None:
+            index = torch.tensor([first], dtype=torch.int64, device=shards[0].device)  # NCCL: on the GPU
+            torch.distributed.all_reduce(index, op=torch.distributed.ReduceOp.MIN, group=group)
+            first = int(index.item())
+        return self._names.get(id(params[first]), "a parameter not in the model") if first < len(params) else None
 
     def last_step(self, optimizer=None) -> contract.StepReport:
         """What the last `step` of ``optimizer`` (default: the only one) did; ``scale`` is the
