@@ -124,6 +124,8 @@ EDGES = [
     "16-mixed,loss_scale=dynamic(growth=2**126,interval=1)", "16-mixed,loss_scale=dynamic(interval=2147483647)",
     "16-mixed,loss_scale=static(2**126)", "16-mixed,loss_scale=static(2**-126)",
     "16-mixed,loss_scale=dynamic(init=2**-120,min=2**-126,max=2**126)",
+    "bf16-mixed,fp8=delayed(margin=32,history=1)", "bf16-mixed,fp8=delayed(margin=0,history=65536,algo=most_recent)",
+    "bf16-mixed,fp8=current(format=e4m3)",
 ]
 
 
@@ -162,21 +164,26 @@ def _jax_losses(policy):
         def __call__(self, x):
             return nn.Dense(2)(nn.gelu(nn.Dense(16)(x)))
 
+    from dualprec_jax import fp8
+
     prec = Precision(policy)
     x = jax.random.normal(jax.random.key(1), (4, 8))
     y = jax.random.normal(jax.random.key(2), (4, 2))
-    params = prec.init(MLP(), jax.random.key(0), x)["params"]
+    variables = prec.init(MLP(), jax.random.key(0), x)  # params, and FP8 state under delayed scaling
+    params = variables["params"]
     tx = prec.wrap_optimizer(optax.adamw(1e-2))
     opt_state = tx.init(params)
     out = []
     for _ in range(3):
-        def loss_fn(p):
-            loss = jnp.mean((prec.apply(MLP(), {"params": p}, x) - y) ** 2)
+        def loss_fn(v):
+            loss = jnp.mean((prec.apply(MLP(), v, x) - y) ** 2)
             return prec.scale_loss(loss, opt_state), loss
-        grads, loss = jax.grad(loss_fn, has_aux=True)(params)
-        params, opt_state = prec.step(tx, grads, opt_state, params)
+        grads, loss = jax.grad(loss_fn, has_aux=True)({**variables, "params": params})
+        params, opt_state = prec.step(tx, grads["params"], opt_state, params)
+        variables = fp8.apply_fp8_grads({**variables, "params": params}, grads) if len(variables) > 1 else variables
         out.append(float(loss))
-    return out, np.concatenate([np.asarray(v, np.float32).ravel() for v in jax.tree.leaves(params)])
+    leaves = jax.tree.leaves({**variables, "params": params})
+    return out, np.concatenate([np.asarray(v, np.float32).ravel() for v in leaves])
 
 
 @pytest.mark.parametrize("policy", EDGES)
