@@ -139,6 +139,7 @@ def test_the_uninterrupted_runs_agree(straight):
         assert _bound(j_params[n], t_params[n]) < 1e-2, n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, second", [("torch", "jax"), ("jax", "torch")])
 def test_adamw_run_resumes_in_the_other_framework(straight, first, second, tmp_path):
     before = RUNS[first]()

@@ -119,13 +119,10 @@ def test_any_loss_scale_number_is_in_range_or_refused(arg, value):
 
 # ------------------------------------------------- accepted edges train without NaN
 EDGES = [
-    "16-mixed,loss_scale=dynamic(init=2**-126)", "16-mixed,loss_scale=dynamic(init=2**126)",
-    "16-mixed,loss_scale=dynamic(init=2**-126,backoff=2**-24,interval=1)",
-    "16-mixed,loss_scale=dynamic(growth=2**126,interval=1)", "16-mixed,loss_scale=dynamic(interval=2147483647)",
-    "16-mixed,loss_scale=static(2**126)", "16-mixed,loss_scale=static(2**-126)",
-    "16-mixed,loss_scale=dynamic(init=2**-120,min=2**-126,max=2**126)",
-    "bf16-mixed,fp8=delayed(margin=32,history=1)", "bf16-mixed,fp8=delayed(margin=0,history=65536,algo=most_recent)",
-    "bf16-mixed,fp8=current(format=e4m3)",
+    "16-mixed,loss_scale=dynamic(init=2**-126,backoff=2**-24,interval=1)",  # the smallest scale and backoff
+    "16-mixed,loss_scale=dynamic(init=2**126,growth=2**126,interval=1)",  # the largest scale and growth
+    "16-mixed,loss_scale=dynamic(interval=2147483647,min=2**-126,max=2**126)", "16-mixed,loss_scale=static(2**126)",
+    "bf16-mixed,fp8=delayed(margin=32,history=1)", "bf16-mixed,fp8=delayed(history=65536,algo=most_recent)",
 ]
 
 
@@ -186,6 +183,7 @@ def _jax_losses(policy):
     return out, np.concatenate([np.asarray(v, np.float32).ravel() for v in leaves])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", EDGES)
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_accepted_edge_values_train_three_steps_without_nan(backend, policy):
