@@ -170,14 +170,19 @@ def _jax_losses(policy):
     params = variables["params"]
     tx = prec.wrap_optimizer(optax.adamw(1e-2))
     opt_state = tx.init(params)
-    out = []
-    for _ in range(3):
+    @jax.jit
+    def train_step(variables, params, opt_state):
         def loss_fn(v):
             loss = jnp.mean((prec.apply(MLP(), v, x) - y) ** 2)
             return prec.scale_loss(loss, opt_state), loss
         grads, loss = jax.grad(loss_fn, has_aux=True)({**variables, "params": params})
         params, opt_state = prec.step(tx, grads["params"], opt_state, params)
         variables = fp8.apply_fp8_grads({**variables, "params": params}, grads) if len(variables) > 1 else variables
+        return variables, params, opt_state, loss
+
+    out = []
+    for _ in range(3):
+        variables, params, opt_state, loss = train_step(variables, params, opt_state)
         out.append(float(loss))
     leaves = jax.tree.leaves({**variables, "params": params})
     return out, np.concatenate([np.asarray(v, np.float32).ravel() for v in leaves])
