@@ -206,6 +206,29 @@ def _masters_from_torch(state: dict, params, names) -> dict:
     return dict(state, master_weights=out)
 
 
+def _rename_modules(state: dict, names: Mapping[str, str] | None, to_torch: bool) -> dict:
+    """FP8 state names ``fp8.<layer>.<role>.<state>`` with the layer path renamed by ``names``
+    (Flax module path -> torch module path; reversed when loading)."""
+    if not names or "fp8" not in state.get("extensions", {}):
+        return state
+    table = {k.replace("/", "."): v for k, v in names.items()}
+    if not to_torch:
+        table = {v: k for k, v in table.items()}
+
+    def rename(layer: str) -> str:
+        for src in sorted(table, key=len, reverse=True):
+            if layer == src or layer.startswith(src + "."):
+                return table[src] + layer[len(src):]
+        return layer
+
+    out = {}
+    for name, value in state["extensions"]["fp8"].items():
+        prefix, rest = name.split(".", 1)
+        layer, role, kind = rest.rsplit(".", 2)
+        out[f"{prefix}.{rename(layer)}.{role}.{kind}"] = value
+    return dict(state, extensions=dict(state["extensions"], fp8=out))
+
+
 # ------------------------------------------------------------------------------ the API
 def save_training(path, params, opt_state: LossScaledState, precision, *, variables=None,
                   names: Mapping[str, str] | None = None) -> None:
@@ -216,12 +239,14 @@ def save_training(path, params, opt_state: LossScaledState, precision, *, variab
     rules = torch_names(params, names)
     flat = {rules[p][0]: _to_torch(x, rules[p][1]) for p, x in _leaves_with_paths(params)}
     prec_state = _masters_to_torch(precision.state_dict(opt_state, variables), params, names)
+    prec_state = _rename_modules(prec_state, names, to_torch=True)
     checkpoint.save_training_file(path, flat, optimizer_state(params, opt_state, names), prec_state)
 
 
 def load_training(path, params, opt_state: LossScaledState, precision, *, variables=None,
                   names: Mapping[str, str] | None = None, strict: bool = True):
-    """``(params, opt_state)`` (and ``variables`` last when given) resumed from
+    """``(params, opt_state)`` (with ``variables``: ``(params, opt_state, variables)``, the
+    variables holding the new params and the FP8 state) resumed from
     `save_training`'s file, written by either backend.  ``params`` and ``opt_state`` give the
     structure (``tx.init(params)`` of the wrapped optimizer)."""
     data = checkpoint.load_training_file(path)
@@ -238,8 +263,10 @@ def load_training(path, params, opt_state: LossScaledState, precision, *, variab
         leaves.append(_to_flax(data["params"][name], layout, x) if name in data["params"] else x)
     new_params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves)
     opt_state = load_optimizer_state(params, opt_state, data["optimizer"], names)
-    prec_state = _masters_from_torch(data["precision"], params, names)
-    loaded = precision.load_state_dict(prec_state, opt_state, variables, strict=strict)
+    prec_state = _rename_modules(_masters_from_torch(data["precision"], params, names), names, to_torch=False)
     if variables is None:
-        return new_params, loaded
-    return (new_params,) + tuple(loaded)
+        return new_params, precision.load_state_dict(prec_state, opt_state, strict=strict)
+    if isinstance(variables, Mapping) and "params" in variables:
+        variables = {**variables, "params": new_params}
+    opt_state, variables = precision.load_state_dict(prec_state, opt_state, variables, strict=strict)
+    return new_params, opt_state, variables

@@ -258,3 +258,55 @@ def test_master_weights_cross_in_a_training_checkpoint(first, tmp_path):
     tstep = {int(topt.state[p]["step"]) for g in topt.param_groups for p in g["params"]}
     adam = [s for s in jck._states(jstate.inner) if isinstance(s, optax.ScaleByAdamState)][0]
     assert tstep == {int(adam.count)} == {3}
+
+
+@pytest.mark.parametrize("first", ["torch", "jax"])
+def test_fp8_state_crosses_in_a_training_checkpoint(first, tmp_path):
+    """Delayed-scaling FP8 state (scales, amax histories) travels under torch module names."""
+    from dualprec_jax import fp8 as jfp8
+    from dualprec_torch import fp8 as tfp8
+
+    policy = "bf16-mixed,fp8=delayed(history=4)"
+    torch.manual_seed(0)
+    tprec = TorchPrecision(policy)
+    tmodel = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    topt = torch.optim.SGD(tmodel.parameters(), lr=0.1, momentum=0.9)
+    tmodel, topt = tprec.setup(tmodel, topt)
+
+    class One(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return fnn.Dense(16)(x)
+
+    names = {"Dense_0": "0"}
+    jprec = JaxPrecision(policy)
+    x = np.random.default_rng(2).standard_normal((16, 32)).astype(np.float32)
+    variables = jprec.init(One(), jax.random.key(0), x)
+    params = variables["params"]
+    tx = jprec.wrap_optimizer(optax.sgd(0.1, momentum=0.9))
+    opt_state = tx.init(params)
+    path = tmp_path / "f.safetensors"
+    if first == "torch":
+        for _ in range(3):
+            topt.zero_grad()
+            with tprec.autocast():
+                loss = tprec.convert_output(tmodel(torch.from_numpy(x))).float().pow(2).mean()
+            tprec.backward(loss)
+            tprec.step(topt)
+        tck.save_training(path, tmodel, topt, tprec)
+        params, opt_state, variables = jck.load_training(path, params, opt_state, jprec, variables=variables,
+                                                         names=names)
+    else:
+        for _ in range(3):
+            grads = jax.grad(lambda v: jnp.mean(jprec.apply(One(), v, x).astype(jnp.float32) ** 2))(
+                {**variables, "params": params})
+            params, opt_state = jprec.step(tx, grads["params"], opt_state, params)
+            variables = jfp8.apply_fp8_grads({**variables, "params": params}, grads)
+        jck.save_training(path, params, opt_state, jprec, variables=variables, names=names)
+        tck.load_training(path, tmodel, topt, tprec)
+    theirs = {k.replace("fp8.Dense_0.", "fp8.0."): v for k, v in jfp8.state_tensors(variables).items()}
+    ours = {k: v.numpy() for k, v in tfp8.state_tensors(tmodel).items()}
+    assert set(ours) == set(theirs) and len(ours) == 6
+    for k in ours:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+    assert any(np.any(v != 0) for k, v in ours.items() if k.endswith("amax_history"))  # they trained
