@@ -69,18 +69,14 @@ class TorchRun:
         tck.load_training(path, self.model, self.opt, self.prec)
 
 
-class JaxRun:
-    def __init__(self):
-        self.prec = JaxPrecision(POLICY)
-        shapes = self.prec.init(FlaxMLP(), jax.random.key(0), jnp.ones((1, 16)))["params"]
-        rules = jck.torch_names(shapes, NAMES)
-        torch_init = {n: p.detach().numpy() for n, p in _torch_model().named_parameters()}
-        self.params = jax.tree_util.tree_map_with_path(
-            lambda path, x: jnp.asarray(jck._to_flax(torch_init[rules[tuple(jck._key(k) for k in path)][0]],
-                                                     rules[tuple(jck._key(k) for k in path)][1], x)), shapes)
-        self.tx = self.prec.wrap_optimizer(optax.adamw(LR, weight_decay=1e-2))  # torch AdamW's defaults
-        self.opt_state = self.tx.init(self.params)
-        prec, tx = self.prec, self.tx
+_JAX = {}
+
+
+def _jax_parts():
+    """One Precision, optimizer and jitted step for every JaxRun (compiled once)."""
+    if not _JAX:
+        prec = JaxPrecision(POLICY)
+        tx = prec.wrap_optimizer(optax.adamw(LR, weight_decay=1e-2))  # torch AdamW's defaults
 
         @jax.jit
         def train_step(params, opt_state, x, y, mult):
@@ -91,7 +87,20 @@ class JaxRun:
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss
 
-        self._step = train_step
+        _JAX.update(prec=prec, tx=tx, step=train_step)
+    return _JAX["prec"], _JAX["tx"], _JAX["step"]
+
+
+class JaxRun:
+    def __init__(self):
+        self.prec, self.tx, self._step = _jax_parts()
+        shapes = self.prec.init(FlaxMLP(), jax.random.key(0), jnp.ones((1, 16)))["params"]
+        rules = jck.torch_names(shapes, NAMES)
+        torch_init = {n: p.detach().numpy() for n, p in _torch_model().named_parameters()}
+        self.params = jax.tree_util.tree_map_with_path(
+            lambda path, x: jnp.asarray(jck._to_flax(torch_init[rules[tuple(jck._key(k) for k in path)][0]],
+                                                     rules[tuple(jck._key(k) for k in path)][1], x)), shapes)
+        self.opt_state = self.tx.init(self.params)
 
     def step(self, i):
         self.params, self.opt_state, loss = self._step(self.params, self.opt_state, X[i], Y[i],
@@ -206,6 +215,7 @@ def test_torch_precision_state_of_a_quantized_model_loads_with_weights_only(tmp_
         assert torch.equal(v, other.state_dict()[k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", ["torch", "jax"])
 def test_master_weights_cross_in_a_training_checkpoint(first, tmp_path):
     """bf16 params with float32 masters: the masters travel by torch name and layout."""
@@ -260,6 +270,7 @@ def test_master_weights_cross_in_a_training_checkpoint(first, tmp_path):
     assert tstep == {int(adam.count)} == {3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", ["torch", "jax"])
 def test_fp8_state_crosses_in_a_training_checkpoint(first, tmp_path):
     """Delayed-scaling FP8 state (scales, amax histories) travels under torch module names."""
