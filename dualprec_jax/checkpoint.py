@@ -108,7 +108,8 @@ def _states(tree) -> list:
     return []
 
 
-_COUNT_ONLY = ("ScaleByScheduleState",)
+#: states whose arrays are a step count (set to the checkpoint's step) and configuration
+_COUNT_ONLY = ("ScaleByScheduleState", "InjectHyperparamsState", "InjectStatefulHyperparamsState")
 
 
 def _classify(inner) -> tuple[str, Any]:
@@ -171,9 +172,10 @@ def load_optimizer_state(params, opt_state, state: Mapping, names=None):
         if isinstance(tree, optax.TraceState):
             return tree._replace(trace=tree_from("momentum_buffer", tree.trace))
         if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+            tree = type(tree)(*[rebuild(v) if isinstance(v, (tuple, list)) else v for v in tree])
             if type(tree).__name__ in _COUNT_ONLY and kind == "adam":
-                return tree._replace(count=jnp.asarray(step, tree.count.dtype))
-            return type(tree)(*[rebuild(v) if isinstance(v, (tuple, list)) else v for v in tree])
+                tree = tree._replace(count=jnp.asarray(step, tree.count.dtype))
+            return tree
         if isinstance(tree, (tuple, list)):
             return type(tree)(rebuild(v) for v in tree)
         return tree

@@ -321,3 +321,26 @@ def test_fp8_state_crosses_in_a_training_checkpoint(first, tmp_path):
     for k in ours:
         np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
     assert any(np.any(v != 0) for k, v in ours.items() if k.endswith("amax_history"))  # they trained
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3),
+    lambda: optax.adamw(optax.linear_schedule(1e-3, 0.0, 10)),
+    lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)),
+    lambda: optax.sgd(1e-2, momentum=0.9, nesterov=True),
+], ids=["inject_hyperparams", "schedule", "chain", "nesterov"])
+def test_common_optax_wrappings_round_trip(make, tmp_path):
+    """Counts of schedules and inject_hyperparams follow the Adam step; a chain's other
+    stateless parts are left as they are."""
+    prec = JaxPrecision("16-mixed")
+    params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    tx = prec.wrap_optimizer(make())
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for _ in range(2):
+        params, state = prec.step(tx, jax.tree.map(lambda g: g * 65536.0, grads), state, params)
+    jck.save_training(tmp_path / "o.safetensors", params, state, prec)
+    _, back = jck.load_training(tmp_path / "o.safetensors", params, tx.init(params), prec)
+    leaves, again = jax.tree.leaves(state.inner), jax.tree.leaves(back.inner)
+    assert len(leaves) == len(again) and all(np.array_equal(a, b) for a, b in zip(leaves, again))
+    assert any(np.any(np.asarray(a) != 0) for a in leaves)
