@@ -22,6 +22,11 @@ only, still load with a warning; re-saving them writes version 3.  Writes go to 
 file in the same directory (mode per the umask), then a rename: a crash mid-save leaves the
 previous checkpoint as it was, and the next save to that path removes the crashed save's
 temporary file.
+
+Training checkpoints (`save_training_file` / `load_training_file`, called by
+``dualprec_torch.checkpoint`` and ``dualprec_jax.checkpoint``) put model parameters (torch
+names and layouts), the optimizer state and this precision state in one file of the same
+kind; docs/checkpoints.md describes both and the mapping between the frameworks.
 """
 
 from __future__ import annotations
