@@ -23,7 +23,7 @@ from . import exemptions
 from .backends.base import Backend, Optim, Session
 from .numerics import bit_equal, diff, dtype_name, first_bit_difference, measure, ulp
 from .records import Record
-from .tolerances import Tolerance, chain_bound, layer_bound, tolerance
+from .tolerances import Tolerance, activation_code_step, chain_bound, layer_bound, tolerance
 from .weights import WeightMap
 from .zoo import ModelSpec
 
@@ -49,7 +49,7 @@ class Context:
 
     @property
     def tol(self) -> Tolerance:
-        return tolerance(self.policy, self.spec.shape, self.math_mode, self.quantized_activations)
+        return tolerance(self.policy, self.spec.shape, self.math_mode, activation_code_step(self.policy))
 
     @property
     def quantized_activations(self) -> bool:
@@ -591,10 +591,12 @@ def check_quant(ctx: Context, sa: Session, sb: Session, before: tuple | None = N
                                "dequantized": sorted(wa), "problems": problems})]
 
 
-def check_fp8(ctx: Context, sa: Session, sb: Session) -> list[Record]:
-    """Bit-exact, after the training steps: every FP8 layer's delayed-scaling state (the
-    scale the next step uses and the amax history of input, weight and output gradient) is
-    the same bits in both backends, under the same flat names."""
+def check_fp8(ctx: Context, sa: Session, sb: Session, steps: int | None = None) -> list[Record]:
+    """Bit-exact, after ``steps`` training steps from the same weights (the matrix uses one:
+    later steps start from weights that differ by the GEMMs' summation order, so their amaxes
+    do too): every FP8 layer's state (the scale the next step uses and the amax history of
+    input, weight and output gradient; block-scaled recipes: seed and step) is the same bits
+    in both backends, under the same flat names."""
     try:
         fa, fb = sa.fp8_state(), sb.fp8_state()
     except NotImplementedError:
@@ -612,7 +614,8 @@ def check_fp8(ctx: Context, sa: Session, sb: Session) -> list[Record]:
                   f"scales, the FP8 weights and all that follows differ; {len(problems)} "
                   "tensors differ (detail.problems)")
     return [ctx.record("fp8-scales", "bit-exact", status, reason=reason,
-                       tolerance=0.0, where=problems[0].split(":")[0] if problems else None, step=ctx.steps,
+                       tolerance=0.0, where=problems[0].split(":")[0] if problems else None,
+                       step=ctx.steps if steps is None else steps,
                        detail={"tensors": len(fa), "problems": problems, "known_divergence": known})]
 
 
@@ -715,7 +718,9 @@ def run_checks(ctx: Context) -> list[Record]:
             recs += _guard(ctx, ("quant-codes",), lambda: check_quant(
                 ctx, *(pair or ctx.sessions(Optim("sgd", ctx.lr))), before[0] if pair and before else None))
         if "fp8-scales" in extra:
-            recs += _guard(ctx, ("fp8-scales",), lambda: check_fp8(ctx, *(pair or _trained_pair(ctx))))
+            # bit-exact after one step from the same weights: after that the trained weights
+            # (and so their amaxes) differ by the GEMMs' summation order
+            recs += _guard(ctx, ("fp8-scales",), lambda: check_fp8(ctx, *_trained_pair(ctx, 1), steps=1))
     return _known_divergence(ctx, recs)
 
 
@@ -729,9 +734,26 @@ KNOWN_DIVERGENCES = {
 }
 
 
+#: FP8 recipe -> why its records are not yet agreement (see docs/fp8.md)
+KNOWN_FP8_DIVERGENCES = {
+    s: ("known divergence: a native FP8 layer run in isolation on the same input gives outputs one "
+        "compute-dtype rounding apart on ~30% of elements (torch._scaled_mm and XLA's fp8 dot apply the "
+        "dequantizing scales and the bias in other orders), so the FP8 state after a step follows")
+    for s in ("delayed", "current")
+}
+
+
 def _known_divergence(ctx: Context, recs: list[Record]) -> list[Record]:
     modes = {p.quantization.mode for p in (ctx.policy, *(s for _, s in ctx.policy.overrides)) if p.quantization}
     why = next((KNOWN_DIVERGENCES[m] for m in sorted(modes) if m in KNOWN_DIVERGENCES), None)
+    scalings = {p.fp8.scaling for p in (ctx.policy, *(s for _, s in ctx.policy.overrides)) if p.fp8}
+    fp8_why = next((KNOWN_FP8_DIVERGENCES[k] for k in sorted(scalings) if k in KNOWN_FP8_DIVERGENCES), None)
+    if why is None and fp8_why is not None:
+        why = fp8_why
+        for r in recs:  # the FP8 state follows from the layer outputs
+            if r.check == "fp8-scales" and r.status == "fail":
+                r.detail["divergence_reason"] = r.reason
+                r.status, r.reason = "skip", f"{why}; measured: {r.reason}"
     fp8 = next((r for r in recs if r.check == "fp8-scales" and r.detail.get("known_divergence")), None)
     if why is None and fp8 is not None:
         why = f"follows from the known FP8 divergence ({fp8.detail['known_divergence']})"
@@ -744,10 +766,10 @@ def _known_divergence(ctx: Context, recs: list[Record]) -> list[Record]:
     return recs
 
 
-def _trained_pair(ctx: Context) -> tuple[Session, Session]:
-    """A fresh SGD session pair after ``ctx.steps`` training steps."""
+def _trained_pair(ctx: Context, steps: int | None = None) -> tuple[Session, Session]:
+    """A fresh SGD session pair after ``steps`` (default ``ctx.steps``) training steps."""
     sa, sb = ctx.sessions(Optim("sgd", ctx.lr))
-    for t in range(ctx.steps):
+    for t in range(ctx.steps if steps is None else steps):
         x, y = ctx.batch(t)
         sa.train_step(x, y)
         sb.train_step(x, y)

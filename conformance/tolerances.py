@@ -120,18 +120,37 @@ def acc_rel(policy: Policy, k: int, depth: float = 1.0, math_mode: str = "ieee")
 INT8_CODE_STEP = 2.0 / 127
 
 
+#: relative code step of an FP8 activation (E4M3: 3 mantissa bits; E5M2 gradients: 2) and of
+#: an NVFP4 one (E2M1: 1 mantissa bit), per flipped code
+FP8_CODE_STEP, FP4_CODE_STEP = 2.0 ** -2, 2.0 ** -1
+
+
+def activation_code_step(policy: Policy) -> float:
+    """The largest relative step of a quantized-activation code under ``policy`` and its
+    overrides (0 when no activation is quantized): LLM.int8, FP8 and NVFP4 recipes."""
+    step = 0.0
+    for p in (policy, *(sub for _, sub in policy.overrides)):
+        if p.quantization and p.quantization.mode.startswith("int8"):
+            step = max(step, INT8_CODE_STEP)
+        if p.fp8:
+            step = max(step, FP4_CODE_STEP if p.fp8.scaling == "nvfp4" else FP8_CODE_STEP)
+    return step
+
+
 def tolerance(policy: Policy, shape: ModelShape, math_mode: str = "ieee",
-              quantized_activations: bool = False) -> Tolerance:
+              quantized_activations: bool | float = False) -> Tolerance:
     """The magnitude bounds (relative) of the checks downstream of several layers.
 
-    ``quantized_activations`` (LLM.int8): a one-ULP difference upstream may move an int8
-    activation code, one code step per layer on the path."""
+    ``quantized_activations`` (LLM.int8, FP8, NVFP4): a one-ULP difference upstream may move
+    an activation code, one code step per layer on the path (True: int8's step; a float:
+    that relative step, see :func:`activation_code_step`)."""
     c = narrowest_compute(policy)
     acc = accumulate_dtype(policy)
     e_acc = eps(acc) + (2 * U_TF32 * 2 if math_mode == "tf32" and acc == "float32" else 0.0)
     fwd = 2 * eps(c) * math.sqrt(shape.n_round) + C_ACC * e_acc * math.sqrt(shape.n_reduce) * shape.n_layers
     if quantized_activations:
-        fwd += INT8_CODE_STEP * shape.n_layers
+        step = INT8_CODE_STEP if quantized_activations is True else float(quantized_activations)
+        fwd += step * shape.n_layers
     return Tolerance(c, acc, fwd, 2 * fwd)
 
 

@@ -13,10 +13,20 @@ quantized weights).  Loading never unpickles anything::
 File layout: tensor names are flat dotted strings (``loss_scale.scale``, ``loss_scale.counter``,
 ``master.<param name>``, ``fp8.<layer path>.<state name>``, quantized weights under
 bitsandbytes' key names); the safetensors metadata entry ``dualprec`` holds the header JSON:
-``format``, ``version``, ``policy``, the extensions and their tensor names, and a SHA-256 of
-the tensor bytes, so a truncated or altered file is refused rather than half loaded.  Writes
-go to a temporary file in the same directory, then a rename: a crash mid-save leaves the
-previous checkpoint as it was.
+``format``, ``version``, ``policy``, the extensions and their tensor names; the metadata entry
+``dualprec.sha256`` holds a SHA-256 of the whole file (both headers and the data, see
+`write_checked`), so a truncated or altered file is refused rather than half loaded, and the
+values are checked on load (the loss scale a finite float32 > 0 inside the policy's clamps,
+the counter in [0, growth_interval)).  Version-2 files, whose checksum covered the tensors
+only, still load with a warning; re-saving them writes version 3.  Writes go to a temporary
+file in the same directory (mode per the umask), then a rename: a crash mid-save leaves the
+previous checkpoint as it was, and the next save to that path removes the crashed save's
+temporary file.
+
+Training checkpoints (`save_training_file` / `load_training_file`, called by
+``dualprec_torch.checkpoint`` and ``dualprec_jax.checkpoint``) put model parameters (torch
+names and layouts), the optimizer state and this precision state in one file of the same
+kind; docs/checkpoints.md describes both and the mapping between the frameworks.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -32,19 +43,227 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, PolicyError
 
-__all__ = ["FORMAT", "VERSION", "save", "load", "save_state", "load_state", "state_to_file", "loadable_extensions",
+__all__ = ["FORMAT", "VERSION", "TRAINING_FORMAT", "OPTIMIZER_SLOTS", "save_training_file", "load_training_file", "save", "load", "write_checked", "read_checked", "check_values", "clamped_loss_scale", "save_state", "load_state", "state_to_file", "loadable_extensions",
            "state_from_file", "new_state", "check_state", "StateExtension", "register_state_extension",
            "state_extensions"]
 
 FORMAT = "dualprec.precision"
-VERSION = 2
+VERSION = 3
 _META_KEY = "dualprec"
 
 
 # ----------------------------------------------------------------------------- the file
+# The checksum covers every byte of the file: safetensors' own header (tensor names, dtypes,
+# shapes, offsets, the metadata with dualprec's JSON header) and the tensor data.  It lives
+# in the metadata entry ``dualprec.sha256`` as 64 hex digits; the digest is the SHA-256 of
+# the whole file with those 64 digits read as "0" * 64.  A flip of any bit therefore changes
+# the digest, the stored digits, or the entry's key (then the file has no checksum, which a
+# dualprec-written file of this version never lacks).
+_SUM_KEY = "dualprec.sha256"
+_SUM_MARK = b'"' + _SUM_KEY.encode() + b'":"'
+_PLACEHOLDER = b"0" * 64
+_CHUNK = 1 << 24
+
+
+def _read_head(f, size: int, path) -> bytes:
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated: {size} bytes)")
+    n = int.from_bytes(raw, "little")
+    if n <= 0 or 8 + n > size:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not safetensors: header "
+                              f"length {n}, file {size} bytes)")
+    return f.read(n)
+
+
+def _sum_offset(head: bytes) -> int | None:
+    """Byte offset (in the file) of the 64 checksum digits, None when the file has no checksum
+    entry; CheckpointError when the entry is there but malformed."""
+    at = head.find(_SUM_MARK)
+    if at < 0:
+        return None
+    if head.find(_SUM_MARK, at + 1) >= 0:
+        raise CheckpointError("two checksum entries in the header; the file was altered")
+    start = at + len(_SUM_MARK)
+    if head[start + 64:start + 65] != b'"':
+        raise CheckpointError("the checksum entry is malformed; the file was altered")
+    return 8 + start
+
+
+def _file_digest(f, offset: int) -> str:
+    """SHA-256 of the open file with the 64 bytes at ``offset`` read as the placeholder."""
+    h = hashlib.sha256()
+    f.seek(0)
+    pos = 0
+    while True:
+        chunk = f.read(_CHUNK)
+        if not chunk:
+            break
+        lo, hi = max(offset - pos, 0), min(offset + 64 - pos, len(chunk))
+        if lo < hi:
+            chunk = chunk[:lo] + _PLACEHOLDER[lo + pos - offset:hi + pos - offset] + chunk[hi:]
+        h.update(chunk)
+        pos += len(chunk)
+    return h.hexdigest()
+
+
+def _near_miss(key: str) -> bool:
+    """A metadata key one flipped bit away from the checksum key."""
+    a, b = key.encode("utf-8", "surrogatepass"), _SUM_KEY.encode()
+    return len(a) == len(b) and sum(bin(x ^ y).count("1") for x, y in zip(a, b)) == 1
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # no /proc: read it the portable way (and put it back)
+    os.umask(old)
+    return old
+
+
+def _host_tag() -> str:
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _sweep_temps(directory: Path, name: str) -> None:
+    """Remove temporary files that saves of ``name`` killed on this host left behind: those
+    whose writing process no longer runs (and temps of the older naming, an hour old)."""
+    import re
+    import time
+
+    ours = re.compile(re.escape(f".{name}.") + r"([0-9a-f]{8})-(\d+)\.[A-Za-z0-9_]+\.tmp")
+    older = re.compile(re.escape(f".{name}.") + r"[A-Za-z0-9_]{8}\.tmp")
+    host = _host_tag()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        m = ours.fullmatch(entry.name)
+        stale = False
+        if m:
+            pid = int(m.group(2))
+            if m.group(1) == host and pid != os.getpid():
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    stale = True
+                except (PermissionError, OverflowError, OSError):
+                    stale = False
+        elif older.fullmatch(entry.name):
+            try:
+                stale = time.time() - entry.stat().st_mtime > 3600
+            except OSError:
+                stale = False
+        if stale:
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+def write_checked(path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, *,
+                  framework: str = "numpy") -> None:
+    """Write ``tensors`` with safetensors, plus a checksum over the whole file, atomically:
+    a temporary file in the same directory (mode per the umask), fsync, rename.  Every
+    failure removes the temporary file; temporary files of killed saves are swept first.
+    ``framework``: "numpy" (arrays) or "torch" (tensors, bfloat16 included)."""
+    if framework == "torch":
+        from safetensors.torch import save_file
+    else:
+        from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_temps(path.parent, path.name)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta[_SUM_KEY] = _PLACEHOLDER.decode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host_tag()}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(dict(tensors), tmp, metadata=meta)
+        with open(tmp, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            offset = _sum_offset(_read_head(f, size, tmp))
+            if offset is None:  # cannot happen: safetensors writes the metadata it is given
+                raise CheckpointError(f"{path}: safetensors did not write the checksum entry")
+            digest = _file_digest(f, offset)
+            f.seek(offset)
+            f.write(digest.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def read_checked(path, *, require: bool = True, framework: str = "numpy") -> tuple[dict, dict, bool]:
+    """``(metadata, tensors, verified)`` of a safetensors file.  A file carrying dualprec's
+    checksum is verified (CheckpointError if any byte differs).  One without it is refused
+    under ``require``; otherwise (a file torch or bitsandbytes wrote) it loads with
+    ``verified`` False, unless its metadata holds a key one bit from the checksum's."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            offset = _sum_offset(_read_head(f, size, path))
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from None
+        if offset is not None:
+            f.seek(offset)
+            stored = f.read(64)
+            if _file_digest(f, offset).encode() != stored:
+                raise CheckpointError(f"{path}: the file does not match its checksum; it was altered or damaged "
+                                      "after it was written")
+    try:
+        with safe_open(str(path), framework="pt" if framework == "torch" else framework) as f:
+            meta = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not safetensors: "
+                              f"{_clip(str(e))})") from None
+    verified = offset is not None
+    if verified and meta.get(_SUM_KEY) is None:
+        raise CheckpointError(f"{path}: the checksum entry is not in the metadata; the file was altered")
+    meta.pop(_SUM_KEY, None)
+    if not verified and (require or any(_near_miss(k) for k in meta)):
+        raise CheckpointError(f"{path}: the file carries no dualprec checksum"
+                              f"{' (a metadata key is one bit from it: the file was altered)' if not require else ''}"
+                              "; it was not written by this dualprec, or was altered")
+    return meta, tensors, verified
+
+
+def _clip(text: str, n: int = 200) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= n else text[:n] + "..."
+
+
 def _digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """Version 2's checksum: the tensor bytes only (kept to read version-2 files)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         a = _contiguous(tensors[name])
@@ -69,58 +288,55 @@ def _contiguous(a) -> np.ndarray:
 
 def save(path, header: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
     """Write ``tensors`` (flat name -> array) and ``header`` (JSON-ready, with "format",
-    "version" and "policy") to ``path`` atomically."""
-    from safetensors.numpy import save_file
-
+    "version" and "policy") to ``path`` atomically, with a checksum over the whole file."""
     for key in ("format", "version", "policy"):
         if key not in header:
             raise CheckpointError(f"checkpoint header needs {key!r}")
     arrays = {str(k): _storable(v) for k, v in tensors.items()}
-    head = dict(header, sha256=_digest(arrays))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(arrays, tmp, metadata={_META_KEY: json.dumps(head, sort_keys=True)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    head = {k: v for k, v in header.items() if k != "sha256"}
+    write_checked(path, arrays, {_META_KEY: json.dumps(head, sort_keys=True)})
 
 
 def load(path) -> tuple[dict, dict[str, np.ndarray]]:
     """``(header, tensors)`` from a file `save` wrote; CheckpointError if it is not one, is
-    truncated, or its tensors are not the ones it was written with."""
-    from safetensors import safe_open
-
+    truncated, or any byte differs from what was written.  A version-2 file (its checksum
+    covers the tensors, not the header) loads with a warning: re-save it to upgrade."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
-        raise CheckpointError(f"{path}: not a readable dualprec checkpoint (truncated or not safetensors: "
-                              f"{e})") from None
+    meta, tensors, verified = read_checked(path, require=False)
     if _META_KEY not in meta:
         raise CheckpointError(f"{path}: a safetensors file without a dualprec header; not a precision checkpoint")
     try:
-        header = json.loads(meta[_META_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: the dualprec header is not valid JSON ({e}); the file was altered") from None
+        header = json.loads(meta[_META_KEY], object_pairs_hook=_no_duplicates)
+    except (json.JSONDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: the dualprec header is not valid JSON ({_clip(str(e))}); the file was "
+                              "altered") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the dualprec header is not a JSON object; the file was altered")
+    if verified:
+        if "sha256" in header:
+            raise CheckpointError(f"{path}: the header carries a second checksum; the file was altered")
+        return header, tensors
     digest = header.pop("sha256", None)
+    if header.get("version") != 2 or not isinstance(digest, str):
+        raise CheckpointError(f"{path}: the file carries no checksum; it was altered, or was not written by dualprec")
     if digest != _digest(tensors):
         raise CheckpointError(f"{path}: the tensors do not match the checksum in the header; the file was "
                               "altered or damaged after it was written")
+    import warnings
+
+    warnings.warn(f"{path}: a version-2 precision checkpoint, whose checksum covers the tensors but not the "
+                  "header; it loads, but re-save it (dualprec.checkpoint.save_state(path, load_state(path))) "
+                  "so the checksum covers the whole file", UserWarning, stacklevel=3)
     return header, tensors
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
 
 
 # ------------------------------------------------------------------ the precision state
@@ -195,12 +411,63 @@ def check_state(state: Any, policy, strict: bool, what: str = "load_state_dict")
     if not isinstance(version, int) or version < 1 or version > VERSION:
         raise CheckpointError(f"{what}: precision state version {version!r}; this dualprec reads versions "
                               f"1..{VERSION} (a newer dualprec wrote it: upgrade)")
-    saved = Policy.parse(state["policy"])
+    try:
+        saved = Policy.parse(state["policy"])
+    except CheckpointError:
+        raise
+    except (PolicyError, KeyError) as e:
+        raise CheckpointError(f"{what}: the state's policy does not parse ({_clip(str(e))})") from None
+    check_values(state, saved, what)
     if strict and saved != policy:
         raise CheckpointError(f'{what}: this checkpoint was written under policy "{saved}", this Precision '
                               f'runs "{policy}"; resume with Precision("{saved}"), or pass strict=False to '
                               "take only the parts both policies share")
     return saved
+
+
+def check_values(state: Mapping, policy, what: str = "load_state_dict") -> None:
+    """CheckpointError naming the field when the loss-scale state cannot be one ``policy``
+    produces: the scale a finite float32 > 0 inside the policy's clamps, the counter an int32
+    in [0, growth_interval) (0 without dynamic scaling)."""
+    ls = state.get("loss_scale")
+    if not isinstance(ls, Mapping) or "scale" not in ls or "counter" not in ls:
+        raise CheckpointError(f"{what}: loss_scale must be a mapping with scale and counter, got {_clip(repr(ls))}")
+    try:
+        scale = float(np.asarray(_to_numpy(ls["scale"]), dtype=np.float64))
+        counter_f = float(np.asarray(_to_numpy(ls["counter"]), dtype=np.float64))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{what}: loss_scale.scale and loss_scale.counter must be numbers, got "
+                              f"{_clip(repr(ls['scale']))}, {_clip(repr(ls['counter']))}") from None
+    cfg = policy.loss_scale
+    with np.errstate(over="ignore"):
+        s32 = float(np.float32(scale))
+    lo = float(np.float32(cfg.min_scale)) if cfg.enabled and cfg.min_scale is not None else None
+    hi = float(np.float32(cfg.max_scale)) if cfg.enabled and cfg.max_scale is not None else None
+    if not (math.isfinite(s32) and s32 > 0) or (lo is not None and s32 < lo) or (hi is not None and s32 > hi):
+        where = f"[{lo if lo is not None else 'tiny'}, {hi if hi is not None else '3.4e38'}]"
+        raise CheckpointError(f"{what}: loss_scale.scale {scale!r} is outside the valid range: a finite float32 > 0 "
+                              f"in {where}")
+    top = cfg.growth_interval - 1 if cfg.kind == "dynamic" else 0
+    if not (counter_f.is_integer() and 0 <= counter_f <= top):
+        raise CheckpointError(f"{what}: loss_scale.counter {_clip(repr(ls['counter']))} is outside the valid range: "
+                              f"an integer in [0, {top}] under loss_scale={cfg.kind}")
+
+
+def clamped_loss_scale(loss_scale: Mapping, policy) -> dict:
+    """The saved ``{"scale", "counter"}`` as a backend loads it under ``policy``: the scale
+    clamped to the policy's ``min``/``max`` and to [2**-126, 2**126] (a strict=False resume
+    from another policy, or an older file, may bring one outside them) and the counter cut to ``growth_interval - 1``.  Both backends
+    apply this at load, so they agree from the first step on."""
+    cfg = policy.loss_scale
+    scale = np.float32(float(np.asarray(_to_numpy(loss_scale["scale"]))))
+    counter = int(np.asarray(_to_numpy(loss_scale["counter"])))
+    if cfg.kind == "dynamic":
+        from .ref.loss_scale import scale_bounds
+
+        lo, hi = scale_bounds(cfg)  # the policy's min/max inside [2**-126, 2**126]
+        scale = min(max(scale, np.float32(lo)), np.float32(hi))
+        counter = min(counter, cfg.growth_interval - 1)
+    return {"scale": float(scale), "counter": counter}
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -237,22 +504,56 @@ def state_to_file(state: Mapping) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def state_from_file(header: Mapping, tensors: Mapping[str, np.ndarray]) -> dict:
-    """The precision state dict of ``(header, tensors)`` read by `load`."""
+    """The precision state dict of ``(header, tensors)`` read by `load`; CheckpointError
+    naming the entry when the header's structure or the tensors do not fit together."""
     if header.get("format") != FORMAT:
-        raise CheckpointError(f"not a precision checkpoint: format {header.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"not a precision checkpoint: format {_clip(repr(header.get('format')))}, "
+                              f"expected {FORMAT!r}")
+    policy = header.get("policy")
+    if not isinstance(policy, str):
+        raise CheckpointError(f"checkpoint header: policy must be a string, got {_clip(repr(policy))}")
+    names = {}
+    for key in ("masters", "bfloat16"):
+        value = header.get(key, [])
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise CheckpointError(f"checkpoint header: {key} must be a list of names, got {_clip(repr(value))}")
+        names[key] = value
+    exts = header.get("extensions", {})
+    if not (isinstance(exts, dict) and all(isinstance(v, list) and all(isinstance(n, str) for n in v)
+                                           for v in exts.values())):
+        raise CheckpointError(f"checkpoint header: extensions must map names to lists of tensor names, got "
+                              f"{_clip(repr(exts))}")
     tensors = dict(tensors)
-    for n in header.get("bfloat16", []):
+    listed = {"loss_scale.scale", "loss_scale.counter"} | {f"master.{n}" for n in names["masters"]}
+    listed |= {n for v in exts.values() for n in v}
+    unlisted = sorted(set(tensors) - listed)
+    if unlisted:
+        raise CheckpointError(f"precision checkpoint holds tensors its header does not list: {_clip(repr(unlisted))}")
+    for n in names["bfloat16"]:
         import ml_dtypes
 
+        if n not in tensors or tensors[n].dtype != np.uint16:
+            raise CheckpointError(f"checkpoint header lists {n!r} as bfloat16, but the file holds no uint16 "
+                                  "tensor of that name")
         tensors[n] = tensors[n].view(ml_dtypes.bfloat16)
     try:
         scale, counter = tensors["loss_scale.scale"], tensors["loss_scale.counter"]
-        masters = {name: tensors[f"master.{name}"] for name in header.get("masters", [])}
-        exts = {ext: {n: tensors[n] for n in names} for ext, names in header.get("extensions", {}).items()}
+        masters = {name: tensors[f"master.{name}"] for name in names["masters"]}
+        ext_tensors = {ext: {n: tensors[n] for n in ns} for ext, ns in exts.items()}
     except KeyError as e:
         raise CheckpointError(f"precision checkpoint lacks the tensor {e.args[0]!r} its header lists") from None
-    state = new_state(header["policy"], float(scale), int(counter), masters, exts)
+    if scale.shape != () or scale.dtype != np.float32:
+        raise CheckpointError(f"loss_scale.scale must be a float32 scalar, got {scale.dtype} {scale.shape}")
+    if counter.shape != () or counter.dtype != np.int32:
+        raise CheckpointError(f"loss_scale.counter must be an int32 scalar, got {counter.dtype} {counter.shape}")
+    try:
+        state = new_state(policy, float(scale), int(counter), masters, ext_tensors)
+    except CheckpointError:
+        raise
+    except PolicyError as e:
+        raise CheckpointError(f"checkpoint header: the policy does not parse ({_clip(str(e))})") from None
     state["version"] = header.get("version")
+    check_state(state, None, strict=False, what="load_state")
     return state
 
 
@@ -265,3 +566,94 @@ def save_state(path, state: Mapping) -> None:
 def load_state(path) -> dict:
     """The precision state dict stored at ``path``."""
     return state_from_file(*load(path))
+
+
+# --------------------------------------------------------------- the training checkpoint
+TRAINING_FORMAT = "dualprec.training"
+TRAINING_VERSION = 1
+#: optimizer kinds a training checkpoint carries, and the state slots of each (torch's names)
+OPTIMIZER_SLOTS = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",), "none": ()}
+
+
+def _flat_with_bf16(prefix: str, arrays: Mapping[str, Any], out: dict, bf16: list) -> None:
+    for name, a in arrays.items():
+        a = _to_numpy(a)
+        key = f"{prefix}{name}"
+        if key in out:
+            raise CheckpointError(f"save_training: the tensor name {key!r} is used twice")
+        if a.dtype.name == "bfloat16":  # safetensors' NumPy side has no bfloat16: stored as its bits
+            a, _ = a.view(np.uint16), bf16.append(key)
+        out[key] = _storable(a)
+
+
+def save_training_file(path, params: Mapping[str, Any], optimizer: Mapping[str, Any], precision: Mapping) -> None:
+    """Write one training checkpoint: ``params`` (torch name -> array, torch layout),
+    ``optimizer`` (``{"kind": "adam"|"sgd"|"none", "step": int, "slots": {slot: {name:
+    array}}}``, slots named as torch names them, arrays in torch layout) and ``precision``
+    (a precision state dict).  One safetensors file, the checksum over all of it."""
+    kind = optimizer.get("kind")
+    if kind not in OPTIMIZER_SLOTS:
+        raise CheckpointError(f"save_training: optimizer kind {kind!r}; one of {', '.join(OPTIMIZER_SLOTS)}")
+    step = int(optimizer.get("step", 0))
+    if not 0 <= step < 2**31:
+        raise CheckpointError(f"save_training: optimizer step {step} is outside [0, 2**31-1]")
+    slots = optimizer.get("slots", {})
+    if set(slots) != set(OPTIMIZER_SLOTS[kind]):
+        raise CheckpointError(f"save_training: a {kind} optimizer has the slots {OPTIMIZER_SLOTS[kind]}, got "
+                              f"{sorted(slots)}")
+    tensors: dict = {}
+    bf16: list = []
+    _flat_with_bf16("model.", params, tensors, bf16)
+    for slot, arrays in slots.items():
+        unknown = sorted(set(arrays) - set(params))
+        if unknown:
+            raise CheckpointError(f"save_training: optimizer state for {unknown}, which are not model parameters")
+        _flat_with_bf16(f"optim.{slot}.", arrays, tensors, bf16)
+    p_header, p_tensors = state_to_file(precision)
+    _flat_with_bf16("precision.", p_tensors, tensors, [])
+    header = {"format": TRAINING_FORMAT, "version": TRAINING_VERSION, "params": sorted(params),
+              "optimizer": {"kind": kind, "step": step, "slots": {s: sorted(a) for s, a in slots.items()}},
+              "precision": p_header, "bfloat16": sorted(bf16)}
+    write_checked(path, tensors, {_META_KEY: json.dumps(header, sort_keys=True)})
+
+
+def load_training_file(path) -> dict:
+    """``{"params", "optimizer", "precision"}`` of a file `save_training_file` wrote (the
+    forms it takes), after the checksum and the structure are checked."""
+    import ml_dtypes
+
+    path = Path(path)
+    meta, tensors, _ = read_checked(path, require=True)
+    try:
+        header = json.loads(meta.get(_META_KEY, ""), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: not a training checkpoint (no valid dualprec header)") from None
+    if not isinstance(header, dict) or header.get("format") != TRAINING_FORMAT:
+        what = header.get("format") if isinstance(header, dict) else None
+        hint = " (a precision checkpoint: load it with load_state)" if what == FORMAT else ""
+        raise CheckpointError(f"{path}: not a training checkpoint: format {_clip(repr(what))}{hint}")
+    if header.get("version") != TRAINING_VERSION:
+        raise CheckpointError(f"{path}: training checkpoint version {_clip(repr(header.get('version')))}; this "
+                              f"dualprec reads version {TRAINING_VERSION}")
+    for n in header.get("bfloat16", []):
+        if n not in tensors or tensors[n].dtype != np.uint16:
+            raise CheckpointError(f"{path}: the header lists {n!r} as bfloat16, but the file has no such uint16 tensor")
+        tensors[n] = tensors[n].view(ml_dtypes.bfloat16)
+    opt = header.get("optimizer", {})
+    kind = opt.get("kind")
+    if kind not in OPTIMIZER_SLOTS or not isinstance(opt.get("step"), int) or not 0 <= opt["step"] < 2**31:
+        raise CheckpointError(f"{path}: optimizer entry {_clip(repr(opt))} is not valid")
+    try:
+        params = {n: tensors.pop(f"model.{n}") for n in header["params"]}
+        slots = {s: {n: tensors.pop(f"optim.{s}.{n}") for n in names} for s, names in opt["slots"].items()}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: the header lists the tensor {_clip(str(e))}, which the file lacks") from None
+    if set(slots) != set(OPTIMIZER_SLOTS[kind]):
+        raise CheckpointError(f"{path}: a {kind} optimizer with slots {sorted(slots)}")
+    rest = {k[len("precision."):]: v for k, v in tensors.items() if k.startswith("precision.")}
+    extra = sorted(k for k in tensors if not k.startswith("precision."))
+    if extra:
+        raise CheckpointError(f"{path}: tensors the header does not list: {_clip(repr(extra))}")
+    precision = state_from_file(header.get("precision", {}), rest)
+    return {"params": params, "optimizer": {"kind": kind, "step": opt["step"], "slots": slots},
+            "precision": precision}

@@ -158,7 +158,8 @@ def _presets(args) -> int:
 
 
 def _maybe_int(text: str):
-    return int(text) if text.strip().isdigit() else text
+    text_ = text.strip()
+    return int(text_) if text_.isascii() and text_.isdigit() else text  # "٣٢".isdigit() too
 
 
 add_arguments = {"explain": _explain_args, "presets": _presets_args}

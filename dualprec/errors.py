@@ -10,11 +10,45 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = ["PolicyError", "UnsupportedPolicyError", "CheckpointError", "QuantizationError",
-           "NonFiniteGradientError", "did_you_mean", "closest"]
+           "NonFiniteGradientError", "did_you_mean", "closest", "one_line", "MAX_MESSAGE"]
+
+
+#: the longest message a PolicyError carries; longer ones keep their start and end
+MAX_MESSAGE = 1000
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` as one printable line of at most about ``limit`` characters: control and other
+    non-printable characters (newlines, ANSI escapes) escaped as Python writes them, and an
+    overlong middle (an echoed 10 MB input) cut out with a note of how much."""
+    text = str(text)
+    cut = 0
+    if len(text) > limit:
+        keep = limit // 2
+        cut = len(text) - 2 * keep
+        head, tail = text[:keep], text[-keep:]
+    else:
+        head, tail = text, ""
+
+    def esc(part: str) -> str:
+        if part.isprintable():
+            return part
+        return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in part)
+
+    out = esc(head) if not cut else f"{esc(head)} ...[{cut} characters cut]... {esc(tail)}"
+    if len(out) > 2 * limit:  # escapes can quadruple the length
+        out = out[:limit] + f" ...[{len(out) - limit} characters cut]"
+    return out
 
 
 class PolicyError(ValueError):
-    """An invalid precision policy: names the offending token and, where one is near, the fix."""
+    """An invalid precision policy: names the offending token and, where one is near, the fix.
+    The message is always one printable line of bounded length (see `one_line`)."""
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (one_line(args[0]),)
+        super().__init__(*args)
 
 
 class UnsupportedPolicyError(PolicyError, NotImplementedError):
@@ -33,11 +67,15 @@ class QuantizationError(PolicyError):
 
 class NonFiniteGradientError(FloatingPointError):
     """Raised by ``step`` under ``nonfinite=raise``: names the first parameter whose gradient
-    is not finite."""
+    is not finite.  The JAX backend's state is functional, so its error carries the state
+    after the skipped step (loss scale backed off, as torch's Precision keeps internally):
+    ``params, opt_state = err.params, err.opt_state`` (None from torch)."""
 
-    def __init__(self, message: str, parameter: str | None = None):
+    def __init__(self, message: str, parameter: str | None = None, *, params=None, opt_state=None):
         super().__init__(message)
         self.parameter = parameter
+        self.params = params
+        self.opt_state = opt_state
 
 
 def closest(token: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
@@ -49,6 +87,8 @@ def closest(token: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0
 
 def did_you_mean(token: str, candidates: Iterable[str]) -> str:
     """Return ' (did you mean "x"?)' for the closest candidate, or '' when none is close."""
+    if len(token) > 100:  # nothing is near a very long token, and difflib is quadratic in it
+        return ""
     match = closest(token, candidates, n=1)
     if not match:
         return ""

@@ -61,9 +61,13 @@ _BOOL_ARGS = {"sr", "rht"}
 _INT_ARGS = {"growth_interval", "blocksize", "history_len", "margin"}
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
-_POWER = re.compile(r"(\d+)\s*(\*\*|\^)\s*([+-]?\d+)")
-_CALL = re.compile(r"([A-Za-z0-9_\-]+)\s*(\((.*)\))?", re.S)
+# ASCII digits only: "\d" alone also matches "٣٢", which float() reads as 32
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+_POWER = re.compile(r"(\d+)\s*(\*\*|\^)\s*([+-]?\d+)", re.ASCII)
+_CALL = re.compile(r"([A-Za-z0-9_\-]+)\s*(\((.*)\))?", re.S | re.ASCII)
+#: longer policy strings are refused before parsing (the longest real ones are a few hundred)
+MAX_POLICY_LENGTH = 4096
+_MAX_NUMBER_LENGTH = 64
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -85,6 +89,9 @@ def parse_policy(value: Any) -> Policy:
     if not isinstance(value, str):
         raise PolicyError(f"cannot make a policy from {type(value).__name__} {value!r}; "
                           "pass a string, an int, a dict or a Policy")
+    if len(value) > MAX_POLICY_LENGTH:
+        raise PolicyError(f"a policy string of {len(value)} characters is too long (at most {MAX_POLICY_LENGTH}); "
+                          f"it starts {value[:40]!r}")
     text = value.strip()
     if not text:
         raise PolicyError("empty policy string; try 'bf16-mixed' or see `dualprec presets`")
@@ -113,6 +120,10 @@ def _parse_name(text: str) -> Policy:
     for prefix, extra in (("int8_from_", {"quantization": Quantization("int8", threshold=0.0)}),
                           ("float8_from_", {"fp8": FP8Recipe("delayed")})):
         if name.startswith(prefix):
+            rest = name[len(prefix):]
+            if rest.startswith(("int8_from_", "float8_from_", "int4_from_")):
+                raise PolicyError(f'"{text}": a Keras quantized name takes one prefix (int8_from_ or float8_from_) '
+                                  f'before a policy name, e.g. "{prefix}mixed_bfloat16"')
             base = _parse_name(text[len(prefix):])
             return _replace(base, **extra)
     if name.startswith("int4_from_"):
@@ -165,8 +176,9 @@ def _split_item(item: str, whole: str) -> tuple[str, str]:
 
 def _parse_explicit(text: str) -> Policy:
     items = _split_top(text)
-    base = None
+    base, base_item = None, []
     if items and "=" not in items[0]:
+        base_item = [items[0]]
         base = _parse_name(items[0])
         if base.overrides:
             raise PolicyError(f"{items[0]!r} has overrides and cannot be a base")
@@ -192,6 +204,7 @@ def _parse_explicit(text: str) -> Policy:
         parent = _replace(base, **fields)
     if not overrides:
         return parent
+    _refuse_ambiguous(items, text, base_item)
     resolved = []
     for pattern, value in overrides:
         if value.startswith("(") and value.endswith(")"):
@@ -201,6 +214,25 @@ def _parse_explicit(text: str) -> Policy:
             sub = parse_policy(value)
         resolved.append((pattern, sub))
     return _replace(parent, overrides=tuple(resolved))
+
+
+def _refuse_ambiguous(items: list[str], whole: str, base: list[str]) -> None:
+    """``@head=p=f32,c=f32``: does c=f32 belong to head or to the whole policy?  An override
+    whose value is itself key=value, followed by more key=value items, could mean either."""
+    for i, item in enumerate(items):
+        key, value = _split_item(item, whole)
+        if not key.startswith("@") or value.startswith("(") or "=" not in value:
+            continue
+        after = [it for it in items[i + 1:] if not it.startswith("@")]
+        if not after:
+            continue
+        before, others = base + items[:i], [it for it in items[i + 1:] if it.startswith("@")]
+        pattern = key[1:].strip()
+        one = ",".join(before + [f"@{pattern}=({value},{','.join(after)})"] + others)
+        two = ",".join(before + after + [f"@{pattern}=({value})"] + others)
+        raise PolicyError(f'"{whole}" is ambiguous: does "{",".join(after)}" belong to @{pattern} or to the whole '
+                          f'policy? Write "{one}" (all of it for @{pattern}) or "{two}" (only {value} for '
+                          f"@{pattern})")
 
 
 def _parse_relative(parent: Policy, text: str, where: str) -> Policy:
@@ -316,11 +348,17 @@ def _parse_arg(field: str, value: str, what: str) -> Any:
 
 def _parse_number(text: str, what: str) -> float:
     text = text.strip()
+    if len(text) > _MAX_NUMBER_LENGTH:
+        raise PolicyError(f"{what}: a number of {len(text)} characters (at most {_MAX_NUMBER_LENGTH}); "
+                          "write e.g. 65536, 6.5e4 or 2**16")
     if _NUMBER.fullmatch(text):
-        return float(text)
+        return float(text)  # 1e400 reads as inf, which the field's range check refuses
     m = _POWER.fullmatch(text)
     if m:
-        return float(int(m.group(1))) ** int(m.group(3))
+        try:
+            return float(int(m.group(1))) ** int(m.group(3))
+        except (OverflowError, ZeroDivisionError):
+            raise PolicyError(f"{what}: {text} is out of range (not a finite float)") from None
     raise PolicyError(f"{what}: malformed number {text!r}; write e.g. 65536, 6.5e4 or 2**16")
 
 

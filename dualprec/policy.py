@@ -56,6 +56,54 @@ AMAX_ALGOS = ("max", "most_recent")
 NONFINITE_RULES = ("apply", "skip", "raise")
 
 
+# The dtypes the backends store these settings in: a float32 scale (whose reciprocal must be a
+# normal float32 too: XLA flushes float32 subnormals to zero), an int32 counter and interval.
+FLOAT32_MAX = 3.4028234663852886e38
+#: the loss scales (init, min, max) a policy may set: normal float32 numbers with a normal reciprocal
+SCALE_RANGE = (2.0**-126, 2.0**126)
+INT32_MAX = 2**31 - 1
+#: FP8 delayed scaling: the longest amax history (allocated per FP8 tensor) and the largest margin
+#: (the scale is divided by 2**margin in float32; beyond 32 it underflows for ordinary amax values)
+MAX_HISTORY_LEN = 2**16
+MAX_MARGIN = 32
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (inf beyond its range, 0 below its smallest subnormal)."""
+    import struct
+
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _in_range(value, lo, hi, what: str, kind: str, shown: str | None = None) -> None:
+    """PolicyError naming ``what`` and the valid range when ``value`` (as stored: ``kind``
+    "float32" or "int32") lies outside [lo, hi] (None: open)."""
+    stored = _f32(value) if kind == "float32" else value
+    ok = (not isinstance(stored, float) or math.isfinite(stored)) and (lo is None or stored >= lo) and \
+        (hi is None or stored <= hi)
+    if not ok:
+        show = _show(value)
+        if kind == "float32" and stored != value:
+            show += f" (as float32: {_show(stored)})"
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise PolicyError(f"{what}={show} is out of range: {article} {kind} in {shown or f'[{_show(lo)}, {_show(hi)}]'}")
+
+
+def _show(x) -> str:
+    if x is None:
+        return "..."
+    if isinstance(x, float) and x > 0 and math.isfinite(x):
+        m, e = math.frexp(x)
+        if m == 0.5 and abs(e - 1) >= 16:
+            return f"2**{e - 1}"
+    if isinstance(x, int) and x == INT32_MAX:
+        return "2**31-1"
+    return repr(x) if not isinstance(x, int) or abs(x) < 10**12 else f"{str(x)[:12]}...({len(str(x))} digits)"
+
+
 def _replace(obj, **changes):
     return dataclasses.replace(obj, **changes)
 
@@ -69,7 +117,10 @@ def _number(value: Any, what: str, *, integer: bool = False) -> Any:
                 raise PolicyError(f"{what} must be an integer, got {value!r}")
             value = int(value)
         return int(value)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        raise PolicyError(f"{what}={_show(value)} is out of range (beyond any float)") from None
 
 
 @dataclass(frozen=True)
@@ -135,22 +186,24 @@ def _validate_loss_scale(ls: LossScale) -> None:
         if any(getattr(ls, f) != defaults[f].default for f in defaults if f != "kind"):
             raise PolicyError("loss_scale: settings were given but kind is none; use kind='dynamic' or 'static'")
         return
-    if not (math.isfinite(ls.init_scale) and ls.init_scale > 0):
-        raise PolicyError(f"loss_scale: the scale must be a finite number > 0, got {ls.init_scale!r}")
+    _in_range(ls.init_scale, *SCALE_RANGE, "loss_scale.init_scale", "float32")
     if ls.kind == "static":
         if any(getattr(ls, f) != defaults[f].default for f in defaults if f not in ("kind", "init_scale")):
             raise PolicyError("loss_scale: growth/backoff/interval/min/max apply to dynamic scaling, not static")
         return
-    if not (math.isfinite(ls.growth_factor) and ls.growth_factor > 1.0):
-        raise PolicyError(f"loss_scale: growth_factor must be > 1, got {ls.growth_factor!r}")
-    if not (0.0 < ls.backoff_factor < 1.0):
-        raise PolicyError(f"loss_scale: backoff_factor must be in (0, 1), got {ls.backoff_factor!r}")
-    if ls.growth_interval < 1:
-        raise PolicyError(f"loss_scale: growth_interval must be >= 1, got {ls.growth_interval!r}")
-    if ls.min_scale is not None and not (math.isfinite(ls.min_scale) and 0 < ls.min_scale <= ls.init_scale):
-        raise PolicyError(f"loss_scale: min_scale must be in (0, init_scale={ls.init_scale!r}], got {ls.min_scale!r}")
-    if ls.max_scale is not None and not (math.isfinite(ls.max_scale) and ls.max_scale >= ls.init_scale):
-        raise PolicyError(f"loss_scale: max_scale must be finite and >= init_scale={ls.init_scale!r}, got {ls.max_scale!r}")
+    if not ls.growth_factor > 1.0:
+        raise PolicyError(f"loss_scale.growth_factor={_show(ls.growth_factor)} is out of range: a number in (1, 2**126]")
+    _in_range(ls.growth_factor, 1.0, SCALE_RANGE[1], "loss_scale.growth_factor", "float32", "(1, 2**126]")
+    if not ls.backoff_factor < 1.0:
+        raise PolicyError(f"loss_scale.backoff_factor={_show(ls.backoff_factor)} is out of range: a number in "
+                          "[2**-24, 1)")
+    _in_range(ls.backoff_factor, 2.0**-24, 1.0, "loss_scale.backoff_factor", "float32", "[2**-24, 1)")
+    _in_range(ls.growth_interval, 1, INT32_MAX, "loss_scale.growth_interval", "int32")
+    init = _f32(ls.init_scale)
+    if ls.min_scale is not None:
+        _in_range(ls.min_scale, SCALE_RANGE[0], init, "loss_scale.min_scale", "float32")
+    if ls.max_scale is not None:
+        _in_range(ls.max_scale, init, SCALE_RANGE[1], "loss_scale.max_scale", "float32")
 
 
 @dataclass(frozen=True)
@@ -177,6 +230,8 @@ class Quantization:
         object.__setattr__(self, "mode", mode)
         object.__setattr__(self, "blocksize", _number(self.blocksize, "quant.blocksize", integer=True))
         object.__setattr__(self, "threshold", _number(self.threshold, "quant.threshold"))
+        if not isinstance(self.skip, (str, list, tuple)):
+            raise PolicyError(f"quant.skip must be a pattern or a list of patterns, got {self.skip!r}")
         skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
         for pattern in skip:
             _check_pattern(pattern, "quant.skip")
@@ -188,8 +243,7 @@ class Quantization:
             raise PolicyError(f"quant: threshold is the LLM.int8 outlier threshold; {mode} has none")
         if not self.is_4bit and self.blocksize != 64:
             raise PolicyError(f"quant: blocksize applies to 4-bit modes; {mode} quantizes per row")
-        if not (math.isfinite(self.threshold) and self.threshold >= 0):
-            raise PolicyError(f"quant: threshold must be a finite number >= 0, got {self.threshold!r}")
+        _in_range(self.threshold, 0.0, FLOAT32_MAX, "quant.threshold", "float32", "[0, 3.4e38]")
 
     @property
     def is_4bit(self) -> bool:
@@ -272,10 +326,8 @@ class FP8Recipe:
             object.__setattr__(self, name, value)
         object.__setattr__(self, "history_len", _number(self.history_len, "fp8.history_len", integer=True))
         object.__setattr__(self, "margin", _number(self.margin, "fp8.margin", integer=True))
-        if self.history_len < 1:
-            raise PolicyError(f"fp8: history_len must be >= 1, got {self.history_len}")
-        if self.margin < 0:
-            raise PolicyError(f"fp8: margin must be >= 0, got {self.margin}")
+        _in_range(self.history_len, 1, MAX_HISTORY_LEN, "fp8.history_len", "int32")
+        _in_range(self.margin, 0, MAX_MARGIN, "fp8.margin", "int32")
         if self.scaling != "delayed" and (self.history_len != 1024 or self.amax_algo != "max" or self.margin != 0):
             raise PolicyError(f"fp8: history_len, margin and amax_algo belong to delayed scaling; "
                               f"{self.scaling} scaling uses each tensor's own amax")

@@ -97,10 +97,21 @@ def policy_to_json(p: Policy, **kwargs) -> str:
 
 def policy_from_json(text: str) -> Policy:
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise PolicyError(f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise PolicyError("not a policy: the JSON is nested too deeply") from None
     return _from_document(data, "JSON")
+
+
+def _unique_keys(pairs) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise PolicyError(f'JSON policy: the key "{key}" appears twice in one object; give each key once')
+        out[key] = value
+    return out
 
 
 def _from_document(data: Any, what: str) -> Policy:

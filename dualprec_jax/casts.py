@@ -46,13 +46,9 @@ def _cast_leaf(x: Any, dtype, path, what: str):
         if isinstance(x, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
         return jnp.asarray(x).astype(dtype)
-    if isinstance(x, (bool, int, float, complex)):
-        # Python scalars are weakly typed: they already follow the arrays they meet.
-        return x
-    where = jax.tree_util.keystr(path) or "<root>"
-    raise TypeError(f"{what}: leaf {where} is a {type(x).__module__}.{type(x).__qualname__}, not an array; "
-                    "casts take pytrees (dicts, lists, tuples, registered nodes) of JAX/NumPy arrays and "
-                    "Python numbers. Register custom containers with jax.tree_util.register_pytree_node")
+    # Python scalars are weakly typed (they follow the arrays they meet), and any other leaf
+    # (a string, an object) passes through untouched, as jmp's casts pass it
+    return x
 
 
 def cast_floating(tree: Any, dtype, what: str = "cast") -> Any:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dualprec import LossScale
+from dualprec.ref.loss_scale import scale_bounds
 
 __all__ = ["LossScaleState", "loss_scale_init", "loss_scale_update", "all_finite", "leaves_finite",
            "unscale", "scale_loss", "floating_paths"]
@@ -62,24 +63,22 @@ def _times(scale: jax.Array, factor: float) -> jax.Array:
 def loss_scale_update(state: LossScaleState, finite, config: LossScale) -> LossScaleState:
     """The state after a step whose scaled gradients were ``finite`` (a bool scalar).
 
-    Dynamic: non-finite -> scale * backoff (floored at min_scale), counter 0; finite ->
-    counter + 1, and on reaching growth_interval scale * growth if that is finite (capped
-    at max_scale), counter 0.  Static and none never change.  Jit-friendly: no Python
+    Dynamic: non-finite -> scale * backoff (floored at min_scale, and at 2**-126), counter 0;
+    finite -> counter + 1, and on reaching growth_interval scale * growth if that is finite
+    (capped at max_scale, and at 2**126), counter 0.  Static and none never change.  Jit-friendly: no Python
     branching on traced values.
     """
     config = _config(config)
     if config.kind != "dynamic":
         return state
+    lo, hi = scale_bounds(config)  # inside [2**-126, 2**126]: XLA flushes subnormals
     finite = jnp.asarray(finite, bool)
-    backed_off = _times(state.scale, config.backoff_factor)
-    if config.min_scale is not None:
-        backed_off = jnp.maximum(backed_off, jnp.float32(config.min_scale))
+    backed_off = jnp.maximum(_times(state.scale, config.backoff_factor), jnp.float32(lo))
     counter = state.counter + 1
     grows = counter >= config.growth_interval
     grown = _times(state.scale, config.growth_factor)
     grown = jnp.where(jnp.isfinite(grown), grown, state.scale)
-    if config.max_scale is not None:
-        grown = jnp.minimum(grown, jnp.float32(config.max_scale))
+    grown = jnp.minimum(grown, jnp.float32(hi))
     scale = jnp.where(finite, jnp.where(grows, grown, state.scale), backed_off)
     counter = jnp.where(finite & ~grows, counter, 0)
     return LossScaleState(scale.astype(jnp.float32), counter.astype(jnp.int32))
@@ -100,16 +99,18 @@ def floating_paths(tree) -> list[str]:
 
 
 def leaves_finite(grads) -> jax.Array:
-    """One bool per floating leaf (in tree order): every element, upcast to float32, finite."""
+    """One bool per floating leaf (in tree order): every element finite, half-precision leaves
+    upcast to float32 and float64 leaves checked in float64 (as torch.amp.GradScaler does:
+    1e39 in a float64 gradient is finite)."""
     leaves = _floating_leaves(grads)
     if not leaves:
         return jnp.ones((0,), bool)
-    return jnp.stack([jnp.isfinite(x.astype(jnp.float32)).all() for x in leaves])
+    return jnp.stack([jnp.isfinite(x.astype(jnp.promote_types(x.dtype, jnp.float32))).all() for x in leaves])
 
 
 def all_finite(grads) -> jax.Array:
-    """True when every floating leaf, upcast to float32, is finite (a float64 value beyond the
-    float32 range counts as an overflow, as in torch)."""
+    """True when every floating leaf is finite (half precision upcast to float32, float64
+    checked as float64, as torch.amp.GradScaler does)."""
     return leaves_finite(grads).all()
 
 

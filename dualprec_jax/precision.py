@@ -163,8 +163,12 @@ class Precision(contract.Precision):
 
         if self.policy.overrides:
             warnings.warn("to_jmp(): jmp has no per-module overrides; they are dropped", stacklevel=2)
-        return jmp.Policy(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype,
-                          output_dtype=self.output_dtype)
+        import jax.numpy as jnp
+
+        # jnp's scalar types (jnp.float32), which jmp's own tables (str(), dtype_to_names) are keyed by
+        p = self.policy
+        return jmp.Policy(param_dtype=getattr(jnp, p.param_dtype), compute_dtype=getattr(jnp, p.compute_dtype),
+                          output_dtype=getattr(jnp, p.output_dtype))
 
     # ----- Flax -----------------------------------------------------------------------
     def autocast(self, fun=None):
@@ -282,8 +286,10 @@ class Precision(contract.Precision):
             report = self.last_step(opt_state, grads)
             if report.outcome == "skipped":
                 raise NonFiniteGradientError(f"nonfinite=raise: the gradient of {report.nonfinite_parameter} is "
-                                             "not finite (inf/NaN); the step was skipped",
-                                             parameter=report.nonfinite_parameter)
+                                             "not finite (inf/NaN); the step was skipped (the state after it, "
+                                             "loss scale backed off, is err.params, err.opt_state)",
+                                             parameter=report.nonfinite_parameter, params=params,
+                                             opt_state=opt_state)
         return params, opt_state
 
     def last_step(self, opt_state, params=None) -> contract.StepReport:
@@ -339,7 +345,7 @@ class Precision(contract.Precision):
                             f"(tx.init(params)), got {type(opt_state).__name__}")
         saved = checkpoint.check_state(state, self.policy, strict)
         if self.policy.loss_scale.enabled and saved.loss_scale.enabled:
-            ls = state["loss_scale"]
+            ls = checkpoint.clamped_loss_scale(state["loss_scale"], self.policy)
             opt_state = opt_state._replace(loss_scale=LossScaleState(jnp.asarray(ls["scale"], jnp.float32),
                                                                      jnp.asarray(ls["counter"], jnp.int32)))
         if opt_state.master is not None and saved.master_weights:

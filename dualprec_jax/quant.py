@@ -990,16 +990,21 @@ def _safetensors():
 
 
 def save_bnb(path, params, policy, *, quant_storage: str = "uint8") -> None:
-    """`to_bnb_state_dict` written with safetensors (a torch bitsandbytes model loads it)."""
-    save_file = _safetensors().save_file
+    """`to_bnb_state_dict` written with safetensors (a torch bitsandbytes model loads it),
+    atomically and with dualprec's checksum over the whole file (`dualprec.checkpoint.write_checked`)."""
+    _safetensors()
+    from dualprec.checkpoint import write_checked
 
     # np.require keeps 0-d arrays 0-d (np.ascontiguousarray makes weight_format 1-d)
     tensors = to_bnb_state_dict(params, policy, quant_storage=quant_storage)
-    save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, str(path))
+    write_checked(path, {k: np.require(v, requirements="C") for k, v in tensors.items()})
 
 
 def load_bnb(path, params, policy, *, strict: bool = True):
-    """`from_bnb_state_dict` of a safetensors file (no pickle)."""
-    load_file = _safetensors().load_file
+    """`from_bnb_state_dict` of a safetensors file (no pickle).  A file dualprec wrote is
+    checked against its checksum; CheckpointError when it is damaged or not safetensors."""
+    _safetensors()
+    from dualprec.checkpoint import read_checked
 
-    return from_bnb_state_dict(load_file(str(path)), params, policy, strict=strict)
+    _, tensors, _ = read_checked(path, require=False)
+    return from_bnb_state_dict(tensors, params, policy, strict=strict)

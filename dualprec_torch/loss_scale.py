@@ -17,6 +17,8 @@ from collections import defaultdict
 
 import torch
 
+from dualprec.ref.loss_scale import scale_bounds
+
 __all__ = ["LossScaler"]
 
 
@@ -69,8 +71,8 @@ class LossScaler:
         c = self.config
         torch._amp_update_scale_(self._scale, self._counter, combined,
                                  c.growth_factor, c.backoff_factor, c.growth_interval)
-        if c.min_scale is not None or c.max_scale is not None:
-            self._scale.clamp_(min=c.min_scale, max=c.max_scale)
+        lo, hi = scale_bounds(c)  # min/max, inside [2**-126, 2**126] (the range shared with JAX)
+        self._scale.clamp_(min=lo, max=hi)
 
     # ----- state ----------------------------------------------------------------------
     @property

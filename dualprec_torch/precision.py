@@ -36,6 +36,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -310,6 +311,8 @@ class Precision(contract.Precision):
             raise ValueError(f"setup(): the optimizer holds {len(foreign)} parameter(s) that are not in the "
                              "model passed with it; build the optimizer from model.parameters()")
         masters = MasterWeights(opt) if self._policy.master_weights else None
+        for p, master in masters.pairs if masters is not None else ():
+            self._names[id(master)] = self._names.get(id(p), "a parameter not in the model")  # its gradient's name
         self._records[id(opt)] = _OptimizerRecord(opt, masters)
         if self._scaler.enabled or masters is not None:  # a direct optimizer.step() would be wrong
             opt.register_step_pre_hook(_Hook(self, "_direct_step_hook"))
@@ -489,11 +492,17 @@ class Precision(contract.Precision):
             record.found_inf, record.stage = {}, "unscaled"
 
     def _first_nonfinite(self, optimizer) -> str | None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    return self._names.get(id(p), "a parameter not in the model")
-        return None
+        """The name of the first parameter whose gradient is not finite, the same on every
+        rank: under FSDP2 each rank looks at its own shards and the ranks agree on the
+        lowest index (a rank whose shards are all finite still names the bad parameter)."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        shards, group = local_shards([p.grad for p in params])
+        first = next((i for i, g in enumerate(shards) if not bool(torch.isfinite(g).all())), len(params))
+        if group is not None:
+            index = torch.tensor([first], dtype=torch.int64, device=shards[0].device)  # NCCL: on the GPU
+            torch.distributed.all_reduce(index, op=torch.distributed.ReduceOp.MIN, group=group)
+            first = int(index.item())
+        return self._names.get(id(params[first]), "a parameter not in the model") if first < len(params) else None
 
     def last_step(self, optimizer=None) -> contract.StepReport:
         """What the last `step` of ``optimizer`` (default: the only one) did; ``scale`` is the
@@ -573,8 +582,8 @@ class Precision(contract.Precision):
                 tensors = ext.state_tensors(self._model)
                 if name == "fp8" and getattr(self, "_fp8_before", None) is not None:
                     tensors = self._fp8_before  # a backward whose gradients were not applied yet
-                if tensors:
-                    extensions[name] = tensors
+                if tensors:  # tensors only, so torch.load(weights_only=True) reads a torch.save of it
+                    extensions[name] = {k: _as_tensor(v) for k, v in tensors.items()}
         return checkpoint.new_state(self._policy, self._scaler.scale, self._scaler.counter, masters, extensions)
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
@@ -584,7 +593,7 @@ class Precision(contract.Precision):
             state = self._from_legacy(state)
         saved = checkpoint.check_state(state, self._policy, strict)
         if self._scaler.enabled and saved.loss_scale.enabled:
-            self._scaler.load_state_dict(state["loss_scale"])
+            self._scaler.load_state_dict(checkpoint.clamped_loss_scale(state["loss_scale"], self._policy))
         if self._policy.master_weights and saved.master_weights:
             self._load_masters(state.get("master_weights", {}), strict)
         self._load_extensions(state.get("extensions", {}), strict)
@@ -652,9 +661,20 @@ class Precision(contract.Precision):
                             f"'scale' and '_growth_tracker'), got {type(state).__name__}")
         if not self._scaler.enabled:
             raise PolicyError(f'"{self._policy}" has no loss scaling; a GradScaler state has nowhere to go')
-        self._scaler.load_state_dict({"scale": state["scale"], "counter": state["_growth_tracker"]})
+        self._scaler.load_state_dict(checkpoint.clamped_loss_scale(
+            {"scale": state["scale"], "counter": state["_growth_tracker"]}, self._policy))
 
     def master_params(self, optimizer) -> list[torch.Tensor]:
         """The tensors ``optimizer`` updates (float32 copies under master=true): clip these."""
         self._record(optimizer)
         return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _as_tensor(value) -> torch.Tensor:
+    """A torch tensor of an extension's value (quant's state is NumPy, bfloat16 via ml_dtypes)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    a = np.asarray(value)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))

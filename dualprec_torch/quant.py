@@ -51,7 +51,7 @@ __all__ = [
     "quantize_module", "quantized_layers", "is_quantized", "rebind_optimizer", "uses_quantization",
     "module_init_context",
     "state_tensors", "load_state_tensors", "deferred_init", "require_bitsandbytes",
-    "QuantizationError",
+    "QuantizationError", "save_bnb", "load_bnb",
 ]
 
 INSTALL_HINT = 'pip install "dualprec[bnb]"'
@@ -715,3 +715,29 @@ def _to_torch(a) -> torch.Tensor:
     if a.dtype.name == "bfloat16":
         return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
     return torch.from_numpy(np.array(a))
+
+
+# ----- bitsandbytes-layout files --------------------------------------------------------------
+
+
+def save_bnb(path, model: nn.Module) -> None:
+    """``model.state_dict()`` (bitsandbytes' layout for the quantized layers) written with
+    safetensors, atomically and with dualprec's checksum over the whole file; a plain
+    bitsandbytes model and `dualprec_jax.quant.load_bnb` read it."""
+    from dualprec.checkpoint import write_checked
+
+    write_checked(path, {k: v.detach().contiguous() for k, v in model.state_dict().items()}, framework="torch")
+
+
+def load_bnb(path, model: nn.Module, *, strict: bool = True) -> nn.Module:
+    """Load a bitsandbytes-layout safetensors file (`save_bnb`'s, JAX's `save_bnb`'s, or
+    one torch wrote) into ``model`` (set up by `Precision.setup`); a file dualprec wrote is
+    checked against its checksum (CheckpointError when damaged)."""
+    from dualprec.checkpoint import read_checked
+
+    _, tensors, _ = read_checked(path, require=False, framework="torch")
+    try:
+        model.load_state_dict(tensors, strict=strict)
+    except RuntimeError as e:
+        raise QuantizationError(f"load_bnb: {path} does not fit this model: {str(e).splitlines()[0]}") from None
+    return model

@@ -43,6 +43,21 @@ class LossScaleState:
             raise ValueError(f"loss-scale state dict is missing {e.args[0]!r}") from None
 
 
+#: The range every dynamic scale stays in, in all three implementations: normal float32
+#: numbers whose reciprocal is normal too.  XLA flushes float32 subnormals to zero, so below
+#: 2**-126 a JAX scale would become 0, and from 2**126 up 1/scale would (zeroing every unscaled
+#: gradient); GradScaler itself continues to 2**127 and into the subnormals.
+SCALE_MIN, SCALE_MAX = 2.0**-126, 2.0**126
+
+
+def scale_bounds(config: Any) -> tuple[float, float]:
+    """(floor, cap) of a dynamic scale: ``min_scale``/``max_scale`` where set, inside
+    [SCALE_MIN, SCALE_MAX]."""
+    lo = SCALE_MIN if getattr(config, "min_scale", None) is None else max(float(config.min_scale), SCALE_MIN)
+    hi = SCALE_MAX if getattr(config, "max_scale", None) is None else min(float(config.max_scale), SCALE_MAX)
+    return lo, hi
+
+
 def _kind(config: Any) -> str:
     kind = getattr(config, "kind", None)
     if kind not in KINDS:
@@ -65,24 +80,23 @@ def loss_scale_init(config: Any) -> LossScaleState:
 def loss_scale_update(state: LossScaleState, finite: bool, config: Any) -> LossScaleState:
     """The state after a step whose scaled gradients were `finite` (or not).
 
-    Dynamic: non-finite -> scale * backoff (floored at `min_scale` if set), counter 0;
-    finite -> counter + 1, and at `growth_interval` scale * growth if that is finite
-    (capped at `max_scale` if set), counter 0. Static and none never change.
+    Dynamic: non-finite -> scale * backoff (floored at `min_scale` if set, and always at
+    2**-126), counter 0; finite -> counter + 1, and at `growth_interval` scale * growth if
+    that is finite (capped at `max_scale` if set, and always at 2**126), counter 0. Static
+    and none never change.
     """
     if _kind(config) != "dynamic":
         return state
+    lo, hi = scale_bounds(config)
     if not finite:
-        scale = _times(state.scale, config.backoff_factor)
-        if config.min_scale is not None:
-            scale = max(scale, np.float32(config.min_scale))
+        scale = max(_times(state.scale, config.backoff_factor), np.float32(lo))
         return LossScaleState(scale=np.float32(scale), counter=0)
     counter = state.counter + 1
     if counter < config.growth_interval:
         return LossScaleState(scale=state.scale, counter=counter)
     grown = _times(state.scale, config.growth_factor)
     scale = grown if np.isfinite(grown) else state.scale
-    if config.max_scale is not None:
-        scale = min(scale, np.float32(config.max_scale))
+    scale = min(scale, np.float32(hi))
     return LossScaleState(scale=np.float32(scale), counter=0)
 
 
@@ -98,13 +112,14 @@ def _leaves(grads) -> Iterable[np.ndarray]:
 
 
 def all_finite(grads) -> bool:
-    """True when every scaled gradient (nested dict/list/tuple of arrays), upcast to float32, is finite."""
-    with np.errstate(over="ignore"):  # float64 values beyond float32 become inf: not finite
-        return all(bool(np.isfinite(g.astype(np.float32)).all()) for g in _leaves(grads))
+    """True when every scaled gradient (nested dict/list/tuple of arrays) is finite: half
+    precision upcast to float32, float64 checked in float64 (torch.amp.GradScaler's rule)."""
+    return all(bool(np.isfinite(g.astype(np.promote_types(g.dtype, np.float32))).all()) for g in _leaves(grads))
 
 
 def unscale(grads, state: LossScaleState):
-    """Gradients times float32(1/scale), in float32, with the same nesting as `grads`."""
+    """Gradients times float32(1/scale), in float32 (float64 gradients stay float64, as
+    GradScaler unscales them), with the same nesting as `grads`."""
     inv = np.float32(np.float32(1.0) / state.scale)
 
     def go(g):
@@ -112,6 +127,8 @@ def unscale(grads, state: LossScaleState):
             return {k: go(v) for k, v in g.items()}
         if isinstance(g, (list, tuple)):
             return type(g)(go(v) for v in g)
-        return np.asarray(g).astype(np.float32) * inv
+        g = np.asarray(g)
+        wide = np.promote_types(g.dtype, np.float32)
+        return g.astype(wide) * inv.astype(wide)
 
     return go(grads)

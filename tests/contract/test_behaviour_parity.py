@@ -256,7 +256,7 @@ def test_state_round_trip_and_last_step_after_a_load(policy):
 DTYPES = ("float32", "bfloat16", "float16")
 COMBINATIONS = [f"p={p},c={c}" for p, c in itertools.product(DTYPES, DTYPES)] + [
     "p=f32,c=bf16,o=bf16", "p=f32,c=f16,loss_scale=none", "bf16-true,master=true",
-    "bf16-mixed,nonfinite=raise", "16-mixed,loss_scale=static(1024)", "bf16-mixed,@head=p=bf16,c=f32",
+    "bf16-mixed,nonfinite=raise", "16-mixed,loss_scale=static(1024)", "bf16-mixed,@head=(p=bf16,c=f32)",
     "p=f32,c=bf16,@head=32-true",
 ]
 

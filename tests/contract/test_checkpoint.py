@@ -12,7 +12,7 @@ from dualprec.errors import CheckpointError, PolicyError
 
 def _state():
     masters = {"fc1.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "fc1.bias": np.ones(2, np.float32)}
-    return checkpoint.new_state("bf16-true,master=true", 1024.0, 7, masters,
+    return checkpoint.new_state("bf16-true,master=true", 1.0, 0, masters,
                                 {"fp8": {"fp8.fc1.input.scale": np.float32(2.0) * np.ones((), np.float32)}})
 
 
@@ -21,7 +21,7 @@ def test_round_trip_keeps_every_tensor_and_the_header(tmp_path):
     checkpoint.save_state(path, _state())
     back = checkpoint.load_state(path)
     assert back["policy"] == "params=bfloat16,compute=bfloat16,output=float32,master=true"
-    assert back["loss_scale"] == {"scale": 1024.0, "counter": 7}
+    assert back["loss_scale"] == {"scale": 1.0, "counter": 0}
     assert set(back["master_weights"]) == {"fc1.weight", "fc1.bias"}
     np.testing.assert_array_equal(back["master_weights"]["fc1.weight"], _state()["master_weights"]["fc1.weight"])
     assert back["extensions"]["fp8"]["fp8.fc1.input.scale"].shape == ()

@@ -78,8 +78,12 @@ def test_static_and_none_never_change():
 
 
 def test_all_finite_upcasts_and_ignores_integer_leaves():
-    big64 = np.array([1e39])  # finite in float64, inf in float32: an overflow, as in torch
+    big64 = np.array([1e39])  # finite in float64 (checked in float64, as GradScaler does) ...
+    with jax.enable_x64(True):
+        assert bool(all_finite({"a": jnp.ones(3), "b": jnp.asarray(big64)}))
+    # ... but without x64 JAX holds it as float32, where it is inf
     assert not bool(all_finite({"a": jnp.ones(3), "b": big64}))
+    assert not bool(all_finite({"a": jnp.ones(3), "b": big64.astype(np.float32)}))
     assert bool(all_finite({"a": jnp.ones(3, jnp.bfloat16), "n": jnp.arange(3)}))
     assert not bool(all_finite([jnp.array([0.0, jnp.nan], jnp.float16)]))
 

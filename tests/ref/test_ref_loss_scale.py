@@ -53,11 +53,22 @@ def test_matches_gradscaler_on_random_sequences(factors, seed):
 
 
 def test_matches_gradscaler_on_scripted_overflow_and_growth_to_inf():
-    cfg = make_loss_scale(init_scale=2.0**126, growth_interval=2)
+    cfg = make_loss_scale(init_scale=2.0**100, growth_factor=2.0**20, growth_interval=2)
     seq = [True, True, True, True, False, True, True] + [False] * 5
     assert _ref_trajectory(seq, cfg) == _torch_trajectory(seq, cfg)
-    # 2**127 * 2 overflows: the scale stays put and the counter still resets.
-    assert _ref_trajectory([True] * 4, cfg)[-1] == (np.float32(2.0**127), 0)
+    # 2**120 * 2**20 overflows: the scale stays put and the counter still resets.
+    assert _ref_trajectory([True] * 4, cfg)[-1] == (np.float32(2.0**120), 0)
+
+
+def test_the_scale_stays_in_the_shared_range_where_gradscaler_leaves_it():
+    """The documented difference: every dualprec scale stays in [2**-126, 2**126] (XLA would
+    flush a subnormal scale, or a subnormal 1/scale, to zero); GradScaler goes on."""
+    up = make_loss_scale(init_scale=2.0**126, growth_interval=1)
+    assert _torch_trajectory([True], up)[-1] == (np.float32(2.0**127), 0)
+    assert _ref_trajectory([True], up)[-1] == (np.float32(2.0**126), 0)
+    down = make_loss_scale(init_scale=2.0**-125)
+    assert [s for s, _ in _torch_trajectory([False] * 3, down)] == [np.float32(2.0**-e) for e in (126, 127, 128)]
+    assert [s for s, _ in _ref_trajectory([False] * 3, down)] == [np.float32(2.0**-126)] * 3
 
 
 def test_min_and_max_clamp():
@@ -89,7 +100,8 @@ def test_state_round_trips_exactly():
 def test_all_finite_upcasts_and_unscale_multiplies_by_fp32_reciprocal():
     assert all_finite({"a": np.ones(3, np.float16), "b": [np.zeros(2)]})
     assert not all_finite({"a": np.ones(3, np.float16), "b": [np.array([np.nan])]})
-    assert not all_finite([np.array([1e39])])  # finite in float64, inf in float32
+    assert all_finite([np.array([1e39])])  # float64 is checked in float64, as GradScaler does
+    assert not all_finite([np.array([np.inf], np.float32)])
     state = LossScaleState(np.float32(3.0), 0)
     g = unscale({"w": np.array([3.0, 6.0], np.float32)}, state)
     inv = np.float32(1) / np.float32(3)
