@@ -104,20 +104,25 @@ def measure(policy="bf16-mixed", d_model=256, d_hidden=1024, blocks=2, tokens=51
         states[name] = (p, s)
         out[name] = {"trace_lower_s": t1 - t0, "compile_s": t2 - t1}
     times = {name: [] for name in steps_}
+    cpu = {name: [] for name in steps_}
     for _ in range(repeats):
         for name in steps_:  # interleaved: drift and neighbours' load hit all alike
             p, s = states[name]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 p, s = compiled[name](p, s, x)
             jax.block_until_ready((p, s))
             times[name].append((time.perf_counter() - t0) / steps)
+            cpu[name].append((time.process_time() - c0) / steps)
             states[name] = (p, s)
     for name in steps_:
         out[name]["step_s"] = float(np.min(times[name]))
         out[name]["step_s_all"] = [float(t) for t in times[name]]
+        # CPU seconds of this process per step (all threads): less sensitive than wall time
+        # to other processes on a shared machine
+        out[name]["step_cpu_s"] = float(np.median(cpu[name]))
     ratios = {}
-    for key in ("step_s", "trace_lower_s", "compile_s"):
+    for key in ("step_s", "step_cpu_s", "trace_lower_s", "compile_s"):
         ratios[f"one_path_over_hand.{key}"] = out["one_path"][key] / out["hand"][key]
         ratios[f"one_path_over_interceptor.{key}"] = out["one_path"][key] / out["interceptor"][key]
     return {"policy": policy, "sizes": dict(d_model=d_model, d_hidden=d_hidden, blocks=blocks, tokens=tokens,
@@ -134,10 +139,12 @@ def main(argv=None) -> dict:
     runs = [measure(policy=p, **sizes) for p in ("bf16-mixed", "16-mixed")]
     result = {"bench": "jax-one-path", "date": datetime.date.today().isoformat(), "machine": platform.node(),
               "python": platform.python_version(), "runs": runs,
-              "note": "step_s: best of `repeats` interleaved rounds; trace_lower_s: jit(...).lower; "
-                      "compile_s: .compile()"}
+              "note": "step_s: best of `repeats` interleaved rounds (wall); step_cpu_s: median CPU time of "
+                      "this process per step; trace_lower_s: jit(...).lower; compile_s: .compile()"}
     for r in runs:
         v = r["variants"]
+        print(f"{r['policy']:11s} step CPU ms: hand {v['hand']['step_cpu_s'] * 1e3:.2f}  interceptor "
+              f"{v['interceptor']['step_cpu_s'] * 1e3:.2f}  one_path {v['one_path']['step_cpu_s'] * 1e3:.2f}")
         print(f"{r['policy']:11s} step ms: hand {v['hand']['step_s'] * 1e3:.2f}  interceptor "
               f"{v['interceptor']['step_s'] * 1e3:.2f}  one_path {v['one_path']['step_s'] * 1e3:.2f} | trace+lower s: "
               f"{v['hand']['trace_lower_s']:.2f} / {v['interceptor']['trace_lower_s']:.2f} / "

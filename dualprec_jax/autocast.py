@@ -966,8 +966,11 @@ def module_scope(policy: Policy, own: Policy):
     enclosing = stack[-1] if stack else _top(policy)
     stack.append(own)
     try:
-        with policy_scope(own) if own != enclosing else contextlib.nullcontext():
+        if own == enclosing:
             yield
+        else:  # traces of jitted helpers made in here are kept apart from the enclosing ones
+            with policy_scope(own), _TRACE_KEY(("dualprec", str(policy), str(own))):
+                yield
     finally:
         stack.pop()
 

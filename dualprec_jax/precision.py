@@ -3,7 +3,7 @@
 
     prec = Precision("bf16-mixed")
     variables = prec.init(model, rng, x)              # linen: params in the param dtype
-    y = prec.apply(model, variables, x)               # op policy inside, output dtype outside
+    y = prec.apply(model, variables, x)               # the whole op table inside, output dtype outside
     tx = prec.wrap_optimizer(optax.adamw(1e-3))       # unscale, skip non-finite, adjust scale
 
     model = prec.setup(nnx_model)                     # nnx: in place, once
@@ -172,8 +172,11 @@ class Precision(contract.Precision):
 
     # ----- Flax -----------------------------------------------------------------------
     def autocast(self, fun=None):
-        """Context manager: linen modules called inside follow the op policy.  ``autocast(fun)``:
-        ``fun`` under the whole op table, hand-written ops included (`dualprec_jax.autocast`)."""
+        """``autocast(fun)``: ``fun`` under the whole op table, hand-written ops included
+        (`dualprec_jax.autocast`, what `apply`, `init`, nnx calls after `setup` and
+        `TrainState.apply_fn` run).  ``autocast()``: the context manager of the stock linen
+        layers alone (parameter dtypes, fused bias, FP8/quantized layers), which that trace
+        runs inside; jnp / jax.nn ops called under it keep plain JAX's dtypes."""
         if fun is not None:
             from .autocast import autocast
 

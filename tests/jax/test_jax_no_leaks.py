@@ -18,6 +18,7 @@ from tests.jax import leak_functions as lf
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow  # tens of seconds of XLA compilation on the shared CPU
 def test_plain_calls_after_autocast_equal_a_process_without_dualprec(tmp_path):
     out = tmp_path / "clean.npz"
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -143,6 +144,7 @@ def test_promote_list_dot_and_scatter(policy):
     assert kept.dtype == half
 
 
+@pytest.mark.slow  # tens of seconds of XLA compilation on the shared CPU
 def test_flax_prelu_and_rnn_cells_run_in_the_compute_dtype():
     import flax.linen as nn
     from flax import nnx

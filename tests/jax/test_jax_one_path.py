@@ -79,6 +79,7 @@ def test_readme_flax_path_agrees_with_torch(policy, least):
 
 
 # ----- the same path everywhere: TrainState, nnx, per-module overrides ----------------------
+@pytest.mark.slow  # tens of seconds of XLA compilation on the shared CPU
 def test_train_state_apply_fn_and_nnx_give_the_bits_of_precision_apply():
     from flax import nnx
 
@@ -134,6 +135,7 @@ class WithHead(nn.Module):
         return y, (x @ jnp.ones((x.shape[-1], 4), jnp.float32))
 
 
+@pytest.mark.slow  # tens of seconds of XLA compilation on the shared CPU
 def test_per_module_override_reaches_hand_written_ops():
     x = jnp.linspace(-1, 1, 64, dtype=jnp.float32).reshape(4, 16)
     for policy, head_dtype in (("bf16-mixed,@head=32-true", jnp.float32), ("bf16-mixed", jnp.bfloat16)):
