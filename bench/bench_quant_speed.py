@@ -16,8 +16,9 @@ Rows, per (mode, compute dtype, tokens, shape out x in):
 - ``torch``: dualprec_torch's layer (``QuantLinear4bit`` / ``QuantLinear8bit``), forward.
 - ``jax``: ``quantized_linear`` under ``jax.jit``, forward.
 - ``*-qlora-step`` (4-bit, with ``--rank`` > 0): forward and backward of a rank-r adapter
-  (peft's ``x @ A @ B * scale`` on top of the layer) to the adapter's gradients: JAX
-  ``jax.grad``, bitsandbytes and dualprec_torch through autograd.
+  (peft's ``x @ A @ B * scale`` on top of the layer) to the adapter's and the input's
+  gradients of sum(y**2) (a loss whose gradient needs the layer's output): JAX ``jax.grad``,
+  bitsandbytes and dualprec_torch through autograd.
 
 Every row of one (mode, compute, tokens, shape) is timed interleaved with the others
 (bench.harness.time_interleaved), and ratios (median over median) are against the
@@ -91,8 +92,9 @@ def _jax_fns(mode, w, compute, rank):
     step = None
     if rank and spec.is_4bit:
         def loss(ab, x, q):
-            return quant.quantized_linear(x, q, spec, out_f, lora=ab, lora_scale=2.0).astype(jnp.float32).sum()
-        step = jax.jit(jax.grad(loss))
+            y = quant.quantized_linear(x, q, spec, out_f, lora=ab, lora_scale=2.0).astype(jnp.float32)
+            return (y * y).sum()  # its gradient needs the layer's output, not only the adapter's
+        step = jax.jit(jax.grad(loss, argnums=(0, 1)))  # the adapter's and the input's gradients
     return q, fwd, step
 
 
@@ -139,11 +141,13 @@ def time_cell(mode, compute, tokens, out_f, in_f, rank, rounds, steps):
         train_grad = _bnb_layer(mode, w, compute).train()
         ours_grad = _dualprec_torch_layer(mode, w, compute).train()
 
+        xg = xt.detach().clone().requires_grad_()
+
         def torch_step(layer):
             def run():
-                a.grad = b.grad = None
-                y = layer(xt) + (xt @ a.t() @ b.t()) * 2.0
-                y.float().sum().backward()
+                a.grad = b.grad = xg.grad = None
+                y = (layer(xg) + (xg @ a.t() @ b.t()) * 2.0).float()
+                (y * y).sum().backward()
                 return b.grad
             return run
 

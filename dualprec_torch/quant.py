@@ -3,8 +3,10 @@
 `quantize_module(model, policy)` replaces every ``nn.Linear`` whose path the policy quantizes
 (``policy.quantizes(path)``) by a bitsandbytes ``Linear4bit`` (nf4, fp4, with ``-dq`` double
 quantization) or ``Linear8bitLt`` (int8, int8-training) and quantizes its weight right away,
-on ``device`` or where the weight is.  The layers are bitsandbytes' own classes (subclassed),
-so their state dicts use bitsandbytes' key layout and a plain bitsandbytes model loads them.
+on ``device`` or where the weight is.  The layers are bitsandbytes' own classes, subclassed
+in `dualprec_torch.quant_layers` (``QuantLinear4bit``, ``QuantLinear8bit``; this module names
+them too and imports bitsandbytes on first use), so their state dicts use bitsandbytes' key
+layout and a plain bitsandbytes model loads them.
 
 What the subclasses add to bitsandbytes 0.50:
 
@@ -19,7 +21,8 @@ What the subclasses add to bitsandbytes 0.50:
 - The forward neither rewrites the weight nor casts the bias in place (bitsandbytes does
   both: its CPU inference path repacks the weight for AVX512-BF16 kernels, and it casts the
   bias parameter to the compute dtype), so the quantized bytes stay bitsandbytes' layout on
-  every device.  On the CPU it is dequantize-then-``F.linear``, exact for every shape
+  every device.  On the CPU it is dequantize (straight to the compute dtype, as
+  bitsandbytes' ``matmul_4bit``) then ``F.linear``, exact for every shape
   (bitsandbytes' fused CPU dequantize, which its CPU matmuls use, is wrong on AVX512 when a
   row holds a multiple of 16 values but not of the block size); on a GPU it is
   bitsandbytes' ``matmul_4bit``.
