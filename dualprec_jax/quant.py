@@ -179,9 +179,10 @@ def _check_no_flush(values, what: str) -> None:
     if not _flushes():
         return
     mag = np.ascontiguousarray(values, np.float32).view(np.int32) & 0x7FFFFFFF
-    if ((mag > 0) & (mag < _SMALL_BITS)).any():
-        raise QuantizationError(f"{what} holds values below 2**-100, which this platform's floating-point "
-                                "environment flushes on the host; quantize it with dualprec.ref.quantize_4bit")
+    if (((mag > 0) & (mag < _SMALL_BITS)) | ((mag >= _HUGE_BITS) & (mag < 0x7F800000))).any():
+        raise QuantizationError(f"{what} holds values below 2**-100 or from 2**126 up, whose codes need "
+                                "subnormal arithmetic, which this platform's floating-point environment "
+                                "flushes on the host; quantize it with dualprec.ref.quantize_4bit")
 
 
 def _to_host(a):
@@ -484,6 +485,53 @@ def _dense(x, w_t, precision, accumulate):
     return accumulating_dot_general(accumulate)(x, w_t, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
+def _matmul_4bit_impl(x, q, cfg):
+    quant_type, blocksize, out_features, compute, accumulate = cfg
+    compute, accumulate = jnp.dtype(compute), jnp.dtype(accumulate)
+    # Straight to the compute dtype, as bitsandbytes' matmul_4bit dequantizes (to the input's
+    # dtype), not through the dtype the weight was quantized from.
+    w = _dequantize_4bit(q, quant_type, blocksize, (out_features, x.shape[-1]), compute, compute)
+    if compute != accumulate and jax.default_backend() == "cpu":
+        # XLA's CPU half-precision GEMMs are slow (2x bitsandbytes' at 64 tokens on AVX2); products
+        # of half values are exact in float32, so the float32 GEMM of the upcast operands is the
+        # same product accumulated in float32.
+        return _dense(x.astype(accumulate), w.T.astype(accumulate), lax.Precision.HIGHEST, accumulate)
+    return _dense(x, w.T, lax.Precision.HIGHEST if compute == jnp.float32 else None, accumulate)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_4bit(x, q, cfg):
+    """x @ dequantize(q).T accumulated in float32 (the frozen 4-bit product).  The backward
+    (the input gradient only: the codes are frozen) dequantizes the weight again, as
+    bitsandbytes does, into one materialised array: left to autodiff, XLA fused the
+    dequantization into a column-order GEMV and the QLoRA step at one token ran 3x slower
+    than bitsandbytes' (measured)."""
+    return _matmul_4bit_impl(x, q, cfg)
+
+
+def _matmul_4bit_fwd(x, q, cfg):
+    return _matmul_4bit_impl(x, q, cfg), (q, jnp.zeros((0, x.shape[-1]), x.dtype))  # x's width and dtype
+
+
+def _matmul_4bit_bwd(cfg, res, g):
+    q, x_like = res
+    quant_type, blocksize, out_features, compute, accumulate = cfg
+    compute, accumulate = jnp.dtype(compute), jnp.dtype(accumulate)
+    w = lax.optimization_barrier(_dequantize_4bit(q, quant_type, blocksize, (out_features, x_like.shape[-1]),
+                                                  compute, compute))
+    # The cotangent holds compute-dtype values (the layer rounds its output to the compute
+    # dtype): a compute-dtype GEMM accumulated in float32, rounded once (torch autocast's rule).
+    dx = lax.dot_general(g.astype(compute).astype(accumulate), w.astype(accumulate),
+                         (((g.ndim - 1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=accumulate).astype(x_like.dtype)
+    dq = {k: (np.zeros(v.shape, jax.dtypes.float0) if jnp.issubdtype(v.dtype, jnp.integer) else jnp.zeros_like(v))
+          for k, v in q.items()}
+    return dx, dq
+
+
+_matmul_4bit.defvjp(_matmul_4bit_fwd, _matmul_4bit_bwd)
+
+
 def quantized_linear(x, qweight, spec: QuantSpec, out_features: int, bias=None, lora=None,
                      lora_scale: float = 1.0, kernel=None):
     """One quantized linear layer in ``spec.compute_dtype``: the weight dequantized to the
@@ -497,17 +545,10 @@ def quantized_linear(x, qweight, spec: QuantSpec, out_features: int, bias=None, 
     x = jnp.asarray(x).astype(compute)
     in_features = x.shape[-1]
     if spec.is_4bit:
-        # Straight to the compute dtype, as bitsandbytes' matmul_4bit dequantizes (to the
-        # input's dtype), not through the dtype the weight was quantized from.
-        w = dequantize_4bit(jax.tree.map(lax.stop_gradient, dict(qweight)), spec.quant_type, spec.blocksize,
-                            (out_features, in_features), compute)
-        if compute != accumulate and jax.default_backend() == "cpu":
-            # XLA's CPU half-precision GEMMs are slow (2x bitsandbytes' at 64 tokens); products of
-            # half values are exact in float32, so the float32 GEMM of the upcast operands is the
-            # same product accumulated in float32.
-            y = _dense(x.astype(accumulate), w.T.astype(accumulate), lax.Precision.HIGHEST, accumulate)
-        else:
-            y = _dense(x, w.T, precision, accumulate)
+        q = jax.tree.map(lax.stop_gradient, dict(qweight))
+        dequantize_4bit(q, spec.quant_type, spec.blocksize, (out_features, in_features))  # checks the arrays
+        y = _matmul_4bit(x, q, (spec.quant_type, spec.blocksize, out_features, jnp.dtype(compute).name,
+                                jnp.dtype(accumulate).name))
     elif spec.frozen:
         y = int8_matmul(x, qweight["weight"], lax.stop_gradient(qweight["SCB"]), float(spec.threshold))
     else:

@@ -171,3 +171,21 @@ def test_half_weight_qlora_forward_in_float32_equals_bitsandbytes(qt, dq, weight
     rounded = np.asarray(jnp.asarray(w).astype(jnp.float16 if weight_dtype == torch.float16 else jnp.bfloat16)
                          .astype(jnp.float32))
     assert not np.array_equal(rounded, w)
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_input_gradient_is_cotangent_times_dequantized_weight(compute):
+    """The 4-bit product's backward dequantizes the weight again (as bitsandbytes does): a
+    one-hot cotangent picks one row of the dequantized weight, bit for bit."""
+    import jax
+
+    w = np.random.default_rng(3).standard_normal((48, 128)).astype(np.float32)
+    spec = quant.QuantSpec("nf4-dq", 64, compute_dtype=compute)
+    q = quant.quantize_4bit(jnp.asarray(w), "nf4", 64, True)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 128)), compute)
+    cot = np.zeros((3, 48), np.float32)
+    cot[0, 5], cot[1, 0], cot[2, 47] = 1.0, 1.0, 1.0
+    dx = jax.jit(jax.grad(lambda x: (quant.quantized_linear(x, q, spec, 48).astype(jnp.float32) * cot).sum()))(x)
+    wd = np.asarray(quant.dequantize_4bit(q, "nf4", 64, (48, 128), jnp.dtype(compute)))
+    assert dx.dtype == jnp.dtype(compute)
+    assert np.array_equal(bits(np.asarray(dx)), bits(wd[[5, 0, 47]]))
