@@ -20,6 +20,11 @@ Rows, per (mode, compute dtype, tokens, shape out x in):
   gradients of sum(y**2) (a loss whose gradient needs the layer's output): JAX ``jax.grad``,
   bitsandbytes and dualprec_torch through autograd.
 
+Memory (``--memory``): per backend and mode, a fresh process quantizes ``--memory-layers``
+layers of ``--memory-width`` squared (each from a float32 weight freed right after), and the
+resident set it gives back when those layers are dropped (after ``malloc_trim``) is what they
+held, in bits per parameter; the growth while building (temporaries included) is recorded too.
+
 Every row of one (mode, compute, tokens, shape) is timed interleaved with the others
 (bench.harness.time_interleaved), and ratios (median over median) are against the
 bitsandbytes rows of the same cell.  The JSON holds medians, quartiles and min/max.
@@ -196,7 +201,7 @@ def _memory_child(backend, mode, layers, width):
         spec = quant.QuantSpec(mode)
         fn = jax.jit(quant._quantize_weight, static_argnums=1)
         jax.block_until_ready(fn(jnp.asarray(_weight(width, width, 99)), spec))  # compile, warm the allocator
-        gc.collect()
+        _trim()
         rss0 = _rss_bytes()
         for i in range(layers):
             held.append(jax.block_until_ready(fn(jnp.asarray(_weight(width, width, i)), spec)))
@@ -205,15 +210,30 @@ def _memory_child(backend, mode, layers, width):
 
         compute = "float16" if mode == "int8" else "float32"
         _dualprec_torch_layer(mode, _weight(width, width, 99), compute)
-        gc.collect()
+        _trim()
         rss0 = _rss_bytes()
         for i in range(layers):
             held.append(_dualprec_torch_layer(mode, _weight(width, width, i), compute))
-    gc.collect()
-    grown = _rss_bytes() - rss0
-    return {"backend": backend, "mode": mode, "layers": layers, "width": width, "params": layers * width * width,
-            "rss_growth_bytes": grown, "bits_per_param": 8 * grown / (layers * width * width),
+    _trim()
+    rss1 = _rss_bytes()
+    del held
+    _trim()
+    freed = rss1 - _rss_bytes()
+    n = layers * width * width
+    return {"backend": backend, "mode": mode, "layers": layers, "width": width, "params": n,
+            "rss_growth_bytes": rss1 - rss0, "rss_freed_bytes": freed, "bits_per_param": 8 * freed / n,
             "float32_bits": 32}
+
+
+def _trim() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc), so RSS follows what is held."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def memory(modes, layers, width):
@@ -230,8 +250,9 @@ def memory(modes, layers, width):
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"memory {backend:5s} {mode:7s} {row['bits_per_param']:6.3f} bits/param (RSS growth "
-                  f"{row['rss_growth_bytes'] / 2**20:.1f} MiB for {row['params'] / 1e6:.0f}M params)", flush=True)
+            print(f"memory {backend:5s} {mode:7s} {row['bits_per_param']:6.3f} bits/param held (RSS freed when the "
+                  f"layers are dropped: {row['rss_freed_bytes'] / 2**20:.1f} MiB for {row['params'] / 1e6:.0f}M "
+                  f"params; RSS growth while building {row['rss_growth_bytes'] / 2**20:.1f} MiB)", flush=True)
     return rows
 
 
@@ -247,6 +268,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=1, help="timed steps per round")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--memory", action="store_true", help="also measure resident memory per mode")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory rows")
     ap.add_argument("--memory-layers", type=int, default=12)
     ap.add_argument("--memory-width", type=int, default=2048)
     ap.add_argument("--name", default="quant-speed")
@@ -268,7 +290,7 @@ def main(argv=None):
         path.write_text(json.dumps(result, indent=1) + "\n")
 
     modes = [m for m in args.modes.split(",") if m]
-    for shape in args.shapes.split(","):
+    for shape in ([] if args.memory_only else args.shapes.split(",")):
         out_f, in_f = (int(s) for s in shape.split("x"))
         for mode in modes:
             computes = args.computes.split(",")
@@ -287,7 +309,7 @@ def main(argv=None):
                         print(f"{mode:7s} {compute:8s} {shape:9s} t={tokens:<4d} {r['impl']:17s} "
                               f"{st['median'] * 1e3:8.2f} ms [{st['min'] * 1e3:.2f}-{st['max'] * 1e3:.2f}]{ratio}",
                               flush=True)
-    if args.memory:
+    if args.memory or args.memory_only:
         result["memory"] = memory(modes, args.memory_layers, args.memory_width)
         flush()
     print(f"wrote {path}")
