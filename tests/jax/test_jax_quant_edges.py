@@ -189,3 +189,23 @@ def test_input_gradient_is_cotangent_times_dequantized_weight(compute):
     wd = np.asarray(quant.dequantize_4bit(q, "nf4", 64, (48, 128), jnp.dtype(compute)))
     assert dx.dtype == jnp.dtype(compute)
     assert np.array_equal(bits(np.asarray(dx)), bits(wd[[5, 0, 47]]))
+
+
+@pytest.mark.parametrize("rows,out_f,in_f", [(32, 64, 128), (2, 32, 256), (40, 256, 64)])
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_forward_paths_are_the_same_product(rows, out_f, in_f, compute):
+    """Every CPU path of the 4-bit product (the fused GEMV, the materialised weight of few-row
+    down projections, the bfloat16 GEMM of 16+ rows where the CPU has bfloat16 dot
+    instructions, the upcast float32 GEMM): compute-dtype products accumulated in float32 and
+    rounded once, so within one rounding plus float32 summation error of the exact product."""
+    rng = np.random.default_rng(rows)
+    w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+    q = quant.quantize_4bit(jnp.asarray(w), "fp4", 64, False)
+    x = jnp.asarray(rng.standard_normal((rows, in_f)), compute)
+    y = np.asarray(quant.quantized_linear(x, q, quant.QuantSpec("fp4", 64, compute_dtype=compute), out_f),
+                   np.float64)
+    wd = np.asarray(quant.dequantize_4bit(q, "fp4", 64, (out_f, in_f), jnp.dtype(compute)), np.float64)
+    xd = np.asarray(x, np.float64)
+    exact, mag = xd @ wd.T, np.abs(xd) @ np.abs(wd).T
+    eps = {"float32": 2.0 ** -24, "bfloat16": 2.0 ** -8}[compute]
+    assert (np.abs(y - exact) <= eps * np.abs(exact) * 1.0001 + 2 * in_f * 2.0 ** -24 * mag * (1 + eps)).all()
