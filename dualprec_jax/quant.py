@@ -131,36 +131,100 @@ def _sorted_index(scaled, quant_type: str):
     return jnp.where(jnp.isnan(scaled), jnp.uint8(mids.size), idx)
 
 
-def _torch_mean(absmax):
-    """torch's float32 CPU mean (bitsandbytes' offset), replayed by the reference on the
-    host: its cascade summation order is what makes the stored offset bit-identical."""
-    return jax.pure_callback(lambda a: np.asarray(_ref4._mean_float32(np.asarray(a)), np.float32),
-                             jax.ShapeDtypeStruct((), jnp.float32), absmax)
+def _flushes() -> bool:
+    with np.errstate(all="ignore"):
+        return bool(np.float32(1e-38) * np.float32(1.0) == 0)
 
 
-def _quantize_8bit(values):
-    """bitsandbytes' CPU blockwise 8-bit kernel (blocks of 256, signed dynamic map, its
-    65536-point lookup table), as `dualprec.ref` replays it."""
-    n = values.shape[0]
-    nblocks = -(-n // _NESTED)
-    blocks = jnp.zeros(nblocks * _NESTED, jnp.float32).at[:n].set(values).reshape(nblocks, _NESTED)
-    mag = jnp.abs(blocks)
-    absmax = jnp.where(jnp.isnan(mag), jnp.float32(0), mag).max(axis=1)
-    v = jnp.clip(blocks * (jnp.float32(1.0) / absmax)[:, None], -1.0, 1.0)
-    # Separate float32 steps (no fused multiply-add), exactly as the CPU kernel rounds.
-    t = (v + jnp.float32(1.0)) * jnp.float32(0.5)
-    t = _rounded(t * jnp.float32(_ref4._LUT_SIZE - 1)) + jnp.float32(0.5)
-    t = jnp.where(jnp.isnan(t), jnp.float32(0), t)
-    lut = jnp.asarray(_ref4._lookup_table(_ref4.DYNAMIC_MAP))
-    codes = lut[t.astype(jnp.int32)]
-    codes = jnp.where((absmax == 0)[:, None], jnp.uint8(0), codes)
-    return codes.reshape(-1)[:n], absmax
+def _capture_fp_env():
+    """The C floating-point environment of the importing thread (subnormals kept), to run
+    host callbacks in: XLA's CPU threads set flush-to-zero and denormals-are-zero, and a
+    callback's NumPy code runs on them.  None where the C library does not offer it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or ctypes.util.find_library("c"))
+        env = ctypes.create_string_buffer(1024)  # larger than any platform's fenv_t
+        if _flushes() or libm.fegetenv(env) != 0:
+            return None
+        return libm, env
+    except (OSError, AttributeError, TypeError):
+        return None
 
 
-# XLA flushes float32 subnormals to zero (bitsandbytes' 1e-38 clamp is one), so the clamp
-# and the test for it compare bit patterns (ordered like the values for non-negative floats).
+_FP_ENV = _capture_fp_env()
+
+
+@contextlib.contextmanager
+def _keeping_subnormals():
+    """Run NumPy on an XLA thread with the importing thread's floating-point environment."""
+    if _FP_ENV is None or not _flushes():
+        yield
+        return
+    import ctypes
+
+    libm, env = _FP_ENV
+    saved = ctypes.create_string_buffer(1024)
+    libm.fegetenv(saved)
+    libm.fesetenv(env)
+    try:
+        yield
+    finally:
+        libm.fesetenv(saved)
+
+
+def _check_no_flush(values, what: str) -> None:
+    """Refuse, rather than return other bits, where subnormals matter and still flush."""
+    if not _flushes():
+        return
+    mag = np.ascontiguousarray(values, np.float32).view(np.int32) & 0x7FFFFFFF
+    if (((mag > 0) & (mag < _SMALL_BITS)) | ((mag >= _HUGE_BITS) & (mag < 0x7F800000))).any():
+        raise QuantizationError(f"{what} holds values below 2**-100 or from 2**126 up, whose codes need "
+                                "subnormal arithmetic, which this platform's floating-point environment "
+                                "flushes on the host; quantize it with dualprec.ref.quantize_4bit")
+
+
+def _to_host(a):
+    """``a`` as integers for a host callback: XLA's CPU backend flushes subnormal floats on
+    their way to and from one (a bit cast does not)."""
+    return lax.bitcast_convert_type(a, {2: jnp.uint16, 4: jnp.int32}[a.dtype.itemsize])
+
+
+def _nested_state(absmax):
+    """Double quantization of the absmax vector, on the host with the reference: torch's
+    float32 CPU mean (bitsandbytes' offset; its cascade summation order is what makes the
+    stored offset bit-identical) and bitsandbytes' 8-bit CPU kernel on (absmax - offset).
+    On the host because both involve subnormals when blocks are all zero (an all-zero
+    partial block stores absmax 1e-38, so the offset of a small all-zero tensor is ~2e-39),
+    and XLA's CPU backend flushes subnormal results to zero.  The vector is n/blocksize
+    values, quantized once."""
+    def host(bits):
+        a = np.asarray(bits).view(np.float32)
+        with _keeping_subnormals(), np.errstate(over="ignore", invalid="ignore"):
+            _check_no_flush(a, "the absmax vector")
+            offset = _ref4._mean_float32(a)
+            codes, nested = _ref4._quantize_8bit(a - offset)
+        return (codes.astype(np.uint8), nested.astype(np.float32).view(np.int32),
+                np.asarray(offset, np.float32).view(np.int32))
+
+    n = absmax.shape[0]
+    shapes = (jax.ShapeDtypeStruct((n,), jnp.uint8), jax.ShapeDtypeStruct((-(-n // _NESTED),), jnp.int32),
+              jax.ShapeDtypeStruct((), jnp.int32))
+    codes, nested, offset = jax.pure_callback(host, shapes, _to_host(absmax))
+    return codes, lax.bitcast_convert_type(nested, jnp.float32), lax.bitcast_convert_type(offset, jnp.float32)
+
+
+# XLA's CPU backend flushes float32 subnormals to zero, in inputs and results.  The codes
+# bitsandbytes gives differ from a flushed computation only in blocks whose absmax is
+# huge (its reciprocal, by which whole blocks are scaled, is subnormal from 2**126 up:
+# every code would become 0), tiny (subnormal values then scale to visible codes) or not
+# finite; such tensors are coded on the host by the reference.  Below these bounds the only
+# trace of a flush is the sign of a scaled value that underflows, which FP4 codes (0 and
+# 8), and that is restored from the input's sign bit.
+_HUGE_BITS = int(np.float32(2.0 ** 126).view(np.int32))
+_SMALL_BITS = int(np.float32(2.0 ** -100).view(np.int32))
 _TINY_BITS = int(np.float32(_TINY).view(np.int32))
-_MIN_NORMAL_BITS = int(np.float32(np.finfo(np.float32).tiny).view(np.int32))
 
 
 def _rounded(p):
@@ -174,24 +238,81 @@ def _bits(a):
     return lax.bitcast_convert_type(a, jnp.int32)
 
 
-def _clamp_tiny(am):
-    """max(am, 1e-38) with the subnormal 1e-38 kept exactly (am >= 0 or NaN)."""
-    return jnp.where(_bits(am) < _TINY_BITS, jnp.float32(_TINY), am)
+def _needs_host(am):
+    """Blocks (absmax >= 0 or NaN) that a flushing backend cannot code as bitsandbytes does."""
+    b = _bits(am)
+    return (b >= _HUGE_BITS) | ((b > 0) & (b < _SMALL_BITS))
 
 
-def _subnormal(am):
-    """A block whose absmax is 0 or subnormal: XLA would flush its values, so it is coded as
-    zeros (bitsandbytes scales subnormal blocks by their absmax; only such blocks differ)."""
-    return _bits(am) < _MIN_NORMAL_BITS
+def _device_codes(flat, quant_type, blocksize):
+    """Sorted-code indices and absmax of every block, on the device (normal blocks)."""
+    n = flat.size
+    full = n - n % blocksize
+    parts_absmax, parts_idx, host = [], [], []
+    zero_idx = int(np.searchsorted(_ref4._MIDPOINTS[quant_type], np.float32(0)))
+
+    def index(scaled, x):
+        idx = _sorted_index(scaled, quant_type)
+        if quant_type == "fp4":  # a positive value that underflowed (or was flushed) is (0, step/2]: code 8
+            idx = jnp.where((scaled == 0) & (_bits(x) > 0), jnp.uint8(zero_idx + 1), idx)
+        return idx
+
+    if full:
+        body = flat[:full].reshape(-1, blocksize)
+        am = jnp.abs(body).max(axis=1)
+        am = jnp.where(jnp.isnan(body).any(axis=1), jnp.float32(np.nan), am)  # not left to max's NaN rule
+        # Whole blocks multiply by the float32 reciprocal (of max(absmax, 1e-38)): bitsandbytes.
+        inv = jnp.where(am == 0, jnp.float32(0), jnp.float32(1.0) / am)
+        scaled = jnp.clip(body * inv[:, None], -1.0, 1.0)
+        parts_absmax.append(am)
+        parts_idx.append(index(scaled.reshape(-1), body.reshape(-1)))
+        host.append(_needs_host(am).any())
+    if full < n:
+        tail = flat[full:]
+        tail_am = jnp.abs(tail).max()
+        tail_am = jnp.where(jnp.isnan(tail).any(), jnp.float32(np.nan), tail_am)
+        host.append(_needs_host(tail_am))
+        # The partial block divides, and stores its absmax clamped to 1e-38 (a subnormal,
+        # kept exactly by comparing bit patterns): bitsandbytes.
+        stored = jnp.where(_bits(tail_am) < _TINY_BITS, jnp.float32(_TINY), tail_am)
+        parts_absmax.append(stored[None])
+        scaled = jnp.where(tail_am == 0, jnp.float32(0), tail / tail_am)
+        parts_idx.append(index(jnp.clip(scaled, -1.0, 1.0), tail))
+    if n % 2:
+        parts_idx.append(jnp.full((1,), zero_idx, jnp.uint8))
+    codes = jnp.asarray(_ref4._SORT_ORDER[quant_type])[jnp.concatenate(parts_idx)]
+    return jnp.concatenate(parts_absmax), codes, jnp.stack(host).any()
+
+
+def _host_codes(x, quant_type, blocksize):
+    """The reference's codes of ``x`` (bitsandbytes' bits for any value), on the host."""
+    n = x.size
+
+    dtype = np.dtype(x.dtype)
+
+    def host(bits):
+        with _keeping_subnormals(), np.errstate(all="ignore"):
+            flat = np.asarray(bits).view(dtype).astype(np.float32).reshape(-1)
+            _check_no_flush(flat, "the weight")
+            absmax, codes = _ref4._codes(flat, quant_type, blocksize)
+        return absmax.astype(np.float32).view(np.int32), codes.astype(np.uint8)
+
+    shapes = (jax.ShapeDtypeStruct((-(-n // blocksize),), jnp.int32),
+              jax.ShapeDtypeStruct((n + n % 2,), jnp.uint8))
+    absmax, codes = jax.pure_callback(host, shapes, _to_host(x))
+    return lax.bitcast_convert_type(absmax, jnp.float32), codes
 
 
 def quantize_4bit(x, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False) -> dict:
     """Packed NF4/FP4 codes of ``x`` (any shape, flattened row-major), jit-able.
 
     Returns ``{"weight": uint8 (ceil(n/2), 1), "absmax": ...}`` plus ``nested_absmax`` and
-    ``offset`` when ``double_quant``; the same bits as ``dualprec.ref.quantize_4bit``.
-    Under jit a NaN or inf poisons its block (bitsandbytes' behaviour); `quantize_params`
-    refuses them up front.
+    ``offset`` when ``double_quant``; the same bits as ``dualprec.ref.quantize_4bit`` (and
+    bitsandbytes' CPU kernels) for every value: a NaN or inf poisons its block, whatever
+    the block size (bitsandbytes' behaviour; `quantize_params` refuses them up front).
+    Tensors with a block that XLA's subnormal flushing would code differently (absmax from
+    2**126 up, below 2**-100 but not 0, or not finite) and the double-quantization step
+    are computed on the host by the reference (`jax.pure_callback`).
     """
     _check_quant_type(quant_type)
     _check_blocksize(blocksize)
@@ -205,33 +326,12 @@ def quantize_4bit(x, quant_type: str = "nf4", blocksize: int = 64, double_quant:
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _quantize_4bit(x, quant_type, blocksize, double_quant):
-    flat = x.astype(jnp.float32).reshape(-1)
-    n = flat.size
-    full = n - n % blocksize
-    parts_absmax, parts_idx = [], []
-    if full:
-        body = flat[:full].reshape(-1, blocksize)
-        am = jnp.abs(body).max(axis=1)
-        # Whole blocks multiply by the float32 reciprocal, the partial one divides: bitsandbytes.
-        inv = jnp.where(_subnormal(am), jnp.float32(0), jnp.float32(1.0) / _clamp_tiny(am))
-        scaled = jnp.clip(body * inv[:, None], -1.0, 1.0)
-        parts_absmax.append(am)
-        parts_idx.append(_sorted_index(scaled.reshape(-1), quant_type))
-    if full < n:
-        tail = flat[full:]
-        tail_absmax = _clamp_tiny(jnp.abs(tail).max())  # stored clamped, like bitsandbytes
-        parts_absmax.append(tail_absmax[None])
-        scaled = jnp.where(_subnormal(tail_absmax), jnp.float32(0), tail / tail_absmax)
-        parts_idx.append(_sorted_index(jnp.clip(scaled, -1.0, 1.0), quant_type))
-    if n % 2:
-        parts_idx.append(_sorted_index(jnp.zeros(1, jnp.float32), quant_type))
-    absmax = jnp.concatenate(parts_absmax)
-    codes = jnp.asarray(_ref4._SORT_ORDER[quant_type])[jnp.concatenate(parts_idx)]
+    absmax, codes, host = _device_codes(x.astype(jnp.float32).reshape(-1), quant_type, blocksize)
+    absmax, codes = lax.cond(host, lambda: _host_codes(x, quant_type, blocksize), lambda: (absmax, codes))
     packed = ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
     if not double_quant:
         return {"weight": packed, "absmax": absmax}
-    offset = _torch_mean(absmax)
-    nested_codes, nested_absmax = _quantize_8bit(absmax - offset)
+    nested_codes, nested_absmax, offset = _nested_state(absmax)
     return {"weight": packed, "absmax": nested_codes, "nested_absmax": nested_absmax, "offset": offset}
 
 
@@ -271,7 +371,7 @@ def _dequantize_4bit(q, quant_type, blocksize, shape, dtype, param_dtype):
     # Two nibble lookups in the 16-entry codebook (indices are in range by construction):
     # about twice as fast on CPU as one lookup in a 256-entry table of byte pairs.
     nibbles = jnp.stack([packed >> 4, packed & 0x0F], axis=-1).reshape(-1).astype(jnp.int32)
-    values = jnp.asarray(_ref4.CODEBOOKS[quant_type]).at[nibbles].get(mode="promise_in_bounds")
+    values = jnp.asarray(_ref4.DEQUANT_VALUES[quant_type]).at[nibbles].get(mode="promise_in_bounds")
     absmax = _block_absmax(q)
     if n % blocksize == 0:
         w = values.reshape(nblocks, blocksize) * absmax[:, None]
@@ -307,6 +407,9 @@ def dequantize_int8(q: Mapping, dtype=jnp.float32):
                                                * jnp.float32(1.0 / 127.0))).astype(dtype)
 
 
+_INT8_MIN_ROWS = 16
+
+
 def _int8_forward(x, codes, scb, threshold: float):
     """LLM.int8 x @ W.T in float32, as ``dualprec.ref.int8_matmul``: outlier columns of x
     (any |x| >= threshold) in float32 against the dequantized weight, the rest int8 x int8
@@ -320,13 +423,25 @@ def _int8_forward(x, codes, scb, threshold: float):
     cols = outliers.any(axis=0)
     ca, sca = _rowwise_int8(jnp.where(outliers, jnp.float16(0), x16))
     ca = jnp.where(cols[None, :], jnp.int8(0), ca)
-    acc = lax.dot_general(ca, codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    rows = ca.shape[0]
+    if rows < _INT8_MIN_ROWS:
+        # XLA's CPU int8 x int8 product of a few rows is a slow scalar loop (250 ms for one row
+        # of a 2048 -> 8192 layer, 65 ms for 64 rows); zero rows added and dropped change
+        # nothing in an exact int32 accumulation.
+        ca = jnp.pad(ca, ((0, _INT8_MIN_ROWS - rows), (0, 0)))
+    acc = lax.dot_general(ca, codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)[:rows]
     scale = sca[:, None] * scb.astype(jnp.float32)[None, :]
     out = _rounded(acc.astype(jnp.float32) * scale * jnp.float32(1.0 / (127.0 * 127.0)))
-    w_deq = dequantize_int8({"weight": codes, "SCB": scb})
-    x_out = jnp.where(cols[None, :], x16, jnp.float16(0)).astype(jnp.float32)
-    out = out + lax.dot_general(x_out, w_deq, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
-                                preferred_element_type=jnp.float32)
+
+    def with_outliers(out):
+        w_deq = dequantize_int8({"weight": codes, "SCB": scb})
+        x_out = jnp.where(cols[None, :], x16, jnp.float16(0)).astype(jnp.float32)
+        return out + lax.dot_general(x_out, w_deq, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                                     preferred_element_type=jnp.float32)
+
+    # Most inputs have no outlier column: then the float32 product (a dequantized copy of the
+    # whole weight) would add exact zeros, and is skipped.
+    out = lax.cond(cols.any(), with_outliers, lambda out: out, out)
     return out.reshape(*lead, codes.shape[0])
 
 
@@ -385,6 +500,84 @@ def _dense(x, w_t, precision, accumulate):
     return accumulating_dot_general(accumulate)(x, w_t, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
+@functools.lru_cache(maxsize=None)
+def _native_half_dot(dtype) -> bool:
+    """Whether this CPU has bfloat16 dot instructions (AVX512-BF16 or AMX, from /proc/cpuinfo;
+    False where unknown).  Without them XLA's bfloat16 GEMM is the slow one."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def _matmul_4bit_impl(x, q, cfg):
+    quant_type, blocksize, out_features, compute, accumulate = cfg
+    compute, accumulate = jnp.dtype(compute), jnp.dtype(accumulate)
+    # Straight to the compute dtype, as bitsandbytes' matmul_4bit dequantizes (to the input's
+    # dtype), not through the dtype the weight was quantized from.
+    w = _dequantize_4bit(q, quant_type, blocksize, (out_features, x.shape[-1]), compute, compute)
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    if compute != accumulate and jax.default_backend() == "cpu" and rows >= 16 and _native_half_dot(compute):
+        # With bfloat16 dot instructions XLA's bfloat16 GEMM (float32 accumulation) is the fast
+        # one: 1.7x (64 tokens) to 2.5x (512) faster than the upcast float32 GEMM below, once the
+        # dequantized weight is materialised rather than fused into the dot (measured).
+        w = lax.optimization_barrier(w)
+        return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=accumulate)
+    precision = lax.Precision.HIGHEST if compute == jnp.float32 else None
+    if compute != accumulate and jax.default_backend() == "cpu":
+        # XLA's CPU half-precision GEMMs are slow (2x bitsandbytes' at 64 tokens on AVX2); products
+        # of half values are exact in float32, so the float32 GEMM of the upcast operands is the
+        # same product accumulated in float32.
+        x, w, precision = x.astype(accumulate), w.astype(accumulate), lax.Precision.HIGHEST
+    if rows < 16 and out_features < x.shape[-1] and jax.default_backend() == "cpu":
+        # A few rows into fewer outputs than inputs (a down projection): XLA fuses the
+        # dequantization into a GEMV loop that ran 5x slower than materialising the weight
+        # first (2048 x 8192, one token); into more outputs the fused loop is the fast one.
+        w = lax.optimization_barrier(w)
+        return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision,
+                               preferred_element_type=accumulate)
+    return _dense(x, w.T, precision, accumulate)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_4bit(x, q, cfg):
+    """x @ dequantize(q).T accumulated in float32 (the frozen 4-bit product).  The backward
+    (the input gradient only: the codes are frozen) dequantizes the weight again, as
+    bitsandbytes does, into one materialised array: left to autodiff, XLA fused the
+    dequantization into a column-order GEMV and the QLoRA step at one token ran 3x slower
+    than bitsandbytes' (measured)."""
+    return _matmul_4bit_impl(x, q, cfg)
+
+
+def _matmul_4bit_fwd(x, q, cfg):
+    return _matmul_4bit_impl(x, q, cfg), (q, jnp.zeros((0, x.shape[-1]), x.dtype))  # x's width and dtype
+
+
+def _matmul_4bit_bwd(cfg, res, g):
+    q, x_like = res
+    quant_type, blocksize, out_features, compute, accumulate = cfg
+    compute, accumulate = jnp.dtype(compute), jnp.dtype(accumulate)
+    w = lax.optimization_barrier(_dequantize_4bit(q, quant_type, blocksize, (out_features, x_like.shape[-1]),
+                                                  compute, compute))
+    # The cotangent holds compute-dtype values (the layer rounds its output to the compute
+    # dtype): a compute-dtype GEMM accumulated in float32, rounded once (torch autocast's rule).
+    dx = lax.dot_general(g.astype(compute).astype(accumulate), w.astype(accumulate),
+                         (((g.ndim - 1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=accumulate).astype(x_like.dtype)
+    dq = {k: (np.zeros(v.shape, jax.dtypes.float0) if jnp.issubdtype(v.dtype, jnp.integer) else jnp.zeros_like(v))
+          for k, v in q.items()}
+    return dx, dq
+
+
+_matmul_4bit.defvjp(_matmul_4bit_fwd, _matmul_4bit_bwd)
+
+
 def quantized_linear(x, qweight, spec: QuantSpec, out_features: int, bias=None, lora=None,
                      lora_scale: float = 1.0, kernel=None):
     """One quantized linear layer in ``spec.compute_dtype``: the weight dequantized to the
@@ -407,15 +600,10 @@ def _quantized_linear(x, qweight, spec, out_features, bias, lora, lora_scale, ke
     x = jnp.asarray(x).astype(compute)
     in_features = x.shape[-1]
     if spec.is_4bit:
-        w = dequantize_4bit(jax.tree.map(lax.stop_gradient, dict(qweight)), spec.quant_type, spec.blocksize,
-                            (out_features, in_features), compute, jax_dtype(spec.param_dtype))
-        if compute != accumulate and jax.default_backend() == "cpu":
-            # XLA's CPU half-precision GEMMs are slow (2x bitsandbytes' at 64 tokens); products of
-            # half values are exact in float32, so the float32 GEMM of the upcast operands is the
-            # same product accumulated in float32.
-            y = _dense(x.astype(accumulate), w.T.astype(accumulate), lax.Precision.HIGHEST, accumulate)
-        else:
-            y = _dense(x, w.T, precision, accumulate)
+        q = jax.tree.map(lax.stop_gradient, dict(qweight))
+        dequantize_4bit(q, spec.quant_type, spec.blocksize, (out_features, in_features))  # checks the arrays
+        y = _matmul_4bit(x, q, (spec.quant_type, spec.blocksize, out_features, jnp.dtype(compute).name,
+                                jnp.dtype(accumulate).name))
     elif spec.frozen:
         y = int8_matmul(x, qweight["weight"], lax.stop_gradient(qweight["SCB"]), float(spec.threshold))
     else:

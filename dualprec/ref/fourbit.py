@@ -41,17 +41,26 @@ NF4_CODE = np.array(
     dtype=np.float32,
 )
 # FP4 (1 sign, 2 exponent, 1 mantissa bit) in bit-pattern order, normalised by its max 12
-# in float32. Index 8 is the "negative zero" pattern, but its value is +0.0 in
-# bitsandbytes' table and kernels, so it is here too.
+# in float32. Index 8 is the "negative zero" pattern. bitsandbytes' code table (the
+# `quant_map` its checkpoints hold) stores +0.0 there, and so does CODEBOOKS, which is
+# exported byte for byte.
 FP4_CODE = (
     np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, 0.0, -0.0625, -8, -12, -4, -6, -2, -3], np.float32)
     / np.float32(12.0)
 )
 CODEBOOKS = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+# The values dequantization gives.  bitsandbytes' dequantize kernels decode FP4 from its
+# sign bit (its CUDA kernel, and its scalar CPU kernel, which every row whose length is not
+# a multiple of 16 takes), so code 8 comes out as -0.0, not as the table's +0.0; its AVX512
+# CPU path and its generic torch fallback read the table and give +0.0.  The reference
+# follows the sign bit.
+_FP4_VALUES = FP4_CODE.copy()
+_FP4_VALUES[8] = np.float32(-0.0)
+DEQUANT_VALUES = {"nf4": NF4_CODE, "fp4": _FP4_VALUES}
 
 # Codebook indices in ascending value order. For FP4 the two zeros tie; bitsandbytes puts
 # index 0 before index 8, so values in (-step/2, 0] get code 0 and values in (0, step/2]
-# get code 8 (both dequantize to +0.0). Codes are stored, so this order is kept.
+# get code 8 (which dequantizes to -0.0, see DEQUANT_VALUES). Codes are stored, so this order is kept.
 _SORT_ORDER = {
     "nf4": np.arange(16, dtype=np.uint8),
     "fp4": np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3], dtype=np.uint8),
@@ -452,6 +461,6 @@ def dequantize_4bit(packed, state: QuantState4bit) -> np.ndarray:
     codes = np.empty(flat.size * 2, np.uint8)
     codes[0::2] = flat >> 4
     codes[1::2] = flat & 0x0F
-    values = state.code[codes[:n]]
+    values = DEQUANT_VALUES[state.quant_type][codes[:n]]
     scale = np.repeat(state.block_absmax().astype(np.float32), state.blocksize)[:n]
     return (values * scale).astype(dtype_of(state.dtype)).reshape(state.shape)

@@ -36,6 +36,15 @@ def _bits(a):
     return np.asarray(a, np.float32).view(np.uint32)
 
 
+def _bits_any_zero(a):
+    """Bits with -0.0 read as +0.0: FP4's code 8 is -0.0 in the reference and in
+    bitsandbytes' sign-decoding kernels (scalar CPU, CUDA), +0.0 in its table-reading paths
+    (AVX512 CPU, the generic fallback for odd lengths). test_fp4_code_8_is_negative_zero
+    checks the sign against the former."""
+    a = np.asarray(a, np.float32)
+    return _bits(np.where(a == 0, np.float32(0), a))
+
+
 def test_codebooks_and_dynamic_map_are_bitsandbytes():
     for qt, code in CODEBOOKS.items():
         assert np.array_equal(_bits(code), _bits(bnbF.get_4bit_type(qt, device="cpu").numpy()))
@@ -58,7 +67,7 @@ def test_codes_and_absmax_bit_identical(qt, bs, dtype):
     # Dequantized values equal bitsandbytes' generic (non-AVX512) dequantize, bit for bit.
     ours = dequantize_4bit(packed, state)
     theirs = bnbF.dequantize_4bit(q, s).float().numpy().reshape(-1)  # 1-D shape: scalar kernel path
-    assert np.array_equal(_bits(ours.astype(np.float32)), _bits(theirs))
+    assert np.array_equal(_bits_any_zero(ours.astype(np.float32)), _bits_any_zero(theirs))
 
 
 def _dq_data(bs, dtype, seed):
@@ -88,7 +97,8 @@ def _assert_dq_state_is_bnb(x, qt, bs):
     # Same state, so the same dequantized bits (bnb's generic path via a 1-D shape).
     s.shape = torch.Size([x.size])
     theirs = bnbF.dequantize_4bit(q, s).float().numpy().reshape(-1)
-    assert np.array_equal(_bits(dequantize_4bit(packed, state).astype(np.float32).reshape(-1)), _bits(theirs))
+    assert np.array_equal(_bits_any_zero(dequantize_4bit(packed, state).astype(np.float32).reshape(-1)),
+                          _bits_any_zero(theirs))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -186,13 +196,29 @@ def test_bnb_8bit_cpu_kernel_is_not_nearest():
 
 def test_fp4_signed_zero_order_quirk():
     """Quirk kept for bit-identity: in FP4 tiny positives get the "-0" code (8) and tiny
-    negatives the "+0" code (0); both codes dequantize to +0.0 in bitsandbytes."""
+    negatives the "+0" code (0)."""
     x = np.array([1.0, 1e-4, -1e-4, 0.0], np.float32)
     packed, state = quantize_4bit(x, "fp4", 32)
     assert packed.reshape(-1).tolist() == [(3 << 4) | 8, (0 << 4) | 0]
     assert np.array_equal(packed, _bnb(x, "fp4", 32)[0].numpy())
     out = dequantize_4bit(packed, state)
-    assert out[1] == 0.0 and not np.signbit(out[1]) and not np.signbit(out[2])
+    assert out[1] == 0.0 and np.signbit(out[1]) and not np.signbit(out[2])
+
+
+def test_fp4_code_8_is_negative_zero():
+    """bitsandbytes decodes FP4 from the sign bit: code 8 dequantizes to -0.0 (its scalar CPU
+    kernel, taken by rows whose length is not a multiple of 16; its CUDA kernel too), while
+    its code table, which checkpoints store as quant_map, holds +0.0 (so does CODEBOOKS)."""
+    x = _data((30, 50), "float32", seed=8) * np.float32(1e-3)
+    x.reshape(-1)[::9] = 1.0
+    q, s = _bnb(x, "fp4", 64)
+    packed, state = quantize_4bit(x, "fp4", 64)
+    codes = np.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], -1).reshape(-1)[: x.size]
+    assert (codes == 8).sum() > 50
+    ours, theirs = dequantize_4bit(packed, state), bnbF.dequantize_4bit(q, s).numpy()
+    assert np.array_equal(_bits(ours), _bits(theirs))
+    assert np.signbit(ours.reshape(-1)[codes == 8]).all()
+    assert not np.signbit(CODEBOOKS["fp4"][8]) and not np.signbit(s.code.numpy()[8])
 
 
 def test_all_zero_partial_block_stores_1e38_like_bitsandbytes():

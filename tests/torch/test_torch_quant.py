@@ -128,8 +128,11 @@ def test_4bit_codes_and_absmax_equal_reference(mode, blocksize, shape, params):
     if st.double_quant:
         assert np.array_equal(_bits(st.nested_absmax), _bits(qs.state2.absmax.numpy()))
         assert _bits(st.offset) == _bits(qs.offset.item())
-    deq = layer.dequantize()
-    assert np.array_equal(_bits(_np(deq.float())), _bits(dequantize_4bit(packed, st).astype(np.float32)))
+    deq = _np(layer.dequantize().float())
+    ref = dequantize_4bit(packed, st).astype(np.float32)
+    # FP4 code 8 is -0.0 in the reference (bitsandbytes' sign-decoding kernels); this layer's
+    # dequantize is bitsandbytes', whose AVX512 and odd-length paths read +0.0 from its table.
+    assert np.array_equal(_bits(np.where(deq == 0, 0, deq)), _bits(np.where(ref == 0, 0, ref)))
 
 
 def test_int8_codes_and_scb_equal_reference():
@@ -343,3 +346,58 @@ def test_int8_layers_take_3d_activations(mode):
     assert y3.shape == (2, 4, 32) and torch.equal(y3.reshape(8, 32), y2)
     precision.backward(y3.float().pow(2).mean())
     assert precision.step(optimizer)
+
+
+# ----- module-level classes, bitsandbytes' formulas ------------------------------------------
+
+
+def test_layer_classes_are_importable_module_level_names():
+    from dualprec_torch import quant as q
+    from dualprec_torch.quant_layers import QuantLinear4bit, QuantLinear8bit
+
+    assert q.QuantLinear4bit is QuantLinear4bit and q.QuantLinear8bit is QuantLinear8bit
+    assert QuantLinear4bit.__module__ == QuantLinear8bit.__module__ == "dualprec_torch.quant_layers"
+    net = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 8))
+    quantize_module(net, "32-true,quant=nf4(skip=1)")
+    assert type(net[0]) is QuantLinear4bit and type(net[1]) is nn.Linear
+    with pytest.raises(AttributeError, match="QuantLinear2bit"):
+        q.QuantLinear2bit
+
+
+def test_int8_dequantize_is_bitsandbytes_matmul_formula():
+    """codes * (SCB * (1/127)), as bitsandbytes' int8 matmul dequantizes (division by 127
+    rounds differently for some rows)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 256))
+    quantize_module(net, "int8")
+    layer = net[0]
+    cb, scb = layer.weight.data, layer.weight.SCB
+    theirs = cb.to(torch.float32) * scb.unsqueeze(1).mul(1.0 / 127.0)  # bitsandbytes.autograd._functions
+    assert torch.equal(layer.dequantize().view(torch.int32), theirs.view(torch.int32))
+    from dualprec_jax import quant as jq
+
+    ours_jax = np.asarray(jq.dequantize_int8({"weight": cb.numpy(), "SCB": scb.numpy()}))
+    assert np.array_equal(ours_jax.view(np.uint32), theirs.numpy().view(np.uint32))
+    assert not torch.equal(cb.float() * (scb.float()[:, None] / 127.0), theirs)  # the two formulas differ here
+
+
+@pytest.mark.parametrize("qt,params", [("nf4-dq", "float16"), ("fp4", "bfloat16")])
+def test_half_weight_forward_in_float32_equals_plain_bitsandbytes(qt, params):
+    """float16/bfloat16 weights computed in float32: dequantized straight to float32, as
+    bitsandbytes' Linear4bit forward does (one-hot inputs: one product per output, bit for bit)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(300, 400, dtype=torch_dtype(params))
+    plain = bnb.nn.Linear4bit(300, 400, compute_dtype=None, compress_statistics=qt.endswith("-dq"),
+                              quant_type=qt[:3], device="meta")
+    plain.weight = bnb.nn.Params4bit(data=lin.weight.detach().clone(), quant_type=qt[:3], requires_grad=False,
+                                     compress_statistics=qt.endswith("-dq"))
+    plain.bias = nn.Parameter(lin.bias.detach().clone())
+    plain = plain.to("cpu").train()
+    net = nn.Sequential(lin)
+    quantize_module(net, f"params={params},compute=float32,quant={qt}")
+    eye = torch.eye(300)[::7] * 1.5
+    with torch.no_grad():
+        ours, theirs = net(eye), plain(eye)
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert torch.equal(net[0].weight.data, plain.weight.data)
+    assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
