@@ -61,7 +61,8 @@ class Comparison:
         for r in self.records:
             if r.status == "pass":
                 continue
-            where = f" (where: {r.where}" + (f", step {r.step}" if r.step is not None else "") + ")" if r.where else ""
+            where = "" if not r.where or f"at {r.where}:" in (r.reason or "") else \
+                f" (where: {r.where}" + (f", step {r.step}" if r.step is not None else "") + ")"
             groups.setdefault((r.status, r.reason or "", where), []).append(r.check)
         for (status, reason, where), checks in groups.items():
             head = f"{status} {', '.join(checks)}: "
