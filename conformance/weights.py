@@ -14,7 +14,8 @@ tied parameters (one tensor under two names, e.g. an LM head tied to the token e
 the alias is dropped torch -> Flax and restored Flax -> torch) and buffers (a causal mask:
 no Flax counterpart, left out).  ``overrides`` maps a torch name to a Flax path
 ("tok/embedding"), a ``(path, layout)`` pair, a :class:`Rule`, or ``None`` (no counterpart:
-a buffer or a tied alias; a trained parameter cannot be None).
+a buffer or a tied alias; a trained parameter cannot be None).  A key may be a glob
+pattern ("blocks.*.attn.mask": None); an explicit name wins over a pattern.
 
 The canonical form the suite passes around is a flat ``{torch_name: numpy array}`` dict in
 PyTorch layout ("fc1.weight" is [out, in], a conv weight is OIHW).  Flax stores the same
@@ -160,7 +161,7 @@ class WeightMap:
             if name in ties or name in buffers:
                 continue
             rules[name] = auto_rule(name, len(shape), kinds.get(name.rpartition(".")[0]), kind_rules)
-        for name, spec in (overrides or {}).items():
+        for name, spec in _expand(overrides or {}, shapes).items():
             if name not in shapes:
                 raise WeightMapError(f"weight_map entry {name!r} names no torch tensor; the torch names "
                                      f"are {_listing(shapes)}")
@@ -317,6 +318,24 @@ def flatten_flax(params: Mapping, prefix: tuple = ()) -> dict[tuple, np.ndarray]
             out.update(flatten_flax(v, prefix + (k,)))
         else:
             out[prefix + (k,)] = v
+    return out
+
+
+def _expand(overrides: Mapping, shapes: Mapping) -> dict:
+    """Overrides with glob keys ("blocks.*.attn.mask": None) expanded to the names they
+    match; an explicit name wins over a pattern.  A pattern that matches nothing is an error."""
+    import fnmatch
+
+    out = {}
+    for key, spec in overrides.items():
+        if any(c in key for c in "*?["):
+            hits = [n for n in shapes if fnmatch.fnmatchcase(n, key)]
+            if not hits:
+                raise WeightMapError(f"weight_map pattern {key!r} matches no torch tensor; the torch names "
+                                     f"are {_listing(shapes)}")
+            for n in hits:
+                out.setdefault(n, spec)
+    out.update({k: v for k, v in overrides.items() if not any(c in k for c in "*?[")})
     return out
 
 

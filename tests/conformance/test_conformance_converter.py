@@ -63,6 +63,12 @@ def test_none_is_no_counterpart_for_buffers_only(gpt):
         WeightMap.from_torch(gpt, {"blocks.0.mlp.fc1.weight": None})
     with pytest.raises(WeightMapError, match="is a buffer"):
         WeightMap.from_torch(gpt, {"blocks.0.attn.mask": "blocks_0/attn/mask"})
+    pattern = WeightMap.from_torch(gpt, {"blocks.*.attn.mask": None})
+    assert pattern.ignored == wm.ignored | {"blocks.1.attn.mask"}
+    with pytest.raises(WeightMapError, match="blocks.0.mlp.fc1.weight is a trained parameter"):
+        WeightMap.from_torch(gpt, {"blocks.*.mlp.fc1.weight": None})
+    with pytest.raises(WeightMapError, match="pattern 'head.*' matches no torch tensor"):
+        WeightMap.from_torch(gpt, {"head.*": None})
     with pytest.raises(WeightMapError, match="names no torch tensor"):
         WeightMap.from_torch(gpt, {"blocks.9.attn.qkv.weight": "x/kernel"})
 
