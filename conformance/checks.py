@@ -391,10 +391,11 @@ def check_grads(ctx: Context, sa: Session, sb: Session, lg=None, fwd=None) -> li
     return out
 
 
-def cross_entropy64(logits, labels) -> float:
-    """The mean cross-entropy of integer labels, in float64 (the reference of the loss)."""
+def cross_entropy64(logits, labels, class_axis: int = 1) -> float:
+    """The mean cross-entropy of integer labels, in float64 (the reference of the loss);
+    ``class_axis``: where a >2-D output holds the classes (torch's 1, LM logits -1)."""
     z = np.asarray(logits, np.float64).reshape(len(labels), -1) if np.ndim(logits) == 2 else \
-        np.moveaxis(np.asarray(logits, np.float64), 1, -1).reshape(-1, np.shape(logits)[1])
+        np.moveaxis(np.asarray(logits, np.float64), class_axis, -1).reshape(-1, np.shape(logits)[class_axis])
     lab = np.asarray(labels).reshape(-1)
     m = z.max(axis=1, keepdims=True)
     lse = np.log(np.exp(z - m).sum(axis=1)) + m[:, 0]
@@ -410,8 +411,9 @@ def check_loss_consistency(ctx: Context, losses, outputs, y) -> Record:
     u = 2.0 ** -24
     for be, loss, out in zip((ctx.a, ctx.b), losses, outputs):
         z = np.asarray(out, np.float64)
-        ref = cross_entropy64(z, y)
-        n_class = z.shape[1] if z.ndim >= 2 else 1
+        axis = ctx.spec.class_axis if z.ndim > 2 else 1
+        ref = cross_entropy64(z, y, axis)
+        n_class = z.shape[axis] if z.ndim >= 2 else 1
         bound = 8 * u * (math.sqrt(n_class) * (float(np.max(np.abs(z))) + math.log(max(n_class, 2)))
                          + math.sqrt(z.size / max(n_class, 1)) * abs(ref) + 1.0)
         err = abs(float(loss) - ref)
@@ -653,7 +655,8 @@ def _guard(ctx: Context, names: tuple[str, ...], fn: Callable, *args) -> list[Re
     try:
         recs = fn(*args)
     except Exception as e:  # noqa: BLE001 - every backend error becomes a visible error record
-        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        msg = f"{type(e).__name__}: {e}".splitlines()[0]
+        msg = msg if len(msg) <= 300 else msg[:300].rsplit(" ", 1)[0] + " ..."  # not mid-word
         recs = [ctx.record(n, TIER_OF[n], "error", reason=f"raised {msg}") for n in names]
     dt = (time.perf_counter() - t0) / max(len(recs), 1)
     for r in recs:

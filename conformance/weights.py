@@ -1,4 +1,21 @@
-"""Weight transfer between PyTorch and Flax layouts, both ways.
+"""Weight transfer between PyTorch and Flax layouts, both ways (public API).
+
+For users::
+
+    from conformance.weights import WeightMap, torch_to_flax, flax_to_torch
+
+    params = torch_to_flax(torch_model)                   # nested Flax params (NumPy)
+    params = torch_to_flax(torch_model, {"head.weight": "out/kernel"}, flax_params=variables["params"])
+    state = flax_to_torch(params, WeightMap.from_torch(torch_model))   # flat torch state (NumPy)
+
+``WeightMap.from_torch(module, overrides)`` reads everything it needs from the module:
+parameter names and shapes, each submodule's class (the rule table :data:`KIND_RULES`),
+tied parameters (one tensor under two names, e.g. an LM head tied to the token embedding:
+the alias is dropped torch -> Flax and restored Flax -> torch) and buffers (a causal mask:
+no Flax counterpart, left out).  ``overrides`` maps a torch name to a Flax path
+("tok/embedding"), a ``(path, layout)`` pair, a :class:`Rule`, or ``None`` (no counterpart:
+a buffer or a tied alias; a trained parameter cannot be None).  A key may be a glob
+pattern ("blocks.*.attn.mask": None); an explicit name wins over a pattern.
 
 The canonical form the suite passes around is a flat ``{torch_name: numpy array}`` dict in
 PyTorch layout ("fc1.weight" is [out, in], a conv weight is OIHW).  Flax stores the same
@@ -13,16 +30,20 @@ torch leaf         Flax leaf             layout change
 ``bias``           ``bias``              none
 =================  ====================  ====================
 
-Module paths keep their names: torch's "attn.qkv" is Flax's ("attn", "qkv") (the zoo names
-Flax submodules after their torch twins).
-A :class:`WeightMap` holds the rule per tensor; ``WeightMap.auto`` infers it by the table
-above, and explicit entries override it (an embedding's 2-D ``weight`` is not transposed).
+By module class (:data:`KIND_RULES`, extendable with ``kind_rules={"MyLinear": {...}}``)
+the rule wins over the table above: an ``Embedding``'s 2-D ``weight`` is Flax's untransposed
+``embedding``, a ``LayerNorm``'s ``weight`` its ``scale`` whatever its shape.
+
+Module paths keep their names: torch's "attn.qkv" is Flax's ("attn", "qkv"); a ModuleList
+member "blocks.0" is linen's "blocks_0"; a Sequential member "net.0" is "net_0" or
+"net/layers_0" (checked against the Flax params by :meth:`WeightMap.resolve`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +72,30 @@ class Rule:
         return np.ascontiguousarray(a if perm is None else np.transpose(a, perm))
 
 
+#: torch module class -> {torch leaf: (Flax leaf, layout)}: the rule of each parameter of
+#: that kind of module.  Kinds not listed fall back to the leaf-and-ndim table above.
+#: ``WeightMap.auto(..., kind_rules=...)`` / ``from_torch(..., kind_rules=...)`` add or
+#: replace entries for a call (your own layer classes).
+KIND_RULES: dict[str, dict[str, tuple[str, str]]] = {
+    "Linear": {"weight": ("kernel", "linear"), "bias": ("bias", "same")},
+    "Embedding": {"weight": ("embedding", "same")},
+    "Conv1d": {"weight": ("kernel", "conv1d"), "bias": ("bias", "same")},
+    "Conv2d": {"weight": ("kernel", "conv2d"), "bias": ("bias", "same")},
+    "LayerNorm": {"weight": ("scale", "same"), "bias": ("bias", "same")},
+    "RMSNorm": {"weight": ("scale", "same")},
+    "GroupNorm": {"weight": ("scale", "same"), "bias": ("bias", "same")},
+    "BatchNorm1d": {"weight": ("scale", "same"), "bias": ("bias", "same")},
+    "BatchNorm2d": {"weight": ("scale", "same"), "bias": ("bias", "same")},
+}
+
+
+class WeightMapError(KeyError):
+    """A name with no rule, or a Flax path the params lack; the message names the entry to add."""
+
+    def __str__(self) -> str:  # KeyError would show the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
 def flax_module_names(mods: list[str]) -> tuple[str, ...]:
     """torch module path parts -> Flax's: a ModuleList / Sequential index joins its parent
     (torch "blocks.0" is Flax "blocks_0", the name linen gives list members)."""
@@ -63,9 +108,18 @@ def flax_module_names(mods: list[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def auto_rule(torch_name: str, ndim: int) -> Rule:
+def auto_rule(torch_name: str, ndim: int, kind: str | None = None,
+              kind_rules: Mapping[str, Mapping[str, tuple[str, str]]] | None = None) -> Rule:
+    """The rule of one torch tensor: by its module's class (``kind``) when the table of
+    kinds (:data:`KIND_RULES` updated by ``kind_rules``) has it, else by leaf name and ndim."""
     *mods, leaf = torch_name.split(".")
     mods = list(flax_module_names(mods))
+    table = {**KIND_RULES, **(kind_rules or {})}
+    if kind in table and leaf in table[kind]:
+        flax_leaf, layout = table[kind][leaf]
+        if layout not in LAYOUTS:
+            raise ValueError(f"kind_rules[{kind!r}][{leaf!r}]: layout {layout!r} is not one of {sorted(LAYOUTS)}")
+        return Rule(tuple(mods) + (flax_leaf,), layout)
     if leaf == "weight":
         if ndim == 2:
             return Rule(tuple(mods) + ("kernel",), "linear")
@@ -78,40 +132,90 @@ def auto_rule(torch_name: str, ndim: int) -> Rule:
 
 
 class WeightMap:
-    """torch name -> :class:`Rule`.  Build with ``WeightMap.auto(names_and_ndims, overrides)``.
+    """torch name -> :class:`Rule`, plus the torch names that have no Flax tensor of their own.
 
-    ``overrides`` maps a torch name to a Rule, a Flax path string ("embed/embedding") kept
-    in layout, or a ``(path, layout)`` pair.
+    ``rules``: the tensors both frameworks hold; ``ties``: alias -> the torch name it shares
+    storage with (an LM head tied to the embedding); ``ignored``: names with no counterpart
+    (buffers such as a causal mask, entries mapped to ``None``).  Build one with
+    :meth:`from_torch` (from a module) or :meth:`auto` (from names and shapes).
     """
 
-    def __init__(self, rules: Mapping[str, Rule]):
+    def __init__(self, rules: Mapping[str, Rule], ties: Mapping[str, str] | None = None,
+                 ignored=()):
         self.rules = dict(rules)
+        self.ties = dict(ties or {})
+        self.ignored = frozenset(ignored)
 
     @classmethod
     def auto(cls, shapes: Mapping[str, tuple], overrides: Mapping | None = None,
-             kinds: Mapping[str, str] | None = None) -> WeightMap:
-        """Rules by the table above.  ``kinds`` (torch module name -> class name) lets an
-        ``Embedding``'s 2-D weight become Flax's untransposed ``embedding``."""
-        rules = {name: auto_rule(name, len(shape)) for name, shape in shapes.items()}
-        for name in rules:
-            module, _, leaf = name.rpartition(".")
-            if (kinds or {}).get(module) == "Embedding" and leaf == "weight":
-                rules[name] = Rule(rules[name].flax_path[:-1] + ("embedding",), "same")
-        for name, spec in (overrides or {}).items():
-            if isinstance(spec, Rule):
-                rules[name] = spec
-            elif isinstance(spec, str):
-                rules[name] = Rule(tuple(spec.split("/")), "same")
-            else:
-                path, layout = spec
-                rules[name] = Rule(tuple(path.split("/")) if isinstance(path, str) else tuple(path), layout)
-        return cls(rules)
+             kinds: Mapping[str, str] | None = None, *, ties: Mapping[str, str] | None = None,
+             buffers=(), kind_rules: Mapping | None = None) -> WeightMap:
+        """Rules by the tables above for every name in ``shapes``.  ``kinds`` (torch module
+        name -> class name) selects the rule of :data:`KIND_RULES`; ``ties`` (alias ->
+        canonical name) and ``buffers`` (names) have no Flax tensor of their own.
+        ``overrides`` maps a torch name to a Rule, a Flax path string ("embed/embedding")
+        kept in layout, a ``(path, layout)`` pair, or None (no counterpart)."""
+        kinds, ties, buffers = dict(kinds or {}), dict(ties or {}), set(buffers)
+        rules, ignored = {}, set(buffers)
+        for name, shape in shapes.items():
+            if name in ties or name in buffers:
+                continue
+            rules[name] = auto_rule(name, len(shape), kinds.get(name.rpartition(".")[0]), kind_rules)
+        for name, spec in _expand(overrides or {}, shapes).items():
+            if name not in shapes:
+                raise WeightMapError(f"weight_map entry {name!r} names no torch tensor; the torch names "
+                                     f"are {_listing(shapes)}")
+            if spec is None:
+                if name in rules:
+                    raise WeightMapError(f"weight_map[{name!r}] = None, but {name} is a trained parameter: "
+                                         "both frameworks must hold it; map it to its Flax path instead")
+                ignored.add(name)
+                continue
+            rule = _as_rule(name, spec)
+            if name in ties:
+                canon = rules.get(ties[name])
+                if canon is not None and rule.flax_path != canon.flax_path:
+                    raise WeightMapError(
+                        f"{name} shares storage with {ties[name]} (tied): the Flax model must use one "
+                        f"parameter for both, {'/'.join(canon.flax_path)}; drop the weight_map entry "
+                        f"for {name} or map it to \"{'/'.join(canon.flax_path)}\"")
+                continue  # an alias stays an alias
+            if name in buffers:
+                raise WeightMapError(f"{name} is a buffer (the model's own state, not a trained parameter): "
+                                     "buffers are not transferred or compared; map it to None or leave it out")
+            rules[name] = rule
+        return cls(rules, ties, ignored)
+
+    @classmethod
+    def from_torch(cls, module: Any, overrides: Mapping | None = None,
+                   kind_rules: Mapping | None = None) -> WeightMap:
+        """The map of a torch ``nn.Module``: its parameters by the rule tables, tied
+        parameters (the same tensor under two names) as aliases, buffers left out."""
+        shapes = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+        kinds = {n: type(m).__name__ for n, m in module.named_modules() if n}
+        canonical = {id(p): n for n, p in module.named_parameters()}  # the first name of each tensor
+        ties = {n: canonical[id(p)] for n, p in module.named_parameters(remove_duplicate=False)
+                if canonical[id(p)] != n}
+        params = set(canonical.values()) | set(ties)
+        buffers = [n for n in shapes if n not in params]
+        return cls.auto(shapes, overrides, kinds, ties=ties, buffers=buffers, kind_rules=kind_rules)
+
+    def _check_names(self, names) -> None:
+        unknown = sorted(set(names) - set(self.rules) - set(self.ties) - self.ignored)
+        if unknown:
+            raise WeightMapError(f"no weight-map rule for {unknown}: add weight_map={{"
+                                 + ", ".join(f'"{n}": "<flax/path>"' for n in unknown[:3])
+                                 + "} (or None: no counterpart)")
 
     def to_flax(self, state: Mapping[str, np.ndarray]) -> dict:
-        """Canonical (torch-layout) flat dict -> nested Flax params dict."""
-        unknown = set(state) - set(self.rules)
-        if unknown:
-            raise KeyError(f"no weight-map rule for {sorted(unknown)}")
+        """Canonical (torch-layout) flat dict -> nested Flax params dict.  Tied aliases and
+        ignored names (buffers) may be present and are left out; an alias whose values differ
+        from its canonical tensor is an error (the tie would be lost)."""
+        self._check_names(state)
+        for alias, canon in self.ties.items():
+            if alias in state and canon in state and not np.array_equal(np.asarray(state[alias]),
+                                                                        np.asarray(state[canon])):
+                raise WeightMapError(f"{alias} is tied to {canon} but holds other values")
         out: dict = {}
         for name, rule in self.rules.items():
             node = out
@@ -120,8 +224,9 @@ class WeightMap:
             node[rule.flax_path[-1]] = rule.to_flax(np.asarray(state[name]))
         return out
 
-    def to_torch(self, params: Mapping) -> dict[str, np.ndarray]:
-        """Nested Flax params dict (or its gradients) -> canonical flat dict."""
+    def to_torch(self, params: Mapping, aliases: bool = False) -> dict[str, np.ndarray]:
+        """Nested Flax params dict (or its gradients) -> canonical flat dict; with
+        ``aliases`` also each tied alias (the same values under its own name)."""
         out = {}
         for name, rule in self.rules.items():
             node = params
@@ -129,8 +234,10 @@ class WeightMap:
                 try:
                     node = node[key]
                 except (KeyError, TypeError):
-                    raise KeyError(f"Flax params lack {'/'.join(rule.flax_path)} (torch {name})") from None
+                    raise WeightMapError(f"Flax params lack {'/'.join(rule.flax_path)} (torch {name})") from None
             out[name] = rule.to_torch(np.asarray(node))
+        if aliases:
+            out.update({alias: out[canon] for alias, canon in self.ties.items() if canon in out})
         return out
 
     def flax_name(self, torch_name: str) -> str:
@@ -154,12 +261,13 @@ class WeightMap:
         missing = sorted(n for n, r in rules.items() if r.flax_path not in have)
         if missing:
             unused = sorted("/".join(p) for p in have - {r.flax_path for r in rules.values()})
-            fix = ", ".join(f'"{n}": "{_guess(n, unused)}"' if rules[n].layout == "same" else
-                            f'"{n}": ("{_guess(n, unused)}", "{rules[n].layout}")' for n in missing[:4])
-            raise KeyError(f"torch parameters without a Flax counterpart: {missing}; Flax parameters no torch "
-                           f"name maps to: {unused}. Pass weight_map={{{fix}}} (torch name -> Flax path, "
-                           f"or (path, layout) with layout one of {sorted(LAYOUTS)})")
-        return WeightMap(rules)
+            fix = ", ".join(f'"{n}": "{_guess(n, unused, rules[n].flax_path[-1])}"' if rules[n].layout == "same" else
+                            f'"{n}": ("{_guess(n, unused, rules[n].flax_path[-1])}", "{rules[n].layout}")' for n in missing[:4])
+            raise WeightMapError(f"torch parameters without a Flax counterpart: {missing}; Flax parameters no "
+                                 f"torch name maps to: {unused}. Pass weight_map={{{fix}}} (torch name -> Flax "
+                                 f"path, or (path, layout) with layout one of {sorted(LAYOUTS)}, or None for a "
+                                 "buffer or tied alias with no counterpart)")
+        return WeightMap(rules, self.ties, self.ignored)
 
     def module_names(self) -> dict[str, str]:
         """Flax module path ("blocks_0.fc") -> torch module name ("blocks.0.fc"), for pairing
@@ -194,10 +302,10 @@ def _alternatives(torch_name: str, path: tuple) -> list[tuple]:
     return alts
 
 
-def _guess(torch_name: str, flax_paths: list[str]) -> str:
+def _guess(torch_name: str, flax_paths: list[str], leaf: str | None = None) -> str:
     import difflib
 
-    leaf = "kernel" if torch_name.endswith("weight") else torch_name.rsplit(".", 1)[-1]
+    leaf = leaf or ("kernel" if torch_name.endswith("weight") else torch_name.rsplit(".", 1)[-1])
     pool = [p for p in flax_paths if p.endswith(leaf)] or flax_paths
     near = difflib.get_close_matches(torch_name.replace(".", "/"), pool, n=1, cutoff=0.0)
     return near[0] if near else "<flax/path>"
@@ -211,3 +319,83 @@ def flatten_flax(params: Mapping, prefix: tuple = ()) -> dict[tuple, np.ndarray]
         else:
             out[prefix + (k,)] = v
     return out
+
+
+def _expand(overrides: Mapping, shapes: Mapping) -> dict:
+    """Overrides with glob keys ("blocks.*.attn.mask": None) expanded to the names they
+    match; an explicit name wins over a pattern.  A pattern that matches nothing is an error."""
+    import fnmatch
+
+    out = {}
+    for key, spec in overrides.items():
+        if any(c in key for c in "*?["):
+            hits = [n for n in shapes if fnmatch.fnmatchcase(n, key)]
+            if not hits:
+                raise WeightMapError(f"weight_map pattern {key!r} matches no torch tensor; the torch names "
+                                     f"are {_listing(shapes)}")
+            for n in hits:
+                out.setdefault(n, spec)
+    out.update({k: v for k, v in overrides.items() if not any(c in k for c in "*?[")})
+    return out
+
+
+def _as_rule(name: str, spec) -> Rule:
+    if isinstance(spec, Rule):
+        return spec
+    if isinstance(spec, str):
+        return Rule(tuple(spec.split("/")), "same")
+    try:
+        path, layout = spec
+    except (TypeError, ValueError):
+        raise WeightMapError(f"weight_map[{name!r}] = {spec!r}: expected a Flax path (\"mod/kernel\"), a "
+                             f"(path, layout) pair with layout one of {sorted(LAYOUTS)}, a Rule, or None") from None
+    if layout not in LAYOUTS:
+        raise WeightMapError(f"weight_map[{name!r}]: layout {layout!r} is not one of {sorted(LAYOUTS)}")
+    return Rule(tuple(path.split("/")) if isinstance(path, str) else tuple(path), layout)
+
+
+def _listing(names, n: int = 8) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _state_of(module_or_state) -> dict[str, np.ndarray]:
+    if hasattr(module_or_state, "state_dict"):
+        import torch
+
+        return {k: v.detach().to(torch.float32).cpu().numpy().copy() if v.is_floating_point()
+                else v.detach().cpu().numpy().copy() for k, v in module_or_state.state_dict().items()}
+    return {k: np.asarray(v) for k, v in module_or_state.items()}
+
+
+def torch_to_flax(module_or_state, weight_map: WeightMap | Mapping | None = None, *,
+                  flax_params: Mapping | None = None, kind_rules: Mapping | None = None) -> dict:
+    """A torch model's weights as a nested Flax params dict of NumPy arrays (float tensors as
+    float32, the values bit for bit).
+
+    ``module_or_state``: an ``nn.Module`` (ties and buffers read from it) or a flat
+    ``{name: array}`` state (then pass a :class:`WeightMap`).  ``weight_map``: a WeightMap,
+    or overrides for :meth:`WeightMap.from_torch`.  ``flax_params`` (the Flax model's own
+    params, e.g. ``model.init(...)["params"]``): the paths are checked against it (linen's
+    Sequential spellings resolved) and an unmatched one is a :class:`WeightMapError` naming
+    the entry to add."""
+    wm = _map_of(module_or_state, weight_map, kind_rules)
+    if flax_params is not None:
+        wm = wm.resolve(flax_params)
+    return wm.to_flax(_state_of(module_or_state))
+
+
+def flax_to_torch(params: Mapping, weight_map: WeightMap) -> dict[str, np.ndarray]:
+    """Nested Flax params -> flat torch state (NumPy, torch layout), tied aliases included;
+    buffers (no Flax counterpart) are not in it: load with ``strict=False`` or merge into
+    the module's own ``state_dict()``."""
+    return weight_map.to_torch(params, aliases=True)
+
+
+def _map_of(module_or_state, weight_map, kind_rules) -> WeightMap:
+    if isinstance(weight_map, WeightMap):
+        return weight_map
+    if hasattr(module_or_state, "state_dict"):
+        return WeightMap.from_torch(module_or_state, weight_map, kind_rules)
+    return WeightMap.auto({k: np.shape(v) for k, v in module_or_state.items()}, weight_map,
+                          kind_rules=kind_rules)

@@ -230,6 +230,13 @@ class _Compiled:
                         got[name] = leaf[-1]
         return got
 
+    def _class_axis(self, ndim: int) -> int:
+        """The class axis of the output in the JAX layout (``spec.class_axis`` is torch's)."""
+        if ndim <= 2:
+            return -1
+        axis = self.spec.class_axis % ndim
+        return (0, 2, 3, 1).index(axis) if self.spec.channels_last_in_jax and ndim == 4 else axis
+
     def _scaled_loss(self, params, owg, state, x, y, loss_scale, mult):
         """``owg``: Flax's ``_overwrite_with_gradient`` collection (FP8 scales and histories),
         differentiated like params; its "gradient" is its next value."""
@@ -240,7 +247,7 @@ class _Compiled:
         logits, _, new_state = self._logits(params, full, x)
         # The loss runs in float32 at least: half outputs are upcast, float64 kept.
         wide = logits if logits.dtype in (jnp.float32, jnp.float64) else logits.astype(jnp.float32)
-        loss = optax.softmax_cross_entropy_with_integer_labels(wide, y).mean()
+        loss = optax.softmax_cross_entropy_with_integer_labels(wide, y, axis=self._class_axis(wide.ndim)).mean()
         new_state.pop(OWG, None)
         return self.prec.scale_loss(loss * mult, loss_scale), (loss, new_state)
 

@@ -80,7 +80,10 @@ class TorchSession(Session):
         with prec.init_module():
             model = spec.torch_module()
         with torch.no_grad():
+            trained = {n for n, _ in model.named_parameters()}
             for name, p in model.state_dict().items():
+                if name not in weights and name not in trained:
+                    continue  # a buffer or a tied alias: the model's own (compare() leaves them out)
                 # copy_ rounds the float32 canonical weights to the param dtype (RNE).
                 p.copy_(torch.from_numpy(np.asarray(weights[name], np.float32)))
         if optim.kind == "adam":
@@ -252,6 +255,8 @@ class TorchSession(Session):
         logits = self._run(x)
         # The loss runs in float32 at least: half outputs are upcast, float64 kept.
         wide = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        if wide.ndim > 2:  # F.cross_entropy wants the classes at dim 1
+            wide = torch.movedim(wide, self.spec.class_axis % wide.ndim, 1)
         with self.prec.autocast():
             loss = F.cross_entropy(wide, torch.from_numpy(y))
         return loss, loss * mult if mult != 1.0 else loss

@@ -27,6 +27,8 @@ class ModelSpec:
     build_flax: Callable | None = None
     input_dtype: str = "float32"      # integer inputs (token ids) are passed through uncast
     vocab: int = 0                    # the token-id range of integer inputs
+    class_axis: int = 1               # the classes' axis of a >2-D output (torch layout): 1 as
+                                      # torch's cross_entropy, -1 for LM logits [B, T, V]
 
     def torch_module(self):
         if self.build_torch is not None:
