@@ -63,8 +63,9 @@ def test_wrong_optimizer_is_caught_at_the_step_it_diverges(fp32_backends):
             return super().wrap_optimizer(optax.sgd(0.05 * 2))
 
     ctx = _ctx((torch_be, type(jax_be)(LrTooHigh)), steps=3)
-    loss, params = check_training(ctx)
+    loss, params, update = check_training(ctx)
     assert loss.status == "fail" and loss.step == 1  # step 0's loss precedes any update
+    assert update.status == "fail" and update.where.startswith(jax_be.name)  # its own step is not SGD
     assert params.status == "fail" and params.where in ctx.weights
     assert len(loss.detail["series"]["loss_rel"]) == 3
 
