@@ -370,7 +370,8 @@ def check_layers(ctx: Context, sa: Session, sb: Session, fwd) -> list[Record]:
         k = reduction_length(ctx, name, kinds) if name in leaves else ctx.spec.shape.n_reduce
         shape = dataclasses.replace(ctx.spec.shape, n_reduce=k)
         return layer_bound(ctx.policy, shape, st.dtype, st.size, leaf=name in leaves,
-                           math_mode=ctx.math_mode, share=not ctx.quantized_activations)
+                           math_mode=ctx.math_mode, share=not ctx.quantized_activations,
+                           code_step=activation_code_step(ctx.policy))
 
     rec = judge_tensors(ctx, "layers", named, bound_of)
     rec.detail["not_isolated"] = sorted(set(inputs) - set(got))
@@ -771,6 +772,11 @@ KNOWN_FP8_DIVERGENCES = {
 def _known_divergence(ctx: Context, recs: list[Record]) -> list[Record]:
     modes = {p.quantization.mode for p in (ctx.policy, *(s for _, s in ctx.policy.overrides)) if p.quantization}
     why = next((KNOWN_DIVERGENCES[m] for m in sorted(modes) if m in KNOWN_DIVERGENCES), None)
+    if why is None and ctx.spec.name == "opbyop" and not ctx.policy.is_mixed and \
+            ctx.policy.compute_dtype in ("bfloat16", "float16"):
+        why = ("known divergence: under a policy without autocast (-true, Keras' half, the 4-bit presets) "
+               "opbyop's hand-written softmax rounds after each op in JAX, where torch's kernel computes in "
+               "float32 and rounds once")
     scalings = {p.fp8.scaling for p in (ctx.policy, *(s for _, s in ctx.policy.overrides)) if p.fp8}
     fp8_why = next((KNOWN_FP8_DIVERGENCES[k] for k in sorted(scalings) if k in KNOWN_FP8_DIVERGENCES), None)
     if why is None and fp8_why is not None:

@@ -115,7 +115,8 @@ def failure_lines(records: list[Record], limit: int = 12, width: int = 78) -> li
     skips = defaultdict(set)
     for r in records:
         if r.status == "skip":
-            skips[r.reason.split(": ", 1)[-1][:90]].add(r.policy)
+            reason = r.reason.split("; measured: ")[0]  # a named divergence keeps its numbers in the report
+            skips[reason if len(reason) <= 240 else reason[:240].rsplit(" ", 1)[0] + " ..."].add(r.policy)
     if skips:
         n = len(set().union(*skips.values()))
         lines.append(f"skipped: {n} {'policy' if n == 1 else 'policies'}, e.g.")

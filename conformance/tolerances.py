@@ -207,7 +207,7 @@ def _is_half(dtype: str) -> bool:
 
 
 def layer_bound(policy: Policy, shape: ModelShape, dtype: str, size: int, leaf: bool = True,
-                math_mode: str = "ieee", share: bool = True) -> Bound:
+                math_mode: str = "ieee", share: bool = True, code_step: float = 0.0) -> Bound:
     """The bound of one layer (``leaf``) or block run in isolation on the other side's input.
 
     A half-precision output: at most ``n_round`` ULP (each rounding inside may flip once) and
@@ -218,10 +218,15 @@ def layer_bound(policy: Policy, shape: ModelShape, dtype: str, size: int, leaf: 
     n_round = 1 if leaf else BLOCK_ROUNDINGS
     acc = acc_rel(policy, shape.n_reduce, depth, math_mode)
     u_t = unit(dtype) if dtype in ("float64", "float32", "bfloat16", "float16") else unit("float32")
+    # inside a block, a quantized activation (int8, FP8, NVFP4) made from a value that differs by
+    # a rounding may land on the next code: a code step per rounding, and no share criterion
+    codes = 0.0 if leaf else n_round * code_step / (2 * u_t)
+    share = share and (leaf or not code_step)
     if _is_half(dtype) and u_t > unit(accumulate_dtype(policy)):
         p = min(1.0, n_round * acc / u_t)
-        return Bound(f"{n_round} rounding(s) of {dtype} after K={shape.n_reduce} sums",
-                     max_ulp=n_round + 2 * acc / u_t,
+        return Bound(f"{n_round} rounding(s) of {dtype} after K={shape.n_reduce} sums"
+                     + (", code steps" if codes else ""),
+                     max_ulp=n_round + 2 * acc / u_t + codes,
                      max_neq=binomial_upper(p, size) if share else None)
     c = narrowest_compute(policy)
     inner = 0.0
@@ -229,7 +234,7 @@ def layer_bound(policy: Policy, shape: ModelShape, dtype: str, size: int, leaf: 
         # a block whose own roundings are half precision but whose output is wider
         inner = n_round * 2 * unit(c) / u_t
     return Bound(f"K={shape.n_reduce} sums in {accumulate_dtype(policy)}",
-                 max_ulp=2 * acc / u_t + inner + 1)
+                 max_ulp=2 * acc / u_t + inner + codes + 1)
 
 
 def chain_bound(rel: float, why: str) -> Bound:

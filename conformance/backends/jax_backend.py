@@ -366,8 +366,8 @@ class JaxSession(Session):
         for name, rule in self.wm.rules.items():
             path = rule.flax_path
             spec = quant.QuantSpec.of(policy, ".".join(path[:-1])) if path[-1] == "kernel" else None
-            if spec is None or spec.frozen:
-                continue
+            if spec is None or spec.frozen or np.ndim(_leaf(full, path)) != 2:
+                continue  # (a convolution's kernel is never quantized: Dense-like layers only)
             q = quant.quantize_int8(_leaf(full, path).T)  # the codes its forward makes
             module = name.rsplit(".", 1)[0]
             out[f"{module}.weight.int8"], out[f"{module}.SCB"] = to_numpy(q["weight"]), to_numpy(q["SCB"])
