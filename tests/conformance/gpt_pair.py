@@ -92,8 +92,12 @@ class FlaxAttention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         att = scale(matmul(q, jnp.swapaxes(k, -1, -2)), 1.0 / math.sqrt(dh))
         att = jnp.where(jnp.tril(jnp.ones((t, t), bool)), att, -jnp.inf)
-        if self.bug == "softmax-half":  # softmax in the scores' dtype (bf16), no autocast
-            probs = jax.nn.softmax(att, axis=-1)
+        if self.bug == "softmax-half":
+            # the exponentials rounded to the scores' (half) dtype before normalising: an explicit
+            # cast, which no autocast undoes (a plain jax.nn.softmax now gets the float32 rule
+            # from Precision.apply's op table, as torch's softmax does under autocast)
+            e = jnp.exp(att - att.max(-1, keepdims=True)).astype(att.dtype)
+            probs = (e / e.sum(-1, keepdims=True)).astype(v.dtype)
         else:
             probs = dp_ops.softmax(att, axis=-1).astype(v.dtype)
         y = matmul(probs, v)
