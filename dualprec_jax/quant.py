@@ -725,7 +725,8 @@ def _intercept(policy: Policy, next_fun, args, kwargs, context):
     lora = (get("lora_a"), get("lora_b")) if module.has_variable("params", "lora_a") else None
     scale = 1.0
     if lora is not None:
-        scale = float(get("lora_scale")) if module.has_variable("params", "lora_scale") else 1.0
+        # an array, not float(): under Precision.apply every variable is traced
+        scale = jnp.asarray(get("lora_scale"), jnp.float32) if module.has_variable("params", "lora_scale") else 1.0
     bias = get("bias") if module.use_bias else None
     qweight = get(QWEIGHT) if spec.frozen else None
     kernel = get("kernel") if not spec.frozen else None
