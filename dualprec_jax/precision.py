@@ -271,6 +271,9 @@ class Precision(contract.Precision):
 
         import optax
 
+        from .optim import _WRAPPED
+
+        setattr(init, _WRAPPED, True)  # a second wrap_optimizer / TrainState.create(tx=...) refuses it
         return optax.GradientTransformationExtraArgs(init, wrapped.update)
 
     def step(self, tx, grads, opt_state, params):
