@@ -331,12 +331,9 @@ def load(path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _no_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
+    from .serialize import unique_keys
+
+    return unique_keys(pairs, ValueError, "checkpoint header")
 
 
 # ------------------------------------------------------------------ the precision state

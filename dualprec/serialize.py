@@ -105,13 +105,19 @@ def policy_from_json(text: str) -> Policy:
     return _from_document(data, "JSON")
 
 
-def _unique_keys(pairs) -> dict:
+def unique_keys(pairs, error=ValueError, what: str = "JSON") -> dict:
+    """``json.loads``'s object_pairs_hook that refuses a key given twice in one object (JSON
+    itself keeps the last one silently); ``error`` is the exception raised."""
     out = {}
     for key, value in pairs:
         if key in out:
-            raise PolicyError(f'JSON policy: the key "{key}" appears twice in one object; give each key once')
+            raise error(f'{what}: the key "{key}" appears twice in one object; give each key once')
         out[key] = value
     return out
+
+
+def _unique_keys(pairs) -> dict:
+    return unique_keys(pairs, PolicyError, "JSON policy")
 
 
 def _from_document(data: Any, what: str) -> Policy:
