@@ -581,17 +581,12 @@ class Policy:
     def check_overrides_match(self, module_paths, where: str = "setup") -> None:
         """PolicyError naming each override that matches no module, with the closest paths:
         a typo in a pattern would otherwise leave that module under the wrong policy."""
-        from .errors import closest
-
         paths = sorted({p for p in module_paths if p})
         self.check_skips_match(paths, where)
         bad = self.unmatched_overrides(paths)
         if not bad:
             return
-        lines = []
-        for pat in bad:
-            near = closest(pat, paths, n=3, cutoff=0.4) or paths[:3]
-            lines.append(f'"@{pat}" (closest module paths: {", ".join(near) if near else "the model has no submodules"})')
+        lines = _nearest_paths(bad, paths, prefix="@")
         raise PolicyError(f"{where}: override pattern{'s' if len(bad) > 1 else ''} {'; '.join(lines)} "
                           f"match{'es' if len(bad) == 1 else ''} no module of this model; fix the pattern "
                           "(dotted module paths, fnmatch wildcards)")
@@ -599,18 +594,13 @@ class Policy:
     def check_skips_match(self, module_paths, where: str = "setup") -> None:
         """A ``quant=...(skip=...)`` pattern that matches no module quantizes the layer it
         meant to keep: PolicyError naming the closest paths, as for overrides."""
-        from .errors import closest
-
         paths = sorted({p for p in module_paths if p})
         skips = [pat for _, p in ((None, self), *self.overrides) if p.quantization is not None
                  for pat in p.quantization.skip]
         bad = [pat for pat in dict.fromkeys(skips) if not any(_path_matches(p, pat) for p in paths)]
         if not bad:
             return
-        lines = []
-        for pat in bad:
-            near = closest(pat, paths, n=3, cutoff=0.4) or paths[:3]
-            lines.append(f'"{pat}" (closest module paths: {", ".join(near) if near else "the model has no submodules"})')
+        lines = _nearest_paths(bad, paths)
         raise PolicyError(f"{where}: quant skip pattern{'s' if len(bad) > 1 else ''} {'; '.join(lines)} "
                           f"match{'es' if len(bad) == 1 else ''} no module of this model, so nothing is kept out "
                           "of quantization; fix the pattern (dotted module paths, fnmatch wildcards, e.g. "
@@ -683,3 +673,15 @@ def _validate(p: Policy) -> None:
         raise PolicyError("loss scaling with float16 params gives float16 gradients, which cannot be unscaled "
                           "safely (torch.amp.GradScaler refuses them); use 16-mixed (float32 params) or master=true")
     assert p.param_dtype in FLOAT_DTYPES
+
+
+def _nearest_paths(patterns, paths, prefix: str = "") -> list[str]:
+    """'"pattern" (closest module paths: a, b, c)' for each pattern that matched nothing."""
+    from .errors import closest
+
+    out = []
+    for pat in patterns:
+        near = closest(pat, paths, n=3, cutoff=0.4) or paths[:3]
+        out.append(f'"{prefix}{pat}" (closest module paths: '
+                   f'{", ".join(near) if near else "the model has no submodules"})')
+    return out
