@@ -583,7 +583,7 @@ class Precision(contract.Precision):
                 if name == "fp8" and getattr(self, "_fp8_before", None) is not None:
                     tensors = self._fp8_before  # a backward whose gradients were not applied yet
                 if tensors:  # tensors only, so torch.load(weights_only=True) reads a torch.save of it
-                    extensions[name] = {k: _as_tensor(v) for k, v in tensors.items()}
+                    extensions[name] = {k: quant.to_torch(v) for k, v in tensors.items()}
         return checkpoint.new_state(self._policy, self._scaler.scale, self._scaler.counter, masters, extensions)
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
@@ -669,12 +669,3 @@ class Precision(contract.Precision):
         self._record(optimizer)
         return [p for g in optimizer.param_groups for p in g["params"]]
 
-
-def _as_tensor(value) -> torch.Tensor:
-    """A torch tensor of an extension's value (quant's state is NumPy, bfloat16 via ml_dtypes)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    a = np.asarray(value)
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.array(a))

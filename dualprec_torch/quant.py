@@ -374,7 +374,7 @@ def load_state_tensors(model: nn.Module, tensors: dict) -> None:
     used = set()
     for path, layer in layers:
         prefix = f"{path}." if path else ""
-        sub = {k[len(prefix):]: _to_torch(v) for k, v in tensors.items()
+        sub = {k[len(prefix):]: to_torch(v) for k, v in tensors.items()
                if k.startswith(prefix) and not any(k.startswith(f"{p}.") for p, _ in layers if len(p) > len(path) and p.startswith(prefix))}
         used.update(prefix + k for k in sub)
         layer.load_state_dict(sub, strict=True)
@@ -393,7 +393,8 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _to_torch(a) -> torch.Tensor:
+def to_torch(a) -> torch.Tensor:
+    """A torch tensor of a state value (NumPy, bfloat16 via ml_dtypes, or already a tensor)."""
     if isinstance(a, torch.Tensor):
         return a
     a = np.asarray(a)
