@@ -629,35 +629,10 @@ def check_fp8(ctx: Context, sa: Session, sb: Session, steps: int | None = None) 
     problems = [] if fa or fb else ["neither backend holds FP8 state"]
     problems += _byte_problems(ctx.a.name, ctx.b.name, fa, fb, "fp8")
     status, reason = ("fail" if problems else "pass"), "; ".join(problems[:4])
-    known = _weight_amax_of_cast(ctx, fa, fb)
-    if problems and known:
-        # A divergence of the backends found by this check and reported, not a tolerance:
-        # the record stays visible (skip, with every difference in its detail).
-        status = "skip"
-        reason = (f"known divergence: {ctx.b.name} records the weight amax of the weight cast to the compute "
-                  f"dtype, {ctx.a.name} that of the {ctx.policy.param_dtype} parameter ({known}), so the "
-                  f"scales, the FP8 weights and all that follows differ; {len(problems)} "
-                  "tensors differ (detail.problems)")
     return [ctx.record("fp8-scales", "bit-exact", status, reason=reason,
                        tolerance=0.0, where=problems[0].split(":")[0] if problems else None,
                        step=ctx.steps if steps is None else steps,
-                       detail={"tensors": len(fa), "problems": problems, "known_divergence": known})]
-
-
-def _weight_amax_of_cast(ctx: Context, fa: dict, fb: dict) -> str | None:
-    """The first layer whose first recorded weight amax is, in ``b``, exactly ``a``'s rounded
-    to the compute dtype (and not ``a``'s): the signature of the two backends taking the amax
-    of different tensors.  None when no layer shows it."""
-    for k in sorted(fa):
-        if not k.endswith(".weight.amax_history") or k not in fb:
-            continue
-        layer = k[len("fp8."):-len(".weight.amax_history")]
-        va = np.float32(np.asarray(fa[k]).reshape(-1)[0])
-        vb = np.float32(np.asarray(fb[k]).reshape(-1)[0])
-        cast = np.float32(ref_casts.cast(np.array([va], np.float32), ctx.policy.for_module(layer).compute_dtype)[0])
-        if va != vb and vb == cast:
-            return f"{layer}: latest weight amax {float(va)!r} vs {float(vb)!r}"
-    return None
+                       detail={"tensors": len(fa), "problems": problems})]
 
 
 # ---------------------------------------------------------------- orchestration
@@ -785,9 +760,6 @@ def _known_divergence(ctx: Context, recs: list[Record]) -> list[Record]:
             if r.check == "fp8-scales" and r.status == "fail":
                 r.detail["divergence_reason"] = r.reason
                 r.status, r.reason = "skip", f"{why}; measured: {r.reason}"
-    fp8 = next((r for r in recs if r.check == "fp8-scales" and r.detail.get("known_divergence")), None)
-    if why is None and fp8 is not None:
-        why = f"follows from the known FP8 divergence ({fp8.detail['known_divergence']})"
     if why is None:
         return recs
     for r in recs:
