@@ -675,9 +675,13 @@ def _custom_vjp(eqn, invals, ctx):
     if not _changed(eqn, invals) and not _rewrites(closed, invals, ctx):
         return _bind(eqn, invals)
     ctx.changes += 1
+    # The first num_consts inputs are values the function closed over (array constants): not
+    # differentiated, as in JAX (which raises if they carry a tangent, here too).
+    n_consts = eqn.params["num_consts"]
+    consts = invals[:n_consts]
 
     def primal(*args):
-        return _eval_closed(closed, args, ctx)
+        return _eval_closed(closed, [*consts, *args], ctx)
 
     fun = jax.custom_vjp(primal)
 
@@ -687,13 +691,13 @@ def _custom_vjp(eqn, invals, ctx):
     def bwd(args, cts):
         # The user's backward rule, on the dtypes it was written for (torch runs a custom
         # autograd Function's backward outside autocast too); the forward is recomputed.
-        traced = [_cast(a, v.aval.dtype) for a, v in zip(args, eqn.invars)]
-        _, vjp = jax.vjp(lambda *a: _bind(eqn, a), *traced)
+        traced = [_cast(a, v.aval.dtype) for a, v in zip([*consts, *args], eqn.invars)]
+        _, vjp = jax.vjp(lambda *a: _bind(eqn, [*traced[:n_consts], *a]), *traced[n_consts:])
         grads = vjp([_cast(c, v.aval.dtype) for c, v in zip(cts, eqn.outvars)])
         return tuple(_cast(g, _dtype(a)) for g, a in zip(grads, args))
 
     fun.defvjp(fwd, bwd)
-    return fun(*invals)
+    return fun(*invals[n_consts:])
 
 
 def _scan(eqn, invals, ctx):

@@ -156,9 +156,8 @@ def e2m1_codes(v, u24=None):
         idx = sum(c.astype(jnp.int32) for c in (mag > 0.25, mag >= 0.75, mag > 1.25, mag >= 1.75,
                                                  mag > 2.5, mag >= 3.5, mag > 5.0))
     else:
-        grid = jnp.asarray(_GRID)
-        idx = jnp.clip(jnp.searchsorted(grid, mag, side="right") - 1, 0, 7).astype(jnp.int32)
-        lo, hi = grid[idx], grid[jnp.minimum(idx + 1, 7)]
+        idx = sum((mag >= jnp.float32(g)).astype(jnp.int32) for g in _GRID[1:])
+        lo, hi = _grid_value(idx), _grid_value(jnp.minimum(idx + 1, 7))
         gap = jnp.where(hi > lo, hi - lo, jnp.float32(1))
         thresh = (mag - lo) * (jnp.float32(2.0**24) / gap)
         up = (u24.astype(jnp.float32) < thresh) & (hi > lo)
@@ -167,9 +166,18 @@ def e2m1_codes(v, u24=None):
     return (idx | (sign.astype(jnp.int32) << 3)).astype(jnp.uint8)
 
 
+def _grid_value(i):
+    """The E2M1 magnitude of index ``i`` (0..7) from literals only: an array constant here
+    would be closed over by the custom VJPs that use it, which the autocast cannot re-bind."""
+    out = i.astype(jnp.float32) * jnp.float32(0.5)  # 0, 0.5, 1, 1.5 for i < 4
+    for k in (4, 5, 6, 7):
+        out = jnp.where(i == k, jnp.float32(_GRID[k]), out)
+    return out
+
+
 def e2m1_value(codes):
     c = codes.astype(jnp.int32)
-    return jnp.where((c & 8) != 0, jnp.float32(-1), jnp.float32(1)) * jnp.asarray(_GRID)[c & 7]
+    return jnp.where((c & 8) != 0, jnp.float32(-1), jnp.float32(1)) * _grid_value(c & 7)
 
 
 def nvfp4_tensor_scale(amax):
