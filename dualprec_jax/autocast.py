@@ -39,7 +39,7 @@ from dualprec import Policy, optable
 from dualprec.dtypes import HALF_DTYPES
 
 from .casts import accumulation_dtype, jax_dtype
-from .ops import _freeze, _rounding_dot, torch_activation
+from .ops import AS_WRITTEN, _freeze, _rounding_dot, torch_activation
 
 __all__ = ["autocast", "AutocastWarning"]
 
@@ -82,7 +82,7 @@ _MARKED = {**{k: (v, "dtype") for k, v in _DTYPE_KEPT.items()},
            **{k: (v, "promote") for k, v in _jax_callables("promote").items()},
            **{k: (v, "opmath") for k, v in _OPMATH_CALLABLES.items()}, **_DOT_1D}
 FP32_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "fp32") | {"_softmax", "_log_softmax"}
-_EXPLICIT_DTYPE = "dualprec_explicit_dtype"  # a marked call with dtype=: no rule inside
+_EXPLICIT_DTYPE = AS_WRITTEN  # a marked call with dtype= (and ops.as_written regions): no rule inside
 PROMOTE_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind in ("promote", "promote1d")) | {
     _EXPLICIT_DTYPE}
 OPMATH_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "opmath") | {

@@ -27,6 +27,8 @@ from jax import lax
 
 from dualprec.policy import FP8Recipe
 
+from .ops import as_written, true_divide
+
 __all__ = ["floor_pow2", "rowwise_scale", "quantize_scaled", "dequantize_scaled", "mx_quantize",
            "mx_dequantize", "e2m1_codes", "e2m1_value", "nvfp4_tensor_scale", "nvfp4_quantize",
            "nvfp4_dequantize", "nvfp4_quantize_2d", "nvfp4_dequantize_2d", "sr_uniform24", "rht_signs",
@@ -72,7 +74,7 @@ def quantize_scaled(x, scale, fmt="float8_e4m3fn"):
 
 
 def dequantize_scaled(q, scale):
-    return q.astype(jnp.float32) / scale
+    return true_divide(q.astype(jnp.float32), scale)
 
 
 def _blocks(x, block):
@@ -92,7 +94,7 @@ def mx_scale_exponent(amax, rounding="rceil", fmt="float8_e4m3fn"):
     a = amax.astype(jnp.float32)
     nan = jnp.isnan(a)
     if rounding == "rceil":
-        d = a / jnp.float32(_ELEM_MAX[fmt])
+        d = true_divide(a, jnp.float32(_ELEM_MAX[fmt]))
         b = (_bits(d) & jnp.uint32(0x7FFFFFFF)).astype(jnp.int32)
         e, m = b >> 23, b & 0x7FFFFF
         c = jnp.where(e == 0, -127, e - 127 + (m != 0).astype(jnp.int32))
@@ -133,7 +135,7 @@ def mx_quantize(x, rounding="rceil", fmt="float8_e4m3fn", block=32):
     else:
         s = jnp.where(e == 255, jnp.float32(jnp.inf), _from_bits(jnp.minimum(e, 254).astype(jnp.uint32) << 23))
         s = jnp.maximum(s, jnp.float32(2.0**-126))
-        scaled = xb / s[..., None]
+        scaled = true_divide(xb, s[..., None])
     m = jnp.float32(_ELEM_MAX[fmt])
     return biased, _unblock(jnp.clip(scaled, -m, m).astype(_F8[fmt]), n)
 
@@ -181,7 +183,7 @@ def e2m1_value(codes):
 
 
 def nvfp4_tensor_scale(amax):
-    return amax.astype(jnp.float32) / jnp.float32(2688.0)
+    return true_divide(amax.astype(jnp.float32), jnp.float32(2688.0))
 
 
 def _training_tensor_scale(t):
@@ -190,12 +192,12 @@ def _training_tensor_scale(t):
 
 
 def _block_scales(bamax, ts):
-    b = bamax / jnp.float32(6.0)
+    b = true_divide(bamax, jnp.float32(6.0))
     if ts is None:
         s8 = jnp.clip(b, jnp.float32(2.0**-6), jnp.float32(448.0)).astype(jnp.float8_e4m3fn)
         rcp = jnp.float32(1.0) / s8.astype(jnp.float32)
     else:
-        s8 = jnp.clip(b / ts, jnp.float32(2.0**-6), jnp.float32(448.0)).astype(jnp.float8_e4m3fn)
+        s8 = jnp.clip(true_divide(b, ts), jnp.float32(2.0**-6), jnp.float32(448.0)).astype(jnp.float8_e4m3fn)
         rcp = (jnp.float32(1.0) / ts) / s8.astype(jnp.float32)
     return s8, rcp
 
@@ -273,8 +275,13 @@ def layer_seed(path: str) -> int:
     return zlib.crc32(path.encode()) & 0x7FFFFFFF
 
 
-def _mm(a, b):
+def _dot_f32(a, b):
     return lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+#: the float32 GEMM of dequantized operands, left as written by autocast (not rounded to the
+#: compute dtype: the layer rounds its output once)
+_mm = as_written(_dot_f32)
 
 
 def block_linear_parts(x, w, g, recipe: FP8Recipe, seed=0, step=0):

@@ -40,7 +40,7 @@ from dualprec.policy import FP8Recipe, Policy
 from dualprec.ref.casts import FP8_MAX
 from dualprec.ref.fp8 import ROLES, role_format
 
-from .ops import _einsum_subscripts, _freeze
+from .ops import _einsum_subscripts, _freeze, as_written
 
 __all__ = ["FP8_COLLECTION", "Fp8DotGeneral", "fp8_dot_general", "current_dot_general", "init_meta",
            "next_scale", "quantize", "max_accumulating", "apply_fp8_grads", "split_fp8",
@@ -140,12 +140,20 @@ def _recipe_from_meta(fields) -> FP8Recipe:
 
 
 # ----- the FP8 dot ---------------------------------------------------------------------
-def _fp8_matmul(a, b, dims):
-    """dot_general of two float8 arrays accumulated in float32 (an FP8 GEMM on Hopper)."""
+def _fp8_dot(a, b, dims):
     if jax.default_backend() == "cpu":
         # XLA:CPU upcasts anyway; products of float8 values are exact in float32.
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+_fp8_dot_as_written = as_written(_fp8_dot, static_argnums=(2,))
+
+
+def _fp8_matmul(a, b, dims):
+    """dot_general of two float8 arrays accumulated in float32 (an FP8 GEMM on Hopper), a
+    region autocast leaves as written (its float32 result is not rounded to the compute dtype)."""
+    return _fp8_dot_as_written(a, b, dims)
 
 
 def _transposes(g, lhs, rhs, dims):

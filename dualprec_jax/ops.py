@@ -49,6 +49,37 @@ def op_dtypes(policy: Policy) -> OpDtypes:
     return OpDtypes(policy)
 
 
+
+def true_divide(a, b):
+    """``a / b`` correctly rounded, as NumPy and torch divide.  XLA rewrites a division by a
+    broadcast or a constant into a multiplication by its reciprocal (two roundings: on CPU
+    ``x / 6.0`` differs from IEEE division on ~1/3 of float32 inputs); the divisor is passed
+    and the dividend pass through an optimization barrier so the division stays one.  For codecs whose codes and
+    scales must be bit-identical with the reference and torch."""
+    a = jnp.asarray(a)
+    b = jnp.broadcast_to(jnp.asarray(b, jnp.result_type(a, b)), jnp.broadcast_shapes(a.shape, jnp.shape(b)))
+    # both operands: XLA also folds (x / c1) / c2 into x / (c1 * c2)
+    a, b = lax.optimization_barrier((a, b))
+    return a / b
+
+
+#: The name of a jit region whose dtypes autocast keeps as written: no rule of the op table
+#: applies inside (its float inputs are only brought to a common dtype).  The low-precision
+#: GEMMs use it: an FP8 or block-scaled GEMM accumulates in float32 and is scaled before the
+#: layer rounds its output once, whatever policy surrounds it.
+AS_WRITTEN = "dualprec_explicit_dtype"
+
+
+def as_written(fn, static_argnums=()):
+    """``fn`` jitted as a region autocast leaves alone (`AS_WRITTEN`)."""
+
+    @functools.wraps(fn)
+    def region(*args):
+        return fn(*args)
+
+    region.__name__ = region.__qualname__ = AS_WRITTEN
+    return jax.jit(region, static_argnums=static_argnums)
+
 def accumulating_dot_general(accumulate):
     """lax.dot_general that accumulates (and returns) ``accumulate``.
 

@@ -47,7 +47,7 @@ from dualprec.errors import QuantizationError
 from dualprec.ref import fourbit as _ref4
 
 from .casts import accumulation_dtype, jax_dtype
-from .ops import accumulating_dot_general
+from .ops import accumulating_dot_general, true_divide
 
 __all__ = [
     "QuantizationError", "QuantSpec", "quantizes_any", "quantize_4bit", "dequantize_4bit", "quantize_int8", "dequantize_int8", "int8_matmul",
@@ -276,7 +276,7 @@ def _device_codes(flat, quant_type, blocksize):
         # kept exactly by comparing bit patterns): bitsandbytes.
         stored = jnp.where(_bits(tail_am) < _TINY_BITS, jnp.float32(_TINY), tail_am)
         parts_absmax.append(stored[None])
-        scaled = jnp.where(tail_am == 0, jnp.float32(0), tail / tail_am)
+        scaled = jnp.where(tail_am == 0, jnp.float32(0), true_divide(tail, tail_am))
         parts_idx.append(index(jnp.clip(scaled, -1.0, 1.0), tail))
     if n % 2:
         parts_idx.append(jnp.full((1,), zero_idx, jnp.uint8))

@@ -404,10 +404,12 @@ class BlockScaledLinear(nn.Linear):
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            y = block_linear(x, self.weight, self.recipe, self.blockscale_state).to(dtype)
+            # the GEMM's float32 result, the bias (in the compute dtype) added in float32, one
+            # rounding to the output dtype: the FP8 rule of docs/fp8.md, as FP8Linear and JAX
+            y = block_linear(x, self.weight, self.recipe, self.blockscale_state)
             if self.bias is not None:
-                y = y + self.bias.to(dtype)
-        return y
+                y = y + self.bias.to(dtype).to(torch.float32)
+        return y.to(dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8={self.recipe.scaling}"

@@ -179,7 +179,10 @@ def fp8_gemm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: tor
     if not emulate and not a.is_cuda and not cpu_scaled_mm_works():
         emulate = True  # oneDNN has no FP8 matmul for this CPU (or ONEDNN_MAX_CPU_ISA caps it)
     if emulate:
-        out = (a.to(torch.float32) @ b_t.to(torch.float32).t()) * (inv_a * inv_b)
+        # float32 GEMM of the exact FP8 values, outside any autocast (whose matmul rule would
+        # round the product to the compute dtype before it is scaled: a second rounding)
+        with torch.autocast(a.device.type, enabled=False):
+            out = (a.to(torch.float32) @ b_t.to(torch.float32).t()) * (inv_a * inv_b)
         return out.to(out_dtype)
     if pad is None:
         pad = a.is_cuda
