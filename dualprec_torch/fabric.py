@@ -59,8 +59,8 @@ def _fabric_empty_init() -> bool:
 class DualprecPrecision(_FabricPrecision):
     """Fabric's precision hooks carried out by `dualprec_torch.Precision` for ``policy``."""
 
-    def __init__(self, policy: Any, device=None):
-        self._dp = Precision(policy, device=device)
+    def __init__(self, policy: Any, device=None, *, process_group="auto"):
+        self._dp = Precision(policy, device=device, process_group=process_group)
         self.precision = str(self._dp.policy)  # Fabric reads this attribute for display
         self._model_params: set[int] = set()
         self._modules: list = []
