@@ -35,7 +35,7 @@ from typing import Any
 from dualprec import Policy
 
 from . import quant
-from .precision import Precision
+from .precision import Precision, _Hook
 
 try:  # lightning is optional: the plugin is importable only with it
     from lightning.fabric.plugins.precision import Precision as _FabricPrecision
@@ -115,6 +115,8 @@ class DualprecPrecision(_FabricPrecision):
         self._model_params |= {id(p) for p in module.parameters()}
         module = self._dp.convert_module(module)
         self._model_params |= {id(p) for p in module.parameters()}  # int8-training's new weights
+        if self._dp.policy.is_mixed:  # a forward outside Fabric's autocast, or on another device: said once
+            module.register_forward_pre_hook(_Hook(self._dp, "_check_forward_in_autocast"))
         self._modules.append(module)
         return module
 

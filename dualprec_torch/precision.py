@@ -142,7 +142,8 @@ def _torch_device(device) -> torch.device | None:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"Precision(policy, device=...): {device!r} is not a torch device ({e}); use e.g. "
+        why = str(e).splitlines()[0] if isinstance(e, RuntimeError) else f"a {type(device).__name__}"
+        raise ValueError(f"Precision(policy, device=...): {device!r} is not a torch device ({why}); use e.g. "
                          '"cpu", "cuda", "cuda:1", a torch.device or a dualprec.DeviceCaps') from None
 
 
@@ -289,11 +290,22 @@ class Precision(contract.Precision):
         return model if not optimizers else (model, *optimizers)
 
     def _check_forward_in_autocast(self, module, args) -> None:
-        if torch.is_autocast_enabled(self.device_type) or "forward" in self._warned:
+        if "forward" in self._warned:
+            return
+        first = next(module.parameters(), None)
+        where = first.device.type if first is not None and first.device.type != "meta" else self.device_type
+        if torch.is_autocast_enabled(where):
             return
         self._warned.add("forward")
-        warnings.warn(f'"{self._policy}": the model ran outside precision.autocast(), so its forward computed in '
-                      f"{self._policy.param_dtype}, not {self._policy.compute_dtype}; run forward and loss inside "
+        p = self._policy
+        if where != self.device_type and torch.is_autocast_enabled(self.device_type):
+            warnings.warn(f'"{p}": the model is on {where} but this Precision autocasts {self.device_type}, so its '
+                          f"forward computed in {p.param_dtype}, not {p.compute_dtype}; pass device=\"{where}\" "
+                          f"to the Precision, or move the model to {self.device_type} (warned once)",
+                          UserWarning, stacklevel=3)
+            return
+        warnings.warn(f'"{p}": the model ran outside precision.autocast(), so its forward computed in '
+                      f"{p.param_dtype}, not {p.compute_dtype}; run forward and loss inside "
                       "`with precision.autocast():` (warned once; ignore it for a deliberate float32 pass)",
                       UserWarning, stacklevel=3)
 
