@@ -17,20 +17,34 @@ def _fmt(v, spec=".2g"):
     return "" if v is None else format(v, spec)
 
 
+def _numbers(r: Record) -> str:
+    parts = [f"rel {_fmt(r.max_rel_err)}" if r.max_rel_err is not None else "",
+             f"{_fmt(r.max_ulp_err, '.3g')} ULP" if r.max_ulp_err is not None else "",
+             f"tol {_fmt(r.tolerance)}" if r.tolerance is not None else ""]
+    return ", ".join(p for p in parts if p)
+
+
 def rich_table(records: list[Record], title: str = "dualprec conformance"):
+    """Every record (``--verbose``), laid out for 80 columns: the record's names stacked in
+    the first column (policy over model and check, never broken), its status, then its
+    tier, numbers (max rel err, ULP, tolerance) and where / reason, wrapped at spaces."""
+    from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=title)
-    for col in ("policy", "model", "check", "tier", "status", "max rel", "ULP", "tol", "where / reason"):
-        # names are never broken mid-word; the reason wraps at spaces
-        t.add_column(col, no_wrap=col in ("policy", "model", "check", "status"), overflow="fold",
-                     ratio=4 if col == "where / reason" else None)
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True,
+              caption="numbers: max relative error, max ULP distance, tolerance")
+    t.add_column("policy / model / check", no_wrap=True)
+    t.add_column("status", no_wrap=True)
+    t.add_column("tier, numbers, where / reason", overflow="fold", ratio=1)
     for r in records:
         note = r.reason if r.status != "pass" else (r.where or "")
         if r.step is not None and r.failed:
             note = f"[step {r.step}] {note}"
-        t.add_row(r.policy, r.model, r.check, r.tier, f"[{STATUS_STYLE[r.status]}]{r.status}[/]",
-                  _fmt(r.max_rel_err), _fmt(r.max_ulp_err, ".3g"), _fmt(r.tolerance), note[:160])
+        numbers = _numbers(r)
+        detail = r.tier + (f"; {numbers}" if numbers else "") + (f": {note[:240]}" if note else "")
+        t.add_row(escape(f"{r.policy}\n  {r.model} / {r.check}"), f"[{STATUS_STYLE[r.status]}]{r.status}[/]",
+                  escape(detail))  # "[step 2]" and reasons are text, not markup
     return t
 
 
