@@ -156,3 +156,19 @@ def test_a_second_optimizer_after_an_overflow_gets_its_true_gradient():
         warnings.simplefilter("ignore")
         theirs = _two_optimizers_after_one_backward(MixedPrecision("16-mixed", device="cpu"))
     assert torch.equal(theirs, torch.full((1, 4), 2.0))
+
+
+def test_a_forward_around_fabrics_wrapper_is_said_once():
+    """model.module(x) (or the raw model) skips Fabric's forward context: under a mixed
+    policy its forward computes in float32.  Said once; Fabric's own call is silent."""
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[DualprecPrecision("bf16-mixed")])
+    model = fabric.setup(nn.Linear(16, 4))
+    x = torch.ones(2, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model(x).dtype == torch.float32  # autocast inside, float32 output: no warning
+    with pytest.warns(UserWarning, match=r'"bf16-mixed": the model ran outside precision.autocast\(\)'):
+        assert model.module(x).dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.module(x)  # once
