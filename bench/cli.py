@@ -42,7 +42,8 @@ def _build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=3, help="timed steps per round")
     run.add_argument("--budget", type=float, default=600.0, help="wall-clock budget in seconds")
     run.add_argument("--name", default=None, help="results file name part (default: the workload)")
-    run.add_argument("--out-dir", default=None, help="default bench/results/")
+    run.add_argument("--out-dir", default=None, help="default: ./bench-results (bench/results from the dualprec "
+                     "checkout's root)")
 
     plot = sub.add_parser("plot", help="README table and figure from results JSON")
     plot.add_argument("files", nargs="+")

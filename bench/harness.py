@@ -26,7 +26,7 @@ __all__ = [
     "SCHEMA_VERSION", "STATUS_OK", "STATUS_NOT_IMPLEMENTED", "STATUS_SKIPPED_BUDGET",
     "Stats", "summarize", "Record", "time_interleaved", "time_steps", "tflops",
     "environment", "results_path", "ResultsFile", "add_baseline_ratios", "rich_table", "reasons",
-    "BudgetGuard", "Row", "run_rows", "DEFAULT_RESULTS_DIR",
+    "BudgetGuard", "Row", "run_rows", "DEFAULT_RESULTS_DIR", "default_results_dir",
 ]
 
 SCHEMA_VERSION = 1
@@ -308,9 +308,19 @@ def environment() -> dict:
     }
 
 
+def default_results_dir() -> Path:
+    """Where `bench run` writes without ``--out-dir``: ``bench/results`` when run from the
+    dualprec checkout's root (the results the README's figures come from), else
+    ``./bench-results`` in the current directory (never into the installed checkout)."""
+    here = Path.cwd() / "bench" / "results"
+    if here.is_dir() and here.resolve() == DEFAULT_RESULTS_DIR:
+        return DEFAULT_RESULTS_DIR
+    return Path.cwd() / "bench-results"
+
+
 def results_path(name: str, env: Mapping | None = None, directory: str | os.PathLike | None = None) -> Path:
     env = env or environment()
-    directory = Path(directory) if directory is not None else DEFAULT_RESULTS_DIR
+    directory = Path(directory) if directory is not None else default_results_dir()
     return directory / f"{env['date']}-{env['machine']}-{_safe(name)}.json"
 
 

@@ -6,6 +6,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from .records import Record, dumps, summary
 
 STATUS_STYLE = {"pass": "green", "fail": "bold red", "error": "bold magenta", "skip": "yellow"}
@@ -15,20 +17,34 @@ def _fmt(v, spec=".2g"):
     return "" if v is None else format(v, spec)
 
 
+def _numbers(r: Record) -> str:
+    parts = [f"rel {_fmt(r.max_rel_err)}" if r.max_rel_err is not None else "",
+             f"{_fmt(r.max_ulp_err, '.3g')} ULP" if r.max_ulp_err is not None else "",
+             f"tol {_fmt(r.tolerance)}" if r.tolerance is not None else ""]
+    return ", ".join(p for p in parts if p)
+
+
 def rich_table(records: list[Record], title: str = "dualprec conformance"):
+    """Every record (``--verbose``), laid out for 80 columns: the record's names stacked in
+    the first column (policy over model and check, never broken), its status, then its
+    tier, numbers (max rel err, ULP, tolerance) and where / reason, wrapped at spaces."""
+    from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=title)
-    for col in ("policy", "model", "check", "tier", "status", "max rel", "ULP", "tol", "where / reason"):
-        # names are never broken mid-word; the reason wraps at spaces
-        t.add_column(col, no_wrap=col in ("policy", "model", "check", "status"), overflow="fold",
-                     ratio=4 if col == "where / reason" else None)
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True,
+              caption="numbers: max relative error, max ULP distance, tolerance")
+    t.add_column("policy / model / check", no_wrap=True)
+    t.add_column("status", no_wrap=True)
+    t.add_column("tier, numbers, where / reason", overflow="fold", ratio=1)
     for r in records:
         note = r.reason if r.status != "pass" else (r.where or "")
         if r.step is not None and r.failed:
             note = f"[step {r.step}] {note}"
-        t.add_row(r.policy, r.model, r.check, r.tier, f"[{STATUS_STYLE[r.status]}]{r.status}[/]",
-                  _fmt(r.max_rel_err), _fmt(r.max_ulp_err, ".3g"), _fmt(r.tolerance), note[:160])
+        numbers = _numbers(r)
+        detail = r.tier + (f"; {numbers}" if numbers else "") + (f": {note[:240]}" if note else "")
+        t.add_row(escape(f"{r.policy}\n  {r.model} / {r.check}"), f"[{STATUS_STYLE[r.status]}]{r.status}[/]",
+                  escape(detail))  # "[step 2]" and reasons are text, not markup
     return t
 
 
@@ -136,37 +152,69 @@ def markdown_table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
-def _plot_training(records: list[Record], out: Path) -> list[str]:
-    """One figure per policy: loss curves of both backends per model, and the relative
-    divergence of loss and parameters per step against the tolerance."""
+def _mpl():
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+#: plot colours of the outcomes (pass green, fail red, as in the terminal)
+PASS_COLOUR, FAIL_COLOUR, SKIP_COLOUR = "#1a9850", "#d73027", "#bdbdbd"
+
+
+def _status_word(recs: list[Record]) -> str:
+    return "FAIL" if any(r.failed for r in recs) else "pass"
+
+
+def training_figure(policy: str, recs: list[Record], params: dict | None = None):
+    """One policy's training plot: loss curves of both backends per model, and the relative
+    divergence of loss and parameters per step against the tolerance band.  The title of
+    each model's curves says whether its training checks passed (``params``: model -> the
+    train-params Record), and a failing step is marked with a red x."""
+    plt = _mpl()
+    params = params or {}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    verdicts = []
+    for r in recs:
+        s = r.detail["series"]
+        steps = range(len(s["loss_a"]))
+        both = [r] + ([params[r.model]] if r.model in params else [])
+        verdicts.append(f"{r.model} {_status_word(both)}")
+        line, = axes[0].plot(steps, s["loss_a"], label=f"{r.model} torch")
+        axes[0].plot(steps, s["loss_b"], "--", color=line.get_color(), label=f"{r.model} jax")
+        axes[1].semilogy(steps, [max(v, 1e-12) for v in s["loss_rel"]], color=line.get_color(),
+                         label=f"{r.model} loss ({r.status})")
+        axes[1].semilogy(steps, [max(v, 1e-12) for v in s["param_rel"]], ":", color=line.get_color(),
+                         label=f"{r.model} params" + (f" ({params[r.model].status})" if r.model in params else ""))
+        axes[1].semilogy(steps, s["tol"], color=line.get_color(), alpha=0.3, lw=4)
+        if r.failed and r.step is not None and r.step < len(s["loss_rel"]):
+            axes[1].plot([r.step], [max(s["loss_rel"][r.step], 1e-12)], "x", color=FAIL_COLOUR, ms=9, mew=2)
+    axes[0].set(title=f"{policy}: loss, torch vs JAX", xlabel="step", ylabel="loss")
+    axes[1].set(title="divergence per step (band = tolerance; x = failed)\n" + ", ".join(verdicts),
+                xlabel="step", ylabel="max rel err (1e-12: equal)")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_training(records: list[Record], out: Path) -> list[str]:
+    """One figure per policy (see `training_figure`)."""
+    plt = _mpl()
     by_policy = defaultdict(list)
+    params = defaultdict(dict)
     for r in records:
         if r.check == "train-loss" and "series" in r.detail:
             by_policy[r.policy].append(r)
+        elif r.check == "train-params":
+            params[r.policy][r.model] = r
     files = []
     for policy, recs in by_policy.items():
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for r in recs:
-            s = r.detail["series"]
-            steps = range(len(s["loss_a"]))
-            line, = axes[0].plot(steps, s["loss_a"], label=f"{r.model} torch")
-            axes[0].plot(steps, s["loss_b"], "--", color=line.get_color(), label=f"{r.model} jax")
-            axes[1].semilogy(steps, [max(v, 1e-12) for v in s["loss_rel"]], color=line.get_color(),
-                             label=f"{r.model} loss")
-            axes[1].semilogy(steps, [max(v, 1e-12) for v in s["param_rel"]], ":", color=line.get_color(),
-                             label=f"{r.model} params")
-            axes[1].semilogy(steps, s["tol"], color=line.get_color(), alpha=0.3, lw=4)
-        axes[0].set(title=f"{policy}: loss, torch vs JAX", xlabel="step", ylabel="loss")
-        axes[1].set(title="divergence per step (band = tolerance)", xlabel="step", ylabel="max rel err")
-        axes[0].legend(fontsize=7)
-        axes[1].legend(fontsize=7)
-        fig.tight_layout()
+        fig = training_figure(policy, recs, params[policy])
         name = "train_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in policy) + ".png"
         fig.savefig(out / name, dpi=80)
         plt.close(fig)
@@ -174,64 +222,118 @@ def _plot_training(records: list[Record], out: Path) -> list[str]:
     return files
 
 
-def _plot_heatmap(records: list[Record], out: Path) -> str | None:
-    """The policy x model matrix as a heat map: share of checks that pass (grey: all skipped,
-    white: not run), failures and errors counted in the cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+def heatmap_cells(records: list[Record]) -> dict:
+    """(policy, model) -> (outcome, text) for the heat map: "fail" when any check failed or
+    errored (whatever share passed), "pass" when every check that ran passed, "skip" when
+    none ran."""
     policies, models, cells = _cells(records)
-    if not policies:
-        return None
-    grid = np.full((len(policies), len(models)), np.nan)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(models), 0.8 + 0.28 * len(policies)))
-    for i, p in enumerate(policies):
-        for j, m in enumerate(models):
+    out = {}
+    for p in policies:
+        for m in models:
             c = cells.get((p, m))
             if not c:
                 continue
-            ran = c["pass"] + c["fail"] + c["error"]
-            if ran:
-                grid[i, j] = c["pass"] / ran
-                bad = c["fail"] + c["error"]
-                ax.text(j, i, f"{c['pass']}" + (f"/{bad}!" if bad else ""), ha="center", va="center", fontsize=7)
+            bad = c["fail"] + c["error"]
+            if bad:
+                out[(p, m)] = ("fail", f"{c['pass']} ok\n{bad} FAIL")
+            elif c["pass"]:
+                out[(p, m)] = ("pass", f"{c['pass']} ok")
             else:
-                ax.text(j, i, "skip", ha="center", va="center", fontsize=6, color="0.4")
-    ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+                out[(p, m)] = ("skip", "skip")
+    return out
+
+
+def heatmap_figure(records: list[Record]):
+    """The policy x model matrix: a cell is red when any of its checks failed or errored,
+    green when all that ran passed, grey when all were skipped, white when not run."""
+    from matplotlib.colors import ListedColormap
+    import numpy as np
+
+    plt = _mpl()
+    policies, models, _ = _cells(records)
+    if not policies:
+        return None
+    outcomes = heatmap_cells(records)
+    code = {"fail": 0, "skip": 1, "pass": 2}
+    grid = np.full((len(policies), len(models)), np.nan)
+    fig, ax = plt.subplots(figsize=(max(3.6, 1.6 + 1.3 * len(models)), 1.2 + 0.32 * len(policies)))
+    for (p, m), (outcome, text) in outcomes.items():
+        i, j = policies.index(p), models.index(m)
+        grid[i, j] = code[outcome]
+        ax.text(j, i, text, ha="center", va="center", fontsize=6,
+                color="white" if outcome == "fail" else "black", fontweight="bold" if outcome == "fail" else None)
+    ax.imshow(grid, cmap=ListedColormap([FAIL_COLOUR, SKIP_COLOUR, PASS_COLOUR]), vmin=0, vmax=2, aspect="auto")
     ax.set_xticks(range(len(models)), models)
     ax.set_yticks(range(len(policies)), policies, fontsize=7)
-    ax.set_title("share of checks passing (n passed / n failed!)", fontsize=9)
+    ax.set_title("green: every check passed\nred: at least one failed or errored\ngrey: all skipped; "
+                 "white: not run", fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def _plot_heatmap(records: list[Record], out: Path) -> str | None:
+    fig = heatmap_figure(records)
+    if fig is None:
+        return None
     fig.savefig(out / "heatmap.png", dpi=80)
-    plt.close(fig)
+    _mpl().close(fig)
     return "heatmap.png"
 
 
+def _layer_fails(entry: dict) -> bool:
+    """Whether one per-tensor entry (stats and bound, as judge_tensors keeps them) is past
+    its bound (`tolerances.Bound.judge` on the stored numbers)."""
+    b = entry.get("bound", {})
+    return bool(("max_ulp" in b and entry.get("max_ulp", 0.0) > b["max_ulp"])
+                or ("max_rel" in b and entry.get("max_rel", 0.0) > b["max_rel"])
+                or ("max_neq" in b and entry.get("neq_frac", 0.0) > b["max_neq"]))
+
+
+def layers_figure(model: str, recs: list[Record]):
+    """Per layer and policy, both criteria of the layer-isolated check against their bounds:
+    the ULP distance (bound dashed) and the share of elements not bitwise equal (bound
+    dashed, where the bound has a share criterion).  Exact agreement is plotted at 0 (the
+    axes are linear below 1 ULP / 0.1 %, logarithmic above); a layer past a bound is a red x."""
+    plt = _mpl()
+    layers = list(dict.fromkeys(n for r in recs for n in r.detail["per_tensor"]))
+    xs = range(len(layers))
+    fig, (ax_ulp, ax_neq) = plt.subplots(2, 1, figsize=(max(5, 0.6 * len(layers) + 2), 6), sharex=True)
+    for r in recs:
+        per = r.detail["per_tensor"]
+        entries = [per.get(n) for n in layers]
+        ulp = [e["max_ulp"] if e else np.nan for e in entries]
+        neq = [100 * e["neq_frac"] if e else np.nan for e in entries]
+        line, = ax_ulp.plot(xs, ulp, "o-", ms=3, label=f"{r.policy} ({r.status})")
+        colour = line.get_color()
+        ax_neq.plot(xs, neq, "o-", ms=3, color=colour, label=r.policy)
+        ulp_bound = [e["bound"].get("max_ulp", np.nan) if e else np.nan for e in entries]
+        neq_bound = [100 * e["bound"]["max_neq"] if e and "max_neq" in e["bound"] else np.nan for e in entries]
+        ax_ulp.plot(xs, ulp_bound, "--", color=colour, lw=1, alpha=0.8)
+        ax_neq.plot(xs, neq_bound, "--", color=colour, lw=1, alpha=0.8)
+        bad = [i for i, e in enumerate(entries) if e and _layer_fails(e)]
+        ax_ulp.plot([xs[i] for i in bad], [ulp[i] for i in bad], "x", color=FAIL_COLOUR, ms=9, mew=2)
+        ax_neq.plot([xs[i] for i in bad], [neq[i] for i in bad], "x", color=FAIL_COLOUR, ms=9, mew=2)
+    ax_ulp.set_yscale("symlog", linthresh=1.0)
+    ax_neq.set_yscale("symlog", linthresh=0.1)
+    ax_ulp.set(title=f"{model}: layer-isolated divergence\n(dashed: bound; red x: past it; 0: bitwise equal)",
+               ylabel="max ULP (own dtype)")
+    ax_neq.set(ylabel="% not bitwise equal")
+    ax_neq.set_xticks(list(xs), layers, rotation=45, ha="right", fontsize=7)
+    ax_ulp.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
 def _plot_layers(records: list[Record], out: Path) -> list[str]:
-    """Per model: the layer-isolated ULP distance of each layer under each policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Per model, `layers_figure`."""
+    plt = _mpl()
     by_model = defaultdict(list)
     for r in records:
         if r.check == "layers" and r.detail.get("per_tensor"):
             by_model[r.model].append(r)
     files = []
     for model, recs in by_model.items():
-        layers = list(dict.fromkeys(n for r in recs for n in r.detail["per_tensor"]))
-        fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(layers) + 2), 3.2))
-        for r in recs:
-            ys = [max(r.detail["per_tensor"].get(n, {}).get("max_ulp", 0.0), 0.01) for n in layers]
-            ax.semilogy(range(len(layers)), ys, "o-", label=r.policy, ms=3)
-        ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=7)
-        ax.set(title=f"{model}: layer-isolated divergence", ylabel="max ULP (own dtype)")
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
+        fig = layers_figure(model, recs)
         name = f"layers_{model}.png"
         fig.savefig(out / name, dpi=80)
         plt.close(fig)

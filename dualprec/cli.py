@@ -212,6 +212,28 @@ def _guarded(call, debug: bool) -> int:
         return 1
 
 
+def _shadowed(top: str) -> str | None:
+    """Why the top-level package ``top`` (conformance, bench) that Python would import is not
+    the one installed next to dualprec, or None: a folder of that name in the current
+    directory (or earlier on sys.path) would otherwise run in its place."""
+    import importlib.util
+    from pathlib import Path
+
+    ours = Path(__file__).resolve().parent.parent / top
+    if not (ours / "__init__.py").is_file():
+        return None  # not installed with dualprec (bench in a wheel): the import error says so
+    loaded = sys.modules.get(top)
+    try:
+        origin = getattr(loaded, "__file__", None) if loaded is not None else importlib.util.find_spec(top).origin
+    except (ImportError, ValueError, AttributeError):
+        return None
+    if origin is None or Path(origin).resolve().parent == ours:
+        return None
+    return (f"the {top!r} package Python finds first is {Path(origin).parent}, not dualprec's ({ours}): a folder "
+            f"named {top} in the current directory or earlier on sys.path shadows it; run from another "
+            "directory or rename that folder")
+
+
 def _run_lazy(command: str, module: str, rest: list[str]) -> int:
     if module == "bench.cli":
         # bench/ lives in the source checkout next to the package (an editable install or a
@@ -223,6 +245,10 @@ def _run_lazy(command: str, module: str, rest: list[str]) -> int:
                 if str(root) not in sys.path:
                     sys.path.insert(0, str(root))
                 break
+    shadow = _shadowed(module.split(".")[0])
+    if shadow:
+        print(f"dualprec {command}: {shadow}", file=sys.stderr)
+        return 2
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:

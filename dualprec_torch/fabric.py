@@ -17,9 +17,10 @@ and Fabric prints it), and ``plugin.torch_precision`` is the `dualprec_torch.Pre
 behind the hooks (its ``scale``, ``last_step()``, ``check()``...; ``plugin.dualprec`` is
 the older name of the same object).
 
-Fabric's conventions hold: ``optimizer.step()`` unscales, steps (or skips an inf/NaN step)
-and advances the loss scale, every call, as Fabric's own mixed-precision plugin does, so
-optimizers may step in any pattern (GAN-style alternation, one left out of an iteration);
+Fabric's conventions hold: ``optimizer.step()`` unscales and steps (or skips an inf/NaN
+step); the loss scale advances once per backward (see `DualprecPrecision.optimizer_step`), so
+optimizers may step in any pattern (GAN-style alternation, one left out of an iteration,
+several after one backward);
 ``optimizer.step(closure)`` returns the closure's loss; without loss scaling a plain
 ``loss.backward()`` is allowed, as under Fabric's own plugins.  Unlike Fabric's own plugins, one
 plugin carries quantization, overrides and loss scaling together.  The plugin's state
@@ -35,7 +36,7 @@ from typing import Any
 from dualprec import Policy
 
 from . import quant
-from .precision import Precision
+from .precision import Precision, _Hook
 
 try:  # lightning is optional: the plugin is importable only with it
     from lightning.fabric.plugins.precision import Precision as _FabricPrecision
@@ -59,8 +60,8 @@ def _fabric_empty_init() -> bool:
 class DualprecPrecision(_FabricPrecision):
     """Fabric's precision hooks carried out by `dualprec_torch.Precision` for ``policy``."""
 
-    def __init__(self, policy: Any, device=None):
-        self._dp = Precision(policy, device=device)
+    def __init__(self, policy: Any, device=None, *, process_group="auto"):
+        self._dp = Precision(policy, device=device, process_group=process_group)
         self.precision = str(self._dp.policy)  # Fabric reads this attribute for display
         self._model_params: set[int] = set()
         self._modules: list = []
@@ -115,6 +116,8 @@ class DualprecPrecision(_FabricPrecision):
         self._model_params |= {id(p) for p in module.parameters()}
         module = self._dp.convert_module(module)
         self._model_params |= {id(p) for p in module.parameters()}  # int8-training's new weights
+        if self._dp.policy.is_mixed:  # a forward outside Fabric's autocast, or on another device: said once
+            module.register_forward_pre_hook(_Hook(self._dp, "_check_forward_in_autocast"))
         self._modules.append(module)
         return module
 
@@ -147,6 +150,7 @@ class DualprecPrecision(_FabricPrecision):
 
     # ----- backward and the optimizer step ------------------------------------------------
     def backward(self, tensor, model, *args, **kwargs) -> None:
+        self._dp.update()  # the steps since the last backward close their iteration (see optimizer_step)
         self._dp.backward(tensor, *args, **kwargs)
 
     def _adopted(self, optimizer):
@@ -159,12 +163,22 @@ class DualprecPrecision(_FabricPrecision):
         return optimizer
 
     def optimizer_step(self, optimizer, **kwargs):
-        """Unscale, step unless a gradient is not finite, advance the loss scale (every step,
-        as Fabric's own plugin does).  Returns what the optimizer's step returned when a
-        closure was passed (its loss), else whether the step was taken; Fabric passes the
-        value through ``optimizer.step()``."""
-        took = self._dp.step(self._adopted(optimizer), **kwargs)
-        self._dp.update()
+        """Unscale, step unless a gradient is not finite.  Returns what the optimizer's step
+        returned when a closure was passed (its loss), else whether the step was taken;
+        Fabric passes the value through ``optimizer.step()``.
+
+        The loss scale advances once per backward: the steps taken since the last
+        ``fabric.backward`` are one iteration, closed by the next backward (or a second step
+        of the same optimizer, or ``state_dict``).  So optimizers may step in any pattern
+        (GAN-style alternation, one left out), and several optimizers stepping after one
+        backward are all unscaled by the scale that backward used.  Fabric's own plugin
+        updates after every step instead: after an overflow in the first optimizer, the
+        second is unscaled by the halved scale and steps with twice its gradient."""
+        optimizer = self._adopted(optimizer)
+        if self._dp._record(optimizer).stage == "stepped":
+            self._dp.update()  # stepped again without a backward in between: a new iteration
+        took = self._dp.step(optimizer, **kwargs)
+        self._dp._auto_update()  # every optimizer has stepped: the scale is up to date at once
         return self._dp._last_output if kwargs.get("closure") is not None else took
 
     def unscale_gradients(self, optimizer) -> None:
@@ -175,6 +189,7 @@ class DualprecPrecision(_FabricPrecision):
 
     # ----- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self._dp.update()  # the steps taken so far close their iteration first
         return self._dp.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:

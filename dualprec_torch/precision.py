@@ -53,7 +53,7 @@ from . import fp8
 from . import quant
 from .modules import convert_module
 from .ops import backward_context, compute_context
-from .sharding import local_shards, reduce_found_inf
+from .sharding import check_process_group, decision_group, local_shards, reduce_found_inf
 
 __all__ = ["Precision", "UnsupportedPolicyError"]
 
@@ -142,7 +142,8 @@ def _torch_device(device) -> torch.device | None:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"Precision(policy, device=...): {device!r} is not a torch device ({e}); use e.g. "
+        why = str(e).splitlines()[0] if isinstance(e, RuntimeError) else f"a {type(device).__name__}"
+        raise ValueError(f"Precision(policy, device=...): {device!r} is not a torch device ({why}); use e.g. "
                          '"cpu", "cuda", "cuda:1", a torch.device or a dualprec.DeviceCaps') from None
 
 
@@ -186,9 +187,17 @@ class Precision(contract.Precision):
     ``device``: a torch device (or its string) or a `dualprec.DeviceCaps` to check against;
     default: the device of the model given to `setup`.  The policy is checked against the
     device's capabilities here (PolicyError naming the fallback when it cannot run).
+
+    ``process_group``: the ranks that take one skip/step decision and one loss-scale update.
+    "auto" (default): once torch.distributed is initialised with several ranks, the flags
+    are all-reduced over the FSDP2 mesh, a DistributedDataParallel model's group or the
+    default group, so an inf on one rank skips the step on all (every rank must then call
+    `step` for the same steps); None: each rank decides alone (FSDP2 shards still agree); or
+    a ProcessGroup (see `dualprec_torch.sharding.decision_group`).
     """
 
-    def __init__(self, policy="32-true", device=None):
+    def __init__(self, policy="32-true", device=None, *, process_group="auto"):
+        self._process_group = check_process_group(process_group)
         self._policy = Policy.parse(policy)
         _check_supported(self._policy)
         self._caps = device if isinstance(device, DeviceCaps) else None
@@ -281,11 +290,22 @@ class Precision(contract.Precision):
         return model if not optimizers else (model, *optimizers)
 
     def _check_forward_in_autocast(self, module, args) -> None:
-        if torch.is_autocast_enabled(self.device_type) or "forward" in self._warned:
+        if "forward" in self._warned:
+            return
+        first = next(module.parameters(), None)
+        where = first.device.type if first is not None and first.device.type != "meta" else self.device_type
+        if torch.is_autocast_enabled(where):
             return
         self._warned.add("forward")
-        warnings.warn(f'"{self._policy}": the model ran outside precision.autocast(), so its forward computed in '
-                      f"{self._policy.param_dtype}, not {self._policy.compute_dtype}; run forward and loss inside "
+        p = self._policy
+        if where != self.device_type and torch.is_autocast_enabled(self.device_type):
+            warnings.warn(f'"{p}": the model is on {where} but this Precision autocasts {self.device_type}, so its '
+                          f"forward computed in {p.param_dtype}, not {p.compute_dtype}; pass device=\"{where}\" "
+                          f"to the Precision, or move the model to {self.device_type} (warned once)",
+                          UserWarning, stacklevel=3)
+            return
+        warnings.warn(f'"{p}": the model ran outside precision.autocast(), so its forward computed in '
+                      f"{p.param_dtype}, not {p.compute_dtype}; run forward and loss inside "
                       "`with precision.autocast():` (warned once; ignore it for a deliberate float32 pass)",
                       UserWarning, stacklevel=3)
 
@@ -414,6 +434,7 @@ class Precision(contract.Precision):
                                "loss.backward() alone leaves the gradients unscaled and the step would be "
                                "wrong; call precision.backward(loss) instead")
         shards, group = local_shards(grads)  # FSDP2: this rank's shard of each gradient
+        group = decision_group(group, self._model, self._process_group)  # FSDP2's mesh, DDP's or the default group
         if self._scaler.enabled:
             record.found_inf = self._scaler.unscale_(shards)
         elif self._policy.nonfinite_rule != "apply":
@@ -493,10 +514,12 @@ class Precision(contract.Precision):
 
     def _first_nonfinite(self, optimizer) -> str | None:
         """The name of the first parameter whose gradient is not finite, the same on every
-        rank: under FSDP2 each rank looks at its own shards and the ranks agree on the
-        lowest index (a rank whose shards are all finite still names the bad parameter)."""
+        rank: under FSDP2 (or DDP) each rank looks at its own shards (gradients) and the ranks
+        agree on the lowest index (a rank whose gradients are all finite still names the bad
+        parameter)."""
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         shards, group = local_shards([p.grad for p in params])
+        group = decision_group(group, self._model, self._process_group)
         first = next((i for i, g in enumerate(shards) if not bool(torch.isfinite(g).all())), len(params))
         if group is not None:
             index = torch.tensor([first], dtype=torch.int64, device=shards[0].device)  # NCCL: on the GPU

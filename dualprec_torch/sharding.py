@@ -15,6 +15,13 @@ rounded weights, unlike unsharded autocast).
 Loss scaling: each rank only sees its own gradient shards, so a non-finite value lands on
 one rank.  `reduce_found_inf` all-reduces the per-rank flags (MAX, waited for before
 anything reads them) so every rank skips the same steps and keeps the same scale.
+
+The same holds without sharding (DistributedDataParallel, Fabric's ``ddp`` strategy): DDP's
+all-reduce spreads an inf to every rank only for the gradients it reduces, so a parameter
+DDP ignores, a step inside ``no_sync()`` or a gradient changed on one rank after the
+reduction (a per-rank clip, a hook) leaves the others finite.  `decision_group` picks the
+group the flags are all-reduced over: with torch.distributed initialised and more than one
+rank, every `Precision.step` takes one decision for all ranks.
 """
 
 from __future__ import annotations
@@ -32,8 +39,8 @@ from dualprec.errors import PolicyError, UnsupportedPolicyError
 from .casts import torch_dtype
 from .modules import _cast_tensors
 
-__all__ = ["mixed_precision_policy", "shard", "default_blocks", "reduce_found_inf", "is_sharded",
-           "local_tensor", "local_shards", "SUPPORTED_COMBINATIONS"]
+__all__ = ["mixed_precision_policy", "shard", "default_blocks", "reduce_found_inf", "decision_group",
+           "check_process_group", "is_sharded", "local_tensor", "local_shards", "SUPPORTED_COMBINATIONS"]
 
 #: What runs under FSDP2 here, and what is refused (with the reason given to the user).
 SUPPORTED_COMBINATIONS = {
@@ -159,6 +166,40 @@ def local_shards(grads: list[torch.Tensor]):
             g = g._local_tensor
         shards.append(g)
     return shards, group
+
+
+def check_process_group(process_group):
+    """``Precision(..., process_group=...)``: "auto", None or a torch.distributed ProcessGroup."""
+    if process_group is None or (isinstance(process_group, str) and process_group == "auto"):
+        return process_group
+    if dist.is_available() and isinstance(process_group, dist.ProcessGroup):
+        return process_group
+    raise ValueError(f"Precision(policy, process_group=...): {process_group!r} is not a process group; use "
+                     '"auto" (the default group once torch.distributed is initialised), None (each rank '
+                     "decides alone) or a torch.distributed ProcessGroup")
+
+
+def decision_group(sharded_group, model=None, process_group="auto"):
+    """The process group whose ranks take one skip/step decision (and one loss-scale update),
+    or None (this rank decides alone).
+
+    ``process_group``: a ProcessGroup is used as given; None keeps the decision per rank
+    except for FSDP2-sharded gradients (``sharded_group``, the group `local_shards` found: a
+    rank's shards alone cannot decide); "auto" takes ``sharded_group``, else the group of a
+    DistributedDataParallel ``model``, else the default group, when torch.distributed is
+    initialised with more than one rank.  Every rank must then call `Precision.step` for the
+    same steps (data-parallel training does)."""
+    if process_group is not None and not isinstance(process_group, str):
+        return process_group
+    if sharded_group is not None or process_group is None:
+        return sharded_group
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    group = getattr(model, "process_group", None) if isinstance(model, DistributedDataParallel) else None
+    group = group if group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def reduce_found_inf(found: dict, group) -> dict:

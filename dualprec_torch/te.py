@@ -28,6 +28,8 @@ from torch import nn
 
 from dualprec.errors import UnsupportedPolicyError
 
+from .casts import torch_dtype
+
 __all__ = ["available", "import_te", "te_recipe", "autocast", "init_context", "convert_module", "te_shape_ok"]
 
 _INSTALL_HINT = ('Transformer Engine is not installed (pip install "dualprec[te]" on a CUDA machine, '
@@ -99,9 +101,9 @@ def te_shape_ok(linear: nn.Linear) -> bool:
     return linear.out_features % 8 == 0 and linear.in_features % 16 == 0
 
 
-def _te_linear(te, linear: nn.Linear):
+def _te_linear(te, linear: nn.Linear, dtype: torch.dtype):
     new = te.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    params_dtype=linear.weight.dtype, device=linear.weight.device)
+                    params_dtype=dtype, device=linear.weight.device)
     with torch.no_grad():
         new.weight.copy_(linear.weight)
         if linear.bias is not None:
@@ -109,18 +111,18 @@ def _te_linear(te, linear: nn.Linear):
     return new
 
 
-def _te_layernorm(te, norm: nn.LayerNorm):
+def _te_layernorm(te, norm: nn.LayerNorm, dtype: torch.dtype):
     (hidden,) = norm.normalized_shape
-    new = te.LayerNorm(hidden, eps=norm.eps, params_dtype=norm.weight.dtype, device=norm.weight.device)
+    new = te.LayerNorm(hidden, eps=norm.eps, params_dtype=dtype, device=norm.weight.device)
     with torch.no_grad():
         new.weight.copy_(norm.weight)
         new.bias.copy_(norm.bias)
     return new
 
 
-def _te_layernorm_linear(te, norm: nn.LayerNorm, linear: nn.Linear):
+def _te_layernorm_linear(te, norm: nn.LayerNorm, linear: nn.Linear, dtype: torch.dtype):
     new = te.LayerNormLinear(linear.in_features, linear.out_features, eps=norm.eps,
-                             bias=linear.bias is not None, params_dtype=linear.weight.dtype,
+                             bias=linear.bias is not None, params_dtype=dtype,
                              device=linear.weight.device)
     with torch.no_grad():
         new.layer_norm_weight.copy_(norm.weight)
@@ -199,12 +201,15 @@ def convert_module(model: nn.Module, policy, *, module_filter_fn=None) -> nn.Mod
     root = model
     for path, (kind, *rest) in plan.items():
         module = modules[path]
+        # TE layers are built in the policy's param dtype (TE sizes its buffers by params_dtype),
+        # not cast after the fact: the weights are copied in, rounded once
+        dtype = torch_dtype(policy.for_module(rest[0] if rest else path).param_dtype)
         if kind == "linear":
-            new = _te_linear(te, module)
+            new = _te_linear(te, module, dtype)
         elif kind == "layernorm":
-            new = _te_layernorm(te, module)
+            new = _te_layernorm(te, module, dtype)
         elif kind == "layernorm_linear":
-            new = _te_layernorm_linear(te, module, modules[rest[0]])
+            new = _te_layernorm_linear(te, module, modules[rest[0]], dtype)
         else:
             new = nn.Identity()
         if path:
