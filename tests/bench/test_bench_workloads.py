@@ -70,6 +70,6 @@ def test_policy_records_pair_and_placeholder(backend):
     assert recs[0].tflops is None  # a tiny workload reports its time only (TINY_FLOPS)
     recs = policy_records(TINY, backend, "bf16-mixed", warmup=1, rounds=1, steps_per_round=1)
     assert [r.impl for r in recs] == ["hand", "dualprec"]
-    if all(r.ok for r in recs):
-        assert recs[0].baseline_ratio is None  # ratios are filled by the results file
-        assert recs[1].policy_spec == "bf16-mixed"
+    assert all(r.ok for r in recs), [(r.impl, r.status) for r in recs]
+    assert recs[0].baseline_ratio is None  # ratios are filled by the results file
+    assert recs[1].policy_spec == "bf16-mixed"

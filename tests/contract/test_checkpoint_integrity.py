@@ -62,7 +62,7 @@ def test_every_bit_flip_of_a_precision_checkpoint_is_refused(tmp_path):
 
 def _jax_bnb_file(tmp_path):
     jax = pytest.importorskip("jax")
-    quant = pytest.importorskip("dualprec_jax.quant")
+    from dualprec_jax import quant
     kernel = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
     params = {"fc": {"kernel": jax.numpy.asarray(kernel), "bias": jax.numpy.zeros(8)}}
     q = quant.quantize_params(params, "quant=nf4-dq")
@@ -85,7 +85,7 @@ def test_every_bit_flip_of_a_jax_bnb_file_is_refused(tmp_path):
 def test_every_bit_flip_of_a_torch_bnb_file_is_refused(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("bitsandbytes")
-    tq = pytest.importorskip("dualprec_torch.quant")
+    from dualprec_torch import quant as tq
     torch.manual_seed(0)
     model = tq.quantize_module(torch.nn.Sequential(torch.nn.Linear(64, 8)), "quant=nf4", device="cpu")
     path = tmp_path / "torch_bnb.safetensors"

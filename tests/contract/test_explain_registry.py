@@ -6,8 +6,9 @@ import pytest
 from dualprec import DeviceCaps, Policy, explain, presets, registry
 from dualprec.errors import UnsupportedPolicyError
 
-dualprec_torch = pytest.importorskip("dualprec_torch")
-dualprec_jax = pytest.importorskip("dualprec_jax")
+import dualprec_jax
+import dualprec_torch
+
 PRECISION = {"torch": dualprec_torch.Precision, "jax": dualprec_jax.Precision}
 # a device that runs everything, so only what the backend implements decides
 EVERYTHING = {b: DeviceCaps("cuda", "H100", (9, 0), backend=b, bitsandbytes=True, transformer_engine=True)

@@ -8,8 +8,11 @@ import pytest
 from dualprec import contract
 from dualprec.errors import UnsupportedPolicyError
 
-torch_precision = pytest.importorskip("dualprec_torch").Precision
-jax_precision = pytest.importorskip("dualprec_jax").Precision
+import dualprec_jax
+import dualprec_torch
+
+torch_precision = dualprec_torch.Precision
+jax_precision = dualprec_jax.Precision
 BACKENDS = {"torch": torch_precision, "jax": jax_precision}
 
 

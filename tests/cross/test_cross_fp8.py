@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the cross-framework FP8 agreement needs torch")
-tfp8 = pytest.importorskip("dualprec_torch.fp8", reason="dualprec_torch.fp8 (the torch FP8 engine) is absent")
+from dualprec_torch import fp8 as tfp8  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -231,7 +231,7 @@ def test_state_tensors_round_trip():
 def test_dualprec_torch_layers_read_and_write_the_same_checkpoints(mode, tmp_path):
     """dualprec_torch.quant's layers load the JAX file strictly (no hook needed), and their
     state dict loads back into the same JAX params, byte for byte."""
-    tq = pytest.importorskip("dualprec_torch.quant")
+    from dualprec_torch import quant as tq
     policy = "quant=nf4-dq" if mode == "nf4-dq" else "16-mixed,quant=int8"
     weights = _float_weights(seed=3)
     params = quant.quantize_params(_jax_float_params(weights), policy)

@@ -294,7 +294,7 @@ def test_transformer_engine_presets_without_te_name_the_native_fallback():
 
 
 def test_fp8_state_in_the_precision_checkpoint(tmp_path):
-    checkpoint = pytest.importorskip("dualprec.checkpoint", reason="dualprec.checkpoint (the contract's format) is absent")
+    from dualprec import checkpoint
     import optax
 
     prec = Precision(POLICY)
