@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import PolicyError
 from .policy import LossScale, Policy
@@ -78,7 +79,7 @@ def resolve_fp8_engine(policy: Policy, caps: DeviceCaps) -> str | None:
 
 def _swap_dtype(p: Policy, old: str, new: str) -> Policy:
     def swap(q: Policy) -> Policy:
-        changes = {f: new if getattr(q, f) == old else getattr(q, f)
+        changes: dict[str, Any] = {f: new if getattr(q, f) == old else getattr(q, f)
                    for f in ("param_dtype", "compute_dtype", "output_dtype", "reduce_dtype")}
         out = dataclasses.replace(q, **changes)
         if out.compute_dtype == "float16" and out.param_dtype == "float32" and not out.loss_scale.enabled:

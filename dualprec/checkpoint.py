@@ -177,10 +177,13 @@ def write_checked(path, tensors: Mapping[str, Any], metadata: Mapping[str, str] 
     a temporary file in the same directory (mode per the umask), fsync, rename.  Every
     failure removes the temporary file; temporary files of killed saves are swept first.
     ``framework``: "numpy" (arrays) or "torch" (tensors, bfloat16 included)."""
+    save_file: Callable[..., object]  # the NumPy and the torch writer take the same arguments
     if framework == "torch":
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file as save_torch_file
+        save_file = save_torch_file
     else:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save_file as save_numpy_file
+        save_file = save_numpy_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -579,7 +582,8 @@ def _flat_with_bf16(prefix: str, arrays: Mapping[str, Any], out: dict, bf16: lis
         if key in out:
             raise CheckpointError(f"save_training: the tensor name {key!r} is used twice")
         if a.dtype.name == "bfloat16":  # safetensors' NumPy side has no bfloat16: stored as its bits
-            a, _ = a.view(np.uint16), bf16.append(key)
+            a = a.view(np.uint16)
+            bf16.append(key)
         out[key] = _storable(a)
 
 

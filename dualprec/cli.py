@@ -7,6 +7,7 @@ import argparse
 import importlib
 import json
 import sys
+from typing import Any
 
 from . import __version__
 from .errors import PolicyError
@@ -136,7 +137,7 @@ def _presets(args) -> int:
     from .grammar import explicit_form
     from .presets import PRESET_TABLE
 
-    rows = [{"name": r.name, "aliases": list(r.aliases), "source": r.source, "description": r.description,
+    rows: list[dict[str, Any]] = [{"name": r.name, "aliases": list(r.aliases), "source": r.source, "description": r.description,
              "explicit": explicit_form(r.policy)} for r in PRESET_TABLE]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -224,7 +225,7 @@ def _shadowed(top: str) -> str | None:
         return None  # not installed with dualprec (bench in a wheel): the import error says so
     loaded = sys.modules.get(top)
     try:
-        origin = getattr(loaded, "__file__", None) if loaded is not None else importlib.util.find_spec(top).origin
+        origin = getattr(loaded, "__file__", None) if loaded is not None else getattr(importlib.util.find_spec(top), "origin", None)
     except (ImportError, ValueError, AttributeError):
         return None
     if origin is None or Path(origin).resolve().parent == ours:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 from .dtypes import short_dtype
 from .errors import PolicyError
@@ -22,7 +23,7 @@ def _without(p: Policy, ignore) -> Policy:
     unknown = set(ignore) - set(_FIELDS)
     if unknown:
         raise PolicyError(f"ignore: unknown field(s) {sorted(unknown)}; choose from {', '.join(_FIELDS)}")
-    changes = {}
+    changes: dict[str, Any] = {}
     for name in ignore:
         if name == "reduce_dtype":
             changes[name] = p.param_dtype
@@ -62,7 +63,8 @@ def to_jmp_string(p: Policy, *, ignore=()) -> str:
     if q.master_weights:
         lost.append("master_weights")
     _refuse(p, "jmp", lost)
-    return f"p={short_dtype(q.param_dtype)},c={short_dtype(q.compute_dtype)},o={short_dtype(q.output_dtype)}"
+    param, compute, output, _ = q._dtype_names()
+    return f"p={short_dtype(param)},c={short_dtype(compute)},o={short_dtype(output)}"
 
 
 _KERAS_MIXED = {("float32", "bfloat16"): "mixed_bfloat16", ("float32", "float16"): "mixed_float16"}
@@ -99,14 +101,14 @@ def to_keras_name(p: Policy, *, ignore=()) -> str:
         base = q.param_dtype
         if q.loss_scale.enabled:
             lost.append("loss_scale (Keras scales the loss only for mixed_float16)")
-    elif (q.param_dtype, q.compute_dtype) in _KERAS_MIXED:
-        base = _KERAS_MIXED[(q.param_dtype, q.compute_dtype)]
+    elif (q.param_dtype, q._dtype_names()[1]) in _KERAS_MIXED:
+        base = _KERAS_MIXED[(q.param_dtype, q._dtype_names()[1])]
         expected = presets()["mixed_float16"].loss_scale if base == "mixed_float16" else LossScale()
         if q.loss_scale != expected:
             lost.append(f"loss_scale (Keras {base} implies {str(expected.kind)}"
                         + (" scaling from 2**15, growing every 1000 steps)" if expected.enabled else ")"))
     else:
-        base = None
+        base = ""  # not returned: lost is not empty, so _refuse raises
         lost.append(f"params={q.param_dtype} with compute={q.compute_dtype}")
     _refuse(p, "Keras", lost)
     return prefix + base

@@ -90,9 +90,10 @@ def canonical_dtype(value: Any, *, what: str = "dtype") -> str:
         if name.startswith(("torch.", "jnp.", "np.", "numpy.")):
             name = name.split(".", 1)[1]
     else:
-        name = _object_dtype_name(value)
-        if name is None:
+        object_name = _object_dtype_name(value)
+        if object_name is None:
             raise PolicyError(f"{what}: {value!r} is not a dtype; use one of {', '.join(FLOAT_DTYPES)}")
+        name = object_name
     if name in _ALIASES:
         return _ALIASES[name]
     raise PolicyError(

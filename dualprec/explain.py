@@ -6,6 +6,8 @@ in this backend"."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from .optable import render_table, table_rows
 from .policy import Policy
 from .presets import lookup_preset, preset_name_of
@@ -126,13 +128,14 @@ _LINES = ("mechanism", "params", *op_dtypes(Policy.parse("32-true")), "outputs",
 def explain(p: Policy) -> dict:
     """A JSON-ready description of what the torch and JAX backends do under ``p``."""
     preset = lookup_preset(preset_name_of(p) or "")
-    out = {
+    backends: dict[str, dict[str, str]] = {}
+    out: dict[str, Any] = {
         "policy": str(p),
         "preset": None if preset is None else {"name": preset.name, "source": preset.source,
                                                "description": preset.description, "aliases": list(preset.aliases)},
         "dtypes": {"params": p.param_dtype, "compute": p.compute_dtype, "output": p.output_dtype,
                    "reduce": p.reduce_dtype},
-        "backends": {},
+        "backends": backends,
         "overrides": [{"pattern": pat, "policy": str(sub)} for pat, sub in p.overrides],
         "op_table": table_rows(p),
         "op_table_text": render_table(p),
@@ -140,11 +143,11 @@ def explain(p: Policy) -> dict:
     for backend in ("torch", "jax"):
         reason = refusal(backend, p)
         if reason is not None:  # what the constructor says: no path to describe
-            out["backends"][backend] = {
+            backends[backend] = {
                 key: (f"{REFUSED}: UnsupportedPolicyError: {reason}" if key == "mechanism" else f"{REFUSED} (see mechanism)")
                 for key in _LINES}
             continue
-        out["backends"][backend] = {
+        backends[backend] = {
             "mechanism": describe(backend, "mechanism", p),
             "params": _params(p),
             **op_dtypes(p),

@@ -183,7 +183,9 @@ def _parse_explicit(text: str) -> Policy:
         if base.overrides:
             raise PolicyError(f"{items[0]!r} has overrides and cannot be a base")
         items = items[1:]
-    fields, overrides, seen = {}, [], {}
+    fields: dict[str, Any] = {}
+    overrides: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
     for item in items:
         key, value = _split_item(item, text)
         if key.startswith("@"):
@@ -205,14 +207,13 @@ def _parse_explicit(text: str) -> Policy:
     if not overrides:
         return parent
     _refuse_ambiguous(items, text, base_item)
-    resolved = []
+    resolved: list[tuple[str, Policy]] = []
     for pattern, value in overrides:
         if value.startswith("(") and value.endswith(")"):
             inner = value[1:-1].strip()
-            sub = _parse_relative(parent, inner, f"@{pattern}")
+            resolved.append((pattern, _parse_relative(parent, inner, f"@{pattern}")))
         else:
-            sub = parse_policy(value)
-        resolved.append((pattern, sub))
+            resolved.append((pattern, parse_policy(value)))
     return _replace(parent, overrides=tuple(resolved))
 
 
@@ -236,7 +237,8 @@ def _refuse_ambiguous(items: list[str], whole: str, base: list[str]) -> None:
 
 
 def _parse_relative(parent: Policy, text: str, where: str) -> Policy:
-    fields, seen = {}, {}
+    fields: dict[str, Any] = {}
+    seen: dict[str, str] = {}
     for item in _split_top(text) if text else ():
         key, value = _split_item(item, text)
         canon = _KEY_OF.get(key.lower())
@@ -281,6 +283,8 @@ def parse_component(cls, value: str, what: str):
         if args is not None:
             raise PolicyError(f"{what}=none takes no arguments")
         return LossScale() if cls is LossScale else None
+    table: dict[str, str]
+    kinds: tuple[str, ...]
     if cls is LossScale:
         table, kinds = _LOSS_ARGS, ("static", "dynamic")
     elif cls is Quantization:

@@ -396,7 +396,7 @@ def dtype_of(op, policy, input_dtypes) -> str | None:
         return None
     e = op if isinstance(op, OpEntry) else entry(op)
     compute, on = _policy_dtypes(policy)
-    if not on or e is None:
+    if not on or compute is None or e is None:
         return natural
     eligible = [d for d in dtypes if d in _FLOATS and d != "float64"]
     if not eligible:

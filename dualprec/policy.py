@@ -261,8 +261,8 @@ class Quantization:
     def skips(self, module_path: str) -> bool:
         return any(_path_matches(module_path, p) for p in self.skip)
 
-    def to_dict(self) -> dict:
-        d = {"mode": self.mode, "skip": list(self.skip)}
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"mode": self.mode, "skip": list(self.skip)}
         if self.is_4bit:
             d["blocksize"] = self.blocksize
         else:
@@ -374,7 +374,7 @@ class FP8Recipe:
         if self.scaling == "delayed":
             return {k: getattr(self, k) for k in ("scaling", "history_len", "margin", "amax_algo",
                                                     "format", "engine")}
-        d = {"scaling": self.scaling, "format": self.format, "engine": self.engine}
+        d: dict[str, Any] = {"scaling": self.scaling, "format": self.format, "engine": self.engine}
         if self.scaling == "mxfp8":
             d["rounding"] = self.rounding
         if self.scaling == "nvfp4":
@@ -563,8 +563,20 @@ class Policy:
         return "float64" in self.dtypes()
 
     def dtypes(self) -> set[str]:
-        return {d for _, q in self.policies()
-                for d in (q.param_dtype, q.compute_dtype, q.output_dtype, q.reduce_dtype)}
+        """Every dtype name some module of this policy stores, computes, outputs or reduces in.
+
+        Returns:
+            The canonical dtype names of the top-level policy and of every override.
+        """
+        return {d for _, q in self.policies() for d in q._dtype_names()}
+
+    def _dtype_names(self) -> tuple[str, str, str, str]:
+        """``(param_dtype, compute_dtype, output_dtype, reduce_dtype)`` typed as names: the
+        fields accept None on construction (the jmp defaults) and ``__post_init__`` replaces
+        every None, so on a built Policy each is a canonical name."""
+        param, compute, output, reduce = self.param_dtype, self.compute_dtype, self.output_dtype, self.reduce_dtype
+        assert compute is not None and output is not None and reduce is not None, "Policy built without __post_init__"
+        return param, compute, output, reduce
 
     def for_module(self, path: str) -> Policy:
         """The policy that applies to the module at ``path`` (dotted, e.g. "blocks.0.attn")."""

@@ -93,8 +93,9 @@ AMBIGUOUS = {
 
 
 @lru_cache(maxsize=None)
-def _index() -> tuple[dict, dict]:
-    by_name, by_policy = {}, {}
+def _index() -> tuple[dict[str, Preset], dict[Policy, str]]:
+    by_name: dict[str, Preset] = {}
+    by_policy: dict[Policy, str] = {}
     for row in PRESET_TABLE:
         for n in (row.name,) + row.aliases:
             assert n not in by_name, f"preset name {n!r} appears twice"

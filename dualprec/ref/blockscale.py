@@ -232,7 +232,7 @@ def mx_quantize(x, rounding: str = "rceil", fmt: str = "float8_e4m3fn", block: i
             scaled = xb * rcp[..., None]
         else:
             # the scale torchao divides by: bits (biased << 23), i.e. +inf for 255, floored at 2**-126
-            s = (biased.astype(np.int32) << 23).view(np.float32)
+            s: np.ndarray = (biased.astype(np.int32) << 23).view(np.float32)
             s = np.maximum(s, np.float32(2.0**-126))
             scaled = xb / s[..., None]
     codes = cast(np.clip(scaled, -_ELEM_MAX[fmt], _ELEM_MAX[fmt]), fmt) if fmt in FP8_MAX else None

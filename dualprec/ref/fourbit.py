@@ -149,6 +149,12 @@ class QuantState4bit:
             return self.absmax
         return _dequantize_8bit(self.absmax, self.nested_absmax, self.nested_code) + self.offset
 
+    def _nested_parts(self) -> tuple[np.ndarray, np.float32, np.ndarray]:
+        """(nested_absmax, offset, nested_code) of a double-quantized state."""
+        if self.nested_absmax is None or self.offset is None or self.nested_code is None:
+            raise ValueError("state.offset and a 256-entry state.nested_code are required with state.nested_absmax")
+        return self.nested_absmax, self.offset, self.nested_code
+
     def to_dict(self) -> dict:
         d = {
             "quant_type": self.quant_type,
@@ -158,10 +164,11 @@ class QuantState4bit:
             "absmax": np.array(self.absmax),
         }
         if self.double_quant:
+            nested_absmax, offset, nested_code = self._nested_parts()
             d.update(
-                nested_absmax=np.array(self.nested_absmax),
-                offset=float(self.offset),
-                nested_code=np.array(self.nested_code),
+                nested_absmax=np.array(nested_absmax),
+                offset=float(offset),
+                nested_code=np.array(nested_code),
                 nested_blocksize=int(self.nested_blocksize),
             )
         return d
@@ -278,13 +285,14 @@ def quantize_4bit(
         raise ValueError("x contains NaN or inf; pass nonfinite='propagate' to quantize it anyway")
     absmax, codes = _codes(flat, quant_type, blocksize)
     packed = _pack(codes)
-    common = dict(quant_type=quant_type, blocksize=blocksize, shape=tuple(x.shape), dtype=_dtype_name(x.dtype))
+    shape, dtype = tuple(x.shape), _dtype_name(x.dtype)
     if not double_quant:
-        return packed, QuantState4bit(absmax=absmax, **common)
+        return packed, QuantState4bit(quant_type, blocksize, shape, dtype, absmax=absmax)
     offset = _mean_float32(absmax)
     codes, nested_absmax = _quantize_8bit(absmax - offset)
     state = QuantState4bit(
-        absmax=codes, nested_absmax=nested_absmax, offset=offset, nested_code=DYNAMIC_MAP.copy(), **common
+        quant_type, blocksize, shape, dtype,
+        absmax=codes, nested_absmax=nested_absmax, offset=offset, nested_code=DYNAMIC_MAP.copy(),
     )
     return packed, state
 
@@ -443,7 +451,7 @@ def _check_state(state: QuantState4bit) -> None:
     if state.double_quant:
         expected = -(-nblocks // state.nested_blocksize)
         if np.asarray(state.nested_absmax).size != expected:
-            raise ValueError(f"state.nested_absmax has {state.nested_absmax.size} entries, expected {expected}")
+            raise ValueError(f"state.nested_absmax has {np.asarray(state.nested_absmax).size} entries, expected {expected}")
         if state.offset is None or state.nested_code is None or np.asarray(state.nested_code).size != 256:
             raise ValueError("state.offset and a 256-entry state.nested_code are required with state.nested_absmax")
 

@@ -145,7 +145,7 @@ def fp8_gemm_qdq(x, w, state: FP8State, recipe: Any, grad_output=None):
     """
     _check_recipe(recipe)
     tensors = {"input": x, "weight": w, "grad_output": grad_output}
-    out = {}
+    out: dict[str, np.ndarray | None] = {}
     for role, t in tensors.items():
         if t is None:
             out[role] = None
