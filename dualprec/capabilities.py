@@ -17,7 +17,21 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 @dataclass(frozen=True)
 class DeviceCaps:
-    """What a backend found on the device.  ``compute_capability`` is CUDA's (major, minor)."""
+    """What a backend found on the device (``dualprec_torch.device_caps()`` and
+    ``dualprec_jax.device_caps()`` build one; tests build their own).
+
+    Attributes:
+        platform: "cpu", "cuda", "rocm" or "tpu".
+        name: The device's name, used in messages.
+        compute_capability: CUDA's (major, minor); required on cuda.
+        backend: "torch", "jax", or "" for either.
+        bitsandbytes: bitsandbytes is installed.
+        transformer_engine: Transformer Engine is installed.
+        fp16_autocast: torch's CPU autocast takes float16 (torch >= 2.3).
+
+    Raises:
+        PolicyError: An unknown platform, or cuda without a compute capability.
+    """
 
     platform: str
     name: str = ""
@@ -34,20 +48,43 @@ class DeviceCaps:
             raise PolicyError("DeviceCaps: a cuda device needs its compute_capability, e.g. (9, 0)")
 
     def cc_at_least(self, major: int, minor: int) -> bool:
+        """Whether the CUDA compute capability is at least ``(major, minor)``.
+
+        Args:
+            major: The required major version.
+            minor: The required minor version.
+
+        Returns:
+            False when the device has no compute capability.
+        """
         return self.compute_capability is not None and tuple(self.compute_capability) >= (major, minor)
 
 
 @dataclass(frozen=True)
 class Finding:
+    """One problem or note of a CheckReport.
+
+    Attributes:
+        field: The policy field concerned ("dtype", "fp8", "fp8.engine", "quantization").
+        message: What the device lacks or does differently.
+    """
+
     field: str
     message: str
 
 
 @dataclass(frozen=True)
 class CheckReport:
-    """``ok``: the policy runs as written.  ``problems`` stop it; ``notes`` do not (emulation,
-    slow paths, engine choice).  ``fallback``: the nearest policy the device runs, or None
-    when there is none to offer."""
+    """Whether a device runs a policy: what `check_policy` and `Policy.check` return.
+
+    Attributes:
+        policy: The policy checked.
+        ok: The policy runs as written.
+        problems: What stops it from running.
+        notes: What does not stop it (emulation, slow paths, the engine chosen).
+        fallback: The nearest policy the device runs (the policy itself when ``ok``), or
+            None when there is none to offer.
+    """
 
     policy: Policy
     ok: bool
@@ -56,12 +93,22 @@ class CheckReport:
     fallback: Policy | None = None
 
     def raise_if_unrunnable(self) -> None:
+        """Raise unless the policy runs as written.
+
+        Raises:
+            PolicyError: Naming every problem and the fallback, if any.
+        """
         if not self.ok:
             lines = "; ".join(f"{f.field}: {f.message}" for f in self.problems)
             hint = f' Fallback: "{self.fallback}".' if self.fallback is not None else ""
             raise PolicyError(f'"{self.policy}" cannot run here: {lines}.{hint}')
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data.
+
+        Returns:
+            ``policy`` and ``fallback`` as strings, ``ok``, and the findings as dicts.
+        """
         return {"policy": str(self.policy), "ok": self.ok,
                 "problems": [dataclasses.asdict(f) for f in self.problems],
                 "notes": [dataclasses.asdict(f) for f in self.notes],
@@ -69,7 +116,16 @@ class CheckReport:
 
 
 def resolve_fp8_engine(policy: Policy, caps: DeviceCaps) -> str | None:
-    """The engine an ``auto`` FP8 recipe uses on this device ("transformer-engine"/"native")."""
+    """The FP8 engine a policy uses on a device.
+
+    Args:
+        policy: The policy.
+        caps: The device.
+
+    Returns:
+        The recipe's engine; for ``auto``, "transformer-engine" where Transformer Engine is
+        installed on a CUDA device, else "native".  None when the policy has no FP8 recipe.
+    """
     if policy.fp8 is None:
         return None
     if policy.fp8.engine != "auto":
@@ -90,6 +146,24 @@ def _swap_dtype(p: Policy, old: str, new: str) -> Policy:
 
 
 def check_policy(policy: Policy, caps: DeviceCaps) -> CheckReport:
+    """Whether a device runs a policy, and the nearest policy it runs if not.
+
+    Checks bfloat16 (compute capability 8.0 on CUDA), float16 on CPU, float64 (none on
+    TPU), FP8 (compute capability 8.9 on CUDA, emulated on CPU and TPU; the engine
+    installed) and bitsandbytes for quantization under torch.
+
+    Args:
+        policy: The policy to check (every override included).
+        caps: The device's capabilities.
+
+    Returns:
+        The CheckReport.  Its fallback swaps the dtype the device lacks (bfloat16 to float16
+        and back, float64 to float32), drops FP8 or picks the native engine; it is None when
+        no swap helps (quantization without bitsandbytes).
+
+    Raises:
+        PolicyError: ``caps`` is not a DeviceCaps.
+    """
     if not isinstance(caps, DeviceCaps):
         raise PolicyError(f"check() needs a DeviceCaps, got {type(caps).__name__}; backends provide "
                           "dualprec_torch.device_caps() / dualprec_jax.device_caps()")

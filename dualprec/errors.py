@@ -18,9 +18,17 @@ MAX_MESSAGE = 1000
 
 
 def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
-    """``text`` as one printable line of at most about ``limit`` characters: control and other
-    non-printable characters (newlines, ANSI escapes) escaped as Python writes them, and an
-    overlong middle (an echoed 10 MB input) cut out with a note of how much."""
+    """A text as one printable line of bounded length, for an error message.
+
+    Args:
+        text: The text (anything ``str`` takes).
+        limit: About the most characters kept.
+
+    Returns:
+        The text with control and other non-printable characters (newlines, ANSI escapes)
+        escaped as Python writes them, and an overlong middle (an echoed 10 MB input) cut
+        out with a note of how many characters were cut.
+    """
     text = str(text)
     cut = 0
     if len(text) > limit:
@@ -43,7 +51,10 @@ def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
 
 class PolicyError(ValueError):
     """An invalid precision policy: names the offending token and, where one is near, the fix.
-    The message is always one printable line of bounded length (see `one_line`)."""
+
+    A single string argument becomes one printable line of bounded length (see `one_line`).
+    Subclasses: UnsupportedPolicyError, CheckpointError, QuantizationError.
+    """
 
     def __init__(self, *args):
         if len(args) == 1 and isinstance(args[0], str):
@@ -67,9 +78,18 @@ class QuantizationError(PolicyError):
 
 class NonFiniteGradientError(FloatingPointError):
     """Raised by ``step`` under ``nonfinite=raise``: names the first parameter whose gradient
-    is not finite.  The JAX backend's state is functional, so its error carries the state
-    after the skipped step (loss scale backed off, as torch's Precision keeps internally):
-    ``params, opt_state = err.params, err.opt_state`` (None from torch)."""
+    is not finite.
+
+    The JAX backend's state is functional, so its error carries the state after the skipped
+    step (loss scale backed off, as torch's Precision keeps internally):
+    ``params, opt_state = err.params, err.opt_state``.
+
+    Args:
+        message: The error message.
+        parameter: The name of the first parameter with a non-finite gradient.
+        params: JAX: the parameters after the skipped step (None from torch).
+        opt_state: JAX: the optimizer state after the skipped step (None from torch).
+    """
 
     def __init__(self, message: str, parameter: str | None = None, *, params=None, opt_state=None):
         super().__init__(message)
@@ -79,14 +99,33 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 def closest(token: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
-    """The up to ``n`` candidates closest to ``token`` (case-insensitive), best first."""
+    """The candidates closest to a token, compared case-insensitively.
+
+    Args:
+        token: The text to match.
+        candidates: The valid names.
+        n: At most this many are returned.
+        cutoff: The least `difflib` similarity ratio, in [0, 1].
+
+    Returns:
+        Up to ``n`` candidates, best first, in their own spelling.
+    """
     pool = sorted(set(candidates))
     lowered = {c.lower(): c for c in pool}
     return [lowered[m] for m in difflib.get_close_matches(token.lower(), list(lowered), n=n, cutoff=cutoff)]
 
 
 def did_you_mean(token: str, candidates: Iterable[str]) -> str:
-    """Return ' (did you mean "x"?)' for the closest candidate, or '' when none is close."""
+    """The "did you mean" hint of an error message.
+
+    Args:
+        token: The unknown name the user gave.
+        candidates: The valid names.
+
+    Returns:
+        ' (did you mean "x"?)' for the closest candidate, or '' when none is close (or the
+        token is over 100 characters long).
+    """
     if len(token) > 100:  # nothing is near a very long token, and difflib is quadratic in it
         return ""
     match = closest(token, candidates, n=1)

@@ -126,7 +126,20 @@ _LINES = ("mechanism", "params", *op_dtypes(Policy.parse("32-true")), "outputs",
 
 
 def explain(p: Policy) -> dict:
-    """A JSON-ready description of what the torch and JAX backends do under ``p``."""
+    """What the torch and JAX backends do under a policy (``dualprec explain``).
+
+    Args:
+        p: The policy.
+
+    Returns:
+        A JSON-ready dict: ``policy`` (its canonical string), ``preset`` (name, source,
+        description, aliases; None when it is no preset), ``dtypes``, ``overrides``,
+        ``op_table`` and ``op_table_text`` (the op rules under the policy) and
+        ``backends``: per backend, one line per part of a step (mechanism, params, each op
+        class, outputs, optimizer, gradient reduction, loss scaling, non-finite steps,
+        quantization, fp8) from what the backend registered, or the refusal its Precision
+        constructor raises.
+    """
     preset = lookup_preset(preset_name_of(p) or "")
     backends: dict[str, dict[str, str]] = {}
     out: dict[str, Any] = {

@@ -72,6 +72,22 @@ _MAX_NUMBER_LENGTH = 64
 
 # ----------------------------------------------------------------------------- parsing
 def parse_policy(value: Any) -> Policy:
+    """Build a Policy from any of its spellings (what `Policy.parse` runs).
+
+    Args:
+        value: A policy string (a preset name or alias, a jmp string, a Keras name, or the
+            explicit "key=value,..." form with ``@pattern=`` overrides, optionally after a
+            base name), a Lightning Fabric int (16, 32 or 64), a dict as `Policy.to_dict`
+            writes it, or a Policy (returned as is).
+
+    Returns:
+        The validated Policy.
+
+    Raises:
+        PolicyError: ``value`` is no policy (a bool, a float, another type, an empty or
+            overlong string, an unknown name or key, a bad value); the message names the
+            offending token and the nearest valid spelling.
+    """
     if isinstance(value, Policy):
         return value
     if isinstance(value, bool):

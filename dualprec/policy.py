@@ -21,12 +21,16 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .dtypes import FLOAT_DTYPES, HALF_DTYPES, canonical_dtype
 from .errors import PolicyError
+
+if TYPE_CHECKING:
+    from .capabilities import CheckReport, DeviceCaps
 
 __all__ = [
     "LossScale", "Quantization", "FP8Recipe", "Policy",
@@ -125,13 +129,27 @@ def _number(value: Any, what: str, *, integer: bool = False) -> Any:
 
 @dataclass(frozen=True)
 class LossScale:
-    """Loss scaling: ``none``, ``static`` (``init_scale`` is the scale) or ``dynamic``.
+    """Loss scaling: ``none``, ``static`` or ``dynamic``.
 
-    Dynamic follows the one rule of docs/contract.md (torch.amp.GradScaler's, plus optional clamps):
-    a step whose scaled gradients are all finite increments a counter and, every
+    Dynamic follows the one rule of docs/contract.md (torch.amp.GradScaler's, plus optional
+    clamps): a step whose scaled gradients are all finite increments a counter and, every
     ``growth_interval`` finite steps, multiplies the scale by ``growth_factor`` (if the
     product is finite); a non-finite step is skipped, multiplies the scale by
-    ``backoff_factor`` and resets the counter.  ``min_scale`` / ``max_scale`` clamp it.
+    ``backoff_factor`` and resets the counter.
+
+    Attributes:
+        kind: "none", "static" or "dynamic".
+        init_scale: The static scale, or the first dynamic one: a normal float32 in
+            [2**-126, 2**126].
+        growth_factor: Dynamic: the factor the scale grows by, in (1, 2**126].
+        backoff_factor: Dynamic: the factor a non-finite step multiplies the scale by, in [2**-24, 1).
+        growth_interval: Dynamic: finite steps between growths, in [1, 2**31-1].
+        min_scale: Dynamic: the scale never backs off below this (None: no floor).
+        max_scale: Dynamic: the scale never grows above this (None: no ceiling).
+
+    Raises:
+        PolicyError: An unknown kind, a value out of range, or dynamic settings given to
+            a static or disabled scale.
     """
 
     kind: str = "none"
@@ -158,21 +176,50 @@ class LossScale:
 
     @property
     def enabled(self) -> bool:
+        """The loss is scaled (kind static or dynamic)."""
         return self.kind != "none"
 
     @classmethod
     def none(cls) -> LossScale:
+        """No loss scaling.
+
+        Returns:
+            ``LossScale("none")``.
+        """
         return cls("none")
 
     @classmethod
     def static(cls, scale: float) -> LossScale:
+        """A fixed loss scale.
+
+        Args:
+            scale: The scale, a normal float32 in [2**-126, 2**126].
+
+        Returns:
+            ``LossScale("static", init_scale=scale)``.
+        """
         return cls("static", init_scale=scale)
 
     @classmethod
-    def dynamic(cls, **kwargs) -> LossScale:
+    def dynamic(cls, **kwargs: Any) -> LossScale:
+        """A dynamic loss scale.
+
+        Args:
+            **kwargs: ``init_scale``, ``growth_factor``, ``backoff_factor``,
+                ``growth_interval``, ``min_scale``, ``max_scale`` (the defaults are torch
+                GradScaler's).
+
+        Returns:
+            ``LossScale("dynamic", **kwargs)``.
+        """
         return cls("dynamic", **kwargs)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data, for `Policy.to_dict`.
+
+        Returns:
+            ``{"kind": ...}`` plus the settings that kind uses.
+        """
         if self.kind == "none":
             return {"kind": "none"}
         if self.kind == "static":
@@ -210,10 +257,17 @@ def _validate_loss_scale(ls: LossScale) -> None:
 class Quantization:
     """bitsandbytes-compatible weight quantization of linear layers.
 
-    ``mode``: nf4 / fp4 (4-bit blockwise, ``-dq`` adds double quantization of the absmax),
-    int8 (LLM.int8 inference) or int8-training (LLM.int8 with trainable fp16 weights).
-    ``blocksize`` applies to the 4-bit modes, ``threshold`` (outlier threshold) to int8.
-    ``skip`` lists module-path patterns (fnmatch, dotted paths) left unquantized.
+    Attributes:
+        mode: "nf4" / "fp4" (4-bit blockwise; the ``-dq`` variants also quantize the absmax
+            values), "int8" (LLM.int8 inference) or "int8-training" (LLM.int8 with
+            trainable fp16 weights).
+        blocksize: 4-bit modes: the elements per absmax block (32 to 4096, a power of two).
+        threshold: int8 modes: LLM.int8's outlier threshold.
+        skip: Module-path patterns (fnmatch over dotted paths) left unquantized.
+
+    Raises:
+        PolicyError: An unknown mode, a blocksize bitsandbytes lacks, or a setting the mode
+            does not use.
     """
 
     mode: str
@@ -247,6 +301,7 @@ class Quantization:
 
     @property
     def is_4bit(self) -> bool:
+        """An nf4 or fp4 mode (with or without double quantization)."""
         return self.mode in FOUR_BIT_MODES
 
     @property
@@ -256,12 +311,26 @@ class Quantization:
 
     @property
     def double_quant(self) -> bool:
+        """A ``-dq`` mode: the absmax values are quantized too."""
         return self.mode.endswith("-dq")
 
     def skips(self, module_path: str) -> bool:
+        """Whether a ``skip`` pattern keeps a module out of quantization.
+
+        Args:
+            module_path: The module's dotted path.
+
+        Returns:
+            True when some ``skip`` pattern matches the module or one of its parents.
+        """
         return any(_path_matches(module_path, p) for p in self.skip)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data, for `Policy.to_dict`.
+
+        Returns:
+            ``mode``, ``skip`` and the setting the mode uses (``blocksize`` or ``threshold``).
+        """
         d: dict[str, Any] = {"mode": self.mode, "skip": list(self.skip)}
         if self.is_4bit:
             d["blocksize"] = self.blocksize
@@ -292,6 +361,23 @@ class FP8Recipe:
       transform of the weight-gradient GEMM's operands (default on); ``weight_blocks``:
       16x16 (default) or 1x16 weight blocks.  The defaults are NVIDIA's recipe (TE's
       NVFP4BlockScaling); the canonical string always spells all three out.
+
+    Attributes:
+        scaling: "delayed", "current", "rowwise", "rowwise_with_gw_hp", "mxfp8" or "nvfp4".
+        history_len: Delayed scaling: the amax history length, in [1, 2**16].
+        margin: Delayed scaling: the scale is divided by ``2**margin``, in [0, 32].
+        amax_algo: Delayed scaling: "max" (of the history) or "most_recent".
+        format: "hybrid" or "e4m3" (delayed, current, mxfp8), "e4m3" (the row-wise
+            recipes) or "e2m1" (nvfp4).  None: hybrid for delayed and current, e4m3 for the
+            row-wise recipes and mxfp8, e2m1 for nvfp4.
+        engine: "auto", "transformer-engine" or "native".
+        rounding: mxfp8: the block-scale rounding (None: rceil).
+        sr: nvfp4: stochastic rounding of the gradients (None: on).
+        rht: nvfp4: the random Hadamard transform (None: on).
+        weight_blocks: nvfp4: "16x16" or "1x16" (None: 16x16).
+
+    Raises:
+        PolicyError: An unknown name, a value out of range, or a setting the scaling does not use.
     """
 
     scaling: str = "delayed"
@@ -370,7 +456,12 @@ class FP8Recipe:
         """A row-wise or block-scaled recipe (not one per-tensor scale)."""
         return self.scaling in BLOCK_SCALINGS
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data, for `Policy.to_dict`.
+
+        Returns:
+            ``scaling``, ``format``, ``engine`` and the settings that scaling uses.
+        """
         if self.scaling == "delayed":
             return {k: getattr(self, k) for k in ("scaling", "history_len", "margin", "amax_algo",
                                                     "format", "engine")}
@@ -399,23 +490,35 @@ def _path_matches(path: str, pattern: str) -> bool:
 
 @dataclass(frozen=True)
 class Policy:
-    """One precision policy, for both backends.
+    """One precision policy, for both backends: a frozen, hashable value validated on construction.
 
-    Dtypes are canonical names ("float32", "bfloat16", "float16", "float64"); aliases and
-    dtype objects are accepted and normalised.  Like jmp, ``compute_dtype`` defaults to
-    ``param_dtype`` and ``output_dtype`` to ``compute_dtype``; ``reduce_dtype`` (gradient
-    reduction in sharded training, FSDP2's) defaults to ``param_dtype``.
+    Like jmp, ``compute_dtype`` defaults to ``param_dtype`` and ``output_dtype`` to
+    ``compute_dtype``; ``reduce_dtype`` defaults to ``param_dtype``.  Loss scaling, master
+    weights and the non-finite rule are global: an override inherits them.
 
-    ``master_weights`` keeps fp32 copies of half-precision parameters for the optimizer.
-    ``overrides`` maps module-path patterns (fnmatch over dotted paths; a pattern covers
-    the module's children; the first matching pattern wins) to the policy those modules
-    use.  Loss scaling, master weights and the non-finite rule are global: an override
-    inherits them.
+    Attributes:
+        param_dtype: The dtype parameters are stored in.  Every dtype field takes a
+            canonical name ("float32", "bfloat16", "float16", "float64"), an alias ("bf16",
+            "f32", ...) or a torch/NumPy/JAX dtype, and holds the canonical name.
+        compute_dtype: The dtype of the forward computation (None: ``param_dtype``).
+        output_dtype: The dtype of the model's outputs (None: ``compute_dtype``).
+        reduce_dtype: The dtype of gradient reduction in sharded training, FSDP2's
+            (None: ``param_dtype``).
+        loss_scale: The LossScale (or its string or dict form).
+        quantization: The weight Quantization of linear layers, or None.
+        fp8: The FP8Recipe of low-precision matmuls, or None.
+        master_weights: Keep float32 copies of half-precision parameters for the optimizer.
+        nonfinite: What a step does when a gradient is inf/NaN: "apply" it (torch without a
+            GradScaler), "skip" it, or "raise" naming the first such parameter.  None means
+            the policy's own rule (`nonfinite_rule`): skip with loss scaling, apply without;
+            the default rule is stored as None, so spelling it out changes nothing.
+        overrides: ``(pattern, policy)`` pairs (or a dict): module-path patterns (fnmatch
+            over dotted paths; a pattern covers the module's children; the first matching
+            pattern wins) and the policy those modules use.
 
-    ``nonfinite``: what a step does when a gradient is inf/NaN: "apply" it (torch without a
-    GradScaler), "skip" it, or "raise" naming the first such parameter.  None (the default)
-    means the policy's own rule: skip with loss scaling (backing off needs a skipped step),
-    apply without.  The default rule is stored as None, so spelling it out changes nothing.
+    Raises:
+        PolicyError: A field is invalid or two fields contradict each other; the message
+            names the field and the fix.
     """
 
     param_dtype: str = "float32"
@@ -475,41 +578,113 @@ class Policy:
     # ----- construction from every spelling -------------------------------------------
     @classmethod
     def parse(cls, value: Any) -> Policy:
-        """A Policy from a string (any dialect), an int (Fabric), a dict or a Policy."""
+        """Build a Policy from any of its spellings.
+
+        Args:
+            value: A policy string (a preset name such as "bf16-mixed", a jmp string
+                "p=f32,c=bf16,o=f32", a Keras name, or the explicit "key=value,..." form with
+                ``@pattern=`` overrides), a Lightning Fabric int (16, 32 or 64), a dict as
+                `to_dict` writes it, or a Policy (returned as is).
+
+        Returns:
+            The validated Policy.
+
+        Raises:
+            PolicyError: ``value`` is no policy; the message names the offending token and
+                the nearest valid spelling.
+        """
         from .grammar import parse_policy
 
         return parse_policy(value)
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> Policy:
+    def from_dict(cls, data: Mapping[str, Any]) -> Policy:
+        """Build a Policy from the dict `to_dict` writes.
+
+        Args:
+            data: The policy's fields (``param_dtype``, ``loss_scale``, ...; components as
+                nested dicts or strings) and optionally ``schema_version``.
+
+        Returns:
+            The validated Policy.
+
+        Raises:
+            PolicyError: An unknown key, a bad value, or a ``schema_version`` newer than
+                this dualprec reads.
+        """
         from .serialize import policy_from_dict
 
         return policy_from_dict(data)
 
     @classmethod
     def from_json(cls, text: str) -> Policy:
+        """Build a Policy from the JSON `to_json` writes.
+
+        Args:
+            text: A JSON object holding a policy dict.
+
+        Returns:
+            The validated Policy.
+
+        Raises:
+            PolicyError: The text is not valid JSON, gives a key twice, or holds no valid policy.
+        """
         from .serialize import policy_from_json
 
         return policy_from_json(text)
 
     @classmethod
-    def load(cls, path) -> Policy:
-        """Load a policy from a .json or .toml file (no code is executed)."""
+    def load(cls, path: str | os.PathLike[str]) -> Policy:
+        """Read a policy from a file; nothing in the file is executed.
+
+        Args:
+            path: A ``.json`` or ``.toml`` file holding a policy dict, a ``{"policy":
+                "<string>"}`` table, or a pyproject.toml with a ``[tool.dualprec]`` table.
+
+        Returns:
+            The validated Policy.
+
+        Raises:
+            PolicyError: The file is missing, has another suffix, does not parse, or holds
+                no valid policy.
+        """
         from .serialize import load_policy
 
         return load_policy(path)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The policy as plain data (`from_dict` reads it back to an equal Policy).
+
+        Returns:
+            A JSON-ready dict with ``schema_version``, the four dtypes, ``loss_scale``,
+            ``quantization``, ``fp8``, ``master_weights``, ``nonfinite`` and ``overrides``.
+        """
         from .serialize import policy_to_dict
 
         return policy_to_dict(self)
 
-    def to_json(self, **kwargs) -> str:
+    def to_json(self, **kwargs: Any) -> str:
+        """The policy as JSON (`from_json` reads it back to an equal Policy).
+
+        Args:
+            **kwargs: Passed to `json.dumps`; ``indent`` defaults to 2.
+
+        Returns:
+            The JSON text of `to_dict`.
+        """
         from .serialize import policy_to_json
 
         return policy_to_json(self, **kwargs)
 
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the policy to a file that `load` reads back.
+
+        Args:
+            path: The file to write; its suffix picks the format, ``.json`` or ``.toml``.
+
+        Raises:
+            PolicyError: ``path`` has another suffix.
+        """
         from .serialize import save_policy
 
         save_policy(self, path)
@@ -521,21 +696,59 @@ class Policy:
 
     @property
     def name(self) -> str:
-        """The canonical string (a preset name where one matches)."""
+        """The canonical string (a preset name where one matches); `parse` reads it back."""
         return str(self)
 
     # ----- exports to other dialects --------------------------------------------------
     def to_jmp(self, *, ignore: tuple[str, ...] = ()) -> str:
+        """The policy as a ``jmp.get_policy`` string, e.g. "p=f32,c=bf16,o=f32".
+
+        Args:
+            ignore: Fields to drop knowingly (``"loss_scale"``, ``"reduce_dtype"``, ...):
+                jmp keeps loss scaling in a separate object and has no reduce dtype,
+                quantization, FP8, master weights or overrides.
+
+        Returns:
+            The jmp policy string.
+
+        Raises:
+            PolicyError: The policy sets a field jmp cannot express and ``ignore`` does not
+                name it; the message names the field.
+        """
         from .dialects import to_jmp_string
 
         return to_jmp_string(self, ignore=ignore)
 
     def to_keras(self, *, ignore: tuple[str, ...] = ()) -> str:
+        """The policy as a Keras 3 dtype policy name ("mixed_bfloat16", "int8_from_float32", ...).
+
+        Args:
+            ignore: Fields to drop knowingly (``"output_dtype"``, ``"loss_scale"``, ...).
+
+        Returns:
+            The Keras dtype policy name.
+
+        Raises:
+            PolicyError: The policy sets a field Keras cannot express and ``ignore`` does
+                not name it, or its params/compute pair has no Keras policy.
+        """
         from .dialects import to_keras_name
 
         return to_keras_name(self, ignore=ignore)
 
     def to_fabric(self, *, ignore: tuple[str, ...] = ()) -> str:
+        """The policy as Lightning Fabric's ``precision=`` string ("bf16-mixed", "nf4-dq", ...).
+
+        Args:
+            ignore: Fields to drop knowingly before the lookup (``"loss_scale"``, ...).
+
+        Returns:
+            The Fabric precision string; a bitsandbytes mode comes back as the mode name,
+            which Fabric takes as ``BitsandbytesPrecision(mode=...)``.
+
+        Raises:
+            PolicyError: No Fabric precision equals the policy.
+        """
         from .dialects import to_fabric_precision
 
         return to_fabric_precision(self, ignore=ignore)
@@ -554,12 +767,17 @@ class Policy:
         return "skip" if self.loss_scale.enabled else "apply"
 
     def policies(self) -> tuple[tuple[str, Policy], ...]:
-        """("", the top-level policy without overrides) then (pattern, policy) per override:
-        every policy some module may run under."""
+        """Every policy some module may run under.
+
+        Returns:
+            ``("", the top-level policy without overrides)`` first, then one ``(pattern,
+            policy)`` pair per override, in order.
+        """
         return (("", _replace(self, overrides=())),) + self.overrides
 
     @property
     def needs_x64(self) -> bool:
+        """Some module of the policy uses float64 (JAX needs ``jax_enable_x64``)."""
         return "float64" in self.dtypes()
 
     def dtypes(self) -> set[str]:
@@ -579,20 +797,43 @@ class Policy:
         return param, compute, output, reduce
 
     def for_module(self, path: str) -> Policy:
-        """The policy that applies to the module at ``path`` (dotted, e.g. "blocks.0.attn")."""
+        """The policy of one module: the first override whose pattern matches, else the top level.
+
+        Args:
+            path: The module's dotted path, e.g. "blocks.0.attn" ("" for the root). A
+                pattern matches a module and everything inside it.
+
+        Returns:
+            The override's policy, or the top-level policy without its overrides.
+        """
         for pattern, sub in self.overrides:
             if _path_matches(path, pattern):
                 return sub
         return self if not self.overrides else _replace(self, overrides=())
 
-    def unmatched_overrides(self, module_paths) -> list[str]:
-        """The override patterns that match none of ``module_paths`` (dotted paths)."""
+    def unmatched_overrides(self, module_paths: Iterable[str]) -> list[str]:
+        """The override patterns that match no module.
+
+        Args:
+            module_paths: The model's dotted module paths (empty strings are ignored).
+
+        Returns:
+            The patterns, in override order, that match none of ``module_paths``.
+        """
         paths = [p for p in module_paths if p]
         return [pat for pat, _ in self.overrides if not any(_path_matches(p, pat) for p in paths)]
 
-    def check_overrides_match(self, module_paths, where: str = "setup") -> None:
-        """PolicyError naming each override that matches no module, with the closest paths:
-        a typo in a pattern would otherwise leave that module under the wrong policy."""
+    def check_overrides_match(self, module_paths: Iterable[str], where: str = "setup") -> None:
+        """Refuse override and ``quant`` skip patterns that match no module of the model: a
+        typo in one would otherwise leave that module under the wrong policy.
+
+        Args:
+            module_paths: The model's dotted module paths.
+            where: The caller named at the start of the error message.
+
+        Raises:
+            PolicyError: Naming each pattern that matches nothing and the closest module paths.
+        """
         paths = sorted({p for p in module_paths if p})
         self.check_skips_match(paths, where)
         bad = self.unmatched_overrides(paths)
@@ -603,9 +844,17 @@ class Policy:
                           f"match{'es' if len(bad) == 1 else ''} no module of this model; fix the pattern "
                           "(dotted module paths, fnmatch wildcards)")
 
-    def check_skips_match(self, module_paths, where: str = "setup") -> None:
-        """A ``quant=...(skip=...)`` pattern that matches no module quantizes the layer it
-        meant to keep: PolicyError naming the closest paths, as for overrides."""
+    def check_skips_match(self, module_paths: Iterable[str], where: str = "setup") -> None:
+        """Refuse ``quant=...(skip=...)`` patterns that match no module: such a pattern
+        quantizes the layer it meant to keep.
+
+        Args:
+            module_paths: The model's dotted module paths.
+            where: The caller named at the start of the error message.
+
+        Raises:
+            PolicyError: Naming each skip pattern that matches nothing and the closest module paths.
+        """
         paths = sorted({p for p in module_paths if p})
         skips = [pat for _, p in ((None, self), *self.overrides) if p.quantization is not None
                  for pat in p.quantization.skip]
@@ -619,14 +868,45 @@ class Policy:
                           "skip=*lm_head)")
 
     def quantizes(self, path: str) -> bool:
+        """Whether the module at ``path`` has its weights quantized.
+
+        Args:
+            path: The module's dotted path.
+
+        Returns:
+            True when the module's policy (`for_module`) quantizes and no ``skip`` pattern
+            keeps this module out.
+        """
         q = self.for_module(path).quantization
         return q is not None and not q.skips(path)
 
-    def replace(self, **changes) -> Policy:
+    def replace(self, **changes: Any) -> Policy:
+        """A copy with some fields changed, validated like a new Policy.
+
+        Args:
+            **changes: Field name to new value, in any form the constructor accepts.
+
+        Returns:
+            The new Policy.
+
+        Raises:
+            PolicyError: The changed policy is invalid.
+        """
         return _replace(self, **changes)
 
-    def check(self, caps) -> Any:
-        """Can a device with capabilities ``caps`` run this policy? See dualprec.capabilities."""
+    def check(self, caps: DeviceCaps) -> CheckReport:
+        """Whether a device can run this policy, and what to run instead (see `check_policy`).
+
+        Args:
+            caps: The device's capabilities (``dualprec_torch.device_caps()`` or
+                ``dualprec_jax.device_caps()`` build them).
+
+        Returns:
+            The CheckReport: ``ok``, the problems, the notes and the nearest runnable fallback.
+
+        Raises:
+            PolicyError: ``caps`` is not a DeviceCaps.
+        """
         from .capabilities import check_policy
 
         return check_policy(self, caps)

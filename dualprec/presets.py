@@ -18,6 +18,16 @@ __all__ = ["Preset", "PRESET_TABLE", "presets", "preset_names", "lookup_preset",
 
 @dataclass(frozen=True)
 class Preset:
+    """One named policy of the preset table.
+
+    Attributes:
+        name: The canonical preset name ("bf16-mixed", "nf4-dq", ...).
+        policy: The Policy it names.
+        source: The library whose name it is ("Lightning Fabric", "bitsandbytes", "Keras", ...).
+        description: One line on what it does.
+        aliases: Other names `Policy.parse` takes for it.
+    """
+
     name: str
     policy: Policy
     source: str
@@ -106,18 +116,45 @@ def _index() -> tuple[dict[str, Preset], dict[Policy, str]]:
 
 
 def presets() -> dict[str, Policy]:
-    """Canonical preset name -> Policy, in table order."""
+    """The named policies.
+
+    Returns:
+        Canonical preset name to Policy, in table order (aliases not included).
+    """
     return {row.name: row.policy for row in PRESET_TABLE}
 
 
 def preset_names(include_aliases: bool = True) -> list[str]:
+    """The preset names `Policy.parse` takes.
+
+    Args:
+        include_aliases: Include the aliases after each canonical name.
+
+    Returns:
+        The names, in table order.
+    """
     return list(_index()[0]) if include_aliases else [row.name for row in PRESET_TABLE]
 
 
 def lookup_preset(name: str) -> Preset | None:
+    """The preset row of a name or alias.
+
+    Args:
+        name: A canonical preset name or alias, spelled exactly.
+
+    Returns:
+        The Preset, or None when no preset has that name.
+    """
     return _index()[0].get(name)
 
 
 def preset_name_of(policy: Policy) -> str | None:
-    """The canonical preset name of ``policy``, or None when it is not a preset."""
+    """The preset a policy equals.
+
+    Args:
+        policy: The policy.
+
+    Returns:
+        The canonical preset name, or None when the policy equals no preset.
+    """
     return _index()[1].get(policy)

@@ -40,7 +40,16 @@ _CHECKS: dict[str, Callable[[Policy], None]] = {}
 
 
 def register(backend: str, feature: str, description: str | Callable[[Policy], str]) -> None:
-    """Declare that ``backend`` runs ``feature`` (one of `FEATURES`), described for explain."""
+    """Declare that a backend runs a feature, with the description explain shows.
+
+    Args:
+        backend: "torch" or "jax".
+        feature: One of `FEATURES` ("mechanism", "quantization.nf4", "fp8.native", ...).
+        description: A string, or a function of the Policy returning one.
+
+    Raises:
+        ValueError: An unknown backend or feature.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"registry: unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     if feature not in FEATURES:
@@ -60,11 +69,30 @@ def _load(backend: str) -> bool:
 
 
 def registered(backend: str, feature: str) -> bool:
+    """Whether a backend declared a feature; imports the backend package first.
+
+    Args:
+        backend: "torch" or "jax".
+        feature: One of `FEATURES`.
+
+    Returns:
+        False when the backend is not installed or did not register the feature.
+    """
     return _load(backend) and (backend, feature) in _REGISTRY
 
 
 def describe(backend: str, feature: str, policy: Policy) -> str:
-    """The backend's own description of ``feature`` under ``policy``, or NOT_AVAILABLE."""
+    """The backend's own description of a feature under a policy.
+
+    Args:
+        backend: "torch" or "jax".
+        feature: One of `FEATURES`.
+        policy: The policy a callable description is called with.
+
+    Returns:
+        The registered description; `NOT_AVAILABLE` when the backend registered none, or a
+        sentence saying the backend package is not installed.
+    """
     if not _load(backend):
         return f"{BACKENDS[backend]} is not installed here"
     entry = _REGISTRY.get((backend, feature))
@@ -74,15 +102,32 @@ def describe(backend: str, feature: str, policy: Policy) -> str:
 
 
 def register_check(backend: str, check: Callable[[Policy], None]) -> None:
-    """Declare the function ``backend``'s Precision constructor runs on the policy: it raises
-    `UnsupportedPolicyError` (naming the reason) for a policy the backend does not carry out."""
+    """Declare the check a backend's Precision constructor runs on its policy.
+
+    Args:
+        backend: "torch" or "jax".
+        check: Raises `UnsupportedPolicyError`, naming the reason, for a policy the backend
+            does not carry out; returns None otherwise.
+
+    Raises:
+        ValueError: An unknown backend.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"registry: unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     _CHECKS[backend] = check
 
 
 def refusal(backend: str, policy: Policy) -> str | None:
-    """Why ``backend``'s Precision refuses ``policy`` (the constructor's message), or None."""
+    """Why a backend's Precision refuses a policy.
+
+    Args:
+        backend: "torch" or "jax".
+        policy: The policy.
+
+    Returns:
+        The message of the `UnsupportedPolicyError` the registered check raises, or None
+        when it accepts the policy, no check is registered, or the backend is not installed.
+    """
     from .errors import UnsupportedPolicyError
 
     if not _load(backend):
