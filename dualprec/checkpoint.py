@@ -171,12 +171,24 @@ def _sweep_temps(directory: Path, name: str) -> None:
                 pass
 
 
-def write_checked(path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, *,
-                  framework: str = "numpy") -> None:
-    """Write ``tensors`` with safetensors, plus a checksum over the whole file, atomically:
-    a temporary file in the same directory (mode per the umask), fsync, rename.  Every
-    failure removes the temporary file; temporary files of killed saves are swept first.
-    ``framework``: "numpy" (arrays) or "torch" (tensors, bfloat16 included)."""
+def write_checked(path: str | os.PathLike[str], tensors: Mapping[str, Any],
+                  metadata: Mapping[str, str] | None = None, *, framework: str = "numpy") -> None:
+    """Write a safetensors file with a checksum over the whole file, atomically.
+
+    The file is written to a temporary file in the same directory (mode per the umask),
+    fsynced and renamed; every failure removes the temporary file, and temporary files of
+    saves killed earlier on this host are removed first.
+
+    Args:
+        path: The file to write; missing parent directories are created.
+        tensors: Flat name to array (NumPy) or tensor (torch).
+        metadata: safetensors metadata entries, stored as strings; the checksum entry
+            ``dualprec.sha256`` is added.
+        framework: "numpy" (arrays) or "torch" (tensors, bfloat16 included).
+
+    Raises:
+        CheckpointError: safetensors did not write the checksum entry.
+    """
     save_file: Callable[..., object]  # the NumPy and the torch writer take the same arguments
     if framework == "torch":
         from safetensors.torch import save_file as save_torch_file
@@ -220,11 +232,25 @@ def write_checked(path, tensors: Mapping[str, Any], metadata: Mapping[str, str] 
         pass
 
 
-def read_checked(path, *, require: bool = True, framework: str = "numpy") -> tuple[dict, dict, bool]:
-    """``(metadata, tensors, verified)`` of a safetensors file.  A file carrying dualprec's
-    checksum is verified (CheckpointError if any byte differs).  One without it is refused
-    under ``require``; otherwise (a file torch or bitsandbytes wrote) it loads with
-    ``verified`` False, unless its metadata holds a key one bit from the checksum's."""
+def read_checked(path: str | os.PathLike[str], *, require: bool = True,
+                 framework: str = "numpy") -> tuple[dict, dict, bool]:
+    """Read a safetensors file, verifying dualprec's checksum when it carries one.
+
+    Args:
+        path: The file.
+        require: Refuse a file without the checksum.  Without ``require``, such a file (one
+            torch or bitsandbytes wrote) loads unverified, unless its metadata holds a key
+            one bit from the checksum's.
+        framework: "numpy" (arrays) or "torch" (tensors).
+
+    Returns:
+        ``(metadata, tensors, verified)``: the metadata entries, flat name to array or
+        tensor, and whether the checksum was present and matched.
+
+    Raises:
+        CheckpointError: The file is missing, truncated or not safetensors, any byte differs
+            from what was written, or the checksum is missing under ``require``.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -289,9 +315,17 @@ def _contiguous(a) -> np.ndarray:
     return a if a.flags.c_contiguous else a.copy(order="C")  # np.ascontiguousarray makes 0-d 1-d
 
 
-def save(path, header: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
-    """Write ``tensors`` (flat name -> array) and ``header`` (JSON-ready, with "format",
-    "version" and "policy") to ``path`` atomically, with a checksum over the whole file."""
+def save(path: str | os.PathLike[str], header: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
+    """Write a checkpoint file: tensors plus a JSON header, atomically, checksummed (`write_checked`).
+
+    Args:
+        path: The file to write.
+        header: JSON-ready; must hold "format", "version" and "policy".
+        tensors: Flat name to array.
+
+    Raises:
+        CheckpointError: The header lacks one of the required keys.
+    """
     for key in ("format", "version", "policy"):
         if key not in header:
             raise CheckpointError(f"checkpoint header needs {key!r}")
@@ -300,10 +334,22 @@ def save(path, header: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> 
     write_checked(path, arrays, {_META_KEY: json.dumps(head, sort_keys=True)})
 
 
-def load(path) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(header, tensors)`` from a file `save` wrote; CheckpointError if it is not one, is
-    truncated, or any byte differs from what was written.  A version-2 file (its checksum
-    covers the tensors, not the header) loads with a warning: re-save it to upgrade."""
+def load(path: str | os.PathLike[str]) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read a file `save` wrote, after verifying its checksum.
+
+    A version-2 file (its checksum covers the tensors, not the header) loads with a
+    UserWarning; re-saving it writes the current version.
+
+    Args:
+        path: The file.
+
+    Returns:
+        ``(header, tensors)``: the JSON header as a dict, and flat name to array.
+
+    Raises:
+        CheckpointError: The file is missing, is not a dualprec checkpoint, is truncated,
+            or any byte differs from what was written.
+    """
     path = Path(path)
     meta, tensors, verified = read_checked(path, require=False)
     if _META_KEY not in meta:
@@ -557,14 +603,33 @@ def state_from_file(header: Mapping, tensors: Mapping[str, np.ndarray]) -> dict:
     return state
 
 
-def save_state(path, state: Mapping) -> None:
-    """`save` a precision state dict (torch's ``precision.state_dict()``, JAX's
-    ``precision.state_dict(opt_state)``)."""
+def save_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
+    """Write a precision state dict to one checkpoint file that either backend loads.
+
+    Args:
+        path: The file to write.
+        state: torch's ``precision.state_dict()`` or JAX's ``precision.state_dict(opt_state)``.
+
+    Raises:
+        CheckpointError: ``state`` is not a precision state dict.
+    """
     save(path, *state_to_file(state))
 
 
-def load_state(path) -> dict:
-    """The precision state dict stored at ``path``."""
+def load_state(path: str | os.PathLike[str]) -> dict:
+    """Read the precision state dict `save_state` wrote.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The precision state dict (format, version, policy string, loss-scale state, master
+        weights, extension states), which either backend's ``load_state_dict`` takes.
+
+    Raises:
+        CheckpointError: The file is missing, altered, truncated, of another format or
+            version, or holds values its policy cannot have.
+    """
     return state_from_file(*load(path))
 
 
@@ -587,11 +652,24 @@ def _flat_with_bf16(prefix: str, arrays: Mapping[str, Any], out: dict, bf16: lis
         out[key] = _storable(a)
 
 
-def save_training_file(path, params: Mapping[str, Any], optimizer: Mapping[str, Any], precision: Mapping) -> None:
-    """Write one training checkpoint: ``params`` (torch name -> array, torch layout),
-    ``optimizer`` (``{"kind": "adam"|"sgd"|"none", "step": int, "slots": {slot: {name:
-    array}}}``, slots named as torch names them, arrays in torch layout) and ``precision``
-    (a precision state dict).  One safetensors file, the checksum over all of it."""
+def save_training_file(path: str | os.PathLike[str], params: Mapping[str, Any], optimizer: Mapping[str, Any],
+                       precision: Mapping[str, Any]) -> None:
+    """Write one training checkpoint: parameters, optimizer state and precision state in one
+    safetensors file, the checksum over all of it (``dualprec_torch.checkpoint`` and
+    ``dualprec_jax.checkpoint`` call this).
+
+    Args:
+        path: The file to write.
+        params: torch parameter name to array (NumPy or torch; bfloat16 kept), torch layout.
+        optimizer: ``{"kind": "adam" | "sgd" | "none", "step": int, "slots": {slot: {name:
+            array}}}``, slots named as torch names them (`OPTIMIZER_SLOTS`), arrays in torch layout.
+        precision: A precision state dict.
+
+    Raises:
+        CheckpointError: An unknown optimizer kind, a step outside [0, 2**31-1], the wrong
+            slots for the kind, slot entries for names that are not parameters, or a name
+            used twice.
+    """
     kind = optimizer.get("kind")
     if kind not in OPTIMIZER_SLOTS:
         raise CheckpointError(f"save_training: optimizer kind {kind!r}; one of {', '.join(OPTIMIZER_SLOTS)}")
@@ -618,9 +696,22 @@ def save_training_file(path, params: Mapping[str, Any], optimizer: Mapping[str, 
     write_checked(path, tensors, {_META_KEY: json.dumps(header, sort_keys=True)})
 
 
-def load_training_file(path) -> dict:
-    """``{"params", "optimizer", "precision"}`` of a file `save_training_file` wrote (the
-    forms it takes), after the checksum and the structure are checked."""
+def load_training_file(path: str | os.PathLike[str]) -> dict:
+    """Read a training checkpoint `save_training_file` wrote, after checking its checksum
+    and structure.
+
+    Args:
+        path: The file.
+
+    Returns:
+        ``{"params", "optimizer", "precision"}`` in the forms `save_training_file` takes,
+        arrays as NumPy (bfloat16 as ``ml_dtypes.bfloat16``).
+
+    Raises:
+        CheckpointError: The file is missing, altered or truncated, is not a training
+            checkpoint (a precision checkpoint is named as such), is of another version,
+            or its header and tensors disagree.
+    """
     import ml_dtypes
 
     path = Path(path)
