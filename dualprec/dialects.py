@@ -101,8 +101,8 @@ def to_keras_name(p: Policy, *, ignore=()) -> str:
         base = q.param_dtype
         if q.loss_scale.enabled:
             lost.append("loss_scale (Keras scales the loss only for mixed_float16)")
-    elif (q.param_dtype, q._dtype_names()[1]) in _KERAS_MIXED:
-        base = _KERAS_MIXED[(q.param_dtype, q._dtype_names()[1])]
+    elif (mixed := _KERAS_MIXED.get((q.param_dtype, q._dtype_names()[1]))) is not None:
+        base = mixed
         expected = presets()["mixed_float16"].loss_scale if base == "mixed_float16" else LossScale()
         if q.loss_scale != expected:
             lost.append(f"loss_scale (Keras {base} implies {str(expected.kind)}"
