@@ -4,6 +4,7 @@ spec decides, so torch and JAX give the same answer for the same hardware."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ class DeviceCaps:
     transformer_engine: bool = False
     fp16_autocast: bool = True  # torch CPU autocast takes float16 since 2.3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.platform not in PLATFORMS:
             raise PolicyError(f"DeviceCaps.platform {self.platform!r} must be one of {', '.join(PLATFORMS)}")
         if self.platform == "cuda" and self.compute_capability is None:
@@ -172,7 +173,7 @@ def check_policy(policy: Policy, caps: DeviceCaps) -> CheckReport:
     fallback: Policy | None = policy
     dtypes = policy.dtypes()
 
-    def fail(fieldname, message, fix):
+    def fail(fieldname: str, message: str, fix: Callable[[Policy], Policy] | None) -> None:
         nonlocal fallback
         problems.append(Finding(fieldname, message))
         fallback = None if (fix is None or fallback is None) else fix(fallback)
@@ -220,7 +221,7 @@ def _any_quant(p: Policy) -> bool:
     return any(s.quantization is not None for _, s in p.policies())
 
 
-def _map_all(p: Policy, fn) -> Policy:
+def _map_all(p: Policy, fn: Callable[[Policy], Policy]) -> Policy:
     top = fn(dataclasses.replace(p, overrides=()))
     return dataclasses.replace(top, overrides=tuple((pat, fn(s)) for pat, s in p.overrides))
 

@@ -39,11 +39,14 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from .errors import CheckpointError, PolicyError
+
+if TYPE_CHECKING:
+    from .policy import Policy
 
 __all__ = ["FORMAT", "VERSION", "TRAINING_FORMAT", "OPTIMIZER_SLOTS", "save_training_file", "load_training_file", "save", "load", "write_checked", "read_checked", "check_values", "clamped_loss_scale", "save_state", "load_state", "state_to_file", "loadable_extensions",
            "state_from_file", "new_state", "check_state", "StateExtension", "register_state_extension",
@@ -67,7 +70,7 @@ _PLACEHOLDER = b"0" * 64
 _CHUNK = 1 << 24
 
 
-def _read_head(f, size: int, path) -> bytes:
+def _read_head(f: BinaryIO, size: int, path: str | os.PathLike[str]) -> bytes:
     raw = f.read(8)
     if len(raw) < 8:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated: {size} bytes)")
@@ -92,7 +95,7 @@ def _sum_offset(head: bytes) -> int | None:
     return 8 + start
 
 
-def _file_digest(f, offset: int) -> str:
+def _file_digest(f: BinaryIO, offset: int) -> str:
     """SHA-256 of the open file with the 64 bytes at ``offset`` read as the placeholder."""
     h = hashlib.sha256()
     f.seek(0)
@@ -310,7 +313,7 @@ def _storable(a: np.ndarray) -> np.ndarray:
     return _contiguous(a)
 
 
-def _contiguous(a) -> np.ndarray:
+def _contiguous(a: Any) -> np.ndarray:
     a = np.asarray(a)
     return a if a.flags.c_contiguous else a.copy(order="C")  # np.ascontiguousarray makes 0-d 1-d
 
@@ -379,7 +382,7 @@ def load(path: str | os.PathLike[str]) -> tuple[dict, dict[str, np.ndarray]]:
     return header, tensors
 
 
-def _no_duplicates(pairs):
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     from .serialize import unique_keys
 
     return unique_keys(pairs, ValueError, "checkpoint header")
@@ -404,7 +407,8 @@ class StateExtension:
 _EXTENSIONS: dict[tuple[str, str], StateExtension] = {}
 
 
-def register_state_extension(backend: str, name: str, state_tensors, load_state_tensors) -> None:
+def register_state_extension(backend: str, name: str, state_tensors: Callable[[Any], dict],
+                             load_state_tensors: Callable[[Any, dict], Any]) -> None:
     """One line in a feature module: ``register_state_extension("torch", "fp8", state_tensors,
     load_state_tensors)``; the backend's Precision then carries that state in checkpoints."""
     _EXTENSIONS[(backend, name)] = StateExtension(name, backend, state_tensors, load_state_tensors)
@@ -428,7 +432,7 @@ def loadable_extensions(backend: str, saved: Mapping[str, Mapping], strict: bool
     return out
 
 
-def new_state(policy, scale: float, counter: int, masters: Mapping[str, np.ndarray] | None = None,
+def new_state(policy: Any, scale: float, counter: int, masters: Mapping[str, np.ndarray] | None = None,
               extensions: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict:
     """The backend-neutral precision state dict both backends produce and accept.  Arrays are
     NumPy (or, from torch, tensors: `state_to_file` converts them)."""
@@ -439,7 +443,7 @@ def new_state(policy, scale: float, counter: int, masters: Mapping[str, np.ndarr
             "master_weights": dict(masters or {}), "extensions": {k: dict(v) for k, v in (extensions or {}).items()}}
 
 
-def check_state(state: Any, policy, strict: bool, what: str = "load_state_dict"):
+def check_state(state: Any, policy: Policy | None, strict: bool, what: str = "load_state_dict") -> Policy:
     """The saved Policy of a precision state, after checking format, version and policy.
     ``strict``: the saved policy must equal ``policy`` (otherwise only what both share loads)."""
     from .policy import Policy
@@ -471,7 +475,7 @@ def check_state(state: Any, policy, strict: bool, what: str = "load_state_dict")
     return saved
 
 
-def check_values(state: Mapping, policy, what: str = "load_state_dict") -> None:
+def check_values(state: Mapping, policy: Policy, what: str = "load_state_dict") -> None:
     """CheckpointError naming the field when the loss-scale state cannot be one ``policy``
     produces: the scale a finite float32 > 0 inside the policy's clamps, the counter an int32
     in [0, growth_interval) (0 without dynamic scaling)."""
@@ -499,7 +503,7 @@ def check_values(state: Mapping, policy, what: str = "load_state_dict") -> None:
                               f"an integer in [0, {top}] under loss_scale={cfg.kind}")
 
 
-def clamped_loss_scale(loss_scale: Mapping, policy) -> dict:
+def clamped_loss_scale(loss_scale: Mapping, policy: Policy) -> dict:
     """The saved ``{"scale", "counter"}`` as a backend loads it under ``policy``: the scale
     clamped to the policy's ``min``/``max`` and to [2**-126, 2**126] (a strict=False resume
     from another policy, or an older file, may bring one outside them) and the counter cut to ``growth_interval - 1``.  Both backends
@@ -516,7 +520,7 @@ def clamped_loss_scale(loss_scale: Mapping, policy) -> dict:
     return {"scale": float(scale), "counter": counter}
 
 
-def _to_numpy(x) -> np.ndarray:
+def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor, without importing torch
         x = x.detach().cpu()
         if str(x.dtype) == "torch.bfloat16":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from .dtypes import short_dtype
@@ -19,7 +20,7 @@ __all__ = ["to_jmp_string", "to_keras_name", "to_fabric_precision"]
 _FIELDS = ("output_dtype", "reduce_dtype", "loss_scale", "quantization", "fp8", "master_weights", "overrides")
 
 
-def _without(p: Policy, ignore) -> Policy:
+def _without(p: Policy, ignore: Iterable[str]) -> Policy:
     unknown = set(ignore) - set(_FIELDS)
     if unknown:
         raise PolicyError(f"ignore: unknown field(s) {sorted(unknown)}; choose from {', '.join(_FIELDS)}")
@@ -47,7 +48,7 @@ def _refuse(p: Policy, target: str, lost: list[str]) -> None:
     raise PolicyError(f"{p} has no {target} equivalent: {target} cannot express {', '.join(lost)}; {hint}")
 
 
-def to_jmp_string(p: Policy, *, ignore=()) -> str:
+def to_jmp_string(p: Policy, *, ignore: Iterable[str] = ()) -> str:
     """jmp.get_policy() string, e.g. "p=f32,c=bf16,o=f32".  jmp keeps loss scaling in a
     separate object (see dualprec_jax), so a policy with loss scaling needs
     ignore=("loss_scale",)."""
@@ -70,7 +71,7 @@ def to_jmp_string(p: Policy, *, ignore=()) -> str:
 _KERAS_MIXED = {("float32", "bfloat16"): "mixed_bfloat16", ("float32", "float16"): "mixed_float16"}
 
 
-def to_keras_name(p: Policy, *, ignore=()) -> str:
+def to_keras_name(p: Policy, *, ignore: Iterable[str] = ()) -> str:
     """Keras 3 dtype policy name ("mixed_bfloat16", "int8_from_float32", ...)."""
     from .presets import presets
 
@@ -114,7 +115,7 @@ def to_keras_name(p: Policy, *, ignore=()) -> str:
     return prefix + base
 
 
-def to_fabric_precision(p: Policy, *, ignore=()) -> str:
+def to_fabric_precision(p: Policy, *, ignore: Iterable[str] = ()) -> str:
     """Lightning Fabric's ``precision=`` string.  bitsandbytes modes come back as the mode
     name, which Fabric takes as ``BitsandbytesPrecision(mode=..., dtype=...)``."""
     from .presets import PRESET_TABLE

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import PolicyError, did_you_mean
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["DtypeInfo", "TABLE", "ALL_DTYPES", "FLOAT_DTYPES", "HALF_DTYPES", "dtype_info",
            "numpy_dtype", "dtype_bits", "canonical_dtype", "short_dtype"]
@@ -59,7 +62,7 @@ def dtype_info(name: str) -> DtypeInfo:
 
 
 @functools.cache
-def numpy_dtype(name: str):
+def numpy_dtype(name: str) -> np.dtype:
     """The NumPy dtype (ml_dtypes for bfloat16 and FP8) of a canonical dtype name."""
     import ml_dtypes
     import numpy as np

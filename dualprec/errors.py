@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["PolicyError", "UnsupportedPolicyError", "CheckpointError", "QuantizationError",
            "NonFiniteGradientError", "did_you_mean", "closest", "one_line", "MAX_MESSAGE"]
@@ -56,7 +57,7 @@ class PolicyError(ValueError):
     Subclasses: UnsupportedPolicyError, CheckpointError, QuantizationError.
     """
 
-    def __init__(self, *args):
+    def __init__(self, *args: object) -> None:
         if len(args) == 1 and isinstance(args[0], str):
             args = (one_line(args[0]),)
         super().__init__(*args)
@@ -91,7 +92,8 @@ class NonFiniteGradientError(FloatingPointError):
         opt_state: JAX: the optimizer state after the skipped step (None from torch).
     """
 
-    def __init__(self, message: str, parameter: str | None = None, *, params=None, opt_state=None):
+    def __init__(self, message: str, parameter: str | None = None, *, params: Any = None,
+                 opt_state: Any = None) -> None:
         super().__init__(message)
         self.parameter = parameter
         self.params = params

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .optable import render_table, table_rows
-from .policy import Policy
+from .policy import FP8Recipe, Policy
 from .presets import lookup_preset, preset_name_of
 from .registry import REFUSED, describe, refusal
 
@@ -95,7 +95,7 @@ def _fp8(p: Policy, backend: str) -> str:
     return f"{recipe}; {engine}"
 
 
-def _block_fp8(f) -> str:
+def _block_fp8(f: FP8Recipe) -> str:
     if f.scaling == "mxfp8":
         what = (f"MXFP8: E8M0 scales over blocks of 32 along the reduction axis, {f.rounding} scale rounding, "
                 + ("E4M3 codes" if f.format == "e4m3" else "E4M3 forward, E5M2 gradients"))

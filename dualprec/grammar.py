@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from .dtypes import canonical_dtype
@@ -286,7 +287,7 @@ def _parse_value(key: str, value: str) -> Any:
     return parse_component(FP8Recipe, value, "fp8")
 
 
-def parse_component(cls, value: str, what: str):
+def parse_component(cls: type[LossScale] | type[Quantization] | type[FP8Recipe], value: str, what: str) -> LossScale | Quantization | FP8Recipe | None:
     """Parse ``name`` or ``name(k=v, ...)`` into a LossScale, Quantization or FP8Recipe."""
     value = value.strip()
     if cls is LossScale and value[:1] in set("0123456789+-."):
@@ -446,7 +447,8 @@ def _format_value(v: Any) -> str:
     raise TypeError(v)
 
 
-def _format_call(name: str, value, default, args, always=()) -> str:
+def _format_call(name: str, value: Any, default: Any, args: Iterable[tuple[str, str]],
+                 always: Iterable[str] = ()) -> str:
     parts = []
     for short, field in args:
         x, d = getattr(value, field), getattr(default, field)

@@ -82,7 +82,8 @@ def _f32(x: float) -> float:
         return math.copysign(math.inf, x)
 
 
-def _in_range(value, lo, hi, what: str, kind: str, shown: str | None = None) -> None:
+def _in_range(value: float, lo: float | None, hi: float | None, what: str, kind: str,
+              shown: str | None = None) -> None:
     """PolicyError naming ``what`` and the valid range when ``value`` (as stored: ``kind``
     "float32" or "int32") lies outside [lo, hi] (None: open)."""
     stored = _f32(value) if kind == "float32" else value
@@ -96,7 +97,7 @@ def _in_range(value, lo, hi, what: str, kind: str, shown: str | None = None) -> 
         raise PolicyError(f"{what}={show} is out of range: {article} {kind} in {shown or f'[{_show(lo)}, {_show(hi)}]'}")
 
 
-def _show(x) -> str:
+def _show(x: float | None) -> str:
     if x is None:
         return "..."
     if isinstance(x, float) and x > 0 and math.isfinite(x):
@@ -108,7 +109,7 @@ def _show(x) -> str:
     return repr(x) if not isinstance(x, int) or abs(x) < 10**12 else f"{str(x)[:12]}...({len(str(x))} digits)"
 
 
-def _replace(obj, **changes):
+def _replace(obj: Policy, **changes: Any) -> Policy:
     return dataclasses.replace(obj, **changes)
 
 
@@ -160,7 +161,7 @@ class LossScale:
     min_scale: float | None = None
     max_scale: float | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         kind = str(self.kind).strip().lower()
         if kind not in LOSS_SCALE_KINDS:
             raise PolicyError(f'loss_scale: unknown kind "{self.kind}"; use none, static or dynamic')
@@ -275,7 +276,7 @@ class Quantization:
     threshold: float = 6.0
     skip: tuple[str, ...] = ()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         mode = str(self.mode).strip().lower()
         if mode not in QUANT_MODES:
             from .errors import did_you_mean
@@ -391,7 +392,7 @@ class FP8Recipe:
     rht: bool | None = None
     weight_blocks: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         scaling = str(self.scaling).strip().lower()
         fmt_default = {"rowwise": "e4m3", "rowwise_with_gw_hp": "e4m3", "mxfp8": "e4m3",
                        "nvfp4": "e2m1"}.get(scaling, "hybrid")
@@ -532,7 +533,7 @@ class Policy:
     nonfinite: str | None = None
     overrides: tuple[tuple[str, Policy], ...] = ()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         param = canonical_dtype(self.param_dtype, what="param_dtype")
         compute = param if self.compute_dtype is None else canonical_dtype(self.compute_dtype, what="compute_dtype")
         output = compute if self.output_dtype is None else canonical_dtype(self.output_dtype, what="output_dtype")
@@ -549,7 +550,7 @@ class Policy:
         object.__setattr__(self, "overrides", self._normalise_overrides(self.overrides))
         _validate(self)
 
-    def _normalise_overrides(self, overrides) -> tuple:
+    def _normalise_overrides(self, overrides: Any) -> tuple[tuple[str, Policy], ...]:
         items = overrides.items() if isinstance(overrides, Mapping) else overrides
         out, seen = [], set()
         for item in items:
@@ -912,7 +913,7 @@ class Policy:
         return check_policy(self, caps)
 
 
-def _nonfinite(value, loss_scale: LossScale) -> str | None:
+def _nonfinite(value: Any, loss_scale: LossScale) -> str | None:
     if value is None:
         return None
     rule = str(value).strip().lower()
@@ -928,7 +929,7 @@ def _nonfinite(value, loss_scale: LossScale) -> str | None:
     return None if rule == default else rule
 
 
-def _coerce(value, cls, what):
+def _coerce(value: Any, cls: type[LossScale] | type[Quantization] | type[FP8Recipe], what: str) -> Any:
     if value is None or isinstance(value, cls):
         return value
     if isinstance(value, Mapping):
@@ -967,7 +968,7 @@ def _validate(p: Policy) -> None:
     assert p.param_dtype in FLOAT_DTYPES
 
 
-def _nearest_paths(patterns, paths, prefix: str = "") -> list[str]:
+def _nearest_paths(patterns: Iterable[str], paths: list[str], prefix: str = "") -> list[str]:
     """'"pattern" (closest module paths: a, b, c)' for each pattern that matched nothing."""
     from .errors import closest
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from .policy import FP8Recipe, LossScale, Policy, Quantization
 
@@ -35,7 +36,7 @@ class Preset:
     aliases: tuple[str, ...] = ()
 
 
-def _row(name, source, description, aliases=(), **fields):
+def _row(name: str, source: str, description: str, aliases: tuple[str, ...] = (), **fields: Any) -> Preset:
     return Preset(name, Policy(**fields), source, description, tuple(aliases))
 
 

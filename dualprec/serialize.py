@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,7 +63,7 @@ def policy_from_dict(data: Mapping, *, _nested: bool = False) -> Policy:
     return Policy(**kwargs)
 
 
-def _check_version(version) -> None:
+def _check_version(version: Any) -> None:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise PolicyError(f"schema_version must be a positive int, got {version!r}")
     if version > SCHEMA_VERSION:
@@ -70,7 +71,8 @@ def _check_version(version) -> None:
                           f"<= {SCHEMA_VERSION}); upgrade dualprec")
 
 
-def component_from_dict(cls, data: Mapping, what: str):
+def component_from_dict(cls: type[LossScale] | type[Quantization] | type[FP8Recipe], data: Mapping,
+                        what: str) -> LossScale | Quantization | FP8Recipe:
     if not isinstance(data, Mapping):
         raise PolicyError(f"{what} must be a table/dict, got {data!r}")
     fields = tuple(cls.__dataclass_fields__)
@@ -84,14 +86,14 @@ def component_from_dict(cls, data: Mapping, what: str):
     return cls(**kwargs)
 
 
-def _check_keys(data: Mapping, allowed, what: str) -> None:
+def _check_keys(data: Mapping, allowed: tuple[str, ...], what: str) -> None:
     for key in data:
         if key not in allowed:
             raise PolicyError(f'{what}: unknown key "{key}"{did_you_mean(str(key), allowed)}; '
                               f"keys are {', '.join(allowed)}")
 
 
-def policy_to_json(p: Policy, **kwargs) -> str:
+def policy_to_json(p: Policy, **kwargs: Any) -> str:
     kwargs.setdefault("indent", 2)
     return json.dumps(policy_to_dict(p), **kwargs)
 
@@ -106,7 +108,7 @@ def policy_from_json(text: str) -> Policy:
     return _from_document(data, "JSON")
 
 
-def unique_keys(pairs, error=ValueError, what: str = "JSON") -> dict:
+def unique_keys(pairs: list[tuple[str, Any]], error: type[Exception] = ValueError, what: str = "JSON") -> dict:
     """``json.loads``'s object_pairs_hook that refuses a key given twice in one object (JSON
     itself keeps the last one silently); ``error`` is the exception raised."""
     out = {}
@@ -117,7 +119,7 @@ def unique_keys(pairs, error=ValueError, what: str = "JSON") -> dict:
     return out
 
 
-def _unique_keys(pairs) -> dict:
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return unique_keys(pairs, PolicyError, "JSON policy")
 
 
@@ -135,7 +137,7 @@ def _from_document(data: Any, what: str) -> Policy:
     return policy_from_dict(data)
 
 
-def _drop_none(x):
+def _drop_none(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _drop_none(v) for k, v in x.items() if v is not None}
     if isinstance(x, list):
@@ -143,7 +145,7 @@ def _drop_none(x):
     return x
 
 
-def save_policy(p: Policy, path) -> None:
+def save_policy(p: Policy, path: str | os.PathLike[str]) -> None:
     path = Path(path)
     if path.suffix == ".json":
         path.write_text(policy_to_json(p) + "\n")
@@ -155,7 +157,7 @@ def save_policy(p: Policy, path) -> None:
         raise PolicyError(f"{path}: unknown suffix {path.suffix!r}; use .json or .toml")
 
 
-def load_policy(path) -> Policy:
+def load_policy(path: str | os.PathLike[str]) -> Policy:
     path = Path(path)
     if not path.is_file():
         raise PolicyError(f"{path}: no such file")
