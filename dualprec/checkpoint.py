@@ -396,7 +396,14 @@ class StateExtension:
     ``state_tensors(target)`` returns flat name -> NumPy array; ``load_state_tensors(target,
     tensors)`` restores them and returns the target (or None when it restores in place).
     The target is what the backend's Precision hands over: the torch model given to
-    ``setup``, the JAX variables passed to ``state_dict`` / ``load_state_dict``."""
+    ``setup``, the JAX variables passed to ``state_dict`` / ``load_state_dict``.
+
+    Attributes:
+        name: The extension's name, the key of its state in a checkpoint ("fp8", ...).
+        backend: "torch" or "jax".
+        state_tensors: ``state_tensors(target)``: flat name to NumPy array.
+        load_state_tensors: ``load_state_tensors(target, tensors)``: restores them.
+    """
 
     name: str
     backend: str
@@ -409,18 +416,47 @@ _EXTENSIONS: dict[tuple[str, str], StateExtension] = {}
 
 def register_state_extension(backend: str, name: str, state_tensors: Callable[[Any], dict],
                              load_state_tensors: Callable[[Any, dict], Any]) -> None:
-    """One line in a feature module: ``register_state_extension("torch", "fp8", state_tensors,
-    load_state_tensors)``; the backend's Precision then carries that state in checkpoints."""
+    """Declare state a feature module keeps, so the backend's Precision carries it in checkpoints.
+
+    One line in the feature module: ``register_state_extension("torch", "fp8",
+    state_tensors, load_state_tensors)``.
+
+    Args:
+        backend: "torch" or "jax".
+        name: The extension's name, the key of its state in a checkpoint.
+        state_tensors: ``state_tensors(target)`` returns flat name to NumPy array.
+        load_state_tensors: ``load_state_tensors(target, tensors)`` restores them and
+            returns the target (or None when it restores in place).
+    """
     _EXTENSIONS[(backend, name)] = StateExtension(name, backend, state_tensors, load_state_tensors)
 
 
 def state_extensions(backend: str) -> dict[str, StateExtension]:
+    """The state extensions a backend's feature modules registered.
+
+    Args:
+        backend: "torch" or "jax".
+
+    Returns:
+        Extension name to StateExtension.
+    """
     return {name: ext for (b, name), ext in _EXTENSIONS.items() if b == backend}
 
 
 def loadable_extensions(backend: str, saved: Mapping[str, Mapping], strict: bool) -> list[tuple[StateExtension, Mapping]]:
-    """(extension, tensors) for each extension state in a checkpoint that ``backend`` has a
-    module for.  One it has none for is refused under ``strict`` and dropped otherwise."""
+    """Pair each extension state of a checkpoint with the backend's module for it.
+
+    Args:
+        backend: "torch" or "jax".
+        saved: The checkpoint's ``extensions``: extension name to its tensors.
+        strict: Refuse an extension state the backend has no module for (otherwise it is dropped).
+
+    Returns:
+        ``(extension, tensors)`` for each saved state the backend has a module for.
+
+    Raises:
+        CheckpointError: Under ``strict``, naming a state no module is registered for.
+    """
     known = state_extensions(backend)
     out = []
     for name, tensors in saved.items():
@@ -434,8 +470,20 @@ def loadable_extensions(backend: str, saved: Mapping[str, Mapping], strict: bool
 
 def new_state(policy: Any, scale: float, counter: int, masters: Mapping[str, np.ndarray] | None = None,
               extensions: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict:
-    """The backend-neutral precision state dict both backends produce and accept.  Arrays are
-    NumPy (or, from torch, tensors: `state_to_file` converts them)."""
+    """The backend-neutral precision state dict both backends produce and accept.
+
+    Args:
+        policy: The policy, in any form `Policy.parse` takes; stored as its canonical string.
+        scale: The current loss scale (stored as float32).
+        counter: The dynamic loss scale's count of finite steps since the last change.
+        masters: Parameter name to float32 master weight (NumPy, or torch tensors:
+            `state_to_file` converts them).
+        extensions: Extension name to its flat tensors.
+
+    Returns:
+        The state dict: ``format``, ``version``, ``policy``, ``loss_scale``,
+        ``master_weights`` and ``extensions``.
+    """
     from .policy import Policy
 
     return {"format": FORMAT, "version": VERSION, "policy": str(Policy.parse(policy)),
@@ -444,8 +492,22 @@ def new_state(policy: Any, scale: float, counter: int, masters: Mapping[str, np.
 
 
 def check_state(state: Any, policy: Policy | None, strict: bool, what: str = "load_state_dict") -> Policy:
-    """The saved Policy of a precision state, after checking format, version and policy.
-    ``strict``: the saved policy must equal ``policy`` (otherwise only what both share loads)."""
+    """Check a precision state dict before a backend loads it.
+
+    Args:
+        state: The state dict.
+        policy: The policy of the Precision loading it (None: no comparison).
+        strict: The saved policy must equal ``policy`` (otherwise only what both share loads).
+        what: The caller named at the start of the error message.
+
+    Returns:
+        The saved Policy.
+
+    Raises:
+        CheckpointError: Not a dualprec precision state (a GradScaler state dict is named as
+            such), a version this dualprec does not read, a policy that does not parse,
+            loss-scale values the policy cannot produce, or, under ``strict``, another policy.
+    """
     from .policy import Policy
 
     if not isinstance(state, Mapping) or state.get("format") != FORMAT:
@@ -476,9 +538,18 @@ def check_state(state: Any, policy: Policy | None, strict: bool, what: str = "lo
 
 
 def check_values(state: Mapping, policy: Policy, what: str = "load_state_dict") -> None:
-    """CheckpointError naming the field when the loss-scale state cannot be one ``policy``
-    produces: the scale a finite float32 > 0 inside the policy's clamps, the counter an int32
-    in [0, growth_interval) (0 without dynamic scaling)."""
+    """Check that a state's loss-scale values are ones the policy produces.
+
+    Args:
+        state: The precision state dict.
+        policy: The policy it was saved under.
+        what: The caller named at the start of the error message.
+
+    Raises:
+        CheckpointError: Naming the field, unless the scale is a finite float32 > 0 inside
+            the policy's clamps and the counter an integer in [0, growth_interval) (0
+            without dynamic scaling).
+    """
     ls = state.get("loss_scale")
     if not isinstance(ls, Mapping) or "scale" not in ls or "counter" not in ls:
         raise CheckpointError(f"{what}: loss_scale must be a mapping with scale and counter, got {_clip(repr(ls))}")
@@ -504,10 +575,19 @@ def check_values(state: Mapping, policy: Policy, what: str = "load_state_dict") 
 
 
 def clamped_loss_scale(loss_scale: Mapping, policy: Policy) -> dict:
-    """The saved ``{"scale", "counter"}`` as a backend loads it under ``policy``: the scale
-    clamped to the policy's ``min``/``max`` and to [2**-126, 2**126] (a strict=False resume
-    from another policy, or an older file, may bring one outside them) and the counter cut to ``growth_interval - 1``.  Both backends
-    apply this at load, so they agree from the first step on."""
+    """The saved loss-scale state as a backend loads it under a policy; both backends apply
+    this at load, so they agree from the first step on.
+
+    Args:
+        loss_scale: The saved ``{"scale", "counter"}``.
+        policy: The policy of the Precision loading it.
+
+    Returns:
+        ``{"scale", "counter"}``; under dynamic scaling the scale is clamped to the policy's
+        ``min``/``max`` and to [2**-126, 2**126] (a strict=False resume from another policy,
+        or an older file, may bring one outside them) and the counter cut to
+        ``growth_interval - 1``.
+    """
     cfg = policy.loss_scale
     scale = np.float32(float(np.asarray(_to_numpy(loss_scale["scale"]))))
     counter = int(np.asarray(_to_numpy(loss_scale["counter"])))
@@ -532,7 +612,18 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def state_to_file(state: Mapping) -> tuple[dict, dict[str, np.ndarray]]:
-    """A precision state dict as ``(header, flat tensors)`` for `save`."""
+    """Lay a precision state dict out as a checkpoint file's contents.
+
+    Args:
+        state: The precision state dict.
+
+    Returns:
+        ``(header, tensors)`` for `save`: flat tensor names, bfloat16 stored as its uint16 bits.
+
+    Raises:
+        CheckpointError: ``state`` is not a valid precision state, or an extension reuses a
+            tensor name.
+    """
     check_state(state, None, strict=False, what="save_state")
     tensors = {"loss_scale.scale": np.asarray(state["loss_scale"]["scale"], np.float32),
                "loss_scale.counter": np.asarray(state["loss_scale"]["counter"], np.int32)}
@@ -554,8 +645,19 @@ def state_to_file(state: Mapping) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def state_from_file(header: Mapping, tensors: Mapping[str, np.ndarray]) -> dict:
-    """The precision state dict of ``(header, tensors)`` read by `load`; CheckpointError
-    naming the entry when the header's structure or the tensors do not fit together."""
+    """Rebuild a precision state dict from a checkpoint file's contents.
+
+    Args:
+        header: The header `load` read.
+        tensors: The flat tensors `load` read.
+
+    Returns:
+        The precision state dict.
+
+    Raises:
+        CheckpointError: Naming the entry when the header's structure or the tensors do not
+            fit together.
+    """
     if header.get("format") != FORMAT:
         raise CheckpointError(f"not a precision checkpoint: format {_clip(repr(header.get('format')))}, "
                               f"expected {FORMAT!r}")

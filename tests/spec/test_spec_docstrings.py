@@ -26,11 +26,13 @@ _FUNCTIONS = [
     registry.register, registry.registered, registry.describe, registry.register_check, registry.refusal,
     checkpoint.save, checkpoint.load, checkpoint.save_state, checkpoint.load_state,
     checkpoint.save_training_file, checkpoint.load_training_file, checkpoint.write_checked,
-    checkpoint.read_checked,
+    checkpoint.read_checked, checkpoint.register_state_extension, checkpoint.state_extensions,
+    checkpoint.loadable_extensions, checkpoint.new_state, checkpoint.check_state, checkpoint.check_values,
+    checkpoint.clamped_loss_scale, checkpoint.state_to_file, checkpoint.state_from_file,
     errors.one_line, errors.closest, errors.did_you_mean,
 ]
 _CLASSES = [getattr(dualprec, n) for n in dualprec.__all__ if inspect.isclass(getattr(dualprec, n))]
-_CLASSES += [presets.Preset, capabilities.Finding]
+_CLASSES += [presets.Preset, capabilities.Finding, checkpoint.StateExtension]
 
 
 def _section(doc: str, title: str) -> list[str] | None:
