@@ -293,13 +293,14 @@ def _align(t_parts: list[str], f_parts: list[str]) -> list[tuple[str, str]]:
 
 
 def _alternatives(torch_name: str, path: tuple) -> list[tuple]:
-    """Other Flax spellings of one torch path: Sequential members as ``layers_<i>``."""
+    """Other Flax spellings of one torch path: Sequential members as linen's ``layers_<i>``;
+    nnx's, where a list member is its own path entry ("blocks", "0") and an
+    ``nnx.Sequential`` member sits under "layers" ("net", "layers", "0")."""
     *mods, _ = torch_name.split(".")
-    alts, parts = [], []
-    for part in mods:
-        parts.append(f"layers_{part}" if part.isdigit() else part)
-    alts.append(tuple(parts) + path[-1:])
-    return alts
+    linen = tuple(f"layers_{part}" if part.isdigit() else part for part in mods)
+    nnx_list = tuple(mods)
+    nnx_seq = tuple(q for part in mods for q in (("layers", part) if part.isdigit() else (part,)))
+    return [alt + path[-1:] for alt in (linen, nnx_list, nnx_seq)]
 
 
 def _guess(torch_name: str, flax_paths: list[str], leaf: str | None = None) -> str:
@@ -359,6 +360,38 @@ def _listing(names, n: int = 8) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def _is_nnx(obj) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency of the JAX side
+        return False
+    return isinstance(obj, (nnx.Module, nnx.State))
+
+
+def flax_tree(params) -> Mapping:
+    """A nested params dict from a linen params dict, an nnx ``Module`` (its ``nnx.Param``
+    variables) or an ``nnx.State``, as plain nested dicts of arrays (nnx list members keep
+    their integer keys)."""
+    if not _is_nnx(params):
+        return params
+    from flax import nnx
+
+    state = nnx.state(params, nnx.Param) if isinstance(params, nnx.Module) else params
+    return nnx.to_pure_dict(state)
+
+
+def _str_keys(tree):
+    return {str(k): _str_keys(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def _keyed_like(tree, ref):
+    """``tree`` (string keys) with the key types of ``ref`` (nnx's integer list indices)."""
+    if not isinstance(tree, Mapping) or not isinstance(ref, Mapping):
+        return tree
+    by_str = {str(k): k for k in ref}
+    return {by_str.get(k, k): _keyed_like(v, ref.get(by_str.get(k, k), {})) for k, v in tree.items()}
+
+
 def _state_of(module_or_state) -> dict[str, np.ndarray]:
     if hasattr(module_or_state, "state_dict"):
         import torch
@@ -376,20 +409,26 @@ def torch_to_flax(module_or_state, weight_map: WeightMap | Mapping | None = None
     ``module_or_state``: an ``nn.Module`` (ties and buffers read from it) or a flat
     ``{name: array}`` state (then pass a :class:`WeightMap`).  ``weight_map``: a WeightMap,
     or overrides for :meth:`WeightMap.from_torch`.  ``flax_params`` (the Flax model's own
-    params, e.g. ``model.init(...)["params"]``): the paths are checked against it (linen's
-    Sequential spellings resolved) and an unmatched one is a :class:`WeightMapError` naming
-    the entry to add."""
+    params: ``model.init(...)["params"]``, an nnx ``Module`` or an ``nnx.State``): the paths
+    are checked against it (linen's Sequential and nnx's list spellings resolved), the result
+    keyed as it is (nnx: integer list indices, so ``nnx.replace_by_pure_dict(nnx.state(model,
+    nnx.Param), params)`` takes it), and an unmatched path is a :class:`WeightMapError`
+    naming the entry to add."""
     wm = _map_of(module_or_state, weight_map, kind_rules)
-    if flax_params is not None:
-        wm = wm.resolve(flax_params)
-    return wm.to_flax(_state_of(module_or_state))
+    if flax_params is None:
+        return wm.to_flax(_state_of(module_or_state))
+    ref = flax_tree(flax_params)
+    wm = wm.resolve(_str_keys(ref))
+    return _keyed_like(wm.to_flax(_state_of(module_or_state)), ref)
 
 
-def flax_to_torch(params: Mapping, weight_map: WeightMap) -> dict[str, np.ndarray]:
-    """Nested Flax params -> flat torch state (NumPy, torch layout), tied aliases included;
-    buffers (no Flax counterpart) are not in it: load with ``strict=False`` or merge into
-    the module's own ``state_dict()``."""
-    return weight_map.to_torch(params, aliases=True)
+def flax_to_torch(params, weight_map: WeightMap) -> dict[str, np.ndarray]:
+    """Nested Flax params (a linen params dict, an nnx ``Module`` or ``nnx.State``) -> flat
+    torch state (NumPy, torch layout), tied aliases included; buffers (no Flax counterpart)
+    are not in it: load with ``strict=False`` or merge into the module's own
+    ``state_dict()``.  The map's paths are resolved against the params (nnx's spellings)."""
+    tree = _str_keys(flax_tree(params))
+    return weight_map.resolve(tree).to_torch(tree, aliases=True)
 
 
 def _map_of(module_or_state, weight_map, kind_rules) -> WeightMap:

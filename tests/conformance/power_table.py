@@ -73,6 +73,9 @@ def margin(rec) -> tuple[float | None, str]:
         crit.append((per["max_ulp"] / b["max_ulp"], f"{per['max_ulp']:.3g} ULP of {per['dtype']} > {b['max_ulp']:.3g}"))
     if "max_rel" in b:
         crit.append((per["max_rel"] / b["max_rel"], f"rel {per['max_rel']:.3g} > {b['max_rel']:.3g}"))
+    if "median_ulp" in b:
+        crit.append((per["p50_ulp"] / b["median_ulp"], f"median element {per['p50_ulp']:.3g} ULP of {per['dtype']} > "
+                     f"{b['median_ulp']:.3g}"))
     if "max_neq" in b:
         crit.append((per["neq_frac"] / b["max_neq"], f"{per['neq_frac']:.1%} of {per['dtype']} flipped > "
                      f"{b['max_neq']:.1%}"))
@@ -89,14 +92,14 @@ class Cell:
     where: str | None = None
     margin: float | None = None    # measured / bound (None: bit-exact)
     figures: str = ""
-    failing: tuple = ()            # every failing check
+    failing: tuple = ()            # (check, where) of every failing record
     errors: tuple = ()
 
     def text(self) -> str:
         if self.ok:
             return "pass"
         m = "bit-exact" if self.margin is None else f"{self.margin:.3g}x"
-        more = [c for c in self.failing if c != self.first]
+        more = [f"`{c}` at {w}" for c, w in self.failing if c != self.first]
         return (f"**caught** `{self.first}` at {self.where}: {self.figures} ({m})"
                 + (f"; also {', '.join(more)}" if more else ""))
 
@@ -110,7 +113,7 @@ def run_cell(model: str, bug: str, policy: str, backends=None) -> Cell:
     first = fails[0]
     m, figures = margin(first)
     return Cell(model, bug, policy, False, first.check, first.where, m, figures,
-                tuple(dict.fromkeys(x.check for x in fails)), errors)
+                tuple((x.check, x.where) for x in fails), errors)
 
 
 #: (model, bug, policy) -> why the planted difference is no bug under that policy
