@@ -438,3 +438,47 @@ def _map_of(module_or_state, weight_map, kind_rules) -> WeightMap:
         return WeightMap.from_torch(module_or_state, weight_map, kind_rules)
     return WeightMap.auto({k: np.shape(v) for k, v in module_or_state.items()}, weight_map,
                           kind_rules=kind_rules)
+
+
+# ------------------------------------------------------------------ optimizer state
+def checkpoint_names(weight_map: WeightMap, params) -> dict[str, str]:
+    """Flax module path -> torch module path for ``dualprec_jax.checkpoint`` (``names=``), from
+    the map's rules, so the optimizer state is named and laid out as the cross-framework
+    training checkpoint names it; checked against the map: every Flax leaf of ``params``
+    must get the torch name and layout the map gives it."""
+    from dualprec_jax.checkpoint import torch_names
+
+    tree = flax_tree(params)
+    wm = weight_map.resolve(_str_keys(tree))
+    names = {"/".join(r.flax_path[:-1]): t.rpartition(".")[0] for t, r in wm.rules.items()}
+    want = {r.flax_path: (t, r.layout) for t, r in wm.rules.items()}
+    for path, got in torch_names(tree, names).items():
+        if want.get(tuple(path)) != got:
+            raise WeightMapError(
+                f"optimizer state: the Flax leaf {'/'.join(path)} is {got[0]} ({got[1]}) by the training-checkpoint "
+                f"rules but {want.get(tuple(path), ('no torch name', ''))[0]} by the weight map; the optimizer-state "
+                "mapping takes maps whose entries follow those rules (kernel -> weight, scale/embedding -> weight, "
+                "other leaves by name)")
+    return names
+
+
+def optimizer_state_to_flax(state: Mapping, params, opt_state, weight_map: WeightMap):
+    """torch's optimizer state in the training checkpoint's backend-neutral form
+    (``dualprec_torch.checkpoint.optimizer_state(model, optimizer)``: Adam/AdamW ``exp_avg``,
+    ``exp_avg_sq`` and the step; SGD's ``momentum_buffer``, by torch name and layout) put
+    into ``opt_state`` (optax's adam/adamw/sgd state of ``params``, e.g. ``tx.init(params)``,
+    loss-scaled or not) through ``weight_map``.  Tied aliases are dropped (torch's optimizer
+    holds a tied tensor once, under its first name)."""
+    from dualprec_jax.checkpoint import load_optimizer_state
+
+    names = checkpoint_names(weight_map, params)
+    slots = {s: {n: v for n, v in d.items() if n not in weight_map.ties} for s, d in state["slots"].items()}
+    return load_optimizer_state(flax_tree(params), opt_state, dict(state, slots=slots), names)
+
+
+def optimizer_state_to_torch(params, opt_state, weight_map: WeightMap) -> dict:
+    """The optax state of ``params`` in the training checkpoint's backend-neutral form, by
+    torch name and layout (load it with ``dualprec_torch.checkpoint.load_optimizer_state``)."""
+    from dualprec_jax.checkpoint import optimizer_state
+
+    return optimizer_state(flax_tree(params), opt_state, checkpoint_names(weight_map, params))
