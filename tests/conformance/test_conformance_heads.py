@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+import pytest
 import torch
 
 from conformance import WeightMap, flax_to_torch, torch_to_flax
@@ -98,3 +99,18 @@ def test_gpt_parameters_round_trip_torch_flax_torch_bit_for_bit():
     for k, v in gpt.state_dict().items():
         if k not in wm.ignored:
             assert back[k].tobytes() == v.numpy().tobytes(), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["32-true", "bf16-mixed"])
+def test_compare_takes_torch_mha_against_flax_mha_without_a_weight_map(real_backends, policy):
+    """The head-split rules carry compare(): parameters, gradients and a training step
+    mapped through them, every check passing."""
+    from conformance import compare
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((2, T, D)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, D, (2, T))
+    r = compare(TorchMHA(), FlaxMHA(), None, policy, x, targets=y, steps=1, class_axis=-1, backends=real_backends)
+    assert r.ok and not [x for x in r.records if x.status in ("error", "skip")], r.explain()
+    assert {x.check for x in r.records} >= {"gradients", "train-params", "param-values"}
