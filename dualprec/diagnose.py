@@ -184,7 +184,10 @@ class Trace:
     ``grads[t]``: parameter name -> the *unscaled* gradient at step t (names as the backend
     spells them); ``outputs[t]``: module path -> forward output at step t (when captured);
     ``scales[t]``: the loss scale step t used (1.0 without loss scaling); ``skipped[t]``:
-    whether the optimizer step was skipped for non-finite gradients."""
+    whether the optimizer step was skipped for non-finite gradients after ``retries[t]``
+    retries of the same batch (dynamic loss scaling: a step whose loss is finite but whose
+    scaled gradients overflow is retried at the backed-off scale, as training would on the
+    next batch; the weights have not moved)."""
 
     losses: list[float]
     grads: list[dict[str, np.ndarray]]
@@ -192,6 +195,7 @@ class Trace:
     skipped: list[bool]
     outputs: list[dict[str, np.ndarray]] | None = None
     seconds: float = 0.0
+    retries: list[int] = dataclasses.field(default_factory=list)
 
 
 def trace_error(trace: Trace, ref: Trace) -> tuple[float, float]:
@@ -276,7 +280,10 @@ def promote(policy: Policy, path: str) -> Policy:
         new = _replace(sub, fp8=None)
     else:
         wide = lambda d: "float32" if d in HALF_DTYPES else d  # noqa: E731
-        new = _replace(sub, param_dtype="float32", compute_dtype="float32", output_dtype=wide(sub.output_dtype),
+        # without autocast ("-true" policies) nothing reconciles a float32 output with the
+        # half tensors of its neighbours: the promoted module hands back the dtype it did
+        out = sub.compute_dtype if not sub.is_mixed and sub.compute_dtype in HALF_DTYPES else wide(sub.output_dtype)
+        new = _replace(sub, param_dtype="float32", compute_dtype="float32", output_dtype=out,
                        reduce_dtype=wide(sub.reduce_dtype), master_weights=False)
     rest = tuple((pat, s) for pat, s in policy.overrides if pat != path)
     return _replace(policy, overrides=((path, new),) + rest)
@@ -381,6 +388,7 @@ class DiagnoseReport:
     timings: dict[str, float]
     runs: int
     losses: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # policy / reference / suggested
+    failures: dict[str, str] = dataclasses.field(default_factory=dict)  # variant policy -> why it could not run
 
     # -- machine output -----------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -414,7 +422,7 @@ class DiagnoseReport:
                  f"error {_fmt(self.error)} (loss {_fmt(self.loss_error)}, grad {_fmt(self.grad_error)}), "
                  f"target {_fmt(self.target)}"]
         if ls.get("enabled"):
-            lines.append(f"loss scale {ls['scales']} skipped {ls['skipped']} headroom "
+            lines.append(f"loss scale {ls['scales']} backoffs {ls.get('retries')} headroom "
                          f"{_fmt(ls.get('headroom_bits'))} bits, scaled grads underflowing "
                          f"{_fmt(ls.get('underflow'))}")
         if self.suggested is not None:
@@ -570,10 +578,19 @@ def search(run: Callable[[Policy, bool], Trace], policy, modules: Sequence[tuple
     runs = 0
     t0 = time.perf_counter()
 
+    failures: dict[str, str] = {}
+
     def timed(phase, pol, capture=False):
         nonlocal runs
         t = time.perf_counter()
-        tr = run(pol, capture)
+        try:
+            tr = run(pol, capture)
+        except Exception as e:  # noqa: BLE001 - a variant the backend cannot run counts as broken
+            if phase in ("reference", "policy"):
+                raise
+            failures[str(pol)] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            say(f"  failed: {failures[str(pol)]}")
+            tr = Trace([math.nan] * steps, [], [], [True] * steps)
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t
         runs += 1
         return tr
@@ -616,7 +633,8 @@ def search(run: Callable[[Policy, bool], Trace], policy, modules: Sequence[tuple
                                      amax, growth, wq)
 
     # -- loss scale headroom: how far the scaled parameter gradients are from the compute dtype's limits
-    ls = {"enabled": policy.loss_scale.enabled, "scales": base.scales, "skipped": base.skipped}
+    ls = {"enabled": policy.loss_scale.enabled, "scales": base.scales, "skipped": base.skipped,
+          "retries": base.retries}
     if policy.loss_scale.enabled:
         big, _, sub = FORMAT_LIMITS.get(policy.compute_dtype, FORMAT_LIMITS["float32"])
         gmax, under, total = 0.0, 0, 0
@@ -691,7 +709,7 @@ def search(run: Callable[[Policy, bool], Trace], policy, modules: Sequence[tuple
         suggested=str(suggested) if candidates else None,
         suggested_error=max(s_loss, s_grad), suggested_loss_error=s_loss, suggested_grad_error=s_grad,
         meets_target=bool(max(s_loss, s_grad) <= target), overrides_added=added, loss_scale=ls,
-        timings=timings, runs=runs,
+        timings=timings, runs=runs, failures=failures,
         losses={"reference": ref.losses, "policy": base.losses, "suggested": sugg_tr.losses})
 
 

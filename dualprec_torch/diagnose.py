@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,6 +28,9 @@ from dualprec.diagnose import DEFAULT_TARGET, DiagnoseReport, Trace, search
 from .precision import Precision
 
 __all__ = ["diagnose", "runner"]
+
+#: retries of a step whose scaled gradients overflowed (dynamic loss scaling backs off each time)
+MAX_RETRIES = 24
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -68,7 +72,9 @@ def runner(model: nn.Module, batch, *, loss_fn: Callable | None = None, steps: i
         prec = Precision(policy)
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=lr)
-        m, opt = prec.setup(m, opt)
+        with warnings.catch_warnings():  # "no nn.Linear under an FP8 recipe" once every layer is promoted
+            warnings.simplefilter("ignore", UserWarning)
+            m, opt = prec.setup(m, opt)
         names = [n for n, p in m.named_parameters() if p.requires_grad and p.is_floating_point()]
         params = [p for g in opt.param_groups for p in g["params"]]
         outputs: list[dict] = []
@@ -80,21 +86,29 @@ def runner(model: nn.Module, batch, *, loss_fn: Callable | None = None, steps: i
             hooks = [mod.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n))
                      for n, mod in m.named_modules() if n]
         tr = Trace([], [], [], [])
+        dynamic = policy.loss_scale.kind == "dynamic"
         try:
             for x, y in batches:
-                outputs.append({})
-                opt.zero_grad(set_to_none=True)
-                with prec.autocast():
-                    out = m(prec.convert_input(x))
-                    loss = loss_fn(out, y)
-                scale = float(prec.scale) if policy.loss_scale.enabled else 1.0
-                prec.backward(loss)
-                prec.unscale_(opt)
-                tr.grads.append({n: _np(p.grad) for n, p in zip(names, params) if p.grad is not None})
-                stepped = prec.step(opt)
-                tr.losses.append(float(loss.detach().float()))
+                for retry in range(MAX_RETRIES + 1):
+                    outputs.append({})
+                    opt.zero_grad(set_to_none=True)
+                    with prec.autocast():
+                        out = m(prec.convert_input(x))
+                        loss = loss_fn(out, y)
+                    scale = float(prec.scale) if policy.loss_scale.enabled else 1.0
+                    prec.backward(loss)
+                    prec.unscale_(opt)
+                    grads = {n: _np(p.grad) for n, p in zip(names, params) if p.grad is not None}
+                    stepped = bool(prec.step(opt))
+                    value = float(loss.detach().float())
+                    if stepped or not dynamic or not np.isfinite(value) or retry == MAX_RETRIES:
+                        break
+                    outputs.pop()  # retried at the backed-off scale: the weights did not move
+                tr.grads.append(grads)
+                tr.losses.append(value)
                 tr.scales.append(scale)
-                tr.skipped.append(not bool(stepped))
+                tr.skipped.append(not stepped)
+                tr.retries.append(retry)
         finally:
             for h in hooks:
                 h.remove()
