@@ -6,7 +6,8 @@
 ``gpt12`` is a 12-layer GPT-style model (token embedding, 12 pre-norm blocks of LayerNorm,
 attention and a GELU MLP, a final LayerNorm and an LM head; width 64, 4 heads, vocabulary
 128, batch 4 x 16 tokens): 111 modules, so the search runs 2 + 2N + k + k' variants of
-``--steps`` steps each.  It is also a ``module:function`` factory for the CLI:
+``--steps`` steps each.  ``cpu_s`` (this process's CPU time) is the figure to compare on a
+shared machine; ``wall_s`` includes waiting for a core.  It is also a ``module:function`` factory for the CLI:
 ``dualprec diagnose --model bench.bench_diagnose:gpt12 --policy 16-mixed`` (torch only).
 """
 
@@ -94,7 +95,7 @@ def measure(model: str, backend: str, policy: str, steps: int, gains: bool) -> d
     from dualprec.diagnose_cli import load_model
 
     got = gpt12(backend) if model == "gpt12" else load_model(model, backend, 0, steps)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     if backend == "torch":
         import dualprec_torch
 
@@ -105,10 +106,10 @@ def measure(model: str, backend: str, policy: str, steps: int, gains: bool) -> d
 
         rep = dualprec_jax.diagnose(got["model"], got["variables"], got["batch"], policy, steps=steps,
                                     gains=gains, name=model)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
     n = len(rep.ranking)
     return {"model": model, "backend": backend, "policy": policy, "steps": steps, "gains": gains,
-            "modules": len(rep.modules), "candidates": n, "runs": rep.runs, "wall_s": round(wall, 2),
+            "modules": len(rep.modules), "candidates": n, "runs": rep.runs, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
             "s_per_run": round(wall / rep.runs, 3), "timings": {k: round(v, 2) for k, v in rep.timings.items()},
             "error": rep.error if math.isfinite(rep.error) else str(rep.error), "suggested": rep.suggested,
             "suggested_error": rep.suggested_error, "top": rep.ranking[:3]}

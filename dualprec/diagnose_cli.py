@@ -148,8 +148,8 @@ def render_both(reports: list[DiagnoseReport], width: int = 80) -> None:
         r.render(console, width=width)
         console.print()
     if len(reports) > 1:
-        table = Table(title="the same modules in each backend (own error, rank)", box=box.SIMPLE_HEAD,
-                      show_edge=False, pad_edge=False)
+        console.print("the same modules in each backend (own error, rank):", highlight=False)
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         table.add_column("module", overflow="fold")
         for r in reports:
             table.add_column(f"{r.backend} err", justify="right")
