@@ -27,8 +27,9 @@ The search (docs/diagnose.md):
    error is under ``target``; then drop each promotion that is not needed (re-run
    without it).  The last run verifies the suggested policy.
 
-For N candidate modules that is 2 + 2N + k + k' runs (k promotions added, k' pruned):
-O(N) runs of ``steps`` training steps each.
+For N candidate modules that is 2 + 2N + k + k' runs (k promotions added, k' pruned; one
+more under loss scaling, the floor the reference with loss scaling leaves): O(N) runs of
+``steps`` training steps each.
 """
 
 from __future__ import annotations
