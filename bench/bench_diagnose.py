@@ -6,7 +6,7 @@
 ``gpt12`` is a 12-layer GPT-style model (token embedding, 12 pre-norm blocks of LayerNorm,
 attention and a GELU MLP, a final LayerNorm and an LM head; width 64, 4 heads, vocabulary
 128, batch 4 x 16 tokens): 111 modules, so the search runs 2 + 2N + k + k' variants of
-``--steps`` steps each.  ``cpu_s`` (this process's CPU time) is the figure to compare on a
+``--steps`` steps each.  ``loadavg_1min`` is the machine's load after each row; ``cpu_s`` (this process's CPU time) is the figure to compare on a
 shared machine; ``wall_s`` includes waiting for a core.  It is also a ``module:function`` factory for the CLI:
 ``dualprec diagnose --model bench.bench_diagnose:gpt12 --policy 16-mixed`` (torch only).
 """
@@ -110,7 +110,7 @@ def measure(model: str, backend: str, policy: str, steps: int, gains: bool) -> d
     n = len(rep.ranking)
     return {"model": model, "backend": backend, "policy": policy, "steps": steps, "gains": gains,
             "modules": len(rep.modules), "candidates": n, "runs": rep.runs, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-            "s_per_run": round(wall / rep.runs, 3), "timings": {k: round(v, 2) for k, v in rep.timings.items()},
+            "s_per_run": round(wall / rep.runs, 3), "threads": __import__("torch").get_num_threads(), "timings": {k: round(v, 2) for k, v in rep.timings.items()},
             "error": rep.error if math.isfinite(rep.error) else str(rep.error), "suggested": rep.suggested,
             "suggested_error": rep.suggested_error, "top": rep.ranking[:3]}
 
@@ -122,14 +122,23 @@ def main(argv=None) -> int:
     p.add_argument("--policy", default="16-mixed")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--no-gains", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads and XLA CPU threads (0: the "
+                   "libraries' defaults); on a loaded machine 1 avoids thread-pool contention on these tiny ops")
     p.add_argument("--out")
     args = p.parse_args(argv)
+    if args.threads:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   f"intra_op_parallelism_threads={args.threads}").strip()
+        import torch
+
+        torch.set_num_threads(args.threads)
     rows = []
     for model in args.models.split(","):
         for backend in args.backends.split(","):
             if model == "gpt12" and backend != "torch":
                 continue
             row = measure(model, backend, args.policy, args.steps, not args.no_gains)
+            row["loadavg_1min"] = round(os.getloadavg()[0], 2)
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.out:

@@ -95,7 +95,8 @@ def runner(model, variables, batch, *, loss_fn: Callable | None = None, steps: i
 
     loss_fn = loss_fn or default_loss
     batches = _batches(batch, steps)
-    params0 = variables["params"] if "params" in variables else variables
+    variables = variables if "params" in variables else {"params": variables}
+    params0 = variables["params"]
     bad = [_name(p) for p, a in jax.tree_util.tree_flatten_with_path(params0)[0]
            if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != jnp.float32]
     if bad:
@@ -110,7 +111,9 @@ def runner(model, variables, batch, *, loss_fn: Callable | None = None, steps: i
         # the state collections (FP8 scales and histories) as init creates them
         structure = jax.eval_shape(lambda: prec.init(model, rng, x0)) if policy.fp8 is not None or any(
             s.fp8 is not None for _, s in policy.overrides) else {}
-        state = {k: v for k, v in (prec.init(model, rng, x0).items() if structure else ()) if k != "params"}
+        # the model's own collections (batch_stats...), then those init creates (FP8 state)
+        state = {k: v for k, v in variables.items() if k != "params"}
+        state.update({k: v for k, v in (prec.init(model, rng, x0).items() if structure else ()) if k != "params"})
         owg = state.pop(OWG, {})
 
         def cast(path, a):

@@ -57,8 +57,8 @@ def _batches(batch, steps: int) -> list[tuple]:
     return out
 
 
-def runner(model: nn.Module, batch, *, loss_fn: Callable | None = None, steps: int = 3, lr: float = 1e-2
-           ) -> Callable[[Policy, bool], Trace]:
+def runner(model: nn.Module, batch, *, loss_fn: Callable | None = None, steps: int = 3, lr: float = 1e-2,
+           seed: int = 0) -> Callable[[Policy, bool], Trace]:
     """``run(policy, capture) -> Trace`` for `dualprec.diagnose.search`: ``steps`` SGD steps of a
     deep copy of ``model`` under ``policy``."""
     loss_fn = loss_fn or default_loss
@@ -87,6 +87,9 @@ def runner(model: nn.Module, batch, *, loss_fn: Callable | None = None, steps: i
                      for n, mod in m.named_modules() if n]
         tr = Trace([], [], [], [])
         dynamic = policy.loss_scale.kind == "dynamic"
+        rng = torch.random.fork_rng()
+        rng.__enter__()
+        torch.manual_seed(seed)  # dropout draws the same masks in every run
         try:
             for x, y in batches:
                 for retry in range(MAX_RETRIES + 1):
@@ -110,6 +113,7 @@ def runner(model: nn.Module, batch, *, loss_fn: Callable | None = None, steps: i
                 tr.skipped.append(not stepped)
                 tr.retries.append(retry)
         finally:
+            rng.__exit__(None, None, None)
             for h in hooks:
                 h.remove()
         tr.outputs = outputs if capture else None

@@ -9,6 +9,17 @@ from dualprec.cli import main
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: torch's intra-op pool only adds synchronisation (under load, 10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 def test_json_report_and_plots(tmp_path, capsys):
     rc = main(["diagnose", "--model", "mlp", "--policy", "bf16-mixed", "--steps", "1", "--no-gains", "--quiet",

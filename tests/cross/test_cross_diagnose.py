@@ -16,6 +16,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"
               pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
 STEPS = 1
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: torch's intra-op pool only adds synchronisation (under load, 10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CASES = {"16-mixed": ("16-mixed", 0.01), "fp8": ("bf16-mixed,fp8=current", 0.1)}
 
 
