@@ -604,6 +604,7 @@ def search(run: Callable[[Policy, bool], Trace], policy, modules: Sequence[tuple
     base_err = max(loss_err, grad_err)
 
     # -- per-module statistics from the two captured runs
+    t_stats = time.perf_counter()
     kinds = dict(modules)
     reports: dict[str, ModuleReport] = {}
     for path in paths:
@@ -649,6 +650,8 @@ def search(run: Callable[[Policy, bool], Trace], policy, modules: Sequence[tuple
                 total += int(nz.size)
         ls["headroom_bits"] = math.log2(big / gmax) if gmax > 0 else math.inf
         ls["underflow"] = under / total if total else 0.0
+
+    timings["statistics"] = time.perf_counter() - t_stats
 
     # -- isolated and promoted variants: O(N)
     floor_tr = None
