@@ -458,6 +458,11 @@ class DiagnoseReport:
                 "module promoted alone; *fwd/grad err*: relative error of its output / its parameters' "
                 "gradients at step 0; *ovf/unf*: the largest overflow or underflow fraction of its outputs over "
                 "the formats it stores them in; *w err*: relative error of its quantized weight.", ""]
+        out += ["## Signal-to-noise of each module (dB, step 0)", "",
+                "| module | output SQNR | gradient SQNR | amax per step |", "|---|---|---|---|"]
+        out += [f"| {m.path} | {_fmt(m.fwd_sqnr_db)} | {_fmt(m.grad_sqnr_db)} | "
+                f"{', '.join(_fmt(a) for a in m.amax)} |" for m in self.modules]
+        out.append("")
         formats = sorted({f for m in self.modules for f in m.ranges})
         if formats:
             out += ["## Range of each module's outputs (reference values)", "",
