@@ -29,14 +29,9 @@ OWG = "_overwrite_with_gradient"
 #: retries of a step whose scaled gradients overflowed (dynamic loss scaling backs off each time)
 MAX_RETRIES = 24
 
-#: jit each variant's step (compiles once per policy) or run it eagerly; see `runner`
+#: the default of ``jit=``: a jitted step compiles once per variant, which on small models on
+#: the CPU took longer than running the few steps eagerly (docs/diagnose.md, measured cost)
 JIT = False
-
-
-def _jit(f):
-    import jax
-
-    return jax.jit(f) if JIT else f
 
 
 def _name(path) -> str:
@@ -81,7 +76,7 @@ def module_list(model, variables, x) -> list[tuple[str, str]]:
 
 
 def runner(model, variables, batch, *, loss_fn: Callable | None = None, steps: int = 3, lr: float = 1e-2,
-           rng=None) -> Callable[[Policy, bool], Trace]:
+           rng=None, jit: bool | None = None) -> Callable[[Policy, bool], Trace]:
     """``run(policy, capture) -> Trace`` for `dualprec.diagnose.search`: ``steps`` SGD steps
     from ``variables`` under ``policy``."""
     import jax
@@ -103,6 +98,7 @@ def runner(model, variables, batch, *, loss_fn: Callable | None = None, steps: i
         raise ValueError(f"diagnose: the parameters must be float32 (the weights every run starts from); "
                          f"{bad[0]} is not; pass the float32 variables")
     rng = jax.random.PRNGKey(0) if rng is None else rng
+    _jit = jax.jit if (JIT if jit is None else jit) else (lambda f: f)
 
     def run(policy: Policy, capture: bool) -> Trace:
         t0 = time.perf_counter()
@@ -198,15 +194,16 @@ def dense_weights(params) -> dict[str, tuple[str, np.ndarray]]:
 
 def diagnose(model, variables, batch, policy, *, loss_fn: Callable | None = None, steps: int = 3,
              target: float = DEFAULT_TARGET, lr: float = 1e-2, candidates: Sequence[str] | None = None,
-             gains: bool = True, name: str | None = None, log: Callable[[str], None] | None = None
-             ) -> DiagnoseReport:
+             gains: bool = True, name: str | None = None, log: Callable[[str], None] | None = None,
+             jit: bool | None = None) -> DiagnoseReport:
     """Which modules of the linen ``model`` break under ``policy``, ranked, and the policy with
     the fewest promotions that brings the error under ``target``; the same report as
     `dualprec_torch.diagnose`.
 
     ``variables``: float32 linen variables ({"params": ...}).  ``batch``: (inputs, targets)
     or a list of them (one per step, cycled).  ``loss_fn(output, targets)``: default cross
-    entropy over the output's last axis."""
+    entropy over the output's last axis.  ``jit``: jit each variant's step (default: eager,
+    see `JIT`)."""
     import flax.linen as nn
 
     if not isinstance(model, nn.Module):
@@ -217,7 +214,7 @@ def diagnose(model, variables, batch, policy, *, loss_fn: Callable | None = None
     variables = variables if "params" in variables else {"params": variables}
     x0 = _batches(batch, 1)[0][0]
     modules = module_list(model, variables, x0)
-    run = runner(model, variables, batch, loss_fn=loss_fn, steps=steps, lr=lr)
+    run = runner(model, variables, batch, loss_fn=loss_fn, steps=steps, lr=lr, jit=jit)
     return search(run, policy, modules, target=target, backend="jax", model=name or type(model).__name__,
                   steps=steps, weights=dense_weights(variables["params"]), candidates=candidates, gains=gains,
                   log=log)

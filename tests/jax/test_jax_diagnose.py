@@ -40,3 +40,19 @@ def test_bad_input():
     half = jax.tree_util.tree_map(lambda a: a.astype("float16"), got["variables"])
     with pytest.raises(ValueError, match="float32"):
         dualprec_jax.diagnose(got["model"], half, got["batch"], "bf16-mixed")
+
+
+@pytest.mark.slow
+def test_jitted_and_eager_runs_agree():
+    """``jit=True`` changes how a variant runs, not what it computes."""
+    import numpy as np
+
+    from dualprec_jax.diagnose import runner
+
+    got = load_model("mlp", "jax", 0, 1)
+    traces = [runner(got["model"], got["variables"], got["batch"], steps=1, jit=j)(Policy.parse("bf16-mixed"), True)
+              for j in (True, False)]
+    assert traces[0].losses == traces[1].losses
+    assert sorted(traces[0].outputs[0]) == ["fc1", "fc2", "head"]
+    for name, g in traces[0].grads[0].items():
+        np.testing.assert_allclose(g, traces[1].grads[0][name], rtol=2e-2, atol=1e-6)  # XLA may fuse differently
