@@ -361,6 +361,9 @@ def check_layers(ctx: Context, sa: Session, sb: Session, fwd) -> list[Record]:
         return [ctx.record("layers", "tolerance", "skip", reason=f"{ctx.b.name} cannot run layers in isolation")]
     named = {n: (ia[n], got[n]) for n in inputs if n in got}
     leaves = set(_leaves(named))
+    own = _own_ops(sb, x, {n: inputs[n] for n in named if n not in leaves}, ia)
+    named = {k: v for n, pair in named.items()
+             for k, v in [(n, pair)] + ([(n + OWN_OPS, (ia[n], own[n]))] if n in own else [])}
     try:
         kinds = sa.module_kinds()
     except NotImplementedError:
@@ -371,11 +374,37 @@ def check_layers(ctx: Context, sa: Session, sb: Session, fwd) -> list[Record]:
         shape = dataclasses.replace(ctx.spec.shape, n_reduce=k)
         return layer_bound(ctx.policy, shape, st.dtype, st.size, leaf=name in leaves,
                            math_mode=ctx.math_mode, share=not ctx.quantized_activations,
-                           code_step=activation_code_step(ctx.policy))
+                           code_step=activation_code_step(ctx.policy), own_ops=name.endswith(OWN_OPS))
 
     rec = judge_tensors(ctx, "layers", named, bound_of)
     rec.detail["not_isolated"] = sorted(set(inputs) - set(got))
     return [rec]
+
+
+#: the suffix of a block's own-ops entry in the layers record ("blocks.0.mlp (own ops)")
+OWN_OPS = " (own ops)"
+
+
+def _own_ops(sb: Session, x, block_inputs: dict, outputs: dict) -> dict:
+    """Each block run on the reference's input with its direct children returning the
+    reference's outputs (``Session.run_glue``), one pass per nesting level (a block is
+    another's child); {} when the backend cannot."""
+    names = list(outputs)
+    got = {}
+    blocks = list(block_inputs)
+    depth = {b: sum(1 for c in blocks if b.startswith(c + ".")) for b in blocks}
+    for level in sorted(set(depth.values())):
+        sel = [b for b in blocks if depth[b] == level]
+        children = {}
+        for b in sel:
+            inside = [n for n in names if n.startswith(b + ".")]
+            children.update({n: outputs[n] for n in inside
+                             if not any(n.startswith(m + ".") for m in inside)})
+        try:
+            got.update(sb.run_glue(x, {b: block_inputs[b] for b in sel}, children))
+        except NotImplementedError:
+            return {}
+    return got
 
 
 def check_grads(ctx: Context, sa: Session, sb: Session, lg=None, fwd=None) -> list[Record]:

@@ -101,7 +101,7 @@ def compare(torch_fn: Any, jax_fn: Any, weight_map: Any, policy: Any, x: np.ndar
             targets: np.ndarray | None = None, steps: int = 0, lr: float = 0.05,
             channels_last_in_jax: bool = False, class_axis: int | None = None, backends=None,
             name: str = "user-model") -> Comparison:
-    """Run ``x`` through ``torch_fn`` (an nn.Module) and ``jax_fn`` (a Flax linen Module) under
+    """Run ``x`` through ``torch_fn`` (an nn.Module) and ``jax_fn`` (a Flax linen or nnx Module) under
     ``policy`` in both backends and check casts, parameter dtypes and values, the forward
     output (and each named submodule's), and, with integer ``targets``, gradients of the
     cross-entropy loss and ``steps`` SGD steps.  Returns a :class:`Comparison`.
@@ -116,6 +116,10 @@ def compare(torch_fn: Any, jax_fn: Any, weight_map: Any, policy: Any, x: np.ndar
 
     pol = policy if isinstance(policy, Policy) else Policy.parse(policy)
     notes = []
+    from .nnx_bridge import as_linen, is_nnx
+
+    if is_nnx(jax_fn):  # an nnx model: the same checks through its linen view, layer by layer
+        jax_fn = as_linen(jax_fn)
     if isinstance(weight_map, WeightMap):
         wm = weight_map
     else:

@@ -111,7 +111,7 @@ def first_bit_difference(a, b) -> str:
 class Stats:
     """Agreement of two arrays in units of the ULP of their (narrower) dtype.
 
-    ``max_ulp`` and ``p999_ulp`` measure |got - ref| against the ULP at max(|ref|, mean|ref|)
+    ``max_ulp``, ``p999_ulp`` and ``p50_ulp`` measure |got - ref| against the ULP at max(|ref|, mean|ref|)
     (so a value that cancels to ~0 is judged at the tensor's scale); ``neq_frac`` is the
     fraction of elements that are not bitwise equal; ``size`` the element count."""
 
@@ -123,10 +123,11 @@ class Stats:
     dtype: str
     ok_shape: bool = True
     nan_mismatch: int = 0
+    p50_ulp: float = 0.0  # the median element's error, same unit
 
     def to_dict(self) -> dict:
-        return {"max_ulp": self.max_ulp, "p999_ulp": self.p999_ulp, "neq_frac": self.neq_frac,
-                "max_rel": self.max_rel, "size": self.size, "dtype": self.dtype}
+        return {"max_ulp": self.max_ulp, "p999_ulp": self.p999_ulp, "p50_ulp": self.p50_ulp,
+                "neq_frac": self.neq_frac, "max_rel": self.max_rel, "size": self.size, "dtype": self.dtype}
 
 
 def narrower(a, b) -> str:
@@ -150,5 +151,6 @@ def measure(got, ref) -> Stats:
     err = np.abs(np.where(fin, g - r, 0.0))
     u = err / ulp(np.maximum(np.abs(np.where(fin, r, 0.0)), scale or 2.0 ** _MIN_EXP[dt]), dt)
     same = (g == r) | (np.isnan(g) & np.isnan(r))
-    return Stats(float(u.max()), float(np.quantile(u, 0.999)), float(1.0 - same.mean()), d.max_rel,
-                 int(r.size), dt, True, d.nan_mismatch)
+    p50, p999 = np.quantile(u, (0.5, 0.999))
+    return Stats(float(u.max()), float(p999), float(1.0 - same.mean()), d.max_rel,
+                 int(r.size), dt, True, d.nan_mismatch, float(p50))

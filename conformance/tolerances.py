@@ -170,12 +170,14 @@ class Bound:
 
     ``max_ulp``: ULP of the tensor's dtype at max(|ref|, mean|ref|) (None: judged by
     ``max_rel`` instead); ``max_rel``: |got - ref| / (|ref| + mean|ref|) (None: not used);
-    ``max_neq``: the share of elements allowed to differ bitwise (None: no share criterion)."""
+    ``max_neq``: the share of elements allowed to differ bitwise (None: no share criterion);
+    ``median_ulp``: the bound of the median element's error, in the unit of ``max_ulp``."""
 
     why: str
     max_ulp: float | None = None
     max_rel: float | None = None
     max_neq: float | None = None
+    median_ulp: float | None = None
 
     @property
     def shown(self) -> float:
@@ -196,6 +198,9 @@ class Bound:
         if self.max_neq is not None and st.neq_frac > self.max_neq:
             return (f"{st.neq_frac:.1%} of elements not bitwise equal > bound {self.max_neq:.1%} "
                     f"(max {st.max_ulp:.3g} ULP of {st.dtype}; {self.why})")
+        if self.median_ulp is not None and st.p50_ulp > self.median_ulp:
+            return (f"median element {st.p50_ulp:.3g} ULP of {st.dtype} > bound {self.median_ulp:.3g} "
+                    f"(max {st.max_ulp:.3g}; {self.why})")
         return None
 
     def to_dict(self) -> dict:
@@ -207,13 +212,23 @@ def _is_half(dtype: str) -> bool:
 
 
 def layer_bound(policy: Policy, shape: ModelShape, dtype: str, size: int, leaf: bool = True,
-                math_mode: str = "ieee", share: bool = True, code_step: float = 0.0) -> Bound:
+                math_mode: str = "ieee", share: bool = True, code_step: float = 0.0,
+                own_ops: bool = False) -> Bound:
     """The bound of one layer (``leaf``) or block run in isolation on the other side's input.
 
     A half-precision output: at most ``n_round`` ULP (each rounding inside may flip once) and
     the binomial share of flips; a float32/float64 output: the reduction bound in its own ULP.
     ``share=False`` drops the share criterion (quantized activations: one ULP upstream of an
-    int8 code moves an output by a code step)."""
+    int8 code moves an output by a code step).
+
+    ``own_ops``: a block's own ops alone (its submodules' outputs shared, see
+    ``Session.run_glue``).  A wider-than-half output of them gets, besides the maximum, a
+    median criterion: its median element within the float32 bound ``2 acc / u + 1``.  Every
+    input of those ops is shared, so only a half-precision rounding among the ops themselves
+    (probability ``n_round * acc / u(half)`` per element) can move an element further; as long
+    as such flips reach fewer than half of the elements, the median element holds float32
+    agreement.  A function that moves most elements by more (a tanh GELU, a norm's epsilon)
+    fails it, where the maximum (one half-precision rounding may flip) hides it."""
     depth = 1 if leaf else BLOCK_DEPTH
     n_round = 1 if leaf else BLOCK_ROUNDINGS
     acc = acc_rel(policy, shape.n_reduce, depth, math_mode)
@@ -233,8 +248,10 @@ def layer_bound(policy: Policy, shape: ModelShape, dtype: str, size: int, leaf: 
     if not leaf and _is_half(c) and unit(c) > u_t:
         # a block whose own roundings are half precision but whose output is wider
         inner = n_round * 2 * unit(c) / u_t
-    return Bound(f"K={shape.n_reduce} sums in {accumulate_dtype(policy)}",
-                 max_ulp=2 * acc / u_t + inner + codes + 1)
+    median = 2 * acc / u_t + codes + 1 if own_ops and inner and share else None
+    return Bound(f"K={shape.n_reduce} sums in {accumulate_dtype(policy)}"
+                 + (f", {n_round} {c} rounding(s) may flip" if inner else ""),
+                 max_ulp=2 * acc / u_t + inner + codes + 1, median_ulp=median)
 
 
 def chain_bound(rel: float, why: str) -> Bound:

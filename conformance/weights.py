@@ -56,20 +56,68 @@ LAYOUTS = {
 }
 
 
+#: attention head layouts (need ``Rule.heads``): "heads_in" a q/k/v projection, torch
+#: [heads * head_dim, d] (a bias [heads * head_dim]) <-> Flax DenseGeneral [d, heads, head_dim]
+#: ([heads, head_dim]); "heads_out" the output projection, torch [d, heads * head_dim] <->
+#: Flax [heads, head_dim, d]
+HEAD_LAYOUTS = ("heads_in", "heads_out")
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """Where one torch tensor lives in the Flax params and how its axes move."""
+    """Where one torch tensor lives in the Flax params and how its axes move.
+
+    ``parts``: a packed torch tensor (a fused qkv projection [3 d, d]) split in equal chunks
+    along its first axis into these Flax paths (``flax_path`` is the first), each chunk by
+    ``layout``; ``heads``: the head count of the head layouts (:data:`HEAD_LAYOUTS`)."""
 
     flax_path: tuple[str, ...]
     layout: str = "same"
+    heads: int = 0
+    parts: tuple[tuple[str, ...], ...] = ()
 
-    def to_flax(self, a: np.ndarray) -> np.ndarray:
+    @property
+    def paths(self) -> tuple[tuple[str, ...], ...]:
+        return self.parts or (self.flax_path,)
+
+    def _heads(self, n: int, what: str) -> int:
+        if self.heads < 1 or n % self.heads:
+            raise WeightMapError(f"layout {self.layout!r} of {'/'.join(self.flax_path)}: {what} {n} is not split "
+                                 f"into heads={self.heads} heads; give the Rule heads=<the head count>")
+        return n // self.heads
+
+    def _one_to_flax(self, a: np.ndarray) -> np.ndarray:
+        if self.layout == "heads_in":
+            dh = self._heads(a.shape[0], "the projection width")
+            return np.ascontiguousarray(a.reshape(self.heads, dh) if a.ndim == 1 else
+                                        a.T.reshape(a.shape[1], self.heads, dh))
+        if self.layout == "heads_out":
+            dh = self._heads(a.shape[1], "the input width")
+            return np.ascontiguousarray(a.T.reshape(self.heads, dh, a.shape[0]))
         perm = LAYOUTS[self.layout][0]
         return np.ascontiguousarray(a if perm is None else np.transpose(a, perm))
 
-    def to_torch(self, a: np.ndarray) -> np.ndarray:
+    def _one_to_torch(self, a: np.ndarray) -> np.ndarray:
+        if self.layout == "heads_in":
+            return np.ascontiguousarray(a.reshape(-1) if a.ndim == 2 else a.reshape(a.shape[0], -1).T)
+        if self.layout == "heads_out":
+            return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
         perm = LAYOUTS[self.layout][1]
         return np.ascontiguousarray(a if perm is None else np.transpose(a, perm))
+
+    def to_flax(self, a: np.ndarray):
+        """The Flax array (a list of them, one per path, for a split rule)."""
+        if not self.parts:
+            return self._one_to_flax(a)
+        if a.shape[0] % len(self.parts):
+            raise WeightMapError(f"a packed tensor of {a.shape[0]} rows does not split into {len(self.parts)} parts")
+        return [self._one_to_flax(c) for c in np.split(a, len(self.parts), axis=0)]
+
+    def to_torch(self, a) -> np.ndarray:
+        """The torch tensor from the Flax array (the list of them, in ``parts`` order)."""
+        if not self.parts:
+            return self._one_to_torch(np.asarray(a))
+        return np.ascontiguousarray(np.concatenate([self._one_to_torch(np.asarray(x)) for x in a], axis=0))
 
 
 #: torch module class -> {torch leaf: (Flax leaf, layout)}: the rule of each parameter of
@@ -198,6 +246,15 @@ class WeightMap:
                 if canonical[id(p)] != n}
         params = set(canonical.values()) | set(ties)
         buffers = [n for n in shapes if n not in params]
+        # torch's MultiheadAttention <-> Flax's MultiHeadDotProductAttention (query/key/value/out)
+        mha = {}
+        for n, m in module.named_modules():
+            if type(m).__name__ == "MultiheadAttention" and getattr(m, "in_proj_weight", None) is not None:
+                mha.update(attention_rules(m.num_heads, "/".join(flax_module_names(n.split("."))) if n else "",
+                                           f"{n}.in_proj_weight" if n else "in_proj_weight",
+                                           f"{n}.out_proj.weight" if n else "out_proj.weight",
+                                           bias=m.in_proj_bias is not None))
+        overrides = {**{k: r for k, r in mha.items() if k in shapes}, **dict(overrides or {})}
         return cls.auto(shapes, overrides, kinds, ties=ties, buffers=buffers, kind_rules=kind_rules)
 
     def _check_names(self, names) -> None:
@@ -218,10 +275,12 @@ class WeightMap:
                 raise WeightMapError(f"{alias} is tied to {canon} but holds other values")
         out: dict = {}
         for name, rule in self.rules.items():
-            node = out
-            for key in rule.flax_path[:-1]:
-                node = node.setdefault(key, {})
-            node[rule.flax_path[-1]] = rule.to_flax(np.asarray(state[name]))
+            arrays = rule.to_flax(np.asarray(state[name]))
+            for path, a in zip(rule.paths, arrays if rule.parts else [arrays]):
+                node = out
+                for key in path[:-1]:
+                    node = node.setdefault(key, {})
+                node[path[-1]] = a
         return out
 
     def to_torch(self, params: Mapping, aliases: bool = False) -> dict[str, np.ndarray]:
@@ -229,13 +288,16 @@ class WeightMap:
         ``aliases`` also each tied alias (the same values under its own name)."""
         out = {}
         for name, rule in self.rules.items():
-            node = params
-            for key in rule.flax_path:
-                try:
-                    node = node[key]
-                except (KeyError, TypeError):
-                    raise WeightMapError(f"Flax params lack {'/'.join(rule.flax_path)} (torch {name})") from None
-            out[name] = rule.to_torch(np.asarray(node))
+            found = []
+            for path in rule.paths:
+                node = params
+                for key in path:
+                    try:
+                        node = node[key]
+                    except (KeyError, TypeError):
+                        raise WeightMapError(f"Flax params lack {'/'.join(path)} (torch {name})") from None
+                found.append(np.asarray(node))
+            out[name] = rule.to_torch(found if rule.parts else found[0])
         if aliases:
             out.update({alias: out[canon] for alias, canon in self.ties.items() if canon in out})
         return out
@@ -252,15 +314,18 @@ class WeightMap:
         rules = {}
         for name, rule in self.rules.items():
             path = rule.flax_path
+            if rule.parts:  # a split rule names its paths itself
+                rules[name] = rule
+                continue
             if path not in have:
                 for alt in _alternatives(name, path):
                     if alt in have:
                         path = alt
                         break
             rules[name] = dataclasses.replace(rule, flax_path=path)
-        missing = sorted(n for n, r in rules.items() if r.flax_path not in have)
+        missing = sorted(n for n, r in rules.items() if not set(r.paths) <= have)
         if missing:
-            unused = sorted("/".join(p) for p in have - {r.flax_path for r in rules.values()})
+            unused = sorted("/".join(p) for p in have - {p for r in rules.values() for p in r.paths})
             fix = ", ".join(f'"{n}": "{_guess(n, unused, rules[n].flax_path[-1])}"' if rules[n].layout == "same" else
                             f'"{n}": ("{_guess(n, unused, rules[n].flax_path[-1])}", "{rules[n].layout}")' for n in missing[:4])
             raise WeightMapError(f"torch parameters without a Flax counterpart: {missing}; Flax parameters no "
@@ -280,6 +345,30 @@ class WeightMap:
         return out
 
 
+def attention_rules(heads: int, flax_module: str, qkv_weight: str, out_weight: str | None = None, *,
+                    bias: bool = True, names=("query", "key", "value", "out")) -> dict[str, Rule]:
+    """Weight-map entries for a torch attention with a packed q/k/v projection and a Flax one
+    with separate per-head projections (``nn.MultiHeadDotProductAttention``, ``DenseGeneral``
+    with features (heads, head_dim)).
+
+    ``qkv_weight``: the torch name of the packed [3 d, d] weight (``attn.in_proj_weight`` of
+    ``nn.MultiheadAttention``, ``attn.qkv.weight`` of a fused Linear); its bias (the same
+    name with ``bias`` for ``weight``) is split too when ``bias``.  ``out_weight``: the output
+    projection's [d, d] weight, to ``<flax_module>/out/kernel`` [heads, head_dim, d] (its
+    bias keeps its layout).  ``names``: the Flax submodule names of q, k, v and the output."""
+    q, k, v, o = names
+    base = tuple(flax_module.split("/")) if flax_module else ()
+    out = {qkv_weight: Rule(base + (q, "kernel"), "heads_in", heads,
+                            parts=tuple(base + (p, "kernel") for p in (q, k, v)))}
+    if bias:
+        out[qkv_weight[:-len("weight")] + "bias" if qkv_weight.endswith("weight") else qkv_weight + "_bias"] = Rule(base + (q, "bias"), "heads_in", heads,
+                                                         parts=tuple(base + (p, "bias") for p in (q, k, v)))
+    if out_weight is not None:
+        out[out_weight] = Rule(base + (o, "kernel"), "heads_out", heads)
+        out[out_weight.rpartition(".")[0] + ".bias"] = Rule(base + (o, "bias"), "same")
+    return out
+
+
 def _align(t_parts: list[str], f_parts: list[str]) -> list[tuple[str, str]]:
     """(Flax prefix, torch prefix) pairs of one module path: "blocks.0" is "blocks_0",
     a Sequential's "0" is "layers_0", other parts correspond one to one."""
@@ -293,13 +382,14 @@ def _align(t_parts: list[str], f_parts: list[str]) -> list[tuple[str, str]]:
 
 
 def _alternatives(torch_name: str, path: tuple) -> list[tuple]:
-    """Other Flax spellings of one torch path: Sequential members as ``layers_<i>``."""
+    """Other Flax spellings of one torch path: Sequential members as linen's ``layers_<i>``;
+    nnx's, where a list member is its own path entry ("blocks", "0") and an
+    ``nnx.Sequential`` member sits under "layers" ("net", "layers", "0")."""
     *mods, _ = torch_name.split(".")
-    alts, parts = [], []
-    for part in mods:
-        parts.append(f"layers_{part}" if part.isdigit() else part)
-    alts.append(tuple(parts) + path[-1:])
-    return alts
+    linen = tuple(f"layers_{part}" if part.isdigit() else part for part in mods)
+    nnx_list = tuple(mods)
+    nnx_seq = tuple(q for part in mods for q in (("layers", part) if part.isdigit() else (part,)))
+    return [alt + path[-1:] for alt in (linen, nnx_list, nnx_seq)]
 
 
 def _guess(torch_name: str, flax_paths: list[str], leaf: str | None = None) -> str:
@@ -359,6 +449,38 @@ def _listing(names, n: int = 8) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def _is_nnx(obj) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency of the JAX side
+        return False
+    return isinstance(obj, (nnx.Module, nnx.State))
+
+
+def flax_tree(params) -> Mapping:
+    """A nested params dict from a linen params dict, an nnx ``Module`` (its ``nnx.Param``
+    variables) or an ``nnx.State``, as plain nested dicts of arrays (nnx list members keep
+    their integer keys)."""
+    if not _is_nnx(params):
+        return params
+    from flax import nnx
+
+    state = nnx.state(params, nnx.Param) if isinstance(params, nnx.Module) else params
+    return nnx.to_pure_dict(state)
+
+
+def _str_keys(tree):
+    return {str(k): _str_keys(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def _keyed_like(tree, ref):
+    """``tree`` (string keys) with the key types of ``ref`` (nnx's integer list indices)."""
+    if not isinstance(tree, Mapping) or not isinstance(ref, Mapping):
+        return tree
+    by_str = {str(k): k for k in ref}
+    return {by_str.get(k, k): _keyed_like(v, ref.get(by_str.get(k, k), {})) for k, v in tree.items()}
+
+
 def _state_of(module_or_state) -> dict[str, np.ndarray]:
     if hasattr(module_or_state, "state_dict"):
         import torch
@@ -376,20 +498,26 @@ def torch_to_flax(module_or_state, weight_map: WeightMap | Mapping | None = None
     ``module_or_state``: an ``nn.Module`` (ties and buffers read from it) or a flat
     ``{name: array}`` state (then pass a :class:`WeightMap`).  ``weight_map``: a WeightMap,
     or overrides for :meth:`WeightMap.from_torch`.  ``flax_params`` (the Flax model's own
-    params, e.g. ``model.init(...)["params"]``): the paths are checked against it (linen's
-    Sequential spellings resolved) and an unmatched one is a :class:`WeightMapError` naming
-    the entry to add."""
+    params: ``model.init(...)["params"]``, an nnx ``Module`` or an ``nnx.State``): the paths
+    are checked against it (linen's Sequential and nnx's list spellings resolved), the result
+    keyed as it is (nnx: integer list indices, so ``nnx.replace_by_pure_dict(nnx.state(model,
+    nnx.Param), params)`` takes it), and an unmatched path is a :class:`WeightMapError`
+    naming the entry to add."""
     wm = _map_of(module_or_state, weight_map, kind_rules)
-    if flax_params is not None:
-        wm = wm.resolve(flax_params)
-    return wm.to_flax(_state_of(module_or_state))
+    if flax_params is None:
+        return wm.to_flax(_state_of(module_or_state))
+    ref = flax_tree(flax_params)
+    wm = wm.resolve(_str_keys(ref))
+    return _keyed_like(wm.to_flax(_state_of(module_or_state)), ref)
 
 
-def flax_to_torch(params: Mapping, weight_map: WeightMap) -> dict[str, np.ndarray]:
-    """Nested Flax params -> flat torch state (NumPy, torch layout), tied aliases included;
-    buffers (no Flax counterpart) are not in it: load with ``strict=False`` or merge into
-    the module's own ``state_dict()``."""
-    return weight_map.to_torch(params, aliases=True)
+def flax_to_torch(params, weight_map: WeightMap) -> dict[str, np.ndarray]:
+    """Nested Flax params (a linen params dict, an nnx ``Module`` or ``nnx.State``) -> flat
+    torch state (NumPy, torch layout), tied aliases included; buffers (no Flax counterpart)
+    are not in it: load with ``strict=False`` or merge into the module's own
+    ``state_dict()``.  The map's paths are resolved against the params (nnx's spellings)."""
+    tree = _str_keys(flax_tree(params))
+    return weight_map.resolve(tree).to_torch(tree, aliases=True)
 
 
 def _map_of(module_or_state, weight_map, kind_rules) -> WeightMap:
@@ -399,3 +527,47 @@ def _map_of(module_or_state, weight_map, kind_rules) -> WeightMap:
         return WeightMap.from_torch(module_or_state, weight_map, kind_rules)
     return WeightMap.auto({k: np.shape(v) for k, v in module_or_state.items()}, weight_map,
                           kind_rules=kind_rules)
+
+
+# ------------------------------------------------------------------ optimizer state
+def checkpoint_names(weight_map: WeightMap, params) -> dict[str, str]:
+    """Flax module path -> torch module path for ``dualprec_jax.checkpoint`` (``names=``), from
+    the map's rules, so the optimizer state is named and laid out as the cross-framework
+    training checkpoint names it; checked against the map: every Flax leaf of ``params``
+    must get the torch name and layout the map gives it."""
+    from dualprec_jax.checkpoint import torch_names
+
+    tree = flax_tree(params)
+    wm = weight_map.resolve(_str_keys(tree))
+    names = {"/".join(r.flax_path[:-1]): t.rpartition(".")[0] for t, r in wm.rules.items()}
+    want = {r.flax_path: (t, r.layout) for t, r in wm.rules.items()}
+    for path, got in torch_names(tree, names).items():
+        if want.get(tuple(path)) != got:
+            raise WeightMapError(
+                f"optimizer state: the Flax leaf {'/'.join(path)} is {got[0]} ({got[1]}) by the training-checkpoint "
+                f"rules but {want.get(tuple(path), ('no torch name', ''))[0]} by the weight map; the optimizer-state "
+                "mapping takes maps whose entries follow those rules (kernel -> weight, scale/embedding -> weight, "
+                "other leaves by name)")
+    return names
+
+
+def optimizer_state_to_flax(state: Mapping, params, opt_state, weight_map: WeightMap):
+    """torch's optimizer state in the training checkpoint's backend-neutral form
+    (``dualprec_torch.checkpoint.optimizer_state(model, optimizer)``: Adam/AdamW ``exp_avg``,
+    ``exp_avg_sq`` and the step; SGD's ``momentum_buffer``, by torch name and layout) put
+    into ``opt_state`` (optax's adam/adamw/sgd state of ``params``, e.g. ``tx.init(params)``,
+    loss-scaled or not) through ``weight_map``.  Tied aliases are dropped (torch's optimizer
+    holds a tied tensor once, under its first name)."""
+    from dualprec_jax.checkpoint import load_optimizer_state
+
+    names = checkpoint_names(weight_map, params)
+    slots = {s: {n: v for n, v in d.items() if n not in weight_map.ties} for s, d in state["slots"].items()}
+    return load_optimizer_state(flax_tree(params), opt_state, dict(state, slots=slots), names)
+
+
+def optimizer_state_to_torch(params, opt_state, weight_map: WeightMap) -> dict:
+    """The optax state of ``params`` in the training checkpoint's backend-neutral form, by
+    torch name and layout (load it with ``dualprec_torch.checkpoint.load_optimizer_state``)."""
+    from dualprec_jax.checkpoint import optimizer_state
+
+    return optimizer_state(flax_tree(params), opt_state, checkpoint_names(weight_map, params))

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "presets": ("dualprec.cli", "list the named policies"),
     "conformance": ("conformance.cli", "run the cross-framework conformance suite"),
     "bench": ("bench.cli", "benchmark policies in both backends"),
+    "diagnose": ("dualprec.diagnose_cli", "rank the modules a policy breaks, suggest a fix"),
 }
 
 

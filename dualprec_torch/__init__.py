@@ -5,7 +5,8 @@ to the spec's capability checks; `FP32_OPS` lists what the op policy keeps in fl
 """
 
 from .caps import device_caps
+from .diagnose import diagnose
 from .ops import FP32_OPS
 from .precision import Precision, UnsupportedPolicyError
 
-__all__ = ["Precision", "device_caps", "FP32_OPS", "UnsupportedPolicyError"]
+__all__ = ["Precision", "diagnose", "device_caps", "FP32_OPS", "UnsupportedPolicyError"]

@@ -81,6 +81,15 @@ class Session(abc.ABC):
         replaced by the given array; the submodule's output (canonical layout)."""
         raise NotImplementedError
 
+    def run_glue(self, x: np.ndarray, inputs: dict[str, np.ndarray],
+                 outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One pass with each block named in ``inputs`` fed that input and each submodule
+        named in ``outputs`` (the blocks' direct children) returning the given array: each
+        block's output then differs from the reference only by the block's own ops between
+        its submodules (an activation, a softmax, a residual add).  Returns the outputs of
+        the blocks all of whose given children were replaced (canonical layout)."""
+        raise NotImplementedError
+
     def grad_dtypes(self) -> dict[str, str]:
         """Dtype of each parameter's gradient as autodiff produced it (before unscaling),
         in the last ``loss_and_grads``."""

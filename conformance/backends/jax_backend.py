@@ -100,6 +100,7 @@ class _Compiled:
         self.grad_fn = jax.jit(jax.value_and_grad(self._scaled_loss, argnums=(0, 1), has_aux=True))
         self.fwd = jax.jit(self._forward)
         self.isolated = jax.jit(self._isolated)
+        self.glue = jax.jit(self._glue)
         self._optimizers = {}
         self._param_structs = None
         self._state0 = None
@@ -230,6 +231,40 @@ class _Compiled:
                         got[name] = leaf[-1]
         return got
 
+    def _glue(self, params, state, x, subs_in, subs_out):
+        """The blocks of ``subs_in`` on their given inputs, their direct children (``subs_out``)
+        returning the given outputs (cast to the dtype the child computed): only each
+        block's own ops run on this side's arithmetic."""
+        import flax.linen as nn
+
+        blocks, swapped, replaced = set(subs_in), set(), set()
+
+        def swap(next_fun, args, kwargs, context):
+            name = ".".join(map(str, context.module.path))
+            if context.method_name != "__call__":
+                return next_fun(*args, **kwargs)
+            if name in blocks and args and getattr(args[0], "shape", None) == subs_in[name].shape:
+                swapped.add(name)
+                return next_fun(subs_in[name], *args[1:], **kwargs)
+            out = next_fun(*args, **kwargs)
+            if name in subs_out and getattr(out, "shape", None) == subs_out[name].shape:
+                replaced.add(name)
+                return subs_out[name].astype(out.dtype)
+            return out
+
+        def keep(module, method_name):
+            return method_name == "__call__" and ".".join(map(str, module.path)) in blocks
+
+        with nn.intercept_methods(swap):
+            _, inter, _ = self._logits(params, state, x, capture=keep)
+        got = {}
+        for path, leaf in flatten_flax(inter).items():
+            name = ".".join(path[:-1])
+            children = {c for c in subs_out if c.startswith(name + ".")}
+            if path[-1] == "__call__" and name in swapped and children and children <= replaced:
+                got[name] = leaf[-1]
+        return got
+
     def _class_axis(self, ndim: int) -> int:
         """The class axis of the output in the JAX layout (``spec.class_axis`` is torch's)."""
         if ndim <= 2:
@@ -337,6 +372,14 @@ class JaxSession(Session):
         flax_of = {t: f for f, t in self._torch_names.items()}
         subs = {flax_of.get(n, n): jnp.asarray(self.spec.to_jax_layout(a)) for n, a in inputs.items()}
         got = self.c.isolated(self._params, self._state_all(), self.spec.to_jax_layout(x), subs)
+        return {self._torch_names.get(n, n): self.spec.from_jax_layout(to_numpy(o)) for n, o in got.items()}
+
+    def run_glue(self, x, inputs, outputs):
+        import jax.numpy as jnp
+
+        flax_of = {t: f for f, t in self._torch_names.items()}
+        conv = lambda d: {flax_of.get(n, n): jnp.asarray(self.spec.to_jax_layout(a)) for n, a in d.items()}
+        got = self.c.glue(self._params, self._state_all(), self.spec.to_jax_layout(x), conv(inputs), conv(outputs))
         return {self._torch_names.get(n, n): self.spec.from_jax_layout(to_numpy(o)) for n, o in got.items()}
 
     def grad_dtypes(self):

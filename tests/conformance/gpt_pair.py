@@ -1,7 +1,8 @@
 """A GPT-style LM written once in each framework, as a user would: vocab 64, d=32, 4 heads,
 2 pre-LN blocks, a registered causal-mask buffer, GELU MLP, final LayerNorm, the LM head
-tied to the token embedding, logits [B, T, V].  ``FlaxGPT(bug=...)`` plants one twin bug
-("gelu-tanh", "ln-eps", "softmax-half") for the power tests."""
+tied to the token embedding, logits [B, T, V].  ``FlaxGPT(bug=...)`` plants one twin bug for
+the power tests (:data:`BUGS`); "output-uncast" is planted in the JAX side's Precision instead
+(:class:`UncastPrecision`: the model's output returned without the output cast)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,19 @@ import torch
 import torch.nn.functional as F
 from dualprec_jax import ops as dp_ops
 
-from conformance.zoo.flax_models import matmul, scale, under_table
+from conformance.zoo.flax_models import active_policy, matmul, scale, under_table
 
 V, D, H, T, L = 64, 32, 4, 16, 2
+
+#: planted bug -> what it is (the Flax side differs from torch's by that alone)
+BUGS = {
+    "gelu-tanh": "tanh-approximated GELU (torch: exact erf)",
+    "ln-eps": "LayerNorm eps 1e-6 (torch: 1e-5)",
+    "softmax-half": "softmax in the scores' dtype, no autocast (exponentials rounded to it)",
+    "accum-half": "mlp.fc1's GEMM accumulated in the compute dtype (no float32 accumulator)",
+    "attn-scale": "attention scores scaled by 1/sqrt(d_model) (torch: 1/sqrt(head_dim))",
+    "output-uncast": "the output returned in the compute dtype (the output cast skipped)",
+}
 
 
 class TorchAttention(torch.nn.Module):
@@ -90,7 +101,7 @@ class FlaxAttention(nn.Module):
         dh = d // H
         qkv = nn.Dense(3 * d, name="qkv")(x).reshape(b, t, 3, H, dh).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        att = scale(matmul(q, jnp.swapaxes(k, -1, -2)), 1.0 / math.sqrt(dh))
+        att = scale(matmul(q, jnp.swapaxes(k, -1, -2)), 1.0 / math.sqrt(d if self.bug == "attn-scale" else dh))
         att = jnp.where(jnp.tril(jnp.ones((t, t), bool)), att, -jnp.inf)
         if self.bug == "softmax-half":
             # the exponentials rounded to the scores' (half) dtype before normalising: an explicit
@@ -104,12 +115,37 @@ class FlaxAttention(nn.Module):
         return nn.Dense(d, name="proj")(y.transpose(0, 2, 1, 3).reshape(b, t, d))
 
 
+class HalfAccDense(nn.Module):
+    """A Dense whose GEMM accumulates in the compute dtype: each product (exact in float32)
+    added to a running sum that is rounded to the compute dtype after every term, the bias
+    added and rounded last; what a kernel without a float32 accumulator computes.  Under a
+    float32 policy it is a float32 GEMM summed in order (no bug)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        policy = active_policy()
+        c = jnp.dtype(policy.compute_dtype) if policy is not None else x.dtype
+        xs, ws = x.astype(c).astype(jnp.float32), kernel.astype(c).astype(jnp.float32)
+        acc = jnp.zeros(x.shape[:-1] + (self.features,), c)
+        for i in range(x.shape[-1]):
+            acc = (acc.astype(jnp.float32) + xs[..., i, None] * ws[i]).astype(c)
+        return (acc.astype(jnp.float32) + bias.astype(c).astype(jnp.float32)).astype(c)
+
+
+def dense(features, name, half_acc=False):
+    return HalfAccDense(features, name=name) if half_acc else nn.Dense(features, name=name)
+
+
 class FlaxMLP(nn.Module):
     bug: str = ""
 
     @nn.compact
     def __call__(self, x):
-        h = gelu(nn.Dense(4 * D, name="fc1")(x), approximate=self.bug == "gelu-tanh")
+        h = gelu(dense(4 * D, "fc1", self.bug == "accum-half")(x), approximate=self.bug == "gelu-tanh")
         return nn.Dense(D, name="fc2")(h)
 
 
@@ -135,6 +171,23 @@ class FlaxGPT(nn.Module):
         x = nn.LayerNorm(epsilon=1e-6 if self.bug == "ln-eps" else 1e-5, name="ln_f")(x)
         # the tied head: torch's lm_head is a Linear under autocast; the op table does the same
         return under_table(lambda h, e: h @ e.T, x, tok.embedding)
+
+
+def uncast_precision():
+    """A dualprec_jax Precision whose ``apply`` returns the model's output as the model
+    computed it (the compute dtype under a mixed policy), skipping the output cast: the
+    "output not cast" bug, planted in the JAX side's training code rather than the model."""
+    from dualprec_jax import Precision
+
+    class UncastPrecision(Precision):
+        def apply(self, *args, **kwargs):  # the cast functions themselves stay correct
+            self.convert_output = lambda tree: tree
+            try:
+                return super().apply(*args, **kwargs)
+            finally:
+                del self.convert_output
+
+    return UncastPrecision
 
 
 def data(seed=0, batch=8):

@@ -137,3 +137,18 @@ def test_explain_says_each_problem_once_in_full_within_80_columns():
     words = " ".join(ln.strip() for ln in lines[1:-1])
     assert long in words  # every word there, none cut
     assert lines[-1] == "note: no Flax counterpart, not compared: a.mask"
+
+
+@pytest.mark.slow
+def test_calibrate_reports_the_envelope_of_a_pair_against_the_bounds():
+    from conformance import calibrate
+
+    from gpt_pair import FlaxGPT, TorchGPT, data
+
+    env = calibrate(TorchGPT, FlaxGPT(), None, "bf16-mixed", lambda s: data(seed=s), seeds=(0, 1))
+    assert not env.failed, env.table()
+    assert {"layers", "forward"} <= set(env.rows)
+    assert all(0.0 <= row[0] <= 1.0 for row in env.rows.values()), env.table()
+    assert len(env.runs) == 2 and "layers" in env.table()
+    bug = calibrate(TorchGPT, FlaxGPT(bug="softmax-half"), None, "bf16-mixed", lambda s: data(seed=s), seeds=(0,))
+    assert bug.failed == {"layers": [0]} and bug.rows["layers"][0] > 1.0, bug.table()

@@ -110,3 +110,40 @@ def test_kind_rules_are_documented_and_overridable():
     assert np.array_equal(own["s"]["w"], np.arange(6.0).reshape(2, 3))
     with pytest.raises(ValueError, match="layout 'transposed' is not one of"):
         torch_to_flax(Net(), kind_rules={"Scale": {"weight": ("w", "transposed")}})
+
+
+def test_nnx_module_and_state_both_ways_bit_for_bit(gpt):
+    """torch -> an nnx GPT (nnx's list spelling blocks/0/... resolved) -> torch, bit for bit,
+    from the module and from its nnx.State; the nnx model then computes torch's logits."""
+    from flax import nnx
+
+    from gpt_nnx import NnxGPT
+
+    model = NnxGPT()
+    wm = WeightMap.from_torch(gpt)
+    params = torch_to_flax(gpt, wm, flax_params=model)
+    assert 0 in params["blocks"] and params["blocks"][1]["attn"]["qkv"]["kernel"].shape == (32, 96)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    want = {k: v.detach().numpy() for k, v in gpt.state_dict().items() if k not in wm.ignored}
+    for source in (model, nnx.state(model, nnx.Param)):
+        back = flax_to_torch(source, wm)
+        assert set(back) == set(want)
+        for k in want:
+            assert back[k].dtype == want[k].dtype and back[k].tobytes() == want[k].tobytes(), k
+    ids, _ = data()
+    with torch.no_grad():
+        logits = gpt(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(np.asarray(model(ids)), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_tree_missing_a_module_names_the_entry(gpt):
+    from flax import nnx
+
+    from gpt_nnx import NnxGPT
+
+    tree = nnx.to_pure_dict(nnx.state(NnxGPT(), nnx.Param))
+    del tree["ln_f"]
+    with pytest.raises(WeightMapError, match=r"without a Flax counterpart: \['ln_f\.bias', 'ln_f\.weight'\].*weight_map="):
+        torch_to_flax(gpt, flax_params=tree)
