@@ -159,8 +159,8 @@ def weight_quant_error(w: np.ndarray, policy: Policy, path: str) -> float | None
     w = np.asarray(w, np.float32)
     if w.ndim != 2:
         return None
-    if policy.quantizes(path):
-        q = p.quantization
+    q = p.quantization
+    if q is not None and not q.skips(path):  # policy.quantizes(path)
         if q.is_4bit:
             from .ref.fourbit import dequantize_4bit, quantize_4bit
 
@@ -216,9 +216,9 @@ def trace_error(trace: Trace, ref: Trace) -> tuple[float, float]:
         names = sorted(set(ga) & set(gb))
         if not names:
             continue
-        a = np.concatenate([_f64(ga[n]).ravel() for n in names])
-        b = np.concatenate([_f64(gb[n]).ravel() for n in names])
-        grad_err = max(grad_err, rel_error(a, b))
+        grad_a = np.concatenate([_f64(ga[n]).ravel() for n in names])
+        grad_b = np.concatenate([_f64(gb[n]).ravel() for n in names])
+        grad_err = max(grad_err, rel_error(grad_a, grad_b))
         compared += 1
     if not compared and trace.grads:
         grad_err = math.inf
@@ -271,6 +271,7 @@ def promote(policy: Policy, path: str) -> Policy:
     sub = policy.for_module(path)
     if kind == "quant":
         q = sub.quantization
+        assert q is not None, "promotion_kind is quant only where the module is quantized"
         new_q = _replace(q, skip=q.skip + (path,))
         pattern = _governing(policy, path)
         if pattern is None:
@@ -691,7 +692,8 @@ def search(run: Callable[[Policy, bool], Trace], policy, modules: Sequence[tuple
         for p in ranking:
             if promotion_kind(suggested, p) is None:
                 continue  # covered by a promoted parent
-            if reports[p].own_error is not None and reports[p].own_error <= 0 and (reports[p].gain or 0) <= 0:
+            own_error = reports[p].own_error
+            if own_error is not None and own_error <= 0 and (reports[p].gain or 0) <= 0:
                 continue
             trial = promote(suggested, p)
             say(f"greedy: + {p}")

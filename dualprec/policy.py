@@ -24,13 +24,17 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .dtypes import FLOAT_DTYPES, HALF_DTYPES, canonical_dtype
 from .errors import PolicyError
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
     from .capabilities import CheckReport, DeviceCaps
+
+_Dataclass = TypeVar("_Dataclass", bound="DataclassInstance")
 
 __all__ = [
     "LossScale", "Quantization", "FP8Recipe", "Policy",
@@ -109,7 +113,8 @@ def _show(x: float | None) -> str:
     return repr(x) if not isinstance(x, int) or abs(x) < 10**12 else f"{str(x)[:12]}...({len(str(x))} digits)"
 
 
-def _replace(obj: Policy, **changes: Any) -> Policy:
+def _replace(obj: _Dataclass, **changes: Any) -> _Dataclass:
+    """``dataclasses.replace``: a copy with ``changes``, validated by ``__post_init__``."""
     return dataclasses.replace(obj, **changes)
 
 
