@@ -402,7 +402,6 @@ def _torch_precision_rows(plan: Plan, compiled: bool) -> list[Record]:
     recs[1].extra["target"] = "bit-identical and within 1% step time"
     if dev == "cpu":
         recs[1].extra["note"] = "CPU: Precision emulates the CUDA table, so bit-identity is not promised here"
-    del run_h, run_p, model_h, model_p, opt_h, opt_p
     return recs
 
 
@@ -586,8 +585,8 @@ def _jax_nf4_rows(plan: Plan) -> list[Record]:
                     xi, a = carry
                     # the float leaves (absmax) depend on the carry, so XLA cannot hoist the
                     # dequantization out of the loop; x * 0 is not folded for floats
-                    vi = jax.tree.map(lambda l: l * (1 + 0 * a[0]).astype(l.dtype)
-                                      if jnp.issubdtype(l.dtype, jnp.floating) else l, v)
+                    vi = jax.tree.map(lambda leaf: leaf * (1 + 0 * a[0]).astype(leaf.dtype)
+                                      if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf, v)
                     y = layer.apply(vi, xi)
                     return xi + y[:, :1] * 0, a + y[:, 0].astype(jnp.float32)  # a dependency, no CSE
                 xi, acc = jax.lax.fori_loop(0, inner, body, (x, acc))

@@ -209,7 +209,6 @@ def build_torch_case(cfg: MLPConfig, label: str, *, impl: str = "hand", device: 
     scaler = None
     autocast_dtype = None
     extra: dict[str, Any] = {}
-    forward = None
 
     if impl == "dualprec":
         return _torch_dualprec_case(cfg, label, x, dev, compiled, compile_backend)

@@ -46,8 +46,10 @@ def _data(seed):
     xs = [rng.standard_normal((BATCH, IN)).astype(np.float32) * rng.uniform(0.05, 40) for _ in range(STEPS)]
     cs = [rng.standard_normal((BATCH, OUT)).astype(np.float32) * rng.uniform(0.01, 100) for _ in range(STEPS)]
     xs[2] = np.zeros_like(xs[2])               # input amax 0: previous scale kept
-    cs[4] = cs[4].copy(); cs[4][0, 1] = np.inf  # non-finite output-gradient amaxes
-    cs[6] = cs[6].copy(); cs[6][2, 3] = np.nan
+    cs[4] = cs[4].copy()
+    cs[4][0, 1] = np.inf  # non-finite output-gradient amaxes
+    cs[6] = cs[6].copy()
+    cs[6][2, 3] = np.nan
     return xs, cs
 
 

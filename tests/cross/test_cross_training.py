@@ -143,7 +143,7 @@ def test_the_uninterrupted_runs_agree(straight):
     (t_traj, t_params), (j_traj, j_params) = straight["torch"], straight["jax"]
     assert [(s, c) for _, s, c in t_traj] == [(s, c) for _, s, c in j_traj]
     assert len({s for _, s, _ in t_traj}) >= 3  # grew and backed off
-    np.testing.assert_allclose([l for l, _, _ in t_traj], [l for l, _, _ in j_traj], rtol=5e-3)
+    np.testing.assert_allclose([loss for loss, _, _ in t_traj], [loss for loss, _, _ in j_traj], rtol=5e-3)
     for n in t_params:
         assert _bound(j_params[n], t_params[n]) < 1e-2, n
 
@@ -161,7 +161,7 @@ def test_adamw_run_resumes_in_the_other_framework(straight, first, second, tmp_p
     expected, params = straight[second]
     # the loss-scale trajectory: float32 scale bits and counters, step for step
     assert [(s.tobytes(), c) for _, s, c in traj] == [(s.tobytes(), c) for _, s, c in expected]
-    np.testing.assert_allclose([l for l, _, _ in traj], [l for l, _, _ in expected], rtol=1e-3)
+    np.testing.assert_allclose([loss for loss, _, _ in traj], [loss for loss, _, _ in expected], rtol=1e-3)
     got = _params(after)
     worst = max(_bound(got[n], params[n]) for n in params)
     assert worst < 1e-2, worst  # measured 3.96e-3 both ways (the straight runs differ by 3.92e-3)

@@ -167,7 +167,7 @@ def test_state_dict_loads_with_weights_only_torch_load(tmp_path):
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_cpu_gpu_returns_the_same_bytes(mode):
     model = quantize_module(_net(1), mode, device="cuda")
-    assert all(p.device.type == "cuda" for _, l in quant.quantized_layers(model) for p in l.parameters())
+    assert all(p.device.type == "cuda" for _, layer in quant.quantized_layers(model) for p in layer.parameters())
     x = _x(mode).cuda()
     before, saved = _out(model, x), {k: v.cpu() for k, v in model.state_dict().items()}
     model.cpu()
