@@ -487,15 +487,15 @@ MUTANTS: tuple[Mutant, ...] = (
            loss_bf16, FLOAT),
     # one per FP8 / block-scaled recipe (docs/block-scaling.md, "Mutants")
     Mutant("mx-scale-floor", "jax", "MXFP8 scales rounded with FLOOR where the recipe says RCEIL",
-           mx_scale_floor, ("bf16-mixed,fp8=mxfp8",)),
+           mx_scale_floor, ("bf16-mixed+mxfp8",)),
     Mutant("torch-mx-block-axis", "torch", "MXFP8 blocks along the wrong dimension of each operand",
-           torch_mx_block_axis_swapped, ("bf16-mixed,fp8=mxfp8",)),
+           torch_mx_block_axis_swapped, ("bf16-mixed+mxfp8",)),
     Mutant("delayed-scale-late", "jax", "FP8 delayed scaling quantizes with last step's scale",
            delayed_scale_late, ("bf16-mixed+fp8",)),
     Mutant("torch-sr-wrong-stream", "torch", "NVFP4 stochastic rounding draws from another stream of the seed",
-           torch_sr_wrong_stream, ("bf16-mixed,fp8=nvfp4",)),
+           torch_sr_wrong_stream, ("bf16-mixed+nvfp4",)),
     Mutant("nvfp4-single-level", "jax", "NVFP4 without its float32 tensor scale (E4M3 block scales only)",
-           nvfp4_single_level, ("bf16-mixed,fp8=nvfp4",)),
+           nvfp4_single_level, ("bf16-mixed+nvfp4",)),
 )
 
 #: The fast subset the CI test runs: mutant -> the one policy it runs under, on the MLP.
