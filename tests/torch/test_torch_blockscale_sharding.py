@@ -1,6 +1,6 @@
 """Block-scaled recipes with FSDP2 over 2 gloo ranks (blockscale_sharding_worker.py): every
 code and scale equals the unsharded run's share bit for bit; gradients and one training step
-agree within float32 sum bounds."""
+agree within float32 sum bounds; a distributed checkpoint resumes bit-identically."""
 
 import socket
 import sys
@@ -29,8 +29,9 @@ def fsdp_block_runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("recipe", list(w.RECIPES))
-@pytest.mark.parametrize("what", ["codes-and-scales", "fsdp2-step"])
+@pytest.mark.parametrize("what", ["codes-and-scales", "fsdp2-step", "fsdp2-resume"])
 def test_fsdp2_block_recipe_matches_unsharded(recipe, what, fsdp_block_runs):
+    assert "OK control fsdp2-step" in fsdp_block_runs[0], fsdp_block_runs[0][-4000:]
     for text in fsdp_block_runs:
         lines = [" ".join(ln.split()[:3]) for ln in text.splitlines()]
         assert f"OK {recipe} {what}" in lines, text[-4000:]
