@@ -73,7 +73,7 @@ def main():
     for name in ("rowwise", "mxfp8", "nvfp4"):
         recipe = RECIPES[name]
 
-        def loss(w_, x_, c_):
+        def loss(w_, x_, c_, recipe=recipe):
             return jnp.sum(bs.block_linear(x_, w_, recipe, 7, 3) * c_)
 
         grad = jax.jit(jax.grad(loss))
