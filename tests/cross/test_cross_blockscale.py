@@ -359,3 +359,57 @@ def test_every_recipe_resumes_after_a_nonfinite_step(recipe, tmp_path):
         assert torch.equal(a, b), k
     for a, b in zip(opt.state_dict()["state"].values(), opt3.state_dict()["state"].values()):
         assert all(torch.equal(a[f], b[f]) for f in a)
+
+
+@pytest.mark.slow  # compiles the JAX step per recipe
+@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp", "mxfp8", "nvfp4"])
+def test_torch_checkpoint_mid_run_resumes_in_jax(recipe):
+    """Two torch steps, a checkpoint (weights and `fp8.state_tensors`), then the third step in
+    torch and, from the checkpoint, in JAX: the weight gradients agree within 1e-5 of their
+    largest entry (an SR draw at another step or seed moves elements by an E2M1 code step,
+    up to half of them) and both states end at [seed, 3]."""
+    import flax.linen as nn
+
+    from dualprec_jax import Precision as JPrecision
+    from dualprec_jax import fp8 as jfp8
+    from dualprec_torch import Precision as TPrecision
+    from dualprec_torch import fp8 as tfp8
+
+    policy = f"32-true,fp8={recipe}"
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((32, 32)).astype(np.float32)
+    cs = [rng.standard_normal((32, 8)).astype(np.float32) for _ in range(3)]
+    m = torch.nn.Sequential(torch.nn.Linear(32, 8))
+    tp = TPrecision(policy)
+    m, opt = tp.setup(m, torch.optim.SGD(m.parameters(), lr=0.1))
+
+    def t_step(c):
+        tp.backward((m(torch.from_numpy(x)) * torch.from_numpy(c)).sum())
+        dw = m[0].weight.grad.numpy().copy()
+        tp.step(opt)
+        opt.zero_grad()
+        return dw
+
+    for c in cs[:2]:
+        t_step(c)
+    w, b = m[0].weight.detach().numpy().copy(), m[0].bias.detach().numpy().copy()
+    state = {k: v.numpy().copy() for k, v in tfp8.state_tensors(m).items()}
+    assert state["fp8.0.blockscale.state"].tolist() == [tbs.layer_seed("0"), 2]
+    t_dw = t_step(cs[2])
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, v):
+            return nn.Dense(8, name="0")(v)
+
+    jp = JPrecision(policy)
+    model = Net()
+    v = jp.init(model, jax.random.PRNGKey(0), x)
+    v = {**v, "params": {"0": {"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}}}
+    v = jfp8.load_state_tensors(v, state)
+    g = jax.jit(jax.grad(lambda v, c: jnp.sum(jp.apply(model, v, x) * c)))(v, jnp.asarray(cs[2]))
+    j_dw = np.asarray(g["params"]["0"]["kernel"]).T
+    np.testing.assert_allclose(j_dw, t_dw, rtol=0, atol=1e-5 * float(np.max(np.abs(t_dw))))
+    v = jfp8.apply_fp8_grads(v, g)
+    assert jfp8.state_tensors(v)["fp8.0.blockscale.state"].tolist() == [tbs.layer_seed("0"), 3]
+    assert m[0].blockscale_state.tolist() == [tbs.layer_seed("0"), 3]
