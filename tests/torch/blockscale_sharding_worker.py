@@ -169,6 +169,12 @@ def worker(rank, world, port, out_dir):
                 lines.append(f"OK {name} fsdp2-resume")
             except Exception:  # noqa: BLE001 - reported to the test through the file
                 lines.append(f"FAIL {name}: {traceback.format_exc()}")
+        for name in ("mxfp8", "nvfp4"):  # under autocast: FSDP2 gathers the float32 parameter
+            try:
+                check_fsdp2(name, rank, world, f"bf16-mixed,fp8={name}")
+                lines.append(f"OK {name} fsdp2-step-bf16-mixed")
+            except Exception:  # noqa: BLE001
+                lines.append(f"FAIL {name} bf16-mixed: {traceback.format_exc()}")
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")

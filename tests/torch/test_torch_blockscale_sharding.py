@@ -35,3 +35,11 @@ def test_fsdp2_block_recipe_matches_unsharded(recipe, what, fsdp_block_runs):
     for text in fsdp_block_runs:
         lines = [" ".join(ln.split()[:3]) for ln in text.splitlines()]
         assert f"OK {recipe} {what}" in lines, text[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("recipe", ["mxfp8", "nvfp4"])
+def test_fsdp2_block_recipe_under_bf16_mixed(recipe, fsdp_block_runs):
+    for text in fsdp_block_runs:
+        assert f"OK {recipe} fsdp2-step-bf16-mixed" in text.splitlines(), text[-4000:]
