@@ -308,14 +308,8 @@ def test_precision_layers_both_backends_state_crosses():
 
 
 # ----------------------------------------------------------------------------- resume mid-run
-@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp", "mxfp8(rounding=floor)", "nvfp4"])
-def test_every_recipe_resumes_after_a_nonfinite_step(recipe, tmp_path):
-    """4 steps in one go vs 2 steps, a save to disk, a fresh process state, 2 more steps: the
-    parameters, the optimizer and the [seed, step] state are bit-identical.  Step 1's gradient
-    holds an inf (the step is skipped under nonfinite=skip) and the save comes right after it
-    (TE's "NaN FP8 weights in async checkpoints"): the saved weights are finite, the skipped
-    step restored the state its iteration began with (docs/fp8.md: [seed, 1] after two
-    backwards) and the resumed run continues from it."""
+def _resume_run(recipe, tmp_path):
+    """(uninterrupted model, resumed model, their optimizers) of the run described below."""
     from dualprec_torch import Precision
 
     policy = f"32-true,nonfinite=skip,fp8={recipe}"
@@ -355,10 +349,48 @@ def test_every_recipe_resumes_after_a_nonfinite_step(recipe, tmp_path):
     p3.load_state_dict(saved["prec"])
     for xy in batches[2:]:
         step(p3, m3, opt3, xy)
+    return m, m3, opt, opt3
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp", "mxfp8(rounding=floor)", "nvfp4"])
+def test_every_recipe_resumes_after_a_nonfinite_step(recipe, tmp_path):
+    """4 steps in one go vs 2 steps, a save to disk, a fresh process state, 2 more steps: the
+    parameters, the optimizer and the [seed, step] state are bit-identical.  Step 1's gradient
+    holds an inf (the step is skipped under nonfinite=skip) and the save comes right after it
+    (TE's "NaN FP8 weights in async checkpoints"): the saved weights are finite, the skipped
+    step restored the state its iteration began with (docs/fp8.md: [seed, 1] after two
+    backwards) and the resumed run continues from it."""
+    m, m3, opt, opt3 = _resume_run(recipe, tmp_path)
     for (k, a), b in zip(m.state_dict().items(), m3.state_dict().values()):
         assert torch.equal(a, b), k
     for a, b in zip(opt.state_dict()["state"].values(), opt3.state_dict()["state"].values()):
         assert all(torch.equal(a[f], b[f]) for f in a)
+
+
+def test_seed_not_restored_after_load_is_caught(tmp_path, monkeypatch):
+    """The mutant "SR seed/step not restored after a checkpoint load": a BlockScaledLinear whose
+    load keeps its fresh [seed, 0] state (the model state dict's and the precision checkpoint's
+    `fp8` extension both ignored).  The NVFP4 resumed run then redraws step 0's SR bits and
+    leaves the uninterrupted run's weights."""
+    import dataclasses
+
+    from dualprec import checkpoint
+
+    orig = tbs.BlockScaledLinear._load_from_state_dict
+    ext = checkpoint._EXTENSIONS[("torch", "fp8")]
+    skip_block = dataclasses.replace(ext, load_state_tensors=lambda model, t, **k: ext.load_state_tensors(
+        model, {n: v for n, v in t.items() if not n.endswith(".blockscale.state")}, **{**k, "strict": False}))
+    monkeypatch.setitem(checkpoint._EXTENSIONS, ("torch", "fp8"), skip_block)
+
+    def load(self, state_dict, prefix, *a, **k):
+        fresh = self.blockscale_state.clone()
+        orig(self, state_dict, prefix, *a, **k)
+        self.blockscale_state.copy_(fresh)
+
+    monkeypatch.setattr(tbs.BlockScaledLinear, "_load_from_state_dict", load)
+    m, m3, _, _ = _resume_run("nvfp4", tmp_path)
+    assert m3[0].blockscale_state.tolist()[1] == 2 != m[0].blockscale_state.tolist()[1]
+    assert not torch.equal(m[0].weight, m3[0].weight)
 
 
 @pytest.mark.slow  # compiles the JAX step per recipe
