@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import zlib
 from typing import Callable
 
 import numpy as np
@@ -718,6 +719,61 @@ def check_fp8(ctx: Context, sa: Session, sb: Session, steps: int | None = None) 
                                "problems": problems})]
 
 
+def block_operands(ctx: Context, n: int, k: int, name: str):
+    """Seeded float32 operands of a block-scaled layer with an (n, k) weight: an input of 24
+    rows (not a multiple of any block) with a zero row, a row near 1e4 and one near 1e-5, and an
+    output gradient of gradient size (1e-3)."""
+    rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
+    x = rng.standard_normal((24, k)).astype(np.float32)
+    x[3] = 0.0
+    x[5] *= np.float32(1e4)
+    x[7] *= np.float32(1e-5)
+    g = (rng.standard_normal((24, n)) * 1e-3).astype(np.float32)
+    return x, g
+
+
+def check_block_codes(ctx: Context) -> list[Record]:
+    """Bit-exact: every code and scale of a block-scaled recipe's three GEMMs (row-wise FP8,
+    MXFP8, NVFP4; docs/block-scaling.md), torch's layer functions against JAX's on the same
+    operands: each block-scaled layer's canonical weight, seeded inputs and output gradients
+    (`block_operands`), at the layer's initial seed and two precision steps (0 and 3: the
+    stochastic-rounding streams move with the step).  The model checks bound the outputs these
+    codes feed; this one holds what the arithmetic fixes to the bit (a scale rounding mode,
+    the block axis, the tensor scale, the stochastic-rounding bits)."""
+    def layer_seed(path):  # both backends' initial seed of a layer: CRC-32 of its path, 31 bits
+        return zlib.crc32(path.encode()) & 0x7FFFFFFF
+
+    problems, compared, layers = [], 0, 0
+    for name, w in sorted(ctx.weights.items()):
+        if not name.endswith(".weight") or np.ndim(w) != 2:
+            continue
+        layer = name[:-len(".weight")]
+        recipe = ctx.policy.for_module(layer).fp8
+        if not (recipe and recipe.block_scaled):
+            continue
+        layers += 1
+        w = np.asarray(w, np.float32)
+        x, g = block_operands(ctx, *w.shape, name)
+        for step in (0, 3):
+            try:
+                pa = ctx.a.block_parts(x, w, g, recipe, layer_seed(layer), step)
+                pb = ctx.b.block_parts(x, w, g, recipe, layer_seed(layer), step)
+            except NotImplementedError:
+                return [ctx.record("block-codes", "bit-exact", "skip",
+                                   reason="a backend does not expose its block-scaled GEMM operands")]
+            codes = {k for k in set(pa) | set(pb) if k not in ("y", "dx", "dw")}
+            compared += len(codes)
+            problems += [p.replace(": ", f" (step {step}): ", 1) for p in _byte_problems(
+                ctx.a.name, ctx.b.name, {f"{layer}.{k}": pa[k] for k in codes if k in pa},
+                {f"{layer}.{k}": pb[k] for k in codes if k in pb}, "block")]
+    if not layers:
+        return [ctx.record("block-codes", "bit-exact", "fail", reason="no block-scaled layer under this policy")]
+    status, reason = ("fail" if problems else "pass"), "; ".join(problems[:4])
+    return [ctx.record("block-codes", "bit-exact", status, reason=reason, tolerance=0.0,
+                       where=problems[0].split(" (step")[0] if problems else None,
+                       detail={"layers": layers, "tensors": compared, "problems": problems})]
+
+
 # ---------------------------------------------------------------- orchestration
 CHECK_NAMES = ("cast-input", "cast-output", "param-dtypes", "param-values", "dtype-flow", "forward", "layers",
                "gradients", "loss", "train-loss", "train-params", "update", "loss-scale", "optimizer-dtypes")
@@ -726,7 +782,7 @@ TIER_OF = {"cast-input": "bit-exact", "cast-output": "bit-exact", "param-dtypes"
            "optimizer-dtypes": "bit-exact", "forward": "tolerance", "layers": "tolerance",
            "gradients": "tolerance", "loss": "tolerance", "train-loss": "tolerance", "train-params": "tolerance",
            "update": "tolerance",
-           "quant-codes": "bit-exact", "fp8-scales": "bit-exact"}
+           "quant-codes": "bit-exact", "fp8-scales": "bit-exact", "block-codes": "bit-exact"}
 
 
 def _guard(ctx: Context, names: tuple[str, ...], fn: Callable, *args) -> list[Record]:
@@ -805,6 +861,8 @@ def run_checks(ctx: Context) -> list[Record]:
             # bit-exact after one step from the same weights: after that the trained weights
             # (and so their amaxes) differ by the GEMMs' summation order
             recs += _guard(ctx, ("fp8-scales",), lambda: check_fp8(ctx, *_trained_pair(ctx, 1), steps=1))
+        if "block-codes" in extra:
+            recs += _guard(ctx, ("block-codes",), check_block_codes, ctx)
     return _known_divergence(ctx, recs)
 
 
@@ -851,4 +909,6 @@ def extra_checks(policy: Policy) -> tuple[str, ...]:
         out += ("quant-codes",)
     if any(p.fp8 for p in (policy, *(s for _, s in policy.overrides))):
         out += ("fp8-scales",)
+    if any(p.fp8 and p.fp8.block_scaled for p in (policy, *(s for _, s in policy.overrides))):
+        out += ("block-codes",)
     return out

@@ -259,6 +259,100 @@ def torch_inputs_not_cast():
     return _setattr(dualprec_torch.Precision, "convert_input", lambda self, data: data)
 
 
+# ---------------------------------------------------------------- FP8 and block-scaled recipe bugs
+@contextlib.contextmanager
+def _fresh_jax_traces() -> Iterator[None]:
+    """The block-scaled and FP8 dots are traced once per recipe (module-level ``jax.jit`` and
+    ``lru_cache``): drop every compiled trace around a mutant so that the patch is traced in,
+    and again afterwards so that it is traced out."""
+    import jax
+    from dualprec_jax import fp8
+
+    jax.clear_caches()
+    fp8._delayed_dot.cache_clear()
+    try:
+        yield
+    finally:
+        jax.clear_caches()
+        fp8._delayed_dot.cache_clear()
+
+
+@contextlib.contextmanager
+def mx_scale_floor():
+    """JAX rounds MX scales with FLOOR where the recipe says RCEIL (``to_mx``'s default)."""
+    from dualprec_jax import blockscale as bs
+
+    orig = bs.mx_quantize
+
+    def mx_quantize(x, rounding="rceil", fmt="float8_e4m3fn", block=32):
+        return orig(x, "floor" if rounding == "rceil" else rounding, fmt, block)
+
+    with _fresh_jax_traces(), _setattr(bs, "mx_quantize", mx_quantize):
+        yield
+
+
+@contextlib.contextmanager
+def torch_mx_block_axis_swapped():
+    """torch's MX blocks run along the first dimension of each 2-D operand (32 rows of a column
+    share a scale) instead of along the contracting (last) dimension; dequantization is
+    consistent with it, so only the choice of blocks is wrong."""
+    from dualprec_torch import blockscale as bs
+
+    q_orig, dq_orig = bs.mx_quantize, bs.mx_dequantize
+
+    def mx_quantize(x, rounding="rceil", fmt="float8_e4m3fn", block=32):
+        sc, q = q_orig(x.T.contiguous(), rounding, fmt, block)
+        return sc, q.T
+
+    def mx_dequantize(biased, codes, block=32):
+        return dq_orig(biased, codes.T.contiguous(), block).T
+
+    with _setattr(bs, "mx_quantize", mx_quantize), _setattr(bs, "mx_dequantize", mx_dequantize):
+        yield
+
+
+@contextlib.contextmanager
+def delayed_scale_late():
+    """JAX's delayed scaling quantizes with the scale stored last step instead of the one
+    recomputed from the history that includes last step's amax (one step late)."""
+    from dualprec_jax import fp8
+
+    with _fresh_jax_traces(), _setattr(fp8, "next_scale", lambda scale, history, role, recipe: fp8._to_f32(scale)):
+        yield
+
+
+@contextlib.contextmanager
+def torch_sr_wrong_stream():
+    """torch's NVFP4 stochastic rounding draws its bits from another stream of the seed (the
+    output gradient's stream for the transposed one and vice versa)."""
+    from dualprec_torch import blockscale as bs
+
+    orig = bs.sr_uniform24
+
+    def sr_uniform24(seed, stream, shape):
+        return orig(seed, stream ^ 1, shape)
+
+    with _setattr(bs, "sr_uniform24", sr_uniform24):
+        yield
+
+
+@contextlib.contextmanager
+def nvfp4_single_level():
+    """JAX's NVFP4 drops the float32 tensor scale: E4M3 block scales alone (qwix's "nvfp4")."""
+    from dualprec_jax import blockscale as bs
+
+    q_orig, dq_orig = bs.nvfp4_quantize, bs.nvfp4_dequantize
+    q2_orig, dq2_orig = bs.nvfp4_quantize_2d, bs.nvfp4_dequantize_2d
+    one = lambda ts: None if ts is None else ts * 0 + 1  # noqa: E731 (the tensor scale as 1)
+
+    with _fresh_jax_traces(), \
+            _setattr(bs, "nvfp4_quantize", lambda x, ts=None, u24=None, block=16: q_orig(x, None, u24, block)), \
+            _setattr(bs, "nvfp4_dequantize", lambda s8, c, ts=None, block=16: dq_orig(s8, c, None, block)), \
+            _setattr(bs, "nvfp4_quantize_2d", lambda w, ts, tile=16: q2_orig(w, one(ts), tile)), \
+            _setattr(bs, "nvfp4_dequantize_2d", lambda s8, c, ts, tile=16: dq2_orig(s8, c, one(ts), tile)):
+        yield
+
+
 # ---------------------------------------------------------------- twin bugs (not listed anywhere)
 def twin_gelu_tanh():
     import jax
@@ -391,6 +485,17 @@ MUTANTS: tuple[Mutant, ...] = (
            layernorm_var_half, FLOAT, ("transformer",)),
     Mutant("loss-bf16", "jax", "the loss computed in bfloat16 from bfloat16 logits",
            loss_bf16, FLOAT),
+    # one per FP8 / block-scaled recipe (docs/block-scaling.md, "Mutants")
+    Mutant("mx-scale-floor", "jax", "MXFP8 scales rounded with FLOOR where the recipe says RCEIL",
+           mx_scale_floor, ("bf16-mixed+mxfp8",)),
+    Mutant("torch-mx-block-axis", "torch", "MXFP8 blocks along the wrong dimension of each operand",
+           torch_mx_block_axis_swapped, ("bf16-mixed+mxfp8",)),
+    Mutant("delayed-scale-late", "jax", "FP8 delayed scaling quantizes with last step's scale",
+           delayed_scale_late, ("bf16-mixed+fp8",)),
+    Mutant("torch-sr-wrong-stream", "torch", "NVFP4 stochastic rounding draws from another stream of the seed",
+           torch_sr_wrong_stream, ("bf16-mixed+nvfp4",)),
+    Mutant("nvfp4-single-level", "jax", "NVFP4 without its float32 tensor scale (E4M3 block scales only)",
+           nvfp4_single_level, ("bf16-mixed+nvfp4",)),
 )
 
 #: The fast subset the CI test runs: mutant -> the one policy it runs under, on the MLP.

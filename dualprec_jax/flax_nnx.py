@@ -39,10 +39,19 @@ class _RoundsOutput:
     def __call__(self, x, *args, **kwargs):
         from .autocast import module_scope
 
+        from . import fp8
+
         top, own = self._dualprec_policies
-        with module_scope(top, own):
-            x = x.astype(self.dtype)  # norms take float32 inputs; matmuls their compute dtype
-            return super().__call__(x, *args, **kwargs).astype(self._dualprec_out)
+        raw = fp8.Fp8NnxLinear is not None and isinstance(self, fp8.Fp8NnxLinear)
+        if raw:  # an FP8 dot quantizes the input as received (docs/fp8.md), not this cast
+            fp8._NNX_RAW_INPUT.append(x)
+        try:
+            with module_scope(top, own):
+                x = x.astype(self.dtype)  # norms take float32 inputs; matmuls their compute dtype
+                return super().__call__(x, *args, **kwargs).astype(self._dualprec_out)
+        finally:
+            if raw:
+                fp8._NNX_RAW_INPUT.pop()
 
 
 class _CellInCompute:

@@ -299,6 +299,9 @@ class Fp8DotGeneral(nn.Module):
 # compute-dtype copies.  Set by the interceptor around one call.
 _PARAM_STACK: list = []
 _INPUT_STACK: list = []
+#: the input an nnx FP8 layer received before dualprec_jax.flax_nnx cast it to the compute
+#: dtype (pushed by that wrapper, read by Fp8NnxLinear)
+_NNX_RAW_INPUT: list = []
 
 
 def _input_source(lhs):
@@ -449,6 +452,9 @@ try:
                     setattr(self, k, Fp8Meta(v))
 
         def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+            # the parameter and the input as the layer received them (docs/fp8.md's rule), not
+            # the compute-dtype copies nnx.Linear hands its dot (Fp8NnxLinear records them)
+            lhs, rhs = _input_source(lhs), _weight_source(rhs)
             if self.fp8_recipe.scaling == "current":
                 return fp8_dot_general(lhs, rhs, dimension_numbers, recipe=self.fp8_recipe)
             meta = {}
@@ -457,8 +463,22 @@ try:
                 meta[k] = _max_dtype_once(var.get_value())
             return fp8_dot_general(lhs, rhs, dimension_numbers, meta, self.fp8_recipe)
 
+    class Fp8NnxLinear(nnx.Linear):
+        """An nnx.Linear under FP8 (`setup_nnx` gives a layer this class in place): its call
+        records the stored kernel and the input for its dot, which quantizes them instead of
+        their compute-dtype copies, as the linen interceptor does."""
+
+        def __call__(self, inputs, *args, **kwargs):
+            _PARAM_STACK.append(self.kernel.get_value())
+            _INPUT_STACK.append(_NNX_RAW_INPUT[-1] if _NNX_RAW_INPUT else inputs)
+            try:
+                return super().__call__(inputs, *args, **kwargs)
+            finally:
+                _PARAM_STACK.pop()
+                _INPUT_STACK.pop()
+
 except ImportError:  # pragma: no cover
-    Fp8Meta = Fp8NnxDot = None
+    Fp8Meta = Fp8NnxDot = Fp8NnxLinear = None
 
 
 def setup_nnx(model, policy: Policy):
@@ -476,6 +496,8 @@ def setup_nnx(model, policy: Policy):
                 todo.append((node, recipe))
     for node, recipe in todo:
         node.dot_general = _nnx.data(Fp8NnxDot(recipe))
+        if type(node) is _nnx.Linear:  # a subclass keeps its own __call__ (and the copies)
+            node.__class__ = Fp8NnxLinear
     return model
 
 

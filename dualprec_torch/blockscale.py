@@ -66,9 +66,13 @@ def floor_pow2(s):
 
 
 # ----------------------------------------------------------------------------- row-wise
-def rowwise_scale(x, axis, fmt="float8_e4m3fn"):
+def rowwise_scale(x, axis, fmt="float8_e4m3fn", reduce=None):
+    """``reduce``: the data-parallel reduction of the amax (a max over the ranks holding other
+    rows of the same tensor; `block_linear_parts` passes it for amaxes over the batch)."""
     a = x.to(torch.float32).abs()
     a = a.amax() if axis is None else a.amax(dim=axis, keepdim=True)
+    if reduce is not None:
+        a = reduce(a)
     a64 = a.to(torch.float64)
     s = (_ELEM_MAX[fmt] / torch.where(torch.isnan(a64), a64, a64.clamp(min=1e-12))).to(torch.float32)
     return floor_pow2(s)
@@ -187,8 +191,10 @@ def nvfp4_tensor_scale(amax):
     return amax.to(torch.float32) / 2688.0
 
 
-def _training_tensor_scale(t):
+def _training_tensor_scale(t, reduce=None):
     a = t.to(torch.float32).abs().amax() if t.numel() else torch.zeros((), dtype=torch.float32)
+    if reduce is not None:
+        a = reduce(a)
     return torch.where(a == 0, torch.ones_like(a), nvfp4_tensor_scale(a))
 
 
@@ -273,19 +279,69 @@ def hadamard16(x, signs):
     return g.reshape(x.shape) * 0.25
 
 
+# ----------------------------------------------------------------------------- data parallel
+class _DataParallel:
+    """The batch (rows of ``x`` and ``g``) split evenly over the ranks of ``group``; the weight
+    whole on every rank (FSDP2 gathers it before the layer runs).  What the unsharded run
+    computes over the batch is reduced here so that every code and scale equals its:
+
+    * an amax over the batch (a row-wise column scale of the weight-gradient GEMM, the NVFP4
+      tensor scale of x, g and their transposes) is all-reduced with MAX over ``group``;
+    * a block along the batch (MX/NVFP4 blocks of the transposed operands, the 16-row Hadamard
+      groups) must lie on one rank: the local batch must be a multiple of the block;
+    * stochastic-rounding bits are drawn at the element's index in the global tensor.
+    Block scales over the contracting features and the weight's scales need nothing."""
+
+    def __init__(self, group, rows: int):
+        import torch.distributed as dist
+
+        self.dist, self.group = dist, group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.rows = rows
+
+    def amax(self, a):
+        a = a.clone()
+        self.dist.all_reduce(a, op=self.dist.ReduceOp.MAX, group=self.group)
+        return a
+
+    def require_blocks(self, block: int, what: str):
+        if self.rows % block:
+            raise ValueError(f"{what} under data parallelism: the local batch has {self.rows} rows, not a "
+                             f"multiple of the {block}-element blocks along it; use a per-rank batch that is")
+
+    def sr(self, seed, stream, shape, batch_axis: int):
+        full = list(shape)
+        full[batch_axis] = self.rows * self.world
+        u = sr_uniform24(seed, stream, full)
+        return u.narrow(batch_axis, self.rank * self.rows, self.rows)
+
+
+def _data_parallel(group, rows):
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return None
+    return _DataParallel(group, rows)
+
+
 # ----------------------------------------------------------------------------- the GEMMs
-def block_linear_parts(x, w, g, recipe: FP8Recipe, seed: int = 0, step: int = 0, *, backward=True):
+def block_linear_parts(x, w, g, recipe: FP8Recipe, seed: int = 0, step: int = 0, *, backward=True, group=None):
     """The reference's ``*_linear`` for ``recipe``: a dict of every GEMM operand's codes and
     scales (names as in `dualprec.ref.blockscale`) and the float32 results y (and, with ``g``,
-    dx and dw), each GEMM on the dequantized float32 operands."""
+    dx and dw), each GEMM on the dequantized float32 operands.  ``group``: the data-parallel
+    process group over which the batch is split (see `_DataParallel`; None: unsharded)."""
     x, w = x.to(torch.float32), w.to(torch.float32)
     out = {}
     s = recipe.scaling
+    dp = _data_parallel(group, x.shape[0])
+    red = dp.amax if dp is not None else None
     if s in ("rowwise", "rowwise_with_gw_hp"):
         hp = s == "rowwise_with_gw_hp"
 
-        def rq(t, axis, name):
-            sc = rowwise_scale(t, axis)
+        def rq(t, axis, name, batch=False):
+            sc = rowwise_scale(t, axis, reduce=red if batch else None)
             q = quantize_scaled(t, sc)
             out[f"{name}_q"], out[f"{name}_s"] = q, sc
             return dequantize_scaled(q, sc)
@@ -295,7 +351,7 @@ def block_linear_parts(x, w, g, recipe: FP8Recipe, seed: int = 0, step: int = 0,
             return out
         g = g.to(torch.float32)
         out["dx"] = rq(g, -1, "g") @ rq(w, None if hp else 0, "w_gi")
-        out["dw"] = g.T @ x if hp else rq(g, 0, "g_gw").T @ rq(x, 0, "x_gw")
+        out["dw"] = g.T @ x if hp else rq(g, 0, "g_gw", True).T @ rq(x, 0, "x_gw", True)
         return out
     if s == "mxfp8":
         rnd = recipe.rounding
@@ -309,13 +365,15 @@ def block_linear_parts(x, w, g, recipe: FP8Recipe, seed: int = 0, step: int = 0,
         out["y"] = mq(x, "x") @ mq(w, "w").T
         if g is None:
             return out
+        if dp is not None:
+            dp.require_blocks(32, "mxfp8")
         g = g.to(torch.float32)
         out["dx"] = mq(g, "g", gfmt) @ mq(w.T.contiguous(), "wt").T
         out["dw"] = mq(g.T.contiguous(), "gt", gfmt) @ mq(x.T.contiguous(), "xt").T
         return out
     if s == "nvfp4":
-        def nq(t, name, u24=None):
-            ts = _training_tensor_scale(t)
+        def nq(t, name, u24=None, batch=True):
+            ts = _training_tensor_scale(t, red if batch else None)
             s8, c = nvfp4_quantize(t, ts, u24)
             out[f"{name}_ts"], out[f"{name}_s"], out[f"{name}_q"] = ts, s8, c
             return nvfp4_dequantize(s8, c, ts)
@@ -329,21 +387,29 @@ def block_linear_parts(x, w, g, recipe: FP8Recipe, seed: int = 0, step: int = 0,
             wd = nvfp4_dequantize_2d(s8, c, ts)
             wtd = wd.T
         else:
-            wd = nq(w, "w")
+            wd = nq(w, "w", batch=False)
         out["y"] = xd @ wd.T
         if g is None:
             return out
+        if dp is not None:
+            dp.require_blocks(16, "nvfp4")
         g = g.to(torch.float32)
-        gd = nq(g, "g", sr_uniform24(seed, 2 * step, g.shape) if recipe.sr else None)
+
+        def u24(stream, shape, batch_axis):
+            if not recipe.sr:
+                return None
+            return sr_uniform24(seed, stream, shape) if dp is None else dp.sr(seed, stream, shape, batch_axis)
+
+        gd = nq(g, "g", u24(2 * step, g.shape, 0))
         if wtd is None:
-            wtd = nq(w.T.contiguous(), "wt")
+            wtd = nq(w.T.contiguous(), "wt", batch=False)
         out["dx"] = gd @ wtd.T
         gt, xt = g, x
         if recipe.rht:
             signs = rht_signs(seed)
             gt, xt = hadamard16(g, signs), hadamard16(x, signs)
         gtt = gt.T.contiguous()
-        gtd = nq(gtt, "gt", sr_uniform24(seed, 2 * step + 1, gtt.shape) if recipe.sr else None)
+        gtd = nq(gtt, "gt", u24(2 * step + 1, gtt.shape, 1))
         out["dw"] = gtd @ nq(xt.T.contiguous(), "xt").T
         return out
     raise ValueError(f"block_linear_parts takes a block-scaled recipe, got fp8={s}")
@@ -351,28 +417,34 @@ def block_linear_parts(x, w, g, recipe: FP8Recipe, seed: int = 0, step: int = 0,
 
 class _BlockLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, weight, recipe, state):
+    def forward(ctx, x2d, weight, recipe, state, group):
         ctx.save_for_backward(x2d, weight)
-        ctx.recipe, ctx.state = recipe, state
-        return block_linear_parts(x2d, weight, None, recipe)["y"]
+        ctx.recipe, ctx.state, ctx.group = recipe, state, group
+        return block_linear_parts(x2d, weight, None, recipe, group=group)["y"]
 
     @staticmethod
     def backward(ctx, gy):
         x2d, weight = ctx.saved_tensors
         state = ctx.state
         seed, step = int(state[0]), int(state[1])
-        parts = block_linear_parts(x2d, weight, gy, ctx.recipe, seed, step)
+        parts = block_linear_parts(x2d, weight, gy, ctx.recipe, seed, step, group=ctx.group)
         with torch.no_grad():
             state[1] += 1  # one recipe step per backward: the next draws fresh SR bits
-        return parts["dx"].to(x2d.dtype), parts["dw"].to(weight.dtype), None, None
+        return parts["dx"].to(x2d.dtype), parts["dw"].to(weight.dtype), None, None, None
 
 
-def block_linear(x, weight, recipe: FP8Recipe, state):
+def block_linear(x, weight, recipe: FP8Recipe, state, group=None):
     """``x @ weight.T`` under a block-scaled recipe (float32 result); ``state`` is the int64
-    ``[seed, step]`` tensor a backward advances."""
+    ``[seed, step]`` tensor a backward advances; ``group``: the data-parallel group the batch
+    is split over (`block_linear_parts`)."""
     lead = x.shape[:-1]
-    y = _BlockLinearFn.apply(x.reshape(-1, x.shape[-1]), weight, recipe, state)
+    y = _BlockLinearFn.apply(x.reshape(-1, x.shape[-1]), weight, recipe, state, group)
     return y.reshape(*lead, weight.shape[0])
+
+
+#: the attribute `dualprec_torch.sharding.shard` sets on each linear layer it shards: the
+#: data-parallel process group whose ranks split the batch (block_linear_parts' ``group``)
+DP_GROUP_ATTR = "_dualprec_dp_group"
 
 
 class BlockScaledLinear(nn.Linear):
@@ -406,7 +478,8 @@ class BlockScaledLinear(nn.Linear):
         with torch.autocast(x.device.type, enabled=False):
             # the GEMM's float32 result, the bias (in the compute dtype) added in float32, one
             # rounding to the output dtype: the FP8 rule of docs/fp8.md, as FP8Linear and JAX
-            y = block_linear(x, self.weight, self.recipe, self.blockscale_state)
+            y = block_linear(x, self.weight, self.recipe, self.blockscale_state,
+                             getattr(self, DP_GROUP_ATTR, None))
             if self.bias is not None:
                 y = y + self.bias.to(dtype).to(torch.float32)
         return y.to(dtype)

@@ -50,7 +50,10 @@ SUPPORTED_COMBINATIONS = {
     "master=true": "refused: FSDP2 keeps sharded parameters in their stored dtype; use float32 "
                    "params with a half compute dtype (bf16-mixed, 16-mixed) instead",
     "quantization": "refused: bitsandbytes layers are not sharded by this backend yet",
-    "fp8": "refused: the FP8 amax is not reduced over the data-parallel group yet",
+    "fp8 (delayed, current)": "refused: the per-tensor FP8 amax is not reduced over the data-parallel group yet",
+    "fp8 block-scaled (rowwise, rowwise_with_gw_hp, mxfp8, nvfp4)": "supported: batch amaxes all-reduced "
+        "(MAX) over the data-parallel group, SR bits drawn at global indices; the per-rank batch must be a "
+        "multiple of the blocks along it (32 for mxfp8, 16 for nvfp4); docs/block-scaling.md",
 }
 
 
@@ -77,8 +80,9 @@ def _refuse_combinations(policy: Policy) -> None:
         if p.quantization is not None:
             raise UnsupportedPolicyError(f'"{policy}"{where}: quantization + FSDP2: '
                                          f"{SUPPORTED_COMBINATIONS['quantization']}")
-        if p.fp8 is not None:
-            raise UnsupportedPolicyError(f'"{policy}"{where}: fp8 + FSDP2: {SUPPORTED_COMBINATIONS["fp8"]}')
+        if p.fp8 is not None and not p.fp8.block_scaled:
+            raise UnsupportedPolicyError(f'"{policy}"{where}: fp8={p.fp8.scaling} + FSDP2: '
+                                         f'{SUPPORTED_COMBINATIONS["fp8 (delayed, current)"]}')
     if policy.master_weights:
         raise UnsupportedPolicyError(f'"{policy}": master=true + FSDP2: {SUPPORTED_COMBINATIONS["master=true"]}')
 
@@ -130,6 +134,17 @@ def shard(model: nn.Module, policy, *, mesh=None, blocks: Iterable[str] | Callab
     # dtype before they are sharded (Precision.setup's cast is then a no-op)
     for path, module in model.named_modules():
         _cast_tensors(module, torch_dtype(policy.for_module(path).param_dtype))
+    if any(p.fp8 is not None and p.fp8.block_scaled for _, p in policy.policies()):
+        from . import fp8
+        from .blockscale import DP_GROUP_ATTR, BlockScaledLinear
+
+        # convert before fully_shard: FSDP2 turns each sharded Linear into a subclass, which
+        # Precision.setup's conversion would leave as it is (a plain float32 GEMM)
+        fp8.convert_module(model, policy)
+        group = mesh.get_group() if mesh is not None else dist.group.WORLD
+        for module in model.modules():
+            if isinstance(module, BlockScaledLinear):
+                setattr(module, DP_GROUP_ATTR, group)
     paths = _select(model, blocks)
     for path in sorted(paths, key=lambda p: -p.count(".")):  # children before their parents
         fully_shard(model.get_submodule(path), mp_policy=mixed_precision_policy(policy.for_module(path),

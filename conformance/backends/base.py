@@ -165,6 +165,14 @@ class Backend(abc.ABC):
         (bfloat16 passes).  The suite compares two backends only in the same mode."""
         return "ieee"
 
+    def block_parts(self, x: np.ndarray, w: np.ndarray, g: np.ndarray, recipe, seed: int,
+                    step: int) -> dict[str, np.ndarray]:
+        """A block-scaled recipe's GEMM operands on the given float32 operands (``x`` (M, K),
+        the weight ``w`` (N, K), the output gradient ``g`` (M, N)) at precision state
+        ``[seed, step]``: every code and scale (``<operand>_q``/``_s``/``_ts``) and the
+        results ``y``/``dx``/``dw``, as the backend's block-scaled layers compute them."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def convert_input(self, policy: Policy, x: np.ndarray) -> np.ndarray:
         """What the backend's Precision does to a floating input."""

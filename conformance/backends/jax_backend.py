@@ -80,6 +80,14 @@ class JaxBackend(Backend):
 
         return to_numpy(self.precision(policy).convert_output(jnp.asarray(x)))
 
+    def block_parts(self, x, w, g, recipe, seed, step):
+        import jax.numpy as jnp
+        from dualprec_jax import blockscale
+
+        parts = blockscale.block_linear_parts_jit(jnp.asarray(x), jnp.asarray(w), jnp.asarray(g), recipe,
+                                                  jnp.int32(seed), jnp.int32(step))
+        return {k: np.asarray(v) for k, v in parts.items()}
+
     def session(self, spec, policy, weights, weight_map, optim):
         key = (spec, policy)
         if key not in self._compiled:

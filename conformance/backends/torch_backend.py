@@ -68,6 +68,16 @@ class TorchBackend(Backend):
     def convert_output(self, policy, x):
         return to_numpy(self.precision(policy).convert_output(from_numpy(x)))
 
+    def block_parts(self, x, w, g, recipe, seed, step):
+        import torch
+        from dualprec_torch import blockscale
+
+        parts = blockscale.block_linear_parts(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(g),
+                                              recipe, seed, step)
+        fp8 = {torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn, torch.float8_e5m2: ml_dtypes.float8_e5m2}
+        return {k: (v.view(torch.uint8).numpy().view(fp8[v.dtype]).copy() if v.dtype in fp8 else to_numpy(v))
+                for k, v in parts.items()}
+
     def session(self, spec, policy, weights, weight_map, optim):
         return TorchSession(self.precision(policy), spec, weights, optim)
 

@@ -220,7 +220,9 @@ def test_nnx_linear_through_precision_matches_ref():
     for c in cs:
         grads = step(model, jnp.asarray(c))
         fp8.nnx_apply_fp8_grads(model, grads)
-    _, _, state = _ref_layer_run(x, w, b, cs, prec.policy.fp8)
+    assert isinstance(model.fc1, fp8.Fp8NnxLinear)
+    # quantized from the float32 parameter and input, as linen (not their bf16 copies)
+    _, _, state = _ref_layer_run(x, w, b, cs, prec.policy.fp8, from_params=True)
     st = fp8.state_tensors(model, prec.policy)
     for role in ref.ROLES:
         assert nan_equal(st[f"fp8.fc1.{role}.scale"], np.float32(state[role].scale)), role

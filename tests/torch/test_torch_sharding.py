@@ -94,7 +94,7 @@ def test_default_blocks():
 
 @pytest.mark.parametrize("policy, match", [
     ("bf16-mixed,quant=nf4", "quantization \\+ FSDP2"),
-    ("bf16-mixed,fp8=delayed", "fp8 \\+ FSDP2"),
+    ("bf16-mixed,fp8=delayed", "fp8=delayed \\+ FSDP2"),
     ("bf16-true,master=true", "master=true \\+ FSDP2"),
 ])
 def test_refused_combinations_name_themselves(policy, match):
