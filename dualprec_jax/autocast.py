@@ -507,8 +507,29 @@ def _fp32(eqn, invals, ctx):
     if not any(_is_half(_dtype(x)) for x in invals):
         return _bind_flexible(ctx, eqn, invals)
     ctx.changes += 1
-    up = [_cast(x, ctx.accumulate) if _is_half(_dtype(x)) else x for x in invals]
+    up = [_scalar_up(v, ctx.accumulate) if _is_python_scalar(v) else
+          _cast(x, ctx.accumulate) if _is_half(_dtype(x)) else x for v, x in zip(eqn.invars, invals)]
     return _bind_flexible(ctx, eqn, up)
+
+
+def _is_python_scalar(v) -> bool:
+    """A 0-d half constant in the trace: a Python number JAX rounded to a half dtype while
+    tracing (``x ** 1.7`` of a float16 ``x`` traces to ``pow x 1.7001953:f16[]``; the jaxpr
+    no longer tells it from ``jnp.float16(1.7)``, which is rare in an fp32-list op)."""
+    return isinstance(v, core.Literal) and getattr(v.aval, "ndim", None) == 0 and _is_half(v.aval.dtype)
+
+
+def _scalar_up(v, dtype):
+    """The number as written, in ``dtype``: the shortest decimal that rounds to the traced
+    half value (``1.7``, not ``1.7001953``).  torch's ``pow(x, 1.7)`` under CUDA autocast takes
+    the exponent as a double; the half literal JAX keeps is all that is left of it."""
+    half = np.asarray(v.val, v.aval.dtype)
+    value = float(half)
+    for digits in range(1, 10):
+        short = float(f"{value:.{digits}g}")
+        if np.asarray(short, half.dtype) == half:
+            return np.asarray(short, dtype)
+    return np.asarray(value, dtype)
 
 
 def _opmath_primitive(eqn, invals, ctx):
@@ -587,6 +608,8 @@ def _convert(eqn, invals, ctx):
 def _jit(eqn, invals, ctx):
     name = eqn.params.get("name", "")
     closed = eqn.params["jaxpr"]
+    if name == _PINNED:  # `pin_dtype`: the dtype the trace had, whatever the table made of it
+        return [_cast(x, v.aval.dtype) for x, v in zip(invals, closed.jaxpr.outvars)]
     if ctx.off:
         return _eval_closed(closed, invals, ctx)
     if name in PROMOTE_COMPOSITES and not ctx.upcast:
@@ -946,6 +969,31 @@ def _tracing(policy: Policy):
             yield
     finally:
         _ACTIVE.policy = saved
+
+
+_PINNED = "dualprec_pinned_dtype"
+
+
+def _pinned(x):
+    return x
+
+
+_pinned.__name__ = _pinned.__qualname__ = _PINNED
+
+
+def pin_dtype(tree, dtype):
+    """``tree``'s floating leaves cast to ``dtype``, a cast the table keeps: inside an autocast
+    trace a cast that is a no-op at trace time (a float32 matmul cast to a float32 output
+    dtype) leaves nothing in the jaxpr, and the table would make the matmul bfloat16; the
+    leaves are put behind a named boundary the evaluator casts back to the traced dtype."""
+    from .casts import cast_floating
+
+    tree = cast_floating(tree, dtype, "cast_to_output")
+    if tracing_policy() is None:
+        return tree
+    pin = jax.jit(_pinned)
+    return jax.tree_util.tree_map(
+        lambda x: pin(x) if isinstance(x, jax.Array) and _is_float(x.dtype) else x, tree)
 
 
 _SCOPES = threading.local()  # .stack: the policies of the enclosing scoped modules

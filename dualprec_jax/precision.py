@@ -227,13 +227,17 @@ class Precision(contract.Precision):
         dtype."""
         from flax import nnx
 
+        from .autocast import pin_dtype
+
+        # pin_dtype: inside an enclosing autocast (prec.autocast(lambda v, x: prec.apply(...)))
+        # the output cast holds even where it was a no-op at trace time
         if isinstance(model, nnx.Module):
-            return self.convert_output(flax_nnx.call(model, (variables, *args), kwargs, self._traced))
+            return pin_dtype(flax_nnx.call(model, (variables, *args), kwargs, self._traced), self.output_dtype)
         out = self._traced(model.apply)(fp8.max_accumulating(variables), *args, **kwargs)
         if kwargs.get("mutable"):
             y, state = out
-            return self.convert_output(y), state
-        return self.convert_output(out)
+            return pin_dtype(y, self.output_dtype), state
+        return pin_dtype(out, self.output_dtype)
 
     def setup(self, model):
         """An nnx model put under the policy, in place (params cast, layers configured)."""
