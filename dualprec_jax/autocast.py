@@ -1033,7 +1033,7 @@ def _is_traced_leaf(x) -> bool:
         (hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, type))
 
 
-def autocast(fun, policy, *, context=None):
+def autocast(fun, policy, *, context=None, cache=None):
     """``fun`` run under the op table of ``policy`` (a Policy or a policy string).
 
     Array leaves of the arguments are traced; other leaves (Python numbers, strings, flags)
@@ -1048,6 +1048,11 @@ def autocast(fun, policy, *, context=None):
     Called while another autocast traces (a nested call), ``fun`` is traced as part of the
     outer trace: under the same policy nothing more is done; under another policy its ops are
     scoped (`policy_scope`) and the outer evaluation applies that policy's table to them.
+
+    ``cache``: a `TraceCache` and the key of ``fun`` in it (``(cache, key)``), for callers that
+    re-create the wrapper on every call (`Precision.apply`): the trace is reused for the same
+    key, argument structure, array shapes/dtypes and non-array arguments.  Like ``jax.jit``,
+    a cached trace does not re-run ``fun``'s Python.
 
         step = jax.jit(jax.grad(dualprec_jax.autocast(loss_fn, "bf16-mixed")))
     """
@@ -1076,12 +1081,63 @@ def autocast(fun, policy, *, context=None):
             a, k = jax.tree_util.tree_unflatten(tree, filled)
             return _marked_version(fun)(*a, **k)
 
-        with _tracing(policy), context():
-            closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*(leaves[i] for i in traced))
-        outs = _eval_closed(closed, [leaves[i] for i in traced], ctx)
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+        arrays = [leaves[i] for i in traced]
+        key = None
+        if cache is not None and not any(isinstance(a, jax.core.Tracer) for a in arrays):
+            key = _cache_key(cache[1], policy, tree, leaves, traced)
+        hit = cache[0].get(key) if key is not None else None
+        if hit is None:
+            with _tracing(policy), context():
+                closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*arrays)
+            hit = closed, jax.tree_util.tree_structure(out_shape)
+            if key is not None:
+                cache[0].put(key, hit)
+        closed, out_tree = hit
+        outs = _eval_closed(closed, arrays, ctx)
+        return jax.tree_util.tree_unflatten(out_tree, outs)
 
     return wrapped
+
+
+class TraceCache:
+    """The last ``size`` autocast traces of eager calls (`autocast`'s ``cache=``), by key."""
+
+    def __init__(self, size: int = 32):
+        self.size, self._items, self.misses = size, {}, 0
+        self._lock = threading.Lock()
+
+    def __reduce__(self):  # a copied or pickled Precision starts with an empty cache
+        return TraceCache, (self.size,)
+
+    def get(self, key):
+        with self._lock:
+            hit = self._items.pop(key, None)
+            if hit is not None:
+                self._items[key] = hit  # most recent last
+            else:
+                self.misses += 1
+            return hit
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.pop(next(iter(self._items)))
+
+
+def _cache_key(fun_key, policy, tree, leaves, traced):
+    """(fun, policy, argument structure, avals of the arrays, the other leaves), or None when a
+    non-array leaf cannot be hashed (no cache then)."""
+    traced_set = set(traced)
+    avals = tuple((tuple(leaves[i].shape), jnp.dtype(leaves[i].dtype), bool(getattr(leaves[i], "weak_type", False)))
+                  for i in traced)
+    static = tuple(x for i, x in enumerate(leaves) if i not in traced_set)
+    key = (fun_key, str(policy), tree, avals, static)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _top(policy: Policy) -> Policy:

@@ -198,3 +198,29 @@ def test_apply_inside_autocast_keeps_the_output_dtype(policy, model, make_x):
     np.testing.assert_array_equal(np.asarray(nested), np.asarray(alone))
     # the head itself is lowered (compute-dtype values, then cast): not a float32 head
     assert np.array_equal(np.asarray(alone), np.asarray(alone.astype(prec.compute_dtype).astype(jnp.float32)))
+
+
+def test_eager_apply_reuses_its_trace():
+    """Eager `Precision.apply` traces a model once per argument shapes/dtypes (not once per
+    call), with the same bits as a fresh trace; other shapes, models and flags trace anew."""
+    prec = Precision("bf16-mixed")
+    model = ReadmeModel("gelu-tanh")
+    x = jax.random.normal(jax.random.key(1), (8, D_IN))
+    variables = prec.init(model, jax.random.key(0), x)
+    cache = prec._trace_cache
+    first = prec.apply(model, variables, x)
+    misses = cache.misses
+    assert misses == 1
+    for _ in range(3):
+        again = prec.apply(model, variables, x + 1.0)
+    assert cache.misses == misses  # no new trace
+    fresh = Precision("bf16-mixed").apply(model, variables, x + 1.0)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(fresh))
+    np.testing.assert_array_equal(np.asarray(prec.apply(model, variables, x)), np.asarray(first))
+    prec.apply(model, variables, x[:4])  # another shape
+    prec.apply(ReadmeModel("relu"), variables, x)  # another model
+    prec.apply(model, variables, x.astype(jnp.bfloat16))  # another dtype
+    assert cache.misses == misses + 3
+    # inside jax.jit the arguments are tracers: jit's own cache, not this one
+    jax.jit(lambda v, x: prec.apply(model, v, x))(variables, x)
+    assert cache.misses == misses + 3
