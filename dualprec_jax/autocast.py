@@ -288,9 +288,18 @@ def _eval(jaxpr, consts, args, ctx):
     runs = _composite_runs(jaxpr)
     round_after = {}
     up, round_to = {}, None  # the composite run being evaluated: its inputs upcast, its rounding
+    done_until = -1  # an activation run computed whole by torch's formula (`_torch_formula_run`)
     for i, eqn in enumerate(jaxpr.eqns):
+        if i <= done_until:
+            continue
         ectx = _scope_ctx(eqn, ctx)
         run = runs.get(i) if not (ectx.upcast or ectx.off) else None
+        if run is not None and i == run.start and run.kind == "opmath":
+            out = _torch_formula_run(jaxpr, run, [read(v) for v in run.inputs], ectx)
+            if out is not None:
+                env[run.escaping[0]] = out
+                done_until = run.end
+                continue
         if run is not None:
             # a composite of the table, evaluated as traced in float32 (fp32, opmath) or with
             # no rule inside (promote)
@@ -337,10 +346,11 @@ class _Run:
     """Consecutive equations traced by one call of a table composite (``kind``: fp32,
     promote, opmath), its inputs and the values it passes on."""
 
-    __slots__ = ("kind", "start", "end", "inputs", "escaping")
+    __slots__ = ("kind", "start", "end", "inputs", "escaping", "name")
 
-    def __init__(self, kind, start, end, inputs, escaping):
+    def __init__(self, kind, start, end, inputs, escaping, name=""):
         self.kind, self.start, self.end, self.inputs, self.escaping = kind, start, end, inputs, escaping
+        self.name = name
 
 
 _CODES: dict = {}  # code object of a table composite -> its kind; rebuilt as modules load
@@ -363,7 +373,7 @@ def _composite_codes() -> dict:
                 fn = fn.__wrapped__
             code = getattr(fn, "__code__", None)
             if code is not None:
-                codes[code] = kind
+                codes[code] = (kind, name)
         _CODES.clear()
         _CODES.update(codes)
         _CODES_FOR[0] = loaded
@@ -377,9 +387,9 @@ def _composite_of(eqn, codes):
         return None
     frames, lastis = tb.raw_frames()
     for i in range(len(frames) - 1, -1, -1):  # outermost first
-        kind = codes.get(frames[i])
-        if kind is not None:
-            return (tuple(zip(frames[i + 1:], lastis[i + 1:])), frames[i]), kind
+        found = codes.get(frames[i])
+        if found is not None:
+            return (tuple(zip(frames[i + 1:], lastis[i + 1:])), frames[i]), found
     return None
 
 
@@ -414,11 +424,46 @@ def _composite_runs(jaxpr) -> dict:
         inputs = list(dict.fromkeys(v for e in eqns for v in e.invars
                                     if isinstance(v, core.Var) and v not in produced))
         escaping = [v for e in eqns for v in e.outvars if last_use.get(v, -1) > j]
-        run = _Run(marks[i][1], i, j, inputs, escaping)
+        run = _Run(marks[i][1][0], i, j, inputs, escaping, marks[i][1][1])
         for k in range(i, j + 1):
             runs[k] = run
         i = j + 1
     return runs
+
+
+def _has_primitive(eqns, name) -> bool:
+    for e in eqns:
+        if e.primitive.name == name:
+            return True
+        for p in e.params.values():
+            sub = p.jaxpr if isinstance(p, core.ClosedJaxpr) else p
+            if isinstance(sub, core.Jaxpr) and _has_primitive(sub.eqns, name):
+                return True
+    return False
+
+
+def _torch_formula_run(jaxpr, run, values, ctx):
+    """An activation JAX traced (``gelu(x)`` however imported) with one half input and one
+    output: torch's formula in float32, rounded once, as the marked call computes it.  None
+    (evaluate the run's own equations in float32) for anything else."""
+    if len(values) != 1 or len(run.escaping) != 1:
+        return None
+    return _torch_formula(run.name, jaxpr.eqns[run.start:run.end + 1], values[0], run.escaping[0].aval, ctx)
+
+
+def _torch_formula(name, eqns, x, out_aval, ctx):
+    from .ops import _TORCH_ACTIVATIONS
+
+    formula = _TORCH_ACTIVATIONS.get(name)
+    if formula is None or name in ("elu", "leaky_relu"):
+        return None  # elu/leaky_relu: their parameters are not in the trace (JAX's formula is torch's)
+    if not _is_half(_dtype(x)) or tuple(out_aval.shape) != tuple(x.shape):
+        return None
+    kwargs = {}
+    if name == "gelu":  # the exact form calls erf or erfc, the tanh form tanh
+        kwargs["approximate"] = not (_has_primitive(eqns, "erf") or _has_primitive(eqns, "erfc"))
+    ctx.changes += 1
+    return _cast(formula(_cast(x, ctx.accumulate), **kwargs), _dtype(x))
 
 
 def _start_run(run, values, ctx):
@@ -459,7 +504,10 @@ def _promoted(eqn, invals):
     # torch's rule: dimensioned tensors win over 0-d tensors and Python scalars
     strong = [i for i in floats if eqn.invars[i].aval.ndim and not eqn.invars[i].aval.weak_type] or floats
     target = functools.reduce(jnp.promote_types, (_dtype(invals[i]) for i in strong))
-    return [_cast(x, target) if i in floats else x for i, x in enumerate(invals)]
+    # a Python number JAX rounded to the half dtype it was traced with, now meeting a wider
+    # operand: the number as written (torch keeps a Python scalar in double)
+    return [_scalar_up(v, target) if i in floats and _is_python_scalar(v) and not _is_half(target)
+            else _cast(x, target) if i in floats else x for i, (v, x) in enumerate(zip(eqn.invars, invals))]
 
 
 def _bind_flexible(ctx, eqn, invals):
@@ -539,6 +587,10 @@ def _opmath_primitive(eqn, invals, ctx):
         return _bind_flexible(ctx, eqn, invals)
     half = next(iter(dtypes))
     ctx.changes += 1
+    if eqn.primitive.name == "logistic":  # torch's sigmoid formula (jax.nn.sigmoid is logistic)
+        from .ops import _TORCH_ACTIVATIONS
+
+        return _cast(_TORCH_ACTIVATIONS["sigmoid"](_cast(invals[0], ctx.accumulate)), half)
     out = _bind_flexible(ctx, eqn, [_cast(x, ctx.accumulate) for x in invals])
     return [_cast(o, half) for o in out] if eqn.primitive.multiple_results else _cast(out, half)
 
@@ -610,6 +662,10 @@ def _jit(eqn, invals, ctx):
     closed = eqn.params["jaxpr"]
     if name == _PINNED:  # `pin_dtype`: the dtype the trace had, whatever the table made of it
         return [_cast(x, v.aval.dtype) for x, v in zip(invals, closed.jaxpr.outvars)]
+    if not ctx.upcast and name in OPMATH_COMPOSITES and len(invals) == 1 and len(closed.jaxpr.outvars) == 1:
+        out = _torch_formula(name, closed.jaxpr.eqns, invals[0], closed.jaxpr.outvars[0].aval, ctx)
+        if out is not None:  # an activation JAX jits under its name (silu, mish, hard_silu)
+            return [out]
     if ctx.off:
         return _eval_closed(closed, invals, ctx)
     if name in PROMOTE_COMPOSITES and not ctx.upcast:
@@ -889,10 +945,24 @@ _SAVED: list = []
 _REEXPORTS = ("flax.linen", "flax.nnx")  # re-export jax.nn's activations and softmax
 
 
+#: The composites still marked by attribute while a trace runs (measured on jax 0.10.2):
+#: - the float32-list composites (softmax, logsumexp, softplus, norms, optax losses, ...): the
+#:   traceback finds them however imported, but only the mark makes the *trace* see their
+#:   float32 result, so a cast the user writes after them (``softmax(x).astype(x.dtype)``)
+#:   is in the jaxpr instead of being a no-op JAX drops;
+#: - an explicit ``dtype=`` of jnp.sum/prod/cumsum/cumprod (kept, as torch keeps it): a
+#:   cumsum with ``dtype=`` its input's dtype traces exactly as one without;
+#: - jnp.dot/jnp.vdot of two vectors (torch.dot, promote list): JAX inlines their body
+#:   without their frame.
+#: Activations (gelu, silu, ...), mean/var/std and tensordot are recognised from the
+#: traceback or their jit name alone: their attributes are never replaced.
+_PATCHED = {k: v for k, v in _MARKED.items() if v[1] in ("fp32", "dtype", "promote1d") or k == "jax.numpy.vdot"}
+
+
 def _patch_sites():
-    """(module, attribute, composite name, kind) for every marked callable importable now."""
+    """(module, attribute, composite name, kind) for every patched callable importable now."""
     sites = []
-    for dotted, (name, kind) in _MARKED.items():
+    for dotted, (name, kind) in _PATCHED.items():
         mod_name, attr = dotted.rsplit(".", 1)
         mod = sys.modules.get(mod_name)
         orig = getattr(mod, attr, None) if mod is not None else None
