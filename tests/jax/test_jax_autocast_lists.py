@@ -84,10 +84,6 @@ SKIP = {
     "equal": "returns a Python bool in torch (jnp.array_equal: a bool array), no floating dtype",
     "binary_cross_entropy": "banned under CUDA autocast; JAX has no BCE-on-probabilities function "
                             "(optax's is on logits: binary_cross_entropy_with_logits, checked)",
-    "cudnn_convolution": "cuDNN kernel: CUDA builds only, and fake CUDA tensors give no answer "
-                         "(lax.conv_general_dilated is checked through conv1d/2d/3d)",
-    "cudnn_convolution_transpose": "cuDNN kernel: CUDA builds only (lax.conv_transpose is "
-                                   "checked through conv_transpose1d/2d/3d)",
 }
 
 
@@ -191,6 +187,10 @@ JAX_OPS = {
     "conv_transpose1d": ("jax.lax.conv_transpose", _conv_transpose),
     "conv_transpose2d": ("jax.lax.conv_transpose", _conv_transpose),
     "conv_transpose3d": ("jax.lax.conv_transpose", _conv_transpose),
+    # cuDNN's kernels (input, weight, padding, stride, dilation, groups, flags): stride and
+    # dilation 1, no padding in the list
+    "cudnn_convolution": ("jax.lax.conv_general_dilated", lambda x, w, *flags: _conv(x, w)),
+    "cudnn_convolution_transpose": ("jax.lax.conv_transpose", lambda x, w, *flags: _conv_transpose(x, w)),
     "prelu": ("flax.linen.PReLU", _prelu),
     "matmul": ("jax.numpy.matmul", jnp.matmul), "mm": ("jax.lax.dot", lax.dot),
     "bmm": ("jax.lax.batch_matmul", lax.batch_matmul),
