@@ -271,7 +271,7 @@ def _cell_control(kind, x, h, w_ih, w_hh, b, bhn=None):
         y = jnp.matmul(v.astype(F32), w.T.astype(F32))
         return (y if b is None else y + b.astype(F32)).astype(v.dtype)
 
-    sig, tanh = _opmath(jax.nn.sigmoid), _opmath(jnp.tanh)
+    sig, tanh = _opmath(lambda v: 1 / (1 + jnp.exp(-v))), _opmath(jnp.tanh)  # torch's sigmoid kernel
     if kind in ("tanh", "relu"):
         act = tanh if kind == "tanh" else jax.nn.relu
         return act(lin(x, w_ih, b) + lin(h, w_hh))
