@@ -11,7 +11,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from dualprec_jax import Precision
 

@@ -346,7 +346,7 @@ class _Run:
     """Consecutive equations traced by one call of a table composite (``kind``: fp32,
     promote, opmath), its inputs and the values it passes on."""
 
-    __slots__ = ("kind", "start", "end", "inputs", "escaping", "name")
+    __slots__ = ("end", "escaping", "inputs", "kind", "name", "start")
 
     def __init__(self, kind, start, end, inputs, escaping, name=""):
         self.kind, self.start, self.end, self.inputs, self.escaping = kind, start, end, inputs, escaping

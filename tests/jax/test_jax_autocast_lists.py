@@ -36,10 +36,10 @@ from jax import lax
 from jax.extend import core
 
 torch = pytest.importorskip("torch")
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from dualprec import optable  # noqa: E402
-from dualprec_jax.autocast import autocast  # noqa: E402
+from dualprec import optable
+from dualprec_jax.autocast import autocast
 
 if "expecttest" not in sys.modules:
     try:
@@ -327,7 +327,7 @@ def _entries(lists, name):
         yield op, args, (extra if isinstance(extra, dict) else {}), extra
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lists(device):
     torch.manual_seed(0)
     if device == "cpu":
@@ -356,7 +356,7 @@ REFUSED = "Unexpected floating ScalarType in at::autocast::prioritize"
 _NO_CUDA = ("not linked with support for cuda", "Torch not compiled with CUDA", "Found no NVIDIA driver")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda(name, i, compute):
     """The dtype torch's real CUDA autocast gives (fake CUDA tensors), or None where the fake
     run needs a CUDA build (the list's own expectation stands in)."""
@@ -423,7 +423,7 @@ def test_cuda_autocast_list_entry_jax(name, i, op, policy, compute_t, compute):
     if op in SKIP:
         pytest.skip(SKIP[op])
     jax_name, fn = JAX_OPS[op]
-    kind, control_as = LISTS[name]
+    _kind, control_as = LISTS[name]
     e = optable.entry(op) or optable.entry(f"torch.Tensor.{op}")
     if jax_name is None:
         assert e is None, f"{op} is on the {e.list} list: name its JAX counterpart from the op table"

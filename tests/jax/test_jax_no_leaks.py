@@ -3,6 +3,7 @@ plainly, give the bits and dtypes of a process that never imported dualprec; a j
 traced plainly first still gets the table inside autocast; the rule of an op does not depend
 on how it was imported or whether it runs inside scan/checkpoint."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -235,13 +236,13 @@ def test_module_attributes_untouched_but_the_marked_remainder():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a float64 preset's x64 note
                 prec = Precision(name)
-        except Exception:  # noqa: BLE001 - presets this CPU cannot run (FP8...): autocast alone
+        except Exception:  # noqa: BLE001, S112 - presets this CPU cannot run (FP8...): autocast alone
             continue
         try:
-            variables = jax.eval_shape(lambda: prec.init(model, jax.random.key(0), x))
+            variables = jax.eval_shape(functools.partial(prec.init, model, jax.random.key(0), x))
         except jax.errors.ConcretizationTypeError:  # quantizing presets look at the values
             variables = prec.init(model, jax.random.key(0), x)
-        jax.eval_shape(lambda v: prec.apply(model, v, x), variables)
+        jax.eval_shape(functools.partial(prec.apply, model), variables, x)
         checked += 1
     assert checked >= 5 and seen
     for snap in seen:
