@@ -74,13 +74,13 @@ _OPMATH_CALLABLES = {**{f"jax.nn.{n}": n for n in _ACTIVATIONS},
 # with one is marked to be left alone.
 _DTYPE_KEPT = {name: name.rsplit(".", 1)[1] for e in optable.FP32 if e.respects_dtype for name in e.jax
                if name.startswith("jax.numpy.")}
-# jnp.dot of two vectors is torch.dot (promote list); of matrices, matmul (lower list)
-_DOT_1D = {"jax.numpy.dot": ("dot", "promote1d")}
+# jnp.dot/jnp.vdot of two vectors (torch.dot, promote list) are recognised by shape
+# (`_is_vector_dot`): JAX inlines them without their frame and nothing marks them.
 _MARKED_MODULES = ("jax.nn", "jax.numpy", "jax.numpy.linalg", "jax.scipy.special", "jax.image", "optax")
 _MARKED = {**{k: (v, "dtype") for k, v in _DTYPE_KEPT.items()},
            **{k: (v, "fp32") for k, v in _jax_callables("fp32").items()},
            **{k: (v, "promote") for k, v in _jax_callables("promote").items()},
-           **{k: (v, "opmath") for k, v in _OPMATH_CALLABLES.items()}, **_DOT_1D}
+           **{k: (v, "opmath") for k, v in _OPMATH_CALLABLES.items()}}
 FP32_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "fp32") | {"_softmax", "_log_softmax"}
 _EXPLICIT_DTYPE = "dualprec_explicit_dtype"  # a marked call with dtype=: no rule inside
 PROMOTE_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind in ("promote", "promote1d")) | {
@@ -614,9 +614,17 @@ def _matmul_out_dtype(eqn, ctx):
     return ctx.compute, False
 
 
+def _is_vector_dot(eqn) -> bool:
+    """A dot of two vectors (``jnp.dot``/``jnp.vdot`` of 1-D arrays: torch.dot, promote list).
+    JAX inlines those functions without their Python frame, so the shape is what is left."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    return (eqn.invars[0].aval.ndim == 1 and eqn.invars[1].aval.ndim == 1 and tuple(lc) == (0,)
+            and tuple(rc) == (0,) and not lb and not rb)
+
+
 def _dot_general(eqn, invals, ctx):
     lhs, rhs = invals[:2]
-    if ctx.upcast or not (_eligible(_dtype(lhs)) and _eligible(_dtype(rhs))):
+    if ctx.upcast or not (_eligible(_dtype(lhs)) and _eligible(_dtype(rhs))) or _is_vector_dot(eqn):
         return _bind_flexible(ctx, eqn, invals)
     out, explicit = _matmul_out_dtype(eqn, ctx)
     lhs, rhs = _cast(lhs, ctx.compute), _cast(rhs, ctx.compute)
@@ -952,11 +960,11 @@ _REEXPORTS = ("flax.linen", "flax.nnx")  # re-export jax.nn's activations and so
 #:   is in the jaxpr instead of being a no-op JAX drops;
 #: - an explicit ``dtype=`` of jnp.sum/prod/cumsum/cumprod (kept, as torch keeps it): a
 #:   cumsum with ``dtype=`` its input's dtype traces exactly as one without;
-#: - jnp.dot/jnp.vdot of two vectors (torch.dot, promote list): JAX inlines their body
-#:   without their frame.
 #: Activations (gelu, silu, ...), mean/var/std and tensordot are recognised from the
-#: traceback or their jit name alone: their attributes are never replaced.
-_PATCHED = {k: v for k, v in _MARKED.items() if v[1] in ("fp32", "dtype", "promote1d") or k == "jax.numpy.vdot"}
+#: traceback or their jit name alone, jnp.dot/jnp.vdot of two vectors (torch.dot, promote
+#: list; JAX inlines them without their frame) by the shape of their dot_general: their
+#: attributes are never replaced.
+_PATCHED = {k: v for k, v in _MARKED.items() if v[1] in ("fp32", "dtype")}
 
 
 def _patch_sites():

@@ -87,7 +87,7 @@ def _many(x):
 def _by_name_and_by_attribute():
     import optax
     from jax.nn import gelu, logsumexp, silu, softmax
-    from jax.numpy import mean, tensordot, var
+    from jax.numpy import dot, mean, tensordot, var, vdot
     from optax import sigmoid_binary_cross_entropy
 
     w = jnp.linspace(-1, 1, 64, dtype=jnp.float32).reshape(8, 8)
@@ -96,21 +96,22 @@ def _by_name_and_by_attribute():
         return {"softmax": softmax(x), "logsumexp": logsumexp(x), "tensordot": tensordot(xf, w, axes=1),
                 "bce": sigmoid_binary_cross_entropy(x, jnp.ones_like(x)), "gelu": gelu(x @ w.astype(x.dtype)),
                 "gelu_exact": gelu(_many(x), approximate=False), "silu": silu(_many(x)), "mean": mean(x, -1),
-                "var": var(x, -1)}
+                "var": var(x, -1), "vdot": vdot(x[0], xf[1]), "dot": dot(x[0], xf[1])}
 
     def by_attribute(x, xf):
         return {"softmax": jax.nn.softmax(x), "logsumexp": jax.nn.logsumexp(x),
                 "tensordot": jnp.tensordot(xf, w, axes=1),
                 "bce": optax.sigmoid_binary_cross_entropy(x, jnp.ones_like(x)),
                 "gelu": jax.nn.gelu(x @ w.astype(x.dtype)), "gelu_exact": jax.nn.gelu(_many(x), approximate=False),
-                "silu": jax.nn.silu(_many(x)), "mean": jnp.mean(x, -1), "var": jnp.var(x, -1)}
+                "silu": jax.nn.silu(_many(x)), "mean": jnp.mean(x, -1), "var": jnp.var(x, -1),
+                "vdot": jnp.vdot(x[0], xf[1]), "dot": jnp.dot(x[0], xf[1])}
 
     return by_name, by_attribute
 
 
 EXPECTED = {"softmax": jnp.float32, "logsumexp": jnp.float32, "tensordot": jnp.float32, "bce": jnp.float32,
             "gelu": jnp.bfloat16, "gelu_exact": jnp.bfloat16, "silu": jnp.bfloat16, "mean": jnp.bfloat16,
-            "var": jnp.bfloat16}
+            "var": jnp.bfloat16, "vdot": jnp.float32, "dot": jnp.float32}  # torch.dot: promote
 
 
 @pytest.mark.parametrize("where", ["plain", "scan", "checkpoint"])
@@ -203,7 +204,7 @@ def test_module_attributes_untouched_but_the_marked_remainder():
     """The attributes of jax.nn, jax.numpy, optax and flax.linen are the same objects before,
     during (inside a traced function) and after autocast / Precision.apply under every
     preset, except the documented remainder (`_PATCHED`: float32-list composites, explicit
-    dtype= reductions, jnp.dot/vdot), which only a mixed policy's trace marks."""
+    dtype= reductions), which only a mixed policy's trace marks."""
     import importlib
 
     import flax.linen as nn
@@ -216,7 +217,7 @@ def test_module_attributes_untouched_but_the_marked_remainder():
     remainder |= {k for k, v in before.items() if any(v is before.get(r) for r in remainder)}  # re-exports
     never = {("jax.nn", n) for n in ("gelu", "silu", "swish", "sigmoid", "elu", "leaky_relu", "mish",
                                      "hard_swish", "relu")} | \
-            {("jax.numpy", n) for n in ("mean", "var", "std", "tensordot", "matmul", "einsum")} | \
+            {("jax.numpy", n) for n in ("mean", "var", "std", "tensordot", "matmul", "einsum", "dot", "vdot")} | \
             {("flax.linen", n) for n in ("gelu", "silu", "sigmoid", "elu", "relu")}
     assert never <= set(before) and not never & remainder
     seen = []
