@@ -74,13 +74,13 @@ _OPMATH_CALLABLES = {**{f"jax.nn.{n}": n for n in _ACTIVATIONS},
 # with one is marked to be left alone.
 _DTYPE_KEPT = {name: name.rsplit(".", 1)[1] for e in optable.FP32 if e.respects_dtype for name in e.jax
                if name.startswith("jax.numpy.")}
-# jnp.dot of two vectors is torch.dot (promote list); of matrices, matmul (lower list)
-_DOT_1D = {"jax.numpy.dot": ("dot", "promote1d")}
+# jnp.dot/jnp.vdot of two vectors (torch.dot, promote list) are recognised by shape
+# (`_is_vector_dot`): JAX inlines them without their frame and nothing marks them.
 _MARKED_MODULES = ("jax.nn", "jax.numpy", "jax.numpy.linalg", "jax.scipy.special", "jax.image", "optax")
 _MARKED = {**{k: (v, "dtype") for k, v in _DTYPE_KEPT.items()},
            **{k: (v, "fp32") for k, v in _jax_callables("fp32").items()},
            **{k: (v, "promote") for k, v in _jax_callables("promote").items()},
-           **{k: (v, "opmath") for k, v in _OPMATH_CALLABLES.items()}, **_DOT_1D}
+           **{k: (v, "opmath") for k, v in _OPMATH_CALLABLES.items()}}
 FP32_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "fp32") | {"_softmax", "_log_softmax"}
 _EXPLICIT_DTYPE = AS_WRITTEN  # a marked call with dtype= (and ops.as_written regions): no rule inside
 PROMOTE_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind in ("promote", "promote1d")) | {
@@ -288,9 +288,18 @@ def _eval(jaxpr, consts, args, ctx):
     runs = _composite_runs(jaxpr)
     round_after = {}
     up, round_to = {}, None  # the composite run being evaluated: its inputs upcast, its rounding
+    done_until = -1  # an activation run computed whole by torch's formula (`_torch_formula_run`)
     for i, eqn in enumerate(jaxpr.eqns):
+        if i <= done_until:
+            continue
         ectx = _scope_ctx(eqn, ctx)
         run = runs.get(i) if not (ectx.upcast or ectx.off) else None
+        if run is not None and i == run.start and run.kind == "opmath":
+            out = _torch_formula_run(jaxpr, run, [read(v) for v in run.inputs], ectx)
+            if out is not None:
+                env[run.escaping[0]] = out
+                done_until = run.end
+                continue
         if run is not None:
             # a composite of the table, evaluated as traced in float32 (fp32, opmath) or with
             # no rule inside (promote)
@@ -337,10 +346,11 @@ class _Run:
     """Consecutive equations traced by one call of a table composite (``kind``: fp32,
     promote, opmath), its inputs and the values it passes on."""
 
-    __slots__ = ("kind", "start", "end", "inputs", "escaping")
+    __slots__ = ("end", "escaping", "inputs", "kind", "name", "start")
 
-    def __init__(self, kind, start, end, inputs, escaping):
+    def __init__(self, kind, start, end, inputs, escaping, name=""):
         self.kind, self.start, self.end, self.inputs, self.escaping = kind, start, end, inputs, escaping
+        self.name = name
 
 
 _CODES: dict = {}  # code object of a table composite -> its kind; rebuilt as modules load
@@ -363,7 +373,7 @@ def _composite_codes() -> dict:
                 fn = fn.__wrapped__
             code = getattr(fn, "__code__", None)
             if code is not None:
-                codes[code] = kind
+                codes[code] = (kind, name)
         _CODES.clear()
         _CODES.update(codes)
         _CODES_FOR[0] = loaded
@@ -377,9 +387,9 @@ def _composite_of(eqn, codes):
         return None
     frames, lastis = tb.raw_frames()
     for i in range(len(frames) - 1, -1, -1):  # outermost first
-        kind = codes.get(frames[i])
-        if kind is not None:
-            return (tuple(zip(frames[i + 1:], lastis[i + 1:])), frames[i]), kind
+        found = codes.get(frames[i])
+        if found is not None:
+            return (tuple(zip(frames[i + 1:], lastis[i + 1:])), frames[i]), found
     return None
 
 
@@ -414,11 +424,46 @@ def _composite_runs(jaxpr) -> dict:
         inputs = list(dict.fromkeys(v for e in eqns for v in e.invars
                                     if isinstance(v, core.Var) and v not in produced))
         escaping = [v for e in eqns for v in e.outvars if last_use.get(v, -1) > j]
-        run = _Run(marks[i][1], i, j, inputs, escaping)
+        run = _Run(marks[i][1][0], i, j, inputs, escaping, marks[i][1][1])
         for k in range(i, j + 1):
             runs[k] = run
         i = j + 1
     return runs
+
+
+def _has_primitive(eqns, name) -> bool:
+    for e in eqns:
+        if e.primitive.name == name:
+            return True
+        for p in e.params.values():
+            sub = p.jaxpr if isinstance(p, core.ClosedJaxpr) else p
+            if isinstance(sub, core.Jaxpr) and _has_primitive(sub.eqns, name):
+                return True
+    return False
+
+
+def _torch_formula_run(jaxpr, run, values, ctx):
+    """An activation JAX traced (``gelu(x)`` however imported) with one half input and one
+    output: torch's formula in float32, rounded once, as the marked call computes it.  None
+    (evaluate the run's own equations in float32) for anything else."""
+    if len(values) != 1 or len(run.escaping) != 1:
+        return None
+    return _torch_formula(run.name, jaxpr.eqns[run.start:run.end + 1], values[0], run.escaping[0].aval, ctx)
+
+
+def _torch_formula(name, eqns, x, out_aval, ctx):
+    from .ops import _TORCH_ACTIVATIONS
+
+    formula = _TORCH_ACTIVATIONS.get(name)
+    if formula is None or name in ("elu", "leaky_relu"):
+        return None  # elu/leaky_relu: their parameters are not in the trace (JAX's formula is torch's)
+    if not _is_half(_dtype(x)) or tuple(out_aval.shape) != tuple(x.shape):
+        return None
+    kwargs = {}
+    if name == "gelu":  # the exact form calls erf or erfc, the tanh form tanh
+        kwargs["approximate"] = not (_has_primitive(eqns, "erf") or _has_primitive(eqns, "erfc"))
+    ctx.changes += 1
+    return _cast(formula(_cast(x, ctx.accumulate), **kwargs), _dtype(x))
 
 
 def _start_run(run, values, ctx):
@@ -459,7 +504,10 @@ def _promoted(eqn, invals):
     # torch's rule: dimensioned tensors win over 0-d tensors and Python scalars
     strong = [i for i in floats if eqn.invars[i].aval.ndim and not eqn.invars[i].aval.weak_type] or floats
     target = functools.reduce(jnp.promote_types, (_dtype(invals[i]) for i in strong))
-    return [_cast(x, target) if i in floats else x for i, x in enumerate(invals)]
+    # a Python number JAX rounded to the half dtype it was traced with, now meeting a wider
+    # operand: the number as written (torch keeps a Python scalar in double)
+    return [_scalar_up(v, target) if i in floats and _is_python_scalar(v) and not _is_half(target)
+            else _cast(x, target) if i in floats else x for i, (v, x) in enumerate(zip(eqn.invars, invals))]
 
 
 def _bind_flexible(ctx, eqn, invals):
@@ -507,8 +555,29 @@ def _fp32(eqn, invals, ctx):
     if not any(_is_half(_dtype(x)) for x in invals):
         return _bind_flexible(ctx, eqn, invals)
     ctx.changes += 1
-    up = [_cast(x, ctx.accumulate) if _is_half(_dtype(x)) else x for x in invals]
+    up = [_scalar_up(v, ctx.accumulate) if _is_python_scalar(v) else
+          _cast(x, ctx.accumulate) if _is_half(_dtype(x)) else x for v, x in zip(eqn.invars, invals)]
     return _bind_flexible(ctx, eqn, up)
+
+
+def _is_python_scalar(v) -> bool:
+    """A 0-d half constant in the trace: a Python number JAX rounded to a half dtype while
+    tracing (``x ** 1.7`` of a float16 ``x`` traces to ``pow x 1.7001953:f16[]``; the jaxpr
+    no longer tells it from ``jnp.float16(1.7)``, which is rare in an fp32-list op)."""
+    return isinstance(v, core.Literal) and getattr(v.aval, "ndim", None) == 0 and _is_half(v.aval.dtype)
+
+
+def _scalar_up(v, dtype):
+    """The number as written, in ``dtype``: the shortest decimal that rounds to the traced
+    half value (``1.7``, not ``1.7001953``).  torch's ``pow(x, 1.7)`` under CUDA autocast takes
+    the exponent as a double; the half literal JAX keeps is all that is left of it."""
+    half = np.asarray(v.val, v.aval.dtype)
+    value = float(half)
+    for digits in range(1, 10):
+        short = float(f"{value:.{digits}g}")
+        if np.asarray(short, half.dtype) == half:
+            return np.asarray(short, dtype)
+    return np.asarray(value, dtype)
 
 
 def _opmath_primitive(eqn, invals, ctx):
@@ -518,6 +587,10 @@ def _opmath_primitive(eqn, invals, ctx):
         return _bind_flexible(ctx, eqn, invals)
     half = next(iter(dtypes))
     ctx.changes += 1
+    if eqn.primitive.name == "logistic":  # torch's sigmoid formula (jax.nn.sigmoid is logistic)
+        from .ops import _TORCH_ACTIVATIONS
+
+        return _cast(_TORCH_ACTIVATIONS["sigmoid"](_cast(invals[0], ctx.accumulate)), half)
     out = _bind_flexible(ctx, eqn, [_cast(x, ctx.accumulate) for x in invals])
     return [_cast(o, half) for o in out] if eqn.primitive.multiple_results else _cast(out, half)
 
@@ -541,9 +614,17 @@ def _matmul_out_dtype(eqn, ctx):
     return ctx.compute, False
 
 
+def _is_vector_dot(eqn) -> bool:
+    """A dot of two vectors (``jnp.dot``/``jnp.vdot`` of 1-D arrays: torch.dot, promote list).
+    JAX inlines those functions without their Python frame, so the shape is what is left."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    return (eqn.invars[0].aval.ndim == 1 and eqn.invars[1].aval.ndim == 1 and tuple(lc) == (0,)
+            and tuple(rc) == (0,) and not lb and not rb)
+
+
 def _dot_general(eqn, invals, ctx):
     lhs, rhs = invals[:2]
-    if ctx.upcast or not (_eligible(_dtype(lhs)) and _eligible(_dtype(rhs))):
+    if ctx.upcast or not (_eligible(_dtype(lhs)) and _eligible(_dtype(rhs))) or _is_vector_dot(eqn):
         return _bind_flexible(ctx, eqn, invals)
     out, explicit = _matmul_out_dtype(eqn, ctx)
     lhs, rhs = _cast(lhs, ctx.compute), _cast(rhs, ctx.compute)
@@ -587,6 +668,12 @@ def _convert(eqn, invals, ctx):
 def _jit(eqn, invals, ctx):
     name = eqn.params.get("name", "")
     closed = eqn.params["jaxpr"]
+    if name == _PINNED:  # `pin_dtype`: the dtype the trace had, whatever the table made of it
+        return [_cast(x, v.aval.dtype) for x, v in zip(invals, closed.jaxpr.outvars)]
+    if not ctx.upcast and name in OPMATH_COMPOSITES and len(invals) == 1 and len(closed.jaxpr.outvars) == 1:
+        out = _torch_formula(name, closed.jaxpr.eqns, invals[0], closed.jaxpr.outvars[0].aval, ctx)
+        if out is not None:  # an activation JAX jits under its name (silu, mish, hard_silu)
+            return [out]
     if ctx.off:
         return _eval_closed(closed, invals, ctx)
     if name in PROMOTE_COMPOSITES and not ctx.upcast:
@@ -870,10 +957,24 @@ _SAVED: list = []
 _REEXPORTS = ("flax.linen", "flax.nnx")  # re-export jax.nn's activations and softmax
 
 
+#: The composites still marked by attribute while a trace runs (measured on jax 0.10.2):
+#: - the float32-list composites (softmax, logsumexp, softplus, norms, optax losses, ...): the
+#:   traceback finds them however imported, but only the mark makes the *trace* see their
+#:   float32 result, so a cast the user writes after them (``softmax(x).astype(x.dtype)``)
+#:   is in the jaxpr instead of being a no-op JAX drops;
+#: - an explicit ``dtype=`` of jnp.sum/prod/cumsum/cumprod (kept, as torch keeps it): a
+#:   cumsum with ``dtype=`` its input's dtype traces exactly as one without;
+#: Activations (gelu, silu, ...), mean/var/std and tensordot are recognised from the
+#: traceback or their jit name alone, jnp.dot/jnp.vdot of two vectors (torch.dot, promote
+#: list; JAX inlines them without their frame) by the shape of their dot_general: their
+#: attributes are never replaced.
+_PATCHED = {k: v for k, v in _MARKED.items() if v[1] in ("fp32", "dtype")}
+
+
 def _patch_sites():
-    """(module, attribute, composite name, kind) for every marked callable importable now."""
+    """(module, attribute, composite name, kind) for every patched callable importable now."""
     sites = []
-    for dotted, (name, kind) in _MARKED.items():
+    for dotted, (name, kind) in _PATCHED.items():
         mod_name, attr = dotted.rsplit(".", 1)
         mod = sys.modules.get(mod_name)
         orig = getattr(mod, attr, None) if mod is not None else None
@@ -952,6 +1053,31 @@ def _tracing(policy: Policy):
         _ACTIVE.policy = saved
 
 
+_PINNED = "dualprec_pinned_dtype"
+
+
+def _pinned(x):
+    return x
+
+
+_pinned.__name__ = _pinned.__qualname__ = _PINNED
+
+
+def pin_dtype(tree, dtype):
+    """``tree``'s floating leaves cast to ``dtype``, a cast the table keeps: inside an autocast
+    trace a cast that is a no-op at trace time (a float32 matmul cast to a float32 output
+    dtype) leaves nothing in the jaxpr, and the table would make the matmul bfloat16; the
+    leaves are put behind a named boundary the evaluator casts back to the traced dtype."""
+    from .casts import cast_floating
+
+    tree = cast_floating(tree, dtype, "cast_to_output")
+    if tracing_policy() is None:
+        return tree
+    pin = jax.jit(_pinned)
+    return jax.tree_util.tree_map(
+        lambda x: pin(x) if isinstance(x, jax.Array) and _is_float(x.dtype) else x, tree)
+
+
 _SCOPES = threading.local()  # .stack: the policies of the enclosing scoped modules
 
 
@@ -989,7 +1115,7 @@ def _is_traced_leaf(x) -> bool:
         (hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, type))
 
 
-def autocast(fun, policy, *, context=None):
+def autocast(fun, policy, *, context=None, cache=None):
     """``fun`` run under the op table of ``policy`` (a Policy or a policy string).
 
     Array leaves of the arguments are traced; other leaves (Python numbers, strings, flags)
@@ -1004,6 +1130,11 @@ def autocast(fun, policy, *, context=None):
     Called while another autocast traces (a nested call), ``fun`` is traced as part of the
     outer trace: under the same policy nothing more is done; under another policy its ops are
     scoped (`policy_scope`) and the outer evaluation applies that policy's table to them.
+
+    ``cache``: a `TraceCache` and the key of ``fun`` in it (``(cache, key)``), for callers that
+    re-create the wrapper on every call (`Precision.apply`): the trace is reused for the same
+    key, argument structure, array shapes/dtypes and non-array arguments.  Like ``jax.jit``,
+    a cached trace does not re-run ``fun``'s Python.
 
         step = jax.jit(jax.grad(dualprec_jax.autocast(loss_fn, "bf16-mixed")))
     """
@@ -1032,12 +1163,63 @@ def autocast(fun, policy, *, context=None):
             a, k = jax.tree_util.tree_unflatten(tree, filled)
             return _marked_version(fun)(*a, **k)
 
-        with _tracing(policy), context():
-            closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*(leaves[i] for i in traced))
-        outs = _eval_closed(closed, [leaves[i] for i in traced], ctx)
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+        arrays = [leaves[i] for i in traced]
+        key = None
+        if cache is not None and not any(isinstance(a, jax.core.Tracer) for a in arrays):
+            key = _cache_key(cache[1], policy, tree, leaves, traced)
+        hit = cache[0].get(key) if key is not None else None
+        if hit is None:
+            with _tracing(policy), context():
+                closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*arrays)
+            hit = closed, jax.tree_util.tree_structure(out_shape)
+            if key is not None:
+                cache[0].put(key, hit)
+        closed, out_tree = hit
+        outs = _eval_closed(closed, arrays, ctx)
+        return jax.tree_util.tree_unflatten(out_tree, outs)
 
     return wrapped
+
+
+class TraceCache:
+    """The last ``size`` autocast traces of eager calls (`autocast`'s ``cache=``), by key."""
+
+    def __init__(self, size: int = 32):
+        self.size, self._items, self.misses = size, {}, 0
+        self._lock = threading.Lock()
+
+    def __reduce__(self):  # a copied or pickled Precision starts with an empty cache
+        return TraceCache, (self.size,)
+
+    def get(self, key):
+        with self._lock:
+            hit = self._items.pop(key, None)
+            if hit is not None:
+                self._items[key] = hit  # most recent last
+            else:
+                self.misses += 1
+            return hit
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.pop(next(iter(self._items)))
+
+
+def _cache_key(fun_key, policy, tree, leaves, traced):
+    """(fun, policy, argument structure, avals of the arrays, the other leaves), or None when a
+    non-array leaf cannot be hashed (no cache then)."""
+    traced_set = set(traced)
+    avals = tuple((tuple(leaves[i].shape), jnp.dtype(leaves[i].dtype), bool(getattr(leaves[i], "weak_type", False)))
+                  for i in traced)
+    static = tuple(x for i, x in enumerate(leaves) if i not in traced_set)
+    key = (fun_key, str(policy), tree, avals, static)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _top(policy: Policy) -> Policy:

@@ -120,6 +120,9 @@ class Precision(contract.Precision):
         self._caps = _caps_of(caps if caps is not None else device)
         self.check(self._caps).raise_if_unrunnable()
         _ensure_x64(self.policy, enable_x64)
+        from .autocast import TraceCache
+
+        self._trace_cache = TraceCache()  # eager apply: the traces of the last models/shapes
 
     @property
     def policy(self) -> Policy:
@@ -227,13 +230,23 @@ class Precision(contract.Precision):
         dtype."""
         from flax import nnx
 
+        from .autocast import pin_dtype
+
+        # pin_dtype: inside an enclosing autocast (prec.autocast(lambda v, x: prec.apply(...)))
+        # the output cast holds even where it was a no-op at trace time
         if isinstance(model, nnx.Module):
-            return self.convert_output(flax_nnx.call(model, (variables, *args), kwargs, self._traced))
-        out = self._traced(model.apply)(fp8.max_accumulating(variables), *args, **kwargs)
+            return pin_dtype(flax_nnx.call(model, (variables, *args), kwargs, self._traced), self.output_dtype)
+        from .autocast import autocast
+
+        # eager calls reuse the trace of the same model and argument shapes (inside jax.jit the
+        # arguments are tracers: traced each time jit traces, as before)
+        out = autocast(model.apply, self.policy, context=self.autocast,
+                       cache=(self._trace_cache, ("apply", model)))(
+            fp8.max_accumulating(variables), *args, **kwargs)
         if kwargs.get("mutable"):
             y, state = out
-            return self.convert_output(y), state
-        return self.convert_output(out)
+            return pin_dtype(y, self.output_dtype), state
+        return pin_dtype(out, self.output_dtype)
 
     def setup(self, model):
         """An nnx model put under the policy, in place (params cast, layers configured)."""

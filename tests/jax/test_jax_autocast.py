@@ -464,3 +464,24 @@ def test_a_composite_traced_half_runs_in_the_dtype_it_receives():
     np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-6)
     assert autocast(lambda x: jnp.mean(x, axis=-1), "bf16-mixed")(x).dtype == jnp.bfloat16
     assert autocast(lambda x: jnp.var(jnp.exp(x), axis=-1), "bf16-mixed")(x).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("policy", ["bf16-mixed", "16-mixed"])
+def test_python_scalars_are_read_as_written(policy):
+    """JAX rounds a Python number to the half dtype it meets while tracing (``x ** 1.7`` of a
+    float16 ``x``: ``pow x 1.7001953``).  Where the table makes that op float32, the number is
+    the one written, as torch keeps a Python scalar in double: the bits of the op computed in
+    float32 with float32(1.7), not with the half-rounded constant."""
+    half = POLICIES[policy]
+    x = jnp.linspace(0.1, 4, 64, dtype=jnp.float32).astype(half)
+    xf = x.astype(jnp.float32)
+    got = autocast(lambda x: (x ** 1.7, jnp.power(x, 0.3), jax.nn.softmax(x) * 0.1,
+                              jax.nn.leaky_relu(-x)), policy)(x)
+    want = (xf ** np.float32(1.7), jnp.power(xf, np.float32(0.3)), jax.nn.softmax(xf) * np.float32(0.1),
+            jnp.where(-xf > 0, -xf, -xf * np.float32(0.01)).astype(half))
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    # a constant that is a half number already stays that number
+    exact = autocast(lambda x: x ** 1.5, policy)(x)
+    np.testing.assert_array_equal(np.asarray(exact), np.asarray(xf ** np.float32(1.5)))

@@ -3,9 +3,11 @@ plainly, give the bits and dtypes of a process that never imported dualprec; a j
 traced plainly first still gets the table inside autocast; the rule of an op does not depend
 on how it was imported or whether it runs inside scan/checkpoint."""
 
+import functools
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -77,29 +79,39 @@ def test_jitted_flax_and_activation_helpers_traced_plainly_first_get_the_table()
 
 
 # ----- the rule of an op does not depend on how it was imported or where it runs ------------
+def _many(x):
+    """512 distinct half values from ``x`` (activations: enough inputs to see a formula)."""
+    return (x.reshape(-1)[:, None] * jnp.linspace(0.5, 1.5, 16, dtype=jnp.float32)).astype(x.dtype)
+
+
 def _by_name_and_by_attribute():
     import optax
-    from jax.nn import gelu, logsumexp, softmax
-    from jax.numpy import tensordot
+    from jax.nn import gelu, logsumexp, silu, softmax
+    from jax.numpy import dot, mean, tensordot, var, vdot
     from optax import sigmoid_binary_cross_entropy
 
     w = jnp.linspace(-1, 1, 64, dtype=jnp.float32).reshape(8, 8)
 
     def by_name(x, xf):
         return {"softmax": softmax(x), "logsumexp": logsumexp(x), "tensordot": tensordot(xf, w, axes=1),
-                "bce": sigmoid_binary_cross_entropy(x, jnp.ones_like(x)), "gelu": gelu(x @ w.astype(x.dtype))}
+                "bce": sigmoid_binary_cross_entropy(x, jnp.ones_like(x)), "gelu": gelu(x @ w.astype(x.dtype)),
+                "gelu_exact": gelu(_many(x), approximate=False), "silu": silu(_many(x)), "mean": mean(x, -1),
+                "var": var(x, -1), "vdot": vdot(x[0], xf[1]), "dot": dot(x[0], xf[1])}
 
     def by_attribute(x, xf):
         return {"softmax": jax.nn.softmax(x), "logsumexp": jax.nn.logsumexp(x),
                 "tensordot": jnp.tensordot(xf, w, axes=1),
                 "bce": optax.sigmoid_binary_cross_entropy(x, jnp.ones_like(x)),
-                "gelu": jax.nn.gelu(x @ w.astype(x.dtype))}
+                "gelu": jax.nn.gelu(x @ w.astype(x.dtype)), "gelu_exact": jax.nn.gelu(_many(x), approximate=False),
+                "silu": jax.nn.silu(_many(x)), "mean": jnp.mean(x, -1), "var": jnp.var(x, -1),
+                "vdot": jnp.vdot(x[0], xf[1]), "dot": jnp.dot(x[0], xf[1])}
 
     return by_name, by_attribute
 
 
 EXPECTED = {"softmax": jnp.float32, "logsumexp": jnp.float32, "tensordot": jnp.float32, "bce": jnp.float32,
-            "gelu": jnp.bfloat16}
+            "gelu": jnp.bfloat16, "gelu_exact": jnp.bfloat16, "silu": jnp.bfloat16, "mean": jnp.bfloat16,
+            "var": jnp.bfloat16, "vdot": jnp.float32, "dot": jnp.float32}  # torch.dot: promote
 
 
 @pytest.mark.parametrize("where", ["plain", "scan", "checkpoint"])
@@ -120,8 +132,8 @@ def test_rule_does_not_depend_on_the_import(where):
     b = jax.jit(autocast(placed(by_attribute), "bf16-mixed"))(x, xf)
     for k, dtype in EXPECTED.items():
         assert a[k].dtype == b[k].dtype == dtype, (k, a[k].dtype, b[k].dtype)
-    # the float32 composites give the same bits whichever way they were reached
-    for k in ("softmax", "logsumexp", "tensordot", "bce"):
+    # the same bits whichever way they were reached (activations: torch's formula either way)
+    for k in EXPECTED:
         assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
 
 
@@ -176,3 +188,67 @@ def test_flax_prelu_and_rnn_cells_run_in_the_compute_dtype():
 
     h, y = prec.setup(M(nnx.Rngs(0)))(x[:, 0])
     assert h.dtype == y.dtype == jnp.bfloat16
+
+
+# ----- module attributes: the smallest remainder marked, restored afterwards -----------------
+def _snapshot():
+    import flax.linen as nn
+    import optax
+
+    return {(m.__name__, k): v for m in (jax.nn, jnp, optax, nn) for k, v in list(vars(m).items())
+            if not k.startswith("_") and callable(v)}
+
+
+@pytest.mark.slow  # about 10 s: every preset traced twice
+def test_module_attributes_untouched_but_the_marked_remainder():
+    """The attributes of jax.nn, jax.numpy, optax and flax.linen are the same objects before,
+    during (inside a traced function) and after autocast / Precision.apply under every
+    preset, except the documented remainder (`_PATCHED`: float32-list composites, explicit
+    dtype= reductions), which only a mixed policy's trace marks."""
+    import importlib
+
+    import flax.linen as nn
+
+    from dualprec.presets import preset_names
+
+    ac = importlib.import_module("dualprec_jax.autocast")
+    before = _snapshot()
+    remainder = {tuple(d.rsplit(".", 1)) for d in ac._PATCHED}
+    remainder |= {k for k, v in before.items() if any(v is before.get(r) for r in remainder)}  # re-exports
+    never = {("jax.nn", n) for n in ("gelu", "silu", "swish", "sigmoid", "elu", "leaky_relu", "mish",
+                                     "hard_swish", "relu")} | \
+            {("jax.numpy", n) for n in ("mean", "var", "std", "tensordot", "matmul", "einsum", "dot", "vdot")} | \
+            {("flax.linen", n) for n in ("gelu", "silu", "sigmoid", "elu", "relu")}
+    assert never <= set(before) and not never & remainder
+    seen = []
+
+    class Probe(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            seen.append(_snapshot())
+            return nn.gelu(nn.Dense(4)(x)) + jax.nn.softmax(x[:, :4])
+
+    x = jnp.linspace(-1, 1, 16, dtype=jnp.float32).reshape(2, 8)
+    model = Probe()
+    checked = 0
+    for name in preset_names(include_aliases=False):  # traced only (eval_shape): fast
+        jax.eval_shape(autocast(lambda x: (seen.append(_snapshot()), jax.nn.gelu(x) + jnp.mean(x))[1], name), x)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a float64 preset's x64 note
+                prec = Precision(name)
+        except Exception:  # noqa: BLE001, S112 - presets this CPU cannot run (FP8...): autocast alone
+            continue
+        try:
+            variables = jax.eval_shape(functools.partial(prec.init, model, jax.random.key(0), x))
+        except jax.errors.ConcretizationTypeError:  # quantizing presets look at the values
+            variables = prec.init(model, jax.random.key(0), x)
+        jax.eval_shape(functools.partial(prec.apply, model), variables, x)
+        checked += 1
+    assert checked >= 5 and seen
+    for snap in seen:
+        changed = {k for k, v in before.items() if snap.get(k) is not v}
+        assert changed <= remainder, sorted(changed - remainder)
+        assert not changed & never
+    after = _snapshot()
+    assert all(after.get(k) is v for k, v in before.items())

@@ -161,3 +161,66 @@ def _all_eqns(jaxpr):
             inner = getattr(p, "jaxpr", p)
             if hasattr(inner, "eqns"):
                 yield from _all_eqns(inner)
+
+
+class _TiedHead(nn.Module):
+    """A model that ends in a non-stock op: a tied head through ``nn.Embed.attend``."""
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(32, 16, name="embed")
+        return embed.attend(nn.Dense(16, name="mid")(embed(tokens)))
+
+
+class _MatmulHead(nn.Module):
+    """... and one that ends in a hand-written matmul."""
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(0.3), (16, 8))
+        return nn.Dense(16, name="mid")(x) @ w
+
+
+@pytest.mark.parametrize("policy", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("model,make_x", [
+    (_TiedHead(), lambda: jnp.arange(12).reshape(3, 4) % 32),
+    (_MatmulHead(), lambda: jax.random.normal(jax.random.key(1), (4, 16))),
+], ids=["embed-attend", "matmul"])
+def test_apply_inside_autocast_keeps_the_output_dtype(policy, model, make_x):
+    """``prec.autocast(lambda v, x: prec.apply(model, v, x))`` gives what ``prec.apply`` alone
+    gives: the policy's output dtype (float32), the same bits, also when the model ends in an
+    op the table lowers (the output cast is a no-op at trace time there)."""
+    prec = Precision(policy)
+    x = make_x()
+    variables = prec.init(model, jax.random.key(0), x)
+    alone = prec.apply(model, variables, x)
+    nested = prec.autocast(lambda v, x: prec.apply(model, v, x))(variables, x)
+    jitted = jax.jit(prec.autocast(lambda v, x: prec.apply(model, v, x)))(variables, x)
+    assert alone.dtype == nested.dtype == jitted.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(nested), np.asarray(alone))
+    # the head itself is lowered (compute-dtype values, then cast): not a float32 head
+    assert np.array_equal(np.asarray(alone), np.asarray(alone.astype(prec.compute_dtype).astype(jnp.float32)))
+
+
+def test_eager_apply_reuses_its_trace():
+    """Eager `Precision.apply` traces a model once per argument shapes/dtypes (not once per
+    call), with the same bits as a fresh trace; other shapes, models and flags trace anew."""
+    prec = Precision("bf16-mixed")
+    model = ReadmeModel("gelu-tanh")
+    x = jax.random.normal(jax.random.key(1), (8, D_IN))
+    variables = prec.init(model, jax.random.key(0), x)
+    cache = prec._trace_cache
+    first = prec.apply(model, variables, x)
+    misses = cache.misses
+    assert misses == 1
+    for _ in range(3):
+        again = prec.apply(model, variables, x + 1.0)
+    assert cache.misses == misses  # no new trace
+    fresh = Precision("bf16-mixed").apply(model, variables, x + 1.0)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(fresh))
+    np.testing.assert_array_equal(np.asarray(prec.apply(model, variables, x)), np.asarray(first))
+    prec.apply(model, variables, x[:4])  # another shape
+    prec.apply(ReadmeModel("relu"), variables, x)  # another model
+    prec.apply(model, variables, x.astype(jnp.bfloat16))  # another dtype
+    assert cache.misses == misses + 3
+    # inside jax.jit the arguments are tracers: jit's own cache, not this one
+    jax.jit(lambda v, x: prec.apply(model, v, x))(variables, x)
+    assert cache.misses == misses + 3
