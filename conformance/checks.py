@@ -202,8 +202,11 @@ NORM_KINDS = {"LayerNorm", "GroupNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d",
 def predicted_output_dtype(policy: Policy, name: str, kind: str) -> str | None:
     """What the op policy says a submodule's output dtype is (None: no prediction): matmul-like
     layers round to the compute dtype; norms stay in float32 (float64) under mixed policies,
-    as autocast's fp32 list does, and round to the compute dtype under "true" ones."""
+    as autocast's fp32 list does, and round to the compute dtype under "true" ones; a module
+    where an override starts hands its output back in the override's output dtype."""
     sub = policy.for_module(name)
+    if name and sub != policy.for_module(name.rpartition(".")[0]):
+        return sub.output_dtype
     if kind in MATMUL_KINDS:
         return sub.compute_dtype
     if kind in NORM_KINDS:

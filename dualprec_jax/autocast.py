@@ -223,11 +223,15 @@ def _patterns(jaxpr):
         if isinstance(v, core.Var):
             uses.setdefault(v, []).append(None)
     sums, means, scatters = set(), {}, {}
+
+    def producer_of(v):  # a literal operand (``.at[0]``, a constant update) has no producer
+        return producer.get(v) if isinstance(v, core.Var) else None
+
     for e in jaxpr.eqns:
         if e.primitive.name in _SCATTERS and len(e.invars) >= 3:
             # x.at[i].set(v) / .add(v): jnp casts v to x's dtype before the primitive; the
             # table promotes (index_put, scatter_add), so the value before that cast counts
-            src = producer.get(e.invars[2])
+            src = producer_of(e.invars[2])
             if src is not None and src.primitive.name == "convert_element_type" and \
                     isinstance(src.invars[0], core.Var) and hasattr(src.invars[0].aval, "dtype") and \
                     _is_float(src.invars[0].aval.dtype) and _is_float(e.invars[0].aval.dtype):
@@ -235,7 +239,7 @@ def _patterns(jaxpr):
             # ... or casts x up, scatters, and casts the result back down to x's dtype: the
             # promoted result is kept
             out_uses = uses.get(e.outvars[0], [])
-            src = producer.get(e.invars[0])
+            src = producer_of(e.invars[0])
             if len(out_uses) == 1 and out_uses[0] is not None and src is not None and \
                     out_uses[0].primitive.name == "convert_element_type" and \
                     src.primitive.name == "convert_element_type" and \
@@ -249,7 +253,7 @@ def _patterns(jaxpr):
         out_uses = uses.get(e.outvars[0], [])
         if len(out_uses) != 1 or out_uses[0] is None:
             continue
-        nxt, src = out_uses[0], producer.get(e.invars[0])
+        nxt, src = out_uses[0], producer_of(e.invars[0])
         if nxt.primitive.name == "div" and nxt.invars[0] is e.outvars[0] and not nxt.invars[1].aval.ndim:
             means[id(e)] = id(nxt)
         elif src is not None and src.primitive.name == "convert_element_type":

@@ -24,6 +24,7 @@ import flax.linen as nn
 from dualprec import Policy
 
 from .autocast import module_scope
+from .casts import jax_dtype
 from .ops import accumulating_conv, accumulating_dot_general, dot_product_attention, op_dtypes
 
 __all__ = ["autocast", "module_path", "MATMUL_MODULES", "NORM_MODULES", "ATTENTION_MODULES", "PRELU_MODULES",
@@ -84,7 +85,16 @@ def _intercept(policy: Policy, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__":
         return next_fun(*args, **kwargs)
-    own = policy.for_module(module_path(module))
+    path = module_path(module)
+    own = policy.for_module(path)
+    if path and own != policy.for_module(path.rpartition(".")[0]):
+        # where an override starts: floating inputs in its compute dtype, outputs in its
+        # output dtype (dualprec_torch.modules does the same around the module's forward)
+        d = op_dtypes(own)
+        args, kwargs = _to(d.compute, (args, kwargs))
+        with module_scope(policy, own):
+            out = _intercept_call(own, module, next_fun, args, kwargs)
+        return _to(jax_dtype(own.output_dtype), out)
     with module_scope(policy, own):
         return _intercept_call(own, module, next_fun, args, kwargs)
 
