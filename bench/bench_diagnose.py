@@ -25,7 +25,6 @@ VOCAB, WIDTH, HEADS, LAYERS, BATCH, TOKENS = 128, 64, 4, 12, 4, 16
 
 
 def _torch_gpt():
-    import torch
     import torch.nn.functional as F
     from torch import nn
 

@@ -189,7 +189,6 @@ def _rss_bytes() -> int:
 def _memory_child(backend, mode, layers, width):
     """Resident bytes gained while holding `layers` quantized width x width layers (each
     quantized from a float32 weight that is freed right after)."""
-    import numpy as np
 
     held = []
     if backend == "jax":
@@ -206,7 +205,6 @@ def _memory_child(backend, mode, layers, width):
         for i in range(layers):
             held.append(jax.block_until_ready(fn(jnp.asarray(_weight(width, width, i)), spec)))
     else:
-        import torch
 
         compute = "float16" if mode == "int8" else "float32"
         _dualprec_torch_layer(mode, _weight(width, width, 99), compute)

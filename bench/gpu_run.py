@@ -55,7 +55,15 @@ if str(_ROOT) not in sys.path:  # `python bench/gpu_run.py` puts bench/, not the
     sys.path.insert(0, str(_ROOT))
 
 from bench.harness import (  # noqa: E402
-    BudgetGuard, Record, ResultsFile, Row, environment, reasons, results_path, run_rows, summarize,
+    BudgetGuard,
+    Record,
+    ResultsFile,
+    Row,
+    environment,
+    reasons,
+    results_path,
+    run_rows,
+    summarize,
 )
 
 GPU_BUDGET_S = 480.0
@@ -454,7 +462,6 @@ def _torch_fp8_rows(plan: Plan) -> list[Record]:
 def _jax_fp8_rows(plan: Plan, recipe: str = "delayed") -> list[Record]:
     """Precision("bf16-mixed,fp8=<recipe>") (native fp8 dot_general) vs Precision("bf16-mixed")."""
     import jax
-    import jax.numpy as jnp
     import optax
 
     from dualprec_jax import Precision
@@ -504,10 +511,10 @@ def _nf4_shapes(plan: Plan):
 def _torch_nf4_rows(plan: Plan) -> list[Record]:
     """dualprec_torch.quant (Precision's quantize_module) vs a plain bitsandbytes Linear4bit,
     the same weight, forward only (inference), at `tokens` tokens and at 1 token."""
+    import bitsandbytes as bnb  # noqa: F401  (ImportError -> "unavailable")
     import torch
     from torch import nn
 
-    import bitsandbytes as bnb  # noqa: F401  (ImportError -> "unavailable")
     from dualprec import Policy
     from dualprec_torch.quant import quantize_module
 

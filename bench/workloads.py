@@ -306,6 +306,7 @@ def _torch_opt_tensors(opt) -> list:
 
 def _torch_dualprec_case(cfg, label, x, dev, compiled, compile_backend) -> Case:
     import torch
+
     from dualprec_torch import Precision
 
     prec = Precision(policy_row(label).spec, device=dev)
@@ -375,8 +376,8 @@ def torch_gemm(n: int, kind: str, device: str = "cpu", inner: int = 4) -> Case:
 
 def torch_nf4_gemv(d_in: int, d_out: int, device: str = "cpu", inner: int = 10) -> Case:
     """bitsandbytes nf4 Linear on one token (inference decode), `inner` calls per step."""
-    import torch
     import bitsandbytes as bnb
+    import torch
 
     dev = torch.device(device)
     with dev:
@@ -406,6 +407,7 @@ def _fp8_dot_general():
     scaling (e4m3 forward, e5m2 gradients), accumulating in fp32: the library's
     (`dualprec_jax.fp8.current_dot_general`), bf16 operands and output as before."""
     import jax.numpy as jnp
+
     from dualprec_jax.fp8 import current_dot_general
 
     dot = current_dot_general("current")
@@ -419,6 +421,7 @@ def _fp8_dot_general():
 def _nf4_tools():
     import jax.numpy as jnp
     import numpy as np
+
     from dualprec.ref.fourbit import CODEBOOKS
 
     code = np.asarray(CODEBOOKS["nf4"], np.float32)
@@ -624,6 +627,7 @@ def _jax_dualprec_case(cfg, label, seed) -> Case:
     import jax
     import jax.numpy as jnp
     import optax
+
     from dualprec_jax import Precision
 
     prec = Precision(policy_row(label).spec)

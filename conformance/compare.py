@@ -31,8 +31,8 @@ import numpy as np
 
 from dualprec import Policy
 
-from .checks import Context, _guard, check_casts, check_training, session_checks
 from .backends.base import Optim
+from .checks import Context, _guard, check_casts, check_training, session_checks
 from .records import Record, summary
 from .tolerances import ModelShape
 from .weights import WeightMap

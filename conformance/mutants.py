@@ -121,6 +121,7 @@ def softmax_half():
     casts, which the one-path op table cannot undo (a plain jax.nn.softmax now gets the table's
     float32 rule inside Precision.apply, so it is no longer a bug there)."""
     import jax.numpy as jnp
+
     from dualprec_jax import ops
 
     def softmax(x, axis=-1):
@@ -146,6 +147,7 @@ def override_ignored():
 @contextlib.contextmanager
 def x64_in_float32():
     import jax.numpy as jnp
+
     from dualprec_jax import casts
 
     with _fresh_op_dtypes():
@@ -188,6 +190,7 @@ def backoff_factor_wrong():
 
 def counter_kept_on_skip():
     import jax.numpy as jnp
+
     from dualprec_jax import optim
 
     orig = optim.loss_scale_update
@@ -210,6 +213,7 @@ def skip_advances_optimizer():
 def unscale_rounded_reciprocal():
     import jax
     import jax.numpy as jnp
+
     from dualprec_jax import optim
 
     def unscale(grads, state):
@@ -222,6 +226,7 @@ def unscale_rounded_reciprocal():
 def master_not_copied_back():
     import jax
     import jax.numpy as jnp
+
     from dualprec_jax import optim
 
     return _setattr(optim, "_move_to", lambda params, targets: jax.tree_util.tree_map(
@@ -266,6 +271,7 @@ def _fresh_jax_traces() -> Iterator[None]:
     ``lru_cache``): drop every compiled trace around a mutant so that the patch is traced in,
     and again afterwards so that it is traced out."""
     import jax
+
     from dualprec_jax import fp8
 
     jax.clear_caches()
@@ -356,6 +362,7 @@ def nvfp4_single_level():
 # ---------------------------------------------------------------- twin bugs (not listed anywhere)
 def twin_gelu_tanh():
     import jax
+
     from .zoo import flax_models
 
     return _setattr(flax_models, "gelu", lambda x: jax.nn.gelu(x, approximate=True))

@@ -80,7 +80,7 @@ def _cell_text(c) -> str:
     if c["error"]:
         parts.append(f"[bold magenta]{c['error']}E[/]")
     if c["skip"] and not (c["pass"] or c["fail"] or c["error"]):
-        parts.append(f"[yellow]skip[/]")
+        parts.append("[yellow]skip[/]")
     elif c["skip"]:
         parts.append(f"[yellow]{c['skip']}s[/]")
     return " ".join(parts)
@@ -246,8 +246,8 @@ def heatmap_cells(records: list[Record]) -> dict:
 def heatmap_figure(records: list[Record]):
     """The policy x model matrix: a cell is red when any of its checks failed or errored,
     green when all that ran passed, grey when all were skipped, white when not run."""
-    from matplotlib.colors import ListedColormap
     import numpy as np
+    from matplotlib.colors import ListedColormap
 
     plt = _mpl()
     policies, models, _ = _cells(records)

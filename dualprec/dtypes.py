@@ -110,8 +110,8 @@ def _object_dtype_name(value: Any) -> str | None:
     if text.startswith("torch."):  # torch.dtype prints as "torch.bfloat16"
         return text[len("torch."):]
     try:
-        import numpy as np
         import ml_dtypes  # noqa: F401  registers bfloat16 with numpy
+        import numpy as np
 
         return np.dtype(value).name
     except TypeError:

@@ -23,7 +23,7 @@ from typing import Any
 
 from .dtypes import canonical_dtype
 from .errors import PolicyError, did_you_mean
-from .policy import ALL_FP8_SCALINGS, FP8Recipe, LossScale, Policy, Quantization, QUANT_MODES, _replace
+from .policy import ALL_FP8_SCALINGS, QUANT_MODES, FP8Recipe, LossScale, Policy, Quantization, _replace
 
 __all__ = ["parse_policy", "format_policy", "explicit_form", "parse_component", "KEYS"]
 

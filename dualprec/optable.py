@@ -32,7 +32,7 @@ register, `CUDA_BUILD_ONLY`), and each entry's list is the one torch's kernels a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .dtypes import ALL_DTYPES, HALF_DTYPES, dtype_bits
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 
-
 import jax
 from flax import nnx
 from jax import lax
@@ -37,9 +36,8 @@ class _RoundsOutput:
     inside an autocast trace, its ops scoped to its own policy when that is an override."""
 
     def __call__(self, x, *args, **kwargs):
-        from .autocast import module_scope
-
         from . import fp8
+        from .autocast import module_scope
 
         top, own = self._dualprec_policies
         raw = fp8.Fp8NnxLinear is not None and isinstance(self, fp8.Fp8NnxLinear)

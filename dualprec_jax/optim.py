@@ -30,8 +30,8 @@ import optax
 
 from dualprec import Policy
 
-from .casts import cast_floating
 from . import loss_scale as _loss_scale
+from .casts import cast_floating
 from .loss_scale import LossScaleState, leaves_finite, loss_scale_init, loss_scale_update, unscale
 
 __all__ = ["LossScaledState", "loss_scaled", "NO_STEP"]

@@ -18,8 +18,7 @@ from typing import Any
 
 import jax
 
-from dualprec import CheckReport, DeviceCaps, Policy, PolicyError
-from dualprec import checkpoint, contract, registry
+from dualprec import CheckReport, DeviceCaps, Policy, PolicyError, checkpoint, contract, registry
 from dualprec.errors import CheckpointError, NonFiniteGradientError, UnsupportedPolicyError
 
 from . import flax_linen, flax_nnx, fp8, quant

@@ -42,8 +42,8 @@ from flax import nnx
 from jax import lax
 
 from dualprec import Policy
-from dualprec.policy import FOUR_BIT_MODES
 from dualprec.errors import QuantizationError
+from dualprec.policy import FOUR_BIT_MODES
 from dualprec.ref import fourbit as _ref4
 
 from .casts import accumulation_dtype, jax_dtype

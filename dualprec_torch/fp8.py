@@ -28,10 +28,9 @@ the input's dtype otherwise.
 
 from __future__ import annotations
 
-import functools
-
 import contextlib
 import dataclasses
+import functools
 import warnings
 
 import torch

@@ -40,17 +40,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from dualprec import DeviceCaps, Policy, PolicyError
-from dualprec import checkpoint, contract, registry
+from dualprec import DeviceCaps, Policy, PolicyError, checkpoint, contract, registry
 from dualprec.errors import CheckpointError, NonFiniteGradientError, UnsupportedPolicyError
 
+from . import fp8, quant
 from .caps import device_caps
 from .casts import cast_floating, torch_dtype
-from .init import init_context
 from .loss_scale import LossScaler
 from .master import MasterWeights
-from . import fp8
-from . import quant
 from .modules import convert_module
 from .ops import backward_context, compute_context
 from .sharding import check_process_group, decision_group, local_shards, reduce_found_inf
@@ -581,7 +578,6 @@ class Precision(contract.Precision):
     def loss_scale(self):
         """The loss-scale state as the reference's `LossScaleState` (scale, counter)."""
         from dualprec.ref.loss_scale import LossScaleState
-        import numpy as np
 
         self._auto_update()
         return LossScaleState(scale=np.float32(self._scaler.scale), counter=self._scaler.counter)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-
 from common import SIZES, task
 
 POLICY = "bf16-mixed,quant=nf4"  # float32 params, bfloat16 compute, NF4 base weights

@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from common import batches, progress, write_losses
+from qlora_common import EVAL_KEY, LAYERS, SCALE, adapter_init, eval_batch, fine_tune_task, parse_args
+from train_flax import MLP, initial_params
+
 from dualprec import Policy
 from dualprec_jax import Precision, quant
 from dualprec_jax.train_state import TrainState
-from qlora_common import EVAL_KEY, LAYERS, SCALE, adapter_init, eval_batch, fine_tune_task, parse_args
-from train_flax import MLP, initial_params
 
 
 def with_adapters(params: dict, adapters: dict) -> dict:

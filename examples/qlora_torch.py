@@ -12,13 +12,13 @@ import json
 
 import numpy as np
 import torch
+from common import batches, initial_weights, progress, write_losses
+from qlora_common import EVAL_KEY, LAYERS, RANK, SCALE, adapter_init, eval_batch, fine_tune_task, parse_args
 from safetensors.torch import save_file
 from torch import nn
 
-from common import batches, initial_weights, progress, write_losses
 from dualprec import Policy
 from dualprec_torch import Precision
-from qlora_common import EVAL_KEY, LAYERS, RANK, SCALE, adapter_init, eval_batch, fine_tune_task, parse_args
 
 
 class LoRALinear(nn.Module):

@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-
 from common import SIZES, batches, initial_weights, parse_args, progress, task, write_losses
+
 from dualprec import Policy
 from dualprec_jax import Precision
 

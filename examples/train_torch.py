@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import torch
+from common import batches, initial_weights, parse_args, progress, task, write_losses
 from torch import nn
 
-from common import batches, initial_weights, parse_args, progress, task, write_losses
 from dualprec import Policy
 from dualprec_torch import Precision
 

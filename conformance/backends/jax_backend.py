@@ -7,14 +7,10 @@ from typing import Mapping
 
 import numpy as np
 
-from dualprec import Policy
-
 from ..numerics import dtype_name
 from ..weights import WeightMap, flatten_flax
 from ..zoo import ModelSpec
 from .base import Backend, Optim, Session, StepInfo
-
-
 
 #: Flax's collection whose "gradient" is the variable's next value (FP8 scales, histories).
 OWG = "_overwrite_with_gradient"
@@ -82,6 +78,7 @@ class JaxBackend(Backend):
 
     def block_parts(self, x, w, g, recipe, seed, step):
         import jax.numpy as jnp
+
         from dualprec_jax import blockscale
 
         parts = blockscale.block_linear_parts_jit(jnp.asarray(x), jnp.asarray(w), jnp.asarray(g), recipe,
@@ -434,6 +431,7 @@ class JaxSession(Session):
 
     def dequantized(self):
         import jax.numpy as jnp
+
         from dualprec_jax import quant
         from dualprec_jax.casts import jax_dtype
 
@@ -491,6 +489,7 @@ class JaxSession(Session):
 
     def loss_and_grads(self, x, y):
         import jax
+
         import dualprec_jax
 
         loss, grads, _, _ = self._grads(x, y, 1.0)
@@ -499,7 +498,6 @@ class JaxSession(Session):
         return float(loss), self.wm.to_torch(jax.tree_util.tree_map(to_numpy, grads))
 
     def train_step(self, x, y, loss_multiplier=1.0):
-        import dualprec_jax
 
         loss, grads, owg_next, new_state = self._grads(x, y, loss_multiplier)
         self._params, self.opt_state = self.update(grads, self.opt_state, self._params)

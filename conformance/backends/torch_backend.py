@@ -9,9 +9,6 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
-from dualprec import Policy
-
-from ..weights import WeightMap
 from ..zoo import ModelSpec
 from .base import Backend, Optim, Session, StepInfo
 
@@ -70,6 +67,7 @@ class TorchBackend(Backend):
 
     def block_parts(self, x, w, g, recipe, seed, step):
         import torch
+
         from dualprec_torch import blockscale
 
         parts = blockscale.block_linear_parts(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(g),

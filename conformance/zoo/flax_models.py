@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import math
-
 import contextlib
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from dualprec_jax import ops as dp_ops
 
+from dualprec_jax import ops as dp_ops
 
 #: The norm epsilons of the torch twins (module constants so a mutant can change them).
 LN_EPS, RMS_EPS, GN_EPS = 1e-5, 1e-6, 1e-5

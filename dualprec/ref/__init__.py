@@ -1,7 +1,6 @@
 """Reference numerics in NumPy + ml_dtypes: the ground truth both backends are tested against."""
 
 from . import blockscale  # noqa: F401  (row-wise, MXFP8, NVFP4: dualprec.ref.blockscale)
-
 from .casts import FP8_MAX, cast, nan_equal
 from .fourbit import QuantState4bit, dequantize_4bit, quantize_4bit
 from .fp8 import (

@@ -6,8 +6,21 @@ import json
 import pytest
 
 from bench.harness import (
-    STATUS_NOT_IMPLEMENTED, STATUS_SKIPPED_BUDGET, BudgetGuard, Record, ResultsFile, Row, add_baseline_ratios,
-    environment, reasons, results_path, rich_table, run_rows, summarize, tflops, time_interleaved,
+    STATUS_NOT_IMPLEMENTED,
+    STATUS_SKIPPED_BUDGET,
+    BudgetGuard,
+    Record,
+    ResultsFile,
+    Row,
+    add_baseline_ratios,
+    environment,
+    reasons,
+    results_path,
+    rich_table,
+    run_rows,
+    summarize,
+    tflops,
+    time_interleaved,
 )
 
 

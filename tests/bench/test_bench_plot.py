@@ -3,7 +3,7 @@ the date/machine/versions stamp."""
 
 import pytest
 
-from bench.harness import ResultsFile, Record
+from bench.harness import Record, ResultsFile
 from bench.plot import memory_markdown, speed_markdown, stamp, write_report
 
 

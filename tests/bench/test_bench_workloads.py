@@ -5,7 +5,12 @@ import pytest
 
 from bench.memory import THEORY, measure_jax, measure_torch, storage_bytes, theoretical
 from bench.workloads import (
-    POLICIES, WORKLOADS, MLPConfig, dualprec_status, policy_records, policy_row,
+    POLICIES,
+    WORKLOADS,
+    MLPConfig,
+    dualprec_status,
+    policy_records,
+    policy_row,
 )
 
 

@@ -44,8 +44,9 @@ def test_dualprecs_own_packages_are_not_reported():
 
 
 def test_the_all_extra_installs_lightning():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]

@@ -6,14 +6,12 @@ plants one twin bug for the power tests (:data:`BUGS`)."""
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gpt_pair import HalfAccDense, gelu
 
 from conformance.zoo.flax_models import avg_pool
-
-from gpt_pair import HalfAccDense, gelu
 
 C_IN, C1, C2, GROUPS, N_CLASSES, HW, BATCH = 3, 16, 32, 4, 10, 16, 8
 

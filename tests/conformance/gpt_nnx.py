@@ -7,11 +7,10 @@ import math
 
 import jax.numpy as jnp
 from flax import nnx
+from gpt_pair import D, H, L, T, V, gelu
 
 from conformance.zoo.flax_models import matmul, scale
 from dualprec_jax import ops as dp_ops
-
-from gpt_pair import D, H, L, T, V, gelu
 
 
 class Attention(nnx.Module):

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dualprec_jax import ops as dp_ops
 
 from conformance.zoo.flax_models import active_policy, matmul, scale, under_table
+from dualprec_jax import ops as dp_ops
 
 V, D, H, T, L = 64, 32, 4, 16, 2
 

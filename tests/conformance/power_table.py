@@ -15,12 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import cnn_pair  # noqa: E402
+import gpt_pair  # noqa: E402
 import torch  # noqa: E402
 
 from conformance import compare  # noqa: E402
-
-import cnn_pair  # noqa: E402
-import gpt_pair  # noqa: E402
 
 POLICIES = ("32-true", "bf16-mixed", "16-mixed")
 

@@ -7,12 +7,11 @@ import textwrap
 
 import numpy as np
 import pytest
+from test_conformance_localise import BrokenFc2MLP
 
 import conformance.backends as backends_pkg
 from conformance import cli, golden
 from conformance.records import REQUIRED_KEYS, Record, validate
-
-from test_conformance_localise import BrokenFc2MLP
 
 
 @pytest.fixture

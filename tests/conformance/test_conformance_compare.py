@@ -74,10 +74,10 @@ def test_unmatched_paths_are_an_error_naming_the_fix(real_backends):
 
 
 # ---------------------------------------------------------------- a GPT-style LM as it is
+from gpt_pair import FlaxGPT, TorchGPT, data  # noqa: E402
+
 from conformance.compare import Comparison, infer_class_axis  # noqa: E402
 from conformance.records import Record  # noqa: E402
-
-from gpt_pair import FlaxGPT, TorchGPT, data  # noqa: E402
 
 
 @pytest.mark.slow
@@ -141,9 +141,9 @@ def test_explain_says_each_problem_once_in_full_within_80_columns():
 
 @pytest.mark.slow
 def test_calibrate_reports_the_envelope_of_a_pair_against_the_bounds():
-    from conformance import calibrate
-
     from gpt_pair import FlaxGPT, TorchGPT, data
+
+    from conformance import calibrate
 
     env = calibrate(TorchGPT, FlaxGPT(), None, "bf16-mixed", lambda s: data(seed=s), seeds=(0, 1))
     assert not env.failed, env.table()

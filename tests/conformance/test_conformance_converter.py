@@ -5,11 +5,10 @@ import jax
 import numpy as np
 import pytest
 import torch
+from gpt_pair import FlaxGPT, TorchGPT, data
 
 from conformance import WeightMap, flax_to_torch, torch_to_flax
 from conformance.weights import KIND_RULES, WeightMapError, flatten_flax
-
-from gpt_pair import FlaxGPT, TorchGPT, data
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +115,6 @@ def test_nnx_module_and_state_both_ways_bit_for_bit(gpt):
     """torch -> an nnx GPT (nnx's list spelling blocks/0/... resolved) -> torch, bit for bit,
     from the module and from its nnx.State; the nnx model then computes torch's logits."""
     from flax import nnx
-
     from gpt_nnx import NnxGPT
 
     model = NnxGPT()
@@ -140,7 +138,6 @@ def test_nnx_module_and_state_both_ways_bit_for_bit(gpt):
 
 def test_nnx_tree_missing_a_module_names_the_entry(gpt):
     from flax import nnx
-
     from gpt_nnx import NnxGPT
 
     tree = nnx.to_pure_dict(nnx.state(NnxGPT(), nnx.Param))

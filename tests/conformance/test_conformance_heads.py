@@ -1,17 +1,16 @@
 """Attention head splits in the converter: torch's packed q/k/v projections <-> Flax's
 per-head DenseGeneral kernels [d, heads, head_dim] and output kernel [heads, head_dim, d]."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 import pytest
 import torch
+from gpt_pair import D, FlaxGPT, H, T, TorchGPT, data
 
 from conformance import WeightMap, flax_to_torch, torch_to_flax
 from conformance.weights import attention_rules
-
-from gpt_pair import D, H, T, FlaxGPT, TorchGPT, data
 
 
 class TorchMHA(torch.nn.Module):

@@ -6,17 +6,15 @@ import jax
 import numpy as np
 import pytest
 import torch
+from gpt_nnx import NnxGPT
+from gpt_pair import TorchGPT, data
 
 from conformance import compare
 from conformance.nnx_bridge import as_linen
 
-from gpt_nnx import NnxGPT
-from gpt_pair import TorchGPT, data
-
 
 def test_the_linen_view_has_linens_params_and_the_nnx_models_numbers():
     from flax import nnx
-
     from gpt_pair import FlaxGPT
 
     ids, _ = data()

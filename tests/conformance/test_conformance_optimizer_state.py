@@ -7,12 +7,11 @@ import numpy as np
 import optax
 import pytest
 import torch
+from gpt_pair import FlaxGPT, TorchGPT, data
 
 from conformance import WeightMap, torch_to_flax
 from conformance.weights import WeightMapError, optimizer_state_to_flax, optimizer_state_to_torch
 from dualprec_torch import checkpoint as torch_ckpt
-
-from gpt_pair import FlaxGPT, TorchGPT, data
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,16 @@ pytest.importorskip("matplotlib")
 from matplotlib.colors import to_rgba  # noqa: E402
 
 from conformance.records import Record  # noqa: E402
-from conformance.report import (FAIL_COLOUR, PASS_COLOUR, SKIP_COLOUR, heatmap_cells, heatmap_figure,  # noqa: E402
-                                layers_figure, training_figure, write_report)
+from conformance.report import (  # noqa: E402
+    FAIL_COLOUR,
+    PASS_COLOUR,
+    SKIP_COLOUR,
+    heatmap_cells,
+    heatmap_figure,
+    layers_figure,
+    training_figure,
+    write_report,
+)
 
 WHY = "first divergence at fc2: 72.3% of elements not bitwise equal > bound 2.0%"
 

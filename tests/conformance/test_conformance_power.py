@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from power_table import NO_BUG, PAIRS, POLICIES, run_cell, run_pair
 
 #: (model, bug) -> policy -> (a check that must fail, the layers it may point at); None: no bug

@@ -183,6 +183,7 @@ def test_both_backends_refuse_bad_values_in_a_state_dict(backend):
     else:
         jax = pytest.importorskip("jax")
         import optax
+
         from dualprec_jax import Precision
 
         prec = Precision("16-mixed")

@@ -3,11 +3,10 @@ backend" for the rest; what it says agrees with what each Precision accepts."""
 
 import pytest
 
-from dualprec import DeviceCaps, Policy, explain, presets, registry
-from dualprec.errors import UnsupportedPolicyError
-
 import dualprec_jax
 import dualprec_torch
+from dualprec import DeviceCaps, Policy, explain, presets, registry
+from dualprec.errors import UnsupportedPolicyError
 
 PRECISION = {"torch": dualprec_torch.Precision, "jax": dualprec_jax.Precision}
 # a device that runs everything, so only what the backend implements decides

@@ -5,11 +5,10 @@ import inspect
 
 import pytest
 
-from dualprec import contract
-from dualprec.errors import UnsupportedPolicyError
-
 import dualprec_jax
 import dualprec_torch
+from dualprec import contract
+from dualprec.errors import UnsupportedPolicyError
 
 torch_precision = dualprec_torch.Precision
 jax_precision = dualprec_jax.Precision

@@ -7,10 +7,10 @@ import pytest
 pytest.importorskip("jax")
 pytest.importorskip("flax")
 
+from conformance.zoo.fragile import SEEDED  # noqa: E402
 from dualprec import Policy  # noqa: E402
 from dualprec.diagnose import error_of, reference_policy  # noqa: E402
 from dualprec.diagnose_cli import agreement, load_model  # noqa: E402
-from conformance.zoo.fragile import SEEDED  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::RuntimeWarning")]

@@ -14,8 +14,10 @@ jmp = pytest.importorskip("jmp")
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from dualprec import checkpoint  # noqa: E402
-from dualprec import ref  # noqa: E402
+from dualprec import (
+    checkpoint,  # noqa: E402
+    ref,  # noqa: E402
+)
 from dualprec.errors import NonFiniteGradientError  # noqa: E402
 from dualprec_jax import Precision as JaxPrecision  # noqa: E402
 from dualprec_jax import loss_scale as jls  # noqa: E402

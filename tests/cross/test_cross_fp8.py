@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the cross-framework FP8 agreement needs torch")
-from dualprec_torch import fp8 as tfp8  # noqa: E402
-
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -22,7 +20,9 @@ import jax.numpy as jnp  # noqa: E402
 from dualprec.policy import FP8Recipe, Policy  # noqa: E402
 from dualprec.ref import fp8 as ref  # noqa: E402
 from dualprec.ref.casts import nan_equal  # noqa: E402
-from dualprec_jax import Precision, fp8 as jfp8  # noqa: E402
+from dualprec_jax import Precision  # noqa: E402
+from dualprec_jax import fp8 as jfp8
+from dualprec_torch import fp8 as tfp8  # noqa: E402
 
 IN, OUT, BATCH, STEPS = 16, 8, 4, 9
 POLICIES = {"hybrid": "32-true,fp8=delayed(history_len=4)",
@@ -197,6 +197,7 @@ def test_fp8_state_crosses_backends_in_the_precision_checkpoint(tmp_path):
     """torch Precision.state_dict -> dualprec.checkpoint file -> JAX Precision.load_state_dict,
     then both continue on the same tensors and their states stay bit-identical."""
     import optax
+
     from dualprec import checkpoint
     from dualprec_torch import Precision as TorchPrecision
 

@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
 import ml_dtypes  # noqa: E402
+
 from dualprec_jax import Precision as JPrecision  # noqa: E402
 from dualprec_jax import fp8 as jfp8  # noqa: E402
 from dualprec_torch import Precision as TPrecision  # noqa: E402

@@ -11,12 +11,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 from dualprec.errors import PolicyError, UnsupportedPolicyError  # noqa: E402
 from dualprec_jax import Precision  # noqa: E402
-from dualprec_jax.sharding import (check_jit_reduce, fsdp_rules, reduce_gradients,  # noqa: E402
-                                   shard_params)
+from dualprec_jax.sharding import check_jit_reduce, fsdp_rules, reduce_gradients, shard_params  # noqa: E402
 
 assert len(jax.devices()) == 4, jax.devices()
 MESH = Mesh(np.array(jax.devices()), ("data",))

@@ -262,7 +262,8 @@ def test_static_arguments_and_pytrees(xw):
 
 
 def test_shard_map_and_sharded_jit(xw):
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = jax.make_mesh((1,), ("d",))
     x = jax.device_put(xw[0], NamedSharding(mesh, P("d")))

@@ -56,8 +56,10 @@ def test_delayed_state_bit_identical_to_ref(recipe):
     steps = 10
     xs, ws, gs = _inputs(steps, (8, 16), 0), _inputs(steps, (16, 4), 1), _inputs(steps, (8, 4), 2)
     xs[3] = np.zeros_like(xs[3])       # amax 0: the previous scale is kept
-    gs[5] = gs[5].copy(); gs[5][0, 0] = np.inf   # non-finite amaxes
-    gs[7] = gs[7].copy(); gs[7][1, 2] = np.nan
+    gs[5] = gs[5].copy()
+    gs[5][0, 0] = np.inf   # non-finite amaxes
+    gs[7] = gs[7].copy()
+    gs[7][1, 2] = np.nan
     ws[6] = ws[6] * 1e4                  # saturating cast
     got, want = _run_jax(xs, ws, gs, recipe), _run_ref(xs, ws, gs, recipe)
     for step, ((y, dx, dw, st), (ry, rdx, rdw, rstate)) in enumerate(zip(got, want)):
@@ -296,8 +298,9 @@ def test_transformer_engine_presets_without_te_name_the_native_fallback():
 
 
 def test_fp8_state_in_the_precision_checkpoint(tmp_path):
-    from dualprec import checkpoint
     import optax
+
+    from dualprec import checkpoint
 
     prec = Precision(POLICY)
     model = _OneDense()

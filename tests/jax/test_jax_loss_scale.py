@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dualprec import LossScale
-from dualprec.ref import loss_scale_init as ref_init, loss_scale_update as ref_update
+from dualprec.ref import loss_scale_init as ref_init
+from dualprec.ref import loss_scale_update as ref_update
 from dualprec_jax import all_finite, loss_scale_init, loss_scale_update, scale_loss, unscale
 
 

@@ -81,10 +81,10 @@ def test_readme_flax_path_agrees_with_torch(policy, least):
 # ----- the same path everywhere: TrainState, nnx, per-module overrides ----------------------
 @pytest.mark.slow  # tens of seconds of XLA compilation on the shared CPU
 def test_train_state_apply_fn_and_nnx_give_the_bits_of_precision_apply():
+    import optax
     from flax import nnx
 
     from dualprec_jax.train_state import TrainState
-    import optax
 
     _, variables, x = _twins("gelu")
     x = jnp.asarray(x[:32])

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from dualprec_jax import LossScaledState, Precision
-from tests.jax.conftest import assert_bitwise_equal, bits
+from tests.jax.conftest import assert_bitwise_equal
 
 PARAMS = {"w": jnp.array([[-0.0, 1.5], [2.0, -3.0]]), "b": jnp.array([0.25, -0.0])}
 

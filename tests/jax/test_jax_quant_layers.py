@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import MLP, NnxMLP, D, H, T
+from conftest import MLP, D, H, NnxMLP, T
 from flax import nnx
 
 from dualprec_jax import Precision, quant

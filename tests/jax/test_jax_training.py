@@ -1,7 +1,6 @@
 """N training steps through Precision equal the hand-written op policy bit for bit, per
 policy, for linen and nnx; stock Flax dtype=bf16 layers are measurably further away."""
 
-import functools
 
 import flax.linen as nn
 import jax
@@ -14,8 +13,7 @@ from flax import nnx
 
 from dualprec import Policy
 from dualprec_jax import Precision
-
-from tests.jax.conftest import D, Block, MLP, NnxBlock, NnxMLP, Ref, assert_bitwise_equal, loss_of
+from tests.jax.conftest import MLP, Block, NnxBlock, NnxMLP, Ref, assert_bitwise_equal, loss_of
 
 STEPS = 3
 MASTER = "params=bf16,compute=bf16,output=f32,master=true"

@@ -20,7 +20,6 @@ from dualprec.ref.fourbit import BLOCKSIZES, CODEBOOKS, DYNAMIC_MAP, _mean_float
 from dualprec_torch.casts import torch_dtype  # noqa: E402
 
 
-
 def _data(shape, dtype, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape) * np.exp(rng.uniform(-4, 4, shape))

@@ -7,8 +7,16 @@ import pytest
 import torch
 from flax.linen import fp8_ops
 
-from dualprec.ref import (FP8State, dequantize_fp8, fp8_current_scale, fp8_delayed_init, fp8_delayed_update,
-                          fp8_gemm_qdq, nan_equal, quantize_fp8)
+from dualprec.ref import (
+    FP8State,
+    dequantize_fp8,
+    fp8_current_scale,
+    fp8_delayed_init,
+    fp8_delayed_update,
+    fp8_gemm_qdq,
+    nan_equal,
+    quantize_fp8,
+)
 from dualprec.ref.fp8 import amax
 from tests.ref.conftest import make_recipe
 

@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 
 from dualprec import Policy, PolicyError
-from dualprec.diagnose import (DiagnoseReport, Trace, isolate, promote, promotion_kind, range_fractions,
-                               reference_policy, rel_error, search, sqnr_db)
+from dualprec.diagnose import (
+    DiagnoseReport,
+    Trace,
+    isolate,
+    promote,
+    promotion_kind,
+    range_fractions,
+    reference_policy,
+    rel_error,
+    search,
+    sqnr_db,
+)
 
 
 def test_rel_error_and_sqnr():

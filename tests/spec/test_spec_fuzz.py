@@ -2,7 +2,6 @@
 OverflowError, ZeroDivisionError, RecursionError, ValueError from int(), ...), and accepted
 values at the edges of their ranges train 3 steps in both backends without a NaN."""
 
-import json
 import random
 
 import numpy as np
@@ -94,7 +93,8 @@ def test_json_documents_raise_only_policy_error():
 
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
@@ -154,6 +154,7 @@ def _jax_losses(policy):
     import flax.linen as nn
     import jax.numpy as jnp
     import optax
+
     from dualprec_jax import Precision
 
     class MLP(nn.Module):

@@ -7,8 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dualprec import FP8Recipe, LossScale, Policy, PolicyError, Quantization, presets
-from dualprec.policy import (BLOCKSIZES, FP8_ENGINES, FP8_FORMATS, MX_ROUNDINGS, NONFINITE_RULES,
-                             NVFP4_WEIGHT_BLOCKS, QUANT_MODES)
+from dualprec.policy import (
+    BLOCKSIZES,
+    FP8_ENGINES,
+    FP8_FORMATS,
+    MX_ROUNDINGS,
+    NONFINITE_RULES,
+    NVFP4_WEIGHT_BLOCKS,
+    QUANT_MODES,
+)
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 patterns = st.from_regex(r"[a-z][a-z0-9_]{0,6}(\.(\*|[0-9]|[a-z]{1,4})){0,2}", fullmatch=True)

@@ -9,11 +9,11 @@ import torch.distributed as dist
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import sharding_worker as w
+
     from dualprec.errors import NonFiniteGradientError
     from dualprec_torch import Precision
     from dualprec_torch.sharding import local_tensor, shard
-
-    import sharding_worker as w
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -73,9 +73,13 @@ def worker(rank: int, world: int, port: int, policies: list[str], out_dir: str) 
 
 
 def run_policy(rank: int, world: int, policy: str, out_dir: str) -> None:
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     from dualprec_torch.sharding import local_tensor
 

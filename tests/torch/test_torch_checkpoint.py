@@ -4,10 +4,10 @@ import io
 
 import pytest
 import torch
+from torch_support import assert_same_state, make_batches, make_model, make_optimizer, run_precision
 
 from dualprec import Policy, PolicyError
 from dualprec_torch import Precision
-from torch_support import assert_same_state, make_batches, make_model, make_optimizer, run_precision
 
 BAD = {1: float("inf"), 4: float("nan")}
 

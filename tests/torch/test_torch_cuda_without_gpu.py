@@ -4,14 +4,13 @@ MixedPrecision on the same device.  A CUDA device is simulated by patching
 ``torch.cuda.is_available`` / ``is_bf16_supported`` and the capability query: only the
 choices dualprec makes are checked here, no CUDA kernel runs."""
 
-from unittest import mock
 
 import pytest
 import torch
 from torch import nn
 
-from dualprec import DeviceCaps
 import dualprec_torch.precision as precision_module
+from dualprec import DeviceCaps
 from dualprec_torch import Precision
 
 H100 = DeviceCaps("cuda", name="NVIDIA H100", compute_capability=(9, 0), backend="torch")

@@ -4,14 +4,13 @@ ranks on CPU.  See tests/torch/ddp_worker.py for what each rank runs."""
 
 import socket
 
+import ddp_worker as w
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from dualprec_torch import Precision
 from dualprec_torch.sharding import decision_group
-
-import ddp_worker as w
 
 pytest.importorskip("lightning", reason="lightning is a test extra: pip install lightning")
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import dualprec_torch
+from conformance.zoo.fragile import FRAGILE, SEEDED
 from dualprec import Policy
 from dualprec.diagnose import error_of, reference_policy
-from conformance.zoo.fragile import FRAGILE, SEEDED
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

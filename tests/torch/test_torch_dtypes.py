@@ -12,9 +12,9 @@ in FABRIC_DIFFERS below and in dualprec_torch/README_SECTION.md.
 import pytest
 import torch
 import torch.nn.functional as F
+from torch_support import make_batches, make_model, make_optimizer
 
 from dualprec_torch import Precision
-from torch_support import make_batches, make_model, make_optimizer
 
 f64, f32, bf16, f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 

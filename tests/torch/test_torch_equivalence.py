@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from torch_support import POLICIES, assert_same_state, run_by_hand, run_precision
 
 from dualprec import Policy
-from torch_support import POLICIES, assert_same_state, run_by_hand, run_precision
 
 STEPS = 6
 

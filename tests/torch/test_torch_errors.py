@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from torch_support import loss_fn, make_batches, make_model, make_optimizer, setup_mlp
 
 from dualprec import PolicyError
 from dualprec_torch import Precision, UnsupportedPolicyError
-from torch_support import loss_fn, make_batches, make_model, make_optimizer, setup_mlp
 
 
 def _loss(prec, model):

@@ -19,12 +19,11 @@ from torch import nn
 
 pytest.importorskip("lightning", reason="lightning is a test extra: pip install lightning")
 from lightning.fabric import Fabric  # noqa: E402
+from te_stand_in import stand_in  # noqa: E402
 
 from dualprec import DeviceCaps, PolicyError  # noqa: E402
 from dualprec_torch import te  # noqa: E402
 from dualprec_torch.fabric import DualprecPrecision  # noqa: E402
-
-from te_stand_in import stand_in  # noqa: E402
 
 H100_TE = DeviceCaps("cuda", name="NVIDIA H100", compute_capability=(9, 0), backend="torch",
                      transformer_engine=True, bitsandbytes=True)

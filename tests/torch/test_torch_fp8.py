@@ -243,8 +243,8 @@ def test_current_scaling_matches_torchao_float8linear(monkeypatch):
     """torchao 0.18's Float8Linear (emulate=True, tensorwise): the same scales and fp8 codes
     for input, weight (e4m3) and output gradient (e5m2) of a 64 x 128 linear."""
     pytest.importorskip("torchao")
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     import torchao.float8.float8_linear as ao_linear
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     captured = []
     real = ao_linear.hp_tensor_to_float8_dynamic

@@ -6,12 +6,11 @@ import sys
 
 import pytest
 import torch
+from te_stand_in import stand_in as _stand_in
 from torch import nn
 
 from dualprec import FP8Recipe, Policy, UnsupportedPolicyError
 from dualprec_torch import fp8, te
-
-from te_stand_in import stand_in as _stand_in
 
 
 @pytest.fixture(params=[True, False], ids=["te2", "te1"])

@@ -6,12 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch_support import assert_same_state, loss_fn, make_batches, make_model, run_by_hand, run_precision, setup_mlp
 
 from dualprec import Policy
 from dualprec.ref.loss_scale import loss_scale_init, loss_scale_update
 from dualprec_torch import Precision
-from torch_support import assert_same_state, loss_fn, make_batches, make_model, run_by_hand, \
-    run_precision, setup_mlp
 
 INF, NAN = float("inf"), float("nan")
 # overflow at 1 and 2 (two backoffs), recovery, growth every 3 finite steps, NaN at 8

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch_support import make_batches, make_model, make_optimizer
 
 from dualprec_torch import Precision
-from torch_support import make_batches, make_model, make_optimizer
 
 bf16, f16, f32, f64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 

@@ -6,12 +6,12 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch_support import loss_fn, make_batches, setup_mlp
 
 from dualprec import PolicyError
 from dualprec.errors import QuantizationError
 from dualprec_torch import Precision
 from dualprec_torch.precision import SKIP_WARNING_STREAK
-from torch_support import loss_fn, make_batches, setup_mlp
 
 
 def _loss(prec, model, scale=1.0):

@@ -23,7 +23,6 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 
 from dualprec import Policy  # noqa: E402
-from dualprec.dtypes import numpy_dtype  # noqa: E402
 from dualprec.ref import dequantize_4bit, int8_dequantize_weight, int8_matmul, int8_quantize_weight, quantize_4bit  # noqa: E402
 from dualprec_torch import Precision  # noqa: E402
 from dualprec_torch.casts import torch_dtype  # noqa: E402

@@ -12,10 +12,16 @@ bnb = pytest.importorskip("bitsandbytes")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from dualprec import Policy, PolicyError  # noqa: E402
-from dualprec_torch import Precision  # noqa: E402
-from dualprec_torch import quant  # noqa: E402
+from dualprec_torch import (
+    Precision,  # noqa: E402
+    quant,  # noqa: E402
+)
 from dualprec_torch.quant import (  # noqa: E402
-    QuantizationError, deferred_init, load_state_tensors, quantize_module, state_tensors,
+    QuantizationError,
+    deferred_init,
+    load_state_tensors,
+    quantize_module,
+    state_tensors,
 )
 
 MODES = ["nf4", "nf4-dq", "fp4", "fp4-dq", "int8", "int8-training"]

@@ -3,6 +3,7 @@
 import socket
 
 import pytest
+import sharding_worker as w
 import torch
 import torch.multiprocessing as mp
 
@@ -10,8 +11,6 @@ from dualprec import Policy
 from dualprec.errors import PolicyError, UnsupportedPolicyError
 from dualprec_torch import Precision
 from dualprec_torch.sharding import default_blocks, mixed_precision_policy, shard
-
-import sharding_worker as w
 
 
 def _free_port() -> int:

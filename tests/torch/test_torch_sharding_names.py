@@ -3,10 +3,9 @@
 import socket
 
 import pytest
+import sharding_names_worker as w
 import torch
 import torch.multiprocessing as mp
-
-import sharding_names_worker as w
 
 
 def _free_port() -> int:
