@@ -15,3 +15,15 @@ def _restore_jax_x64():
     jax = sys.modules.get("jax")
     if jax is not None and jax.config.read("jax_enable_x64") != before:
         jax.config.update("jax_enable_x64", before)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny ops: torch's intra-op pool only adds synchronisation (under load, 10x slower).
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,14 +10,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: torch's intra-op pool only adds synchronisation (under load, 10x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(torch_one_thread):
+    """torch at one thread for this module (tests/conftest.py)."""
 
 
 @pytest.mark.slow

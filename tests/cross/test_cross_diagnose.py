@@ -17,14 +17,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"
 
 STEPS = 1
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: torch's intra-op pool only adds synchronisation (under load, 10x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(torch_one_thread):
+    """torch at one thread for this module (tests/conftest.py)."""
 
 
 CASES = {"16-mixed": ("16-mixed", 0.01), "fp8": ("bf16-mixed,fp8=current", 0.1)}

@@ -21,9 +21,6 @@ Ops without a JAX counterpart are skipped by name with the reason (`NO_JAX`, `SK
 from __future__ import annotations
 
 import functools
-import sys
-import types
-import unittest
 import warnings
 
 import flax.linen as nn
@@ -36,39 +33,16 @@ from jax import lax
 from jax.extend import core
 
 torch = pytest.importorskip("torch")
+from autocast_lists_support import LISTS, autocast_test_lists
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dualprec import optable
 from dualprec_jax.autocast import autocast
 
-if "expecttest" not in sys.modules:
-    try:
-        import expecttest  # noqa: F401
-    except ImportError:  # torch's module needs it only for its test base class
-        _stand_in = types.ModuleType("expecttest")
-        _stand_in.TestCase = unittest.TestCase
-        sys.modules["expecttest"] = _stand_in
-autocast_test_lists = pytest.importorskip("torch.testing._internal.autocast_test_lists")
-
 F32 = jnp.dtype(jnp.float32)
 POLICIES = [("bf16-mixed", torch.bfloat16, jnp.dtype(jnp.bfloat16)),
             ("16-mixed", torch.float16, jnp.dtype(jnp.float16))]
 
-# list name -> (how torch calls it, dtype the arguments are cast to for the bitwise control:
-# "compute", "float32", or None for no cast), as in the torch test
-LISTS = {
-    "torch_expect_builtin_promote": ("torch", None),
-    "methods_expect_builtin_promote": ("method", None),
-    "torch_fp16": ("torch", "compute"),
-    "torch_fp32": ("torch", "float32"),
-    "torch_need_autocast_promote": ("torch", "float32"),
-    "nn_fp16": ("nn", "compute"),
-    "nn_fp32": ("nn", "float32"),
-    "linalg_fp16": ("linalg", "compute"),
-    "methods_fp16": ("method", "compute"),
-    "methods_fp32": ("method", "float32"),
-    "banned": ("nn", None),
-}
 
 #: ops of the lists the op table gives no JAX counterpart (their entry's ``jax`` is empty)
 NO_JAX = ("conv_tbc", "addmm", "addmv", "addr", "mv", "addbmm", "baddbmm", "poisson_nll_loss",

@@ -18,45 +18,19 @@ installed a stand-in module with ``TestCase`` is registered before the import.
 from __future__ import annotations
 
 import functools
-import sys
-import types
-import unittest
 import warnings
 
 import pytest
 import torch
+from autocast_lists_support import LISTS, autocast_test_lists
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from dualprec_torch import Precision
 
-if "expecttest" not in sys.modules:
-    try:
-        import expecttest  # noqa: F401
-    except ImportError:
-        _stand_in = types.ModuleType("expecttest")
-        _stand_in.TestCase = unittest.TestCase
-        sys.modules["expecttest"] = _stand_in
-autocast_test_lists = pytest.importorskip("torch.testing._internal.autocast_test_lists")
-
 bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
 POLICIES = [("bf16-mixed", bf16), ("16-mixed", f16)]
 
-# list name -> (how to call, dtype the arguments are cast to for the bitwise control: "compute",
-# "float32", or None for no cast)
-LISTS = {
-    "torch_expect_builtin_promote": ("torch", None),
-    "methods_expect_builtin_promote": ("method", None),
-    "torch_fp16": ("torch", "compute"),
-    "torch_fp32": ("torch", "float32"),
-    "torch_need_autocast_promote": ("torch", "float32"),
-    "nn_fp16": ("nn", "compute"),
-    "nn_fp32": ("nn", "float32"),
-    "linalg_fp16": ("linalg", "compute"),
-    "methods_fp16": ("method", "compute"),
-    "methods_fp32": ("method", "float32"),
-    "banned": ("nn", None),
-}
 
 #: ops skipped, each with its reason
 SKIP = {
