@@ -207,7 +207,7 @@ def check_policy(policy: Policy, caps: DeviceCaps) -> CheckReport:
                  lambda p: _set_engine(p, "native"))
         elif policy.fp8.engine == "auto":
             notes.append(Finding("fp8.engine", f"auto resolves to {engine} here"))
-    if _any_quant(policy) and caps.backend == "torch" and not caps.bitsandbytes:
+    if policy.uses_quantization and caps.backend == "torch" and not caps.bitsandbytes:
         fail("quantization", "bitsandbytes is not installed: pip install 'dualprec[bnb]'", None)
     return CheckReport(policy, not problems, tuple(problems), tuple(notes),
                        fallback if problems else policy)
@@ -215,10 +215,6 @@ def check_policy(policy: Policy, caps: DeviceCaps) -> CheckReport:
 
 def _cc(caps: DeviceCaps) -> str:
     return "unknown" if caps.compute_capability is None else ".".join(map(str, caps.compute_capability))
-
-
-def _any_quant(p: Policy) -> bool:
-    return any(s.quantization is not None for _, s in p.policies())
 
 
 def _map_all(p: Policy, fn: Callable[[Policy], Policy]) -> Policy:

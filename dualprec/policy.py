@@ -782,6 +782,27 @@ class Policy:
         return (("", _replace(self, overrides=())),) + self.overrides
 
     @property
+    def uses_quantization(self) -> bool:
+        """Some module of the policy (the top level or an override) is quantized."""
+        return any(q.quantization is not None for _, q in self.policies())
+
+    @property
+    def uses_fp8(self) -> bool:
+        """Some module of the policy (the top level or an override) runs an FP8 recipe."""
+        return any(q.fp8 is not None for _, q in self.policies())
+
+    @property
+    def fp8_recipe(self) -> FP8Recipe | None:
+        """The FP8 recipe the policy's FP8 layers run: the top level's, else the first
+        override's that has one (None without FP8).  Per module: ``for_module(path).fp8``."""
+        return next((q.fp8 for _, q in self.policies() if q.fp8 is not None), None)
+
+    @property
+    def uses_mixed(self) -> bool:
+        """Some module of the policy runs under the op table (a mixed policy)."""
+        return any(q.is_mixed for _, q in self.policies())
+
+    @property
     def needs_x64(self) -> bool:
         """Some module of the policy uses float64 (JAX needs ``jax_enable_x64``)."""
         return "float64" in self.dtypes()

@@ -1110,7 +1110,7 @@ def module_scope(policy: Policy, own: Policy):
 
 
 def _needs_table(policy: Policy) -> bool:
-    return any(p.is_mixed for _, p in policy.policies())
+    return policy.uses_mixed
 
 
 # ----- the transformation --------------------------------------------------------------------

@@ -105,8 +105,7 @@ def runner(model, variables, batch, *, loss_fn: Callable | None = None, steps: i
         prec = Precision(policy)
         x0 = jnp.asarray(batches[0][0])
         # the state collections (FP8 scales and histories) as init creates them
-        structure = jax.eval_shape(lambda: prec.init(model, rng, x0)) if policy.fp8 is not None or any(
-            s.fp8 is not None for _, s in policy.overrides) else {}
+        structure = jax.eval_shape(lambda: prec.init(model, rng, x0)) if policy.uses_fp8 else {}
         # the model's own collections (batch_stats...), then those init creates (FP8 state)
         state = {k: v for k, v in variables.items() if k != "params"}
         state.update({k: v for k, v in (prec.init(model, rng, x0).items() if structure else ()) if k != "params"})
@@ -118,7 +117,7 @@ def runner(model, variables, batch, *, loss_fn: Callable | None = None, steps: i
 
         params = jax.tree_util.tree_map_with_path(cast, params0)
         frozen = None
-        if quant.quantizes_any(policy) and any(policy.quantizes(m) for m in dense_weights(params0)):
+        if policy.uses_quantization and any(policy.quantizes(m) for m in dense_weights(params0)):
             params, frozen = quant.split_params(quant.quantize_params(params, policy))
         tx = prec.wrap_optimizer(optax.sgd(lr))
         opt_state = tx.init(params)

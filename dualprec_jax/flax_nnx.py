@@ -98,7 +98,7 @@ def _table_class(cls: type) -> type:
 
         policy = self._dualprec_policy
         plain = super(table, self).__call__
-        if tracing_policy() is not None or not any(p.is_mixed for _, p in policy.policies()):
+        if tracing_policy() is not None or not policy.uses_mixed:
             return plain(*args, **kwargs)
         return call(self, args, kwargs, lambda f: autocast(f, policy, context=contextlib.nullcontext))
 

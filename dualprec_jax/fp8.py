@@ -44,7 +44,7 @@ from .ops import _einsum_subscripts, _freeze, as_written
 
 __all__ = ["FP8_COLLECTION", "Fp8DotGeneral", "fp8_dot_general", "current_dot_general", "init_meta",
            "next_scale", "quantize", "max_accumulating", "apply_fp8_grads", "split_fp8",
-           "state_tensors", "load_state_tensors", "autocast", "engine", "uses_fp8", "recipe_of",
+           "state_tensors", "load_state_tensors", "autocast", "engine", "recipe_of",
            "FP8_MODULES", "setup_nnx", "nnx_apply_fp8_grads", "Fp8Meta", "Fp8NnxDot"]
 
 FP8_COLLECTION = "_overwrite_with_gradient"  # Flax's name (TrainState overwrites it)
@@ -373,10 +373,6 @@ def recipe_of(policy: Policy, path: str) -> FP8Recipe | None:
     return policy.for_module(path).fp8
 
 
-def uses_fp8(policy: Policy) -> bool:
-    return policy.fp8 is not None or any(p.fp8 is not None for _, p in policy.overrides)
-
-
 def _intercept(policy: Policy, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, FP8_MODULES):
@@ -423,7 +419,7 @@ def autocast(policy: Policy, inner=None, caps=None):
     ``caps``).  ``inner``: another context (the op-policy interceptor) entered inside."""
     policy = Policy.parse(policy)
     with contextlib.ExitStack() as stack:
-        which = engine(policy, caps) if uses_fp8(policy) else None
+        which = engine(policy, caps) if policy.uses_fp8 else None
         if which == "transformer-engine":
             from . import te
 
@@ -486,7 +482,7 @@ def setup_nnx(model, policy: Policy):
     from flax import nnx as _nnx
 
     policy = Policy.parse(policy)
-    if not uses_fp8(policy):
+    if not policy.uses_fp8:
         return model
     todo = []
     for keys, node in _nnx.iter_graph(model):

@@ -38,7 +38,7 @@ checkpoint.register_state_extension("jax", "fp8", fp8.state_tensors, fp8.load_st
 def _mechanism(p: Policy) -> str:
     text = ("Flax modules intercepted: dot_general with preferred_element_type=float32, fp32 bias, one rounding"
             if p.compute_dtype in ("bfloat16", "float16") else f"Flax modules run in {p.compute_dtype}")
-    if any(q.is_mixed for _, q in p.policies()):
+    if p.uses_mixed:
         text = ("the model traced under torch's CUDA autocast table (dualprec_jax.autocast: every jnp / jax.nn "
                 "op, not only Flax layers); " + text)
     if p.needs_x64:
@@ -184,7 +184,7 @@ class Precision(contract.Precision):
 
             return autocast(fun, self.policy, context=self.autocast)
         inner = fp8.autocast(self.policy, flax_linen.autocast(self.policy), self.caps)  # FP8 Dense, op policy
-        return quant.autocast(self.policy, inner) if quant.quantizes_any(self.policy) else inner
+        return quant.autocast(self.policy, inner) if self.policy.uses_quantization else inner
 
     @contextlib.contextmanager
     def init_module(self):
@@ -214,7 +214,7 @@ class Precision(contract.Precision):
             variables = self._traced(model.init)(rngs, *args, **kwargs)
         self.policy.check_overrides_match(seen, "dualprec_jax init")
         variables = self._params_to_policy(variables)
-        return quant.quantize_params(variables, self.policy) if quant.quantizes_any(self.policy) else variables
+        return quant.quantize_params(variables, self.policy) if self.policy.uses_quantization else variables
 
     def apply(self, model, variables, *args, **kwargs):
         """``model.apply`` under the whole op table (`dualprec_jax.autocast`: stock layers and
@@ -257,7 +257,7 @@ class Precision(contract.Precision):
         self.policy.check_overrides_match(
             (".".join(map(str, path)) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)),
             "dualprec_jax setup")
-        if quant.quantizes_any(self.policy):
+        if self.policy.uses_quantization:
             model = quant.quantize_module(model, self.policy)
         return flax_nnx.setup(fp8.setup_nnx(model, self.policy), self.policy)
 

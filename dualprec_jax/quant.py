@@ -50,7 +50,7 @@ from .casts import accumulation_dtype, jax_dtype
 from .ops import accumulating_dot_general, true_divide
 
 __all__ = [
-    "QuantizationError", "QuantSpec", "quantizes_any", "quantize_4bit", "dequantize_4bit", "quantize_int8", "dequantize_int8", "int8_matmul",
+    "QuantizationError", "QuantSpec", "quantize_4bit", "dequantize_4bit", "quantize_int8", "dequantize_int8", "int8_matmul",
     "quantized_linear", "QuantDense", "quantize_params", "split_params", "merge_params", "autocast",
     "QuantWeight", "QuantLinear", "quantize_module",
     "to_bnb_state_dict", "from_bnb_state_dict", "state_tensors", "load_state_tensors",
@@ -63,11 +63,6 @@ _NESTED = _ref4.NESTED_BLOCKSIZE
 
 
 # ----- static configuration -------------------------------------------------------------
-def quantizes_any(policy: Policy) -> bool:
-    """Whether the policy (or one of its overrides) quantizes anything."""
-    return any(p.quantization is not None for p in (policy,) + tuple(sub for _, sub in policy.overrides))
-
-
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """What one layer's quantization needs besides arrays (hashable: a jit static argument).

@@ -144,7 +144,7 @@ def autocast(policy: Any, *, enabled: bool = True, mesh_resource=None, inner=Non
     import flax.linen as nn
 
     policy = Policy.parse(policy)
-    recipe = policy.fp8 or next((p.fp8 for _, p in policy.overrides if p.fp8 is not None), None)
+    recipe = policy.fp8_recipe
     if recipe is None:
         raise UnsupportedPolicyError(f'"{policy}" has no fp8 recipe for Transformer Engine')
     te = _te()

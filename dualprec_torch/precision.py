@@ -265,7 +265,7 @@ class Precision(contract.Precision):
         for name, p in named:
             self._names[id(p)] = prefix + name
         self._n_models += 1
-        if quant.uses_quantization(self._policy):  # Linear -> bitsandbytes layers, quantized
+        if self._policy.uses_quantization:  # Linear -> bitsandbytes layers, quantized
             quant.quantize_module(model, self._policy, self._device)
         fp8.convert_module(model, self._policy)  # first: its int32 state buffers ignore the casts
         return convert_module(model, self._policy, self.device_type)

@@ -51,7 +51,7 @@ from dualprec.errors import QuantizationError, UnsupportedPolicyError
 from .casts import torch_dtype
 
 __all__ = [
-    "quantize_module", "quantized_layers", "is_quantized", "rebind_optimizer", "uses_quantization",
+    "quantize_module", "quantized_layers", "is_quantized", "rebind_optimizer",
     "module_init_context",
     "state_tensors", "load_state_tensors", "deferred_init", "require_bitsandbytes",
     "QuantizationError", "save_bnb", "load_bnb",
@@ -292,11 +292,6 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None
 # ----- creating a model under init_module --------------------------------------------------
 
 
-def uses_quantization(policy) -> bool:
-    """Does ``policy`` (or one of its overrides) quantize anything?"""
-    return policy.quantization is not None or any(sub.quantization is not None for _, sub in policy.overrides)
-
-
 @contextlib.contextmanager
 def module_init_context(policy, device, device_type: str, empty_init: bool = False):
     """`Precision.init_module`'s context: the policy's dtype and device and, under a quantized
@@ -307,7 +302,7 @@ def module_init_context(policy, device, device_type: str, empty_init: bool = Fal
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(init_context(policy, device, empty_init))
-        if uses_quantization(policy) and (device_type == "cuda" or empty_init):
+        if policy.uses_quantization and (device_type == "cuda" or empty_init):
             stack.enter_context(deferred_init(empty_init))
         yield
 

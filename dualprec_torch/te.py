@@ -216,7 +216,7 @@ def convert_module(model: nn.Module, policy, *, module_filter_fn=None) -> nn.Mod
             _set(model, path, new)
         else:
             root = new
-    recipe = policy.fp8 if policy.fp8 is not None else next(s.fp8 for _, s in policy.overrides if s.fp8)
+    recipe = policy.fp8_recipe
     if plan:
         _wrap_forward(root, recipe)
     return root

@@ -109,7 +109,7 @@ class _Compiled:
         self._optimizers = {}
         self._param_structs = None
         self._state0 = None
-        self.quantizes = _quantizes(prec.policy)
+        self.quantizes = prec.policy.uses_quantization
         self.quantized = None  # (canonical weights, their quantize_params result)
 
     def _x0(self):
@@ -509,15 +509,6 @@ class JaxSession(Session):
         ls = self.opt_state.loss_scale
         return StepInfo(float(loss), float(ls.scale), int(ls.counter), skipped=skipped,
                         opt_steps=_count(self.opt_state.inner))
-
-
-def _quantizes(policy) -> bool:
-    try:
-        from dualprec_jax import quant
-    except ImportError:
-        return False
-    check = getattr(quant, "quantizes_any", None)
-    return bool(check(policy)) if check else False
 
 
 def _leaf(tree, path):
