@@ -1067,14 +1067,15 @@ def _pinned(x):
 _pinned.__name__ = _pinned.__qualname__ = _PINNED
 
 
-def pin_dtype(tree, dtype):
-    """``tree``'s floating leaves cast to ``dtype``, a cast the table keeps: inside an autocast
-    trace a cast that is a no-op at trace time (a float32 matmul cast to a float32 output
-    dtype) leaves nothing in the jaxpr, and the table would make the matmul bfloat16; the
-    leaves are put behind a named boundary the evaluator casts back to the traced dtype."""
+def pin_dtype(tree, dtype=None):
+    """``tree``'s floating leaves (cast to ``dtype`` if given) held at their dtypes: inside an
+    autocast trace a cast that is a no-op at trace time (a float32 matmul cast to a float32
+    output dtype) leaves nothing in the jaxpr, and the table would make the matmul bfloat16;
+    the leaves are put behind a named boundary the evaluator casts back to the traced dtype."""
     from .casts import cast_floating
 
-    tree = cast_floating(tree, dtype, "cast_to_output")
+    if dtype is not None:
+        tree = cast_floating(tree, dtype, "cast_to_output")
     if tracing_policy() is None:
         return tree
     pin = jax.jit(_pinned)
@@ -1215,7 +1216,8 @@ def _cache_key(fun_key, policy, tree, leaves, traced):
     """(fun, policy, argument structure, avals of the arrays, the other leaves), or None when a
     non-array leaf cannot be hashed (no cache then)."""
     traced_set = set(traced)
-    avals = tuple((tuple(leaves[i].shape), jnp.dtype(leaves[i].dtype), bool(getattr(leaves[i], "weak_type", False)))
+    # the dtype object itself: extended dtypes (Flax's fp8_meta32) are no numpy dtype names
+    avals = tuple((tuple(leaves[i].shape), leaves[i].dtype, bool(getattr(leaves[i], "weak_type", False)))
                   for i in traced)
     static = tuple(x for i, x in enumerate(leaves) if i not in traced_set)
     key = (fun_key, str(policy), tree, avals, static)

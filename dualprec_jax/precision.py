@@ -234,7 +234,7 @@ class Precision(contract.Precision):
         # pin_dtype: inside an enclosing autocast (prec.autocast(lambda v, x: prec.apply(...)))
         # the output cast holds even where it was a no-op at trace time
         if isinstance(model, nnx.Module):
-            return pin_dtype(flax_nnx.call(model, (variables, *args), kwargs, self._traced), self.output_dtype)
+            return pin_dtype(self.convert_output(flax_nnx.call(model, (variables, *args), kwargs, self._traced)))
         from .autocast import autocast
 
         # eager calls reuse the trace of the same model and argument shapes (inside jax.jit the
@@ -244,8 +244,8 @@ class Precision(contract.Precision):
             fp8.max_accumulating(variables), *args, **kwargs)
         if kwargs.get("mutable"):
             y, state = out
-            return pin_dtype(y, self.output_dtype), state
-        return pin_dtype(out, self.output_dtype)
+            return pin_dtype(self.convert_output(y)), state
+        return pin_dtype(self.convert_output(out))
 
     def setup(self, model):
         """An nnx model put under the policy, in place (params cast, layers configured)."""
