@@ -11,6 +11,7 @@ from typing import Any
 
 from . import __version__
 from .errors import PolicyError
+from .grammar import wrap_policy
 
 #: name -> (module, help).  Each module has add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
@@ -44,26 +45,6 @@ def wrap(text: str, width: int, indent: str = "", subsequent: str | None = None)
     return textwrap.wrap(text, width, initial_indent=indent,
                          subsequent_indent=indent if subsequent is None else subsequent,
                          break_long_words=False, break_on_hyphens=False) or [indent.rstrip()]
-
-
-def wrap_policy(text: str, width: int, indent: str = "", subsequent: str | None = None) -> list[str]:
-    """A policy string wrapped after its top-level commas (never inside a name or a
-    parenthesised argument list), so it can be copied back as one string."""
-    items, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        depth += (ch == "(") - (ch == ")")
-        if ch == "," and depth == 0:
-            items.append(text[start:i + 1])
-            start = i + 1
-    items.append(text[start:])
-    lines, line = [], indent
-    nxt = indent if subsequent is None else subsequent
-    for item in items:
-        if line.strip() and len(line) + len(item) > width:
-            lines.append(line)
-            line = nxt
-        line += item
-    return lines + [line]
 
 
 def _rewrap(block: str, width: int) -> list[str]:

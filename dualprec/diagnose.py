@@ -484,7 +484,14 @@ class DiagnoseReport:
         from rich.table import Table
 
         console = console or Console(width=width)
+        from .grammar import wrap_policy
+
         for line in self.summary_lines():
+            if line.startswith("suggested: ") and len(line) > width:
+                # after top-level commas, never inside a name: the lines join back into the policy
+                for part in wrap_policy(line, width, "", "  "):
+                    console.print(part, highlight=False, soft_wrap=False, overflow="fold", markup=False)
+                continue
             console.print(line, highlight=False, soft_wrap=False, overflow="fold")
         from rich import box
 

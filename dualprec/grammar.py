@@ -25,7 +25,7 @@ from .dtypes import canonical_dtype
 from .errors import PolicyError, did_you_mean
 from .policy import ALL_FP8_SCALINGS, QUANT_MODES, FP8Recipe, LossScale, Policy, Quantization, _replace
 
-__all__ = ["parse_policy", "format_policy", "explicit_form", "parse_component", "KEYS"]
+__all__ = ["parse_policy", "format_policy", "explicit_form", "parse_component", "wrap_policy", "KEYS"]
 
 #: canonical key -> accepted spellings
 KEYS = {
@@ -476,3 +476,33 @@ def _format_number(x: float) -> str:
     if x.is_integer() and abs(x) < 2**53:
         return str(int(x))
     return repr(x)
+
+
+def wrap_policy(text: str, width: int, indent: str = "", subsequent: str | None = None) -> list[str]:
+    """A policy string wrapped after its top-level commas (never inside a name or a
+    parenthesised argument list), so the lines join back into the one string.
+
+    Args:
+        text: The text ending in (or being) a policy string.
+        width: The line width to stay within where a break exists.
+        indent: The first line's prefix.
+        subsequent: The other lines' prefix (default: ``indent``).
+
+    Returns:
+        The lines.
+    """
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            items.append(text[start:i + 1])
+            start = i + 1
+    items.append(text[start:])
+    lines, line = [], indent
+    nxt = indent if subsequent is None else subsequent
+    for item in items:
+        if line.strip() and len(line) + len(item) > width:
+            lines.append(line)
+            line = nxt
+        line += item
+    return lines + [line]

@@ -156,3 +156,31 @@ def test_report_formats():
     lines = buf.getvalue().splitlines()
     assert lines and max(len(line) for line in lines) <= 80
     assert any(line.split()[:2] == ["1", "a"] for line in lines if line.strip())
+
+
+def test_a_long_suggested_policy_wraps_after_commas_at_80_columns():
+    """The terminal report never breaks the suggested policy inside a name: its lines join
+    back into the canonical string a user copies."""
+    import io
+
+    from rich.console import Console
+
+    from dualprec import Policy
+    from dualprec.diagnose import DiagnoseReport
+
+    policy = str(Policy.parse("16-mixed,@blocks.0.attn.scores=(compute=float32),"
+                              "@blocks.1.mlp.norm=(compute=float32),@head=(compute=float32)"))
+    assert len(policy) > 80
+    report = DiagnoseReport(backend="torch", model="m", policy="16-mixed", reference="32-true", steps=1,
+                            target=0.05, loss_error=1.0, grad_error=1.0, error=1.0, modules=[], ranking=[],
+                            suggested=policy, suggested_error=1e-3, suggested_loss_error=1e-3,
+                            suggested_grad_error=1e-3, meets_target=True, overrides_added=[],
+                            loss_scale={}, timings={}, runs=3, losses={}, failures=[])
+    out = io.StringIO()
+    report.render(Console(file=out, width=80, force_terminal=False), width=80)
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    start = next(i for i, line in enumerate(lines) if line.startswith("suggested: "))
+    end = next(i for i, line in enumerate(lines) if line.startswith("  verified error"))
+    joined = "".join(line.strip() for line in lines[start:end]).removeprefix("suggested: ")
+    assert joined == policy
