@@ -39,6 +39,27 @@ from bench import harness  # noqa: E402
 RECIPES = ("rowwise", "rowwise_with_gw_hp", "mxfp8", "nvfp4")
 
 
+def _torch_train_step(model, x, autocast_dtype=None):
+    """One step of ``model`` on a leaf copy of ``x``: forward (under CPU autocast to
+    ``autocast_dtype`` if given), backward of ``sum(y**2)`` to the input and the parameters."""
+    import contextlib
+
+    import torch
+
+    xt = x.clone().requires_grad_(True)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        xt.grad = None
+        ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with ctx:
+            y = model(xt)
+        (y.float() ** 2).sum().backward()
+        return xt.grad
+
+    return step
+
+
 def _torch_step(recipe_name: str, x, w):
     import torch
 
@@ -49,16 +70,7 @@ def _torch_step(recipe_name: str, x, w):
     layer = BlockScaledLinear(w.shape[1], w.shape[0], bias=False, recipe=recipe, seed=0)
     with torch.no_grad():
         layer.weight.copy_(w)
-    xt = x.clone().requires_grad_(True)
-
-    def step():
-        layer.weight.grad = None
-        xt.grad = None
-        y = layer(xt)
-        (y.float() ** 2).sum().backward()
-        return xt.grad
-
-    return step
+    return _torch_train_step(layer, x)
 
 
 def _jax_step(recipe_name: str, x, w):
@@ -87,15 +99,7 @@ def _torchao_step(recipe_name: str, x, w):
     with torch.no_grad():
         model[0].weight.copy_(w)
     convert_to_float8_training(model, config=cfg)
-    xt = x.clone().requires_grad_(True)
-
-    def step():
-        model[0].weight.grad = None
-        xt.grad = None
-        (model(xt).float() ** 2).sum().backward()
-        return xt.grad
-
-    return step
+    return _torch_train_step(model, x)
 
 
 def _bf16_step(x, w):
@@ -104,17 +108,7 @@ def _bf16_step(x, w):
     layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
     with torch.no_grad():
         layer.weight.copy_(w)
-    xt = x.clone().requires_grad_(True)
-
-    def step():
-        layer.weight.grad = None
-        xt.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = layer(xt)
-        (y.float() ** 2).sum().backward()
-        return xt.grad
-
-    return step
+    return _torch_train_step(layer, x, torch.bfloat16)
 
 
 def main(argv=None):

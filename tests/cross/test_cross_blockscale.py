@@ -249,10 +249,26 @@ def test_mutants_are_caught_by_the_bit_identity_check(monkeypatch):
 
 
 @pytest.mark.slow  # compiles the JAX step
-def test_precision_layers_both_backends_state_crosses():
+def _jax_one_dense(policy, x, w, b):
+    """A Flax model of one Dense named "0" (torch's Sequential index) under ``policy``, holding
+    the torch layer's weight ``w`` [out, in] and bias ``b``: (Precision, model, variables)."""
     import flax.linen as nn
 
     from dualprec_jax import Precision as JPrecision
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, v):
+            return nn.Dense(w.shape[0], name="0")(v)
+
+    jp = JPrecision(policy)
+    model = Net()
+    v = jp.init(model, jax.random.PRNGKey(0), x)
+    return jp, model, {**v, "params": {"0": {"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}}}
+
+
+def test_precision_layers_both_backends_state_crosses():
+
     from dualprec_jax import fp8 as jfp8
     from dualprec_torch import Precision as TPrecision
     from dualprec_torch import fp8 as tfp8
@@ -278,15 +294,7 @@ def test_precision_layers_both_backends_state_crosses():
     assert sorted(t_state) == ["fp8.0.blockscale.state"]
     assert np.array_equal(t_state["fp8.0.blockscale.state"], [tbs.layer_seed("0"), 3])
 
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, v):
-            return nn.Dense(8, name="0")(v)
-
-    jp = JPrecision(policy)
-    model = Net()
-    v = jp.init(model, jax.random.PRNGKey(0), x)
-    v = {**v, "params": {"0": {"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}}}
+    jp, model, v = _jax_one_dense(policy, x, w, b)
 
     @jax.jit
     def grads(v, c):
@@ -400,9 +408,7 @@ def test_torch_checkpoint_mid_run_resumes_in_jax(recipe):
     torch and, from the checkpoint, in JAX: the weight gradients agree within 1e-5 of their
     largest entry (an SR draw at another step or seed moves elements by an E2M1 code step,
     up to half of them) and both states end at [seed, 3]."""
-    import flax.linen as nn
 
-    from dualprec_jax import Precision as JPrecision
     from dualprec_jax import fp8 as jfp8
     from dualprec_torch import Precision as TPrecision
     from dualprec_torch import fp8 as tfp8
@@ -429,15 +435,7 @@ def test_torch_checkpoint_mid_run_resumes_in_jax(recipe):
     assert state["fp8.0.blockscale.state"].tolist() == [tbs.layer_seed("0"), 2]
     t_dw = t_step(cs[2])
 
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, v):
-            return nn.Dense(8, name="0")(v)
-
-    jp = JPrecision(policy)
-    model = Net()
-    v = jp.init(model, jax.random.PRNGKey(0), x)
-    v = {**v, "params": {"0": {"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}}}
+    jp, model, v = _jax_one_dense(policy, x, w, b)
     v = jfp8.load_state_tensors(v, state)
     g = jax.jit(jax.grad(lambda v, c: jnp.sum(jp.apply(model, v, x) * c)))(v, jnp.asarray(cs[2]))
     j_dw = np.asarray(g["params"]["0"]["kernel"]).T
