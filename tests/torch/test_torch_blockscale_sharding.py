@@ -2,7 +2,6 @@
 code and scale equals the unsharded run's share bit for bit; gradients and one training step
 agree within float32 sum bounds; a distributed checkpoint resumes bit-identically."""
 
-import socket
 import sys
 from pathlib import Path
 
@@ -11,18 +10,13 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import blockscale_sharding_worker as w  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from torch_support import free_port
 
 
 @pytest.fixture(scope="module")
 def fsdp_block_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_block")
-    mp.spawn(w.worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(w.worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return [(out / f"rank{r}.txt").read_text() for r in range(2)]
 
 

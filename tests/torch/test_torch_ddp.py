@@ -2,12 +2,12 @@
 the step on every rank (torch DistributedDataParallel and Fabric's ddp strategy), 2 gloo
 ranks on CPU.  See tests/torch/ddp_worker.py for what each rank runs."""
 
-import socket
 
 import ddp_worker as w
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch_support import free_port
 
 from dualprec_torch import Precision
 from dualprec_torch.sharding import decision_group
@@ -17,17 +17,13 @@ pytest.importorskip("lightning", reason="lightning is a test extra: pip install 
 SKIPPED_AT_INJECT = [True, False, True, True]  # took the step? the second step had an inf on rank 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     """One 2-rank spawn runs every scenario (process start-up is most of the cost)."""
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(w.worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(w.worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -92,7 +88,7 @@ def test_without_a_process_group_each_precision_decides_alone():
 def test_single_rank_group_needs_no_all_reduce():
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         assert decision_group(None, None, "auto") is None  # one rank: nothing to agree on
         assert decision_group(None, None, dist.group.WORLD) is dist.group.WORLD  # as given

@@ -1,22 +1,16 @@
 """FSDP2 under a Policy: 2 processes over gloo on CPU against the unsharded Precision."""
 
-import socket
 
 import pytest
 import sharding_worker as w
 import torch
 import torch.multiprocessing as mp
+from torch_support import free_port
 
 from dualprec import Policy
 from dualprec.errors import PolicyError, UnsupportedPolicyError
 from dualprec_torch import Precision
 from dualprec_torch.sharding import default_blocks, mixed_precision_policy, shard
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _unsharded(policy):
@@ -42,7 +36,7 @@ def fsdp_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     for i in range(len(POLICIES)):
         (out / str(i)).mkdir()
-    mp.spawn(w.worker, args=(2, _free_port(), POLICIES, str(out)), nprocs=2, join=True)
+    mp.spawn(w.worker, args=(2, free_port(), POLICIES, str(out)), nprocs=2, join=True)
     return out
 
 
@@ -111,7 +105,7 @@ def test_without_a_process_group_the_error_says_how():
 def test_block_pattern_that_matches_nothing():
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         model, _, _ = w.model_and_data()
         with pytest.raises(PolicyError, match="matches no module"):
@@ -129,7 +123,7 @@ def test_a_rank_that_dies_mid_step_is_named_and_the_checkpoint_survives(tmp_path
     import torch.distributed.checkpoint as dcp
 
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=w.dying_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()

@@ -215,3 +215,12 @@ def assert_same_state(model_a, opt_a, model_b, opt_b):
             else:
                 assert va == vb, f"optimizer state[{k}][{field}]: {va} != {vb}"
 
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (the rendezvous port of a spawned gloo group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
