@@ -5,6 +5,7 @@ how each list is called and controlled."""
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 import unittest
@@ -35,3 +36,26 @@ LISTS = {
     "methods_fp32": ("method", "float32"),
     "banned": ("nn", None),
 }
+
+
+def entries(lists, name):
+    """(op, args, kwargs, the list's third item) of each entry of list ``name``."""
+    for item in getattr(lists, name):
+        op, args = item[0], item[1]
+        extra = item[2] if len(item) > 2 else None
+        yield op, args, (extra if isinstance(extra, dict) else {}), extra
+
+
+@functools.cache
+def lists_for(device):
+    """The lists, built once per device (the calls do not modify their arguments); the fake
+    CUDA ones with the FakeTensorMode that owns their tensors: (mode or None, lists)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    if device == "cpu":
+        return None, autocast_test_lists.AutocastTestLists("cpu")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        return mode, autocast_test_lists.AutocastTestLists("cuda")

@@ -33,8 +33,7 @@ from jax import lax
 from jax.extend import core
 
 torch = pytest.importorskip("torch")
-from autocast_lists_support import LISTS, autocast_test_lists
-from torch._subclasses.fake_tensor import FakeTensorMode
+from autocast_lists_support import LISTS, entries, lists_for
 
 from dualprec import optable
 from dualprec_jax.autocast import autocast
@@ -294,24 +293,9 @@ def _cast(args, dtype):
 
 
 # ----- torch's lists and CUDA's answers (as in the torch test) ---------------------------------
-def _entries(lists, name):
-    for item in getattr(lists, name):
-        op, args = item[0], item[1]
-        extra = item[2] if len(item) > 2 else None
-        yield op, args, (extra if isinstance(extra, dict) else {}), extra
 
 
-@functools.cache
-def _lists(device):
-    torch.manual_seed(0)
-    if device == "cpu":
-        return None, autocast_test_lists.AutocastTestLists("cpu")
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        return mode, autocast_test_lists.AutocastTestLists("cuda")
-
-
-ENTRIES = [(name, i, op) for name in LISTS for i, (op, *_r) in enumerate(_entries(_lists("cpu")[1], name))]
+ENTRIES = [(name, i, op) for name in LISTS for i, (op, *_r) in enumerate(entries(lists_for("cpu")[1], name))]
 
 
 def _torch_fn(kind, op):
@@ -335,13 +319,13 @@ def _cuda(name, i, compute):
     """The dtype torch's real CUDA autocast gives (fake CUDA tensors), or None where the fake
     run needs a CUDA build (the list's own expectation stands in)."""
     prev = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-    mode, lists = _lists("cuda")
+    mode, lists = lists_for("cuda")
     torch.set_autocast_enabled("cuda", True)
     torch.set_autocast_dtype("cuda", compute)
     try:
         with mode, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            op, args, kwargs, _ = list(_entries(lists, name))[i]
+            op, args, kwargs, _ = list(entries(lists, name))[i]
             try:
                 out = _first(_torch_fn(LISTS[name][0], op)(*args, **kwargs))
             except (RuntimeError, TypeError, NotImplementedError, AssertionError) as e:
@@ -405,7 +389,7 @@ def test_cuda_autocast_list_entry_jax(name, i, op, policy, compute_t, compute):
         assert e is not None and (jax_name in e.jax or jax_name.rsplit(".", 1)[1] in e.jax_primitives), (
             f"{jax_name} is not a JAX counterpart of {op} in dualprec.optable")
     want_t = _cuda(name, i, compute_t)
-    _, targs, kwargs, extra = list(_entries(_lists("cpu")[1], name))[i]
+    _, targs, kwargs, extra = list(entries(lists_for("cpu")[1], name))[i]
     args = tuple(_to_jax(a) for a in targs)
     if op.endswith("_cell"):
         args = _cell_args(op, args)

@@ -17,13 +17,11 @@ installed a stand-in module with ``TestCase`` is registered before the import.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import pytest
 import torch
-from autocast_lists_support import LISTS, autocast_test_lists
-from torch._subclasses.fake_tensor import FakeTensorMode
+from autocast_lists_support import LISTS, entries, lists_for
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from dualprec_torch import Precision
@@ -44,31 +42,13 @@ SKIP = {
 }
 
 
-def _entries(lists, name):
-    for item in getattr(lists, name):
-        op, args = item[0], item[1]
-        extra = item[2] if len(item) > 2 else None
-        kwargs = extra if isinstance(extra, dict) else {}
-        yield op, args, kwargs, extra
-
-
-@functools.lru_cache(maxsize=None)
-def _lists(device):
-    """The lists, built once per device (the calls do not modify their arguments); the fake
-    CUDA ones with the FakeTensorMode that owns their tensors."""
-    torch.manual_seed(0)
-    if device == "cpu":
-        return None, autocast_test_lists.AutocastTestLists("cpu")
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        return mode, autocast_test_lists.AutocastTestLists("cuda")
 
 
 def _ids():
-    lists = _lists("cpu")[1]
+    lists = lists_for("cpu")[1]
     out = []
     for name in LISTS:
-        for i, (op, *_rest) in enumerate(_entries(lists, name)):
+        for i, (op, *_rest) in enumerate(entries(lists, name)):
             out.append((name, i, op))
     return out
 
@@ -117,12 +97,12 @@ def _outcome(call):
 
 def _cuda(name, i, compute):
     prev = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-    mode, lists = _lists("cuda")
+    mode, lists = lists_for("cuda")
     torch.set_autocast_enabled("cuda", True)
     torch.set_autocast_dtype("cuda", compute)
     try:
         with mode, torch.no_grad():
-            op, args, kwargs, _ = list(_entries(lists, name))[i]
+            op, args, kwargs, _ = list(entries(lists, name))[i]
             out = _outcome(lambda: _fn(LISTS[name][0], op)(*args, **kwargs))
             return out.dtype if isinstance(out, torch.Tensor) else out
     finally:
@@ -141,7 +121,7 @@ def test_cuda_autocast_list_entry(name, i, op, policy, compute):
     if want == NO_CUDA:
         assert control_as is not None, f"{op}: no CUDA answer and no expectation in the list"
         want = compute if control_as == "compute" else f32
-    _, args, kwargs, extra = list(_entries(_lists("cpu")[1], name))[i]
+    _, args, kwargs, extra = list(entries(lists_for("cpu")[1], name))[i]
     fn = _fn(kind, op)
     with Precision(policy, device="cpu").autocast():
         got = _outcome(lambda: fn(*args, **kwargs))
