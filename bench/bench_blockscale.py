@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -124,11 +123,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = harness.environment()
-    env.update(load_average=os.getloadavg(), torch_threads=torch.get_num_threads(),
-               torch_cpu_capability=torch.backends.cpu.get_cpu_capability())
+    env = harness.cpu_environment(args.threads)
     path = harness.results_path(args.name, env, args.out_dir)
     out_f, in_f = (int(s) for s in args.shape.split("x"))
     gen = torch.Generator().manual_seed(0)

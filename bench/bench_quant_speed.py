@@ -272,14 +272,7 @@ def main(argv=None):
     ap.add_argument("--name", default="quant-speed")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = harness.environment()
-    env.update(load_average=os.getloadavg(), torch_threads=torch.get_num_threads(),
-               torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
-               XLA_FLAGS=os.environ.get("XLA_FLAGS"), ATEN_CPU_CAPABILITY=os.environ.get("ATEN_CPU_CAPABILITY"))
+    env = harness.cpu_environment(args.threads)
     path = harness.results_path(args.name, env, args.out_dir)
     result = {"name": args.name, "environment": env, "rows": [], "memory": None}
 

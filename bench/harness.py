@@ -293,6 +293,21 @@ def _gpu_name() -> str | None:
     return os.environ.get("BENCH_GPU_NAME")
 
 
+def cpu_environment(threads: int | None = None) -> dict:
+    """`environment` plus what moves CPU timings: the load average, torch's thread count
+    (set to ``threads`` first when given) and its CPU kernel capability, the kernel-choice
+    environment variables."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    env = environment()
+    env.update(load_average=os.getloadavg(), torch_threads=torch.get_num_threads(),
+               torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+               XLA_FLAGS=os.environ.get("XLA_FLAGS"), ATEN_CPU_CAPABILITY=os.environ.get("ATEN_CPU_CAPABILITY"))
+    return env
+
+
 def environment() -> dict:
     now = _dt.datetime.now(_dt.timezone.utc)
     return {
