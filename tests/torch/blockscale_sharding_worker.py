@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch_support import leave_spawned_worker
 
 from dualprec import FP8Recipe
 
@@ -179,3 +180,4 @@ def worker(rank, world, port, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
         dist.destroy_process_group()
+    leave_spawned_worker()

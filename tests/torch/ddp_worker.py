@@ -10,6 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch_support import leave_spawned_worker
 
 STEPS = 4
 INJECT_STEP = 1
@@ -132,3 +133,4 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    leave_spawned_worker()

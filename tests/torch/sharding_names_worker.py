@@ -6,6 +6,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch_support import leave_spawned_worker
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -39,3 +40,4 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    leave_spawned_worker()

@@ -9,6 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch_support import leave_spawned_worker
 
 STEPS = 4
 INJECT_STEP = 1  # the step whose scaled gradient gets an inf, on rank 1's shard only
@@ -70,6 +71,7 @@ def worker(rank: int, world: int, port: int, policies: list[str], out_dir: str) 
             run_policy(rank, world, policy, os.path.join(out_dir, str(i)))
     finally:
         dist.destroy_process_group()
+    leave_spawned_worker()
 
 
 def run_policy(rank: int, world: int, policy: str, out_dir: str) -> None:
