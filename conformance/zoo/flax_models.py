@@ -54,6 +54,14 @@ class MLP(nn.Module):
         return nn.Dense(self.n_out, name="head")(x)
 
 
+def _qkv_heads(x, heads):
+    """The fused qkv projection (a Dense named "qkv", as torch's zoo model) split into
+    q, k, v of shape (batch, heads, tokens, head_dim); call inside a compact method."""
+    b, t, d = x.shape
+    qkv = nn.Dense(3 * d, name="qkv")(x).reshape(b, t, 3, heads, d // heads).transpose(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], qkv[2]
+
+
 class Attention(nn.Module):
     d: int
     heads: int
@@ -61,9 +69,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x):
         b, t, d = x.shape
-        h, dh = self.heads, d // self.heads
-        qkv = nn.Dense(3 * d, name="qkv")(x).reshape(b, t, 3, h, dh).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        dh = d // self.heads
+        q, k, v = _qkv_heads(x, self.heads)
         scores = scale(matmul(q, jnp.swapaxes(k, -1, -2)), 1.0 / math.sqrt(dh))
         # torch autocast runs softmax in float32 (its fp32 list) and casts the probabilities
         # back for the next matmul; dualprec_jax's softmax is that rule for hand-written JAX
@@ -160,9 +167,7 @@ class HandAttention(nn.Module):
     @nn.compact
     def __call__(self, x):
         b, t, d = x.shape
-        h, dh = self.heads, d // self.heads
-        qkv = nn.Dense(3 * d, name="qkv")(x).reshape(b, t, 3, h, dh).transpose(2, 0, 3, 1, 4)
-        out = under_table(attention_core, qkv[0], qkv[1], qkv[2])
+        out = under_table(attention_core, *_qkv_heads(x, self.heads))
         return nn.Dense(d, name="proj")(out.transpose(0, 2, 1, 3).reshape(b, t, d))
 
 
