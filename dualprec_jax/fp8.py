@@ -409,7 +409,13 @@ def engine(policy: Policy, caps=None) -> str | None:
     if caps is None:
         from .caps import device_caps
         caps = device_caps()
-    return resolve_fp8_engine(top, caps)
+    which = resolve_fp8_engine(top, caps)
+    if which == "transformer-engine" and top.fp8.engine == "auto" and top.fp8.block_scaled:
+        from . import te
+
+        if not te.supports(top.fp8):  # an older TE-JAX without the recipe: the native engine runs it
+            return "native"
+    return which
 
 
 @contextlib.contextmanager
