@@ -512,6 +512,12 @@ def setup_nnx(model, policy: Policy):
     policy = Policy.parse(policy)
     if not policy.uses_fp8:
         return model
+    forced = sorted({q.fp8.scaling for _, q in policy.policies()
+                     if q.fp8 is not None and q.fp8.engine == "transformer-engine"})
+    if forced:
+        raise UnsupportedPolicyError(f"fp8={forced[0]}(engine=transformer-engine): nnx models run the native FP8 "
+                                     "layers (TE's Flax layers are linen); use engine=native or auto for nnx, "
+                                     "or a linen model for TE")
     todo = []
     for keys, node in _nnx.iter_graph(model):
         if isinstance(node, _nnx.Linear):

@@ -122,3 +122,15 @@ def test_nnx_block_layer_refuses_several_contracting_axes():
     # kept out of the recipe by an override, it runs under the compute policy
     model = Precision("bf16-mixed,fp8=mxfp8,@fc1=(fp8=none)").setup(Gen(nnx.Rngs(0)))
     assert model(jnp.ones((2, 4, 8))).shape == (2, 16)
+
+
+def test_nnx_refuses_a_forced_transformer_engine():
+    """TE's Flax layers are linen: an nnx model under engine=transformer-engine is refused
+    (it used to run the native layers without saying so)."""
+    from dualprec import DeviceCaps
+
+    b200 = DeviceCaps(platform="cuda", name="NVIDIA B200", compute_capability=(10, 0), backend="jax",
+                      transformer_engine=True)
+    for spec in ("mxfp8(engine=te)", "delayed(engine=te)"):
+        with pytest.raises(UnsupportedPolicyError, match=r"engine=transformer-engine\): nnx models run the native"):
+            Precision(f"bf16-mixed,fp8={spec}", caps=b200).setup(_Nnx(nnx.Rngs(0)))
