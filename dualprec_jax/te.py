@@ -150,6 +150,18 @@ def supports(recipe: FP8Recipe) -> bool:
     return True
 
 
+def check_apply_rngs(policy: Policy, kwargs: dict) -> None:
+    """TE-JAX's NVFP4 stochastic rounding draws its bits from the ``sr_rng`` Flax RNG stream
+    of the ``apply`` call: refuse, naming the fix, an apply under such a recipe without it
+    (Flax would fail deep inside TE's layer instead)."""
+    needs = any(q.fp8 is not None and q.fp8.scaling == "nvfp4" and q.fp8.sr for _, q in policy.policies())
+    rngs = kwargs.get("rngs")
+    if needs and not (isinstance(rngs, dict) and "sr_rng" in rngs):
+        raise UnsupportedPolicyError('fp8=nvfp4(sr=true) on Transformer Engine for JAX: TE draws the stochastic-'
+                                     'rounding bits from the "sr_rng" RNG stream; pass apply(..., rngs={"sr_rng": '
+                                     "key}), or use nvfp4(sr=false) or engine=native")
+
+
 def _default_mesh_resource():
     try:
         return importlib.import_module("transformer_engine.jax.sharding").MeshResource()

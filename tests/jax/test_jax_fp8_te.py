@@ -320,3 +320,16 @@ def test_precision_runs_mxfp8_on_te_gemm_with_the_te_recipe(monkeypatch):
     assert made == [r.MXFP8BlockScaling(fp8_format=r.Format.E4M3)]
     # the native block state is not created under TE (TE keeps its own, or none)
     assert "blockscale" not in str(jax.tree_util.tree_structure(v))
+
+
+def test_te_nvfp4_apply_needs_the_sr_rng_stream(monkeypatch):
+    calls, r = _stand_in(monkeypatch)
+    model, x = _Model(), np.ones((2, 16), np.float32)
+    prec = Precision("bf16-mixed,fp8=nvfp4(engine=te)", caps=B200)
+    v = prec.init(model, jax.random.PRNGKey(0), x)
+    with pytest.raises(UnsupportedPolicyError, match=r'"sr_rng" RNG stream; pass apply\(\.\.\., rngs='):
+        prec.apply(model, v, x)
+    prec.apply(model, v, x, rngs={"sr_rng": jax.random.PRNGKey(1)})
+    assert [c[2] for c in calls if c[0] == "autocast"][-1] == r.NVFP4BlockScaling()
+    # without stochastic rounding no stream is needed
+    Precision("bf16-mixed,fp8=nvfp4(sr=false,engine=te)", caps=B200).apply(model, v, x)
