@@ -217,7 +217,7 @@ def check_policy(policy: Policy, caps: DeviceCaps) -> CheckReport:
             from .te_recipes import TE_CLASSES, TE_MIN_CAPABILITY, te_refusal
 
             refusal = te_refusal(policy.fp8)
-            need = TE_MIN_CAPABILITY[TE_CLASSES[policy.fp8.scaling]] if refusal is None else None
+            need = TE_MIN_CAPABILITY[TE_CLASSES[policy.fp8.scaling]] if refusal is None else (0, 0)
             if refusal is not None:
                 fail("fp8.engine", refusal, lambda p: _set_engine(p, "native"))
             elif caps.compute_capability is not None and not caps.cc_at_least(*need):

@@ -53,8 +53,15 @@ TE_JAX_SINCE = {"DelayedScaling": "1.0", "Float8CurrentScaling": "2.4", "MXFP8Bl
 
 
 def te_refusal(recipe: FP8Recipe) -> str | None:
-    """Why Transformer Engine cannot carry out ``recipe`` as the policy defines it (a
-    one-line message naming the option and the fix), or None when it can."""
+    """Why Transformer Engine cannot carry out ``recipe`` as the policy defines it.
+
+    Args:
+        recipe: The FP8 recipe.
+
+    Returns:
+        A one-line message naming the option TE lacks and the fix (``engine=native``), or
+        None when TE has the recipe with every option.
+    """
     s = recipe.scaling
     if s in ("rowwise", "rowwise_with_gw_hp"):
         return (f"fp8={s}: torchao's row-wise recipe (one power-of-two scale per row) has no Transformer "
@@ -70,8 +77,14 @@ def te_refusal(recipe: FP8Recipe) -> str | None:
 
 
 def te_recipe_args(recipe: FP8Recipe) -> tuple[str, dict]:
-    """The TE recipe class name and its keyword arguments for ``recipe`` (formats as TE
-    ``Format`` member names: "E4M3", "HYBRID").
+    """The TE recipe class name and its keyword arguments for ``recipe``.
+
+    Args:
+        recipe: The FP8 recipe.
+
+    Returns:
+        ``(class name in transformer_engine.common.recipe, keyword arguments)``, formats as TE
+        ``Format`` member names ("E4M3", "HYBRID").
 
     Raises:
         UnsupportedPolicyError: The recipe, or one of its options, has no TE equivalent.
@@ -83,7 +96,7 @@ def te_recipe_args(recipe: FP8Recipe) -> tuple[str, dict]:
     if s == "nvfp4":
         return "NVFP4BlockScaling", {"disable_stochastic_rounding": not recipe.sr, "disable_rht": not recipe.rht,
                                      "disable_2d_quantization": recipe.weight_blocks == "1x16"}
-    fmt = {"hybrid": "HYBRID", "e4m3": "E4M3"}[recipe.format]
+    fmt = {"hybrid": "HYBRID", "e4m3": "E4M3"}[str(recipe.format)]
     if s == "delayed":
         return "DelayedScaling", {"fp8_format": fmt, "margin": int(recipe.margin),
                                   "amax_history_len": int(recipe.history_len),
@@ -98,8 +111,17 @@ def fp8_token(recipe: FP8Recipe) -> str:
     return _format_value(recipe)
 
 
-def te_runs_on(recipe: FP8Recipe, capability) -> bool:
-    """Whether TE runs ``recipe`` on a GPU of this compute capability (a tuple; None: no GPU)."""
+def te_runs_on(recipe: FP8Recipe, capability: tuple[int, int] | None) -> bool:
+    """Whether TE runs ``recipe`` as the policy defines it on a GPU of this compute capability.
+
+    Args:
+        recipe: The FP8 recipe.
+        capability: The GPU's compute capability, e.g. ``(10, 0)``; None: no CUDA GPU.
+
+    Returns:
+        False for a refused recipe (`te_refusal`), without a GPU, or below the capability TE
+        needs for the recipe's class (`TE_MIN_CAPABILITY`).
+    """
     if capability is None or te_refusal(recipe) is not None:
         return False
     return tuple(capability) >= TE_MIN_CAPABILITY[TE_CLASSES[recipe.scaling]]
