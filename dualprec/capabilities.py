@@ -125,13 +125,21 @@ def resolve_fp8_engine(policy: Policy, caps: DeviceCaps) -> str | None:
 
     Returns:
         The recipe's engine; for ``auto``, "transformer-engine" where Transformer Engine is
-        installed on a CUDA device, else "native".  None when the policy has no FP8 recipe.
+        installed on a CUDA device (for a block-scaled recipe: and TE has it with every option,
+        on a GPU it runs it on, `dualprec.te_recipes.te_runs_on`), else "native".  None when
+        the policy has no FP8 recipe.
     """
     if policy.fp8 is None:
         return None
     if policy.fp8.engine != "auto":
         return policy.fp8.engine
-    return "transformer-engine" if caps.transformer_engine and caps.platform == "cuda" else "native"
+    if not (caps.transformer_engine and caps.platform == "cuda"):
+        return "native"
+    if policy.fp8.block_scaled:  # TE only where it runs the recipe as defined (dualprec.te_recipes)
+        from .te_recipes import te_runs_on
+
+        return "transformer-engine" if te_runs_on(policy.fp8, caps.compute_capability) else "native"
+    return "transformer-engine"
 
 
 def _swap_dtype(p: Policy, old: str, new: str) -> Policy:
@@ -205,6 +213,17 @@ def check_policy(policy: Policy, caps: DeviceCaps) -> CheckReport:
             why = "is not installed" if not caps.transformer_engine else f"needs a CUDA GPU, not {caps.platform}"
             fail("fp8.engine", f"Transformer Engine {why} (install dualprec[te] on a GPU machine)",
                  lambda p: _set_engine(p, "native"))
+        elif engine == "transformer-engine" and policy.fp8.engine != "auto":
+            from .te_recipes import TE_CLASSES, TE_MIN_CAPABILITY, te_refusal
+
+            refusal = te_refusal(policy.fp8)
+            need = TE_MIN_CAPABILITY[TE_CLASSES[policy.fp8.scaling]] if refusal is None else (0, 0)
+            if refusal is not None:
+                fail("fp8.engine", refusal, lambda p: _set_engine(p, "native"))
+            elif caps.compute_capability is not None and not caps.cc_at_least(*need):
+                fail("fp8.engine", f"Transformer Engine runs {TE_CLASSES[policy.fp8.scaling]} on compute "
+                     f"capability >= {need[0]}.{need[1]}; {caps.name or 'this GPU'} has {_cc(caps)}: "
+                     "use engine=native (emulated)", lambda p: _set_engine(p, "native"))
         elif policy.fp8.engine == "auto":
             notes.append(Finding("fp8.engine", f"auto resolves to {engine} here"))
     if policy.uses_quantization and caps.backend == "torch" and not caps.bitsandbytes:

@@ -409,7 +409,13 @@ def engine(policy: Policy, caps=None) -> str | None:
     if caps is None:
         from .caps import device_caps
         caps = device_caps()
-    return resolve_fp8_engine(top, caps)
+    which = resolve_fp8_engine(top, caps)
+    if which == "transformer-engine" and top.fp8.engine == "auto" and top.fp8.block_scaled:
+        from . import te
+
+        if not te.supports(top.fp8):  # an older TE-JAX without the recipe: the native engine runs it
+            return "native"
+    return which
 
 
 @contextlib.contextmanager
@@ -439,9 +445,20 @@ try:
         """nnx variable type of the FP8 state (differentiate with respect to it and overwrite)."""
 
     class Fp8NnxDot(nnx.Module):
-        """The ``dot_general`` of an nnx.Linear under FP8: owns the layer's state."""
+        """The ``dot_general`` of an nnx.Linear under FP8: owns the layer's state.  Under a
+        block-scaled recipe (docs/block-scaling.md) the state is the linen layer's
+        (`dualprec_jax.blockscale.BlockDotGeneral`): ``blockscale_state`` = [seed high 16
+        bits, seed low 16 bits, step] in float32, the seed `layer_seed` of the layer's path,
+        and the three GEMMs are the same custom-VJP function, so nnx and linen compute the
+        same bits."""
 
-        def __init__(self, recipe: FP8Recipe):
+        def __init__(self, recipe: FP8Recipe, layer: str = ""):
+            if isinstance(recipe, FP8Recipe) and recipe.block_scaled:
+                from .blockscale import _state_init, layer_seed
+
+                self.fp8_recipe, self.layer = recipe, layer
+                self.blockscale_state = Fp8Meta(_state_init(layer_seed(layer)))
+                return
             self.fp8_recipe = _recipe(recipe)
             if self.fp8_recipe.scaling == "delayed":
                 for k, v in init_meta(self.fp8_recipe).items():
@@ -451,6 +468,17 @@ try:
             # the parameter and the input as the layer received them (docs/fp8.md's rule), not
             # the compute-dtype copies nnx.Linear hands its dot (Fp8NnxLinear records them)
             lhs, rhs = _input_source(lhs), _weight_source(rhs)
+            if self.fp8_recipe.block_scaled:
+                from .blockscale import _state_dot
+
+                dims = _freeze(dimension_numbers)
+                if dims != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
+                    raise UnsupportedPolicyError(
+                        f"fp8={self.fp8_recipe.scaling}: block-scaled layers take nnx.Linear (one contracting "
+                        f"axis); {self.layer or 'this layer'} has dimension numbers {dims}")
+                state = self.blockscale_state.get_value()
+                y = _state_dot(lhs.reshape(-1, lhs.shape[-1]), rhs.T, state, self.fp8_recipe)
+                return y.reshape(lhs.shape[:-1] + (rhs.shape[1],))
             if self.fp8_recipe.scaling == "current":
                 return fp8_dot_general(lhs, rhs, dimension_numbers, recipe=self.fp8_recipe)
             meta = {}
@@ -484,14 +512,29 @@ def setup_nnx(model, policy: Policy):
     policy = Policy.parse(policy)
     if not policy.uses_fp8:
         return model
+    forced = sorted({q.fp8.scaling for _, q in policy.policies()
+                     if q.fp8 is not None and q.fp8.engine == "transformer-engine"})
+    if forced:
+        raise UnsupportedPolicyError(f"fp8={forced[0]}(engine=transformer-engine): nnx models run the native FP8 "
+                                     "layers (TE's Flax layers are linen); use engine=native or auto for nnx, "
+                                     "or a linen model for TE")
     todo = []
     for keys, node in _nnx.iter_graph(model):
         if isinstance(node, _nnx.Linear):
-            recipe = recipe_of(policy, ".".join(str(k) for k in keys))
+            path = ".".join(str(k) for k in keys)
+            recipe = recipe_of(policy, path)
             if recipe is not None and getattr(node, "dot_general", None) in (None, lax.dot_general):
-                todo.append((node, recipe))
-    for node, recipe in todo:
-        node.dot_general = _nnx.data(Fp8NnxDot(recipe))
+                todo.append((node, recipe, path))
+        elif isinstance(node, (_nnx.LinearGeneral, _nnx.Einsum)):
+            path = ".".join(str(k) for k in keys)
+            recipe = recipe_of(policy, path)
+            if recipe is not None and recipe.block_scaled:
+                raise UnsupportedPolicyError(
+                    f"fp8={recipe.scaling}: block-scaled layers take nnx.Linear (one contracting axis); "
+                    f"{path} is an nnx.{type(node).__name__}: keep it out of the recipe with an override "
+                    f"(@{path}=(fp8=none)) or use nnx.Linear")
+    for node, recipe, path in todo:
+        node.dot_general = _nnx.data(Fp8NnxDot(recipe, path))
         if type(node) is _nnx.Linear:  # a subclass keeps its own __call__ (and the copies)
             node.__class__ = Fp8NnxLinear
     return model

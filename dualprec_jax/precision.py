@@ -237,6 +237,10 @@ class Precision(contract.Precision):
             return pin_dtype(self.convert_output(flax_nnx.call(model, (variables, *args), kwargs, self._traced)))
         from .autocast import autocast
 
+        if self.policy.uses_fp8 and fp8.engine(self.policy, self._caps) == "transformer-engine":
+            from . import te
+
+            te.check_apply_rngs(self.policy, kwargs)
         # eager calls reuse the trace of the same model and argument shapes (inside jax.jit the
         # arguments are tracers: traced each time jit traces, as before)
         out = autocast(model.apply, self.policy, context=self.autocast,

@@ -9,8 +9,17 @@ from the Policy, and stock ``nn.Dense`` / ``nn.DenseGeneral`` layers take TE's q
 (scales, amax histories) in its own Flax collection, ``fp8_metas`` (`FP8_COLLECTION`), which
 the training step carries like any other non-param collection.
 
-The mapping (Policy -> TE recipe and arguments) is tested against a stand-in module; it has
-not run against a real TE install.
+The mapping (Policy -> TE recipe and arguments) is `dualprec.te_recipes`, shared with the
+torch adapter: DelayedScaling, Float8CurrentScaling, MXFP8BlockScaling (rounding=rceil only)
+and NVFP4BlockScaling (its three switches); row-wise recipes and other MX roundings are
+refused, as is a recipe the installed TE-JAX does not run (TE-JAX has four of TE's six
+recipes: no Float8BlockScaling).  Under TE an NVFP4 recipe runs TE's kernels: stochastic
+rounding draws from the ``sr_rng`` Flax RNG stream the caller passes to ``apply``
+(``rngs={"sr_rng": key}``) and the Hadamard transform uses TE's one fixed sign vector, so
+the bits are not the native engine's (which draws both from the layer's ``[seed, step]``)
+and a TE run does not resume a native one bit for bit.
+
+Tested against a stand-in module; it has not run against a real TE install.
 """
 
 from __future__ import annotations
@@ -23,8 +32,9 @@ from typing import Any
 
 from dualprec.errors import UnsupportedPolicyError
 from dualprec.policy import FP8Recipe, Policy
+from dualprec.te_recipes import TE_JAX_SINCE, te_recipe_args, te_refusal
 
-__all__ = ["FP8_COLLECTION", "available", "te_recipe", "autocast", "dot_general_cls", "recipe_kwargs"]
+__all__ = ["FP8_COLLECTION", "available", "te_recipe", "supports", "autocast", "dot_general_cls", "recipe_kwargs"]
 
 FP8_COLLECTION = "fp8_metas"  # TE's NVTE_FP8_COLLECTION_NAME
 
@@ -58,25 +68,98 @@ def collection_name() -> str:
 
 def recipe_kwargs(recipe: FP8Recipe) -> tuple[str, dict]:
     """The TE recipe class name and its keyword arguments for a dualprec FP8Recipe
-    (formats as TE ``Format`` member names)."""
-    if recipe.block_scaled:
-        raise UnsupportedPolicyError(f"fp8={recipe.scaling}: the Transformer Engine adapter maps delayed and "
-                                     "current scaling only; use engine=native")
-    fmt = {"hybrid": "HYBRID", "e4m3": "E4M3"}[recipe.format]
-    if recipe.scaling == "current":
-        return "Float8CurrentScaling", {"fp8_format": fmt}
-    return "DelayedScaling", {"margin": int(recipe.margin), "fp8_format": fmt,
-                              "amax_history_len": int(recipe.history_len),
-                              "amax_compute_algo": recipe.amax_algo}
+    (formats as TE ``Format`` member names): `dualprec.te_recipes.te_recipe_args`, the table
+    the torch adapter uses too.
+
+    Raises:
+        UnsupportedPolicyError: An option TE has no equivalent for (row-wise recipes, an MX
+            rounding other than rceil).
+    """
+    return te_recipe_args(recipe)
+
+
+#: the NVFP4 switches TE-JAX reads from the recipe (its NVFP4 config's attributes)
+_NVFP4_SWITCHES = {"disable_stochastic_rounding": ("DISABLE_STOCHASTIC_ROUNDING", "sr=false"),
+                   "disable_rht": ("DISABLE_RHT", "rht=false"),
+                   "disable_2d_quantization": ("DISABLE_2D_QUANTIZATION", "wblocks=1x16")}
+
+
+def _check_te_jax_runs(recipe: FP8Recipe, obj, name: str, kwargs: dict) -> None:
+    """Refuse a recipe TE-JAX does not run, or runs without one of the policy's options.
+
+    TE-JAX runs four of TE's six recipes (not Float8BlockScaling, not CustomRecipe), each from
+    some release on (`dualprec.te_recipes.TE_JAX_SINCE`); its
+    ``quantize.helper.get_quantize_config_class`` (TE >= 2.8; ``_get_scaling_mode`` before)
+    raises for a recipe it does not run.  A TE-JAX whose NVFP4 config
+    does not read a ``disable_*`` switch would ignore the policy's option: refused as well.
+    """
+    since = f"TE-JAX runs it from {TE_JAX_SINCE[name]}"
+    try:
+        helper = importlib.import_module("transformer_engine.jax.quantize.helper")
+    except ImportError:
+        helper = None
+    # get_quantize_config_class (TE >= 2.8); _get_scaling_mode before it; neither: DelayedScaling only
+    probe = getattr(helper, "get_quantize_config_class", None) or getattr(helper, "_get_scaling_mode", None)
+    if probe is None:
+        if name != "DelayedScaling":
+            raise UnsupportedPolicyError(f"fp8={recipe.scaling}: this Transformer Engine for JAX runs "
+                                         f"DelayedScaling only, not {name} ({since}); upgrade TE or use "
+                                         "engine=native")
+        return
+    try:
+        config = probe(obj)
+    except (ValueError, TypeError, AssertionError):
+        raise UnsupportedPolicyError(f"fp8={recipe.scaling}: this Transformer Engine for JAX does not run "
+                                     f"{name} ({since}); upgrade TE or use engine=native") from None
+    if name != "NVFP4BlockScaling":
+        return
+    for field, (attr, option) in _NVFP4_SWITCHES.items():
+        if kwargs[field] and not hasattr(config, attr):
+            raise UnsupportedPolicyError(f"fp8=nvfp4({option}): this Transformer Engine for JAX ignores "
+                                         f"NVFP4BlockScaling's {field} (TE-JAX reads it from 2.9); "
+                                         "upgrade TE or use engine=native")
 
 
 def te_recipe(recipe: FP8Recipe):
-    """The ``transformer_engine.common.recipe`` object for ``recipe``."""
+    """The ``transformer_engine.common.recipe`` object for ``recipe``, once TE-JAX is known
+    to run it with every option of the policy (else `UnsupportedPolicyError`)."""
     _te()
     module = importlib.import_module("transformer_engine.common.recipe")
     name, kwargs = recipe_kwargs(recipe)
-    kwargs["fp8_format"] = getattr(module.Format, kwargs["fp8_format"])
-    return getattr(module, name)(**kwargs)
+    cls = getattr(module, name, None)
+    if cls is None:
+        raise UnsupportedPolicyError(f"fp8={recipe.scaling}: this Transformer Engine has no {name} "
+                                     f"(TE-JAX runs it from {TE_JAX_SINCE[name]}); upgrade TE or use engine=native")
+    args = dict(kwargs)
+    if "fp8_format" in args:
+        args["fp8_format"] = getattr(module.Format, args["fp8_format"])
+    obj = cls(**args)
+    _check_te_jax_runs(recipe, obj, name, kwargs)
+    return obj
+
+
+def supports(recipe: FP8Recipe) -> bool:
+    """Whether the installed TE-JAX carries out ``recipe`` as the policy defines it (for
+    ``engine=auto``: otherwise the native engine runs it)."""
+    if te_refusal(recipe) is not None or not available():
+        return False
+    try:
+        te_recipe(recipe)
+    except UnsupportedPolicyError:
+        return False
+    return True
+
+
+def check_apply_rngs(policy: Policy, kwargs: dict) -> None:
+    """TE-JAX's NVFP4 stochastic rounding draws its bits from the ``sr_rng`` Flax RNG stream
+    of the ``apply`` call: refuse, naming the fix, an apply under such a recipe without it
+    (Flax would fail deep inside TE's layer instead)."""
+    needs = any(q.fp8 is not None and q.fp8.scaling == "nvfp4" and q.fp8.sr for _, q in policy.policies())
+    rngs = kwargs.get("rngs")
+    if needs and not (isinstance(rngs, dict) and "sr_rng" in rngs):
+        raise UnsupportedPolicyError('fp8=nvfp4(sr=true) on Transformer Engine for JAX: TE draws the stochastic-'
+                                     'rounding bits from the "sr_rng" RNG stream; pass apply(..., rngs={"sr_rng": '
+                                     "key}), or use nvfp4(sr=false) or engine=native")
 
 
 def _default_mesh_resource():

@@ -394,19 +394,22 @@ def _cuda_capability():
 def select_engine(recipe: FP8Recipe) -> str:
     """"native" or "transformer-engine" for ``recipe.engine``.
 
-    auto: Transformer Engine when it imports and the current GPU has compute capability
-    >= 8.9, the native engine otherwise. "transformer-engine" fails clearly when TE does
-    not import.
+    auto: Transformer Engine when it imports, has the recipe's class and runs it on the
+    current GPU (compute capability >= 8.9 for per-tensor FP8, >= 10.0 for MXFP8 and NVFP4),
+    and the recipe has no option TE lacks (row-wise, an MX rounding other than rceil); the
+    native engine otherwise. "transformer-engine" fails clearly when TE does not import or
+    cannot carry out the recipe as the policy defines it (`dualprec.te_recipes`).
     """
+    from dualprec.te_recipes import te_runs_on
+
     from . import te
 
     if recipe.engine == "native":
         return "native"
     if recipe.engine == "transformer-engine":
-        te.import_te()  # raises with the install hint
+        te.te_recipe(recipe)  # raises with the install hint, or naming the option TE lacks
         return "transformer-engine"
-    cc = _cuda_capability()
-    if cc is not None and cc >= FP8_MIN_CAPABILITY and te.available():
+    if te_runs_on(recipe, _cuda_capability()) and te.supports(recipe):
         return "transformer-engine"
     return "native"
 
@@ -463,7 +466,7 @@ def convert_module(model: nn.Module, policy, *, engine: str | None = None, emula
         return model
     if engine is not None:
         top = dataclasses.replace(top, engine=engine)
-    if select_engine(top) == "transformer-engine" and not top.block_scaled:
+    if select_engine(top) == "transformer-engine":
         from . import te
 
         return te.convert_module(model, policy, module_filter_fn=module_filter_fn)

@@ -53,7 +53,8 @@ SUPPORTED_COMBINATIONS = {
     "fp8 (delayed, current)": "refused: the per-tensor FP8 amax is not reduced over the data-parallel group yet",
     "fp8 block-scaled (rowwise, rowwise_with_gw_hp, mxfp8, nvfp4)": "supported: batch amaxes all-reduced "
         "(MAX) over the data-parallel group, SR bits drawn at global indices; the per-rank batch must be a "
-        "multiple of the blocks along it (32 for mxfp8, 16 for nvfp4); docs/block-scaling.md",
+        "multiple of the blocks along it (32 for mxfp8, 16 for nvfp4); on the native layers "
+        "(engine=transformer-engine refused); docs/block-scaling.md",
 }
 
 
@@ -83,6 +84,10 @@ def _refuse_combinations(policy: Policy) -> None:
         if p.fp8 is not None and not p.fp8.block_scaled:
             raise UnsupportedPolicyError(f'"{policy}"{where}: fp8={p.fp8.scaling} + FSDP2: '
                                          f'{SUPPORTED_COMBINATIONS["fp8 (delayed, current)"]}')
+        if p.fp8 is not None and p.fp8.engine == "transformer-engine":
+            raise UnsupportedPolicyError(f'"{policy}"{where}: fp8={p.fp8.scaling}(engine=transformer-engine) + '
+                                         "FSDP2: shard() runs the block recipes on the native layers (their "
+                                         "amax reductions over the data-parallel group); use engine=native or auto")
     if policy.master_weights:
         raise UnsupportedPolicyError(f'"{policy}": master=true + FSDP2: {SUPPORTED_COMBINATIONS["master=true"]}')
 
@@ -140,7 +145,7 @@ def shard(model: nn.Module, policy, *, mesh=None, blocks: Iterable[str] | Callab
 
         # convert before fully_shard: FSDP2 turns each sharded Linear into a subclass, which
         # Precision.setup's conversion would leave as it is (a plain float32 GEMM)
-        fp8.convert_module(model, policy)
+        fp8.convert_module(model, policy, engine="native")  # auto: native under FSDP2 (docs/block-scaling.md)
         group = mesh.get_group() if mesh is not None else dist.group.WORLD
         for module in model.modules():
             if isinstance(module, BlockScaledLinear):

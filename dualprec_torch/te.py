@@ -5,16 +5,23 @@ fallbacks: ``te.autocast(enabled, recipe, amax_reduction_group)`` (``fp8_autocas
 fp8_recipe, fp8_group)`` before TE 2.9), ``te.quantized_model_init`` (``fp8_model_init``),
 ``te.Linear`` / ``te.LayerNorm`` / ``te.LayerNormLinear``, and the recipes of
 ``transformer_engine.common.recipe`` (``DelayedScaling``, ``Float8CurrentScaling``,
-``Format``). It has not run against a real TE install (TE needs a CUDA build); its tests
-drive it through a stand-in ``transformer_engine`` package.
+``MXFP8BlockScaling``, ``NVFP4BlockScaling``, ``Format``; the mapping is
+`dualprec.te_recipes`, shared with the JAX adapter). It has not run against a real TE install
+(TE needs a CUDA build); its tests drive it through a stand-in ``transformer_engine`` package.
+
+Under TE a block recipe runs TE's kernels: the numbers of the recipe, not dualprec's bits.
+TE draws NVFP4 stochastic-rounding bits from its own generator and uses one fixed Hadamard
+sign vector for every layer, where the native engine draws both from the layer's
+``[seed, step]`` state; so a TE run is not bit-identical to the native or JAX run, and its
+checkpoint has no ``blockscale.state`` to resume them from.
 
 What it does to a model (`convert_module`): every ``nn.Linear`` / ``nn.LayerNorm`` whose
 policy has an FP8 recipe becomes its TE counterpart with the same weights, a LayerNorm
 directly followed by a Linear inside an ``nn.Sequential`` becomes one ``te.LayerNormLinear``,
 and the model's forward runs inside ``te.autocast`` with the recipe built from the Policy.
 Linears TE cannot run in FP8 (a weight whose leading dimension, out_features, is not
-divisible by 8 or whose last, in_features, is not by 16) stay torch layers, with a warning
-naming them. TE refuses DelayedScaling under torch.compile: compile with current scaling.
+divisible by 8 or whose last, in_features, is not by 16; by 32 and 32 under MXFP8, 16 and 16
+under NVFP4) stay torch layers, with a warning naming them. TE refuses DelayedScaling under torch.compile: compile with current scaling.
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ import torch
 from torch import nn
 
 from dualprec.errors import UnsupportedPolicyError
+from dualprec.te_recipes import TE_CLASSES, TE_TORCH_SINCE, fp8_token, te_recipe_args, te_refusal
 
 from .casts import torch_dtype
 
-__all__ = ["available", "import_te", "te_recipe", "autocast", "init_context", "convert_module", "te_shape_ok"]
+__all__ = ["available", "import_te", "te_recipe", "supports", "autocast", "init_context", "convert_module", "te_shape_ok"]
 
 _INSTALL_HINT = ('Transformer Engine is not installed (pip install "dualprec[te]" on a CUDA machine, '
                  'or transformer_engine[pytorch]); use fp8 engine=native for the torch._scaled_mm engine')
@@ -57,21 +65,32 @@ def available() -> bool:
 
 
 def te_recipe(fp8_recipe):
-    """The TE recipe object for a `dualprec.FP8Recipe`: DelayedScaling(fp8_format, margin,
-    amax_history_len, amax_compute_algo) or Float8CurrentScaling(fp8_format)."""
-    if fp8_recipe.block_scaled:
-        raise UnsupportedPolicyError(f"fp8={fp8_recipe.scaling}: the Transformer Engine adapter maps delayed and "
-                                     "current scaling only; use engine=native")
+    """The TE recipe object for a `dualprec.FP8Recipe` (the table of `dualprec.te_recipes`):
+    DelayedScaling, Float8CurrentScaling, MXFP8BlockScaling (rounding=rceil only) or
+    NVFP4BlockScaling (its three switches always passed).
+
+    Raises:
+        UnsupportedPolicyError: An option TE has no equivalent for (row-wise recipes, an MX
+            rounding other than rceil), or a recipe class this TE does not have yet.
+    """
+    name, kwargs = te_recipe_args(fp8_recipe)
     _, recipes = import_te()
-    fmt = recipes.Format.HYBRID if fp8_recipe.format == "hybrid" else recipes.Format.E4M3
-    if fp8_recipe.scaling == "current":
-        if not hasattr(recipes, "Float8CurrentScaling"):
-            raise UnsupportedPolicyError("this Transformer Engine has no Float8CurrentScaling (TE >= 2.2); "
-                                         "use fp8=delayed or engine=native")
-        return recipes.Float8CurrentScaling(fp8_format=fmt)
-    return recipes.DelayedScaling(fp8_format=fmt, margin=fp8_recipe.margin,
-                                  amax_history_len=fp8_recipe.history_len,
-                                  amax_compute_algo=fp8_recipe.amax_algo)
+    cls = getattr(recipes, name, None)
+    if cls is None:
+        raise UnsupportedPolicyError(f"fp8={fp8_recipe.scaling}: this Transformer Engine has no {name} "
+                                     f"(TE >= {TE_TORCH_SINCE[name]}); upgrade TE or use engine=native")
+    if "fp8_format" in kwargs:
+        kwargs["fp8_format"] = getattr(recipes.Format, kwargs["fp8_format"])
+    return cls(**kwargs)
+
+
+def supports(fp8_recipe) -> bool:
+    """Whether the installed TE carries out ``fp8_recipe`` as the policy defines it (for
+    ``engine=auto``: otherwise the native engine runs it)."""
+    if te_refusal(fp8_recipe) is not None or not available():
+        return False
+    _, recipes = import_te()
+    return hasattr(recipes, TE_CLASSES[fp8_recipe.scaling])
 
 
 def autocast(fp8_recipe, enabled: bool = True, group=None):
@@ -93,12 +112,21 @@ def init_context(fp8_recipe, enabled: bool = True):
     return te.fp8_model_init(enabled=enabled, recipe=recipe)
 
 
-def te_shape_ok(linear: nn.Linear) -> bool:
-    """Whether TE runs this Linear in FP8: its FP8 GEMMs take 2-D operands whose leading
-    dimension is divisible by 8 and last by 16, so the weight (out_features, in_features)
-    needs out_features % 8 == 0 and in_features % 16 == 0. (The activations need the
-    same at run time: tokens % 8 == 0, which TE itself checks.)"""
-    return linear.out_features % 8 == 0 and linear.in_features % 16 == 0
+#: (out_features multiple, in_features multiple) TE needs of a weight to quantize it, per recipe
+#: class: FP8 GEMMs take operands whose leading dimension is divisible by 8 and last by 16;
+#: MXFP8 and NVFP4 quantize both dimensions in blocks (32, 16: TE's ``is_quantizable``)
+_TE_SHAPE = {"DelayedScaling": (8, 16), "Float8CurrentScaling": (8, 16), "MXFP8BlockScaling": (32, 32),
+             "NVFP4BlockScaling": (16, 16)}
+
+
+def te_shape_ok(linear: nn.Linear, fp8_recipe=None) -> bool:
+    """Whether TE runs this Linear under ``fp8_recipe`` (None: per-tensor FP8): the weight
+    (out_features, in_features) needs out_features % 8 == 0 and in_features % 16 == 0 for
+    per-tensor FP8, both divisible by 32 for MXFP8 and by 16 for NVFP4. (The activations
+    need the same of their token count at run time, which TE itself checks.)"""
+    name = "DelayedScaling" if fp8_recipe is None else TE_CLASSES.get(fp8_recipe.scaling, "DelayedScaling")
+    rows, cols = _TE_SHAPE[name]
+    return linear.out_features % rows == 0 and linear.in_features % cols == 0
 
 
 def _te_linear(te, linear: nn.Linear, dtype: torch.dtype):
@@ -144,11 +172,14 @@ def _plan(model: nn.Module, policy, module_filter_fn):
     from .fp8 import fp8_layers
 
     chosen = {path: m for path, m, _ in fp8_layers(model, policy, module_filter_fn, types=(nn.Linear, nn.LayerNorm))}
+    recipe = policy.fp8_recipe
+    rows, cols = _TE_SHAPE[TE_CLASSES.get(recipe.scaling, "DelayedScaling")] if recipe is not None else (8, 16)
     plan, skipped = {}, {}
     for path, module in chosen.items():
-        if isinstance(module, nn.Linear) and not te_shape_ok(module):
+        if isinstance(module, nn.Linear) and not te_shape_ok(module, recipe):
             skipped[path] = (f"in_features={module.in_features}, out_features={module.out_features} "
-                             "(TE's FP8 GEMMs need out_features % 8 == 0 and in_features % 16 == 0)")
+                             f"(TE's {recipe.scaling} GEMMs need out_features % {rows} == 0 and "
+                             f"in_features % {cols} == 0)")
         elif isinstance(module, nn.LayerNorm) and not _fusable_norm(module):
             skipped[path] = "a LayerNorm over several dimensions or without affine weight and bias"
     for path, module in model.named_modules():
@@ -193,6 +224,10 @@ def convert_module(model: nn.Module, policy, *, module_filter_fn=None) -> nn.Mod
     run its forward under ``te.autocast``. Returns the model (a bare ``nn.Linear`` or
     ``nn.LayerNorm`` passed as the model comes back as the TE layer)."""
     te, _ = import_te()
+    recipes = sorted({fp8_token(q.fp8) for _, q in policy.policies() if q.fp8 is not None})
+    if len(recipes) > 1:
+        raise UnsupportedPolicyError(f"Transformer Engine runs one recipe per autocast; this policy has "
+                                     f"{len(recipes)} ({', '.join(recipes)}); use engine=native, or one fp8 recipe")
     plan, skipped = _plan(model, policy, module_filter_fn)
     for path, why in skipped.items():
         warnings.warn(f"Transformer Engine cannot run {path or 'the model'} in FP8: {why}; it stays a torch "

@@ -443,3 +443,201 @@ def test_torch_checkpoint_mid_run_resumes_in_jax(recipe):
     v = jfp8.apply_fp8_grads(v, g)
     assert jfp8.state_tensors(v)["fp8.0.blockscale.state"].tolist() == [tbs.layer_seed("0"), 3]
     assert m[0].blockscale_state.tolist() == [tbs.layer_seed("0"), 3]
+
+
+# ------------------------------------------------------- resume across frameworks, via the file
+RESUME_STEPS, RESUME_SPLIT, RESUME_LR = 4, 2, 0.1
+RESUME_RECIPES = ["rowwise", "rowwise_with_gw_hp", "mxfp8(rounding=rceil)",
+                  "mxfp8(rounding=floor,format=hybrid)", "nvfp4(sr=true,rht=true,wblocks=16x16)",
+                  "nvfp4(sr=false,rht=false,wblocks=1x16)"]
+
+
+def _resume_data():
+    rng = np.random.default_rng(11)
+    xs = rng.standard_normal((RESUME_STEPS, 32, 32)).astype(np.float32)
+    xs[:, 4, :] *= np.float32(1e3)  # a row far larger than the rest
+    cs = rng.standard_normal((RESUME_STEPS, 32, 8)).astype(np.float32)
+    w = (rng.standard_normal((8, 32)) * 0.2).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    return xs, cs, w, b
+
+
+class _TorchBlockRun:
+    """One block-scaled Linear "0" under ``32-true,fp8=<recipe>``, SGD; the loss of step i is
+    ``sum(y * c_i)``, so the output gradient is c_i and the weight gradient depends on the
+    step's inputs, seed and step only (not on the weights)."""
+
+    def __init__(self, policy, w, b):
+        from dualprec_torch import Precision as TPrecision
+
+        m = torch.nn.Sequential(torch.nn.Linear(32, 8))
+        m[0].weight.data, m[0].bias.data = torch.from_numpy(w.copy()), torch.from_numpy(b.copy())
+        self.prec = TPrecision(policy)
+        self.model, self.opt = self.prec.setup(m, torch.optim.SGD(m.parameters(), lr=RESUME_LR))
+        self.before = []  # (weight, [seed, step]) before each step taken
+
+    def weights(self):
+        return {n: p.detach().numpy().copy() for n, p in self.model.named_parameters()}
+
+    def state(self):
+        return self.model[0].blockscale_state.tolist()
+
+    def step(self, x, c):
+        self.before.append((self.weights()["0.weight"], self.state()))
+        self.prec.backward((self.model(torch.from_numpy(x)) * torch.from_numpy(c)).sum())
+        self.prec.step(self.opt)
+        self.opt.zero_grad()
+
+    def save(self, path):
+        from dualprec_torch import checkpoint as tck
+
+        tck.save_training(path, self.model, self.opt, self.prec)
+
+    def load(self, path):
+        from dualprec_torch import checkpoint as tck
+
+        tck.load_training(path, self.model, self.opt, self.prec)
+
+
+class _JaxBlockRun:
+    """The same layer and training in JAX through `Precision` (linen Dense "0", optax SGD
+    wrapped by the policy, the [seed, step] state in the FP8 collection)."""
+
+    def __init__(self, policy, w, b, x0):
+        import optax
+
+        self.jp, self.model, self.v = _jax_one_dense(policy, x0, w, b)
+        self.tx = self.jp.wrap_optimizer(optax.sgd(RESUME_LR))
+        self.opt_state = self.tx.init(self.v["params"])
+        jp, model, tx = self.jp, self.model, self.tx
+
+        @jax.jit
+        def step(v, opt_state, x, c):
+            from dualprec_jax import fp8 as jfp8
+
+            g = jax.grad(lambda v: jnp.sum(jp.apply(model, v, x) * c))(v)
+            updates, opt_state = tx.update(g["params"], opt_state, v["params"])
+            v = {**v, "params": optax.apply_updates(v["params"], updates)}
+            return jfp8.apply_fp8_grads(v, g), opt_state
+
+        self._step = step
+        self.before = []
+
+    def weights(self):
+        p = self.v["params"]["0"]
+        return {"0.weight": np.asarray(p["kernel"]).T.copy(), "0.bias": np.asarray(p["bias"]).copy()}
+
+    def state(self):
+        from dualprec_jax import fp8 as jfp8
+
+        return jfp8.state_tensors(self.v)["fp8.0.blockscale.state"].tolist()
+
+    def step(self, x, c):
+        self.before.append((self.weights()["0.weight"], self.state()))
+        self.v, self.opt_state = self._step(self.v, self.opt_state, jnp.asarray(x), jnp.asarray(c))
+
+    def save(self, path):
+        from dualprec_jax import checkpoint as jck
+
+        jck.save_training(path, self.v["params"], self.opt_state, self.jp, variables=self.v)
+
+    def load(self, path):
+        from dualprec_jax import checkpoint as jck
+
+        _, self.opt_state, self.v = jck.load_training(path, self.v["params"], self.opt_state, self.jp,
+                                                      variables=self.v)
+
+
+def _parts(side, recipe, x, w, c, state):
+    seed, step = state
+    if side == "torch":
+        return tbs.block_linear_parts(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(c), recipe, seed, step)
+    return jbs.block_linear_parts_jit(jnp.asarray(x), jnp.asarray(w), jnp.asarray(c), recipe, seed, step)
+
+
+def _checkpoint_params(path):
+    from dualprec import checkpoint
+
+    return {k: np.asarray(v) for k, v in checkpoint.load_training_file(path)["params"].items()}
+
+
+def _codes_differ(a, b, keys):
+    return sorted(k for k in keys if not _same(a[k], b[k]))
+
+
+@pytest.mark.slow  # compiles the JAX step per recipe
+@pytest.mark.parametrize("spec", RESUME_RECIPES)
+def test_block_recipe_run_resumes_in_the_other_framework_and_in_jax(spec, tmp_path):
+    """Each recipe, 4 SGD steps straight in torch and in JAX, and 2 steps, a training
+    checkpoint on disk (`save_training`: weights, optimizer, precision state with the `fp8`
+    extension's [seed, step]), then 2 steps in a fresh run of either framework.
+
+    - JAX resumed from JAX: weights and state bit-identical to JAX's straight run.
+    - across frameworks: the loaded weights are the saved bits and the state is [seed, 2];
+      at the first resumed step every code and scale (x, w, g and their transposes) is
+      bit-identical to the other framework's straight run; at the next step the codes of x
+      and g (which do not depend on the weights) still are, the weight codes may not be (the
+      weights then differ by float32 summation order); the state ends at [seed, 4] in both;
+      the weights agree within lr * 1e-5 * (max|dW3| + max|dW4|) plus 4 float32 ulps (the
+      bias: with max_j sum_i |c_ij| for max|dW|), the float32-summation allowance the other
+      tests of this file use for one GEMM.
+    """
+    from dualprec import Policy
+
+    recipe = Policy.parse(f"32-true,fp8={spec}").fp8
+    policy = f"32-true,fp8={spec}"
+    xs, cs, w, b = _resume_data()
+    seed = tbs.layer_seed("0")
+    runs = {"torch": lambda: _TorchBlockRun(policy, w, b), "jax": lambda: _JaxBlockRun(policy, w, b, xs[0])}
+    straight, files = {}, {}
+    for name, make in runs.items():
+        run = make()
+        for i in range(RESUME_STEPS):
+            run.step(xs[i], cs[i])
+        straight[name] = run
+        half = make()
+        for i in range(RESUME_SPLIT):
+            half.step(xs[i], cs[i])
+        files[name] = tmp_path / f"{name}.safetensors"
+        half.save(files[name])
+        assert half.state() == [seed, RESUME_SPLIT]
+    # the two straight runs: the same state; weights within the bound below
+    assert straight["torch"].state() == straight["jax"].state() == [seed, RESUME_STEPS]
+
+    # JAX resumes JAX: bit for bit
+    again = runs["jax"]()
+    again.load(files["jax"])
+    assert again.state() == [seed, RESUME_SPLIT]
+    for i in range(RESUME_SPLIT, RESUME_STEPS):
+        again.step(xs[i], cs[i])
+    for k, v in straight["jax"].weights().items():
+        assert np.array_equal(v.view(np.uint32), again.weights()[k].view(np.uint32)), k
+    assert again.state() == [seed, RESUME_STEPS]
+
+    for src, dst in (("torch", "jax"), ("jax", "torch")):
+        resumed = runs[dst]()
+        resumed.load(files[src])
+        saved = _checkpoint_params(files[src])
+        for k, v in resumed.weights().items():  # the checkpoint's bits, in the other framework
+            assert np.array_equal(v.view(np.uint32), saved[k].view(np.uint32)), (src, dst, k)
+        assert resumed.state() == [seed, RESUME_SPLIT]
+        dws = []
+        for i in range(RESUME_SPLIT, RESUME_STEPS):
+            resumed.step(xs[i], cs[i])
+            (w_r, st_r), (w_s, st_s) = resumed.before[-1], straight[src].before[i]
+            assert st_r == st_s == [seed, i]
+            mine, theirs = _parts(dst, recipe, xs[i], w_r, cs[i], st_r), _parts(src, recipe, xs[i], w_s, cs[i], st_s)
+            codes = [k for k in theirs if k not in ("y", "dx", "dw")]
+            if i == RESUME_SPLIT:
+                assert np.array_equal(w_r.view(np.uint32), w_s.view(np.uint32))
+                assert _codes_differ(mine, theirs, codes) == [], (src, dst, i)
+            else:
+                assert _codes_differ(mine, theirs, [k for k in codes if not k.startswith("w")]) == [], (src, dst, i)
+            dws.append(float(np.max(np.abs(_np(theirs["dw"])))))
+        assert resumed.state() == straight[src].state() == [seed, RESUME_STEPS]
+        # the bias gradient is the column sum of c_i: its largest possible size is max_j sum_i |c_ij|
+        dbs = [float(np.max(np.sum(np.abs(cs[i]), axis=0))) for i in range(RESUME_SPLIT, RESUME_STEPS)]
+        for k, v in straight[src].weights().items():
+            ulp = np.spacing(np.float32(np.max(np.abs(v))))
+            bound = RESUME_LR * 1e-5 * sum(dws if k.endswith("weight") else dbs) + 4 * ulp
+            np.testing.assert_allclose(resumed.weights()[k], v, rtol=0, atol=bound, err_msg=f"{src}->{dst} {k}")

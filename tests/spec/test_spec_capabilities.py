@@ -73,3 +73,24 @@ def test_bad_caps():
         DeviceCaps("gpu")
     with pytest.raises(PolicyError, match="DeviceCaps"):
         Policy.parse("bf16-mixed").check("cuda")
+
+
+def test_block_recipes_and_transformer_engine():
+    from dualprec.capabilities import resolve_fp8_engine
+
+    b200 = DeviceCaps("cuda", "B200", (10, 0), backend="torch", transformer_engine=True)
+    # auto: TE only where TE has the recipe with every option, on a GPU it runs it on
+    assert resolve_fp8_engine(Policy.parse("bf16-mixed,fp8=mxfp8"), b200) == "transformer-engine"
+    assert resolve_fp8_engine(Policy.parse("bf16-mixed,fp8=nvfp4(sr=false)"), b200) == "transformer-engine"
+    assert resolve_fp8_engine(Policy.parse("bf16-mixed,fp8=mxfp8"), H100) == "native"
+    assert resolve_fp8_engine(Policy.parse("bf16-mixed,fp8=mxfp8(rounding=floor)"), b200) == "native"
+    assert resolve_fp8_engine(Policy.parse("bf16-mixed,fp8=rowwise"), b200) == "native"
+    assert resolve_fp8_engine(Policy.parse("bf16-mixed,fp8=delayed"), H100) == "transformer-engine"
+    # forced: a refusal naming the option or the capability, and the native engine as fallback
+    r = Policy.parse("bf16-mixed,fp8=mxfp8(rounding=floor,engine=te)").check(b200)
+    assert not r.ok and "rounds block scales up (RCEIL)" in r.problems[0].message
+    assert r.fallback.fp8.engine == "native" and r.fallback.fp8.rounding == "floor"
+    r = Policy.parse("bf16-mixed,fp8=nvfp4(engine=te)").check(H100)
+    assert not r.ok and "NVFP4BlockScaling on compute capability >= 10.0; H100 has 9.0" in r.problems[0].message
+    assert Policy.parse("bf16-mixed,fp8=nvfp4(engine=te)").check(b200).ok
+    assert not Policy.parse("bf16-mixed,fp8=rowwise(engine=te)").check(b200).ok

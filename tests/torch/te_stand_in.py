@@ -1,6 +1,8 @@
 """A stand-in ``transformer_engine`` package (TE needs a CUDA build and cannot be installed
-here): TE 2.x's API (``autocast``, ``quantized_model_init``, ``Float8CurrentScaling``) or, with
-``new_api=False``, TE 1.x's (``fp8_autocast``, ``fp8_model_init``).  Its layers record their
+here): TE 2.x's API (``autocast``, ``quantized_model_init``, ``Float8CurrentScaling``,
+``MXFP8BlockScaling``, ``NVFP4BlockScaling``) or, with ``new_api=False``, TE 1.x's
+(``fp8_autocast``, ``fp8_model_init``, DelayedScaling only).  Recipe objects record their
+keyword arguments in ``kwargs``.  Its layers record their
 constructor arguments and compute in plain torch; ``calls`` records every context entered
 and every TE layer's forward.  Used by tests/torch/test_torch_fp8_te.py and
 tests/torch/test_torch_fabric_lightning_gpu.py."""
@@ -32,6 +34,12 @@ def stand_in(new_api=True):
             self.kwargs = kwargs
 
     class Float8CurrentScaling(DelayedScaling):
+        pass
+
+    class MXFP8BlockScaling(DelayedScaling):  # TE >= 2.0
+        pass
+
+    class NVFP4BlockScaling(DelayedScaling):  # TE >= 2.8
         pass
 
     class Linear(_Recorder):
@@ -86,6 +94,7 @@ def stand_in(new_api=True):
     recipe.Format, recipe.DelayedScaling = Format, DelayedScaling
     if new_api:
         recipe.Float8CurrentScaling = Float8CurrentScaling
+        recipe.MXFP8BlockScaling, recipe.NVFP4BlockScaling = MXFP8BlockScaling, NVFP4BlockScaling
     common = types.ModuleType("transformer_engine.common")
     common.recipe = recipe
     root = types.ModuleType("transformer_engine")

@@ -164,3 +164,107 @@ def test_init_context_enters_quantized_model_init_only_for_te(stand_in):
     with fp8.init_context(Policy.parse("bf16-mixed")):
         pass
     assert calls == []
+
+
+# --------------------------------------------------------------------------- block recipes
+
+
+@pytest.mark.parametrize("spec, name, kwargs", [
+    ("mxfp8", "MXFP8BlockScaling", {"fp8_format": "E4M3"}),
+    ("mxfp8(rounding=rceil,format=hybrid)", "MXFP8BlockScaling", {"fp8_format": "HYBRID"}),
+    ("nvfp4", "NVFP4BlockScaling", {"disable_stochastic_rounding": False, "disable_rht": False,
+                                    "disable_2d_quantization": False}),
+    ("nvfp4(sr=false)", "NVFP4BlockScaling", {"disable_stochastic_rounding": True, "disable_rht": False,
+                                              "disable_2d_quantization": False}),
+    ("nvfp4(rht=false)", "NVFP4BlockScaling", {"disable_stochastic_rounding": False, "disable_rht": True,
+                                               "disable_2d_quantization": False}),
+    ("nvfp4(sr=false,rht=false,wblocks=1x16)", "NVFP4BlockScaling", {
+        "disable_stochastic_rounding": True, "disable_rht": True, "disable_2d_quantization": True}),
+])
+def test_block_recipe_mapping(stand_in, spec, name, kwargs):
+    module, recipes, _ = stand_in
+    recipe = Policy.parse(f"bf16-mixed,fp8={spec}").fp8
+    if not hasattr(module, "autocast"):  # TE 1.x: no block recipes; refused naming the TE version
+        with pytest.raises(UnsupportedPolicyError, match=rf"has no {name} \(TE >= 2\.\d\).*engine=native"):
+            te.te_recipe(recipe)
+        assert not te.supports(recipe)
+        return
+    built = te.te_recipe(recipe)
+    assert type(built) is getattr(recipes, name)
+    expected = {k: getattr(recipes.Format, v) if k == "fp8_format" else v for k, v in kwargs.items()}
+    assert built.kwargs == expected  # every switch passed, so NVTE_NVFP4_* variables cannot override it
+    assert te.supports(recipe)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("rowwise", r"fp8=rowwise: torchao's row-wise recipe .*Float8BlockScaling.*fp8=rowwise\(engine=native\)"),
+    ("rowwise_with_gw_hp", r"fp8=rowwise_with_gw_hp: .*engine=native"),
+    ("mxfp8(rounding=floor)", r"fp8=mxfp8\(rounding=floor\): .*RCEIL.*engine=native"),
+    ("mxfp8(rounding=ceil)", r"rounding=ceil.*engine=native"),
+    ("mxfp8(rounding=even)", r"rounding=even.*engine=native"),
+])
+def test_options_te_lacks_are_refused_not_run_natively(stand_in, monkeypatch, spec, match):
+    module, _, calls = stand_in
+    recipe = Policy.parse(f"bf16-mixed,fp8={spec}").fp8
+    with pytest.raises(UnsupportedPolicyError, match=match):
+        te.te_recipe(recipe)
+    assert not te.supports(recipe)
+    # engine=te: refused, the model left as it was (it used to fall through to the native layers)
+    forced = spec[:-1] + ",engine=te)" if "(" in spec else spec + "(engine=te)"
+    model = nn.Sequential(nn.Linear(32, 32))
+    with pytest.raises(UnsupportedPolicyError, match=match):
+        fp8.convert_module(model, Policy.parse(f"bf16-mixed,fp8={forced}"))
+    assert type(model[0]) is nn.Linear and calls == []
+    # engine=auto on a GPU where TE runs block recipes: the native engine runs it
+    monkeypatch.setattr(fp8, "_cuda_capability", lambda: (10, 0))
+    assert fp8.select_engine(recipe) == "native"
+
+
+def test_auto_engine_for_block_recipes(stand_in, monkeypatch):
+    module, _, _ = stand_in
+    mxfp8, nvfp4 = (Policy.parse(f"bf16-mixed,fp8={s}").fp8 for s in ("mxfp8", "nvfp4"))
+    monkeypatch.setattr(fp8, "_cuda_capability", lambda: (9, 0))  # Hopper: TE's MX/NVFP4 need Blackwell
+    assert fp8.select_engine(mxfp8) == "native" and fp8.select_engine(nvfp4) == "native"
+    monkeypatch.setattr(fp8, "_cuda_capability", lambda: (10, 0))
+    expected = "transformer-engine" if hasattr(module, "autocast") else "native"  # TE 1.x lacks them
+    assert fp8.select_engine(mxfp8) == expected and fp8.select_engine(nvfp4) == expected
+    monkeypatch.setattr(fp8, "_cuda_capability", lambda: None)
+    assert fp8.select_engine(mxfp8) == "native"
+
+
+def test_auto_engine_for_block_recipes_without_te(no_te, monkeypatch):
+    monkeypatch.setattr(fp8, "_cuda_capability", lambda: (10, 0))
+    for spec in ("rowwise", "mxfp8", "nvfp4"):
+        recipe = Policy.parse(f"bf16-mixed,fp8={spec}").fp8
+        assert fp8.select_engine(recipe) == "native"
+        model = fp8.convert_module(nn.Sequential(nn.Linear(32, 32)), Policy.parse(f"bf16-mixed,fp8={spec}"))
+        assert type(model[0]).__name__ == "BlockScaledLinear"
+
+
+@pytest.mark.parametrize("spec, name, skipped", [("mxfp8", "MXFP8BlockScaling", {"odd", "narrow", "head"}),
+                                                 ("nvfp4(sr=false)", "NVFP4BlockScaling", {"odd", "narrow"})])
+def test_block_recipe_convert_module_runs_te_layers_under_the_recipe(stand_in, spec, name, skipped):
+    module, recipes, calls = stand_in
+    if not hasattr(module, "autocast"):
+        pytest.skip("TE 1.x has no block recipes (refusal tested in test_block_recipe_mapping)")
+    model = Net()
+    with pytest.warns(UserWarning) as record:
+        fp8.convert_module(model, Policy.parse(f"bf16-mixed,fp8={spec[:-1] + ',engine=te)' if '(' in spec else spec + '(engine=te)'}"))
+    warned = {p for p in ("odd", "narrow", "head") if any(f"run {p} " in str(w.message) for w in record)}
+    assert warned == skipped  # MXFP8 needs both weight dims % 32 (head is 16x16); NVFP4 % 16
+    assert type(model.block[0]) is module.LayerNormLinear and type(model.block[3]) is module.Linear
+    assert (type(model.head) is module.Linear) == ("head" not in skipped)
+    model(torch.randn(8, 32))
+    (entered,) = [c for c in calls if c[0] == "autocast"]
+    assert type(entered[1]["recipe"]) is getattr(recipes, name)
+    assert not any(type(m).__name__ == "BlockScaledLinear" for m in model.modules())
+
+
+def test_one_te_recipe_per_model(stand_in):
+    module, _, _ = stand_in
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    with pytest.raises(UnsupportedPolicyError, match=r"one recipe per autocast; this policy has 2 "
+                                                     r"\(current\(engine=transformer-engine\), "
+                                                     r"delayed\(engine=transformer-engine\)\); use engine=native"):
+        fp8.convert_module(model, Policy.parse("bf16-mixed,fp8=delayed(engine=te),@1=(fp8=current(engine=te))"))
+    assert type(model[0]) is nn.Linear

@@ -89,6 +89,7 @@ def test_default_blocks():
     ("bf16-mixed,quant=nf4", "quantization \\+ FSDP2"),
     ("bf16-mixed,fp8=delayed", "fp8=delayed \\+ FSDP2"),
     ("bf16-true,master=true", "master=true \\+ FSDP2"),
+    ("bf16-mixed,fp8=mxfp8(engine=te)", r"fp8=mxfp8\(engine=transformer-engine\) \+ FSDP2: .*use engine=native or auto"),
 ])
 def test_refused_combinations_name_themselves(policy, match):
     model, _, _ = w.model_and_data()
