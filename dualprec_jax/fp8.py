@@ -528,9 +528,9 @@ def setup_nnx(model, policy: Policy):
         elif isinstance(node, (_nnx.LinearGeneral, _nnx.Einsum)):
             path = ".".join(str(k) for k in keys)
             recipe = recipe_of(policy, path)
-            if recipe is not None and recipe.block_scaled:
+            if recipe is not None:  # never left unquantized without a word
                 raise UnsupportedPolicyError(
-                    f"fp8={recipe.scaling}: block-scaled layers take nnx.Linear (one contracting axis); "
+                    f"fp8={recipe.scaling}: nnx FP8 layers take nnx.Linear (one contracting axis); "
                     f"{path} is an nnx.{type(node).__name__}: keep it out of the recipe with an override "
                     f"(@{path}=(fp8=none)) or use nnx.Linear")
     for node, recipe, path in todo:

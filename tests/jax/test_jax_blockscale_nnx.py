@@ -106,8 +106,11 @@ def test_nnx_block_layer_quantizes_the_raw_input():
     np.testing.assert_allclose(y, want, rtol=2.0 ** -7, atol=1e-5 * float(np.max(np.abs(raw))))
 
 
-def test_nnx_block_layer_refuses_several_contracting_axes():
-    prec = Precision("bf16-mixed,fp8=mxfp8")
+@pytest.mark.parametrize("recipe", ["mxfp8", "delayed", "current"])
+def test_nnx_fp8_refuses_several_contracting_axes(recipe):
+    """Per-tensor recipes too: an nnx.LinearGeneral under FP8 used to run unquantized
+    without a word."""
+    prec = Precision(f"bf16-mixed,fp8={recipe}")
 
     class Gen(nnx.Module):
         def __init__(self, rngs):
@@ -116,11 +119,11 @@ def test_nnx_block_layer_refuses_several_contracting_axes():
         def __call__(self, x):
             return self.fc1(x)
 
-    with pytest.raises(UnsupportedPolicyError, match=r"fp8=mxfp8: block-scaled layers take nnx.Linear .*fc1 is "
+    with pytest.raises(UnsupportedPolicyError, match=rf"fp8={recipe}: nnx FP8 layers take nnx.Linear .*fc1 is "
                                                      r"an nnx.LinearGeneral.*@fc1=\(fp8=none\)"):
         prec.setup(Gen(nnx.Rngs(0)))
     # kept out of the recipe by an override, it runs under the compute policy
-    model = Precision("bf16-mixed,fp8=mxfp8,@fc1=(fp8=none)").setup(Gen(nnx.Rngs(0)))
+    model = Precision(f"bf16-mixed,fp8={recipe},@fc1=(fp8=none)").setup(Gen(nnx.Rngs(0)))
     assert model(jnp.ones((2, 4, 8))).shape == (2, 16)
 
 
