@@ -78,7 +78,7 @@ _CALLABLES = [(f"{f.__module__}.{f.__name__}", f) for f in _FUNCTIONS] + list(_m
 
 def test_the_lists_cover_the_api():
     names = {n for n, _ in _CALLABLES}
-    for expected in ("Policy.parse", "Policy.for_module", "Policy.check", "LossScale.dynamic",
+    for expected in ("Policy.parse", "Policy.for_module", "Policy.check", "LossScaleConfig.dynamic",
                      "CheckReport.raise_if_unrunnable", "dualprec.checkpoint.save_state"):
         assert expected in names
     assert len(_CALLABLES) > 50
