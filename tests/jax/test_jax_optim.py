@@ -149,9 +149,17 @@ def test_one_way_to_scale_a_loss_and_one_reader_of_the_last_step():
         assert float(ts.scale_loss(loss)) == 3.0 * 2**10
     with pytest.warns(DeprecationWarning, match=r"state.precision.last_step\(state\)"):
         assert ts.last_step() == prec.last_step(ts) == last_step(ts)
+    from dualprec_jax import train_state
+    with pytest.warns(DeprecationWarning, match=r"precision.last_step\(obj\)"):
+        assert train_state.last_step(prec, ts) == last_step(ts)
+    with pytest.warns(DeprecationWarning, match=r"opt_state_of\(obj\).loss_scale"):
+        assert_bitwise_equal(train_state.loss_scale_of(ts), ts.loss_scale)
     import dualprec_jax
     with pytest.warns(DeprecationWarning, match="use dualprec_jax.LossScaledOptState"):
         assert dualprec_jax.LossScaledState is LossScaledOptState
+    import dualprec
+    with pytest.warns(DeprecationWarning, match="use dualprec.LossScaleConfig"):
+        assert dualprec.LossScale is dualprec.LossScaleConfig is type(policy.loss_scale)
 
 
 def test_load_state_dict_returns_one_type():
