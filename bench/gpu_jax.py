@@ -75,7 +75,7 @@ def _steps(d_model, d_hidden, blocks, tokens, policy):
     wrapped = prec.wrap_optimizer(tx)
 
     def prec_step(p, s, x):
-        g = jax.grad(lambda q: prec.scale_loss(_loss(prec.apply(plain, {"params": q}, x)), s))(p)
+        g = jax.grad(lambda q: prec.scale_loss(_loss(prec.apply(plain, {"params": q}, x)), s.loss_scale))(p)
         u, s = wrapped.update(g, s, p)
         return optax.apply_updates(p, u), s
 

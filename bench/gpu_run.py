@@ -334,7 +334,7 @@ def _jax_precision_rows(plan: Plan) -> list[Record]:
 
         def step(state, x):
             p, s = state
-            g = jax.grad(lambda q: prec.scale_loss(_jax_loss(prec.apply(plain, {"params": q}, x)), s))(p)
+            g = jax.grad(lambda q: prec.scale_loss(_jax_loss(prec.apply(plain, {"params": q}, x)), s.loss_scale))(p)
             u, s = wrapped.update(g, s, p)
             return optax.apply_updates(p, u), s
         p = fresh()

@@ -642,7 +642,7 @@ def _jax_dualprec_case(cfg, label, seed) -> Case:
     def grads_of(p, s, xb):
         def scaled_loss(q):
             y = prec.apply(model, {"params": q}, prec.convert_input(xb))
-            return prec.scale_loss(jnp.mean(jnp.square(y.astype(jnp.float32))), s)
+            return prec.scale_loss(jnp.mean(jnp.square(y.astype(jnp.float32))), s.loss_scale)
         return jax.grad(scaled_loss)(p)
 
     def train_step(p, s, xb):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable
 
-from dualprec import LossScale, Policy, presets
+from dualprec import LossScaleConfig, Policy, presets
 
 from .backends.base import Backend
 from .checks import Context, run_checks
@@ -68,7 +68,7 @@ def in_lean_matrix(label: str, policy, model: str) -> bool:
 def combination(label: str) -> Policy:
     if label == "16-mixed+growth2":
         # 1000 is not a power of two: unscaling by a badly rounded reciprocal shows
-        return presets()["16-mixed"].replace(loss_scale=LossScale.dynamic(init_scale=1000.0, growth_interval=2))
+        return presets()["16-mixed"].replace(loss_scale=LossScaleConfig.dynamic(init_scale=1000.0, growth_interval=2))
     return Policy.parse(COMBINATIONS[label])
 
 

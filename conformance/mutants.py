@@ -238,9 +238,9 @@ def master_not_copied_back():
 def torch_backoff_wrong():
     from dualprec_torch.loss_scale import LossScaler
 
-    orig = LossScaler.update
+    orig = LossScaler._updated  # behind both update() and the read-only peek()
 
-    def update(self, found_infs):
+    def updated(self, found_infs):
         saved = self.config
         self.config = dataclasses.replace(saved, backoff_factor=0.25)
         try:
@@ -248,7 +248,7 @@ def torch_backoff_wrong():
         finally:
             self.config = saved
 
-    with _setattr(LossScaler, "update", update):
+    with _setattr(LossScaler, "_updated", updated):
         yield
 
 

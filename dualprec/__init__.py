@@ -6,11 +6,16 @@ carry a Policy out, `dualprec.ref` holds the reference numerics in NumPy.
 """
 
 from .capabilities import CheckReport, DeviceCaps, check_policy
+from .deprecation import alias_getattr
 from .errors import PolicyError, UnsupportedPolicyError
 from .explain import explain
-from .policy import FP8Recipe, LossScale, Policy, Quantization
+from .policy import FP8Recipe, LossScaleConfig, Policy, Quantization
 from .presets import presets
 
-__all__ = ["Policy", "LossScale", "Quantization", "FP8Recipe", "PolicyError", "UnsupportedPolicyError", "presets",
+__all__ = ["Policy", "LossScaleConfig", "Quantization", "FP8Recipe", "PolicyError", "UnsupportedPolicyError", "presets",
            "DeviceCaps", "CheckReport", "check_policy", "explain", "__version__"]
 __version__ = "0.1.0"
+
+
+#: renamed: the configuration is ``LossScaleConfig`` (the state is a backend's ``LossScaleState``)
+__getattr__ = alias_getattr(__name__, globals(), {"LossScale": "LossScaleConfig"})

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import PolicyError
-from .policy import LossScale, Policy
+from .policy import LossScaleConfig, Policy
 
 __all__ = ["DeviceCaps", "Finding", "CheckReport", "check_policy", "resolve_fp8_engine"]
 
@@ -148,7 +148,7 @@ def _swap_dtype(p: Policy, old: str, new: str) -> Policy:
                    for f in ("param_dtype", "compute_dtype", "output_dtype", "reduce_dtype")}
         out = dataclasses.replace(q, **changes)
         if out.compute_dtype == "float16" and out.param_dtype == "float32" and not out.loss_scale.enabled:
-            out = dataclasses.replace(out, loss_scale=LossScale("dynamic"))  # bf16-mixed -> 16-mixed
+            out = dataclasses.replace(out, loss_scale=LossScaleConfig("dynamic"))  # bf16-mixed -> 16-mixed
         return out
 
     return _map_all(p, swap)

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FORMAT", "VERSION", "TRAINING_FORMAT", "OPTIMIZER_SLOTS", "save_training_file", "load_training_file", "save", "load", "write_checked", "read_checked", "check_values", "clamped_loss_scale", "save_state", "load_state", "state_to_file", "loadable_extensions",
            "state_from_file", "new_state", "check_state", "StateExtension", "register_state_extension",
-           "state_extensions"]
+           "state_extensions", "register_array_converter"]
 
 FORMAT = "dualprec.precision"
 VERSION = 3
@@ -600,14 +600,34 @@ def clamped_loss_scale(loss_scale: Mapping, policy: Policy) -> dict:
     return {"scale": float(scale), "counter": counter}
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor, without importing torch
-        x = x.detach().cpu()
-        if str(x.dtype) == "torch.bfloat16":
-            import ml_dtypes
+_ARRAY_CONVERTERS: list[Callable[[Any], "np.ndarray | None"]] = []
 
-            return x.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
-        return x.numpy()
+
+def register_array_converter(convert: Callable[[Any], "np.ndarray | None"]) -> None:
+    """Declare how a backend's tensors become NumPy arrays in a checkpoint.
+
+    The spec layer imports no framework; a backend registers, when it is imported, the one
+    conversion its tensors need (``dualprec_torch`` registers torch's: bfloat16 tensors
+    through their 16-bit patterns, so every bit survives).
+
+    Args:
+        convert: ``convert(x)`` returns a NumPy array for a tensor of its framework, None for
+            anything else.
+    """
+    _ARRAY_CONVERTERS.append(convert)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    for convert in _ARRAY_CONVERTERS:
+        out = convert(x)
+        if out is not None:
+            return out
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor, converted without importing torch
+        if str(getattr(x, "dtype", "")).endswith("bfloat16"):
+            raise CheckpointError("a torch bfloat16 tensor has no NumPy form without dualprec_torch: import "
+                                  "dualprec_torch first (it registers the bit-exact conversion), or pass "
+                                  "NumPy arrays (ml_dtypes.bfloat16)")
+        return np.asarray(x.detach().cpu().numpy())
     return np.asarray(x)
 
 

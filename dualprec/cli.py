@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "explain": ("dualprec.cli", "what each backend does under a policy"),
     "presets": ("dualprec.cli", "list the named policies"),
     "conformance": ("conformance.cli", "run the cross-framework conformance suite"),
-    "bench": ("bench.cli", "benchmark policies in both backends"),
+    "bench": ("bench.cli", "benchmark policies in both backends (from a source checkout)"),
     "diagnose": ("dualprec.diagnose_cli", "rank the modules a policy breaks, suggest a fix"),
 }
 
@@ -65,11 +65,37 @@ def _op_summary(rows: list[dict], width: int) -> list[str]:
     return lines
 
 
+def import_backends() -> dict[str, str]:
+    """Import the installed backend packages, so that they register what they run.
+
+    The command line is the application on top of the layers: it imports the backends the
+    library's `explain` describes (the spec layer itself never imports one).
+
+    Returns:
+        Backend package -> why it could not be imported, for each installed one that failed.
+    """
+    import importlib.util
+
+    from .registry import BACKENDS
+
+    failed = {}
+    for package in BACKENDS.values():
+        if importlib.util.find_spec(package) is None:
+            continue
+        try:
+            importlib.import_module(package)
+        except ImportError as e:
+            failed[package] = f"{type(e).__name__}: {e}"
+    return failed
+
+
 def _explain(args) -> int:
     from .explain import explain
     from .policy import Policy
 
     policy = Policy.parse(_maybe_int(args.policy))
+    for package, why in import_backends().items():
+        print(f"dualprec explain: {package} is installed but does not import ({why})", file=sys.stderr)
     info = explain(policy)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -217,17 +243,12 @@ def _shadowed(top: str) -> str | None:
             "directory or rename that folder")
 
 
-def _run_lazy(command: str, module: str, rest: list[str]) -> int:
-    if module == "bench.cli":
-        # bench/ lives in the source checkout next to the package (an editable install or a
-        # checkout on sys.path), not in a wheel: find it from the package, then the cwd.
-        from pathlib import Path
+#: what `dualprec bench` says where the benches cannot be imported
+BENCH_FROM_CHECKOUT = ("dualprec bench runs from a source checkout: bench/ is not part of the installed "
+                       "package; in the checkout's root run `python -m bench ...`")
 
-        for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
-            if (root / "bench" / "cli.py").is_file():
-                if str(root) not in sys.path:
-                    sys.path.insert(0, str(root))
-                break
+
+def _run_lazy(command: str, module: str, rest: list[str]) -> int:
     shadow = _shadowed(module.split(".")[0])
     if shadow:
         print(f"dualprec {command}: {shadow}", file=sys.stderr)
@@ -235,9 +256,10 @@ def _run_lazy(command: str, module: str, rest: list[str]) -> int:
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        hint = (" (bench/ ships with the source checkout, not the wheel: pip install -e . from a "
-                "checkout, or run it there)") if module == "bench.cli" else ""
-        print(f"dualprec {command}: not available ({e}){hint}", file=sys.stderr)
+        if module == "bench.cli" and e.name in ("bench", "bench.cli"):
+            print(BENCH_FROM_CHECKOUT, file=sys.stderr)
+        else:
+            print(f"dualprec {command}: not available ({e})", file=sys.stderr)
         return 2
     import inspect
 

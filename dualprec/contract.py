@@ -123,7 +123,7 @@ FRAMEWORK_SPECIFIC: dict[str, dict[str, str]] = {
                   "optimizer wrapper updates the scale in its own update",
         "scale": "the loss scale lives in the torch Precision; in JAX it is in the optimizer state "
                  "(last_step(opt_state).scale)",
-        "loss_scale": "the torch loss-scale state object; in JAX it is opt_state.loss_scale",
+        "loss_scale": "the LossScaleState the torch Precision holds; in JAX the same type is opt_state.loss_scale",
         "load_grad_scaler_state": "takes over a torch.amp.GradScaler's state; JAX has no GradScaler",
         "master_params": "the float32 tensors a torch optimizer updates (for clipping); JAX keeps them "
                          "in opt_state.master",

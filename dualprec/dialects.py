@@ -13,7 +13,7 @@ from typing import Any
 
 from .dtypes import short_dtype
 from .errors import PolicyError
-from .policy import FP8Recipe, LossScale, Policy
+from .policy import FP8Recipe, LossScaleConfig, Policy
 
 __all__ = ["to_jmp_string", "to_keras_name", "to_fabric_precision"]
 
@@ -104,7 +104,7 @@ def to_keras_name(p: Policy, *, ignore: Iterable[str] = ()) -> str:
             lost.append("loss_scale (Keras scales the loss only for mixed_float16)")
     elif (mixed := _KERAS_MIXED.get((q.param_dtype, q._dtype_names()[1]))) is not None:
         base = mixed
-        expected = presets()["mixed_float16"].loss_scale if base == "mixed_float16" else LossScale()
+        expected = presets()["mixed_float16"].loss_scale if base == "mixed_float16" else LossScaleConfig()
         if q.loss_scale != expected:
             lost.append(f"loss_scale (Keras {base} implies {str(expected.kind)}"
                         + (" scaling from 2**15, growing every 1000 steps)" if expected.enabled else ")"))

@@ -1,7 +1,8 @@
 """The README's generated sections, from the code itself: what each named policy does in
 each backend (from `explain`, which reads what the backends declare they run) and the op
 table.  ``python -m dualprec.docgen --write`` refreshes README.md; a test fails when the
-README is stale."""
+README is stale.  A tool, like the command line: it imports the installed backends so that
+`explain` can describe them (the library itself never does)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def behaviour_table() -> str:
     scaling, quantization/FP8, and whether the two backends' descriptions differ."""
     head = ("| policy | params | compute | outputs | gradients / optimizer state | loss scaling | "
             "quantization / fp8 (torch; jax) |\n|---|---|---|---|---|---|---|\n")
+    from .cli import import_backends
+
+    failed = import_backends()
+    if failed:
+        raise RuntimeError(f"the README describes both backends; these do not import: {failed}")
     rows = []
     for row in PRESET_TABLE:
         info = explain(row.policy)

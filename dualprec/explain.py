@@ -1,8 +1,9 @@
 """What each backend will do under a policy, per op class: the text behind `dualprec explain`.
 
 The spec says what a policy means; how each backend carries it out comes from what the
-backend itself registered (`dualprec.registry`): an unregistered path reads "not available
-in this backend"."""
+backend itself registered (`dualprec.registry`) when its package was imported: an
+unregistered path reads "not available in this backend", and a backend not imported in this
+process reads `registry.not_loaded` (explain never imports a backend)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from .optable import render_table, table_rows
 from .policy import FP8Recipe, Policy
 from .presets import lookup_preset, preset_name_of
-from .registry import REFUSED, describe, refusal
+from .registry import REFUSED, describe, loaded, not_loaded, refusal
 
 __all__ = ["explain", "op_dtypes"]
 
@@ -138,7 +139,9 @@ def explain(p: Policy) -> dict:
         ``backends``: per backend, one line per part of a step (mechanism, params, each op
         class, outputs, optimizer, gradient reduction, loss scaling, non-finite steps,
         quantization, fp8) from what the backend registered, or the refusal its Precision
-        constructor raises.
+        constructor raises; for a backend whose package was not imported in this process,
+        every line is `dualprec.registry.not_loaded` (import ``dualprec_torch`` /
+        ``dualprec_jax`` first: explain imports no backend).
     """
     preset = lookup_preset(preset_name_of(p) or "")
     backends: dict[str, dict[str, str]] = {}
@@ -154,6 +157,9 @@ def explain(p: Policy) -> dict:
         "op_table_text": render_table(p),
     }
     for backend in ("torch", "jax"):
+        if not loaded(backend):
+            backends[backend] = dict.fromkeys(_LINES, not_loaded(backend))
+            continue
         reason = refusal(backend, p)
         if reason is not None:  # what the constructor says: no path to describe
             backends[backend] = {

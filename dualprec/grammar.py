@@ -23,7 +23,7 @@ from typing import Any
 
 from .dtypes import canonical_dtype
 from .errors import PolicyError, did_you_mean
-from .policy import ALL_FP8_SCALINGS, QUANT_MODES, FP8Recipe, LossScale, Policy, Quantization, _replace
+from .policy import ALL_FP8_SCALINGS, QUANT_MODES, FP8Recipe, LossScaleConfig, Policy, Quantization, _replace
 
 __all__ = ["parse_policy", "format_policy", "explicit_form", "parse_component", "wrap_policy", "KEYS"]
 
@@ -281,17 +281,17 @@ def _parse_value(key: str, value: str) -> Any:
     if key == "nonfinite":
         return value.lower()
     if key == "loss_scale":
-        return parse_component(LossScale, value, "loss_scale")
+        return parse_component(LossScaleConfig, value, "loss_scale")
     if key == "quant":
         return parse_component(Quantization, value, "quant")
     return parse_component(FP8Recipe, value, "fp8")
 
 
-def parse_component(cls: type[LossScale] | type[Quantization] | type[FP8Recipe], value: str, what: str) -> LossScale | Quantization | FP8Recipe | None:
-    """Parse ``name`` or ``name(k=v, ...)`` into a LossScale, Quantization or FP8Recipe."""
+def parse_component(cls: type[LossScaleConfig] | type[Quantization] | type[FP8Recipe], value: str, what: str) -> LossScaleConfig | Quantization | FP8Recipe | None:
+    """Parse ``name`` or ``name(k=v, ...)`` into a LossScaleConfig, Quantization or FP8Recipe."""
     value = value.strip()
-    if cls is LossScale and value[:1] in set("0123456789+-."):
-        return LossScale("static", init_scale=_parse_number(value, "loss_scale"))
+    if cls is LossScaleConfig and value[:1] in set("0123456789+-."):
+        return LossScaleConfig("static", init_scale=_parse_number(value, "loss_scale"))
     m = _CALL.fullmatch(value)
     if not m:
         raise PolicyError(f'{what}="{value}" is not NAME or NAME(key=value, ...)')
@@ -299,10 +299,10 @@ def parse_component(cls: type[LossScale] | type[Quantization] | type[FP8Recipe],
     if name in ("none", "off"):
         if args is not None:
             raise PolicyError(f"{what}=none takes no arguments")
-        return LossScale() if cls is LossScale else None
+        return LossScaleConfig() if cls is LossScaleConfig else None
     table: dict[str, str]
     kinds: tuple[str, ...]
-    if cls is LossScale:
+    if cls is LossScaleConfig:
         table, kinds = _LOSS_ARGS, ("static", "dynamic")
     elif cls is Quantization:
         table, kinds = _QUANT_ARGS, QUANT_MODES
@@ -327,7 +327,7 @@ def parse_component(cls: type[LossScale] | type[Quantization] | type[FP8Recipe],
                 raise PolicyError(f'{what}: argument "{k}" is given twice')
             kwargs[field] = _parse_arg(field, v, what)
         if positional:
-            if cls is LossScale and name == "static" and len(positional) == 1 and "init_scale" not in kwargs:
+            if cls is LossScaleConfig and name == "static" and len(positional) == 1 and "init_scale" not in kwargs:
                 kwargs["init_scale"] = _parse_number(positional[0], what)
             else:
                 raise PolicyError(f"{what}: {positional[0]!r} needs a name, e.g. {name}(key=value)")
@@ -339,10 +339,10 @@ def parse_component(cls: type[LossScale] | type[Quantization] | type[FP8Recipe],
     misplaced = sorted(set(kwargs) & not_for)
     if misplaced:
         raise PolicyError(f"{what}: {', '.join(misplaced)} does not apply to {name}")
-    if cls is LossScale:
+    if cls is LossScaleConfig:
         if name == "static" and "init_scale" not in kwargs:
             raise PolicyError(f"{what}=static needs its scale, e.g. static(1024)")
-        return LossScale(name, **kwargs)
+        return LossScaleConfig(name, **kwargs)
     if cls is Quantization:
         return Quantization(name, **kwargs)
     return FP8Recipe(name, **kwargs)
@@ -425,12 +425,12 @@ def _format_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return v
-    if isinstance(v, LossScale):
+    if isinstance(v, LossScaleConfig):
         if v.kind == "none":
             return "none"
         if v.kind == "static":
             return f"static({_format_number(v.init_scale)})"
-        return _format_call("dynamic", v, LossScale("dynamic"), (
+        return _format_call("dynamic", v, LossScaleConfig("dynamic"), (
             ("init", "init_scale"), ("growth", "growth_factor"), ("backoff", "backoff_factor"),
             ("interval", "growth_interval"), ("min", "min_scale"), ("max", "max_scale")))
     if isinstance(v, Quantization):

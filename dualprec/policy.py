@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .deprecation import alias_getattr
 from .dtypes import FLOAT_DTYPES, HALF_DTYPES, canonical_dtype
 from .errors import PolicyError
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 _Dataclass = TypeVar("_Dataclass", bound="DataclassInstance")
 
 __all__ = [
-    "LossScale", "Quantization", "FP8Recipe", "Policy",
+    "LossScaleConfig", "Quantization", "FP8Recipe", "Policy",
     "LOSS_SCALE_KINDS", "QUANT_MODES", "FOUR_BIT_MODES", "INT8_MODES", "BLOCKSIZES",
     "FP8_SCALINGS", "FP8_FORMATS", "BLOCK_SCALINGS", "ALL_FP8_SCALINGS", "MX_ROUNDINGS", "NVFP4_WEIGHT_BLOCKS", "FP8_ENGINES", "AMAX_ALGOS", "SCHEMA_VERSION", "NONFINITE_RULES",
 ]
@@ -134,7 +135,7 @@ def _number(value: Any, what: str, *, integer: bool = False) -> Any:
 
 
 @dataclass(frozen=True)
-class LossScale:
+class LossScaleConfig:
     """Loss scaling: ``none``, ``static`` or ``dynamic``.
 
     Dynamic follows the one rule of docs/contract.md (torch.amp.GradScaler's, plus optional
@@ -186,28 +187,28 @@ class LossScale:
         return self.kind != "none"
 
     @classmethod
-    def none(cls) -> LossScale:
+    def none(cls) -> LossScaleConfig:
         """No loss scaling.
 
         Returns:
-            ``LossScale("none")``.
+            ``LossScaleConfig("none")``.
         """
         return cls("none")
 
     @classmethod
-    def static(cls, scale: float) -> LossScale:
+    def static(cls, scale: float) -> LossScaleConfig:
         """A fixed loss scale.
 
         Args:
             scale: The scale, a normal float32 in [2**-126, 2**126].
 
         Returns:
-            ``LossScale("static", init_scale=scale)``.
+            ``LossScaleConfig("static", init_scale=scale)``.
         """
         return cls("static", init_scale=scale)
 
     @classmethod
-    def dynamic(cls, **kwargs: Any) -> LossScale:
+    def dynamic(cls, **kwargs: Any) -> LossScaleConfig:
         """A dynamic loss scale.
 
         Args:
@@ -216,7 +217,7 @@ class LossScale:
                 GradScaler's).
 
         Returns:
-            ``LossScale("dynamic", **kwargs)``.
+            ``LossScaleConfig("dynamic", **kwargs)``.
         """
         return cls("dynamic", **kwargs)
 
@@ -233,8 +234,8 @@ class LossScale:
         return dataclasses.asdict(self)
 
 
-def _validate_loss_scale(ls: LossScale) -> None:
-    defaults = LossScale.__dataclass_fields__
+def _validate_loss_scale(ls: LossScaleConfig) -> None:
+    defaults = LossScaleConfig.__dataclass_fields__
     if ls.kind == "none":
         if any(getattr(ls, f) != defaults[f].default for f in defaults if f != "kind"):
             raise PolicyError("loss_scale: settings were given but kind is none; use kind='dynamic' or 'static'")
@@ -510,7 +511,7 @@ class Policy:
         output_dtype: The dtype of the model's outputs (None: ``compute_dtype``).
         reduce_dtype: The dtype of gradient reduction in sharded training, FSDP2's
             (None: ``param_dtype``).
-        loss_scale: The LossScale (or its string or dict form).
+        loss_scale: The LossScaleConfig (or its string or dict form).
         quantization: The weight Quantization of linear layers, or None.
         fp8: The FP8Recipe of low-precision matmuls, or None.
         master_weights: Keep float32 copies of half-precision parameters for the optimizer.
@@ -531,7 +532,7 @@ class Policy:
     compute_dtype: str | None = None
     output_dtype: str | None = None
     reduce_dtype: str | None = None
-    loss_scale: LossScale = field(default_factory=LossScale)
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
     quantization: Quantization | None = None
     fp8: FP8Recipe | None = None
     master_weights: bool = False
@@ -546,7 +547,7 @@ class Policy:
         for name, value in (("param_dtype", param), ("compute_dtype", compute),
                             ("output_dtype", output), ("reduce_dtype", reduce)):
             object.__setattr__(self, name, value)
-        object.__setattr__(self, "loss_scale", _coerce(self.loss_scale, LossScale, "loss_scale"))
+        object.__setattr__(self, "loss_scale", _coerce(self.loss_scale, LossScaleConfig, "loss_scale"))
         object.__setattr__(self, "quantization", _coerce(self.quantization, Quantization, "quantization"))
         object.__setattr__(self, "fp8", _coerce(self.fp8, FP8Recipe, "fp8"))
         if not isinstance(self.master_weights, bool):
@@ -939,7 +940,7 @@ class Policy:
         return check_policy(self, caps)
 
 
-def _nonfinite(value: Any, loss_scale: LossScale) -> str | None:
+def _nonfinite(value: Any, loss_scale: LossScaleConfig) -> str | None:
     if value is None:
         return None
     rule = str(value).strip().lower()
@@ -955,7 +956,7 @@ def _nonfinite(value: Any, loss_scale: LossScale) -> str | None:
     return None if rule == default else rule
 
 
-def _coerce(value: Any, cls: type[LossScale] | type[Quantization] | type[FP8Recipe], what: str) -> Any:
+def _coerce(value: Any, cls: type[LossScaleConfig] | type[Quantization] | type[FP8Recipe], what: str) -> Any:
     if value is None or isinstance(value, cls):
         return value
     if isinstance(value, Mapping):
@@ -1004,3 +1005,7 @@ def _nearest_paths(patterns: Iterable[str], paths: list[str], prefix: str = "") 
         out.append(f'"{prefix}{pat}" (closest module paths: '
                    f'{", ".join(near) if near else "the model has no submodules"})')
     return out
+
+
+#: renamed: the configuration is ``LossScaleConfig`` (the state is a backend's ``LossScaleState``)
+__getattr__ = alias_getattr(__name__, globals(), {"LossScale": "LossScaleConfig"})

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from .policy import FP8Recipe, LossScale, Policy, Quantization
+from .policy import FP8Recipe, LossScaleConfig, Policy, Quantization
 
 __all__ = ["Preset", "PRESET_TABLE", "presets", "preset_names", "lookup_preset", "preset_name_of"]
 
@@ -40,9 +40,9 @@ def _row(name: str, source: str, description: str, aliases: tuple[str, ...] = ()
     return Preset(name, Policy(**fields), source, description, tuple(aliases))
 
 
-_DYNAMIC = LossScale("dynamic")
+_DYNAMIC = LossScaleConfig("dynamic")
 # Keras 3 LossScaleOptimizer defaults, which mixed_float16 implies in model.compile().
-_KERAS_DYNAMIC = LossScale("dynamic", init_scale=2.0**15, growth_interval=1000)
+_KERAS_DYNAMIC = LossScaleConfig("dynamic", init_scale=2.0**15, growth_interval=1000)
 _TE = FP8Recipe("delayed", engine="transformer-engine")
 
 PRESET_TABLE: tuple[Preset, ...] = (

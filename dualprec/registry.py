@@ -11,23 +11,24 @@ A description is a string or a function of the Policy.  A feature nobody registe
 A backend also registers the check its ``Precision`` constructor runs to refuse a policy it
 cannot carry out (`register_check`); explain runs that same function, so it says "refused"
 exactly where the constructor raises `UnsupportedPolicyError`, with the constructor's reason.
-The registrations run when the backend package is imported; `describe` imports the backend
-packages that are installed (and says so for the ones that are not).
+The registrations run when the backend package is imported: the spec layer never imports a
+backend.  A backend nobody imported in this process has no entries, and `describe` says so
+(`not_loaded`): import ``dualprec_torch`` / ``dualprec_jax`` first (the ``dualprec explain``
+command does that for the backends installed).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable
 
 from .policy import FP8_ENGINES, QUANT_MODES, Policy
 
-__all__ = ["register", "registered", "describe", "register_check", "refusal", "FEATURES", "BACKENDS",
-           "NOT_AVAILABLE", "REFUSED"]
+__all__ = ["register", "registered", "loaded", "not_loaded", "describe", "register_check", "refusal", "FEATURES",
+           "BACKENDS", "NOT_AVAILABLE", "REFUSED"]
 
 NOT_AVAILABLE = "not available in this backend"
 REFUSED = "refused by this backend's Precision"
+#: backend name -> the package that registers it (named in messages only, never imported here)
 BACKENDS = {"torch": "dualprec_torch", "jax": "dualprec_jax"}
 
 #: every feature a backend may declare; explain asks for these
@@ -37,6 +38,7 @@ FEATURES = (("mechanism", "loss_scale", "master_weights", "nonfinite", "reduce")
 
 _REGISTRY: dict[tuple[str, str], str | Callable[[Policy], str]] = {}
 _CHECKS: dict[str, Callable[[Policy], None]] = {}
+_LOADED: set[str] = set()
 
 
 def register(backend: str, feature: str, description: str | Callable[[Policy], str]) -> None:
@@ -50,35 +52,60 @@ def register(backend: str, feature: str, description: str | Callable[[Policy], s
     Raises:
         ValueError: An unknown backend or feature.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"registry: unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    _known(backend)
     if feature not in FEATURES:
         raise ValueError(f"registry: unknown feature {feature!r}; one of {', '.join(FEATURES)}")
     _REGISTRY[(backend, feature)] = description
+    _LOADED.add(backend)
 
 
-def _load(backend: str) -> bool:
-    package = BACKENDS[backend]
-    try:
-        if importlib.util.find_spec(package) is None:
-            return False
-        importlib.import_module(package)
-    except ImportError:
-        return False
-    return True
+def _known(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"registry: unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+
+
+def loaded(backend: str) -> bool:
+    """Whether a backend registered anything in this process (its package was imported).
+
+    Args:
+        backend: "torch" or "jax".
+
+    Returns:
+        True once the backend package has been imported.
+
+    Raises:
+        ValueError: An unknown backend.
+    """
+    _known(backend)
+    return backend in _LOADED
+
+
+def not_loaded(backend: str) -> str:
+    """The sentence `describe` returns for a backend whose package was not imported.
+
+    Args:
+        backend: "torch" or "jax".
+
+    Returns:
+        A sentence naming the package to import.
+    """
+    _known(backend)
+    return (f"{BACKENDS[backend]} is not imported in this process: import {BACKENDS[backend]} first "
+            "(the spec layer never imports a backend; `dualprec explain` on the command line does)")
 
 
 def registered(backend: str, feature: str) -> bool:
-    """Whether a backend declared a feature; imports the backend package first.
+    """Whether a backend declared a feature (it declares them when its package is imported).
 
     Args:
         backend: "torch" or "jax".
         feature: One of `FEATURES`.
 
     Returns:
-        False when the backend is not installed or did not register the feature.
+        False when the backend was not imported or did not register the feature.
     """
-    return _load(backend) and (backend, feature) in _REGISTRY
+    _known(backend)
+    return (backend, feature) in _REGISTRY
 
 
 def describe(backend: str, feature: str, policy: Policy) -> str:
@@ -90,11 +117,11 @@ def describe(backend: str, feature: str, policy: Policy) -> str:
         policy: The policy a callable description is called with.
 
     Returns:
-        The registered description; `NOT_AVAILABLE` when the backend registered none, or a
-        sentence saying the backend package is not installed.
+        The registered description; `NOT_AVAILABLE` when the backend registered none, or
+        `not_loaded` (a sentence naming the package to import) when it was not imported.
     """
-    if not _load(backend):
-        return f"{BACKENDS[backend]} is not installed here"
+    if not loaded(backend):
+        return not_loaded(backend)
     entry = _REGISTRY.get((backend, feature))
     if entry is None:
         return NOT_AVAILABLE
@@ -112,9 +139,9 @@ def register_check(backend: str, check: Callable[[Policy], None]) -> None:
     Raises:
         ValueError: An unknown backend.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"registry: unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    _known(backend)
     _CHECKS[backend] = check
+    _LOADED.add(backend)
 
 
 def refusal(backend: str, policy: Policy) -> str | None:
@@ -126,12 +153,11 @@ def refusal(backend: str, policy: Policy) -> str | None:
 
     Returns:
         The message of the `UnsupportedPolicyError` the registered check raises, or None
-        when it accepts the policy, no check is registered, or the backend is not installed.
+        when it accepts the policy, no check is registered, or the backend was not imported.
     """
     from .errors import UnsupportedPolicyError
 
-    if not _load(backend):
-        return None
+    _known(backend)
     check = _CHECKS.get(backend)
     if check is None:
         return None

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PolicyError, did_you_mean
-from .policy import SCHEMA_VERSION, FP8Recipe, LossScale, Policy, Quantization
+from .policy import SCHEMA_VERSION, FP8Recipe, LossScaleConfig, Policy, Quantization
 
 __all__ = ["policy_to_dict", "policy_from_dict", "policy_to_json", "policy_from_json",
            "load_policy", "save_policy", "component_from_dict"]
@@ -42,7 +42,7 @@ def policy_from_dict(data: Mapping, *, _nested: bool = False) -> Policy:
         if key in data:
             kwargs[key] = data[key]
     if data.get("loss_scale") is not None:
-        kwargs["loss_scale"] = component_from_dict(LossScale, data["loss_scale"], "loss_scale")
+        kwargs["loss_scale"] = component_from_dict(LossScaleConfig, data["loss_scale"], "loss_scale")
     for key, cls in (("quantization", Quantization), ("fp8", FP8Recipe)):
         if data.get(key) is not None:
             kwargs[key] = component_from_dict(cls, data[key], key)
@@ -71,14 +71,14 @@ def _check_version(version: Any) -> None:
                           f"<= {SCHEMA_VERSION}); upgrade dualprec")
 
 
-def component_from_dict(cls: type[LossScale] | type[Quantization] | type[FP8Recipe], data: Mapping,
-                        what: str) -> LossScale | Quantization | FP8Recipe:
+def component_from_dict(cls: type[LossScaleConfig] | type[Quantization] | type[FP8Recipe], data: Mapping,
+                        what: str) -> LossScaleConfig | Quantization | FP8Recipe:
     if not isinstance(data, Mapping):
         raise PolicyError(f"{what} must be a table/dict, got {data!r}")
     fields = tuple(cls.__dataclass_fields__)
     _check_keys(data, fields, what)
     first = fields[0]
-    if first not in data and cls is not LossScale and cls is not FP8Recipe:
+    if first not in data and cls is not LossScaleConfig and cls is not FP8Recipe:
         raise PolicyError(f"{what} needs '{first}'")
     kwargs = dict(data)
     if "skip" in kwargs:

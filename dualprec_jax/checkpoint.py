@@ -29,7 +29,7 @@ import optax
 from dualprec import checkpoint
 from dualprec.errors import CheckpointError
 
-from .optim import LossScaledState
+from .optim import LossScaledOptState
 
 __all__ = ["save_training", "load_training", "torch_names", "optimizer_state", "load_optimizer_state"]
 
@@ -133,7 +133,7 @@ def _classify(inner) -> tuple[str, Any]:
 
 def optimizer_state(params, opt_state, names=None) -> dict:
     """The backend-neutral optimizer state of a loss-scaled (or plain) optax state."""
-    inner = opt_state.inner if isinstance(opt_state, LossScaledState) else opt_state
+    inner = opt_state.inner if isinstance(opt_state, LossScaledOptState) else opt_state
     kind, s = _classify(inner)
     if kind == "none":
         return {"kind": "none", "step": 0, "slots": {}}
@@ -148,7 +148,7 @@ def optimizer_state(params, opt_state, names=None) -> dict:
 
 def load_optimizer_state(params, opt_state, state: Mapping, names=None):
     """``opt_state`` with the backend-neutral optimizer ``state`` put in (by torch name)."""
-    wrapped = isinstance(opt_state, LossScaledState)
+    wrapped = isinstance(opt_state, LossScaledOptState)
     inner = opt_state.inner if wrapped else opt_state
     kind, _ = _classify(inner)
     if state["kind"] != kind and not {state["kind"], kind} <= {"sgd", "none"}:
@@ -232,7 +232,7 @@ def _rename_modules(state: dict, names: Mapping[str, str] | None, to_torch: bool
 
 
 # ------------------------------------------------------------------------------ the API
-def save_training(path, params, opt_state: LossScaledState, precision, *, variables=None,
+def save_training(path, params, opt_state: LossScaledOptState, precision, *, variables=None,
                   names: Mapping[str, str] | None = None) -> None:
     """Write ``params`` (under torch names and layouts), the optimizer state and the precision
     state to one checksummed safetensors file that `load_training` here or in
@@ -245,7 +245,7 @@ def save_training(path, params, opt_state: LossScaledState, precision, *, variab
     checkpoint.save_training_file(path, flat, optimizer_state(params, opt_state, names), prec_state)
 
 
-def load_training(path, params, opt_state: LossScaledState, precision, *, variables=None,
+def load_training(path, params, opt_state: LossScaledOptState, precision, *, variables=None,
                   names: Mapping[str, str] | None = None, strict: bool = True):
     """``(params, opt_state)`` (with ``variables``: ``(params, opt_state, variables)``, the
     variables holding the new params and the FP8 state) resumed from
@@ -267,7 +267,7 @@ def load_training(path, params, opt_state: LossScaledState, precision, *, variab
     opt_state = load_optimizer_state(params, opt_state, data["optimizer"], names)
     prec_state = _rename_modules(_masters_from_torch(data["precision"], params, names), names, to_torch=False)
     if variables is None:
-        return new_params, precision.load_state_dict(prec_state, opt_state, strict=strict)
+        return new_params, precision.load_state_dict(prec_state, opt_state, strict=strict)[0]
     if isinstance(variables, Mapping) and "params" in variables:
         variables = {**variables, "params": new_params}
     opt_state, variables = precision.load_state_dict(prec_state, opt_state, variables, strict=strict)

@@ -1,9 +1,12 @@
 """Loss scaling as an explicit pytree state, with the one rule of docs/contract.md (torch.amp.GradScaler's,
 plus the optional min/max clamps), exact under jit.
 
-The configuration (a `dualprec.LossScale`) is static Python data and never lives in the
-state, so no setting can be lost by a pytree flatten (jmp's `DynamicLossScale` drops its
-`min_loss_scale` that way).  Only ``scale`` and ``counter`` are state::
+The configuration (the Policy's `dualprec.LossScaleConfig`) is static Python data and never
+lives in the state, so no setting can be lost by a pytree flatten (jmp's `DynamicLossScale`
+drops its `min_loss_scale` that way).  Only ``scale`` and ``counter`` are state, in a
+`LossScaleState` (the same fields and meaning as `dualprec_torch.LossScaleState`); under a
+`dualprec_jax.loss_scaled` optimizer it is ``opt_state.loss_scale``, and `scale_loss` is the
+one way to scale a loss::
 
     cfg = Policy.parse("16-mixed").loss_scale
     state = loss_scale_init(cfg)                        # scale 2**16, counter 0
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualprec import LossScale
+from dualprec import LossScaleConfig
 from dualprec.ref.loss_scale import scale_bounds
 
 __all__ = ["LossScaleState", "loss_scale_init", "loss_scale_update", "all_finite", "leaves_finite",
@@ -35,13 +38,13 @@ class LossScaleState(NamedTuple):
     counter: jax.Array
 
 
-def _config(config: Any) -> LossScale:
-    if not isinstance(config, LossScale):
-        raise TypeError(f"expected a dualprec.LossScale (policy.loss_scale), got {type(config).__name__}")
+def _config(config: Any) -> LossScaleConfig:
+    if not isinstance(config, LossScaleConfig):
+        raise TypeError(f"expected a dualprec.LossScaleConfig (policy.loss_scale), got {type(config).__name__}")
     return config
 
 
-def loss_scale_init(config: LossScale) -> LossScaleState:
+def loss_scale_init(config: LossScaleConfig) -> LossScaleState:
     """Initial state: ``init_scale`` for static and dynamic scaling, 1.0 for none."""
     config = _config(config)
     scale = config.init_scale if config.enabled else 1.0
@@ -60,7 +63,7 @@ def _times(scale: jax.Array, factor: float) -> jax.Array:
         return (scale.astype(jnp.float64) * np.float64(factor)).astype(jnp.float32)
 
 
-def loss_scale_update(state: LossScaleState, finite, config: LossScale) -> LossScaleState:
+def loss_scale_update(state: LossScaleState, finite, config: LossScaleConfig) -> LossScaleState:
     """The state after a step whose scaled gradients were ``finite`` (a bool scalar).
 
     Dynamic: non-finite -> scale * backoff (floored at min_scale, and at 2**-126), counter 0;
@@ -133,8 +136,26 @@ SCALE_LOSS_SEEN = [False]
 
 
 def scale_loss(loss, state: LossScaleState):
-    """``loss * scale`` formed in float32 at least (a half-precision loss times 2**16 overflows)."""
+    """The loss times the current scale: differentiate this.
+
+    Args:
+        loss: The loss (any float dtype).
+        state: The `LossScaleState`: ``opt_state.loss_scale`` of a `loss_scaled` optimizer
+            (``state.loss_scale`` of a TrainState).
+
+    Returns:
+        ``loss * scale`` formed in float32 at least (a half-precision loss times 2**16
+        overflows).
+
+    Raises:
+        TypeError: ``state`` is not a `LossScaleState` (the whole optimizer state, say).
+    """
+    if not isinstance(state, LossScaleState):
+        hint = (": pass its .loss_scale" if hasattr(state, "loss_scale") else "")
+        raise TypeError(f"scale_loss(loss, state) takes the LossScaleState (opt_state.loss_scale), got "
+                        f"{type(state).__name__}{hint}")
     SCALE_LOSS_SEEN[0] = True
     loss = jnp.asarray(loss)
     wide = jnp.promote_types(loss.dtype, jnp.float32)
-    return loss.astype(wide) * state.scale.astype(wide)
+    scale = getattr(state.scale, "get_value", lambda: state.scale)()  # nnx.Optimizer wraps its state's leaves
+    return loss.astype(wide) * jnp.asarray(scale).astype(wide)

@@ -1,19 +1,23 @@
-"""A loss-scaled optax optimizer: a wrapper around any `optax.GradientTransformation` that
-unscales the gradients, skips non-finite steps and adjusts the loss scale, with all of its
-state in one checkpointable pytree (`LossScaledState`).
+"""The functional JAX API of loss scaling, optax's style: `loss_scaled` wraps any
+`optax.GradientTransformation` so that it unscales the gradients, skips non-finite steps
+and adjusts the loss scale, with all of its state in one checkpointable NamedTuple
+(`LossScaledOptState`, whose ``loss_scale`` field is the `LossScaleState`); `last_step` is the
+one reader of what the last update did.  `dualprec_jax.Precision` is a thin convenience
+over these.
 
     tx = loss_scaled(optax.adamw(1e-3), policy)
     opt_state = tx.init(params)
     grads = jax.grad(lambda p: scale_loss(loss_fn(p), opt_state.loss_scale))(params)
     updates, opt_state = tx.update(grads, opt_state, params)   # grads still scaled
     params = optax.apply_updates(params, updates)
+    last_step(opt_state).outcome                                # "applied" / "skipped" (outside jit)
 
 A skipped step returns updates of -0.0: ``p + (-0.0)`` is ``p`` bit for bit for every p
 (+0.0 would turn -0.0 into +0.0), and the wrapped optimizer's state is kept as it was,
 Adam's step count included.  The state records what the last update did (``skipped``, and
 when it looked the index of the first non-finite gradient leaf; `NO_STEP` before any
 update), so a caller
-outside jit can report or raise (`dualprec_jax.Precision.step` / ``last_step``).  With
+outside jit can report or raise (`last_step`, `dualprec_jax.Precision.step`).  With
 ``master_weights`` the state also holds float32 copies
 of the (half-precision) parameters; the wrapped optimizer updates those, and the returned
 updates move each parameter to its rounded master copy.
@@ -21,6 +25,7 @@ updates move each parameter to its rounded master copy.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, NamedTuple
 
@@ -28,16 +33,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dualprec import Policy
+from dualprec import Policy, contract
+from dualprec.deprecation import alias_getattr
 
 from . import loss_scale as _loss_scale
 from .casts import cast_floating
-from .loss_scale import LossScaleState, leaves_finite, loss_scale_init, loss_scale_update, unscale
+from .loss_scale import LossScaleState, floating_paths, leaves_finite, loss_scale_init, loss_scale_update, unscale
 
-__all__ = ["LossScaledState", "loss_scaled", "NO_STEP"]
+__all__ = ["LossScaledOptState", "loss_scaled", "last_step", "opt_state_of", "NO_STEP"]
 
 
-class LossScaledState(NamedTuple):
+class LossScaledOptState(NamedTuple):
+    """The state of a `loss_scaled` optimizer: the wrapped optimizer's state, the
+    `LossScaleState`, the float32 master weights (or None) and what the last update did."""
+
     inner: Any  # the wrapped optimizer's state
     loss_scale: LossScaleState
     master: Any = None  # float32 master weights, or None
@@ -65,10 +74,10 @@ def _move_to(params, targets):
         lambda p, t: t.astype(jnp.float32) - p.astype(jnp.float32), params, targets)
 
 
-def _check_state(state) -> LossScaledState:
-    if not isinstance(state, LossScaledState):
+def _check_state(state) -> LossScaledOptState:
+    if not isinstance(state, LossScaledOptState):
         raise TypeError(f"the loss-scaled optimizer got a {type(state).__name__} as its state, not the "
-                        "LossScaledState its init() returns; call tx.init(params) on the wrapped "
+                        "LossScaledOptState its init() returns; call tx.init(params) on the wrapped "
                         "optimizer and pass that state (a restored checkpoint must be restored into "
                         "the same structure, e.g. with flax.serialization.from_state_dict)")
     return state
@@ -111,8 +120,8 @@ def _warn_if_loss_unscaled(config) -> None:
     if config.enabled and not _loss_scale.SCALE_LOSS_SEEN[0] and "unscaled" not in _WARNED:
         _WARNED.add("unscaled")
         warnings.warn("the loss-scaled optimizer divides the gradients by the loss scale, but no loss was scaled "
-                      "in this process: differentiate prec.scale_loss(loss, opt_state) (or "
-                      "state.scale_loss(loss) with TrainState), else every update is the scale "
+                      "in this process: differentiate scale_loss(loss, opt_state.loss_scale) (state.loss_scale "
+                      "with a TrainState), else every update is the scale "
                       f"({config.init_scale:g}) times too small (warned once; ignore it if you multiply "
                       "by opt_state.loss_scale.scale yourself)", UserWarning, stacklevel=3)
 
@@ -134,7 +143,7 @@ def loss_scaled(tx: optax.GradientTransformation, policy: Policy) -> optax.Gradi
     def init(params):
         _check_params(params, policy)
         masters = cast_floating(params, jnp.float32) if master else None
-        return LossScaledState(tx.init(masters if master else params), loss_scale_init(config), masters,
+        return LossScaledOptState(tx.init(masters if master else params), loss_scale_init(config), masters,
                                jnp.asarray(False), jnp.asarray(NO_STEP, jnp.int32))
 
     def update(grads, state, params=None, **extra):
@@ -160,8 +169,70 @@ def loss_scaled(tx: optax.GradientTransformation, policy: Policy) -> optax.Gradi
         if skips:
             updates = _skip_updates(finite, updates)
             new_inner = _select(finite, new_inner, state.inner)
-        return updates, LossScaledState(new_inner, loss_scale_update(state.loss_scale, finite, config),
+        return updates, LossScaledOptState(new_inner, loss_scale_update(state.loss_scale, finite, config),
                                         new_master, ~finite, first)
 
     setattr(init, _WRAPPED, True)
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _is_variable(x) -> bool:
+    nnx = sys.modules.get("flax.nnx")  # an nnx variable exists only once nnx is imported
+    return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def _value(x):
+    """The array of an nnx variable (nnx.Optimizer keeps its state as OptArray), or x itself."""
+    return x.get_value() if _is_variable(x) else x
+
+
+def opt_state_of(obj) -> LossScaledOptState:
+    """The `LossScaledOptState` of ``obj``, with nnx's variable wrappers taken off its leaves.
+
+    Args:
+        obj: A `LossScaledOptState`, or anything holding one as ``.opt_state`` (a
+            `dualprec_jax.train_state.TrainState`, an ``nnx.Optimizer`` over a wrapped optimizer).
+
+    Returns:
+        The state itself, its leaves plain arrays.
+
+    Raises:
+        TypeError: ``obj`` holds no loss-scaled optimizer state.
+    """
+    opt_state = getattr(obj, "opt_state", obj)
+    if not isinstance(opt_state, LossScaledOptState):
+        raise TypeError("expected a loss-scaled optimizer state (tx.init(params) of loss_scaled(tx, policy) or "
+                        "prec.wrap_optimizer(tx)), a TrainState or an nnx.Optimizer built on one; got "
+                        f"{type(opt_state).__name__} (wrap the optax optimizer before handing it over)")
+    return jax.tree_util.tree_map(_value, opt_state, is_leaf=_is_variable)
+
+
+def last_step(opt_state, params=None) -> contract.StepReport:
+    """What the last update recorded in a loss-scaled optimizer state did (outside jit).
+
+    Args:
+        opt_state: A `LossScaledOptState`, a TrainState or an ``nnx.Optimizer`` holding one.
+        params: Any tree of the parameters' structure (the parameters, the gradients) to
+            name the first non-finite gradient by its path; without it the report names
+            "gradient leaf #k".
+
+    Returns:
+        A `dualprec.contract.StepReport`: outcome "none" before any update and after a load,
+        "applied" or "skipped"; ``scale`` the loss scale now; ``nonfinite_parameter``.
+    """
+    return _report(opt_state_of(opt_state), None if params is None else floating_paths(params))
+
+
+def _report(state: LossScaledOptState, paths: list[str] | None) -> contract.StepReport:
+    scale = float(state.loss_scale.scale)
+    leaf = int(state.nonfinite_leaf) if state.nonfinite_leaf is not None else NO_STEP
+    if state.skipped is None or leaf == NO_STEP:
+        return contract.StepReport("none", scale)
+    name = None
+    if leaf >= 0:
+        name = paths[leaf] if paths is not None and leaf < len(paths) else f"gradient leaf #{leaf}"
+    return contract.StepReport("skipped" if bool(state.skipped) else "applied", scale, name)
+
+
+#: renamed: the optimizer state is ``LossScaledOptState`` (its ``loss_scale`` is the ``LossScaleState``)
+__getattr__ = alias_getattr(__name__, globals(), {"LossScaledState": "LossScaledOptState"})

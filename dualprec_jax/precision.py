@@ -25,7 +25,7 @@ from . import flax_linen, flax_nnx, fp8, quant
 from .caps import device_caps
 from .casts import cast_floating, jax_dtype
 from .loss_scale import LossScaleState, floating_paths, scale_loss
-from .optim import NO_STEP, LossScaledState, loss_scaled
+from .optim import NO_STEP, LossScaledOptState, _report, loss_scaled, opt_state_of
 
 __all__ = ["Precision", "UnsupportedPolicyError"]
 
@@ -299,7 +299,7 @@ class Precision(contract.Precision):
         parameter whose gradient is not finite (outside jit; inside jit read `last_step`)."""
         import optax
 
-        if not isinstance(opt_state, LossScaledState):
+        if not isinstance(opt_state, LossScaledOptState):
             raise TypeError(f"step(tx, grads, opt_state, params): opt_state must be the wrapped optimizer's "
                             f"state (tx.init(params) of prec.wrap_optimizer(...)), got {type(opt_state).__name__}")
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -315,22 +315,20 @@ class Precision(contract.Precision):
         return params, opt_state
 
     def last_step(self, opt_state, params=None) -> contract.StepReport:
-        """What the last update recorded in ``opt_state`` did ("none" before any update and
-        after `load_state_dict`); the first non-finite parameter is named from ``params`` (or
-        the gradients: any tree of the parameters' structure), by default from the tree the
-        wrapped optimizer was initialised on."""
-        if not isinstance(opt_state, LossScaledState):
-            raise TypeError(f"last_step(opt_state): expected the wrapped optimizer's state, got "
-                            f"{type(opt_state).__name__}")
-        scale = float(opt_state.loss_scale.scale)
-        leaf = int(opt_state.nonfinite_leaf) if opt_state.nonfinite_leaf is not None else NO_STEP
-        if opt_state.skipped is None or leaf == NO_STEP:
-            return contract.StepReport("none", scale)
-        name = None
-        if leaf >= 0:
-            paths = floating_paths(params) if params is not None else getattr(self, "_param_paths", [])
-            name = paths[leaf] if leaf < len(paths) else f"gradient leaf #{leaf}"
-        return contract.StepReport("skipped" if bool(opt_state.skipped) else "applied", scale, name)
+        """`dualprec_jax.last_step` (the one reader of what the last update did), naming the
+        first non-finite parameter from ``params`` or, by default, from the tree the wrapped
+        optimizer was initialised on.
+
+        Args:
+            opt_state: The wrapped optimizer's state (or a TrainState / nnx.Optimizer holding it).
+            params: Any tree of the parameters' structure (optional).
+
+        Returns:
+            The `dualprec.contract.StepReport` ("none" before any update and after
+            `load_state_dict`).
+        """
+        paths = floating_paths(params) if params is not None else getattr(self, "_param_paths", None)
+        return _report(opt_state_of(opt_state), paths)
 
     # ----- checkpoints ----------------------------------------------------------------
     def state_dict(self, opt_state, variables=None) -> dict:
@@ -339,7 +337,7 @@ class Precision(contract.Precision):
         `dualprec.checkpoint`."""
         import numpy as np
 
-        if not isinstance(opt_state, LossScaledState):
+        if not isinstance(opt_state, LossScaledOptState):
             raise TypeError(f"state_dict(opt_state): expected the wrapped optimizer's state, got "
                             f"{type(opt_state).__name__}")
         masters = {}
@@ -356,13 +354,24 @@ class Precision(contract.Precision):
         return checkpoint.new_state(self.policy, float(ls.scale), int(ls.counter), masters, extensions)
 
     def load_state_dict(self, state: dict, opt_state, variables=None, *, strict: bool = True):
-        """``opt_state`` with the loss scale (and master weights) of ``state``; with
-        ``variables``, returns ``(opt_state, variables)`` with registered extensions' state
-        restored.  Another policy's state is refused unless ``strict=False``, which takes only
-        what both policies share (a 16-mixed scale does not go into a bf16-mixed run)."""
+        """Restore a precision state (`state_dict`, from either backend).
+
+        Args:
+            state: The precision state dict.
+            opt_state: The wrapped optimizer's state to load it into.
+            variables: The model variables, when the checkpoint carries state of registered
+                extensions (FP8 scales); None otherwise.
+            strict: Refuse another policy's state; ``strict=False`` takes only what both
+                policies share (a 16-mixed scale does not go into a bf16-mixed run).
+
+        Returns:
+            ``(opt_state, variables)`` always: the state with the loss scale (and master
+            weights) of ``state``, and ``variables`` with the extensions' state restored
+            (None when None was passed).
+        """
         import jax.numpy as jnp
 
-        if not isinstance(opt_state, LossScaledState):
+        if not isinstance(opt_state, LossScaledOptState):
             raise TypeError(f"load_state_dict(state, opt_state): opt_state must be the wrapped optimizer's state "
                             f"(tx.init(params)), got {type(opt_state).__name__}")
         saved = checkpoint.check_state(state, self.policy, strict)
@@ -378,7 +387,7 @@ class Precision(contract.Precision):
                 raise CheckpointError(f"the checkpoint carries {ext.name!r} state: pass the model variables, "
                                       "load_state_dict(state, opt_state, variables)")
             variables = ext.load_state_tensors(variables, tensors)
-        return opt_state if variables is None else (opt_state, variables)
+        return opt_state, variables
 
     @staticmethod
     def _load_masters(master, saved: dict, strict: bool):
@@ -403,13 +412,22 @@ class Precision(contract.Precision):
             out.append(x)
         return jax.tree_util.tree_unflatten(treedef, out)
 
-    def scale_loss(self, loss, opt_state: LossScaledState | LossScaleState):
-        """The loss times the current scale (the gradient of this is what the wrapper unscales)."""
-        state = opt_state.loss_scale if isinstance(opt_state, LossScaledState) else opt_state
-        if not isinstance(state, LossScaleState):
-            raise TypeError("scale_loss() needs the wrapped optimizer's state (or its .loss_scale), "
-                            f"got {type(opt_state).__name__}")
-        return scale_loss(loss, state)
+    def scale_loss(self, loss, loss_scale: LossScaleState):
+        """`dualprec_jax.scale_loss`: the loss times the current scale (differentiate this).
+
+        Args:
+            loss: The loss.
+            loss_scale: The `LossScaleState`, ``opt_state.loss_scale``.
+
+        Returns:
+            ``loss * scale`` in float32 at least.
+        """
+        if isinstance(loss_scale, LossScaledOptState):
+            warnings.warn("prec.scale_loss(loss, opt_state) is deprecated: pass the loss-scale state, "
+                          "prec.scale_loss(loss, opt_state.loss_scale) (the forward pass needs only the scale)",
+                          DeprecationWarning, stacklevel=2)
+            loss_scale = loss_scale.loss_scale
+        return scale_loss(loss, loss_scale)
 
     # ----- devices --------------------------------------------------------------------
     def check(self, device=None) -> CheckReport:

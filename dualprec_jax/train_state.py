@@ -9,20 +9,21 @@ orbax in the precision checkpoint format.
     def train_step(state, x, y):
         def loss_fn(p):
             loss = jnp.mean((state.apply_fn({"params": p}, x) - y) ** 2)
-            return state.scale_loss(loss), loss          # the scaled loss is differentiated
+            return scale_loss(loss, state.loss_scale), loss  # the scaled loss is differentiated
         grads, loss = jax.grad(loss_fn, has_aux=True)(state.params)
         return state.apply_gradients(grads=grads), loss  # unscale, skip if non-finite, adjust scale
 
 `TrainState` subclasses ``flax.training.train_state.TrainState``: ``tx`` is the wrapped
 optimizer (`dualprec_jax.optim.loss_scaled`, built by ``Precision.wrap_optimizer``) and
-``opt_state`` its `LossScaledState`, so the loss scale and the master weights travel with
+``opt_state`` its `LossScaledOptState`, so the loss scale and the master weights travel with
 the state through jit, orbax and ``flax.serialization``.  ``step`` counts the updates taken:
 a skipped step leaves params, ``step`` and the inner optimizer's state as they were and
 only backs the scale off.
 
 With flax.nnx, ``nnx.Optimizer(model, prec.wrap_optimizer(tx), wrt=nnx.Param)`` works as it
-is; nnx wraps the state's arrays in variables, so read the scale with `loss_scale_of` and
-what the last update did with `last_step`.
+is: ``scale_loss(loss, optimizer.opt_state.loss_scale)`` scales the loss and
+``dualprec_jax.last_step(optimizer)`` (or ``prec.last_step(optimizer)``) says what the last
+update did, as for any other holder of the state.
 
 Checkpoints: `save_checkpoint` / `restore_checkpoint` write one orbax directory holding the
 whole state (params, optimizer state, loss scale) and, next to it, the precision state in
@@ -33,6 +34,7 @@ backend reads too.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -44,48 +46,27 @@ from flax.training import train_state as flax_train_state
 from dualprec import checkpoint
 from dualprec.errors import CheckpointError
 
-from .loss_scale import LossScaleState
-from .optim import LossScaledState
+from .loss_scale import LossScaleState, scale_loss
+from .optim import opt_state_of
 
-__all__ = ["TrainState", "loss_scale_of", "last_step", "save_checkpoint", "restore_checkpoint"]
-
-
-def _is_variable(x) -> bool:
-    from flax import nnx
-
-    return isinstance(x, nnx.Variable)
+__all__ = ["TrainState", "save_checkpoint", "restore_checkpoint"]
 
 
-def _value(x):
-    """The array of an nnx variable (nnx.Optimizer keeps its state as OptArray), or x itself."""
-    return x.get_value() if _is_variable(x) else x
-
-
-def _opt_state_of(obj) -> LossScaledState:
-    opt_state = getattr(obj, "opt_state", obj)
-    if not isinstance(opt_state, LossScaledState):
-        raise TypeError("expected a loss-scaled optimizer state (from prec.wrap_optimizer(tx)), a TrainState or "
-                        f"an nnx.Optimizer built on one; got {type(opt_state).__name__} (wrap the optax "
-                        "optimizer with prec.wrap_optimizer before handing it over)")
-    return opt_state
-
-
-def _plain(opt_state: LossScaledState) -> LossScaledState:
-    """The state with nnx's variable wrappers taken off its leaves."""
-    return jax.tree_util.tree_map(_value, opt_state, is_leaf=_is_variable)
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated: use {new} (one way to scale a loss and one reader of the last step "
+                  "in dualprec_jax)", DeprecationWarning, stacklevel=3)
 
 
 def loss_scale_of(obj) -> LossScaleState:
-    """The current `LossScaleState` (scale, counter) of a `TrainState`, an ``nnx.Optimizer``
-    over a wrapped optimizer, or a `LossScaledState`: what ``scale_loss`` needs."""
-    ls = _opt_state_of(obj).loss_scale
-    return LossScaleState(jnp.asarray(_value(ls.scale)), jnp.asarray(_value(ls.counter)))
+    """Deprecated: ``dualprec_jax.optim.opt_state_of(obj).loss_scale``."""
+    _deprecated("dualprec_jax.train_state.loss_scale_of(obj)", "dualprec_jax.optim.opt_state_of(obj).loss_scale")
+    return opt_state_of(obj).loss_scale
 
 
 def last_step(precision, obj, params=None):
-    """``precision.last_step`` of the state held by a `TrainState` or an ``nnx.Optimizer``
-    (outside jit): whether the last update was taken and the scale now."""
-    return precision.last_step(_plain(_opt_state_of(obj)), params)
+    """Deprecated: ``precision.last_step(obj, params)`` (or ``dualprec_jax.last_step``)."""
+    _deprecated("dualprec_jax.train_state.last_step(precision, obj)", "precision.last_step(obj)")
+    return precision.last_step(obj, params)
 
 
 class PolicyApply:
@@ -119,7 +100,7 @@ class PolicyApply:
 class TrainState(flax_train_state.TrainState):
     """``flax.training.train_state.TrainState`` with a dualprec `Precision`: ``tx`` is the
     loss-scaled wrapper of the optimizer given to `create`, and `apply_gradients` takes the
-    gradients of the *scaled* loss (`scale_loss`)."""
+    gradients of the *scaled* loss (``scale_loss(loss, state.loss_scale)``)."""
 
     precision: Any = struct.field(pytree_node=False, default=None)
 
@@ -143,13 +124,15 @@ class TrainState(flax_train_state.TrainState):
                    precision=precision, **kwargs)
 
     @property
-    def loss_scale(self) -> jax.Array:
-        """The current loss scale (float32 scalar)."""
-        return self.opt_state.loss_scale.scale
+    def loss_scale(self) -> LossScaleState:
+        """The current `LossScaleState` (``.scale``, ``.counter``): ``scale_loss(loss,
+        state.loss_scale)`` is the loss to differentiate."""
+        return self.opt_state.loss_scale
 
     def scale_loss(self, loss):
-        """``loss`` times the current scale, in float32 at least: differentiate this."""
-        return self.precision.scale_loss(loss, self.opt_state)
+        """Deprecated: ``dualprec_jax.scale_loss(loss, state.loss_scale)``."""
+        _deprecated("TrainState.scale_loss(loss)", "dualprec_jax.scale_loss(loss, state.loss_scale)")
+        return scale_loss(loss, self.loss_scale)
 
     def apply_gradients(self, *, grads, **kwargs) -> TrainState:
         """One update from the gradients of the scaled loss: the wrapper unscales them, skips
@@ -163,7 +146,8 @@ class TrainState(flax_train_state.TrainState):
         return self.replace(step=step, params=params, opt_state=opt_state, **kwargs)
 
     def last_step(self):
-        """What the last `apply_gradients` did (``precision.last_step``), outside jit."""
+        """Deprecated: ``state.precision.last_step(state)`` (or ``dualprec_jax.last_step``)."""
+        _deprecated("TrainState.last_step()", "state.precision.last_step(state)")
         return self.precision.last_step(self.opt_state, self.params)
 
     def check_step(self) -> TrainState:
@@ -172,7 +156,7 @@ class TrainState(flax_train_state.TrainState):
         from dualprec.errors import NonFiniteGradientError
 
         if self.precision.policy.nonfinite_rule == "raise":
-            report = self.last_step()
+            report = self.precision.last_step(self.opt_state, self.params)
             if report.outcome == "skipped":  # not "none": no update since init or a load
                 raise NonFiniteGradientError(f"nonfinite=raise: the gradient of {report.nonfinite_parameter} is "
                                              "not finite (inf/NaN); the step was skipped",
@@ -186,7 +170,8 @@ class TrainState(flax_train_state.TrainState):
 
     def load_precision_state_dict(self, state: dict, *, strict: bool = True) -> TrainState:
         """A copy with the loss scale (and master weights) of a precision state dict."""
-        return self.replace(opt_state=self.precision.load_state_dict(state, self.opt_state, strict=strict))
+        opt_state, _ = self.precision.load_state_dict(state, self.opt_state, strict=strict)
+        return self.replace(opt_state=opt_state)
 
 
 # ----- orbax -------------------------------------------------------------------------------

@@ -12,11 +12,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
+from dualprec import checkpoint
 from dualprec.dtypes import ALL_DTYPES, FLOAT_DTYPES, HALF_DTYPES
 
-__all__ = ["TORCH_DTYPES", "HALF_TORCH_DTYPES", "torch_dtype", "cast_floating", "default_dtype"]
+__all__ = ["TORCH_DTYPES", "HALF_TORCH_DTYPES", "torch_dtype", "cast_floating", "default_dtype", "to_numpy"]
 
 # Mapped from the one dtype table (dualprec.dtypes): torch names its dtypes by the canonical
 # names.  TORCH_DTYPES holds the policy dtypes; torch_dtype also knows the FP8 formats.
@@ -64,3 +66,20 @@ def default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def to_numpy(x: Any) -> np.ndarray | None:
+    """A torch tensor as a NumPy array with the same bits (bfloat16 as ``ml_dtypes.bfloat16``,
+    through its 16-bit patterns: NaN payloads survive); None for anything else.  Registered
+    with `dualprec.checkpoint` so the spec's checkpoint writer takes torch tensors."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    x = x.detach().cpu()
+    if x.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return x.numpy()
+
+
+checkpoint.register_array_converter(to_numpy)

@@ -1,10 +1,13 @@
 """Loss scaling in torch: the one rule of docs/contract.md, bit for bit torch.amp.GradScaler's.
 
-`LossScaler` holds the state (a float32 scale and an int32 counter, as tensors on the loss's
-device, so nothing syncs until a step is decided) and runs the same kernels GradScaler runs
-(`_amp_foreach_non_finite_check_and_unscale_`, `_amp_update_scale_`), then applies the
-optional min/max clamps GradScaler lacks.  It knows nothing of optimizers: `Precision`
-decides which gradients to unscale and when to update, the way GradScaler's step/update do.
+The vocabulary is the same in every package (docs/architecture.md): the configuration is the
+Policy's `dualprec.LossScaleConfig`; the state is a `LossScaleState` (``scale``, ``counter``;
+here a float32 and an int32 0-dim tensor on the loss's device, so nothing syncs until a step
+is decided); `LossScaler` is the one stateful helper that holds a state and runs the same
+kernels GradScaler runs (`_amp_foreach_non_finite_check_and_unscale_`, `_amp_update_scale_`),
+then applies the optional min/max clamps GradScaler lacks.  It knows nothing of optimizers:
+`Precision` decides which gradients to unscale and when to update, the way GradScaler's
+step/update do.
 
 Kinds: ``dynamic`` follows the rule; ``static`` keeps its scale but still finds non-finite
 gradients (the step is skipped, never applied with NaNs); ``none`` scales by 1 and checks
@@ -14,15 +17,31 @@ nothing.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 
 from dualprec.ref.loss_scale import scale_bounds
 
-__all__ = ["LossScaler"]
+__all__ = ["LossScaleState", "LossScaler"]
+
+
+class LossScaleState(NamedTuple):
+    """The loss-scale state: ``scale`` (float32 0-dim tensor) and ``counter`` (int32 0-dim
+    tensor, finite steps since the scale last changed); `dualprec_jax.LossScaleState` and
+    `dualprec.ref.loss_scale.LossScaleState` have the same fields and meaning."""
+
+    scale: torch.Tensor
+    counter: torch.Tensor
 
 
 class LossScaler:
+    """The stateful loss-scale helper of the torch backend (what GradScaler is to torch).
+
+    Args:
+        config: The policy's `dualprec.LossScaleConfig` (``policy.loss_scale``).
+    """
+
     def __init__(self, config):
         self.config = config
         init = config.init_scale if config.enabled else 1.0
@@ -60,21 +79,42 @@ class LossScaler:
                     torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, found[device], inv)
         return found
 
-    def update(self, found_infs: list[torch.Tensor]) -> None:
-        """Advance the state after a step; ``found_infs`` are the flags of every optimizer
-        unscaled since the last update (any > 0 means the step was skipped)."""
+    def _updated(self, found_infs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (scale, counter) tensors after an update from ``found_infs``, computed on copies;
+        None when the update changes nothing (static or none, or nothing stepped)."""
         if self.config.kind != "dynamic" or not found_infs:
-            return
+            return None
         combined = found_infs[0].to(self._scale.device)
         for f in found_infs[1:]:
             combined = combined + f.to(self._scale.device)
         c = self.config
-        torch._amp_update_scale_(self._scale, self._counter, combined,
-                                 c.growth_factor, c.backoff_factor, c.growth_interval)
+        scale, counter = self._scale.clone(), self._counter.clone()
+        torch._amp_update_scale_(scale, counter, combined, c.growth_factor, c.backoff_factor, c.growth_interval)
         lo, hi = scale_bounds(c)  # min/max, inside [2**-126, 2**126] (the range shared with JAX)
-        self._scale.clamp_(min=lo, max=hi)
+        scale.clamp_(min=lo, max=hi)
+        return scale, counter
+
+    def update(self, found_infs: list[torch.Tensor]) -> None:
+        """Advance the state after a step; ``found_infs`` are the flags of every optimizer
+        unscaled since the last update (any > 0 means the step was skipped)."""
+        new = self._updated(found_infs)
+        if new is not None:
+            self._scale.copy_(new[0])
+            self._counter.copy_(new[1])
+
+    def peek(self, found_infs: list[torch.Tensor] | None = None) -> LossScaleState:
+        """The state, as a copy, after an update from ``found_infs`` (None: the state now);
+        the scaler itself is left as it is."""
+        new = self._updated(found_infs) if found_infs is not None else None
+        scale, counter = new if new is not None else (self._scale.clone(), self._counter.clone())
+        return LossScaleState(scale, counter)
 
     # ----- state ----------------------------------------------------------------------
+    @property
+    def state(self) -> LossScaleState:
+        """A copy of the current `LossScaleState`."""
+        return self.peek()
+
     @property
     def scale(self) -> float:
         return float(self._scale.item())

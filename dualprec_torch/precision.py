@@ -23,9 +23,11 @@ Worked example (any string `Policy.parse` takes works in place of "16-mixed")::
 This is GradScaler's loop, state for state: `step` unscales (unless `unscale_` did) and
 steps or skips one optimizer; `update` advances the loss scale once per iteration from the
 flags of every optimizer unscaled since the last update.  `update` may be left out: it runs
-by itself at the next `backward`, `state_dict` or read of `scale` / `loss_scale` once every
-optimizer given to `setup` has stepped.  With several optimizers that do not all step every
-iteration, call `update()` at the end of each iteration.
+by itself at the next `backward` or `state_dict` once every optimizer given to `setup` has
+stepped.  Reading `scale` / `loss_scale` / `last_step` changes nothing: they report the
+state the next iteration starts from (this iteration's update included once every optimizer
+has stepped).  With several optimizers that do not all step every iteration, call
+`update()` at the end of each iteration.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -46,7 +47,7 @@ from dualprec.errors import CheckpointError, NonFiniteGradientError, Unsupported
 from . import fp8, quant
 from .caps import device_caps
 from .casts import cast_floating, torch_dtype
-from .loss_scale import LossScaler
+from .loss_scale import LossScaler, LossScaleState
 from .master import MasterWeights
 from .modules import convert_module
 from .ops import backward_context, compute_context
@@ -526,7 +527,7 @@ class Precision(contract.Precision):
 
     def last_step(self, optimizer=None) -> contract.StepReport:
         """What the last `step` of ``optimizer`` (default: the only one) did; ``scale`` is the
-        loss scale after this iteration's update."""
+        loss scale after this iteration's update (`scale`; reading it changes nothing)."""
         if optimizer is None:
             if len(self._records) != 1:
                 raise TypeError(f"last_step(): {len(self._records)} optimizers are set up; pass the one you mean")
@@ -539,8 +540,7 @@ class Precision(contract.Precision):
         """Advance the loss scale once for this iteration (a no-op when nothing stepped)."""
         if not self._pending:
             return
-        found = [f for r in self._records.values() if r.stage != "ready" for f in r.found_inf.values()]
-        self._scaler.update(found)
+        self._scaler.update(self._found_infs())
         self._note_skips([r for r in self._records.values() if r.stage == "stepped"])
         for r in self._records.values():
             r.stage, r.found_inf = "ready", {}
@@ -563,24 +563,34 @@ class Precision(contract.Precision):
                           "override); precision.last_step(optimizer) names the first bad parameter",
                           RuntimeWarning, stacklevel=3)
 
+    def _update_due(self) -> bool:
+        """Every optimizer stepped since the last update: the next backward runs it."""
+        return self._pending and all(r.stage == "stepped" for r in self._records.values())
+
+    def _found_infs(self) -> list[torch.Tensor]:
+        return [f for r in self._records.values() if r.stage != "ready" for f in r.found_inf.values()]
+
     def _auto_update(self) -> None:
-        if self._pending and all(r.stage == "stepped" for r in self._records.values()):
+        if self._update_due():
             self.update()
+
+    def _next_loss_scale(self):
+        """The loss-scale state the next iteration starts from, read without changing any."""
+        return self._scaler.peek(self._found_infs() if self._update_due() else None)
 
     # ----- state ------------------------------------------------------------------------
     @property
     def scale(self) -> float:
-        """The current loss scale (1.0 without loss scaling)."""
-        self._auto_update()
-        return self._scaler.scale
+        """The loss scale the next iteration multiplies by (1.0 without loss scaling); this
+        iteration's update is included once every optimizer has stepped.  Reading it changes
+        nothing."""
+        return float(self._next_loss_scale().scale.item())
 
     @property
-    def loss_scale(self):
-        """The loss-scale state as the reference's `LossScaleState` (scale, counter)."""
-        from dualprec.ref.loss_scale import LossScaleState
-
-        self._auto_update()
-        return LossScaleState(scale=np.float32(self._scaler.scale), counter=self._scaler.counter)
+    def loss_scale(self) -> LossScaleState:
+        """A copy of the `dualprec_torch.LossScaleState` (scale, counter: 0-dim tensors) the
+        next iteration starts from, as `scale` reads it; reading it changes nothing."""
+        return self._next_loss_scale()
 
     def state_dict(self) -> dict:
         """The precision state (`dualprec.checkpoint`'s backend-neutral form): policy, loss

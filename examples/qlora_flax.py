@@ -20,7 +20,7 @@ from qlora_common import EVAL_KEY, LAYERS, SCALE, adapter_init, eval_batch, fine
 from train_flax import MLP, initial_params
 
 from dualprec import Policy
-from dualprec_jax import Precision, quant
+from dualprec_jax import Precision, quant, scale_loss
 from dualprec_jax.train_state import TrainState
 
 
@@ -94,7 +94,7 @@ def main() -> None:
     def train_step(state, xb, yb):
         def loss_fn(p):
             loss = jnp.mean((state.apply_fn(p, xb).astype(jnp.float32) - yb) ** 2)
-            return state.scale_loss(loss), loss
+            return scale_loss(loss, state.loss_scale), loss
 
         grads, loss = jax.grad(loss_fn, has_aux=True)(state.params)
         return state.apply_gradients(grads=grads), loss

@@ -50,7 +50,7 @@ def main() -> None:
         def loss_fn(p):
             out = precision.apply(model, {"params": p}, precision.convert_input(xb))
             loss = jnp.mean((out.astype(jnp.float32) - yb) ** 2)
-            return precision.scale_loss(loss, opt_state), loss
+            return precision.scale_loss(loss, opt_state.loss_scale), loss
 
         grads, loss = jax.grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -1,6 +1,6 @@
 """The one loss-scaling rule (none, static, dynamic) as a pure state machine.
 
-Example, with `dualprec.LossScale` or any object carrying the same attributes::
+Example, with `dualprec.LossScaleConfig` or any object carrying the same attributes::
 
     state = loss_scale_init(config)            # scale 2**16, counter 0
     for grads in scaled_grad_stream:

@@ -1,4 +1,4 @@
-"""The `dualprec` entry point: --help, --version, one-line errors, --debug, bench from anywhere."""
+"""The `dualprec` entry point: --help, --version, one-line errors, --debug, bench from a checkout only."""
 
 import subprocess
 import sys
@@ -44,8 +44,32 @@ def test_unexpected_error_is_one_line_and_debug_shows_it(monkeypatch, capsys):
         cli.main(["--debug", "presets"])
 
 
-def test_bench_runs_outside_the_checkout(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dualprec.cli", "bench", "--help"], cwd=tmp_path,
+def _installed_like(tmp_path):
+    """A sys.path with dualprec (and conformance) but no bench/, as an installed wheel has."""
+    from pathlib import Path
+
+    root = Path(cli.__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    site.mkdir()
+    for package in ("dualprec", "conformance"):
+        (site / package).symlink_to(root / package)
+    return {**__import__("os").environ, "PYTHONPATH": str(site)}, root
+
+
+def test_bench_outside_a_checkout_says_where_it_runs_without_touching_sys_path(tmp_path):
+    env, _ = _installed_like(tmp_path)
+    code = ("import sys; from dualprec import cli; before = list(sys.path); rc = cli.main(['bench', '--help']); "
+            "assert sys.path == before, 'sys.path was edited'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == cli.BENCH_FROM_CHECKOUT + "\n"
+    assert "python -m bench" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_runs_from_the_checkouts_root(tmp_path):
+    env, root = _installed_like(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "dualprec.cli", "bench", "--help"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "run" in proc.stdout and "not available" not in proc.stderr
+    assert proc.stdout.startswith("usage: dualprec bench") and "run" in proc.stdout

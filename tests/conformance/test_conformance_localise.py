@@ -12,7 +12,7 @@ from conformance.checks import Context, check_forward, check_loss_scale, check_t
 from conformance.weights import WeightMap
 from conformance.zoo import ZOO, canonical_weights
 from conformance.zoo.flax_models import gelu
-from dualprec import LossScale, Policy
+from dualprec import LossScaleConfig, Policy
 
 FP32 = Policy.parse("32-true")
 
@@ -126,7 +126,7 @@ class _ScriptedBackend(Backend):
         return _ScriptedSession(skips=(False,) * 8, policy=policy, **self.kw)
 
 
-DYN = Policy.parse("16-mixed").replace(loss_scale=LossScale.dynamic(init_scale=8.0, growth_interval=2))
+DYN = Policy.parse("16-mixed").replace(loss_scale=LossScaleConfig.dynamic(init_scale=8.0, growth_interval=2))
 
 
 def _ls_ctx(a, b):

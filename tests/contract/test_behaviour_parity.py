@@ -106,7 +106,7 @@ class JaxSide:
         def loss(p):
             x = prec.convert_input(jnp.asarray(X))
             y = (x @ prec.convert_input(p["weight"]).T) * poison + p["bias"]
-            return prec.scale_loss(y.astype(jnp.float32).sum() * 0.25, state)
+            return prec.scale_loss(y.astype(jnp.float32).sum() * 0.25, state.loss_scale)
 
         grads = jax.grad(loss)(self.params)
         try:
@@ -126,7 +126,7 @@ class JaxSide:
         return self.prec.state_dict(self.state)
 
     def load_state_dict(self, state):
-        self.state = self.prec.load_state_dict(state, self.state)
+        self.state, _ = self.prec.load_state_dict(state, self.state)
 
 
 SIDES = [TorchSide, JaxSide]
@@ -307,10 +307,10 @@ def test_jax_train_state_reports_none_before_a_step_and_check_step_passes():
     prec = dualprec_jax.Precision("bf16-mixed,nonfinite=raise")
     params = {"weight": jnp.asarray(W), "bias": jnp.asarray(B)}
     state = TrainState.create(apply_fn=None, params=params, tx=optax.sgd(LR), precision=prec)
-    assert _fields(state.last_step()) == ("none", 1.0, None)
+    assert _fields(prec.last_step(state)) == ("none", 1.0, None)
     assert state.check_step() is state  # nothing skipped: no step yet
     bad = {"weight": jnp.full_like(params["weight"], jnp.nan), "bias": jnp.zeros_like(params["bias"])}
     state = state.apply_gradients(grads=bad)
-    assert _fields(state.last_step()) == ("skipped", 1.0, "weight")
+    assert _fields(prec.last_step(state)) == ("skipped", 1.0, "weight")
     with pytest.raises(NonFiniteGradientError, match="weight"):
         state.check_step()

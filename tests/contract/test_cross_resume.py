@@ -51,7 +51,7 @@ def _load(session, state):
     from conformance.backends.jax_backend import JaxSession
 
     if isinstance(session, JaxSession):
-        session.opt_state = session.prec.load_state_dict(state, session.opt_state)
+        session.opt_state, _ = session.prec.load_state_dict(state, session.opt_state)
     else:
         session.prec.load_state_dict(state)
 
@@ -107,5 +107,5 @@ def test_jax_refuses_another_policys_loss_scale(backends, tmp_path):
     with pytest.raises(CheckpointError, match='written under policy "16-mixed"'):
         bf16.prec.load_state_dict(state, bf16.opt_state)
     # asked for: only what both policies share, and bf16-mixed has no loss scale to take
-    taken = bf16.prec.load_state_dict(state, bf16.opt_state, strict=False)
+    taken, _ = bf16.prec.load_state_dict(state, bf16.opt_state, strict=False)
     assert float(taken.loss_scale.scale) == 1.0

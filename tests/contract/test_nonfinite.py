@@ -48,7 +48,7 @@ def jax_step(policy, poison):
 
     def loss(p):
         y = prec.convert_input(jnp.asarray(X)) @ p["weight"].T + p["bias"]
-        return prec.scale_loss(y.astype(jnp.float32).sum() * 0.25 * poison, state)
+        return prec.scale_loss(y.astype(jnp.float32).sum() * 0.25 * poison, state.loss_scale)
 
     grads = jax.grad(loss)(params)
     try:

@@ -86,3 +86,24 @@ def test_one_quantization_error_class():
     from dualprec_torch import quant as tq
 
     assert tq.QuantizationError is jq.QuantizationError is QuantizationError
+
+
+def test_one_loss_scale_state_name_with_the_same_fields_everywhere():
+    """`LossScaleState` is the state in the reference and in both backends (scale, counter);
+    the configuration is the Policy's `LossScaleConfig`; nothing else is called a state."""
+    import dataclasses
+
+    from dualprec import LossScaleConfig, Policy
+    from dualprec.ref import loss_scale as ref
+
+    policy = Policy.parse("16-mixed")
+    assert isinstance(policy.loss_scale, LossScaleConfig)
+    ref_fields = tuple(f.name for f in dataclasses.fields(ref.LossScaleState))
+    assert ref_fields == dualprec_torch.LossScaleState._fields == dualprec_jax.LossScaleState._fields
+    assert ref_fields == ("scale", "counter")
+    t = dualprec_torch.Precision(policy).loss_scale
+    j = dualprec_jax.loss_scale_init(policy.loss_scale)
+    r = ref.loss_scale_init(policy.loss_scale)
+    assert isinstance(t, dualprec_torch.LossScaleState) and isinstance(j, dualprec_jax.LossScaleState)
+    assert float(t.scale) == float(j.scale) == float(r.scale) == 2.0**16
+    assert int(t.counter) == int(j.counter) == r.counter == 0

@@ -49,7 +49,7 @@ def _jax_raise_scales(policy, steps):
     opt_state = tx.init(params)
     scales = []
     for _ in range(steps):
-        grads = jax.grad(lambda p: prec.scale_loss(jnp.sum(p["w"]) * jnp.inf, opt_state))(params)
+        grads = jax.grad(lambda p: prec.scale_loss(jnp.sum(p["w"]) * jnp.inf, opt_state.loss_scale))(params)
         with pytest.raises(NonFiniteGradientError) as info:
             prec.step(tx, grads, opt_state, params)
         assert info.value.parameter == "w"
@@ -92,7 +92,7 @@ def test_clamps_apply_at_load_in_both_backends(saved_scale, expected):
     jprec = JaxPrecision(policy)
     tx = jprec.wrap_optimizer(optax.sgd(0.0))
     params = {"w": jnp.ones(2)}
-    opt_state = jprec.load_state_dict(state, tx.init(params), strict=False)
+    opt_state, _ = jprec.load_state_dict(state, tx.init(params), strict=False)
     assert tprec.scale == float(opt_state.loss_scale.scale) == expected
     assert tprec._scaler.counter == int(opt_state.loss_scale.counter) == 3  # cut to interval - 1
     # the next finite step grows in both (counter 3 + 1 == interval), clamped at max
@@ -100,7 +100,7 @@ def test_clamps_apply_at_load_in_both_backends(saved_scale, expected):
     tprec.backward(model(torch.ones(1, 2)).sum())
     tprec.step(opt)
     tprec.update()
-    grads = jax.grad(lambda p: jprec.scale_loss(jnp.sum(p["w"]), opt_state))(params)
+    grads = jax.grad(lambda p: jprec.scale_loss(jnp.sum(p["w"]), opt_state.loss_scale))(params)
     params, opt_state = jprec.step(tx, grads, opt_state, params)
     assert tprec.scale == float(opt_state.loss_scale.scale) == min(expected * 2, 2.0**16)
 

@@ -82,7 +82,7 @@ def _jax_parts():
         def train_step(params, opt_state, x, y, mult):
             def loss_fn(p):
                 loss = jnp.mean((prec.apply(FlaxMLP(), {"params": p}, x) - y) ** 2)
-                return prec.scale_loss(loss * mult, opt_state), loss
+                return prec.scale_loss(loss * mult, opt_state.loss_scale), loss
             grads, loss = jax.grad(loss_fn, has_aux=True)(params)
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss

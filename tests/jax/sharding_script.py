@@ -52,7 +52,7 @@ def train(policy, sharded, steps=3, poison_step=None):
     def step(params, state, x, y):
         def loss_fn(p):
             out = prec.apply(model, {"params": p}, x)
-            return prec.scale_loss(jnp.mean((out.astype(jnp.float32) - y) ** 2), state)
+            return prec.scale_loss(jnp.mean((out.astype(jnp.float32) - y) ** 2), state.loss_scale)
 
         grads = jax.grad(loss_fn)(params)
         updates, state = tx.update(grads, state, params)

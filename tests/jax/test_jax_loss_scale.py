@@ -7,7 +7,7 @@ import jmp
 import numpy as np
 import pytest
 
-from dualprec import LossScale
+from dualprec import LossScaleConfig
 from dualprec.ref import loss_scale_init as ref_init
 from dualprec.ref import loss_scale_update as ref_update
 from dualprec_jax import all_finite, loss_scale_init, loss_scale_update, scale_loss, unscale
@@ -39,7 +39,7 @@ def _ref(seq, cfg):
 ])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_trajectory_matches_reference_bit_for_bit(kw, seed):
-    cfg = LossScale("dynamic", **{"growth_interval": 3, **kw})
+    cfg = LossScaleConfig("dynamic", **{"growth_interval": 3, **kw})
     seq = np.random.default_rng(seed).random(60) > 0.3
     ours_s, ours_c = _ours(seq, cfg)
     ref_s, ref_c = _ref(seq, cfg)
@@ -49,7 +49,7 @@ def test_trajectory_matches_reference_bit_for_bit(kw, seed):
 
 
 def test_matches_jmp_where_rules_coincide():
-    cfg = LossScale("dynamic", growth_interval=4)
+    cfg = LossScaleConfig("dynamic", growth_interval=4)
     seq = np.random.default_rng(2).random(50) > 0.2
     ls, expect = jmp.DynamicLossScale(jnp.float32(2.0**16), period=4), []
     for finite in seq:
@@ -65,7 +65,7 @@ def test_jmp_loses_min_loss_scale_under_jit_and_we_do_not():
     for _ in range(3):
         theirs = theirs.adjust(jnp.asarray(False))
     assert float(theirs.loss_scale) == 2.0  # the floor of 8 was silently dropped
-    cfg = LossScale("dynamic", init_scale=16.0, min_scale=floor)
+    cfg = LossScaleConfig("dynamic", init_scale=16.0, min_scale=floor)
     ours = jax.jit(lambda s: s)(loss_scale_init(cfg))
     for _ in range(3):
         ours = jax.jit(loss_scale_update, static_argnums=2)(ours, jnp.asarray(False), cfg)
@@ -73,7 +73,7 @@ def test_jmp_loses_min_loss_scale_under_jit_and_we_do_not():
 
 
 def test_static_and_none_never_change():
-    for cfg, expect in [(LossScale.static(128.0), 128.0), (LossScale.none(), 1.0)]:
+    for cfg, expect in [(LossScaleConfig.static(128.0), 128.0), (LossScaleConfig.none(), 1.0)]:
         scales, _ = _ours([False, True, False], cfg)
         assert set(scales.tolist()) == {expect}
 
@@ -90,7 +90,7 @@ def test_all_finite_upcasts_and_ignores_integer_leaves():
 
 
 def test_unscale_and_scale_loss_in_float32():
-    state = loss_scale_init(LossScale("dynamic"))
+    state = loss_scale_init(LossScaleConfig("dynamic"))
     g = unscale({"w": jnp.full((2,), 2.0**16, jnp.bfloat16), "i": jnp.arange(2)}, state)
     assert g["w"].dtype == jnp.float32 and float(g["w"][0]) == 1.0 and g["i"].dtype == jnp.int32
     loss = scale_loss(jnp.asarray(2.0, jnp.float16), state)  # 2 * 2**16 overflows float16
@@ -98,5 +98,5 @@ def test_unscale_and_scale_loss_in_float32():
 
 
 def test_config_must_be_a_loss_scale():
-    with pytest.raises(TypeError, match="dualprec.LossScale"):
+    with pytest.raises(TypeError, match="dualprec.LossScaleConfig"):
         loss_scale_init({"kind": "dynamic"})

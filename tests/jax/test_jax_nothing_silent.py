@@ -61,7 +61,7 @@ def test_an_update_before_any_scaled_loss_warns_once(monkeypatch):
     state = tx.init(params)
     grads = jax.grad(lambda p: _Net().apply({"params": p}, X).sum())(params)  # forgot scale_loss
     with pytest.warns(UserWarning, match=r"no loss was scaled in this process: differentiate "
-                                         r"prec.scale_loss\(loss, opt_state\).*\(65536\) times too small"):
+                                         r"scale_loss\(loss, opt_state.loss_scale\).*\(65536\) times too small"):
         prec.step(tx, grads, state, params)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -75,7 +75,7 @@ def test_no_warning_when_the_loss_was_scaled(monkeypatch):
     params = prec.init(_Net(), jax.random.PRNGKey(0), X)["params"]
     tx = prec.wrap_optimizer(optax.sgd(0.1))
     state = tx.init(params)
-    grads = jax.grad(lambda p: prec.scale_loss(_Net().apply({"params": p}, X).sum(), state))(params)
+    grads = jax.grad(lambda p: prec.scale_loss(_Net().apply({"params": p}, X).sum(), state.loss_scale))(params)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prec.step(tx, grads, state, params)

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from dualprec_jax import LossScaledState, Precision
+from dualprec_jax import LossScaledOptState, Precision
 from tests.jax.conftest import assert_bitwise_equal
 
 PARAMS = {"w": jnp.array([[-0.0, 1.5], [2.0, -3.0]]), "b": jnp.array([0.25, -0.0])}
@@ -73,7 +73,7 @@ def test_checkpoint_resume_is_bit_identical_flax_serialization():
     straight = _train(tx, params, state, 4, scale_of)
     template = {"params": PARAMS, "opt": tx.init(PARAMS)}
     restored = flax.serialization.from_bytes(template, blob)
-    assert isinstance(restored["opt"], LossScaledState)
+    assert isinstance(restored["opt"], LossScaledOptState)
     resumed = _train(tx, restored["params"], restored["opt"], 4, scale_of)
     assert_bitwise_equal(resumed, straight)
 
@@ -108,10 +108,71 @@ def test_master_weights_keep_float32_copies():
 
 def test_update_without_its_state_fails_clearly():
     tx = Precision("16-mixed").wrap_optimizer(optax.adam(1e-3))
-    with pytest.raises(TypeError, match="LossScaledState its init"):
+    with pytest.raises(TypeError, match="LossScaledOptState its init"):
         tx.update(PARAMS, optax.adam(1e-3).init(PARAMS), PARAMS)
-    with pytest.raises(TypeError, match="wrapped optimizer's state"):
+    with pytest.raises(TypeError, match=r"takes the LossScaleState \(opt_state.loss_scale\), got dict"):
         Precision("16-mixed").scale_loss(1.0, {"scale": 2.0})
+
+
+def test_one_way_to_scale_a_loss_and_one_reader_of_the_last_step():
+    """The functional API (optax style) and Precision's methods are the same functions; the
+    old spellings still work, each with a DeprecationWarning naming the new one."""
+    import warnings
+
+    from dualprec import Policy
+    from dualprec_jax import last_step, loss_scaled, scale_loss
+    from dualprec_jax.train_state import TrainState
+
+    policy = Policy.parse("16-mixed,loss_scale=dynamic(init=2**10,interval=2)")
+    tx = loss_scaled(optax.sgd(0.1), policy)
+    state = tx.init(PARAMS)
+    assert last_step(state).outcome == "none" and last_step(state).scale == 2.0**10
+    loss = jnp.asarray(3.0, jnp.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the one way warns about nothing
+        scaled = scale_loss(loss, state.loss_scale)
+        assert_bitwise_equal(scaled, Precision(policy).scale_loss(loss, state.loss_scale))
+    assert scaled.dtype == jnp.float32 and float(scaled) == 3.0 * 2**10
+    with pytest.raises(TypeError, match=r"got LossScaledOptState: pass its .loss_scale"):
+        scale_loss(loss, state)
+    _, state = tx.update(_grads(2.0**10, overflow=True), state, PARAMS)
+    report = last_step(state, PARAMS)
+    assert (report.outcome, report.scale, report.nonfinite_parameter) == ("skipped", 2.0**9, "w")
+    assert last_step(state).nonfinite_parameter == "gradient leaf #1"  # no tree to name it from: its index
+
+    prec = Precision(policy)
+    with pytest.warns(DeprecationWarning, match=r"scale_loss\(loss, opt_state.loss_scale\)"):
+        assert float(prec.scale_loss(loss, state)) == 3.0 * 2**9
+    ts = TrainState.create(apply_fn=lambda v, x: x, params=PARAMS, tx=optax.sgd(0.1), precision=prec)
+    assert isinstance(ts.loss_scale, type(state.loss_scale)) and float(ts.loss_scale.scale) == 2.0**10
+    with pytest.warns(DeprecationWarning, match=r"dualprec_jax.scale_loss\(loss, state.loss_scale\)"):
+        assert float(ts.scale_loss(loss)) == 3.0 * 2**10
+    with pytest.warns(DeprecationWarning, match=r"state.precision.last_step\(state\)"):
+        assert ts.last_step() == prec.last_step(ts) == last_step(ts)
+    from dualprec_jax import train_state
+    with pytest.warns(DeprecationWarning, match=r"precision.last_step\(obj\)"):
+        assert train_state.last_step(prec, ts) == last_step(ts)
+    with pytest.warns(DeprecationWarning, match=r"opt_state_of\(obj\).loss_scale"):
+        assert_bitwise_equal(train_state.loss_scale_of(ts), ts.loss_scale)
+    import dualprec_jax
+    with pytest.warns(DeprecationWarning, match="use dualprec_jax.LossScaledOptState"):
+        assert dualprec_jax.LossScaledState is LossScaledOptState
+    import dualprec
+    with pytest.warns(DeprecationWarning, match="use dualprec.LossScaleConfig"):
+        assert dualprec.LossScale is dualprec.LossScaleConfig is type(policy.loss_scale)
+
+
+def test_load_state_dict_returns_one_type():
+    prec = Precision("16-mixed")
+    tx = prec.wrap_optimizer(optax.sgd(0.1))
+    state = tx.init(PARAMS)
+    saved = prec.state_dict(state)
+    loaded = prec.load_state_dict(saved, state)
+    assert isinstance(loaded, tuple) and len(loaded) == 2 and loaded[1] is None
+    assert isinstance(loaded[0], LossScaledOptState)
+    variables = {"params": PARAMS}
+    opt_state, back = prec.load_state_dict(saved, state, variables)
+    assert isinstance(opt_state, LossScaledOptState) and back is variables
 
 
 @pytest.mark.slow
@@ -128,7 +189,7 @@ def test_sharded_arrays_under_jit():
         state = tx.init(params)
         @jax.jit
         def step(p, s):
-            g = jax.grad(lambda q: prec.scale_loss(jnp.sum(q["w"] ** 2), s))(p)
+            g = jax.grad(lambda q: prec.scale_loss(jnp.sum(q["w"] ** 2), s.loss_scale))(p)
             u, s = tx.update(g, s, p)
             return optax.apply_updates(p, u), s
         p, s = step(params, state)

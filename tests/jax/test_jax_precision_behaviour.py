@@ -33,7 +33,7 @@ def test_last_step_none_before_a_step_and_after_a_load_and_skip_names_the_parame
     assert jax.tree.map(lambda a, b: bool((a == b).all()), new_params, params) == {"weight": True, "bias": True}
     _, opt_state = prec.step(tx, {"weight": jnp.ones((2, 3)), "bias": jnp.ones(3)}, opt_state, new_params)
     assert prec.last_step(opt_state).outcome == "applied"
-    loaded = prec.load_state_dict(prec.state_dict(opt_state), opt_state)
+    loaded, _ = prec.load_state_dict(prec.state_dict(opt_state), opt_state)
     assert prec.last_step(loaded).outcome == "none"
     # inside jit too (the state carries it)
     fresh = jax.jit(tx.init)(params)

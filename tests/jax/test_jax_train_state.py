@@ -12,8 +12,8 @@ from flax import nnx
 
 from dualprec import checkpoint
 from dualprec.errors import CheckpointError, NonFiniteGradientError
-from dualprec_jax import LossScaledState, Precision
-from dualprec_jax.train_state import TrainState, last_step, loss_scale_of, restore_checkpoint, save_checkpoint
+from dualprec_jax import LossScaledOptState, Precision, last_step, scale_loss
+from dualprec_jax.train_state import TrainState, restore_checkpoint, save_checkpoint
 from tests.jax.conftest import assert_bitwise_equal
 
 OVERFLOW_AT = 2  # the step whose gradients get an inf injected
@@ -59,7 +59,7 @@ def _train_state(prec, model, params, tx):
 def _make_step(prec, model):
     @jax.jit
     def step(state, x, y, i):
-        grads = jax.grad(lambda p: state.scale_loss(_loss(prec, model, p, x, y)))(state.params)
+        grads = jax.grad(lambda p: scale_loss(_loss(prec, model, p, x, y), state.loss_scale))(state.params)
         return state.apply_gradients(grads=_inject(grads, i))
     return step
 
@@ -75,18 +75,18 @@ def _run(step, state, data, start=0):
 def test_train_state_skips_the_overflow_backs_off_and_equals_the_plain_loop():
     prec, model, params = _setup()
     state, history = _run(_make_step(prec, model), _train_state(prec, model, params, optax.adam(1e-2)), _data())
-    assert isinstance(state.opt_state, LossScaledState)
+    assert isinstance(state.opt_state, LossScaledOptState)
     assert int(state.step) == 3  # four updates, one skipped
-    assert float(state.loss_scale) == BACKED_OFF  # backed off once
+    assert float(state.loss_scale.scale) == BACKED_OFF  # backed off once
     assert int(state.opt_state.inner[0].count) == 3  # Adam's count skips the step too
     assert_bitwise_equal(history[OVERFLOW_AT], history[OVERFLOW_AT - 1])  # params untouched
-    assert state.last_step().taken
+    assert last_step(state).taken and prec.last_step(state).taken
 
     tx = prec.wrap_optimizer(optax.adam(1e-2))  # the same steps written out with the wrapper
 
     @jax.jit
     def plain_step(p, opt_state, x, y, i):
-        grads = jax.grad(lambda q: prec.scale_loss(_loss(prec, model, q, x, y), opt_state))(p)
+        grads = jax.grad(lambda q: prec.scale_loss(_loss(prec, model, q, x, y), opt_state.loss_scale))(p)
         return prec.step(tx, _inject(grads, i), opt_state, p)
 
     p, opt_state = params, tx.init(params)
@@ -145,19 +145,17 @@ def test_nnx_optimizer_with_the_loss_scaled_wrapper_equals_the_functional_loop()
 
     @nnx.jit
     def train_step(model, optimizer, x, y, i):
-        scale = loss_scale_of(optimizer)
-
         def loss_fn(m):
             loss = jnp.mean((m(x).astype(jnp.float32) - y) ** 2)
-            return prec.scale_loss(loss, scale)
+            return scale_loss(loss, optimizer.opt_state.loss_scale)
 
         grads = nnx.grad(loss_fn)(model)
         optimizer.update(model, _inject(grads, i))
 
     for i, (x, y) in enumerate(_data()):
         train_step(model, optimizer, x, y, i)
-    assert float(loss_scale_of(optimizer).scale) == BACKED_OFF
-    assert last_step(prec, optimizer).taken
+    assert float(last_step(optimizer).scale) == BACKED_OFF
+    assert last_step(optimizer).taken and prec.last_step(optimizer).taken
 
     tx = prec.wrap_optimizer(optax.adam(1e-2))  # the same steps on the pure pytree
 
@@ -165,14 +163,14 @@ def test_nnx_optimizer_with_the_loss_scaled_wrapper_equals_the_functional_loop()
     def plain_step(p, opt_state, x, y, i):
         def loss_fn(q):
             out = nnx.merge(graphdef, q)(x)
-            return prec.scale_loss(jnp.mean((out.astype(jnp.float32) - y) ** 2), opt_state)
+            return prec.scale_loss(jnp.mean((out.astype(jnp.float32) - y) ** 2), opt_state.loss_scale)
         return prec.step(tx, _inject(jax.grad(loss_fn)(p), i), opt_state, p)
 
     p, opt_state = params0, tx.init(params0)
     for i, (x, y) in enumerate(_data()):
         p, opt_state = plain_step(p, opt_state, x, y, i)
     assert_bitwise_equal(nnx.state(model, nnx.Param), p)
-    assert int(opt_state.loss_scale.counter) == int(loss_scale_of(optimizer).counter) == 1
+    assert int(opt_state.loss_scale.counter) == int(optimizer.opt_state.loss_scale.counter.get_value()) == 1
 
 
 def test_orbax_checkpoint_resumes_bit_for_bit(tmp_path):
@@ -185,14 +183,14 @@ def test_orbax_checkpoint_resumes_bit_for_bit(tmp_path):
 
     fresh = _train_state(prec, model, params, optax.adam(1e-2))
     restored = restore_checkpoint(tmp_path / "ckpt", fresh)
-    assert float(restored.loss_scale) == BACKED_OFF and int(restored.step) == 2
-    assert isinstance(restored.opt_state, LossScaledState)
+    assert float(restored.loss_scale.scale) == BACKED_OFF and int(restored.step) == 2
+    assert isinstance(restored.opt_state, LossScaledOptState)
     resumed, _ = _run(step, restored, data[3:], start=3)
     assert_bitwise_equal((resumed.params, resumed.opt_state, resumed.step),
                          (straight.params, straight.opt_state, straight.step))
 
     only = restore_checkpoint(tmp_path / "ckpt", fresh, precision_only=True)  # the precision items alone
-    assert float(only.loss_scale) == BACKED_OFF and int(only.opt_state.loss_scale.counter) == 0
+    assert float(only.loss_scale.scale) == BACKED_OFF and int(only.opt_state.loss_scale.counter) == 0
     assert_bitwise_equal(only.params, fresh.params)
     with pytest.raises(CheckpointError, match="bf16-mixed"):
         restore_checkpoint(tmp_path / "ckpt", _train_state(Precision("bf16-mixed"), model, params, optax.adam(1e-2)))
@@ -230,7 +228,7 @@ def test_the_loss_scale_crosses_to_and_from_torch_through_the_file(tmp_path):
     checkpoint.save_state(tmp_path / "torch.safetensors", torch_prec.state_dict())
     back = _train_state(prec, model, params, optax.sgd(0.1)).load_precision_state_dict(
         checkpoint.load_state(tmp_path / "torch.safetensors"))
-    assert float(back.loss_scale) == BACKED_OFF and int(back.opt_state.loss_scale.counter) == 1
+    assert float(back.loss_scale.scale) == BACKED_OFF and int(back.opt_state.loss_scale.counter) == 1
 
 
 def test_the_snippets_of_docs_flax_md_run(tmp_path, monkeypatch):
@@ -244,6 +242,6 @@ def test_the_snippets_of_docs_flax_md_run(tmp_path, monkeypatch):
     namespace = {}
     exec(compile("\n".join(blocks), "docs/flax.md", "exec"), namespace)  # in order, as a reader would
     state = namespace["state"]
-    assert state.last_step().outcome == "skipped" and float(state.loss_scale) == 2.0 ** 15  # as the page says
+    assert last_step(state).outcome == "skipped" and float(state.loss_scale.scale) == 2.0 ** 15  # as the page says
     assert int(namespace["restored"].step) == int(state.step) == 0
-    assert float(namespace["restored"].loss_scale) == float(namespace["again"].loss_scale) == 2.0 ** 15
+    assert float(namespace["restored"].loss_scale.scale) == float(namespace["again"].loss_scale.scale) == 2.0 ** 15

@@ -42,7 +42,7 @@ def _ours_step(prec, forward, tx):
     @jax.jit
     def step(params, opt_state, x):
         def loss_fn(p):
-            return prec.scale_loss(loss_of(forward(p, prec.convert_input(x))), opt_state)
+            return prec.scale_loss(loss_of(forward(p, prec.convert_input(x))), opt_state.loss_scale)
         grads = jax.grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state

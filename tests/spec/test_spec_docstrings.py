@@ -23,7 +23,8 @@ _FUNCTIONS = [
     grammar.parse_policy, dualprec.explain, dualprec.presets, dualprec.check_policy,
     capabilities.resolve_fp8_engine,
     presets.preset_names, presets.lookup_preset, presets.preset_name_of,
-    registry.register, registry.registered, registry.describe, registry.register_check, registry.refusal,
+    registry.register, registry.registered, registry.loaded, registry.not_loaded, registry.describe,
+    registry.register_check, registry.refusal, checkpoint.register_array_converter,
     checkpoint.save, checkpoint.load, checkpoint.save_state, checkpoint.load_state,
     checkpoint.save_training_file, checkpoint.load_training_file, checkpoint.write_checked,
     checkpoint.read_checked, checkpoint.register_state_extension, checkpoint.state_extensions,
@@ -77,7 +78,7 @@ _CALLABLES = [(f"{f.__module__}.{f.__name__}", f) for f in _FUNCTIONS] + list(_m
 
 def test_the_lists_cover_the_api():
     names = {n for n, _ in _CALLABLES}
-    for expected in ("Policy.parse", "Policy.for_module", "Policy.check", "LossScale.dynamic",
+    for expected in ("Policy.parse", "Policy.for_module", "Policy.check", "LossScaleConfig.dynamic",
                      "CheckReport.raise_if_unrunnable", "dualprec.checkpoint.save_state"):
         assert expected in names
     assert len(_CALLABLES) > 50

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dualprec import FP8Recipe, LossScale, Policy, PolicyError, Quantization
+from dualprec import FP8Recipe, LossScaleConfig, Policy, PolicyError, Quantization
 
 BAD = [
     # unknown names, with suggestions
@@ -119,13 +119,13 @@ def test_bad_dicts(data, message):
 
 def test_component_constructors_validate():
     with pytest.raises(PolicyError, match="settings were given but kind is none"):
-        LossScale(init_scale=4.0)
+        LossScaleConfig(init_scale=4.0)
     with pytest.raises(PolicyError, match="unknown mode"):
         Quantization("nf3")
     with pytest.raises(PolicyError, match="contains"):
         Quantization("nf4", skip=("a,b",))
     with pytest.raises(PolicyError, match="growth/backoff/interval/min/max apply to dynamic"):
-        LossScale("static", init_scale=8.0, growth_interval=10)
+        LossScaleConfig("static", init_scale=8.0, growth_interval=10)
     with pytest.raises(PolicyError, match="blocksize applies to 4-bit"):
         Quantization("int8", blocksize=128)
     with pytest.raises(PolicyError, match="threshold is the LLM.int8"):

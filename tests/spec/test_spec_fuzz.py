@@ -175,7 +175,7 @@ def _jax_losses(policy):
     def train_step(variables, params, opt_state):
         def loss_fn(v):
             loss = jnp.mean((prec.apply(MLP(), v, x) - y) ** 2)
-            return prec.scale_loss(loss, opt_state), loss
+            return prec.scale_loss(loss, opt_state.loss_scale), loss
         grads, loss = jax.grad(loss_fn, has_aux=True)({**variables, "params": params})
         params, opt_state = prec.step(tx, grads["params"], opt_state, params)
         variables = fp8.apply_fp8_grads({**variables, "params": params}, grads) if len(variables) > 1 else variables

@@ -91,8 +91,9 @@ def test_table_rows_and_text():
 
 
 def test_explain_carries_the_table(capsys):
-    from dualprec.cli import main
+    from dualprec.cli import import_backends, main
 
+    assert import_backends() == {}  # explain describes the backends imported in the process
     info = explain(Policy.parse("bf16-mixed"))
     assert info["op_table"][0]["list"] == "lower"
     json.dumps(info)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dualprec import FP8Recipe, LossScale, Policy, PolicyError, Quantization, presets
+from dualprec import FP8Recipe, LossScaleConfig, Policy, PolicyError, Quantization, presets
 from dualprec.presets import PRESET_TABLE, lookup_preset
 
 
@@ -146,7 +146,7 @@ def test_explicit_form_with_everything():
                      "fp8=delayed(history=16,margin=1,algo=most_recent,engine=native),reduce=bf16,"
                      "@lm_head=32-true,@blocks.*.norm=(compute=float32)")
     assert dt(p) == ("float32", "bfloat16", "float32", "bfloat16")
-    assert p.loss_scale == LossScale("dynamic", 2.0**15, 4.0, 0.25, 100, 1.0, 2.0**20)
+    assert p.loss_scale == LossScaleConfig("dynamic", 2.0**15, 4.0, 0.25, 100, 1.0, 2.0**20)
     assert p.quantization == Quantization("nf4-dq")
     assert p.fp8 == FP8Recipe("delayed", 16, 1, "most_recent", "hybrid", "native")
     head = p.for_module("lm_head")
@@ -177,8 +177,8 @@ def test_override_first_match_wins_and_empty_group_shields():
 
 def test_static_loss_scale_spellings():
     for s in ("16-mixed,loss_scale=1024", "16-mixed,loss_scale=static(1024)", "16-mixed,ls=static(scale=2**10)"):
-        assert Policy.parse(s).loss_scale == LossScale("static", init_scale=1024.0)
-    assert Policy.parse("16-mixed,loss_scale=none").loss_scale == LossScale()
+        assert Policy.parse(s).loss_scale == LossScaleConfig("static", init_scale=1024.0)
+    assert Policy.parse("16-mixed,loss_scale=none").loss_scale == LossScaleConfig()
 
 
 def test_parse_accepts_policy_and_dict():

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dualprec import FP8Recipe, LossScale, Policy, PolicyError, Quantization, presets
+from dualprec import FP8Recipe, LossScaleConfig, Policy, PolicyError, Quantization, presets
 from dualprec.policy import (
     BLOCKSIZES,
     FP8_ENGINES,
@@ -26,13 +26,13 @@ scales = st.sampled_from([1.0, 0.5, 3.0, 1024.0, 2.0**15, 2.0**16, 2.0**24, 1e-3
 def loss_scales(draw):
     kind = draw(st.sampled_from(["none", "static", "dynamic"]))
     if kind == "none":
-        return LossScale()
+        return LossScaleConfig()
     init = draw(scales)
     if kind == "static":
-        return LossScale("static", init_scale=init)
+        return LossScaleConfig("static", init_scale=init)
     lo = draw(st.none() | st.sampled_from([init, init / 4]))
     hi = draw(st.none() | st.sampled_from([init, init * 8]))
-    return LossScale("dynamic", init, draw(st.sampled_from([2.0, 1.5, 4.0])),
+    return LossScaleConfig("dynamic", init, draw(st.sampled_from([2.0, 1.5, 4.0])),
                      draw(st.sampled_from([0.5, 0.25, 0.9])), draw(st.integers(1, 5000)), lo, hi)
 
 
@@ -79,7 +79,7 @@ def policies(draw, allow_overrides=True):
             if allow_overrides:
                 subs = draw(st.lists(st.tuples(patterns, policies(allow_overrides=False)), max_size=2,
                                      unique_by=lambda t: t[0]))
-                p = p.replace(overrides=tuple((pat, sub.replace(loss_scale=LossScale(), nonfinite=None))
+                p = p.replace(overrides=tuple((pat, sub.replace(loss_scale=LossScaleConfig(), nonfinite=None))
                                                for pat, sub in subs))
             return p
         except PolicyError:

@@ -117,3 +117,26 @@ def test_weights_loaded_after_setup_reach_the_master_copies():
     # one AdamW step from the pretrained weights moves each weight by about lr, not to seed 5's
     for p, q in zip(model.parameters(), pretrained.values()):
         assert float((p.detach().float() - q.float()).abs().max()) < 0.05
+
+
+def test_bfloat16_tensors_reach_the_checkpoint_bit_for_bit_through_the_backends_converter(monkeypatch):
+    """The spec's writer takes torch tensors through the conversion dualprec_torch registers
+    (the spec imports no torch); without it, a bfloat16 tensor is refused by name."""
+    import ml_dtypes
+    import numpy as np
+
+    from dualprec import checkpoint
+    from dualprec.errors import CheckpointError
+
+    bits = torch.tensor([0x3FC0, 0x7F81, -0x0001, 0x7F80, 0x0001], dtype=torch.int16)  # 1.5, sNaN, NaN, inf, tiny
+    masters = {"w": bits.view(torch.bfloat16), "b": torch.arange(3, dtype=torch.float32)}
+    state = checkpoint.new_state(Policy.parse("bf16-true,master=true"), 1.0, 0, masters)
+    _, tensors = checkpoint.state_to_file(state)
+    assert tensors["master.w"].dtype == np.uint16  # stored as its bits
+    np.testing.assert_array_equal(tensors["master.w"], bits.numpy().view(np.uint16))
+    np.testing.assert_array_equal(tensors["master.b"], np.arange(3, dtype=np.float32))
+    back = checkpoint.state_from_file(*checkpoint.state_to_file(state))
+    assert back["master_weights"]["w"].dtype == ml_dtypes.bfloat16
+    monkeypatch.setattr(checkpoint, "_ARRAY_CONVERTERS", [])
+    with pytest.raises(CheckpointError, match="import dualprec_torch first"):
+        checkpoint.state_to_file(state)

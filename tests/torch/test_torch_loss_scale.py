@@ -3,7 +3,6 @@ reference state machine, clamps, several optimizers and param groups."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch_support import assert_same_state, loss_fn, make_batches, make_model, run_by_hand, run_precision, setup_mlp
@@ -188,9 +187,37 @@ def test_fp16_gradients_are_refused_with_the_fix():
         prec.step(opt)
 
 
-def test_loss_scale_state_is_the_reference_type():
+def test_loss_scale_state_has_the_reference_fields_as_tensors():
+    from dualprec_torch import LossScaleState
+
     prec = Precision("mixed_float16")
     state = prec.loss_scale
-    assert state.scale == np.float32(2.0**15) and state.counter == 0
+    assert isinstance(state, LossScaleState) and state._fields == ("scale", "counter")
+    assert state.scale.dtype == torch.float32 and state.counter.dtype == torch.int32
+    assert state.scale.item() == 2.0**15 and state.counter.item() == 0
     assert Precision("bf16-mixed").scale == 1.0
     assert math.isclose(Precision("bf16-mixed,loss_scale=static(64)").scale, 64.0)
+
+
+def test_reading_the_scale_changes_nothing_and_names_the_next_iterations_scale():
+    """`scale`, `loss_scale` and `last_step` are reads: the pending update is worked out on
+    copies (the scaler's tensors stay as they were); each read gives the reference's scale
+    after this step's update, which the next backward then applies."""
+    policy = "16-mixed,loss_scale=dynamic(init=2**10,interval=2)"
+    prec, model, opt = setup_mlp(policy)
+    flags = [True, True, False, True, True, True]
+    for i, (x, y) in enumerate(make_batches("mlp", len(flags))):
+        opt.zero_grad()
+        with prec.autocast():
+            loss = loss_fn(model(prec.convert_input(x)), y)
+        prec.backward(loss)
+        if not flags[i]:
+            next(model.parameters()).grad.view(-1)[0] = INF
+        prec.step(opt)
+        before = (prec._scaler._scale.clone(), prec._scaler._counter.clone())
+        seen = [prec.scale, prec.scale, prec.loss_scale, prec.last_step().scale]
+        assert torch.equal(prec._scaler._scale, before[0]) and torch.equal(prec._scaler._counter, before[1])
+        expect = ref_trajectory(policy, flags[:i + 1])[-1]
+        assert seen[0] == seen[1] == seen[2].scale.item() == seen[3] == expect, (i, seen, expect)
+    prec.update()
+    assert prec._scaler.scale == expect  # the update then applied is the one the reads reported
