@@ -26,7 +26,6 @@ under NVFP4) stay torch layers, with a warning naming them. TE refuses DelayedSc
 
 from __future__ import annotations
 
-import functools
 import importlib
 import warnings
 
@@ -206,17 +205,23 @@ def _set(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _wrap_forward(model: nn.Module, fp8_recipe) -> None:
-    if _WRAPPED in model.__dict__:
-        model.forward = model.__dict__[_WRAPPED]
-    original = model.forward
+    """Run the model's forward under ``te.autocast(recipe)`` through forward hooks (a pre-hook
+    enters it, a hook that runs even when forward raises leaves it); the model's own ``forward``
+    is never replaced. Converting again replaces the hooks."""
+    for handle in model.__dict__.get(_WRAPPED, ()):
+        handle.remove()
+    open_contexts: list = []  # one per call in flight (a forward may call the model again)
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        with autocast(fp8_recipe):
-            return original(*args, **kwargs)
+    def enter(module, args):
+        ctx = autocast(fp8_recipe)
+        ctx.__enter__()
+        open_contexts.append(ctx)
 
-    model.forward = forward
-    setattr(model, _WRAPPED, original)
+    def leave(module, args, output):
+        open_contexts.pop().__exit__(None, None, None)
+
+    model.__dict__[_WRAPPED] = (model.register_forward_pre_hook(enter),
+                                model.register_forward_hook(leave, always_call=True))
 
 
 def convert_module(model: nn.Module, policy, *, module_filter_fn=None) -> nn.Module:

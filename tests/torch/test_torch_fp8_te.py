@@ -144,6 +144,31 @@ def test_layer_selection_replacement_and_autocast(stand_in):
     assert len([c for c in calls if c[0] in ("autocast", "fp8_autocast")]) == 1
 
 
+def test_te_autocast_by_hooks_leaves_forward_alone_and_closes_on_error(stand_in):
+    """The model runs under te.autocast through forward hooks: its ``forward`` is the class's
+    (nothing in the instance's __dict__), and a forward that raises still leaves the context."""
+    module, recipes, calls = stand_in
+
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x, fail=False):
+            y = self.fc(x)
+            if fail:
+                raise RuntimeError("boom")
+            return y
+
+    model = fp8.convert_module(Boom(), Policy.parse("bf16-mixed,fp8=delayed(engine=te)"))
+    assert "forward" not in model.__dict__ and type(model).forward is Boom.forward
+    calls.clear()
+    with pytest.raises(RuntimeError, match="boom"):
+        model(torch.randn(4, 32), fail=True)
+    names = [c[0] for c in calls if c[0] != "forward"]
+    assert len(names) == 2 and names[0] in ("autocast", "fp8_autocast") and names[1] == "exit " + names[0]
+
+
 def test_current_scaling_and_module_filter(stand_in):
     module, recipes, calls = stand_in
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
