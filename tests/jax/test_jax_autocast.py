@@ -509,3 +509,18 @@ def test_python_scalars_are_read_as_written(policy):
     # a constant that is a half number already stays that number
     exact = autocast(lambda x: x ** 1.5, policy)(x)
     np.testing.assert_array_equal(np.asarray(exact), np.asarray(xf ** np.float32(1.5)))
+
+
+def test_a_cast_after_a_float32_composite_is_held_by_pin_dtype():
+    """``softmax(x).astype(x.dtype)`` of a half ``x``: while JAX traces, softmax is half and the
+    cast is a no-op that leaves nothing in the jaxpr, so the table's float32 softmax reaches
+    the caller (a documented limitation: no function is replaced while tracing).
+    ``pin_dtype(softmax(x), x.dtype)`` holds the dtype: torch's bits, rounded once."""
+    from dualprec_jax.autocast import pin_dtype
+
+    x = jnp.linspace(-2, 2, 16, dtype=F32).reshape(2, 8).astype(BF16)
+    assert autocast(lambda x: jax.nn.softmax(x).astype(x.dtype), "bf16-mixed")(x).dtype == F32
+    got = autocast(lambda x: pin_dtype(jax.nn.softmax(x), x.dtype), "bf16-mixed")(x)
+    assert got.dtype == BF16
+    want = jax.nn.softmax(x.astype(F32)).astype(BF16)
+    np.testing.assert_array_equal(np.asarray(got.astype(F32)), np.asarray(want.astype(F32)))
