@@ -49,16 +49,16 @@ _HALF = tuple(jnp.dtype(name) for name in HALF_DTYPES)  # from dualprec.dtypes
 # The table by JAX name, from dualprec.optable.  Primitives stand for one op each
 # (``exp``, ``reduce_sum``, ``integer_pow``).  Composites are JAX functions that trace to
 # several primitives: the evaluator knows them by the name of the jit JAX puts around them
-# (``log_softmax``, ``silu``, ``norm``) or that autocast puts around them while tracing
-# (`_MARKED`: softmax, gelu, logsumexp, jnp.sum... which JAX inlines).
-_MARKABLE_MODULES = ("jax.nn.", "jax.numpy.", "jax.scipy.special.", "jax.image.", "optax.")
+# (``log_softmax``, ``silu``, ``norm``) or by the Python frame in each equation's traceback
+# (`_COMPOSITES`: softmax, gelu, logsumexp... which JAX inlines), never by replacing them.
+_COMPOSITE_PREFIXES = ("jax.nn.", "jax.numpy.", "jax.scipy.special.", "jax.image.", "optax.")
 
 
 def _jax_callables(lst: str) -> dict[str, str]:
     """Dotted JAX composites of the table's list ``lst`` -> the name they are known by (ops
     that are one primitive, jnp.exp or jnp.sum, are left to the primitive rules)."""
     return {name: name.rsplit(".", 1)[1] for e in optable.ENTRIES if e.list == lst and not e.jax_primitives
-            for name in e.jax if name.startswith(_MARKABLE_MODULES) and "[" not in name}
+            for name in e.jax if name.startswith(_COMPOSITE_PREFIXES) and "[" not in name}
 
 
 FP32_PRIMITIVES = frozenset(p for e in optable.FP32 for p in e.jax_primitives) | {"exp2", "cumlogsumexp"}
@@ -70,22 +70,17 @@ _ACTIVATIONS = ("gelu", "silu", "swish", "sigmoid", "elu", "leaky_relu", "mish",
                 "hard_swish", "hard_sigmoid", "celu", "selu", "log_sigmoid", "relu6", "hard_tanh", "glu")
 _OPMATH_CALLABLES = {**{f"jax.nn.{n}": n for n in _ACTIVATIONS},
                      **{f"jax.numpy.{n}": n for n in ("mean", "var", "std")}}
-# fp32-list functions with a dtype= argument: an explicit dtype is kept (torch too), so a call
-# with one is marked to be left alone.
-_DTYPE_KEPT = {name: name.rsplit(".", 1)[1] for e in optable.FP32 if e.respects_dtype for name in e.jax
-               if name.startswith("jax.numpy.")}
 # jnp.dot/jnp.vdot of two vectors (torch.dot, promote list) are recognised by shape
-# (`_is_vector_dot`): JAX inlines them without their frame and nothing marks them.
-_MARKED_MODULES = ("jax.nn", "jax.numpy", "jax.numpy.linalg", "jax.scipy.special", "jax.image", "optax")
-_MARKED = {**{k: (v, "dtype") for k, v in _DTYPE_KEPT.items()},
-           **{k: (v, "fp32") for k, v in _jax_callables("fp32").items()},
+# (`_is_vector_dot`): JAX inlines them without their frame.
+_COMPOSITE_MODULES = ("jax.nn", "jax.numpy", "jax.numpy.linalg", "jax.scipy.special", "jax.image", "optax")
+_COMPOSITES = {**{k: (v, "fp32") for k, v in _jax_callables("fp32").items()},
            **{k: (v, "promote") for k, v in _jax_callables("promote").items()},
            **{k: (v, "opmath") for k, v in _OPMATH_CALLABLES.items()}}
-FP32_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "fp32") | {"_softmax", "_log_softmax"}
-_EXPLICIT_DTYPE = AS_WRITTEN  # a marked call with dtype= (and ops.as_written regions): no rule inside
-PROMOTE_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind in ("promote", "promote1d")) | {
+FP32_COMPOSITES = frozenset(v for v, kind in _COMPOSITES.values() if kind == "fp32") | {"_softmax", "_log_softmax"}
+_EXPLICIT_DTYPE = AS_WRITTEN  # ops.as_written regions: no rule inside
+PROMOTE_COMPOSITES = frozenset(v for v, kind in _COMPOSITES.values() if kind == "promote") | {
     _EXPLICIT_DTYPE}
-OPMATH_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "opmath") | {
+OPMATH_COMPOSITES = frozenset(v for v, kind in _COMPOSITES.values() if kind == "opmath") | {
     "_var", "_std", "_mean", "nanmean", "nanvar", "nanstd", "average"}
 
 
@@ -405,12 +400,10 @@ _CODES_FOR: list = [None]
 def _composite_codes() -> dict:
     """The code objects of the table's composites importable now (their Python functions,
     unwrapped from JAX's jit), whatever name a user imported them under."""
-    loaded = tuple(m in sys.modules for m in _MARKED_MODULES)
+    loaded = tuple(m in sys.modules for m in _COMPOSITE_MODULES)
     if _CODES_FOR[0] != loaded:
         codes = {}
-        for dotted, (name, kind) in _MARKED.items():
-            if kind in ("dtype", "promote1d"):
-                continue
+        for dotted, (name, kind) in _COMPOSITES.items():
             mod_name, attr = dotted.rsplit(".", 1)
             fn = getattr(sys.modules.get(mod_name), attr, None)
             fn = getattr(fn, "__wrapped__", fn)
@@ -489,7 +482,7 @@ def _has_primitive(eqns, name) -> bool:
 
 def _torch_formula_run(jaxpr, run, values, ctx):
     """An activation JAX traced (``gelu(x)`` however imported) with one half input and one
-    output: torch's formula in float32, rounded once, as the marked call computes it.  None
+    output: torch's formula in float32, rounded once, as a call of the activation computes it.  None
     (evaluate the run's own equations in float32) for anything else."""
     if len(values) != 1 or len(run.escaping) != 1:
         return None
@@ -996,7 +989,7 @@ def _flax_context(policy: Policy):
 # ----- tracing under a policy ----------------------------------------------------------------
 # JAX caches the traces of jitted functions by their arguments and a "trace context"; this
 # user context puts the policy in that key, so a jitted helper traced inside an autocast
-# trace (with the marks and the linen interceptor active) is traced again outside it or under
+# trace (with the linen interceptor active) is traced again outside it or under
 # another policy, never reused (and one traced before, outside, is traced again inside).
 _TRACE_KEY = jax.make_user_context(None)
 _ACTIVE = threading.local()  # .policy: the autocast trace running in this thread (or None)

@@ -214,9 +214,9 @@ def test_module_attributes_are_never_replaced():
     function, a linen module's call included) and after autocast / Precision.init /
     Precision.apply under every preset: the table is applied to the jaxpr, never by replacing
     a function."""
-    from dualprec.presets import preset_names
-
     import flax.linen as nn
+
+    from dualprec.presets import preset_names
 
     before = _snapshot()
     assert len(before) > 1000
