@@ -146,17 +146,16 @@ def time_tracing(layers, d_model, d_hidden, tokens, repeats):
 
 
 def hlo_ops(params, x):
-    """Instruction counts by opcode in the optimized HLO of each step (converts, fusions)."""
+    """Instruction counts by opcode in the optimized (compiled) HLO of each step."""
+    import collections
+    import re
+
+    opcode = re.compile(r"=\s+(?:\(.*?\)|\S+)\s+([a-z][\w\-]*)\(")
     counts = {}
     for name, step in steps_for(scan=True).items():
         text = jax.jit(step).lower(params, x).compile().as_text()
-        ops = {}
-        for line in text.splitlines():
-            if " = " in line and "(" in line:
-                rhs = line.split(" = ", 1)[1].split("(", 1)[0].split()
-                if rhs:
-                    ops[rhs[-1]] = ops.get(rhs[-1], 0) + 1
-        counts[name] = {k: ops.get(k, 0) for k in ("convert", "fusion", "dot", "custom-call", "while", "copy")}
+        counts[name] = dict(sorted(collections.Counter(
+            m.group(1) for line in text.splitlines() for m in [opcode.search(line)] if m).items()))
     return counts
 
 
@@ -199,6 +198,7 @@ def main(argv=None):
     x = jax.random.normal(jax.random.key(1), (args.tokens, args.d_model), F32)
     result["autocast_equals_hand_bitwise"] = same_bits(params, x)
     result["hlo_ops"] = hlo_ops(params, x)
+    result["hlo_ops_autocast_equals_hand"] = result["hlo_ops"]["autocast"] == result["hlo_ops"]["hand"]
     if not args.skip_steps:
         per_round, ratios = time_steps(params, x, args.rounds, args.steps)
         result["step_s"] = {k: _summary(v) | {"rounds": v} for k, v in per_round.items()}
@@ -208,7 +208,7 @@ def main(argv=None):
     path = Path(args.out) if args.out else results_path("jax-autocast-scan", env)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=str))
-    print(json.dumps({k: result[k] for k in ("autocast_equals_hand_bitwise", "hlo_ops", "tracing")} | {
+    print(json.dumps({k: result[k] for k in ("autocast_equals_hand_bitwise", "hlo_ops_autocast_equals_hand", "tracing")} | {
         k: {n: result[k][n]["median"] for n in result[k]} for k in ("step_s", "step_ratio") if k in result},
         indent=1, default=str))
     print("written", path)
