@@ -39,7 +39,7 @@ from dualprec import Policy, optable
 from dualprec.dtypes import HALF_DTYPES
 
 from .casts import accumulation_dtype, jax_dtype
-from .ops import AS_WRITTEN, _freeze, _rounding_dot, torch_activation
+from .ops import AS_WRITTEN, _freeze, _rounding_dot
 
 __all__ = ["autocast", "AutocastWarning"]
 
@@ -49,16 +49,16 @@ _HALF = tuple(jnp.dtype(name) for name in HALF_DTYPES)  # from dualprec.dtypes
 # The table by JAX name, from dualprec.optable.  Primitives stand for one op each
 # (``exp``, ``reduce_sum``, ``integer_pow``).  Composites are JAX functions that trace to
 # several primitives: the evaluator knows them by the name of the jit JAX puts around them
-# (``log_softmax``, ``silu``, ``norm``) or that autocast puts around them while tracing
-# (`_MARKED`: softmax, gelu, logsumexp, jnp.sum... which JAX inlines).
-_MARKABLE_MODULES = ("jax.nn.", "jax.numpy.", "jax.scipy.special.", "jax.image.", "optax.")
+# (``log_softmax``, ``silu``, ``norm``) or by the Python frame in each equation's traceback
+# (`_COMPOSITES`: softmax, gelu, logsumexp... which JAX inlines), never by replacing them.
+_COMPOSITE_PREFIXES = ("jax.nn.", "jax.numpy.", "jax.scipy.special.", "jax.image.", "optax.")
 
 
 def _jax_callables(lst: str) -> dict[str, str]:
     """Dotted JAX composites of the table's list ``lst`` -> the name they are known by (ops
     that are one primitive, jnp.exp or jnp.sum, are left to the primitive rules)."""
     return {name: name.rsplit(".", 1)[1] for e in optable.ENTRIES if e.list == lst and not e.jax_primitives
-            for name in e.jax if name.startswith(_MARKABLE_MODULES) and "[" not in name}
+            for name in e.jax if name.startswith(_COMPOSITE_PREFIXES) and "[" not in name}
 
 
 FP32_PRIMITIVES = frozenset(p for e in optable.FP32 for p in e.jax_primitives) | {"exp2", "cumlogsumexp"}
@@ -70,22 +70,17 @@ _ACTIVATIONS = ("gelu", "silu", "swish", "sigmoid", "elu", "leaky_relu", "mish",
                 "hard_swish", "hard_sigmoid", "celu", "selu", "log_sigmoid", "relu6", "hard_tanh", "glu")
 _OPMATH_CALLABLES = {**{f"jax.nn.{n}": n for n in _ACTIVATIONS},
                      **{f"jax.numpy.{n}": n for n in ("mean", "var", "std")}}
-# fp32-list functions with a dtype= argument: an explicit dtype is kept (torch too), so a call
-# with one is marked to be left alone.
-_DTYPE_KEPT = {name: name.rsplit(".", 1)[1] for e in optable.FP32 if e.respects_dtype for name in e.jax
-               if name.startswith("jax.numpy.")}
 # jnp.dot/jnp.vdot of two vectors (torch.dot, promote list) are recognised by shape
-# (`_is_vector_dot`): JAX inlines them without their frame and nothing marks them.
-_MARKED_MODULES = ("jax.nn", "jax.numpy", "jax.numpy.linalg", "jax.scipy.special", "jax.image", "optax")
-_MARKED = {**{k: (v, "dtype") for k, v in _DTYPE_KEPT.items()},
-           **{k: (v, "fp32") for k, v in _jax_callables("fp32").items()},
+# (`_is_vector_dot`): JAX inlines them without their frame.
+_COMPOSITE_MODULES = ("jax.nn", "jax.numpy", "jax.numpy.linalg", "jax.scipy.special", "jax.image", "optax")
+_COMPOSITES = {**{k: (v, "fp32") for k, v in _jax_callables("fp32").items()},
            **{k: (v, "promote") for k, v in _jax_callables("promote").items()},
            **{k: (v, "opmath") for k, v in _OPMATH_CALLABLES.items()}}
-FP32_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "fp32") | {"_softmax", "_log_softmax"}
-_EXPLICIT_DTYPE = AS_WRITTEN  # a marked call with dtype= (and ops.as_written regions): no rule inside
-PROMOTE_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind in ("promote", "promote1d")) | {
+FP32_COMPOSITES = frozenset(v for v, kind in _COMPOSITES.values() if kind == "fp32") | {"_softmax", "_log_softmax"}
+_EXPLICIT_DTYPE = AS_WRITTEN  # ops.as_written regions: no rule inside
+PROMOTE_COMPOSITES = frozenset(v for v, kind in _COMPOSITES.values() if kind == "promote") | {
     _EXPLICIT_DTYPE}
-OPMATH_COMPOSITES = frozenset(v for v, kind in _MARKED.values() if kind == "opmath") | {
+OPMATH_COMPOSITES = frozenset(v for v, kind in _COMPOSITES.values() if kind == "opmath") | {
     "_var", "_std", "_mean", "nanmean", "nanvar", "nanstd", "average"}
 
 
@@ -222,12 +217,16 @@ def _patterns(jaxpr):
     for v in jaxpr.outvars:
         if isinstance(v, core.Var):
             uses.setdefault(v, []).append(None)
-    sums, means, scatters = set(), {}, {}
+    sums, means, scatters, log10s = set(), {}, {}, set()
 
     def producer_of(v):  # a literal operand (``.at[0]``, a constant update) has no producer
         return producer.get(v) if isinstance(v, core.Var) else None
 
     for e in jaxpr.eqns:
+        if e.primitive.name == "mul" and len(e.invars) == 2 and _is_log10_constant(e.invars[1]) and \
+                producer_of(e.invars[0]) is not None and producer_of(e.invars[0]).primitive.name == "log":
+            log10s.add(id(e))
+            continue
         if e.primitive.name in _SCATTERS and len(e.invars) >= 3:
             # x.at[i].set(v) / .add(v): jnp casts v to x's dtype before the primitive; the
             # table promotes (index_put, scatter_add), so the value before that cast counts
@@ -260,10 +259,44 @@ def _patterns(jaxpr):
             half = src.invars[0].aval.dtype
             if _is_half(half) and nxt.primitive.name == "convert_element_type" and nxt.params["new_dtype"] == half:
                 sums.add(id(nxt))
-    return sums, means, scatters
+    return sums, means, scatters, log10s
+
+
+_ONE_OVER_LN10 = 0.4342944819032518
+
+
+def _is_log10_constant(v) -> bool:
+    """``jnp.log10(x)`` is ``log(x) * 1/log(10)`` with the constant in x's dtype (an inlined
+    jit: no frame of its own in the trace); of a half x the constant is rounded to half."""
+    return isinstance(v, core.Literal) and getattr(v.aval, "ndim", None) == 0 and _is_half(v.aval.dtype) \
+        and np.asarray(v.val, v.aval.dtype) == np.asarray(_ONE_OVER_LN10, v.aval.dtype)
 
 
 _JNP_SCATTER = ("jax", "_src", "ops", "scatter.py")
+_JNP_REDUCTIONS = ("jax", "_src", "numpy", "reductions.py")
+
+
+def _reduce(eqn, invals, ctx):
+    """``reduce_sum``/``reduce_prod`` (sum, prod: float32 list).  jnp traces a sum of a half
+    input without ``dtype=`` as ``convert(->f32) -> reduce -> convert(->half)`` (`_patterns`);
+    a reduction *in* a half dtype traced by jnp is an explicit ``dtype=`` (``jnp.sum(x,
+    dtype=jnp.bfloat16)``), kept as torch keeps it.  A half ``lax.reduce_sum`` written by hand
+    has no jnp frame and gets the float32 rule."""
+    if not ctx.upcast and _is_half(eqn.invars[0].aval.dtype) and _traced_in(eqn, _JNP_REDUCTIONS):
+        return _bind_original(eqn, invals, ctx)
+    if not ctx.upcast:
+        return _fp32(eqn, invals, ctx)
+    return _bind_flexible(ctx, eqn, invals)
+
+
+def _explicit_half_dtype(closed) -> bool:
+    """A ``jnp.cumsum``/``cumprod`` body that casts a float input to a half dtype before the
+    cumulative op: an explicit ``dtype=`` (kept).  ``jnp.cumsum(x, dtype=x.dtype)`` of a half
+    ``x`` traces exactly as ``jnp.cumsum(x)`` and gets the float32 rule."""
+    return any(e.primitive.name == "convert_element_type" and _is_half(e.params["new_dtype"])
+               and hasattr(e.invars[0].aval, "dtype") and _is_float(e.invars[0].aval.dtype)
+               and jnp.dtype(e.invars[0].aval.dtype) != jnp.dtype(e.params["new_dtype"])
+               for e in closed.jaxpr.eqns)
 
 
 def _traced_in(eqn, path_tail) -> bool:
@@ -288,7 +321,7 @@ def _eval(jaxpr, consts, args, ctx):
         env[v] = x
     for v, x in zip(jaxpr.invars, args):
         env[v] = x
-    sums, means, scatters = _patterns(jaxpr)
+    sums, means, scatters, log10s = _patterns(jaxpr)
     runs = _composite_runs(jaxpr)
     round_after = {}
     up, round_to = {}, None  # the composite run being evaluated: its inputs upcast, its rounding
@@ -321,6 +354,9 @@ def _eval(jaxpr, consts, args, ctx):
                 invals[2] = read(scatters[id(eqn)])
             if ectx.upcast or ectx.off:
                 outs = _eval_eqn(eqn, invals, ectx)
+            elif id(eqn) in log10s and _is_float(_dtype(invals[0])) and not _is_half(_dtype(invals[0])):
+                ectx.changes += 1  # jnp.log10 of an upcast input: its constant in that dtype
+                outs = lax.mul(invals[0], np.asarray(_ONE_OVER_LN10, _dtype(invals[0])))
             elif id(eqn) in sums and _dtype(invals[0]) == jnp.promote_types(_dtype(invals[0]), ectx.accumulate):
                 ectx.changes += 1
                 outs = invals[0]  # the float32 sum (scatter) stays float32
@@ -364,12 +400,10 @@ _CODES_FOR: list = [None]
 def _composite_codes() -> dict:
     """The code objects of the table's composites importable now (their Python functions,
     unwrapped from JAX's jit), whatever name a user imported them under."""
-    loaded = tuple(m in sys.modules for m in _MARKED_MODULES)
+    loaded = tuple(m in sys.modules for m in _COMPOSITE_MODULES)
     if _CODES_FOR[0] != loaded:
         codes = {}
-        for dotted, (name, kind) in _MARKED.items():
-            if kind in ("dtype", "promote1d"):
-                continue
+        for dotted, (name, kind) in _COMPOSITES.items():
             mod_name, attr = dotted.rsplit(".", 1)
             fn = getattr(sys.modules.get(mod_name), attr, None)
             fn = getattr(fn, "__wrapped__", fn)
@@ -448,7 +482,7 @@ def _has_primitive(eqns, name) -> bool:
 
 def _torch_formula_run(jaxpr, run, values, ctx):
     """An activation JAX traced (``gelu(x)`` however imported) with one half input and one
-    output: torch's formula in float32, rounded once, as the marked call computes it.  None
+    output: torch's formula in float32, rounded once, as a call of the activation computes it.  None
     (evaluate the run's own equations in float32) for anything else."""
     if len(values) != 1 or len(run.escaping) != 1:
         return None
@@ -484,8 +518,8 @@ def _eval_closed(closed, args, ctx):
     return _eval(closed.jaxpr, closed.consts, args, ctx)
 
 
-def _bind(eqn, invals):
-    return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+def _bind(eqn, invals, **override):
+    return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params({**eqn.params, **override}))
 
 
 def _bind_original(eqn, invals, ctx):
@@ -518,10 +552,25 @@ def _bind_flexible(ctx, eqn, invals):
     if not _changed(eqn, invals):
         return _bind(eqn, invals)
     ctx.changes += 1
+    promoted = _promoted(eqn, invals)
     try:
-        return _bind(eqn, _promoted(eqn, invals))
+        return _bind(eqn, promoted, **_widened_accumulation(eqn, promoted))
     except (TypeError, ValueError):
         return _bind_original(eqn, invals, ctx)
+
+
+def _widened_accumulation(eqn, invals) -> dict:
+    """A dot/conv traced with ``preferred_element_type`` its operands' half dtype whose
+    operands are now wider (inside a float32 composite: ``jax.image.resize``'s weight
+    GEMMs): the wider dtype, or the binding would round the result back to half."""
+    pet = eqn.params.get("preferred_element_type")
+    if pet is None or not _is_half(pet) or len(invals) < 2:
+        return {}
+    traced = jnp.promote_types(eqn.invars[0].aval.dtype, eqn.invars[1].aval.dtype)
+    now = jnp.promote_types(_dtype(invals[0]), _dtype(invals[1]))
+    if jnp.dtype(pet) != traced or not _is_float(now) or _is_half(now):
+        return {}
+    return {"preferred_element_type": now}
 
 
 def _eval_eqn(eqn, invals, ctx):
@@ -680,6 +729,10 @@ def _jit(eqn, invals, ctx):
             return [out]
     if ctx.off:
         return _eval_closed(closed, invals, ctx)
+    if name in _CUMULATIVE and not ctx.upcast and _explicit_half_dtype(closed):
+        # jnp.cumsum(x, dtype=jnp.bfloat16) of a wider x: as written (an explicit dtype is kept)
+        return _eval_closed(closed, [_cast(x, v.aval.dtype) for x, v in zip(invals, closed.jaxpr.invars)],
+                            ctx.child(_AS_TRACED))
     if name in PROMOTE_COMPOSITES and not ctx.upcast:
         return _promote_region(closed, invals, ctx)
     if not ctx.upcast and any(_is_half(_dtype(x)) for x in invals):
@@ -871,7 +924,10 @@ def _closed_call(eqn, invals, ctx):
     return _eval_closed(eqn.params["call_jaxpr"], invals, ctx)
 
 
+_CUMULATIVE = frozenset({"cumsum", "cumprod"})
+
 _RULES = {
+    "reduce_sum": _reduce, "reduce_prod": _reduce,
     "dot_general": _dot_general,
     "conv_general_dilated": _conv,
     "convert_element_type": _convert,
@@ -922,106 +978,6 @@ def _is_jax_primitive(prim) -> bool:
     return id(prim) in _jax_primitive_ids()
 
 
-# ----- composites JAX inlines: marked during tracing --------------------------------------
-def _marked(name, fn, kind):
-    """``fn`` behind a jit named ``name``, so the evaluator sees the composite whatever dtype
-    reaches it at run time.  Inside: float32 composites upcast half inputs; activations use
-    torch's formula in float32 and round once to their input dtype (a no-op for float32);
-    promote composites (tensordot) are only named."""
-
-    @functools.wraps(fn)
-    def wrapper(x, *args, **kwargs):
-        if not (hasattr(x, "dtype") and hasattr(x, "shape") and _is_float(x.dtype)):
-            return fn(x, *args, **kwargs)
-        if kind == "promote1d":
-            other = args[0] if args else kwargs.get("b")
-            if not (x.ndim == 1 and getattr(other, "ndim", None) == 1):
-                return fn(x, *args, **kwargs)
-        explicit = kwargs.get("dtype") is not None  # an explicit dtype= is kept (torch too)
-        if kind == "dtype" and not explicit:
-            return fn(x, *args, **kwargs)  # the primitive rules see it (jnp.sum -> reduce_sum)
-
-        def body(x):
-            if kind in ("promote", "promote1d") or explicit:
-                return fn(x, *args, **kwargs)
-            up = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-            if kind == "fp32":
-                return fn(up, *args, **kwargs)
-            return lax.convert_element_type(torch_activation(name, fn, up, args, kwargs), x.dtype)
-
-        body.__name__ = body.__qualname__ = _EXPLICIT_DTYPE if explicit else name
-        return jax.jit(body)(x)
-
-    return wrapper
-
-
-_PATCH_LOCK = threading.RLock()
-_PATCH_DEPTH = [0]
-_SAVED: list = []
-_REEXPORTS = ("flax.linen", "flax.nnx")  # re-export jax.nn's activations and softmax
-
-
-#: The composites still marked by attribute while a trace runs (measured on jax 0.10.2):
-#: - the float32-list composites (softmax, logsumexp, softplus, norms, optax losses, ...): the
-#:   traceback finds them however imported, but only the mark makes the *trace* see their
-#:   float32 result, so a cast the user writes after them (``softmax(x).astype(x.dtype)``)
-#:   is in the jaxpr instead of being a no-op JAX drops;
-#: - an explicit ``dtype=`` of jnp.sum/prod/cumsum/cumprod (kept, as torch keeps it): a
-#:   cumsum with ``dtype=`` its input's dtype traces exactly as one without;
-#: Activations (gelu, silu, ...), mean/var/std and tensordot are recognised from the
-#: traceback or their jit name alone, jnp.dot/jnp.vdot of two vectors (torch.dot, promote
-#: list; JAX inlines them without their frame) by the shape of their dot_general: their
-#: attributes are never replaced.
-_PATCHED = {k: v for k, v in _MARKED.items() if v[1] in ("fp32", "dtype")}
-
-
-def _patch_sites():
-    """(module, attribute, composite name, kind) for every patched callable importable now."""
-    sites = []
-    for dotted, (name, kind) in _PATCHED.items():
-        mod_name, attr = dotted.rsplit(".", 1)
-        mod = sys.modules.get(mod_name)
-        orig = getattr(mod, attr, None) if mod is not None else None
-        if orig is None:
-            continue
-        sites.append((mod, attr, name, kind, orig))
-        for extra in _REEXPORTS:
-            emod = sys.modules.get(extra)
-            if emod is not None and getattr(emod, attr, None) is orig:
-                sites.append((emod, attr, name, kind, orig))
-    return sites
-
-
-@contextlib.contextmanager
-def _composites_marked():
-    """While tracing: the composites of the table (and their Flax re-exports) carry its
-    boundary.  Process-wide while it lasts, restored afterwards, re-entrant."""
-    with _PATCH_LOCK:
-        if _PATCH_DEPTH[0] == 0:
-            for mod, attr, name, kind, orig in _patch_sites():
-                if getattr(orig, "__wrapped_by_dualprec__", False):
-                    continue
-                wrapper = _marked(name, orig, kind)
-                wrapper.__wrapped_by_dualprec__ = True
-                _SAVED.append((mod, attr, orig, wrapper))
-                setattr(mod, attr, wrapper)
-        _PATCH_DEPTH[0] += 1
-    try:
-        yield
-    finally:
-        with _PATCH_LOCK:
-            _PATCH_DEPTH[0] -= 1
-            if _PATCH_DEPTH[0] == 0:
-                while _SAVED:
-                    mod, attr, orig, _ = _SAVED.pop()
-                    setattr(mod, attr, orig)
-
-
-def _marked_version(fun):
-    """``autocast(jax.nn.softmax, ...)``: the function object itself, not looked up by name."""
-    return next((w for _, _, orig, w in _SAVED if orig is fun), fun)
-
-
 def _flax_context(policy: Policy):
     if "flax.linen" not in sys.modules:
         return contextlib.nullcontext()
@@ -1033,7 +989,7 @@ def _flax_context(policy: Policy):
 # ----- tracing under a policy ----------------------------------------------------------------
 # JAX caches the traces of jitted functions by their arguments and a "trace context"; this
 # user context puts the policy in that key, so a jitted helper traced inside an autocast
-# trace (with the marks and the linen interceptor active) is traced again outside it or under
+# trace (with the linen interceptor active) is traced again outside it or under
 # another policy, never reused (and one traced before, outside, is traced again inside).
 _TRACE_KEY = jax.make_user_context(None)
 _ACTIVE = threading.local()  # .policy: the autocast trace running in this thread (or None)
@@ -1046,12 +1002,12 @@ def tracing_policy() -> Policy | None:
 
 @contextlib.contextmanager
 def _tracing(policy: Policy):
-    """While ``fun`` is traced: the trace-cache key, the policy of this thread's trace and
-    the table's composites marked."""
+    """While ``fun`` is traced: the trace-cache key and the policy of this thread's trace
+    (read by the linen interceptor and `module_scope`; no module attribute is replaced)."""
     saved = tracing_policy()
     _ACTIVE.policy = policy
     try:
-        with _TRACE_KEY(("dualprec", str(policy))), _composites_marked():
+        with _TRACE_KEY(("dualprec", str(policy))):
             yield
     finally:
         _ACTIVE.policy = saved
@@ -1166,7 +1122,7 @@ def autocast(fun, policy, *, context=None, cache=None):
             for i, a in zip(traced, arrays):
                 filled[i] = a
             a, k = jax.tree_util.tree_unflatten(tree, filled)
-            return _marked_version(fun)(*a, **k)
+            return fun(*a, **k)
 
         arrays = [leaves[i] for i in traced]
         key = None

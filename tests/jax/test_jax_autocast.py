@@ -52,6 +52,12 @@ TABLE = [
     ("softplus", lambda h, x, w: jax.nn.softplus(h), "f32"),
     ("mse", lambda h, x, w: optax.l2_loss(h, x), "f32"),
     ("sum_dtype", lambda h, x, w: jnp.sum(h.astype(BF16), -1, dtype=BF16), "bf16"),  # explicit: kept
+    ("sum_dtype_of_f32", lambda h, x, w: jnp.sum(x, -1, dtype=BF16), "bf16"),
+    ("prod_dtype", lambda h, x, w: jnp.prod(h.astype(BF16), -1, dtype=BF16), "bf16"),
+    ("cumsum_dtype_of_f32", lambda h, x, w: jnp.cumsum(x, -1, dtype=BF16), "bf16"),
+    ("cumprod_dtype_of_f32", lambda h, x, w: jnp.cumprod(x, -1, dtype=BF16), "bf16"),
+    ("cumsum_dtype_f32", lambda h, x, w: jnp.cumsum(h, -1, dtype=F32), "f32"),
+    ("lax_reduce_sum", lambda h, x, w: lax.reduce_sum(h, (1,)), "f32"),  # by hand: the table's rule
     # on no list: the input dtype
     ("mean", lambda h, x, w: jnp.mean(h, -1), "c"),
     ("mean_method", lambda h, x, w: h.mean(-1), "c"),
@@ -421,6 +427,23 @@ def test_every_table_callable_has_the_tables_dtype(policy):
     assert not wrong, wrong
 
 
+def test_explicit_dtype_reductions_keep_the_bits_of_plain_jax(xw):
+    """An explicit half dtype= of sum/prod/cumsum is kept (torch keeps it): found in the jaxpr
+    (a jnp reduction in a half dtype; a cast to half inside jnp.cumsum), the same bits as
+    plain JAX."""
+    x = xw[0]
+    h = x.astype(BF16)
+
+    def f(x, h):
+        return (jnp.sum(h, -1, dtype=BF16), jnp.sum(x, -1, dtype=BF16), jnp.prod(h, -1, dtype=BF16),
+                jnp.cumsum(x, -1, dtype=BF16), jnp.cumprod(x * 0.1, -1, dtype=F16))
+
+    got, want = jax.jit(autocast(f, "bf16-mixed"))(x, h), jax.jit(f)(x, h)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g.astype(F32)), np.asarray(w.astype(F32)))
+
+
 def test_pallas_call_is_left_alone():
     from jax.experimental import pallas as pl
 
@@ -486,3 +509,18 @@ def test_python_scalars_are_read_as_written(policy):
     # a constant that is a half number already stays that number
     exact = autocast(lambda x: x ** 1.5, policy)(x)
     np.testing.assert_array_equal(np.asarray(exact), np.asarray(xf ** np.float32(1.5)))
+
+
+def test_a_cast_after_a_float32_composite_is_held_by_pin_dtype():
+    """``softmax(x).astype(x.dtype)`` of a half ``x``: while JAX traces, softmax is half and the
+    cast is a no-op that leaves nothing in the jaxpr, so the table's float32 softmax reaches
+    the caller (a documented limitation: no function is replaced while tracing).
+    ``pin_dtype(softmax(x), x.dtype)`` holds the dtype: torch's bits, rounded once."""
+    from dualprec_jax.autocast import pin_dtype
+
+    x = jnp.linspace(-2, 2, 16, dtype=F32).reshape(2, 8).astype(BF16)
+    assert autocast(lambda x: jax.nn.softmax(x).astype(x.dtype), "bf16-mixed")(x).dtype == F32
+    got = autocast(lambda x: pin_dtype(jax.nn.softmax(x), x.dtype), "bf16-mixed")(x)
+    assert got.dtype == BF16
+    want = jax.nn.softmax(x.astype(F32)).astype(BF16)
+    np.testing.assert_array_equal(np.asarray(got.astype(F32)), np.asarray(want.astype(F32)))
