@@ -27,9 +27,13 @@ nothing; gradients flow through the casts as through torch's.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import re
 import threading
 import warnings
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -38,7 +42,7 @@ from dualprec import optable
 from .casts import default_dtype, torch_dtype
 
 __all__ = ["OP_TABLE", "FP32_OPS", "compute_context", "backward_context", "cpu_table", "install_cpu_table",
-           "uninstall_cpu_table", "cpu_table_installed", "cpu_kernels"]
+           "uninstall_cpu_table", "cpu_table_installed", "cpu_kernels", "kernel_language", "KERNELS_ENV"]
 
 #: The op table the torch backend applies (torch's CUDA autocast lists).
 OP_TABLE = optable.ENTRIES
@@ -83,7 +87,7 @@ class _State(threading.local):
 
 
 _STATE = _State()
-_installed: dict = {}  # "lib" -> torch.library.Library, "kernels" -> {aten name: (active, inactive)}
+_installed: dict = {}  # "lib" (Python kernels) or "native" (C++), "kernels" -> {aten name: (active, inactive)}, "language"
 
 
 def _cuda_rule() -> bool:
@@ -290,13 +294,84 @@ def _plan() -> dict[str, tuple[str, str]]:
     return plan
 
 
+# ----- the C++ kernels (the default) ---------------------------------------------------------
+#: Environment variable choosing the kernels: "c++" (build them or fail), "python" (the Python
+#: kernels above, no compiler needed); unset: C++, or Python with a warning if the build fails.
+KERNELS_ENV = "DUALPREC_TORCH_OPS_KERNELS"
+
+_RULE_CODES = {"passthrough": 0, "unlisted": 1, "lower_precision_fp": 2, "fp32": 3, "fp32_set_opt_dtype": 4,
+               "fp32_append_dtype": 5, "promote": 6, "banned": 7}  # enum Rule in _ops_kernels.cpp
+_native: dict = {}  # "lib" -> the loaded ctypes.CDLL; "error" -> why it could not be built
+
+
+def _build_native() -> ctypes.CDLL:
+    """Compile ``_ops_kernels.cpp`` against the installed torch (once; torch caches the build
+    under ``TORCH_EXTENSIONS_DIR``, by default ~/.cache/torch_extensions) and load it."""
+    from torch.utils import cpp_extension
+
+    name = "dualprec_ops_" + re.sub(r"\W", "_", torch.__version__)  # one build per torch version
+    path = cpp_extension.load(name=name, sources=[str(Path(__file__).with_name("_ops_kernels.cpp"))],
+                              extra_cflags=["-O2"], is_python_module=False, verbose=False)
+    lib = ctypes.CDLL(path)
+    for fn, res, args in (("enter", None, []), ("exit", None, []), ("set_backward", ctypes.c_int, [ctypes.c_int]),
+                          ("cuda_rule", ctypes.c_int, []), ("depth", ctypes.c_int, []),
+                          ("error", ctypes.c_char_p, []),
+                          ("register", ctypes.c_int, [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]),
+                          ("unregister_all", None, [])):
+        f = getattr(lib, f"dualprec_optable_{fn}")
+        f.restype, f.argtypes = res, args
+    return lib
+
+
+def _native_lib():
+    """The loaded C++ kernels, or None where the Python kernels are used (see `KERNELS_ENV`)."""
+    if "lib" in _native or "error" in _native:
+        return _native.get("lib")
+    choice = os.environ.get(KERNELS_ENV, "").strip().lower()
+    if choice not in ("", "c++", "cpp", "python"):
+        raise ValueError(f"{KERNELS_ENV}={choice!r}: expected 'c++' or 'python' (or unset for C++ with a "
+                         "Python fallback)")
+    if choice == "python":
+        _native["error"] = f"{KERNELS_ENV}=python"
+        return None
+    try:
+        _native["lib"] = _build_native()
+    except Exception as err:  # noqa: BLE001 - no compiler, no ninja, headers missing: said below
+        if choice:
+            raise RuntimeError(f"{KERNELS_ENV}={choice}: building dualprec_torch's C++ op-table kernels failed "
+                               f"({type(err).__name__}: {err}); install a C++ compiler and ninja, or set "
+                               f"{KERNELS_ENV}=python") from err
+        _native["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        warnings.warn(f"dualprec_torch: could not build the C++ op-table kernels ({_native['error']}); using the "
+                      "Python kernels, a few microseconds more per listed op on CPU. Install a C++ compiler and "
+                      f"ninja, or set {KERNELS_ENV}=python to choose the Python kernels and silence this.",
+                      RuntimeWarning, stacklevel=3)
+    return _native.get("lib")
+
+
+def kernel_language() -> str | None:
+    """Which kernels apply the table on CPU: "c++", "python", or None before the first install."""
+    return _installed.get("language")
+
+
 def install_cpu_table() -> None:
-    """Register the CPU emulation of the CUDA table (idempotent; `compute_context` calls it)."""
+    """Register the CPU emulation of the CUDA table (idempotent; `compute_context` calls it):
+    the C++ kernels where they build (see `KERNELS_ENV`), else the Python ones."""
     if _installed:
         return
     plan = _plan()
-    lib = torch.library.Library("aten", "IMPL")
+    native = _native_lib()
     kernels = {}
+    if native is not None:
+        for name, (active_rule, inactive_rule) in plan.items():
+            if native.dualprec_optable_register(name.encode(), _RULE_CODES[active_rule], _RULE_CODES[inactive_rule]):
+                native.dualprec_optable_unregister_all()
+                raise RuntimeError(f"registering the AutocastCPU kernel of aten::{name} failed: "
+                                   f"{native.dualprec_optable_error().decode()}")
+            kernels[name] = (active_rule, inactive_rule)
+        _installed.update(native=native, kernels=kernels, language="c++")
+        return
+    lib = torch.library.Library("aten", "IMPL")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
         warnings.filterwarnings("ignore", message=".*Warning only once for all operators.*")
@@ -305,15 +380,17 @@ def install_cpu_table() -> None:
             kernel = _make_kernel(name, op, active_rule, outside=_make_kernel(name, op, inactive_rule))
             lib.impl(name, kernel, _KEY, with_keyset=True)
             kernels[name] = (active_rule, inactive_rule)
-    _installed.update(lib=lib, kernels=kernels)
+    _installed.update(lib=lib, kernels=kernels, language="python")
 
 
 def uninstall_cpu_table() -> None:
     """Drop the registered kernels (torch's own AutocastCPU kernels come back)."""
-    lib = _installed.pop("lib", None)
+    lib, native = _installed.pop("lib", None), _installed.pop("native", None)
     _installed.clear()
     if lib is not None:
         lib._destroy()
+    if native is not None:
+        native.dualprec_optable_unregister_all()
 
 
 def cpu_table_installed() -> bool:
@@ -329,13 +406,18 @@ def cpu_kernels() -> dict[str, tuple[str, str]]:
 def cpu_table():
     """CUDA's table for ``torch.autocast("cpu")`` inside this context (this thread)."""
     install_cpu_table()
+    native = _native.get("lib")  # its thread state is kept with the Python one (either may run)
     if not _STATE.depth:
         _STATE.cache = {}
     _STATE.depth += 1
     _STATE.replay = True  # see _cuda_rule: a backward of this forward replays under CUDA's rule
+    if native is not None:
+        native.dualprec_optable_enter()
     try:
         yield
     finally:
+        if native is not None:
+            native.dualprec_optable_exit()
         _STATE.depth -= 1
         if not _STATE.depth:
             _STATE.cache = None
@@ -347,9 +429,13 @@ def backward_context():
     re-enters in it (checkpoint recomputation, ``custom_bwd``) get CUDA's table on CPU."""
     previous = _STATE.backward
     _STATE.backward = True
+    native = _native.get("lib")
+    native_previous = native.dualprec_optable_set_backward(1) if native is not None else 0
     try:
         yield
     finally:
+        if native is not None:
+            native.dualprec_optable_set_backward(native_previous)
         _STATE.backward = previous
 
 
