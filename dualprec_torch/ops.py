@@ -323,29 +323,31 @@ def _build_native() -> ctypes.CDLL:
     return lib
 
 
-def _native_lib():
-    """The loaded C++ kernels, or None where the Python kernels are used (see `KERNELS_ENV`)."""
-    if "lib" in _native or "error" in _native:
-        return _native.get("lib")
-    choice = os.environ.get(KERNELS_ENV, "").strip().lower()
+def _native_lib(choice: str | None = None):
+    """The loaded C++ kernels, or None where the Python kernels are used.  ``choice``: "c++"
+    (build or raise), "python", or None for `KERNELS_ENV` (unset: C++, else Python with a warning)."""
+    forced = choice is not None
+    choice = (choice if forced else os.environ.get(KERNELS_ENV, "")).strip().lower()
     if choice not in ("", "c++", "cpp", "python"):
         raise ValueError(f"{KERNELS_ENV}={choice!r}: expected 'c++' or 'python' (or unset for C++ with a "
                          "Python fallback)")
     if choice == "python":
-        _native["error"] = f"{KERNELS_ENV}=python"
         return None
+    if "lib" in _native or ("error" in _native and not choice):
+        return _native.get("lib")
     try:
         _native["lib"] = _build_native()
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, headers missing: said below
         if choice:
-            raise RuntimeError(f"{KERNELS_ENV}={choice}: building dualprec_torch's C++ op-table kernels failed "
+            where = "" if forced else f"{KERNELS_ENV}={choice}: "
+            raise RuntimeError(f"{where}building dualprec_torch's C++ op-table kernels failed "
                                f"({type(err).__name__}: {err}); install a C++ compiler and ninja, or set "
                                f"{KERNELS_ENV}=python") from err
         _native["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         warnings.warn(f"dualprec_torch: could not build the C++ op-table kernels ({_native['error']}); using the "
                       "Python kernels, a few microseconds more per listed op on CPU. Install a C++ compiler and "
                       f"ninja, or set {KERNELS_ENV}=python to choose the Python kernels and silence this.",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
     return _native.get("lib")
 
 
@@ -354,13 +356,18 @@ def kernel_language() -> str | None:
     return _installed.get("language")
 
 
-def install_cpu_table() -> None:
+def install_cpu_table(language: str | None = None) -> None:
     """Register the CPU emulation of the CUDA table (idempotent; `compute_context` calls it):
-    the C++ kernels where they build (see `KERNELS_ENV`), else the Python ones."""
+    the C++ kernels where they build (see `KERNELS_ENV`), else the Python ones.  ``language``
+    ("c++" or "python") replaces kernels of the other language already registered."""
+    if language is not None and language.lower() not in ("c++", "cpp", "python"):
+        raise ValueError(f"language={language!r}: expected 'c++' or 'python'")
     if _installed:
-        return
+        if language is None or _installed["language"] == ("python" if language == "python" else "c++"):
+            return
+        uninstall_cpu_table()
     plan = _plan()
-    native = _native_lib()
+    native = _native_lib(language)
     kernels = {}
     if native is not None:
         for name, (active_rule, inactive_rule) in plan.items():
