@@ -23,6 +23,8 @@ Variants:
   arithmetic, so the ratio against it is the mechanism's own cost.
 - "precision c++" / "precision python": `Precision` with the C++ kernels (the default) or the
   Python ones (`dualprec_torch.ops.KERNELS_ENV`).
+- steps only, "hand + c++ kernels": the "cpu autocast" loop inside ``ops.cpu_table()`` (the
+  C++ kernels under CUDA's rule, without Precision's step): the kernels' share of Precision's cost.
 - ``calls`` only, "cpu autocast + kernels": plain CPU autocast in a process where the C++
   kernels are registered (outside Precision they redispatch): what dualprec costs other code.
 
@@ -34,6 +36,7 @@ with min and max.  Writes bench/results/<date>-<machine>-torch-ops.json and prin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -132,19 +135,19 @@ def activate(variant: str) -> None:
 def step_functions(policy: str, model: str) -> dict:
     """variant -> zero-argument training step (each with its own model and optimizer)."""
     from dualprec import Policy
-    from dualprec_torch import Precision
+    from dualprec_torch import Precision, ops
     from dualprec_torch.casts import torch_dtype
 
     p = Policy.parse(policy)
     dtype = torch_dtype(p.compute_dtype)
 
-    def hand_loop(up):
+    def hand_loop(up, table=False):
         net, opt, x = build(model, up)
         scaler = torch.amp.GradScaler("cpu") if p.loss_scale.enabled else None
 
         def step():
             opt.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=dtype):
+            with torch.autocast("cpu", dtype=dtype), (ops.cpu_table() if table else contextlib.nullcontext()):
                 loss = net(x).float().pow(2).mean()
             if scaler is None:
                 loss.backward()
@@ -170,6 +173,7 @@ def step_functions(policy: str, model: str) -> dict:
         return step
 
     return {"cpu autocast": hand_loop(ident), "hand cuda table": hand_loop(upcast),
+            "hand + c++ kernels": hand_loop(ident, table=True),
             "precision c++": precision_loop(), "precision python": precision_loop()}
 
 

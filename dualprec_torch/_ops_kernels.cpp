@@ -15,7 +15,22 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include <ATen/ops/cumsum_ops.h>
+#include <ATen/ops/exp_ops.h>
+#include <ATen/ops/layer_norm_ops.h>
+#include <ATen/ops/log_ops.h>
+#include <ATen/ops/log_softmax_ops.h>
+#include <ATen/ops/native_layer_norm_ops.h>
+#include <ATen/ops/pow_ops.h>
+#include <ATen/ops/reciprocal_ops.h>
+#include <ATen/ops/rms_norm_ops.h>
+#include <ATen/ops/rsqrt_ops.h>
+#include <ATen/ops/softmax_ops.h>
+#include <ATen/ops/sum_ops.h>
+
 #include <cstring>
+#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -200,6 +215,52 @@ struct Kernel final : public c10::OperatorKernel {
   }
 };
 
+// ----- unboxed kernels for the float32-list ops models call most --------------------------
+// The same rule as Kernel with (inside, outside) = (fp32 or fp32_set_opt_dtype, passthrough), through
+// torch's own autocast wrapper (at::autocast::WrapFunction, what its CUDA kernels are made of) on
+// the op's typed signature: no boxing of the arguments.
+template <at::autocast::CastPolicy policy, class Op, class Sig = typename Op::schema>
+struct Fast;
+
+template <at::autocast::CastPolicy policy, class Op, class Ret, class... Args>
+struct Fast<policy, Op, Ret(Args...)> {
+  static Ret call(c10::DispatchKeySet ks, Args... args) {
+    if (!cuda_rule()) return Op::redispatch(ks & kAfter, args...);
+    return at::autocast::WrapFunction_<policy, c10::DeviceType::CPU, typename Op::schema, &Op::call, Ret,
+                                       c10::guts::typelist::typelist<Args...>>::call(args...);
+  }
+};
+
+using Register = std::function<void(torch::Library&, const char*)>;
+
+template <at::autocast::CastPolicy policy, class Op>
+std::pair<int, Register> fast() {
+  const int rule = policy == at::autocast::CastPolicy::fp32 ? kFp32 : kFp32SetOptDtype;
+  return {rule, [](torch::Library& lib, const char* name) { lib.impl(name, &Fast<policy, Op>::call); }};
+}
+
+// aten name -> (its inside rule, the registration of its unboxed kernel)
+const std::map<std::string, std::pair<int, Register>>& fast_kernels() {
+  using at::autocast::CastPolicy;
+  static const std::map<std::string, std::pair<int, Register>> table = {
+      {"exp", fast<CastPolicy::fp32, at::_ops::exp>()},
+      {"log", fast<CastPolicy::fp32, at::_ops::log>()},
+      {"pow.Tensor_Scalar", fast<CastPolicy::fp32, at::_ops::pow_Tensor_Scalar>()},
+      {"pow.Tensor_Tensor", fast<CastPolicy::fp32, at::_ops::pow_Tensor_Tensor>()},
+      {"rsqrt", fast<CastPolicy::fp32, at::_ops::rsqrt>()},
+      {"reciprocal", fast<CastPolicy::fp32, at::_ops::reciprocal>()},
+      {"layer_norm", fast<CastPolicy::fp32, at::_ops::layer_norm>()},
+      {"native_layer_norm", fast<CastPolicy::fp32, at::_ops::native_layer_norm>()},
+      {"rms_norm", fast<CastPolicy::fp32, at::_ops::rms_norm>()},
+      {"sum", fast<CastPolicy::fp32_set_opt_dtype, at::_ops::sum>()},
+      {"sum.dim_IntList", fast<CastPolicy::fp32_set_opt_dtype, at::_ops::sum_dim_IntList>()},
+      {"softmax.int", fast<CastPolicy::fp32_set_opt_dtype, at::_ops::softmax_int>()},
+      {"log_softmax.int", fast<CastPolicy::fp32_set_opt_dtype, at::_ops::log_softmax_int>()},
+      {"cumsum", fast<CastPolicy::fp32_set_opt_dtype, at::_ops::cumsum>()},
+  };
+  return table;
+}
+
 struct Silent final : public c10::WarningHandler {
   void process(const c10::Warning&) override {}
 };
@@ -232,13 +293,28 @@ int dualprec_optable_cuda_rule() { return cuda_rule() ? 1 : 0; }
 
 int dualprec_optable_depth() { return tl_depth; }
 
+// Whether `name` has an unboxed kernel (for the tests: each is checked against the boxed one).
+int dualprec_optable_has_fast(const char* name) { return fast_kernels().count(name) ? 1 : 0; }
+
 const char* dualprec_optable_error() { return tl_error.c_str(); }
 
-// Register the kernel of one aten overload ("pow.Tensor_Scalar").  0 on success, else 1 with
-// the reason in dualprec_optable_error().
-int dualprec_optable_register(const char* name, int inside, int outside) {
+// Register the kernel of one aten overload ("pow.Tensor_Scalar"): an unboxed one where
+// fast_kernels() has this overload with these rules (fast != 0), else the boxed Kernel.  0 on
+// success, else 1 with the reason in dualprec_optable_error().
+int dualprec_optable_register(const char* name, int inside, int outside, int fast) {
   try {
     std::string full(name);
+    if (!library()) {
+      library() = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", c10::DispatchKey::AutocastCPU,
+                                                   __FILE__, __LINE__);
+    }
+    Silent silent;  // "Overriding a previously registered kernel": intended for CPU autocast's own
+    c10::WarningUtils::WarningHandlerGuard guard(&silent);
+    const auto found = fast_kernels().find(full);
+    if (fast && found != fast_kernels().end() && found->second.first == inside && outside == kPassthrough) {
+      found->second.second(*library(), full.c_str());
+      return 0;
+    }
     const auto dot = full.find('.');
     const std::string base = "aten::" + full.substr(0, dot);
     const std::string overload = dot == std::string::npos ? "" : full.substr(dot + 1);
@@ -258,12 +334,6 @@ int dualprec_optable_register(const char* name, int inside, int outside) {
       TORCH_CHECK(target != nullptr, "no dtype overload known for ", name);
       kernel->with_dtype = c10::Dispatcher::singleton().findSchemaOrThrow(base.c_str(), target);
     }
-    if (!library()) {
-      library() = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", c10::DispatchKey::AutocastCPU,
-                                                   __FILE__, __LINE__);
-    }
-    Silent silent;  // "Overriding a previously registered kernel": intended for CPU autocast's own
-    c10::WarningUtils::WarningHandlerGuard guard(&silent);
     library()->impl(full.c_str(), torch::CppFunction::makeFromBoxedFunctor(std::move(kernel)));
     return 0;
   } catch (const std::exception& err) {

@@ -316,7 +316,8 @@ def _build_native() -> ctypes.CDLL:
     for fn, res, args in (("enter", None, []), ("exit", None, []), ("set_backward", ctypes.c_int, [ctypes.c_int]),
                           ("cuda_rule", ctypes.c_int, []), ("depth", ctypes.c_int, []),
                           ("error", ctypes.c_char_p, []),
-                          ("register", ctypes.c_int, [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]),
+                          ("register", ctypes.c_int, [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]),
+                          ("has_fast", ctypes.c_int, [ctypes.c_char_p]),
                           ("unregister_all", None, [])):
         f = getattr(lib, f"dualprec_optable_{fn}")
         f.restype, f.argtypes = res, args
@@ -356,14 +357,17 @@ def kernel_language() -> str | None:
     return _installed.get("language")
 
 
-def install_cpu_table(language: str | None = None) -> None:
+def install_cpu_table(language: str | None = None, *, fast: bool = True) -> None:
     """Register the CPU emulation of the CUDA table (idempotent; `compute_context` calls it):
     the C++ kernels where they build (see `KERNELS_ENV`), else the Python ones.  ``language``
-    ("c++" or "python") replaces kernels of the other language already registered."""
+    ("c++" or "python") replaces kernels of the other language already registered.  ``fast``
+    (C++ only): the unboxed kernels for the common float32-list ops (exp, pow, sum, softmax,
+    layer_norm, ...); False registers the generic boxed kernel for every op (a test compares them)."""
     if language is not None and language.lower() not in ("c++", "cpp", "python"):
         raise ValueError(f"language={language!r}: expected 'c++' or 'python'")
     if _installed:
-        if language is None or _installed["language"] == ("python" if language == "python" else "c++"):
+        if language is None or (_installed["language"] == ("python" if language == "python" else "c++")
+                                 and _installed.get("fast", True) == fast):
             return
         uninstall_cpu_table()
     plan = _plan()
@@ -371,12 +375,13 @@ def install_cpu_table(language: str | None = None) -> None:
     kernels = {}
     if native is not None:
         for name, (active_rule, inactive_rule) in plan.items():
-            if native.dualprec_optable_register(name.encode(), _RULE_CODES[active_rule], _RULE_CODES[inactive_rule]):
+            if native.dualprec_optable_register(name.encode(), _RULE_CODES[active_rule], _RULE_CODES[inactive_rule],
+                                                int(fast)):
                 native.dualprec_optable_unregister_all()
                 raise RuntimeError(f"registering the AutocastCPU kernel of aten::{name} failed: "
                                    f"{native.dualprec_optable_error().decode()}")
             kernels[name] = (active_rule, inactive_rule)
-        _installed.update(native=native, kernels=kernels, language="c++")
+        _installed.update(native=native, kernels=kernels, language="c++", fast=fast)
         return
     lib = torch.library.Library("aten", "IMPL")
     with warnings.catch_warnings():
