@@ -21,8 +21,10 @@ Variants:
 - "hand cuda table": plain CPU autocast with the CUDA table's float32 casts written into the
   model (``x.float()`` before each float32-list op), kernels not registered: Precision's
   arithmetic, so the ratio against it is the mechanism's own cost.
-- "precision c++" / "precision python": `Precision` with the C++ kernels (the default) or the
-  Python ones (`dualprec_torch.ops.KERNELS_ENV`).
+- "precision c++" / "precision c++ boxed" / "precision python": `Precision` with the C++
+  kernels (the default: unboxed for the common float32-list ops, boxed for the rest), with the
+  generic boxed C++ kernel for every op, or with the Python kernels
+  (`dualprec_torch.ops.KERNELS_ENV`).
 - steps only, "hand + c++ kernels": the "cpu autocast" loop inside ``ops.cpu_table()`` (the
   C++ kernels under CUDA's rule, without Precision's step): the kernels' share of Precision's cost.
 - ``calls`` only, "cpu autocast + kernels": plain CPU autocast in a process where the C++
@@ -129,7 +131,7 @@ def activate(variant: str) -> None:
     if variant in ("cpu autocast", "hand cuda table"):
         ops.uninstall_cpu_table()
     else:
-        ops.install_cpu_table("python" if variant.endswith("python") else "c++")
+        ops.install_cpu_table("python" if variant.endswith("python") else "c++", fast=not variant.endswith("boxed"))
 
 
 def step_functions(policy: str, model: str) -> dict:
@@ -174,7 +176,8 @@ def step_functions(policy: str, model: str) -> dict:
 
     return {"cpu autocast": hand_loop(ident), "hand cuda table": hand_loop(upcast),
             "hand + c++ kernels": hand_loop(ident, table=True),
-            "precision c++": precision_loop(), "precision python": precision_loop()}
+            "precision c++": precision_loop(), "precision c++ boxed": precision_loop(),
+            "precision python": precision_loop()}
 
 
 CALLS = {
@@ -212,7 +215,7 @@ def call_functions(policy: str, op: str, n: int) -> dict:
                 f(x, ident)
 
     return {"cpu autocast": plain(ident), "hand cuda table": plain(upcast), "cpu autocast + kernels": plain(ident),
-            "precision c++": precision, "precision python": precision}
+            "precision c++": precision, "precision c++ boxed": precision, "precision python": precision}
 
 
 # ----- timing ------------------------------------------------------------------------------------

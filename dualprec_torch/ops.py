@@ -26,7 +26,6 @@ nothing; gradients flow through the casts as through torch's.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import re
@@ -39,7 +38,7 @@ import torch
 
 from dualprec import optable
 
-from .casts import default_dtype, torch_dtype
+from .casts import torch_dtype
 
 __all__ = ["OP_TABLE", "FP32_OPS", "compute_context", "backward_context", "cpu_table", "install_cpu_table",
            "uninstall_cpu_table", "cpu_table_installed", "cpu_kernels", "kernel_language", "KERNELS_ENV"]
@@ -414,9 +413,8 @@ def cpu_kernels() -> dict[str, tuple[str, str]]:
     return dict(_installed.get("kernels", {}))
 
 
-@contextlib.contextmanager
-def cpu_table():
-    """CUDA's table for ``torch.autocast("cpu")`` inside this context (this thread)."""
+# ----- the contexts (plain classes: entered once or more per training step) ---------------
+def _table_enter():
     install_cpu_table()
     native = _native.get("lib")  # its thread state is kept with the Python one (either may run)
     if not _STATE.depth:
@@ -425,34 +423,45 @@ def cpu_table():
     _STATE.replay = True  # see _cuda_rule: a backward of this forward replays under CUDA's rule
     if native is not None:
         native.dualprec_optable_enter()
-    try:
-        yield
-    finally:
-        if native is not None:
-            native.dualprec_optable_exit()
-        _STATE.depth -= 1
-        if not _STATE.depth:
-            _STATE.cache = None
+    return native
 
 
-@contextlib.contextmanager
-def backward_context():
+def _table_exit(native) -> None:
+    if native is not None:
+        native.dualprec_optable_exit()
+    _STATE.depth -= 1
+    if not _STATE.depth:
+        _STATE.cache = None
+
+
+class cpu_table:
+    """CUDA's table for ``torch.autocast("cpu")`` inside this context (this thread)."""
+
+    def __enter__(self):
+        self._native = _table_enter()
+
+    def __exit__(self, *exc) -> bool:
+        _table_exit(self._native)
+        return False
+
+
+class backward_context:
     """Context for a backward pass of a forward run under Precision: autocast regions torch
     re-enters in it (checkpoint recomputation, ``custom_bwd``) get CUDA's table on CPU."""
-    previous = _STATE.backward
-    _STATE.backward = True
-    native = _native.get("lib")
-    native_previous = native.dualprec_optable_set_backward(1) if native is not None else 0
-    try:
-        yield
-    finally:
-        if native is not None:
-            native.dualprec_optable_set_backward(native_previous)
-        _STATE.backward = previous
+
+    def __enter__(self):
+        self._previous, _STATE.backward = _STATE.backward, True
+        self._native = native = _native.get("lib")
+        self._native_previous = native.dualprec_optable_set_backward(1) if native is not None else 0
+
+    def __exit__(self, *exc) -> bool:
+        if self._native is not None:
+            self._native.dualprec_optable_set_backward(self._native_previous)
+        _STATE.backward = self._previous
+        return False
 
 
-@contextlib.contextmanager
-def compute_context(policy, device_type: str, *, nested: bool = False):
+class compute_context:
     """The context a policy's forward (and loss) runs in.
 
     Mixed (params wider than compute): ``torch.autocast`` to the compute dtype; on CPU with
@@ -460,15 +469,37 @@ def compute_context(policy, device_type: str, *, nested: bool = False):
     ``nested`` inside a mixed parent, for a per-module override) and, as Fabric does, the
     compute dtype as torch's default dtype so tensors created in forward get it.
     """
-    compute = torch_dtype(policy.compute_dtype)
-    with contextlib.ExitStack() as stack:
-        if policy.is_mixed:
-            stack.enter_context(torch.autocast(device_type, dtype=compute))
-            if device_type == "cpu":
-                stack.enter_context(cpu_table())
-        else:
-            if nested:
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-            if compute != torch.get_default_dtype():
-                stack.enter_context(default_dtype(compute))
-        yield
+
+    def __init__(self, policy, device_type: str, *, nested: bool = False):
+        self._policy, self._device_type, self._nested = policy, device_type, nested
+        self._exits: list = []
+
+    def __enter__(self):
+        policy, exits = self._policy, self._exits
+        compute = torch_dtype(policy.compute_dtype)
+        try:
+            if policy.is_mixed:
+                autocast = torch.autocast(self._device_type, dtype=compute)
+                autocast.__enter__()
+                exits.append(autocast.__exit__)
+                if self._device_type == "cpu":
+                    native = _table_enter()
+                    exits.append(lambda *exc: _table_exit(native))
+            else:
+                if self._nested:
+                    off = torch.autocast(self._device_type, enabled=False)
+                    off.__enter__()
+                    exits.append(off.__exit__)
+                if compute != torch.get_default_dtype():
+                    previous = torch.get_default_dtype()
+                    torch.set_default_dtype(compute)
+                    exits.append(lambda *exc: torch.set_default_dtype(previous))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc) -> bool:
+        exits = self._exits
+        while exits:
+            exits.pop()(*exc)
+        return False

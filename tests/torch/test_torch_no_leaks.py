@@ -157,3 +157,17 @@ def test_override_scope_is_left_when_the_module_raises():
         assert torch.is_autocast_enabled("cpu") and ops._STATE.depth == depth  # back in the parent's context
         assert torch.exp(torch.randn(2).to(bf16)).dtype == f32  # and its table
     assert not torch.is_autocast_enabled("cpu")
+
+
+# The Fabric plugin adopts optimizers by replacing lightning's _FabricOptimizer.__init__ when
+# dualprec_torch.fabric is imported (docs/fabric.md); the rule is not met there yet.  strict: the
+# day it is, this fails as XPASS and the mark goes.
+@pytest.mark.xfail(strict=True, reason="dualprec_torch.fabric replaces lightning.fabric.wrappers._FabricOptimizer."
+                   "__init__ at import")
+def test_lightning_fabric_classes_are_not_replaced():
+    pytest.importorskip("lightning")
+    from lightning.fabric.wrappers import _FabricOptimizer
+
+    import dualprec_torch.fabric  # noqa: F401
+
+    assert _FabricOptimizer.__init__.__module__ == "lightning.fabric.wrappers"
