@@ -7,13 +7,19 @@ On CPU, ``torch.autocast("cpu")`` has its own lists, which differ from CUDA's: i
 exp, pow, rsqrt, softmax, layer_norm, sum, cumsum, ... in bfloat16/float16, and it runs some
 ops CUDA leaves alone (reflection/replication padding, 3-D pooling, linear algebra, fft) in
 float32.  So that a CPU run predicts a GPU's dtypes, the backend registers kernels for the
-``AutocastCPU`` dispatch key (``torch.library``, ``aten`` IMPL), once, the first time a
-mixed policy's context is entered on CPU:
+``AutocastCPU`` dispatch key of the aten ops, once, the first time a mixed policy's context is
+entered on CPU:
 
 - for every aten op of the CUDA table (`dualprec.optable`) that CPU autocast does not
-  already treat the CUDA way: cast the operands as CUDA autocast does, then redispatch
+  already treat the CUDA way: cast the operands as CUDA autocast does, then call the op
   below autocast (an exclude guard for the key, as torch's own kernels do);
 - for the ops CPU autocast lists and CUDA does not: redispatch unchanged.
+
+The kernels are C++ (``_ops_kernels.cpp``, compiled against the installed torch on first use
+with ``torch.utils.cpp_extension``, registered from C++; unboxed through torch's own autocast
+wrapper for the common float32-list ops, one boxed kernel for the rest).  Where the build is
+not possible the same rules run as Python kernels (``torch.library``), with a warning; see
+`KERNELS_ENV`.  No torch function and no module attribute is replaced.
 
 Each kernel applies the CUDA rule while a `Precision` context is active in this thread, and
 in the autocast regions torch re-enters during the backward of a Precision forward
