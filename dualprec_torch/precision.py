@@ -442,11 +442,12 @@ class Precision(contract.Precision):
 
     def _grads(self, optimizer) -> list[torch.Tensor]:
         grads = []
+        scaled = self._scaler.enabled  # once: a property, and this runs twice per step over every parameter
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if self._scaler.enabled and p.grad.dtype == torch.float16:
+                if scaled and p.grad.dtype == torch.float16:
                     name = self._names.get(id(p), "a parameter")
                     raise PolicyError(f"loss scaling cannot unscale float16 gradients ({name} is float16): "
                                       "keep float32 params (16-mixed) or add master=true to the policy")
