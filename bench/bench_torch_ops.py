@@ -222,7 +222,7 @@ def call_functions(policy: str, op: str, n: int) -> dict:
 def interleaved(fns: dict, *, rounds: int, repeat: int, per: int, warmup: int = 2) -> dict:
     """variant -> per-unit times, one per round (``repeat`` calls of the function per sample,
     ``per`` units per call); variants take turns in an order rotating every round, each with
-    its kernels registered (`activate`) before its block."""
+    its kernels registered (`activate`) and one untimed call before its block."""
     names = list(fns)
     for name in names:
         activate(name)
@@ -232,6 +232,7 @@ def interleaved(fns: dict, *, rounds: int, repeat: int, per: int, warmup: int = 
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             activate(name)
+            fns[name]()  # untimed: the first call after kernels are (re)registered runs cold
             t0 = time.process_time()
             for _ in range(repeat):
                 fns[name]()
