@@ -2,15 +2,19 @@
 
 `convert_module` casts every floating parameter and buffer to the ``param_dtype`` of the
 policy that applies to its module (``policy.for_module(path)``), in place (the Parameter
-objects stay the same, so optimizers built before setup keep working), and wraps the
-forward of each module where an override starts, so that module computes under its own
-policy: inputs cast to its compute dtype, its own compute context, outputs cast to its
-output dtype.  Modules without an override compute under the caller's context.
+objects stay the same, so optimizers built before setup keep working), and gives each module
+where an override starts a policy scope, so that module computes under its own policy: inputs
+cast to its compute dtype, its own compute context, outputs cast to its output dtype.  Modules
+without an override compute under the caller's context.
+
+The scope is a pair of torch forward hooks (`_PolicyScope`), not a replaced method: the
+module's class, its ``forward`` and every other attribute stay what they were, and
+``copy.deepcopy`` / ``torch.save`` of the model carry the hooks with it.
 """
 
 from __future__ import annotations
 
-import types
+import threading
 
 import torch
 from torch import nn
@@ -19,8 +23,6 @@ from .casts import cast_floating, torch_dtype
 from .ops import compute_context
 
 __all__ = ["convert_module", "override_roots"]
-
-_WRAPPED = "_dualprec_override"
 
 
 def _parent(path: str) -> str:
@@ -50,25 +52,56 @@ def _cast_tensors(module: nn.Module, dtype: torch.dtype) -> None:
             module._buffers[name] = buf.to(dtype)
 
 
-def _override_forward(self, *args, **kwargs):
-    """The forward of a module where an override starts (bound to that module, so
-    ``copy.deepcopy`` of the model binds the copy's to the copy)."""
-    original, sub_policy, device_type = getattr(self, _WRAPPED)
-    compute = torch_dtype(sub_policy.compute_dtype)
-    args, kwargs = cast_floating((args, kwargs), compute)
-    with compute_context(sub_policy, device_type, nested=True):
-        result = original(*args, **kwargs)
-    return cast_floating(result, torch_dtype(sub_policy.output_dtype))
+class _Open(threading.local):
+    def __init__(self):
+        self.stack = []  # (module, context) of the scopes entered in this thread, innermost last
 
 
-def _wrap_forward(module: nn.Module, sub_policy, device_type: str) -> None:
-    if getattr(module, _WRAPPED, None) is not None:
-        # set up again (e.g. a second Precision): replace, never stack, the wrapper
-        module.forward = getattr(module, _WRAPPED)[0]
-    # Both are bound methods of ``module`` (not closures over it): copy.deepcopy copies a bound
-    # method's ``__self__`` through its memo, so a deep copy of the model runs its own weights.
-    setattr(module, _WRAPPED, (module.forward, sub_policy, device_type))
-    module.forward = types.MethodType(_override_forward, module)
+_OPEN = _Open()
+
+
+class _PolicyScope:
+    """The forward hooks of a module where an override starts: the pre-hook casts the inputs
+    to the override's compute dtype and enters its compute context; the forward hook (run also
+    when forward raises: ``always_call``) leaves the context and casts the outputs to the
+    override's output dtype.  The pre-hook runs after the module's other pre-hooks, the
+    forward hook before its other forward hooks, so user hooks see what a caller sees."""
+
+    def __init__(self, policy, device_type: str):
+        self.policy, self.device_type = policy, device_type
+
+    def enter(self, module, args, kwargs):
+        args, kwargs = cast_floating((args, kwargs), torch_dtype(self.policy.compute_dtype))
+        context = compute_context(self.policy, self.device_type, nested=True)
+        context.__enter__()
+        _OPEN.stack.append((module, context))
+        return args, kwargs
+
+    def exit(self, module, args, kwargs, output):
+        stack = _OPEN.stack
+        if not stack or stack[-1][0] is not module:
+            return None  # an earlier pre-hook raised before this scope was entered
+        stack.pop()[1].__exit__(None, None, None)
+        return cast_floating(output, torch_dtype(self.policy.output_dtype))
+
+
+def _remove_scope(module: nn.Module) -> None:
+    """Remove the scope hooks a previous setup gave ``module`` (set up again: replace, never stack)."""
+    for hooks, flags in ((module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+                         (module._forward_hooks, (module._forward_hooks_with_kwargs,
+                                                  module._forward_hooks_always_called))):
+        for key, hook in list(hooks.items()):
+            if isinstance(getattr(hook, "__self__", None), _PolicyScope):
+                del hooks[key]
+                for flag in flags:
+                    flag.pop(key, None)
+
+
+def _add_scope(module: nn.Module, sub_policy, device_type: str) -> None:
+    _remove_scope(module)
+    scope = _PolicyScope(sub_policy, device_type)
+    module.register_forward_pre_hook(scope.enter, with_kwargs=True)
+    module.register_forward_hook(scope.exit, prepend=True, with_kwargs=True, always_call=True)
 
 
 def convert_module(model: nn.Module, policy, device_type: str) -> nn.Module:
@@ -76,5 +109,5 @@ def convert_module(model: nn.Module, policy, device_type: str) -> nn.Module:
     for path, module in model.named_modules():
         _cast_tensors(module, torch_dtype(policy.for_module(path).param_dtype))
     for path, module, sub_policy in override_roots(model, policy):
-        _wrap_forward(module, sub_policy, device_type)
+        _add_scope(module, sub_policy, device_type)
     return model

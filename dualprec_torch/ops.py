@@ -7,13 +7,19 @@ On CPU, ``torch.autocast("cpu")`` has its own lists, which differ from CUDA's: i
 exp, pow, rsqrt, softmax, layer_norm, sum, cumsum, ... in bfloat16/float16, and it runs some
 ops CUDA leaves alone (reflection/replication padding, 3-D pooling, linear algebra, fft) in
 float32.  So that a CPU run predicts a GPU's dtypes, the backend registers kernels for the
-``AutocastCPU`` dispatch key (``torch.library``, ``aten`` IMPL), once, the first time a
-mixed policy's context is entered on CPU:
+``AutocastCPU`` dispatch key of the aten ops, once, the first time a mixed policy's context is
+entered on CPU:
 
 - for every aten op of the CUDA table (`dualprec.optable`) that CPU autocast does not
-  already treat the CUDA way: cast the operands as CUDA autocast does, then redispatch
+  already treat the CUDA way: cast the operands as CUDA autocast does, then call the op
   below autocast (an exclude guard for the key, as torch's own kernels do);
 - for the ops CPU autocast lists and CUDA does not: redispatch unchanged.
+
+The kernels are C++ (``_ops_kernels.cpp``, compiled against the installed torch on first use
+with ``torch.utils.cpp_extension``, registered from C++; unboxed through torch's own autocast
+wrapper for the common float32-list ops, one boxed kernel for the rest).  Where the build is
+not possible the same rules run as Python kernels (``torch.library``), with a warning; see
+`KERNELS_ENV`.  No torch function and no module attribute is replaced.
 
 Each kernel applies the CUDA rule while a `Precision` context is active in this thread, and
 in the autocast regions torch re-enters during the backward of a Precision forward
@@ -26,19 +32,22 @@ nothing; gradients flow through the casts as through torch's.
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
+import os
+import re
 import threading
 import warnings
 import weakref
+from pathlib import Path
 
 import torch
 
 from dualprec import optable
 
-from .casts import default_dtype, torch_dtype
+from .casts import torch_dtype
 
 __all__ = ["OP_TABLE", "FP32_OPS", "compute_context", "backward_context", "cpu_table", "install_cpu_table",
-           "uninstall_cpu_table", "cpu_table_installed", "cpu_kernels"]
+           "uninstall_cpu_table", "cpu_table_installed", "cpu_kernels", "kernel_language", "KERNELS_ENV"]
 
 #: The op table the torch backend applies (torch's CUDA autocast lists).
 OP_TABLE = optable.ENTRIES
@@ -83,7 +92,7 @@ class _State(threading.local):
 
 
 _STATE = _State()
-_installed: dict = {}  # "lib" -> torch.library.Library, "kernels" -> {aten name: (active, inactive)}
+_installed: dict = {}  # "lib" (Python kernels) or "native" (C++), "kernels" -> {aten name: (active, inactive)}, "language"
 
 
 def _cuda_rule() -> bool:
@@ -290,13 +299,96 @@ def _plan() -> dict[str, tuple[str, str]]:
     return plan
 
 
-def install_cpu_table() -> None:
-    """Register the CPU emulation of the CUDA table (idempotent; `compute_context` calls it)."""
+# ----- the C++ kernels (the default) ---------------------------------------------------------
+#: Environment variable choosing the kernels: "c++" (build them or fail), "python" (the Python
+#: kernels above, no compiler needed); unset: C++, or Python with a warning if the build fails.
+KERNELS_ENV = "DUALPREC_TORCH_OPS_KERNELS"
+
+_RULE_CODES = {"passthrough": 0, "unlisted": 1, "lower_precision_fp": 2, "fp32": 3, "fp32_set_opt_dtype": 4,
+               "fp32_append_dtype": 5, "promote": 6, "banned": 7}  # enum Rule in _ops_kernels.cpp
+_native: dict = {}  # "lib" -> the loaded ctypes.CDLL; "error" -> why it could not be built
+
+
+def _build_native() -> ctypes.CDLL:
+    """Compile ``_ops_kernels.cpp`` against the installed torch (once; torch caches the build
+    under ``TORCH_EXTENSIONS_DIR``, by default ~/.cache/torch_extensions) and load it."""
+    from torch.utils import cpp_extension
+
+    name = "dualprec_ops_" + re.sub(r"\W", "_", torch.__version__)  # one build per torch version
+    path = cpp_extension.load(name=name, sources=[str(Path(__file__).with_name("_ops_kernels.cpp"))],
+                              extra_cflags=["-O2"], is_python_module=False, verbose=False)
+    lib = ctypes.CDLL(path)
+    for fn, res, args in (("enter", None, []), ("exit", None, []), ("set_backward", ctypes.c_int, [ctypes.c_int]),
+                          ("cuda_rule", ctypes.c_int, []), ("depth", ctypes.c_int, []),
+                          ("error", ctypes.c_char_p, []),
+                          ("register", ctypes.c_int, [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]),
+                          ("has_fast", ctypes.c_int, [ctypes.c_char_p]),
+                          ("unregister_all", None, [])):
+        f = getattr(lib, f"dualprec_optable_{fn}")
+        f.restype, f.argtypes = res, args
+    return lib
+
+
+def _native_lib(choice: str | None = None):
+    """The loaded C++ kernels, or None where the Python kernels are used.  ``choice``: "c++"
+    (build or raise), "python", or None for `KERNELS_ENV` (unset: C++, else Python with a warning)."""
+    forced = choice is not None
+    choice = (choice if forced else os.environ.get(KERNELS_ENV, "")).strip().lower()
+    if choice not in ("", "c++", "cpp", "python"):
+        raise ValueError(f"{KERNELS_ENV}={choice!r}: expected 'c++' or 'python' (or unset for C++ with a "
+                         "Python fallback)")
+    if choice == "python":
+        return None
+    if "lib" in _native or ("error" in _native and not choice):
+        return _native.get("lib")
+    try:
+        _native["lib"] = _build_native()
+    except Exception as err:  # noqa: BLE001 - no compiler, no ninja, headers missing: said below
+        if choice:
+            where = "" if forced else f"{KERNELS_ENV}={choice}: "
+            raise RuntimeError(f"{where}building dualprec_torch's C++ op-table kernels failed "
+                               f"({type(err).__name__}: {err}); install a C++ compiler and ninja, or set "
+                               f"{KERNELS_ENV}=python") from err
+        _native["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        warnings.warn(f"dualprec_torch: could not build the C++ op-table kernels ({_native['error']}); using the "
+                      "Python kernels, a few microseconds more per listed op on CPU. Install a C++ compiler and "
+                      f"ninja, or set {KERNELS_ENV}=python to choose the Python kernels and silence this.",
+                      RuntimeWarning, stacklevel=4)
+    return _native.get("lib")
+
+
+def kernel_language() -> str | None:
+    """Which kernels apply the table on CPU: "c++", "python", or None before the first install."""
+    return _installed.get("language")
+
+
+def install_cpu_table(language: str | None = None, *, fast: bool = True) -> None:
+    """Register the CPU emulation of the CUDA table (idempotent; `compute_context` calls it):
+    the C++ kernels where they build (see `KERNELS_ENV`), else the Python ones.  ``language``
+    ("c++" or "python") replaces kernels of the other language already registered.  ``fast``
+    (C++ only): the unboxed kernels for the common float32-list ops (exp, pow, sum, softmax,
+    layer_norm, ...); False registers the generic boxed kernel for every op (a test compares them)."""
+    if language is not None and language.lower() not in ("c++", "cpp", "python"):
+        raise ValueError(f"language={language!r}: expected 'c++' or 'python'")
     if _installed:
-        return
+        if language is None or (_installed["language"] == ("python" if language == "python" else "c++")
+                                 and _installed.get("fast", True) == fast):
+            return
+        uninstall_cpu_table()
     plan = _plan()
-    lib = torch.library.Library("aten", "IMPL")
+    native = _native_lib(language)
     kernels = {}
+    if native is not None:
+        for name, (active_rule, inactive_rule) in plan.items():
+            if native.dualprec_optable_register(name.encode(), _RULE_CODES[active_rule], _RULE_CODES[inactive_rule],
+                                                int(fast)):
+                native.dualprec_optable_unregister_all()
+                raise RuntimeError(f"registering the AutocastCPU kernel of aten::{name} failed: "
+                                   f"{native.dualprec_optable_error().decode()}")
+            kernels[name] = (active_rule, inactive_rule)
+        _installed.update(native=native, kernels=kernels, language="c++", fast=fast)
+        return
+    lib = torch.library.Library("aten", "IMPL")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
         warnings.filterwarnings("ignore", message=".*Warning only once for all operators.*")
@@ -305,15 +397,17 @@ def install_cpu_table() -> None:
             kernel = _make_kernel(name, op, active_rule, outside=_make_kernel(name, op, inactive_rule))
             lib.impl(name, kernel, _KEY, with_keyset=True)
             kernels[name] = (active_rule, inactive_rule)
-    _installed.update(lib=lib, kernels=kernels)
+    _installed.update(lib=lib, kernels=kernels, language="python")
 
 
 def uninstall_cpu_table() -> None:
     """Drop the registered kernels (torch's own AutocastCPU kernels come back)."""
-    lib = _installed.pop("lib", None)
+    lib, native = _installed.pop("lib", None), _installed.pop("native", None)
     _installed.clear()
     if lib is not None:
         lib._destroy()
+    if native is not None:
+        native.dualprec_optable_unregister_all()
 
 
 def cpu_table_installed() -> bool:
@@ -325,36 +419,55 @@ def cpu_kernels() -> dict[str, tuple[str, str]]:
     return dict(_installed.get("kernels", {}))
 
 
-@contextlib.contextmanager
-def cpu_table():
-    """CUDA's table for ``torch.autocast("cpu")`` inside this context (this thread)."""
+# ----- the contexts (plain classes: entered once or more per training step) ---------------
+def _table_enter():
     install_cpu_table()
+    native = _native.get("lib")  # its thread state is kept with the Python one (either may run)
     if not _STATE.depth:
         _STATE.cache = {}
     _STATE.depth += 1
     _STATE.replay = True  # see _cuda_rule: a backward of this forward replays under CUDA's rule
-    try:
-        yield
-    finally:
-        _STATE.depth -= 1
-        if not _STATE.depth:
-            _STATE.cache = None
+    if native is not None:
+        native.dualprec_optable_enter()
+    return native
 
 
-@contextlib.contextmanager
-def backward_context():
+def _table_exit(native) -> None:
+    if native is not None:
+        native.dualprec_optable_exit()
+    _STATE.depth -= 1
+    if not _STATE.depth:
+        _STATE.cache = None
+
+
+class cpu_table:
+    """CUDA's table for ``torch.autocast("cpu")`` inside this context (this thread)."""
+
+    def __enter__(self):
+        self._native = _table_enter()
+
+    def __exit__(self, *exc) -> bool:
+        _table_exit(self._native)
+        return False
+
+
+class backward_context:
     """Context for a backward pass of a forward run under Precision: autocast regions torch
     re-enters in it (checkpoint recomputation, ``custom_bwd``) get CUDA's table on CPU."""
-    previous = _STATE.backward
-    _STATE.backward = True
-    try:
-        yield
-    finally:
-        _STATE.backward = previous
+
+    def __enter__(self):
+        self._previous, _STATE.backward = _STATE.backward, True
+        self._native = native = _native.get("lib")
+        self._native_previous = native.dualprec_optable_set_backward(1) if native is not None else 0
+
+    def __exit__(self, *exc) -> bool:
+        if self._native is not None:
+            self._native.dualprec_optable_set_backward(self._native_previous)
+        _STATE.backward = self._previous
+        return False
 
 
-@contextlib.contextmanager
-def compute_context(policy, device_type: str, *, nested: bool = False):
+class compute_context:
     """The context a policy's forward (and loss) runs in.
 
     Mixed (params wider than compute): ``torch.autocast`` to the compute dtype; on CPU with
@@ -362,15 +475,37 @@ def compute_context(policy, device_type: str, *, nested: bool = False):
     ``nested`` inside a mixed parent, for a per-module override) and, as Fabric does, the
     compute dtype as torch's default dtype so tensors created in forward get it.
     """
-    compute = torch_dtype(policy.compute_dtype)
-    with contextlib.ExitStack() as stack:
-        if policy.is_mixed:
-            stack.enter_context(torch.autocast(device_type, dtype=compute))
-            if device_type == "cpu":
-                stack.enter_context(cpu_table())
-        else:
-            if nested:
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-            if compute != torch.get_default_dtype():
-                stack.enter_context(default_dtype(compute))
-        yield
+
+    def __init__(self, policy, device_type: str, *, nested: bool = False):
+        self._policy, self._device_type, self._nested = policy, device_type, nested
+        self._exits: list = []
+
+    def __enter__(self):
+        policy, exits = self._policy, self._exits
+        compute = torch_dtype(policy.compute_dtype)
+        try:
+            if policy.is_mixed:
+                autocast = torch.autocast(self._device_type, dtype=compute)
+                autocast.__enter__()
+                exits.append(autocast.__exit__)
+                if self._device_type == "cpu":
+                    native = _table_enter()
+                    exits.append(lambda *exc: _table_exit(native))
+            else:
+                if self._nested:
+                    off = torch.autocast(self._device_type, enabled=False)
+                    off.__enter__()
+                    exits.append(off.__exit__)
+                if compute != torch.get_default_dtype():
+                    previous = torch.get_default_dtype()
+                    torch.set_default_dtype(compute)
+                    exits.append(lambda *exc: torch.set_default_dtype(previous))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc) -> bool:
+        exits = self._exits
+        while exits:
+            exits.pop()(*exc)
+        return False

@@ -381,9 +381,10 @@ class Precision(contract.Precision):
         loss scaling.  Checkpoint recomputation and ``custom_bwd`` backwards in it apply the
         policy's op table as the forward did (on CPU too)."""
         self._auto_update()  # first: the update changes the scale tensor in place
-        if getattr(self, "_fp8_before", None) is None and self._model is not None:
+        if self._policy.uses_fp8 and getattr(self, "_fp8_before", None) is None and self._model is not None:
             # the FP8 state this iteration started from: a skipped step restores it, and
-            # state_dict() reports it until a step applies the gradients (docs/fp8.md, "Steps")
+            # state_dict() reports it until a step applies the gradients (docs/fp8.md, "Steps");
+            # only policies with FP8 layers have one (the walk over the modules costs every step)
             self._fp8_before = fp8.state_tensors(self._model) or None
         loss = self.scale_loss(loss)
         with backward_context():
@@ -443,11 +444,12 @@ class Precision(contract.Precision):
 
     def _grads(self, optimizer) -> list[torch.Tensor]:
         grads = []
+        scaled = self._scaler.enabled  # once: a property, and this runs twice per step over every parameter
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if self._scaler.enabled and p.grad.dtype == torch.float16:
+                if scaled and p.grad.dtype == torch.float16:
                     name = self._names.get(id(p), "a parameter")
                     raise PolicyError(f"loss scaling cannot unscale float16 gradients ({name} is float16): "
                                       "keep float32 params (16-mixed) or add master=true to the policy")

@@ -298,3 +298,40 @@ def test_cuda_training_bit_identical_to_hand_written_autocast(policy, compute):
     ours, _ = _train(models[1], _through_precision(models[1], policy, "cuda"), device="cuda")
     for a, b in zip(hand, ours):
         assert torch.equal(a, b)
+
+
+# ----- which kernels: C++ (built on first use) or Python ----------------------------------------
+def test_cpp_kernels_are_the_default_and_run_the_table():
+    from dualprec_torch import ops
+
+    x = torch.randn(4, 8).to(bf16)
+    with Precision("bf16-mixed", device="cpu").autocast():
+        assert x.exp().dtype == f32
+    assert ops.kernel_language() == "c++"  # this machine has a compiler: the C++ kernels are in use
+
+
+def test_kernels_env_rejects_an_unknown_value(monkeypatch):
+    from dualprec_torch import ops
+
+    monkeypatch.setenv(ops.KERNELS_ENV, "fortran")
+    with pytest.raises(ValueError, match="expected 'c\\+\\+' or 'python'"):
+        ops._native_lib()
+
+
+def test_failed_cpp_build_falls_back_to_python_with_a_warning_or_raises_when_asked(monkeypatch):
+    from dualprec_torch import ops
+
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(ops, "_build_native", no_compiler)
+    monkeypatch.setattr(ops, "_native", {})
+    monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    with pytest.warns(RuntimeWarning, match="could not build the C\\+\\+ op-table kernels .*Ninja is required"):
+        assert ops._native_lib() is None
+    monkeypatch.setattr(ops, "_native", {})
+    monkeypatch.setenv(ops.KERNELS_ENV, "c++")
+    with pytest.raises(RuntimeError, match="building dualprec_torch's C\\+\\+ op-table kernels failed"):
+        ops._native_lib()
+    monkeypatch.setenv(ops.KERNELS_ENV, "python")
+    assert ops._native_lib() is None

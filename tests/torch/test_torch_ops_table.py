@@ -331,3 +331,52 @@ def test_plain_cpu_autocast_unchanged_by_the_installed_table():
         top.install_cpu_table()
     diff = {k: (without[k], with_table[k]) for k in without if without[k] != with_table[k]}
     assert not diff, diff
+
+
+# ----- the three kernel sets agree bit for bit ------------------------------------------------
+def _bits(sample, policy, compute, cfg, inside):
+    """Each output's dtype and bytes (or the error) of one sample call, under Precision
+    (``inside``: CUDA's rule) or under plain CPU autocast (CPU autocast's rule)."""
+    t = T("cpu", CONFIGS[cfg](compute))
+    torch.manual_seed(0)
+    context = Precision(policy, device="cpu").autocast() if inside else torch.autocast("cpu", dtype=compute)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with context:
+                out = sample(t)
+    except (RuntimeError, AssertionError) as e:
+        return "error: " + (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return [(o.dtype, o.detach().contiguous().flatten().view(torch.uint8).tolist()) for o in outs
+            if isinstance(o, torch.Tensor)]
+
+
+def _all_bits():
+    return {(name, i, policy, cfg, inside): _bits(sample, policy, compute, cfg, inside)
+            for name, samples in [*SAMPLES.items(), *((k, [v]) for k, v in UNLISTED.items())]
+            for i, sample in enumerate(samples) for policy, compute in POLICIES
+            for cfg in ("compute", "mixed") for inside in (True, False)}
+
+
+@pytest.mark.slow  # about 4 s of CPU: every sample three times over
+def test_cpp_kernels_unboxed_and_boxed_and_python_kernels_agree_bit_for_bit():
+    """The unboxed C++ kernels (exp, pow, sum, softmax, layer_norm, ...), the generic boxed C++
+    kernel and the Python kernels give the same dtypes, bits and errors on every sample, inside
+    Precision and under plain CPU autocast."""
+    got = {}
+    try:
+        for variant, language, fast in (("c++ unboxed", "c++", True), ("c++ boxed", "c++", False),
+                                        ("python", "python", True)):
+            top.install_cpu_table(language, fast=fast)
+            assert top.kernel_language() == language
+            got[variant] = _all_bits()
+    finally:
+        top.install_cpu_table("c++", fast=True)
+    lib = top._native["lib"]
+    assert sum(lib.dualprec_optable_has_fast(n.encode()) for n in top.cpu_kernels()) >= 12  # the unboxed ones ran
+    ref = got["c++ unboxed"]
+    assert any(isinstance(v, list) for v in ref.values()) and any(isinstance(v, str) for v in ref.values())
+    for variant in ("c++ boxed", "python"):
+        diff = sorted(k for k in ref if got[variant][k] != ref[k])
+        assert not diff, (variant, diff[:10])
