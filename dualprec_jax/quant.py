@@ -609,9 +609,9 @@ def _matmul_4bit_impl(x, q, cfg):
 def _matmul_4bit(x, q, cfg):
     """x @ dequantize(q).T accumulated in float32 (the frozen 4-bit product).  The backward
     (the input gradient only: the codes are frozen) dequantizes the weight again, as
-    bitsandbytes does, into one materialised array: left to autodiff, XLA fused the
-    dequantization into a column-order GEMV and the QLoRA step at one token ran 3x slower
-    than bitsandbytes' (measured)."""
+    bitsandbytes does, into materialised arrays (row chunks of a large weight, see
+    `_row_chunks`): left to autodiff, XLA fused the dequantization into a column-order GEMV
+    and the QLoRA step at one token ran 3x slower than bitsandbytes' (measured)."""
     return _matmul_4bit_impl(x, q, cfg)
 
 
