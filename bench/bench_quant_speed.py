@@ -390,6 +390,39 @@ def memory(modes, layers, width):
     return rows
 
 
+def _ms(st: dict) -> str:
+    return f"{st['median'] * 1e3:.1f} ({st['min'] * 1e3:.1f}-{st['max'] * 1e3:.1f})"
+
+
+def markdown_table(paths) -> str:
+    """The speed rows of result files as one markdown table: per cell, JAX / torch /
+    bitsandbytes medians in ms with (min-max), the rounds, and the ratios of the medians
+    (against bitsandbytes' exact train-mode path, and its eval path where it has one)."""
+    lines = ["| threads | mode | compute | out x in | tokens | row | JAX ms | torch ms | bnb ms | bnb eval ms "
+             "| n | JAX / bnb | JAX / bnb eval | torch / bnb |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        threads = data["environment"].get("threads", data["environment"].get("torch_threads"))
+        cells = {}
+        for r in data["rows"]:
+            kind = "step" if r["impl"].endswith("qlora-step") else "forward"
+            key = (r["mode"], r["compute"], f"{r['out']}x{r['in']}", r["tokens"], kind)
+            cells.setdefault(key, {})[r["impl"].replace("-qlora-step", "")] = r["step_time"]
+        for (mode, compute, shape, tokens, kind), st in cells.items():
+            base = st.get("bnb" if kind == "step" else "bnb-train")
+            evl = st.get("bnb-eval")
+
+            def ratio(name, against):
+                return "-" if name not in st or against is None else f"{st[name]['median'] / against['median']:.2f}"
+
+            lines.append(f"| {threads} | {mode} | {compute} | {shape} | {tokens} | {'LoRA step' if kind == 'step' else 'forward'} "
+                         f"| {_ms(st['jax']) if 'jax' in st else '-'} | {_ms(st['torch']) if 'torch' in st else '-'} "
+                         f"| {_ms(base) if base else '-'} | {_ms(evl) if evl else '-'} | {(base or st['jax'])['n']} "
+                         f"| {ratio('jax', base)} | {ratio('jax', evl)} | {ratio('torch', base)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--modes", default="nf4,nf4-dq,fp4,fp4-dq,int8")
@@ -409,7 +442,11 @@ def main(argv=None):
     ap.add_argument("--memory-width", type=int, default=2048)
     ap.add_argument("--name", default="quant-speed")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print the markdown table of result files and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(args.table), end="")
+        return
     pin_threads(args.threads)
     env = harness.cpu_environment(args.threads)
     env.update(cpu_identity(), threads=args.threads or len(os.sched_getaffinity(0)))
