@@ -627,17 +627,19 @@ def _matmul_4bit_bwd(cfg, res, g):
     # The cotangent holds compute-dtype values (the layer rounds its output to the compute
     # dtype): a compute-dtype GEMM accumulated in float32, rounded once (torch autocast's rule).
     g = g.astype(compute).astype(accumulate)
-    # Row chunks on the CPU only (the page faults they avoid are the CPU runtime's; unmeasured elsewhere).
-    rows = (_row_chunks(out_features, in_features, blocksize, jnp.dtype(accumulate).itemsize)
-            if jax.default_backend() == "cpu" else 0)
+    # Row chunks, and the conversion inside the barrier, on the CPU only (the page faults and the
+    # slow fused conversion they avoid were measured there; other backends keep the old graph).
+    cpu = jax.default_backend() == "cpu"
+    rows = _row_chunks(out_features, in_features, blocksize, jnp.dtype(accumulate).itemsize) if cpu else 0
 
     def product(gc, w):
-        return lax.dot_general(gc, w, (((gc.ndim - 1,), (0,)), ((), ())),
+        return lax.dot_general(gc, w.astype(accumulate), (((gc.ndim - 1,), (0,)), ((), ())),
                                precision=lax.Precision.HIGHEST, preferred_element_type=accumulate)
 
     if not rows:
         dx = product(g, lax.optimization_barrier(
-            _dequantize_4bit(q, quant_type, blocksize, (out_features, in_features), accumulate, compute)))
+            _dequantize_4bit(q, quant_type, blocksize, (out_features, in_features), accumulate if cpu else compute,
+                             compute)))
     else:
         # Row chunks of the weight (`_row_chunks`), their products summed in float32.
         packed, absmax, dequantize = _chunked(q, quant_type, blocksize, out_features, in_features, compute,
