@@ -4,7 +4,7 @@ holds, measured as resident-set growth.
 
     python bench/bench_quant_speed.py [--modes nf4,nf4-dq,fp4,fp4-dq,int8] [--tokens 1,64,512]
         [--computes float32,bfloat16] [--shapes 8192x2048,2048x8192] [--rank 16] [--rounds 5]
-        [--memory] [--name quant-speed]
+        [--threads N] [--memory] [--name quant-speed]
 
 Rows, per (mode, compute dtype, tokens, shape out x in):
 
@@ -15,7 +15,7 @@ Rows, per (mode, compute dtype, tokens, shape out x in):
   so it is not the same arithmetic).
 - ``torch``: dualprec_torch's layer (``QuantLinear4bit`` / ``QuantLinear8bit``), forward.
 - ``jax``: ``quantized_linear`` under ``jax.jit``, forward.
-- ``*-qlora-step`` (4-bit, with ``--rank`` > 0): forward and backward of a rank-r adapter
+- ``*-qlora-step`` (with ``--rank`` > 0; int8 too): forward and backward of a rank-r adapter
   (peft's ``x @ A @ B * scale`` on top of the layer) to the adapter's and the input's
   gradients of sum(y**2) (a loss whose gradient needs the layer's output): JAX ``jax.grad``,
   bitsandbytes and dualprec_torch through autograd.
@@ -28,8 +28,16 @@ held, in bits per parameter; the growth while building (temporaries included) is
 Every row of one (mode, compute, tokens, shape) is timed interleaved with the others
 (bench.harness.time_interleaved), and ratios (median over median) are against the
 bitsandbytes rows of the same cell.  The JSON holds medians, quartiles and min/max.
-Kernel paths are chosen outside: ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``,
-``ATEN_CPU_CAPABILITY=avx2``, ``--threads N`` (torch) are recorded with the results.
+``--threads N`` pins the whole process (JAX, torch, bitsandbytes' OpenMP) to the first N CPUs
+before either framework is imported and sets torch's thread count; at one thread XLA's Eigen
+pool is off too (``--xla_cpu_multi_thread_eigen=false``).  Other kernel
+paths are chosen outside (``ATEN_CPU_CAPABILITY=avx2``); the CPU's model string, family,
+model and ISA flags (AVX2, AVX512, AVX512-BF16, AMX) are recorded with the results.
+
+Memory (``--memory``) also records, per backend (JAX, dualprec_torch, plain bitsandbytes),
+mode and compute dtype, the peak resident set a forward adds on top of one built layer
+(VmHWM after ``/proc/self/clear_refs``, so the dequantized temporaries each path makes are
+measured, not computed), and for JAX the bytes of live device buffers the runtime reports.
 """
 
 from __future__ import annotations
@@ -95,7 +103,7 @@ def _jax_fns(mode, w, compute, rank):
     out_f = w.shape[0]
     fwd = jax.jit(lambda x, q: quant.quantized_linear(x, q, spec, out_f))
     step = None
-    if rank and spec.is_4bit:
+    if rank and spec.frozen:  # 4-bit and int8 (frozen int8 weights under a LoRA adapter)
         def loss(ab, x, q):
             y = quant.quantized_linear(x, q, spec, out_f, lora=ab, lora_scale=2.0).astype(jnp.float32)
             return (y * y).sum()  # its gradient needs the layer's output, not only the adapter's
@@ -110,6 +118,45 @@ def _lora(in_f, out_f, rank, dtype):
     a = (torch.rand(rank, in_f, generator=g) * 2 - 1) / in_f ** 0.5
     b = torch.randn(out_f, rank, generator=g) * 0.01
     return a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+             "amx_bf16", "amx_int8", "avx_vnni")
+
+
+def cpu_identity() -> dict:
+    """The CPU's model string, family/model numbers and the ISA flags that pick kernel paths
+    (from /proc/cpuinfo), and the CPUs this process may run on."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key in ("model name", "cpu family", "model", "stepping", "flags") and key not in info:
+                    info[key] = value
+                if not line.strip() and info:
+                    break
+    except OSError:
+        pass
+    flags = set(info.pop("flags", "").split())
+    return {"cpu_model": info.get("model name"), "cpu_family": info.get("cpu family"), "cpu_model_number": info.get("model"),
+            "cpu_stepping": info.get("stepping"), "isa": {f: f in flags for f in ISA_FLAGS},
+            "affinity": sorted(os.sched_getaffinity(0))}
+
+
+def pin_threads(threads: int | None) -> None:
+    """Run on the first ``threads`` CPUs (all of this process's threads, whatever the
+    framework); at one thread also XLA's intra-op pool.  Call before importing JAX."""
+    if not threads:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if threads > len(cpus):
+        raise SystemExit(f"--threads {threads}: only {len(cpus)} CPUs are available to this process")
+    os.sched_setaffinity(0, set(cpus[:threads]))
+    if threads == 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = " ".join([flags, "--xla_cpu_multi_thread_eigen=false"]).strip()
 
 
 def time_cell(mode, compute, tokens, out_f, in_f, rank, rounds, steps):
@@ -223,6 +270,62 @@ def _memory_child(backend, mode, layers, width):
             "float32_bits": 32}
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _forward_peak_child(backend, mode, compute, tokens, out_f, in_f):
+    """The peak resident bytes a forward adds on top of one built layer: VmHWM (reset through
+    /proc/self/clear_refs after a warm-up call) minus the resident set before the calls.
+    What each path's temporaries (a dequantized weight, whole or in chunks) cost, measured."""
+    import numpy as np
+
+    w = _weight(out_f, in_f)
+    x = np.random.default_rng(1).standard_normal((tokens, in_f)).astype(np.float32)
+    live = None
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        from dualprec_jax import quant
+
+        spec = quant.QuantSpec(mode, compute_dtype=compute)
+        q = jax.block_until_ready(jax.jit(quant._quantize_weight, static_argnums=1)(jnp.asarray(w), spec))
+        xj = jnp.asarray(x).astype(compute)
+        fwd = jax.jit(lambda x, q: quant.quantized_linear(x, q, spec, out_f))
+
+        def run():
+            jax.block_until_ready(fwd(xj, q))
+    else:
+        import torch
+
+        layer = (_bnb_layer(mode, w, compute).train() if backend == "bnb"
+                 else _dualprec_torch_layer(mode, w, compute).eval())
+        xt = torch.from_numpy(x).to(getattr(torch, compute))
+
+        def run():
+            with torch.no_grad():
+                layer(xt)
+    del w
+    run()  # compile / first call
+    _trim()
+    if backend == "jax":
+        live = sum(a.nbytes for a in jax.live_arrays())
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    rss0 = _status_bytes("VmRSS")
+    for _ in range(3):
+        run()
+    peak = _status_bytes("VmHWM") - rss0
+    return {"backend": backend, "mode": mode, "compute": compute, "tokens": tokens, "out": out_f, "in": in_f,
+            "forward_peak_extra_bytes": peak, "rss_before_bytes": rss0, "jax_live_buffer_bytes": live,
+            "float32_weight_bytes": out_f * in_f * 4}
+
+
 def _trim() -> None:
     """Collect garbage and hand freed heap back to the OS (glibc), so RSS follows what is held."""
     gc.collect()
@@ -232,6 +335,39 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _child(call: str, timeout: int = 900):
+    code = (f"import json, sys; sys.path[:0] = [{str(Path(__file__).resolve().parents[1])!r}]; "
+            f"from bench.bench_quant_speed import *; from bench.bench_quant_speed import _memory_child, "
+            f"_forward_peak_child; print(json.dumps({call}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def forward_peaks(modes, computes, tokens_list, out_f, in_f):
+    """One fresh process per backend, mode, compute dtype and token count (see
+    `_forward_peak_child`)."""
+    rows = []
+    for mode in modes:
+        for compute in computes:
+            if mode == "int8" and compute == "float32":
+                compute = "float16"
+            for tokens in tokens_list:
+                for backend in ("jax", "torch", "bnb"):
+                    row = _child(f"_forward_peak_child({backend!r}, {mode!r}, {compute!r}, {tokens}, {out_f}, {in_f})")
+                    row.update(backend=backend, mode=mode, compute=compute, tokens=tokens)
+                    rows.append(row)
+                    if "error" in row:
+                        print(f"forward peak {backend:5s} {mode:7s} {compute} t={tokens} failed: {row['error']}", flush=True)
+                        continue
+                    live = row["jax_live_buffer_bytes"]
+                    print(f"forward peak {backend:5s} {mode:7s} {compute:8s} t={tokens:<4d} "
+                          f"+{row['forward_peak_extra_bytes'] / 2**20:7.1f} MiB over the built layer"
+                          + ("" if live is None else f" (JAX live buffers {live / 2**20:.1f} MiB)"), flush=True)
+    return rows
 
 
 def memory(modes, layers, width):
@@ -254,6 +390,39 @@ def memory(modes, layers, width):
     return rows
 
 
+def _ms(st: dict) -> str:
+    return f"{st['median'] * 1e3:.1f} ({st['min'] * 1e3:.1f}-{st['max'] * 1e3:.1f})"
+
+
+def markdown_table(paths) -> str:
+    """The speed rows of result files as one markdown table: per cell, JAX / torch /
+    bitsandbytes medians in ms with (min-max), the rounds, and the ratios of the medians
+    (against bitsandbytes' exact train-mode path, and its eval path where it has one)."""
+    lines = ["| threads | mode | compute | out x in | tokens | row | JAX ms | torch ms | bnb ms | bnb eval ms "
+             "| n | JAX / bnb | JAX / bnb eval | torch / bnb |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        threads = data["environment"].get("threads", data["environment"].get("torch_threads"))
+        cells = {}
+        for r in data["rows"]:
+            kind = "step" if r["impl"].endswith("qlora-step") else "forward"
+            key = (r["mode"], r["compute"], f"{r['out']}x{r['in']}", r["tokens"], kind)
+            cells.setdefault(key, {})[r["impl"].replace("-qlora-step", "")] = r["step_time"]
+        for (mode, compute, shape, tokens, kind), st in cells.items():
+            base = st.get("bnb" if kind == "step" else "bnb-train")
+            evl = st.get("bnb-eval")
+
+            def ratio(name, against):
+                return "-" if name not in st or against is None else f"{st[name]['median'] / against['median']:.2f}"
+
+            lines.append(f"| {threads} | {mode} | {compute} | {shape} | {tokens} | {'LoRA step' if kind == 'step' else 'forward'} "
+                         f"| {_ms(st['jax']) if 'jax' in st else '-'} | {_ms(st['torch']) if 'torch' in st else '-'} "
+                         f"| {_ms(base) if base else '-'} | {_ms(evl) if evl else '-'} | {(base or st['jax'])['n']} "
+                         f"| {ratio('jax', base)} | {ratio('jax', evl)} | {ratio('torch', base)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--modes", default="nf4,nf4-dq,fp4,fp4-dq,int8")
@@ -264,17 +433,25 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=16, help="QLoRA adapter rank (0: no train-step rows)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=1, help="timed steps per round")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="pin the process to the first N CPUs (torch threads N; XLA single-threaded at 1)")
     ap.add_argument("--memory", action="store_true", help="also measure resident memory per mode")
     ap.add_argument("--memory-only", action="store_true", help="only the memory rows")
     ap.add_argument("--memory-layers", type=int, default=12)
+    ap.add_argument("--peak-tokens", default="1,64", help="token counts of the forward-peak memory rows")
     ap.add_argument("--memory-width", type=int, default=2048)
     ap.add_argument("--name", default="quant-speed")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print the markdown table of result files and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(args.table), end="")
+        return
+    pin_threads(args.threads)
     env = harness.cpu_environment(args.threads)
+    env.update(cpu_identity(), threads=args.threads or len(os.sched_getaffinity(0)))
     path = harness.results_path(args.name, env, args.out_dir)
-    result = {"name": args.name, "environment": env, "rows": [], "memory": None}
+    result = {"name": args.name, "environment": env, "rows": [], "forward_peak": None, "memory": None}
 
     def flush():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -301,6 +478,10 @@ def main(argv=None):
                               f"{st['median'] * 1e3:8.2f} ms [{st['min'] * 1e3:.2f}-{st['max'] * 1e3:.2f}]{ratio}",
                               flush=True)
     if args.memory or args.memory_only:
+        out_f, in_f = (int(v) for v in args.shapes.split(",")[0].split("x"))
+        result["forward_peak"] = forward_peaks(modes, args.computes.split(","),
+                                               [int(t) for t in args.peak_tokens.split(",")], out_f, in_f)
+        flush()
         result["memory"] = memory(modes, args.memory_layers, args.memory_width)
         flush()
     print(f"wrote {path}")

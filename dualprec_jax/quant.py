@@ -361,19 +361,45 @@ def dequantize_4bit(q: Mapping, quant_type: str, blocksize: int, shape, dtype=jn
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _dequantize_4bit(q, quant_type, blocksize, shape, dtype, param_dtype):
     n = int(np.prod(shape))
+    w = _dequantize_flat(q["weight"].reshape(-1), _block_absmax(q), quant_type, blocksize, n, param_dtype)
+    return w.astype(dtype).reshape(shape)
+
+
+def _dequantize_flat(packed, absmax, quant_type, blocksize, n, dtype):
+    """The first ``n`` values of the packed codes times their float32 block absmax, rounded
+    once to ``dtype``."""
     nblocks = -(-n // blocksize)
-    packed = q["weight"].reshape(-1)
     # Two nibble lookups in the 16-entry codebook (indices are in range by construction):
     # about twice as fast on CPU as one lookup in a 256-entry table of byte pairs.
     nibbles = jnp.stack([packed >> 4, packed & 0x0F], axis=-1).reshape(-1).astype(jnp.int32)
     values = jnp.asarray(_ref4.DEQUANT_VALUES[quant_type]).at[nibbles].get(mode="promise_in_bounds")
-    absmax = _block_absmax(q)
     if n % blocksize == 0:
         w = values.reshape(nblocks, blocksize) * absmax[:, None]
     else:
         w = values[:n] * jnp.repeat(absmax, blocksize)[:n]
-    w = w.astype(param_dtype).astype(dtype)
-    return w.reshape(shape)
+    return w.reshape(-1).astype(dtype)
+
+
+#: Bytes of dequantized weight per chunk when a product materialises the weight (see
+#: `_row_chunks`): well under glibc's 32 MiB ceiling for heap (not mmap) allocations.
+_CHUNK_BYTES = 4 << 20
+
+
+def _row_chunks(out_features: int, in_features: int, blocksize: int, itemsize: int) -> int:
+    """Rows of the weight per chunk for a product that materialises the dequantized weight
+    (0: one piece).  A whole materialised weight is a fresh allocation of every call, which
+    the C library maps from the OS and hands back each time: one page fault per 4 KiB
+    (16384 per call for a float32 8192 x 2048 weight, half the dequantization's time on the
+    shared VM, measured with getrusage); chunks of a few MiB come from the reused heap and
+    stay in cache for the GEMM.  A chunk holds whole quantization blocks; rows that do not
+    split so stay one piece."""
+    if out_features * in_features * itemsize <= 2 * _CHUNK_BYTES:
+        return 0
+    target = max(1, _CHUNK_BYTES // (in_features * itemsize))
+    for rows in range(min(target, out_features // 2), 0, -1):
+        if out_features % rows == 0 and (rows * in_features) % (2 * blocksize) == 0:
+            return rows
+    return 0
 
 
 # ----- int8 (LLM.int8) ------------------------------------------------------------------
@@ -511,42 +537,81 @@ def _native_half_dot(dtype) -> bool:
     return False
 
 
+def _chunked(q, quant_type, blocksize, out_features, in_features, dtype, cast, rows):
+    """(packed codes, float32 absmax) of the weight in ``out_features // rows`` chunks of
+    ``rows`` rows each, and the function that dequantizes one chunk to [rows, in]: rounded
+    once to ``dtype``, then converted to ``cast`` (exact: ``cast`` is as wide or wider)."""
+    chunks = out_features // rows
+    packed = q["weight"].reshape(chunks, rows * in_features // 2)
+    absmax = _block_absmax(q).reshape(chunks, -1)
+
+    def dequantize(p, a):
+        # The barrier keeps the chunk materialised (XLA would otherwise fuse it into the dot).
+        # The conversion goes inside it: left to the dot, XLA fused it into a slow GEMV loop.
+        w = _dequantize_flat(p, a, quant_type, blocksize, rows * in_features, dtype).astype(cast)
+        return lax.optimization_barrier(w.reshape(rows, in_features))
+
+    return packed, absmax, dequantize
+
+
+def _nt_product(x, w, precision, accumulate):
+    """x [..., in] @ w[out, in].T accumulated in ``accumulate``."""
+    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision,
+                           preferred_element_type=accumulate)
+
+
+def _materialised_product(x, q, cfg, cast, precision, chunk=True):
+    """x @ W.T with the dequantized weight materialised, in row chunks where it is large
+    (`_row_chunks`) and ``chunk``: each chunk's output columns are computed from the same
+    products and the same accumulation over ``in`` as the whole weight's."""
+    quant_type, blocksize, out_features, compute, accumulate = cfg
+    compute, accumulate = jnp.dtype(compute), jnp.dtype(accumulate)
+    in_features = x.shape[-1]
+    rows = _row_chunks(out_features, in_features, blocksize, jnp.dtype(cast).itemsize) if chunk else 0
+    if not rows:
+        w = lax.optimization_barrier(
+            _dequantize_4bit(q, quant_type, blocksize, (out_features, in_features), cast, compute))
+        return _nt_product(x, w, precision, accumulate)
+    packed, absmax, dequantize = _chunked(q, quant_type, blocksize, out_features, in_features, compute, cast, rows)
+    x2 = x.reshape(-1, in_features)
+    ys = lax.map(lambda pa: _nt_product(x2, dequantize(*pa), precision, accumulate), (packed, absmax))
+    return jnp.moveaxis(ys, 0, 1).reshape(*x.shape[:-1], out_features)  # [chunks, rows_x, rows] -> [.., out]
+
+
 def _matmul_4bit_impl(x, q, cfg):
     quant_type, blocksize, out_features, compute, accumulate = cfg
     compute, accumulate = jnp.dtype(compute), jnp.dtype(accumulate)
-    # Straight to the compute dtype, as bitsandbytes' matmul_4bit dequantizes (to the input's
-    # dtype), not through the dtype the weight was quantized from.
-    w = _dequantize_4bit(q, quant_type, blocksize, (out_features, x.shape[-1]), compute, compute)
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    if compute != accumulate and jax.default_backend() == "cpu" and rows >= 16 and _native_half_dot(compute):
+    cpu = jax.default_backend() == "cpu"
+    if compute != accumulate and cpu and rows >= 16 and _native_half_dot(compute):
         # With bfloat16 dot instructions XLA's bfloat16 GEMM (float32 accumulation) is the fast
         # one: 1.7x (64 tokens) to 2.5x (512) faster than the upcast float32 GEMM below, once the
-        # dequantized weight is materialised rather than fused into the dot (measured).
-        w = lax.optimization_barrier(w)
-        return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=accumulate)
+        # dequantized weight is materialised rather than fused into the dot (measured).  In
+        # one piece: row chunks made this GEMM 1.6x slower at 64 and 512 tokens (measured).
+        return _materialised_product(x, q, cfg, compute, None, chunk=False)
     precision = lax.Precision.HIGHEST if compute == jnp.float32 else None
-    if compute != accumulate and jax.default_backend() == "cpu":
+    cast = compute
+    if compute != accumulate and cpu:
         # XLA's CPU half-precision GEMMs are slow (2x bitsandbytes' at 64 tokens on AVX2); products
         # of half values are exact in float32, so the float32 GEMM of the upcast operands is the
         # same product accumulated in float32.
-        x, w, precision = x.astype(accumulate), w.astype(accumulate), lax.Precision.HIGHEST
-    if rows < 16 and out_features < x.shape[-1] and jax.default_backend() == "cpu":
-        # A few rows into fewer outputs than inputs (a down projection): XLA fuses the
-        # dequantization into a GEMV loop that ran 5x slower than materialising the weight
+        x, cast, precision = x.astype(accumulate), accumulate, lax.Precision.HIGHEST
+    if cpu and (rows >= 16 or out_features < x.shape[-1]):
+        # Many rows, or a few rows into fewer outputs than inputs (a down projection): XLA fuses
+        # the dequantization into a GEMV loop that ran 5x slower than materialising the weight
         # first (2048 x 8192, one token); into more outputs the fused loop is the fast one.
-        w = lax.optimization_barrier(w)
-        return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision,
-                               preferred_element_type=accumulate)
-    return _dense(x, w.T, precision, accumulate)
+        return _materialised_product(x, q, cfg, cast, precision)
+    w = _dequantize_4bit(q, quant_type, blocksize, (out_features, x.shape[-1]), compute, compute)
+    return _dense(x, w.astype(cast).T, precision, accumulate)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul_4bit(x, q, cfg):
     """x @ dequantize(q).T accumulated in float32 (the frozen 4-bit product).  The backward
     (the input gradient only: the codes are frozen) dequantizes the weight again, as
-    bitsandbytes does, into one materialised array: left to autodiff, XLA fused the
-    dequantization into a column-order GEMV and the QLoRA step at one token ran 3x slower
-    than bitsandbytes' (measured)."""
+    bitsandbytes does, into materialised arrays (row chunks of a large weight, see
+    `_row_chunks`): left to autodiff, XLA fused the dequantization into a column-order GEMV
+    and the QLoRA step at one token ran 3x slower than bitsandbytes' (measured)."""
     return _matmul_4bit_impl(x, q, cfg)
 
 
@@ -558,16 +623,39 @@ def _matmul_4bit_bwd(cfg, res, g):
     q, x_like = res
     quant_type, blocksize, out_features, compute, accumulate = cfg
     compute, accumulate = jnp.dtype(compute), jnp.dtype(accumulate)
-    w = lax.optimization_barrier(_dequantize_4bit(q, quant_type, blocksize, (out_features, x_like.shape[-1]),
-                                                  compute, compute))
+    in_features = x_like.shape[-1]
     # The cotangent holds compute-dtype values (the layer rounds its output to the compute
     # dtype): a compute-dtype GEMM accumulated in float32, rounded once (torch autocast's rule).
-    dx = lax.dot_general(g.astype(compute).astype(accumulate), w.astype(accumulate),
-                         (((g.ndim - 1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=accumulate).astype(x_like.dtype)
+    g = g.astype(compute).astype(accumulate)
+    # Row chunks, and the conversion inside the barrier, on the CPU only (the page faults and the
+    # slow fused conversion they avoid were measured there; other backends keep the old graph).
+    cpu = jax.default_backend() == "cpu"
+    rows = _row_chunks(out_features, in_features, blocksize, jnp.dtype(accumulate).itemsize) if cpu else 0
+
+    def product(gc, w):
+        return lax.dot_general(gc, w.astype(accumulate), (((gc.ndim - 1,), (0,)), ((), ())),
+                               precision=lax.Precision.HIGHEST, preferred_element_type=accumulate)
+
+    if not rows:
+        dx = product(g, lax.optimization_barrier(
+            _dequantize_4bit(q, quant_type, blocksize, (out_features, in_features), accumulate if cpu else compute,
+                             compute)))
+    else:
+        # Row chunks of the weight (`_row_chunks`), their products summed in float32.
+        packed, absmax, dequantize = _chunked(q, quant_type, blocksize, out_features, in_features, compute,
+                                              accumulate, rows)
+        g2 = g.reshape(-1, out_features)
+        gs = jnp.moveaxis(g2.reshape(g2.shape[0], -1, rows), 1, 0)  # [chunks, rows_g, rows]
+
+        def step(acc, pag):
+            p, a, gc = pag
+            return acc + product(gc, dequantize(p, a)), None
+
+        dx, _ = lax.scan(step, jnp.zeros((g2.shape[0], in_features), accumulate), (packed, absmax, gs))
+        dx = dx.reshape(*g.shape[:-1], in_features)
     dq = {k: (np.zeros(v.shape, jax.dtypes.float0) if jnp.issubdtype(v.dtype, jnp.integer) else jnp.zeros_like(v))
           for k, v in q.items()}
-    return dx, dq
+    return dx.astype(x_like.dtype), dq
 
 
 _matmul_4bit.defvjp(_matmul_4bit_fwd, _matmul_4bit_bwd)

@@ -209,3 +209,41 @@ def test_forward_paths_are_the_same_product(rows, out_f, in_f, compute):
     exact, mag = xd @ wd.T, np.abs(xd) @ np.abs(wd).T
     eps = {"float32": 2.0 ** -24, "bfloat16": 2.0 ** -8}[compute]
     assert (np.abs(y - exact) <= eps * np.abs(exact) * 1.0001 + 2 * in_f * 2.0 ** -24 * mag * (1 + eps)).all()
+
+
+@pytest.mark.parametrize("rows,out_f,in_f", [(1, 64, 256), (3, 32, 512), (20, 128, 128)])
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_row_chunked_product_is_the_dequantized_weight_bit_for_bit(monkeypatch, rows, out_f, in_f, compute):
+    """Large weights are dequantized in row chunks (forward: each chunk's output columns;
+    backward: the chunks' input gradients summed in float32).  With a tiny chunk size these
+    small layers take that path; one-hot inputs and cotangents pick single weights, so the
+    forward and the input gradient must equal the dequantized weight bit for bit."""
+    import jax
+
+    monkeypatch.setattr(quant, "_CHUNK_BYTES", 2 * in_f * 4)
+    assert quant._row_chunks(out_f, in_f, 64, 4) == 2  # the chunked path is the one under test
+    w = np.random.default_rng(rows).standard_normal((out_f, in_f)).astype(np.float32)
+    q = quant.quantize_4bit(jnp.asarray(w), "fp4", 64, True)
+    spec = quant.QuantSpec("fp4-dq", 64, compute_dtype=compute)
+    wd = np.asarray(quant.dequantize_4bit(q, "fp4", 64, (out_f, in_f), jnp.dtype(compute)))
+    cols = np.random.default_rng(0).integers(0, in_f, rows)
+    x = jnp.asarray(np.eye(in_f, dtype=np.float32)[cols], compute)
+    fwd = jax.jit(lambda x: quant.quantized_linear(x, q, spec, out_f))
+    assert "scan" in str(jax.make_jaxpr(fwd)(x)) or compute == "bfloat16"  # bf16 GEMMs may stay whole
+    _assert_same_but_sign_of_zero(np.asarray(fwd(x)), wd[:, cols].T)
+    picks = np.random.default_rng(1).integers(0, out_f, rows)
+    cot = np.zeros((rows, out_f), np.float32)
+    cot[np.arange(rows), picks] = 1.0
+    dx = jax.jit(jax.grad(lambda x: (quant.quantized_linear(x, q, spec, out_f).astype(jnp.float32) * cot).sum()))(
+        jnp.asarray(np.random.default_rng(2).standard_normal((rows, in_f)), compute))
+    _assert_same_but_sign_of_zero(np.asarray(dx), wd[picks])
+
+
+def _assert_same_but_sign_of_zero(got, want):
+    """Bit for bit, except that a zero may have either sign: FP4's code 8 is -0.0, and a
+    one-hot product sums it with +-0 products of the other weights (whose sign of zero the
+    kernel's summation decides)."""
+    zero = want == 0
+    assert (got[zero] == 0).all()
+    assert np.array_equal(bits(np.where(zero, np.float32(0), got).astype(got.dtype)),
+                          bits(np.where(zero, np.float32(0), want).astype(want.dtype)))
