@@ -273,3 +273,35 @@ def test_the_plugin_pickles_for_ddp_spawn(policy):
     else:
         fabric.backward(loss)
     optimizer.step()
+
+
+def _setup_module_then_optimizers(policy):
+    fabric = _fabric(policy)
+    model = fabric.setup_module(_model())  # LitGPT's order: the optimizer is built from the converted model
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    return fabric, model, optimizer
+
+
+@pytest.mark.parametrize("order", [("model", "optimizer", "precision"), ("precision", "model", "optimizer")])
+def test_master_weights_resume_when_the_optimizer_is_built_after_setup_module(order, tmp_path):
+    # the optimizer is built from the bfloat16 parameters; fabric.load restores its state before
+    # its first step, so it must hold the float32 copies by then (torch casts a loaded state to
+    # the dtype of the parameter it belongs to)
+    policy = "bf16-true,master=true"
+    fabric, model, optimizer = _setup_module_then_optimizers(policy)
+    for step in range(BEFORE):
+        _step(fabric, model, optimizer, step)
+    fabric.save(tmp_path / "ckpt", {"model": model, "optimizer": optimizer, "precision": fabric.strategy.precision})
+    for step in range(BEFORE, BEFORE + AFTER):
+        _step(fabric, model, optimizer, step)
+    straight = _params(model)
+
+    fabric2, model2, optimizer2 = _setup_module_then_optimizers(policy)
+    objs = {"model": model2, "optimizer": optimizer2, "precision": fabric2.strategy.precision}
+    fabric2.load(tmp_path / "ckpt", {k: objs[k] for k in order})
+    moments = [v for s in optimizer2.state.values() for k, v in s.items() if k != "step"]
+    assert moments and all(v.dtype == torch.float32 for v in moments)
+    for step in range(BEFORE, BEFORE + AFTER):
+        _step(fabric2, model2, optimizer2, step)
+    for a, b in zip(straight, model2.parameters()):
+        assert torch.equal(a, b)
