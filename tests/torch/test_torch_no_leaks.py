@@ -160,8 +160,9 @@ def test_override_scope_is_left_when_the_module_raises():
 
 
 # The Fabric plugin adopts optimizers by replacing lightning's _FabricOptimizer.__init__ when
-# dualprec_torch.fabric is imported (docs/fabric.md); the rule is not met there yet.  strict: the
-# day it is, this fails as XPASS and the mark goes.
+# dualprec_torch.fabric is imported: no precision-plugin hook sees an optimizer before fabric.load
+# restores its state (docs/fabric.md, "Why this is a patch and not a plugin hook").  strict: the
+# day the rule is met, this fails as XPASS and the mark goes.
 @pytest.mark.xfail(strict=True, reason="dualprec_torch.fabric replaces lightning.fabric.wrappers._FabricOptimizer."
                    "__init__ at import")
 def test_lightning_fabric_classes_are_not_replaced():
