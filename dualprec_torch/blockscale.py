@@ -460,11 +460,15 @@ class BlockScaledLinear(nn.Linear):
 
     @classmethod
     def convert(cls, linear: nn.Linear, recipe: FP8Recipe, seed: int = 0) -> "BlockScaledLinear":
-        if type(linear) is not nn.Linear:
-            raise TypeError(f"BlockScaledLinear.convert takes a plain nn.Linear, got {type(linear).__name__}")
-        linear.__class__ = cls
-        linear._init_block(recipe, seed)
-        return linear
+        """A new BlockScaledLinear built around ``linear``'s Parameters (the same objects),
+        returned; ``linear`` itself is left as it is.  The caller puts the new layer where
+        ``linear`` was (`dualprec_torch.fp8.convert_module` does); see
+        `dualprec_torch.fp8.new_layer_from` for what the new layer takes over."""
+        from .fp8 import new_layer_from
+
+        new = new_layer_from(cls, linear)
+        new._init_block(recipe, seed)
+        return new
 
     def _init_block(self, recipe, seed):
         if not (isinstance(recipe, FP8Recipe) and recipe.block_scaled):

@@ -268,7 +268,7 @@ class Precision(contract.Precision):
         self._n_models += 1
         if self._policy.uses_quantization:  # Linear -> bitsandbytes layers, quantized
             quant.quantize_module(model, self._policy, self._device)
-        fp8.convert_module(model, self._policy)  # first: its int32 state buffers ignore the casts
+        model = fp8.convert_module(model, self._policy)  # first: its int32 state buffers ignore the casts
         return convert_module(model, self._policy, self.device_type)
 
     def setup(self, model: nn.Module, *optimizers: torch.optim.Optimizer):
@@ -276,7 +276,7 @@ class Precision(contract.Precision):
         if not isinstance(model, nn.Module):
             raise TypeError(f"setup(model, *optimizers): model must be an nn.Module, got {type(model).__name__}")
         model_params = {id(p) for p in model.parameters()}
-        self.convert_module(model)
+        model = self.convert_module(model)
         self._model = model
         if self._policy.is_mixed:
             model.register_forward_pre_hook(_Hook(self, "_check_forward_in_autocast"))
