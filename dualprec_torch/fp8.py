@@ -307,6 +307,7 @@ def swap_layers(model: nn.Module, swaps: dict[int, tuple[nn.Module, nn.Module]])
                 todo.append(child)
     return root
 
+
 class FP8Linear(nn.Linear):
     """`nn.Linear` whose GEMMs run in FP8 (see the module docstring).
 
