@@ -258,11 +258,13 @@ def new_layer_from(cls, linear: nn.Linear) -> nn.Linear:
     The new layer holds the same Parameter objects (so optimizers built before, FSDP2's
     sharding and state_dict keys see the same tensors), copies of the Parameter / buffer /
     child dictionaries (same entries, in the same order), and every other instance attribute
-    by reference (``training``, sizes, attributes set by the user).  Its hook registries are
-    the old layer's dictionaries themselves: forward, backward and state_dict hooks
-    registered on ``linear`` run on the new layer, and the handles their registration
-    returned still remove them.  ``linear`` runs the hooks registered on the new layer too,
-    should the caller keep and call it.
+    by reference (``training``, sizes, attributes set by the user).  Hooks: when ``linear``
+    has none, the new layer gets empty registries of its own (nothing registered on it later
+    reaches ``linear``).  When the user registered some (forward, backward, state_dict
+    hooks), the new layer's registries are ``linear``'s dictionaries themselves, so those
+    hooks run on the new layer and the handles their registration returned still remove
+    them; ``linear`` then shares the registries and would run hooks registered on the new
+    layer too, should the caller keep and call it.
 
     Refused (one-line TypeError): anything but a plain ``nn.Linear`` (subclasses such as
     bitsandbytes' or FSDP2's sharded Linears have their own forward), a layer whose
@@ -280,8 +282,11 @@ def new_layer_from(cls, linear: nn.Linear) -> nn.Linear:
     if state.get("_compiled_call_impl") is not None:
         raise TypeError(f"{name}.convert: this nn.Linear was compiled in place (module.compile()), which would "
                         "keep running the plain Linear; convert first, then compile")
+    registries = [k for k, v in state.items() if "hooks" in k and isinstance(v, dict)]
+    hooked = any(state[k] for k in registries)  # no hook registered: no handle to keep working
     new = cls.__new__(cls)
-    fresh = {k: (v.copy() if k in _CONTAINERS else v) for k, v in state.items()}
+    fresh = {k: (v.copy() if k in _CONTAINERS or (k in registries and not hooked) else v)
+             for k, v in state.items()}
     new.__dict__.update(fresh)
     return new
 

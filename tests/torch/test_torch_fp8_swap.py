@@ -33,10 +33,12 @@ class Net(nn.Module):
 
 
 def _snapshot(m: nn.Module):
-    """The module's class, its __dict__ (values by identity) and its parameter / buffer /
-    child entries (by identity)."""
-    return (type(m), {k: id(v) for k, v in vars(m).items()},
-            {k: {n: id(v) for n, v in vars(m)[k].items()} for k in ("_parameters", "_buffers", "_modules")})
+    """The module's class, its __dict__ (values by identity) and the entries of its parameter,
+    buffer and child dictionaries and of its hook registries (by identity)."""
+    names = ["_parameters", "_buffers", "_modules"] + [k for k, v in vars(m).items() if "hooks" in k
+                                                       and isinstance(v, dict)]
+    return (type(m), {k: id(v) for k, v in vars(m).items()}, {k: {n: id(v) for n, v in vars(m)[k].items()}
+                                                               for k in names})
 
 
 def _convert(model, spec):
@@ -119,13 +121,15 @@ def test_a_bare_linear_comes_back_as_the_new_layer(spec, cls):
     assert type(new) is cls and new.weight is layer.weight and _snapshot(layer) == before
 
     layer = nn.Linear(32, 32)
+    before = _snapshot(layer)
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prec = Precision(spec, device="cpu")
         model, opt2 = prec.setup(layer, opt)
     assert type(model) is cls and opt2 is opt and model.weight is layer.weight
-    assert type(layer) is nn.Linear
+    assert model._forward_pre_hooks  # setup's autocast check, on the new layer ...
+    assert _snapshot(layer) == before  # ... not on the Linear, which is left as it was
     with prec.autocast():
         loss = model(prec.convert_input(torch.randn(32, 32))).float().pow(2).mean()
     prec.backward(loss)

@@ -40,8 +40,10 @@ def _instance_snapshot(model: nn.Module) -> dict:
 
 
 def _contents(m: nn.Module) -> dict:
-    """name -> id of each entry of the module's parameter, buffer and child dictionaries."""
-    return {k: {n: id(v) for n, v in vars(m)[k].items()} for k in _CONTAINERS}
+    """name -> id of each entry of the module's parameter, buffer and child dictionaries, and
+    of its hook registries."""
+    names = list(_CONTAINERS) + [k for k, v in vars(m).items() if "hooks" in k and isinstance(v, dict)]
+    return {k: {n: id(v) for n, v in vars(m)[k].items()} for k in names}
 
 
 class Net(nn.Module):
