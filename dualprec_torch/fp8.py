@@ -274,13 +274,13 @@ def new_layer_from(cls, linear: nn.Linear) -> nn.Linear:
     """
     name = cls.__name__
     if type(linear) is not nn.Linear:
-        raise TypeError(f"{name}.convert takes a plain nn.Linear, got {type(linear).__name__}")
+        raise TypeError(f"{name}.from_linear takes a plain nn.Linear, got {type(linear).__name__}")
     state = vars(linear)
     if "forward" in state:
-        raise TypeError(f"{name}.convert: this nn.Linear has its forward replaced on the instance (a wrapper), "
+        raise TypeError(f"{name}.from_linear: this nn.Linear has its forward replaced on the instance (a wrapper), "
                         f"which would bypass the {name} forward; convert before wrapping the layer")
     if state.get("_compiled_call_impl") is not None:
-        raise TypeError(f"{name}.convert: this nn.Linear was compiled in place (module.compile()), which would "
+        raise TypeError(f"{name}.from_linear: this nn.Linear was compiled in place (module.compile()), which would "
                         "keep running the plain Linear; convert first, then compile")
     registries = [k for k, v in state.items() if "hooks" in k and isinstance(v, dict)]
     hooked = any(state[k] for k in registries)  # no hook registered: no handle to keep working
@@ -332,8 +332,16 @@ class FP8Linear(nn.Linear):
         self._init_fp8(recipe, emulate, pad, out_dtype, fast_accum)
 
     @classmethod
-    def convert(cls, linear: nn.Linear, recipe: FP8Recipe | None = None, *, emulate: bool = False,
-                pad: bool | None = None) -> "FP8Linear":
+    def convert(cls, *args, **kwargs):
+        """Removed: it changed the Linear in place. Raises, naming `from_linear`."""
+        raise TypeError(f"{cls.__name__}.convert(linear) changed the layer in place and is gone: "
+                        f"layer = {cls.__name__}.from_linear(linear, ...) returns a new layer around the same "
+                        "Parameters (put it where the Linear was), or use "
+                        "dualprec_torch.fp8.convert_module(model, policy)")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: FP8Recipe | None = None, *, emulate: bool = False,
+                    pad: bool | None = None) -> "FP8Linear":
         """A new FP8Linear built around ``linear``'s Parameters (the same objects), returned;
         ``linear`` itself is left as it is.  The caller puts the new layer where ``linear``
         was (`convert_module` does, in every parent that holds it).  See `new_layer_from` for
@@ -548,9 +556,9 @@ def convert_module(model: nn.Module, policy, *, engine: str | None = None, emula
     swaps = {}  # id(old Linear) -> (old Linear, its new layer)
     for path, module, recipe in list(fp8_layers(model, policy, module_filter_fn)):
         if recipe.block_scaled:  # row-wise / MXFP8 / NVFP4: emulated layers (docs/block-scaling.md)
-            new = BlockScaledLinear.convert(module, recipe, layer_seed(path))
+            new = BlockScaledLinear.from_linear(module, recipe, layer_seed(path))
         else:
-            new = FP8Linear.convert(module, recipe, emulate=emulate)
+            new = FP8Linear.from_linear(module, recipe, emulate=emulate)
         swaps[id(module)] = (module, new)
     model = swap_layers(model, swaps)
 

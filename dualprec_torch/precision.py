@@ -249,7 +249,10 @@ class Precision(contract.Precision):
                                                                         self.device_type, empty_init))
 
     def convert_module(self, model: nn.Module) -> nn.Module:
-        """Cast ``model`` to the policy in place (per-module overrides included)."""
+        """Cast ``model`` to the policy (per-module overrides included) and return it: the
+        parameters are cast in place; quantized, FP8 and block-scaled layers are swapped into
+        their parents as new modules, so use the returned model (it differs from ``model``
+        when ``model`` is itself a layer that gets swapped)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"convert_module(model): expected a torch.nn.Module, got {type(model).__name__}")
         self._policy.check_overrides_match((n for n, _ in model.named_modules()), "dualprec_torch setup")

@@ -137,8 +137,8 @@ def test_a_bare_linear_comes_back_as_the_new_layer(spec, cls):
     assert model.weight.grad is not None
 
 
-@pytest.mark.parametrize("convert", [lambda lin: FP8Linear.convert(lin, FP8Recipe("current")),
-                                     lambda lin: BlockScaledLinear.convert(lin, FP8Recipe("mxfp8"))],
+@pytest.mark.parametrize("convert", [lambda lin: FP8Linear.from_linear(lin, FP8Recipe("current")),
+                                     lambda lin: BlockScaledLinear.from_linear(lin, FP8Recipe("mxfp8"))],
                          ids=IDS)
 def test_convert_refuses_what_it_cannot_swap(convert):
     assert type(convert(nn.Linear(32, 32))) in (FP8Linear, BlockScaledLinear)
@@ -184,3 +184,12 @@ def test_torch_compile_runs_the_converted_model():
     x = torch.randn(32, 32)
     compiled = torch.compile(model, backend="eager")  # dynamo traces the swapped layers
     assert torch.equal(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("cls", [FP8Linear, BlockScaledLinear])
+def test_old_in_place_convert_fails_loudly(cls):
+    """`convert` used to change the Linear in place; a caller that ignores a returned layer
+    would silently keep a plain Linear, so the old name raises, naming `from_linear`."""
+    with pytest.raises(TypeError, match=rf"{cls.__name__}\.convert\(linear\) changed the layer in place .* "
+                                        rf"{cls.__name__}\.from_linear"):
+        cls.convert(nn.Linear(32, 32), FP8Recipe("mxfp8"))
