@@ -443,7 +443,7 @@ def _torch_fp8_rows(plan: Plan, recipe: str = "current") -> list[Record]:
             if dev == "cpu" and "fp8" in spec and not block:
                 # no FP8 GEMM on a CPU: the same layers with float32 GEMMs on the FP8 operands
                 from dualprec_torch.fp8 import convert_module
-                convert_module(model, Policy.parse(spec), emulate=True)
+                model = convert_module(model, Policy.parse(spec), emulate=True)
                 spec_run = "bf16-mixed"
                 notes[impl] = "CPU smoke: FP8Linear(emulate=True) under Precision('bf16-mixed')"
             else:

@@ -459,12 +459,24 @@ class BlockScaledLinear(nn.Linear):
         self._init_block(recipe, seed)
 
     @classmethod
-    def convert(cls, linear: nn.Linear, recipe: FP8Recipe, seed: int = 0) -> "BlockScaledLinear":
-        if type(linear) is not nn.Linear:
-            raise TypeError(f"BlockScaledLinear.convert takes a plain nn.Linear, got {type(linear).__name__}")
-        linear.__class__ = cls
-        linear._init_block(recipe, seed)
-        return linear
+    def convert(cls, *args, **kwargs):
+        """Removed: it changed the Linear in place. Raises, naming `from_linear`."""
+        raise TypeError("BlockScaledLinear.convert(linear) changed the layer in place and is gone: "
+                        "layer = BlockScaledLinear.from_linear(linear, recipe, seed) returns a new layer around "
+                        "the same Parameters (put it where the Linear was), or use "
+                        "dualprec_torch.fp8.convert_module(model, policy)")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: FP8Recipe, seed: int = 0) -> "BlockScaledLinear":
+        """A new BlockScaledLinear built around ``linear``'s Parameters (the same objects),
+        returned; ``linear`` itself is left as it is.  The caller puts the new layer where
+        ``linear`` was (`dualprec_torch.fp8.convert_module` does); see
+        `dualprec_torch.fp8.new_layer_from` for what the new layer takes over."""
+        from .fp8 import new_layer_from
+
+        new = new_layer_from(cls, linear)
+        new._init_block(recipe, seed)
+        return new
 
     def _init_block(self, recipe, seed):
         if not (isinstance(recipe, FP8Recipe) and recipe.block_scaled):

@@ -1,8 +1,9 @@
 """FP8 linear layers in torch: the native engine (`torch._scaled_mm`) and engine selection.
 
-`convert_module(model, policy)` turns each `nn.Linear` whose policy has an FP8 recipe into
-an `FP8Linear` (in place: same module object, same Parameters, hooks kept), or hands the
-model to the Transformer Engine adapter (`dualprec_torch.te`) when the engine resolves to it.
+`convert_module(model, policy)` replaces each `nn.Linear` whose policy has an FP8 recipe by
+a new `FP8Linear` in its parent (a module swap: the same Parameter objects, the old layer's
+hooks, the same path; the old `nn.Linear` object itself is not changed), or hands the model
+to the Transformer Engine adapter (`dualprec_torch.te`) when the engine resolves to it.
 
 An `FP8Linear` runs its three GEMMs on FP8 operands: input and weight in E4M3, the output
 gradient in E5M2 under the "hybrid" format (E4M3 under "e4m3"). Every cast is saturating
@@ -246,6 +247,72 @@ class _CallInfo:
 
 # --------------------------------------------------------------------------- the layer
 
+#: a Module's own containers: the new layer gets copies (same entries, its own dicts)
+_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+
+
+def new_layer_from(cls, linear: nn.Linear) -> nn.Linear:
+    """An instance of ``cls`` (an ``nn.Linear`` subclass) that stands in for ``linear``,
+    which is left unchanged (its class, its ``__dict__``).
+
+    The new layer holds the same Parameter objects (so optimizers built before, FSDP2's
+    sharding and state_dict keys see the same tensors), copies of the Parameter / buffer /
+    child dictionaries (same entries, in the same order), and every other instance attribute
+    by reference (``training``, sizes, attributes set by the user).  Hooks: when ``linear``
+    has none, the new layer gets empty registries of its own (nothing registered on it later
+    reaches ``linear``).  When the user registered some (forward, backward, state_dict
+    hooks), the new layer's registries are ``linear``'s dictionaries themselves, so those
+    hooks run on the new layer and the handles their registration returned still remove
+    them; ``linear`` then shares the registries and would run hooks registered on the new
+    layer too, should the caller keep and call it.
+
+    Refused (one-line TypeError): anything but a plain ``nn.Linear`` (subclasses such as
+    bitsandbytes' or FSDP2's sharded Linears have their own forward), a layer whose
+    ``forward`` is replaced on the instance (a wrapper such as accelerate's hooks, which would
+    bypass the FP8 forward) and a layer compiled in place with ``module.compile()`` (its
+    compiled call runs the old layer's forward).
+    """
+    name = cls.__name__
+    if type(linear) is not nn.Linear:
+        raise TypeError(f"{name}.from_linear takes a plain nn.Linear, got {type(linear).__name__}")
+    state = vars(linear)
+    if "forward" in state:
+        raise TypeError(f"{name}.from_linear: this nn.Linear has its forward replaced on the instance (a wrapper), "
+                        f"which would bypass the {name} forward; convert before wrapping the layer")
+    if state.get("_compiled_call_impl") is not None:
+        raise TypeError(f"{name}.from_linear: this nn.Linear was compiled in place (module.compile()), which would "
+                        "keep running the plain Linear; convert first, then compile")
+    registries = [k for k, v in state.items() if "hooks" in k and isinstance(v, dict)]
+    hooked = any(state[k] for k in registries)  # no hook registered: no handle to keep working
+    new = cls.__new__(cls)
+    fresh = {k: (v.copy() if k in _CONTAINERS or (k in registries and not hooked) else v)
+             for k, v in state.items()}
+    new.__dict__.update(fresh)
+    return new
+
+
+def swap_layers(model: nn.Module, swaps: dict[int, tuple[nn.Module, nn.Module]]) -> nn.Module:
+    """Put each new layer where its old one was: ``swaps`` maps ``id(old)`` to ``(old, new)``;
+    every parent holding ``old`` (a layer registered at several paths: each of them) gets
+    ``new`` under the same name (``setattr``, so ``named_modules`` keeps its order).  Returns
+    the model, or the new layer when ``model`` is itself a swapped layer."""
+    root = swaps[id(model)][1] if id(model) in swaps else model
+    seen = {id(root)}
+    todo = [root]
+    while todo:
+        parent = todo.pop()
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) in swaps and swaps[id(child)][0] is child:
+                child = swaps[id(child)][1]
+                setattr(parent, child_name, child)
+            if id(child) not in seen:
+                seen.add(id(child))
+                todo.append(child)
+    return root
+
+
 class FP8Linear(nn.Linear):
     """`nn.Linear` whose GEMMs run in FP8 (see the module docstring).
 
@@ -265,15 +332,23 @@ class FP8Linear(nn.Linear):
         self._init_fp8(recipe, emulate, pad, out_dtype, fast_accum)
 
     @classmethod
-    def convert(cls, linear: nn.Linear, recipe: FP8Recipe | None = None, *, emulate: bool = False,
-                pad: bool | None = None) -> "FP8Linear":
-        """Turn ``linear`` into an FP8Linear in place (its class changes; Parameters, hooks and
-        any forward wrapper stay) and return it."""
-        if type(linear) is not nn.Linear:
-            raise TypeError(f"FP8Linear.convert takes a plain nn.Linear, got {type(linear).__name__}")
-        linear.__class__ = cls
-        linear._init_fp8(recipe, emulate, pad)
-        return linear
+    def convert(cls, *args, **kwargs):
+        """Removed: it changed the Linear in place. Raises, naming `from_linear`."""
+        raise TypeError(f"{cls.__name__}.convert(linear) changed the layer in place and is gone: "
+                        f"layer = {cls.__name__}.from_linear(linear, ...) returns a new layer around the same "
+                        "Parameters (put it where the Linear was), or use "
+                        "dualprec_torch.fp8.convert_module(model, policy)")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: FP8Recipe | None = None, *, emulate: bool = False,
+                    pad: bool | None = None) -> "FP8Linear":
+        """A new FP8Linear built around ``linear``'s Parameters (the same objects), returned;
+        ``linear`` itself is left as it is.  The caller puts the new layer where ``linear``
+        was (`convert_module` does, in every parent that holds it).  See `new_layer_from` for
+        what the new layer takes over (hooks, buffers, attributes)."""
+        new = new_layer_from(cls, linear)
+        new._init_fp8(recipe, emulate, pad)
+        return new
 
     def _init_fp8(self, recipe, emulate, pad, out_dtype=None, fast_accum=False) -> None:
         recipe = FP8Recipe() if recipe is None else recipe
@@ -456,7 +531,10 @@ def init_context(policy, inner=None):
 
 def convert_module(model: nn.Module, policy, *, engine: str | None = None, emulate: bool = False,
                    module_filter_fn=None) -> nn.Module:
-    """Apply the policy's FP8 recipes to ``model`` in place and return it.
+    """Apply the policy's FP8 recipes to ``model`` and return it: each selected ``nn.Linear``
+    is replaced in its parent by a new FP8Linear / BlockScaledLinear around the same
+    Parameters (`swap_layers`); a bare ``nn.Linear`` passed as the model comes back as the
+    new layer, so use the return value.
 
     ``engine``: overrides the recipe's ("auto" | "native" | "transformer-engine").
     ``emulate``: native engine only, float32 GEMMs on FP8 operands (for pre-Ada GPUs).
@@ -473,14 +551,16 @@ def convert_module(model: nn.Module, policy, *, engine: str | None = None, emula
     device = next((p.device for p in model.parameters()), None)
     if device is not None:
         check_device(device, emulate=emulate)
+    from .blockscale import BlockScaledLinear, layer_seed
+
+    swaps = {}  # id(old Linear) -> (old Linear, its new layer)
     for path, module, recipe in list(fp8_layers(model, policy, module_filter_fn)):
         if recipe.block_scaled:  # row-wise / MXFP8 / NVFP4: emulated layers (docs/block-scaling.md)
-            from .blockscale import BlockScaledLinear, layer_seed
-
-            BlockScaledLinear.convert(module, recipe, layer_seed(path))
-            continue
-        FP8Linear.convert(module, recipe, emulate=emulate)
-    from .blockscale import BlockScaledLinear
+            new = BlockScaledLinear.from_linear(module, recipe, layer_seed(path))
+        else:
+            new = FP8Linear.from_linear(module, recipe, emulate=emulate)
+        swaps[id(module)] = (module, new)
+    model = swap_layers(model, swaps)
 
     others = [path for path, m in model.named_modules()
               if isinstance(m, nn.Linear) and not isinstance(m, (FP8Linear, BlockScaledLinear))

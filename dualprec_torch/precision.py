@@ -249,7 +249,10 @@ class Precision(contract.Precision):
                                                                         self.device_type, empty_init))
 
     def convert_module(self, model: nn.Module) -> nn.Module:
-        """Cast ``model`` to the policy in place (per-module overrides included)."""
+        """Cast ``model`` to the policy (per-module overrides included) and return it: the
+        parameters are cast in place; quantized, FP8 and block-scaled layers are swapped into
+        their parents as new modules, so use the returned model (it differs from ``model``
+        when ``model`` is itself a layer that gets swapped)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"convert_module(model): expected a torch.nn.Module, got {type(model).__name__}")
         self._policy.check_overrides_match((n for n, _ in model.named_modules()), "dualprec_torch setup")
@@ -268,7 +271,7 @@ class Precision(contract.Precision):
         self._n_models += 1
         if self._policy.uses_quantization:  # Linear -> bitsandbytes layers, quantized
             quant.quantize_module(model, self._policy, self._device)
-        fp8.convert_module(model, self._policy)  # first: its int32 state buffers ignore the casts
+        model = fp8.convert_module(model, self._policy)  # first: its int32 state buffers ignore the casts
         return convert_module(model, self._policy, self.device_type)
 
     def setup(self, model: nn.Module, *optimizers: torch.optim.Optimizer):
@@ -276,7 +279,7 @@ class Precision(contract.Precision):
         if not isinstance(model, nn.Module):
             raise TypeError(f"setup(model, *optimizers): model must be an nn.Module, got {type(model).__name__}")
         model_params = {id(p) for p in model.parameters()}
-        self.convert_module(model)
+        model = self.convert_module(model)
         self._model = model
         if self._policy.is_mixed:
             model.register_forward_pre_hook(_Hook(self, "_check_forward_in_autocast"))

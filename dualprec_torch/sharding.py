@@ -145,7 +145,7 @@ def shard(model: nn.Module, policy, *, mesh=None, blocks: Iterable[str] | Callab
 
         # convert before fully_shard: FSDP2 turns each sharded Linear into a subclass, which
         # Precision.setup's conversion would leave as it is (a plain float32 GEMM)
-        fp8.convert_module(model, policy, engine="native")  # auto: native under FSDP2 (docs/block-scaling.md)
+        model = fp8.convert_module(model, policy, engine="native")  # auto: native under FSDP2 (docs/block-scaling.md)
         group = mesh.get_group() if mesh is not None else dist.group.WORLD
         for module in model.modules():
             if isinstance(module, BlockScaledLinear):

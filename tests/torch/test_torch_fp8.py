@@ -272,7 +272,7 @@ def test_current_scaling_matches_torchao_float8linear(monkeypatch):
         return q
 
     monkeypatch.setattr(fp8, "_quantize", spy_q)
-    layer = FP8Linear.convert(nn.Linear(128, 128, bias=False), FP8Recipe("current"))
+    layer = FP8Linear.from_linear(nn.Linear(128, 128, bias=False), FP8Recipe("current"))
     layer.weight.data.copy_(base.weight.data)
     layer(x.clone().requires_grad_()).backward(g)
     (our_x, sx), (our_w, sw), (our_g, sg) = ours
