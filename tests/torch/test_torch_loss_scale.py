@@ -68,6 +68,17 @@ def test_skipped_step_changes_nothing():
     assert prec.scale == 2.0**15 and prec.loss_scale.counter == 0
 
 
+def backward_with(prec, model, opt, x, y, finite: bool) -> None:
+    """One forward/backward of the MLP under ``prec``; a non-finite gradient written in
+    when ``finite`` is false (the optimizer step is the caller's)."""
+    opt.zero_grad()
+    with prec.autocast():
+        loss = loss_fn(model(prec.convert_input(x)), y)
+    prec.backward(loss)
+    if not finite:
+        next(model.parameters()).grad.view(-1)[0] = INF
+
+
 def test_min_max_clamps_follow_reference():
     # backoff floors at min, growth caps at max; GradScaler has no clamp, the reference does
     policy = "16-mixed,loss_scale=dynamic(init=8,interval=1,min=4,max=32)"
@@ -75,12 +86,7 @@ def test_min_max_clamps_follow_reference():
     flags = [False, False, False, True, True, True, True, False, True]
     seen = []
     for i, (x, y) in enumerate(make_batches("mlp", len(flags))):
-        opt.zero_grad()
-        with prec.autocast():
-            loss = loss_fn(model(prec.convert_input(x)), y)
-        prec.backward(loss)
-        if not flags[i]:
-            next(model.parameters()).grad.view(-1)[0] = INF
+        backward_with(prec, model, opt, x, y, flags[i])
         assert prec.step(opt) == flags[i]
         prec.update()
         seen.append(prec.scale)
@@ -207,12 +213,7 @@ def test_reading_the_scale_changes_nothing_and_names_the_next_iterations_scale()
     prec, model, opt = setup_mlp(policy)
     flags = [True, True, False, True, True, True]
     for i, (x, y) in enumerate(make_batches("mlp", len(flags))):
-        opt.zero_grad()
-        with prec.autocast():
-            loss = loss_fn(model(prec.convert_input(x)), y)
-        prec.backward(loss)
-        if not flags[i]:
-            next(model.parameters()).grad.view(-1)[0] = INF
+        backward_with(prec, model, opt, x, y, flags[i])
         prec.step(opt)
         before = (prec._scaler._scale.clone(), prec._scaler._counter.clone())
         seen = [prec.scale, prec.scale, prec.loss_scale, prec.last_step().scale]
